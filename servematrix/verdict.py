@@ -1,0 +1,41 @@
+"""Verdicts and exit codes: a scenario's outcome against its expectation, and a run's exit code.
+
+pass / fail: expected to pass, and did / did not.   xfail / xpass: expected to fail, and did / did
+not (a strict xpass means the waiver should go).   error: infrastructure, not a verdict on vLLM.
+"""
+
+from __future__ import annotations
+
+import re
+
+from servematrix.failure import Failure
+from servematrix.matrix import Expectation
+
+EXIT_OK, EXIT_REGRESSION, EXIT_INFRA = 0, 1, 2
+
+
+def decide(expect: Expectation, failure: Failure | None) -> tuple[str, str | None]:
+    if failure is not None and failure.infra:
+        return "error", f"infrastructure ({failure.kind}): {failure.signature}"
+    if expect.expect == "pass":
+        return ("pass", None) if failure is None else ("fail", None)
+    if failure is None:
+        note = "expected to fail but passed: fixed upstream? drop the waiver"
+        return ("xpass" if expect.strict else "pass"), note
+    if expect.signature and not re.search(expect.signature, failure.signature):
+        return "fail", f"expected a failure matching /{expect.signature}/, got: {failure.signature}"
+    return "xfail", f"{expect.reason} ({expect.bug})"
+
+
+def met(verdict: str) -> bool:
+    return verdict in {"pass", "xfail", "skipped"}
+
+
+def exit_code(verdicts: list[str]) -> int:
+    """1 if any scenario missed its expectation (a regression is the stronger signal), else 2 if
+    any could not be judged (infrastructure), else 0."""
+    if any(v in {"fail", "xpass"} for v in verdicts):
+        return EXIT_REGRESSION
+    if any(v == "error" for v in verdicts):
+        return EXIT_INFRA
+    return EXIT_OK

@@ -1,0 +1,54 @@
+"""Verdicts against expectations, and the run's exit code."""
+
+import pytest
+
+from servematrix.failure import Failure
+from servematrix.matrix import Expectation
+from servematrix.verdict import decide, exit_code
+
+XFAIL = dict(expect="xfail", reason="k_norm sharding", bug="https://github.com/vllm-project/vllm/pull/38191")
+SHAPE = Failure.of("exception", "RuntimeError: The size of tensor a (64) must match the size of tensor b (32)")
+
+
+def test_expected_pass_that_passes_is_pass():
+    assert decide(Expectation(), None) == ("pass", None)
+
+
+def test_expected_pass_that_fails_is_fail():
+    assert decide(Expectation(), SHAPE)[0] == "fail"
+
+
+def test_xfail_that_fails_is_xfail_with_reason_and_bug():
+    verdict, note = decide(Expectation(**XFAIL), SHAPE)
+    assert verdict == "xfail" and "k_norm sharding" in note and "38191" in note
+
+
+def test_xfail_with_a_different_failure_signature_is_a_real_fail():
+    verdict, note = decide(Expectation(**XFAIL, signature=r"KeyError: .*k_scale"), SHAPE)
+    assert verdict == "fail" and "expected a failure matching" in note
+
+
+def test_strict_xfail_that_passes_is_xpass_asking_to_drop_the_waiver():
+    verdict, note = decide(Expectation(**XFAIL), None)
+    assert verdict == "xpass" and "drop the waiver" in note
+    assert decide(Expectation(**XFAIL, strict=False), None)[0] == "pass"
+
+
+@pytest.mark.parametrize("kind", ["timeout", "port-in-use", "oom", "interrupted", "model", "tool"])
+def test_infrastructure_failures_are_errors_never_regressions(kind):
+    f = Failure.of(kind, "x")
+    assert f.infra
+    assert decide(Expectation(), f)[0] == "error"
+    assert decide(Expectation(**XFAIL), f)[0] == "error"
+
+
+@pytest.mark.parametrize("verdicts, code", [
+    (["pass", "xfail"], 0),
+    (["pass", "fail"], 1),
+    (["pass", "xpass"], 1),
+    (["pass", "error"], 2),
+    (["error", "fail"], 1),
+    ([], 0),
+])
+def test_exit_code(verdicts, code):
+    assert exit_code(verdicts) == code
