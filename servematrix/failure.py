@@ -18,7 +18,7 @@ INFRA_KINDS = frozenset({"oom", "timeout", "port-in-use", "interrupted", "model"
 # vLLM prefixes worker output with "(EngineCore_DP0 pid=123)" or "(Worker_TP1 pid=9)"
 # and its logger with "ERROR 11-22 12:46:11 [multiproc_executor.py:953] "
 _PREFIX = re.compile(
-    r"^(?:\x1b\[[0-9;]*m)*(?:\([\w.\-]+ pid=\d+\)\s*)?(?:\x1b\[[0-9;]*m)*"
+    r"^(?:\x1b\[[0-9;]*m)*(?:\([\w.\-]+ pid=\d+\))?(?:\x1b\[[0-9;]*m)*\s*"
     r"(?:(?:DEBUG|INFO|WARNING|ERROR|CRITICAL) \d\d-\d\d \d\d:\d\d:\d\d \[[^\]]*\] ?)?"
 )
 _EXC = re.compile(
@@ -65,7 +65,7 @@ def exception_lines(log: str) -> list[str]:
             if m.group("name").endswith("AssertionError") and not m.group("msg") and previous.startswith("assert"):
                 line = f"AssertionError: {previous}"
             out.append(line)
-        if line:
+        if line and not set(line) <= set("^~ "):  # skip the caret line under the source
             previous = line
     return out
 

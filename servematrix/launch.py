@@ -57,8 +57,8 @@ class LaunchSpec(BaseModel):
 
 
 class ServerFailed(Exception):
-    def __init__(self, fail: Failure):
-        self.failure = fail
+    def __init__(self, fail: Failure, seconds: float | None = None):
+        self.failure, self.seconds = fail, seconds  # seconds from spawn to the verdict
         super().__init__(fail.signature)
 
 
@@ -179,7 +179,7 @@ class Server:
             while True:
                 if self.returncode() is not None:
                     self.exited_at = time.monotonic()
-                    raise ServerFailed(self.death("load"))
+                    raise ServerFailed(self.death("load"), self.exited_at - self.started_at)
                 now = time.monotonic()
                 if now >= next_probe:
                     next_probe = now + HEALTH_INTERVAL
@@ -188,7 +188,7 @@ class Server:
                         return
                 if now > deadline:
                     self.failure = failure.timeout(self.spec.startup_timeout)
-                    raise ServerFailed(self.failure)
+                    raise ServerFailed(self.failure, now - self.started_at)
                 time.sleep(EXIT_POLL)
 
     def _probe(self, client: httpx.Client) -> bool:

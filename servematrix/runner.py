@@ -180,9 +180,12 @@ class Runner:
             failure = Failure.of("model", str(exc), "load")
         except ServerFailed as exc:
             failure = exc.failure
-            fields["load"] = LoadResult(ok=False, error=failure)
+            fields["load"] = LoadResult(ok=False, error=failure,
+                                        seconds=None if exc.seconds is None else round(exc.seconds, 2))
         except KeyboardInterrupt:
             failure = Failure.of("interrupted", "run interrupted (Ctrl-C / SIGTERM)", "run")
+        except Exception as exc:  # noqa: BLE001 - a runner bug must cost one scenario, not the run
+            failure = Failure.of("tool", f"servematrix: {type(exc).__name__}: {exc}"[:400], "run")
         verdict, note = decide(entry.expectation, failure)
         return ScenarioRecord.for_entry(entry, **fields, failure=failure, verdict=verdict, note=note,
                                         started_at=started, seconds=round(time.monotonic() - t0, 2),

