@@ -46,6 +46,8 @@ def cmd_run(args) -> int:
     from servematrix.runner import RunOptions, Runner
 
     (matrix,) = _matrices([args.matrix])
+    if args.limit:
+        matrix.check_power(args.limit)
     entries = select(matrix.entries, args.k)
     if not entries:
         print(f"{args.matrix}: no scenario matches -k {args.k!r}", file=sys.stderr)
@@ -105,6 +107,63 @@ def cmd_gsm8k_task(args) -> int:
     return 0
 
 
+def cmd_gate(args) -> int:
+    from servematrix import gate
+
+    run = gate.load_summary(Path(args.run_dir))
+    baseline = gate.load_summary(Path(args.baseline)) if args.baseline else None
+    decision = gate.decide(run, baseline, args.min_load_rate, args.min_accuracy_rate)
+    print(gate.render(decision, run))
+    return decision.exit_code
+
+
+def cmd_reference_record(args) -> int:
+    from servematrix import accuracy, gate
+    from servematrix.yamlio import load_yaml, validate
+
+    run = gate.load_summary(Path(args.run_dir))
+    out = Path(args.out)
+    existing = validate(load_yaml(out), accuracy.ReferenceFile).references if out.is_file() else []
+    new = []
+    for r in run.scenarios:
+        if r.verdict != "pass":
+            continue  # only a scenario that met its expectation is trusted as a reference
+        vllm = f"=={run.vllm_version.split('+')[0]}" if run.vllm_version and not args.any_vllm else ""
+        key = accuracy.RefKey(scenario=r.scenario, quant=r.quant, tp=r.tp, pp=r.pp, device=r.device, vllm=vllm)
+        for metric, value in r.metrics.items():
+            new.append(accuracy.reference_from(metric, value, key, str(run.run_dir)))
+    replaced = {(n.key, n.metric) for n in new}
+    kept = [e for e in existing if (e.key, e.metric) not in replaced]
+    from servematrix.report import atomic_write
+
+    atomic_write(out, accuracy.dump_references(kept + new))
+    for n in new:
+        print(f"{out}: {n.key.scenario}/tp{n.key.tp}-pp{n.key.pp}-{n.key.quant} {n.metric} = {n.mean:.4f} "
+              f"(sigma {n.sigma:.4f}, n {n.n})")
+    if not new:
+        print(f"{args.run_dir}: no passing scenario with metrics; nothing recorded", file=sys.stderr)
+        return 1
+    return 0
+
+
+def cmd_history(args) -> int:
+    from servematrix import history
+
+    print(history.render_trend(history.trend(Path(args.db), args.last, args.k)))
+    return 0
+
+
+def cmd_diff(args) -> int:
+    from servematrix import gate, history
+
+    changes = history.diff(gate.load_summary(Path(args.run_a)), gate.load_summary(Path(args.run_b)))
+    for title, items in changes.items():
+        print(f"{title}: {len(items)}")
+        for i in items:
+            print(f"  - {i}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="servematrix", description=__doc__)
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -140,6 +199,32 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("--python")
     rp.set_defaults(func=cmd_repro)
 
+    g = sub.add_parser("gate", help="release decision from a run: 0 ship, 1 regression, 2 cannot judge")
+    g.add_argument("run_dir")
+    g.add_argument("--baseline", help="an earlier run to compare with")
+    g.add_argument("--min-load-rate", type=float, default=1.0)
+    g.add_argument("--min-accuracy-rate", type=float, default=1.0)
+    g.set_defaults(func=cmd_gate)
+
+    ref = sub.add_parser("reference", help="accuracy references")
+    ref_sub = ref.add_subparsers(dest="ref_cmd", required=True)
+    rec = ref_sub.add_parser("record", help="write references from a trusted run's passing scenarios")
+    rec.add_argument("run_dir")
+    rec.add_argument("--out", default="references/gsm8k.yaml")
+    rec.add_argument("--any-vllm", action="store_true", help="do not pin the reference to this vLLM version")
+    rec.set_defaults(func=cmd_reference_record)
+
+    h = sub.add_parser("history", help="last verdicts and accuracies per scenario")
+    h.add_argument("--db", default="reports/history.sqlite")
+    h.add_argument("--last", type=int, default=10)
+    h.add_argument("-k", help="substring of the scenario id")
+    h.set_defaults(func=cmd_history)
+
+    d = sub.add_parser("diff", help="newly failing / passing scenarios and accuracy moves beyond the MDE")
+    d.add_argument("run_a")
+    d.add_argument("run_b")
+    d.set_defaults(func=cmd_diff)
+
     t = sub.add_parser("gsm8k-task", help="write servematrix's offline gsm8k task YAML into DIR/task")
     t.add_argument("dir")
     t.add_argument("--num-fewshot", type=int, default=5)
@@ -151,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except ConfigError as exc:
+    except (ConfigError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -85,6 +85,7 @@ def forge(name: str, spec: ForgeSpec) -> Path:
     try:
         _build(spec, tmp)
         (tmp / "forge.json").write_text(json.dumps({"name": name, "spec": spec.model_dump()}, indent=2))
+        os.chmod(tmp, 0o755)  # mkdtemp makes it 0700; a container user must read the cache too
         try:
             os.rename(tmp, target)
         except OSError:

@@ -12,6 +12,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, HttpUrl, model_validator
 
+from servematrix.accuracy import References, needed_n
 from servematrix.scenario import NAME_RE, Scenario, ScenarioStore
 from servematrix.yamlio import ConfigError, Located, load_yaml, validate
 
@@ -104,6 +105,7 @@ class MatrixFile(_Strict):
     name: str = Field(pattern=NAME_RE)
     description: str = ""
     scenario_dir: str = "../scenarios"
+    references_dir: str = "../references"
     scenarios: list[str] = Field(default_factory=list)
     axes: Axes = Axes()
     include: list[IncludeEntry] = Field(default_factory=list)
@@ -141,8 +143,32 @@ def entry_id(scenario: str, tp: int, pp: int, quant: str, vllm: str, device: str
 class Matrix:
     """A validated matrix file with its scenarios loaded and its entries expanded."""
 
-    def __init__(self, path: Path, spec: MatrixFile, store: ScenarioStore, entries: list[Entry]):
+    def __init__(self, path: Path, spec: MatrixFile, store: ScenarioStore, entries: list[Entry],
+                 references: References | None = None, located: Located | None = None):
         self.path, self.spec, self.store, self.entries = path, spec, store, entries
+        self.references = references or References([], [])
+        self._located = located
+
+    def gsm8k_limit(self, scenario: Scenario, override: int | None = None) -> int | None:
+        return override or self.spec.gsm8k.limit or scenario.gsm8k.limit
+
+    def check_power(self, override: int | None = None) -> None:
+        """Refuse a gsm8k limit too small for an accuracy check to detect the effect it claims."""
+        for e in self.entries:
+            scn = self.scenario(e.scenario)
+            limit = self.gsm8k_limit(scn, override)
+            if limit is None or not scn.gsm8k.enabled or not self.spec.gsm8k.enabled:
+                continue
+            for i, check in enumerate(scn.accuracy.checks):
+                ref = self.references.find(check.metric, e.scenario, e.quant, e.tp, e.pp, e.device, None)
+                need = needed_n(check, ref)
+                if limit < need:
+                    msg = (f"{e.id}: gsm8k limit {limit} cannot detect a {check.effect} change of {check.metric} "
+                           f"at alpha={check.alpha}, beta={check.beta}: it needs n >= {need}")
+                    if override is not None or self._located is None or self.spec.gsm8k.limit is None:
+                        where = self.store.path(e.scenario) if override is None else "--limit"
+                        raise ConfigError(where, None, "gsm8k.limit", msg)
+                    raise self._located.error(("gsm8k", "limit"), msg)
 
     def scenario(self, name: str) -> Scenario:
         return self.store.get(name)
@@ -157,7 +183,10 @@ def load_matrix(path: Path | str) -> Matrix:
     for i, inc in enumerate(spec.include):
         _require_scenario(located, store, inc.scenario, ("include", i, "scenario"))
     entries = _expand(located, spec, store)
-    return Matrix(located.path, spec, store, entries)
+    references = References.load((located.path.parent / spec.references_dir).resolve())
+    matrix = Matrix(located.path, spec, store, entries, references, located)
+    matrix.check_power()
+    return matrix
 
 
 def _require_scenario(located: Located, store: ScenarioStore, name: str, loc) -> Scenario:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from servematrix import forge
+from servematrix import convert, forge
 from servematrix.scenario import Scenario
 
 
@@ -21,6 +21,12 @@ def resolve(scenario: Scenario, base_dir: Path | None = None) -> str:
         except Exception as exc:  # noqa: BLE001 - any forge failure makes the model unavailable
             raise ModelUnavailable(f"scenario {scenario.name}: forging the checkpoint failed: "
                                    f"{type(exc).__name__}: {exc}") from exc
+    if src.gguf is not None:
+        try:
+            return str(convert.convert(scenario.name, src.gguf))
+        except Exception as exc:  # noqa: BLE001
+            raise ModelUnavailable(f"scenario {scenario.name}: converting {src.gguf.file} from "
+                                   f"{src.gguf.package} failed: {type(exc).__name__}: {exc}") from exc
     if src.path is not None:
         path = Path(src.path).expanduser()
         if not path.is_absolute() and base_dir is not None:

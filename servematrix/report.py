@@ -33,12 +33,15 @@ def atomic_write(path: Path, text: str) -> None:
         raise
 
 
-def write_all(summary: RunSummary) -> None:
+def write_all(summary: RunSummary, trend: dict | None = None) -> None:
+    from servematrix import report_html
+
     out = Path(summary.run_dir)
     atomic_write(out / "summary.json", summary.model_dump_json(indent=2))
     atomic_write(out / "load-success.md", load_success_md(summary))
     atomic_write(out / "accuracy.md", accuracy_md(summary))
     atomic_write(out / "junit.xml", junit_xml(summary))
+    atomic_write(out / "report.html", report_html.render(summary, trend))
 
 
 def point_latest(run_dir: Path) -> None:
@@ -130,6 +133,11 @@ def accuracy_md(summary: RunSummary) -> str:
         else:
             acc = [_fmt(g.strict, g.strict_stderr), _fmt(g.flexible, g.flexible_stderr), str(g.n), f"{g.seconds:.0f}"]
         lines.append(f"| {r.id} | " + " | ".join([*acc, smoke, parity, r.verdict]) + " |")
+    checks = [(r.id, c) for r in summary.scenarios for c in r.accuracy]
+    if checks:
+        lines += ["", "## Accuracy checks (one-sided test against the reference; threshold, MDE, p-value)", ""]
+        lines += [f"- {rid}: {c.summary()}" + (f"; Wilson low {c.wilson_low:.4f}" if c.wilson_low is not None else "")
+                  for rid, c in checks]
     lines.append("")
     return "\n".join(lines)
 

@@ -7,6 +7,7 @@ from typing import Literal
 
 from pydantic import BaseModel, Field
 
+from servematrix.accuracy import CheckResult, MetricValue
 from servematrix.failure import Failure
 from servematrix.gsm8k import Gsm8kResult
 from servematrix.matrix import Entry, Expectation
@@ -44,6 +45,8 @@ class ScenarioRecord(BaseModel):
     smoke: SmokeResult | None = None
     gsm8k: Gsm8kResult | None = None
     gsm8k_error: str | None = None
+    metrics: dict[str, MetricValue] = Field(default_factory=dict)
+    accuracy: list[CheckResult] = Field(default_factory=list)
     failure: Failure | None = None  # the failure that decided the verdict, if any
     verdict: Verdict
     note: str | None = None  # why xfail/xpass/error

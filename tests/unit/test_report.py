@@ -43,9 +43,10 @@ def sample_records():
     ]
 
 
-def test_write_all_writes_the_four_reports_and_leaves_no_temp_files(tmp_path):
+def test_write_all_writes_every_report_and_leaves_no_temp_files(tmp_path):
     report.write_all(summary(tmp_path, sample_records()))
-    assert sorted(os.listdir(tmp_path)) == ["accuracy.md", "junit.xml", "load-success.md", "summary.json"]
+    assert sorted(os.listdir(tmp_path)) == ["accuracy.md", "junit.xml", "load-success.md", "report.html",
+                                            "summary.json"]
     data = json.loads((tmp_path / "summary.json").read_text())
     assert [r["verdict"] for r in data["scenarios"]] == ["pass", "fail", "xfail"]
     assert data["scenarios"][1]["load"]["error"]["signature"].startswith("KeyError")

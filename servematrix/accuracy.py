@@ -1,0 +1,193 @@
+"""Accuracy checks: measured metrics against references, judged by stats.OneSidedTest.
+
+References are data (`references/*.yaml`), keyed by scenario, quant, TP, PP, device and a vLLM
+version range, each with the mean, per-sample σ and n it was measured with. A scenario says which
+metrics it guards and the effect each must detect; a check with no reference is reported as
+"no reference", never as a pass.
+"""
+
+from __future__ import annotations
+
+import math
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from packaging.specifiers import InvalidSpecifier, SpecifierSet
+from packaging.version import InvalidVersion, Version
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from servematrix import stats
+from servematrix.yamlio import load_yaml, validate
+
+# metric name -> higher is better?
+METRICS: dict[str, bool] = {
+    "gsm8k.strict": True,
+    "gsm8k.flexible": True,
+    "gsm8k.nll": False,
+    "gsm8k.agreement": True,
+}
+BERNOULLI = {"gsm8k.strict", "gsm8k.flexible", "gsm8k.agreement"}
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class MetricValue(BaseModel):
+    mean: float
+    sigma: float
+    stderr: float
+    n: int
+
+
+class Check(_Strict):
+    """One guarded metric: detect a true change of `effect` at significance α with power 1-β."""
+
+    metric: str
+    effect: float = Field(gt=0)
+    alpha: float = Field(0.05, gt=0, lt=0.5)
+    beta: float = Field(0.2, gt=0, lt=0.5)
+
+    @field_validator("metric")
+    @classmethod
+    def _known(cls, v: str) -> str:
+        if v not in METRICS:
+            raise ValueError(f"unknown metric {v!r} (known: {', '.join(METRICS)})")
+        return v
+
+
+class RefKey(_Strict):
+    scenario: str
+    quant: str
+    tp: int = 1
+    pp: int = 1
+    device: str = "cpu"
+    vllm: str = ""  # PEP 440 specifier on the vLLM version, "" = any
+
+    @field_validator("vllm")
+    @classmethod
+    def _spec(cls, v: str) -> str:
+        try:
+            SpecifierSet(v)
+        except InvalidSpecifier as exc:
+            raise ValueError(f"not a version range: {v!r}") from exc
+        return v
+
+    def matches(self, scenario: str, quant: str, tp: int, pp: int, device: str, vllm: str | None) -> bool:
+        if (self.scenario, self.quant, self.tp, self.pp, self.device) != (scenario, quant, tp, pp, device):
+            return False
+        if not self.vllm or vllm is None:
+            return True
+        try:
+            return Version(vllm.split("+")[0]) in SpecifierSet(self.vllm)
+        except InvalidVersion:
+            return False
+
+
+class Reference(_Strict):
+    key: RefKey
+    metric: str
+    mean: float
+    sigma: float = Field(ge=0)
+    n: int = Field(ge=1)
+    stderr: float | None = None
+    source: str | None = None  # the run it was recorded from
+    recorded_at: str | None = None
+
+
+class ReferenceFile(_Strict):
+    references: list[Reference] = Field(default_factory=list)
+
+
+class CheckResult(BaseModel):
+    metric: str
+    status: Literal["pass", "fail", "no-reference", "not-measured"]
+    measured: float | None = None
+    n: int | None = None
+    reference: float | None = None
+    reference_n: int | None = None
+    sigma: float | None = None
+    threshold: float | None = None
+    mde: float | None = None
+    p_value: float | None = None
+    wilson_low: float | None = None
+    effect: float
+    alpha: float
+    beta: float
+
+    def summary(self) -> str:
+        if self.status in {"no-reference", "not-measured"}:
+            return f"{self.metric}: {self.status}"
+        op = ">=" if METRICS[self.metric] else "<="
+        return (f"{self.metric}: {self.measured:.4f} (n={self.n}) vs ref {self.reference:.4f}; need {op} "
+                f"{self.threshold:.4f}; MDE {self.mde:.4f}; p={self.p_value:.3g} → {self.status}")
+
+
+class References:
+    def __init__(self, refs: list[Reference], paths: list[Path]):
+        self.refs, self.paths = refs, paths
+
+    @classmethod
+    def load(cls, directory: Path) -> "References":
+        refs, paths = [], sorted(Path(directory).glob("*.yaml")) if Path(directory).is_dir() else []
+        for p in paths:
+            located = load_yaml(p)
+            if located.data is not None:
+                refs += validate(located, ReferenceFile).references
+        return cls(refs, paths)
+
+    def find(self, metric: str, scenario: str, quant: str, tp: int, pp: int, device: str,
+             vllm: str | None) -> Reference | None:
+        hits = [r for r in self.refs if r.metric == metric and r.key.matches(scenario, quant, tp, pp, device, vllm)]
+        return hits[-1] if hits else None  # the latest recorded wins
+
+
+def gsm8k_metrics(strict: float, flexible: float, n: int) -> dict[str, MetricValue]:
+    """Exact-match proportions as metrics (per-sample σ of a Bernoulli mean)."""
+    out = {}
+    for name, p in (("gsm8k.strict", strict), ("gsm8k.flexible", flexible)):
+        sigma = stats.bernoulli_sigma(p)
+        out[name] = MetricValue(mean=p, sigma=sigma, stderr=sigma / math.sqrt(n) if n else math.nan, n=n)
+    return out
+
+
+def judge(check: Check, measured: MetricValue | None, ref: Reference | None) -> CheckResult:
+    base = dict(metric=check.metric, effect=check.effect, alpha=check.alpha, beta=check.beta)
+    if measured is None or math.isnan(measured.mean):
+        return CheckResult(status="not-measured", **base)
+    if ref is None:
+        return CheckResult(status="no-reference", measured=measured.mean, n=measured.n, **base)
+    sigma = stats.bernoulli_sigma(ref.mean) if check.metric in BERNOULLI else ref.sigma
+    test = stats.OneSidedTest(reference=ref.mean, sigma=sigma, n=measured.n, alpha=check.alpha,
+                              beta=check.beta, higher_is_better=METRICS[check.metric])
+    wl = stats.wilson(measured.mean * measured.n, measured.n, check.alpha)[0] if check.metric in BERNOULLI else None
+    return CheckResult(status="pass" if test.passed(measured.mean) else "fail", measured=measured.mean,
+                       n=measured.n, reference=ref.mean, reference_n=ref.n, sigma=sigma,
+                       threshold=test.threshold, mde=test.mde, p_value=test.p_value(measured.mean),
+                       wilson_low=wl, **base)
+
+
+def needed_n(check: Check, ref: Reference | None) -> int:
+    """Samples the check needs to detect its effect; with no reference a proportion is taken at
+    its worst case σ = 0.5."""
+    if ref is not None:
+        sigma = stats.bernoulli_sigma(ref.mean) if check.metric in BERNOULLI else ref.sigma
+    elif check.metric in BERNOULLI:
+        sigma = 0.5
+    else:
+        return 1  # a continuous metric's σ is unknown until a reference is recorded
+    return stats.required_n(sigma, check.effect, check.alpha, check.beta)
+
+
+def reference_from(metric: str, value: MetricValue, key: RefKey, source: str) -> Reference:
+    return Reference(key=key, metric=metric, mean=value.mean, sigma=value.sigma, n=value.n,
+                     stderr=value.stderr, source=source,
+                     recorded_at=datetime.now(timezone.utc).isoformat(timespec="seconds"))
+
+
+def dump_references(refs: list[Reference]) -> str:
+    data = {"references": [r.model_dump(exclude_none=True) for r in refs]}
+    return ("# Accuracy references, written by `servematrix reference record RUN_DIR` from a trusted run.\n"
+            + yaml.safe_dump(data, sort_keys=False))
