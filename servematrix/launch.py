@@ -86,10 +86,12 @@ def device_profile(device: str) -> dict:
 
 
 def cpu_bind(ranks: int, cpus: list[int] | None = None) -> str:
-    """VLLM_CPU_OMP_THREADS_BIND for `ranks` workers: the allowed cores split evenly, '|' between ranks."""
+    """VLLM_CPU_OMP_THREADS_BIND for `ranks` workers: the allowed cores split evenly, '|' between
+    ranks. With more ranks than cores, ranks share cores round-robin ("0|1|0"): slow, but it lets a
+    2-core host run TP=3 (vLLM accepts overlapping lists)."""
     cpus = sorted(cpus if cpus is not None else os.sched_getaffinity(0))
     if ranks > len(cpus):
-        raise ValueError(f"{ranks} ranks need at least {ranks} cores, this host allows {len(cpus)}")
+        return "|".join(str(cpus[i % len(cpus)]) for i in range(ranks))
     per = len(cpus) // ranks
     groups = [cpus[i * per:(i + 1) * per] for i in range(ranks)]
     return "|".join(_ranges(g) for g in groups)

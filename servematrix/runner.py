@@ -105,6 +105,7 @@ class Runner:
         self.python = options.python or sys.executable
         self.backend: type[Server] = BACKENDS[options.backend]
         self.baselines: dict[tuple, tuple[str, dict[str, Generation]]] = {}
+        self.baseline_answers: dict[tuple, dict[int, str]] = {}  # gsm8k answers of each baseline
         self.progress = Progress(len(self.entries))
         self.vllm_version: str | None = None
 
@@ -179,7 +180,7 @@ class Runner:
                               self.python, self.options.startup_timeout or self.matrix.spec.startup_timeout)
             fields["server_command"] = spec.shell()
             self.progress.phase(k, entry.id, "starting server")
-            failure = self._serve(k, entry, scenario, spec, entry_dir, fields)
+            failure = self._serve(k, entry, scenario, spec, entry_dir, fields, model_path)
         except ModelUnavailable as exc:
             failure = Failure.of("model", str(exc), "load")
         except ServerFailed as exc:
@@ -195,7 +196,8 @@ class Runner:
                                         started_at=started, seconds=round(time.monotonic() - t0, 2),
                                         attempts=attempt)
 
-    def _serve(self, k, entry, scenario: Scenario, spec, entry_dir: Path, fields: dict) -> Failure | None:
+    def _serve(self, k, entry, scenario: Scenario, spec, entry_dir: Path, fields: dict,
+               model_path: str) -> Failure | None:
         with self.backend(spec) as server:
             fields["load"] = LoadResult(ok=True, seconds=round(server.healthy_at - server.started_at, 2))
             self.progress.phase(k, entry.id, "smoke")
@@ -209,19 +211,35 @@ class Runner:
             if not (self.options.gsm8k and self.matrix.spec.gsm8k.enabled and scenario.gsm8k.enabled):
                 return None
             self.progress.phase(k, entry.id, f"gsm8k (limit {limit or 'all'})")
+            tokenizer = model_path if scenario.gsm8k.nll else None
             try:
                 fields["gsm8k"] = gsm8k.run(spec.base_url, scenario.model_name, scenario.gsm8k, limit,
-                                            entry_dir / "gsm8k", server.alive, self.python)
+                                            entry_dir / "gsm8k", server.alive, self.python, tokenizer)
             except gsm8k.Gsm8kFailed as exc:
                 fields["gsm8k_error"] = str(exc)
                 if not server.alive():
                     return server.death("gsm8k")
                 return Failure.of("tool", f"lm-eval failed: {exc}", "gsm8k")
-        return self._accuracy(entry, scenario, fields)
+        return self._accuracy(entry, scenario, fields, model_path)
 
-    def _accuracy(self, entry: Entry, scenario: Scenario, fields: dict) -> Failure | None:
-        g = fields["gsm8k"]
+    def _metrics(self, entry: Entry, scenario: Scenario, g: gsm8k.Gsm8kResult, model_path: str) -> dict:
         metrics = accuracy.gsm8k_metrics(g.strict, g.flexible, g.n)
+        if g.nll_samples_path:
+            nll = gsm8k.per_token_nll(g.nll_samples_path, model_path)
+            metrics["gsm8k.nll"] = accuracy.value_metric(list(nll.values()))
+        if g.samples_path and scenario.gsm8k.agreement:
+            key = _baseline_key(entry, scenario)
+            mine = gsm8k.answers(g.samples_path)
+            if (entry.tp, entry.pp, entry.quant) == key[-3:]:
+                self.baseline_answers[key] = mine
+            elif key in self.baseline_answers:
+                agreement = accuracy.agreement_metric(mine, self.baseline_answers[key])
+                if agreement is not None:
+                    metrics["gsm8k.agreement"] = agreement
+        return metrics
+
+    def _accuracy(self, entry: Entry, scenario: Scenario, fields: dict, model_path: str) -> Failure | None:
+        metrics = self._metrics(entry, scenario, fields["gsm8k"], model_path)
         fields["metrics"] = metrics
         vllm = self.vllm_version if entry.vllm == "current" else entry.vllm.split("-")[-1]
         results = [accuracy.judge(c, metrics.get(c.metric),

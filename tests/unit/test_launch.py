@@ -70,8 +70,7 @@ def test_a_healthy_server_is_returned_and_torn_down_on_exit(tmp_path):
 def test_cpu_bind_splits_cores_evenly_between_ranks():
     assert cpu_bind(2, [0, 1]) == "0|1"
     assert cpu_bind(2, [0, 1, 2, 3]) == "0-1|2-3"
-    with pytest.raises(ValueError, match="need at least 4 cores"):
-        cpu_bind(4, [0, 1])
+    assert cpu_bind(3, [0, 1]) == "0|1|0"  # oversubscribed round-robin
 
 
 def test_server_command_carries_layout_quant_and_device_env():

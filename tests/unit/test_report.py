@@ -6,6 +6,7 @@ import os
 import xml.etree.ElementTree as ET
 
 from servematrix import report
+from servematrix.accuracy import gsm8k_metrics
 from servematrix.failure import Failure
 from servematrix.gsm8k import Gsm8kResult
 from servematrix.matrix import Expectation
@@ -35,7 +36,8 @@ def sample_records():
     pp_err = Failure.of("exception", "AssertionError: assert self.intermediate_tensors is not None", "smoke")
     return [
         rec("a/tp1-pp1-fp32", load=LoadResult(ok=True, seconds=40), smoke=ok_smoke,
-            gsm8k=Gsm8kResult(strict=0.25, strict_stderr=0.1, flexible=0.5, flexible_stderr=0.1, n=8, seconds=3)),
+            gsm8k=Gsm8kResult(strict=0.25, strict_stderr=0.1, flexible=0.5, flexible_stderr=0.1, n=8, seconds=3),
+            metrics=gsm8k_metrics(0.25, 0.5, 8)),
         rec("a/tp2-pp1-fp32", tp=2, verdict="fail", failure=load_err,
             load=LoadResult(ok=False, error=load_err)),
         rec("a/tp1-pp2-fp32", pp=2, verdict="xfail", failure=pp_err, expect=XFAIL, note="engine dies",
