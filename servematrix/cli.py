@@ -53,8 +53,15 @@ def cmd_run(args) -> int:
         print(f"{args.matrix}: no scenario matches -k {args.k!r}", file=sys.stderr)
         return 2
     out = Path(args.out) if args.out else _default_out()
+    for name in args.inject or []:
+        import servematrix_fixes
+
+        if name not in servematrix_fixes.REGISTRY:
+            raise ConfigError("--inject", None, None, f"unknown fix {name!r} (available: "
+                              f"{', '.join(servematrix_fixes.names())})")
     opts = RunOptions(out_dir=out.resolve(), backend=args.backend, python=args.python,
-                      gsm8k_limit=args.limit, gsm8k=not args.no_gsm8k, startup_timeout=args.startup_timeout)
+                      gsm8k_limit=args.limit, gsm8k=not args.no_gsm8k, startup_timeout=args.startup_timeout,
+                      retries=args.retries, inject=args.inject or [])
     summary = Runner(matrix, entries, opts).run()
     print(f"\n{summary.status}: " + ", ".join(f"{k} {v}" for k, v in summary.counts.items()))
     print(f"reports: {out}/summary.json, load-success.md, accuracy.md, junit.xml")
@@ -187,6 +194,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--backend", default="local", choices=["local"])
     r.add_argument("--python", help="interpreter with vLLM and lm-eval (default: this one)")
     r.add_argument("--startup-timeout", type=float)
+    r.add_argument("--retries", type=int, default=1, help="extra attempts after an infrastructure failure")
+    r.add_argument("--inject", action="append", metavar="FIX",
+                   help="enable a fix module (e.g. the inject-scale fault) in every scenario; ids unchanged")
     r.set_defaults(func=cmd_run)
 
     rp = sub.add_parser("repro", help="print (or --exec) the commands that reproduce one scenario")

@@ -81,8 +81,10 @@ def classify_exit(log: str, returncode: int | None, phase: str = "load") -> Fail
     """Why a server process ended (or why its requests failed)."""
     if _PORT.search(log):
         return Failure.of("port-in-use", "OSError: [Errno 98] Address already in use", phase)
-    if returncode is not None and returncode < 0 and -returncode == signal.SIGKILL and not root_exception(log):
-        return Failure.of("oom", "killed by SIGKILL (likely the OOM killer)", phase)
+    if returncode is not None and returncode < 0 and -returncode == signal.SIGKILL:
+        # vLLM never SIGKILLs its own API server: the OOM killer or an operator did. What its
+        # orphaned workers log after that (broken pipes) is not the cause.
+        return Failure.of("oom", "killed by SIGKILL (OOM killer or operator)", phase)
     if _OOM.search(log):
         line = next((strip_prefix(ln) for ln in log.splitlines() if _OOM.search(ln)), "out of memory")
         return Failure.of("oom", line[:400], phase)

@@ -102,7 +102,8 @@ def _ranges(cores: list[int]) -> str:
 
 
 def build_spec(entry: Entry, scenario: Scenario, model_path: str, port: int, log_path: Path,
-               python: str | None = None, startup_timeout: float | None = None) -> LaunchSpec:
+               python: str | None = None, startup_timeout: float | None = None,
+               extra_fixes: tuple[str, ...] = ()) -> LaunchSpec:
     quant = scenario.quants[entry.quant]
     argv = [
         python or sys.executable, "-m", "vllm.entrypoints.openai.api_server",
@@ -117,6 +118,11 @@ def build_spec(entry: Entry, scenario: Scenario, model_path: str, port: int, log
     env = {**profile.get("env", {}), **scenario.server.env, **quant.env}
     if profile.get("bind_threads") and "VLLM_CPU_OMP_THREADS_BIND" not in env:
         env["VLLM_CPU_OMP_THREADS_BIND"] = cpu_bind(entry.tp * entry.pp) if entry.tp * entry.pp > 1 else "auto"
+    fixes = tuple(dict.fromkeys([*entry.fixes, *extra_fixes]))
+    if fixes:
+        # read by servematrix's vLLM plugin in every vLLM process (API server, engine, workers)
+        env["SERVEMATRIX_FIXES"] = ",".join(fixes)
+        env["SERVEMATRIX_FIX_REPORT"] = str(log_path.parent / "fixes.jsonl")
     return LaunchSpec(argv=argv, env=env, port=port, log_path=log_path,
                       startup_timeout=startup_timeout or scenario.server.startup_timeout)
 

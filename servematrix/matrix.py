@@ -71,8 +71,18 @@ class Rule(Expectation):
     match: Selector
 
 
+def _known_fixes(v: list[str]) -> list[str]:
+    import servematrix_fixes
+
+    for name in v:  # the registry only: no fix module (and no vLLM) is imported here
+        if name not in servematrix_fixes.REGISTRY:
+            raise ValueError(f"unknown fix {name!r} (available: {', '.join(servematrix_fixes.names())})")
+    return v
+
+
 class IncludeEntry(Expectation):
     scenario: str
+    fixes: list[str] = Field(default_factory=list)  # fix modules enabled for this entry
     tp: int = Field(1, ge=1)
     pp: int = Field(1, ge=1)
     quant: str | None = None
@@ -112,6 +122,7 @@ class MatrixFile(_Strict):
     exclude: list[Selector] = Field(default_factory=list)
     expectations: list[Rule] = Field(default_factory=list)
     tags: list[str] = Field(default_factory=list)
+    fixes: list[str] = Field(default_factory=list)  # fix modules enabled for every entry
     gsm8k: MatrixGsm8k = MatrixGsm8k()
     startup_timeout: float | None = Field(None, gt=0)
 
@@ -127,6 +138,7 @@ class Entry(_Strict):
     vllm: str
     device: str
     tags: tuple[str, ...]
+    fixes: tuple[str, ...] = ()
     expectation: Expectation
     origin: str  # file:line that produced it
 
@@ -135,9 +147,10 @@ class Entry(_Strict):
         return self.tp == 1 and self.pp == 1
 
 
-def entry_id(scenario: str, tp: int, pp: int, quant: str, vllm: str, device: str) -> str:
+def entry_id(scenario: str, tp: int, pp: int, quant: str, vllm: str, device: str,
+             fixes: tuple[str, ...] = ()) -> str:
     suffix = "".join(f"-{v}" for v, d in ((vllm, DEFAULT_VLLM), (device, DEFAULT_DEVICE)) if v != d)
-    return f"{scenario}/tp{tp}-pp{pp}-{quant}{suffix}"
+    return f"{scenario}/tp{tp}-pp{pp}-{quant}{suffix}" + "".join(f"+{f}" for f in fixes)
 
 
 class Matrix:
@@ -217,7 +230,7 @@ def _expand(located: Located, spec: MatrixFile, store: ScenarioStore) -> list[En
         for tp, pp, quant, vllm, device in itertools.product(
             spec.axes.tp, spec.axes.pp, quants, spec.axes.vllm, spec.axes.device
         ):
-            e = _entry(located, spec, scn, tp, pp, quant, vllm, device, (), Expectation(), ("scenarios", i))
+            e = _entry(located, spec, scn, tp, pp, quant, vllm, device, (), (), Expectation(), ("scenarios", i))
             if not any(sel.matches(e) for sel in spec.exclude):
                 add(e, ("scenarios", i))
     for i, inc in enumerate(spec.include):
@@ -226,14 +239,21 @@ def _expand(located: Located, spec: MatrixFile, store: ScenarioStore) -> list[En
         check_quant(scn, quant, ("include", i, "quant"))
         expectation = Expectation(**inc.model_dump(include=set(Expectation.model_fields)))
         add(_entry(located, spec, scn, inc.tp, inc.pp, quant, inc.vllm, inc.device, tuple(inc.tags),
-                   expectation, ("include", i)), ("include", i))
+                   tuple(inc.fixes), expectation, ("include", i)), ("include", i))
     return [_apply_rules(located, spec, e) for e in entries.values()]
 
 
-def _entry(located, spec, scn, tp, pp, quant, vllm, device, tags, expectation, loc) -> Entry:
+def _entry(located, spec, scn, tp, pp, quant, vllm, device, tags, fixes, expectation, loc) -> Entry:
+    fixes = tuple(dict.fromkeys([*spec.fixes, *fixes]))
+    for name in fixes:
+        try:
+            _known_fixes([name])
+        except ValueError as exc:
+            where = ("fixes",) if name in spec.fixes else loc + ("fixes",)
+            raise located.error(where, str(exc)) from None
     return Entry(
-        id=entry_id(scn.name, tp, pp, quant, vllm, device),
-        scenario=scn.name, tp=tp, pp=pp, quant=quant, vllm=vllm, device=device,
+        id=entry_id(scn.name, tp, pp, quant, vllm, device, fixes),
+        scenario=scn.name, tp=tp, pp=pp, quant=quant, vllm=vllm, device=device, fixes=fixes,
         tags=tuple(dict.fromkeys([*spec.tags, *scn.tags, *tags])),
         expectation=expectation,
         origin=f"{located.path}:{located.line_of(loc)}",

@@ -21,7 +21,7 @@ from servematrix.failure import Failure
 from servematrix.launch import BACKENDS, Server, ServerFailed, build_spec, free_port
 from servematrix.matrix import Entry, Matrix
 from servematrix.model import ModelUnavailable, resolve
-from servematrix.results import LoadResult, RunSummary, ScenarioRecord
+from servematrix.results import FixRecord, LoadResult, RunSummary, ScenarioRecord
 from servematrix.scenario import Scenario
 from servematrix.smoke import Generation, SmokeResult, run_smoke
 from servematrix.verdict import decide, exit_code
@@ -37,6 +37,7 @@ class RunOptions(BaseModel):
     gsm8k: bool = True
     startup_timeout: float | None = None
     retries: int = 1  # extra attempts for infrastructure failures
+    inject: list[str] = []  # fix modules (e.g. fault injectors) enabled for every entry, ids unchanged
 
 
 def now_iso() -> str:
@@ -177,7 +178,9 @@ class Runner:
             self.progress.phase(k, entry.id, "resolving model")
             model_path = resolve(scenario, self.matrix.store.directory)
             spec = build_spec(entry, scenario, model_path, free_port(), entry_dir / "server.log",
-                              self.python, self.options.startup_timeout or self.matrix.spec.startup_timeout)
+                              self.python, self.options.startup_timeout or self.matrix.spec.startup_timeout,
+                              tuple(self.options.inject))
+            (entry_dir / "fixes.jsonl").unlink(missing_ok=True)
             fields["server_command"] = spec.shell()
             self.progress.phase(k, entry.id, "starting server")
             failure = self._serve(k, entry, scenario, spec, entry_dir, fields, model_path)
@@ -191,6 +194,7 @@ class Runner:
             failure = Failure.of("interrupted", "run interrupted (Ctrl-C / SIGTERM)", "run")
         except Exception as exc:  # noqa: BLE001 - a runner bug must cost one scenario, not the run
             failure = Failure.of("tool", f"servematrix: {type(exc).__name__}: {exc}"[:400], "run")
+        fields["fixes"] = read_fix_report(entry_dir / "fixes.jsonl")
         verdict, note = decide(entry.expectation, failure)
         return ScenarioRecord.for_entry(entry, **fields, failure=failure, verdict=verdict, note=note,
                                         started_at=started, seconds=round(time.monotonic() - t0, 2),
@@ -276,6 +280,19 @@ class Runner:
         if smoke.parity is not None and not smoke.parity.ok:
             problems += [f"parity with {smoke.parity.baseline}: {d}" for d in smoke.parity.details]
         return Failure.of("check", problems[0][:400] if problems else "smoke failed", "smoke")
+
+
+def read_fix_report(path: Path) -> list[FixRecord]:
+    """What each vLLM process said its fix modules did (one JSON line per process and fix)."""
+    if not path.is_file():
+        return []
+    out = []
+    for line in path.read_text().splitlines():
+        try:
+            out.append(FixRecord.model_validate_json(line))
+        except ValueError:
+            continue  # a line cut short by a killed process
+    return out
 
 
 def _baseline_key(entry: Entry, scenario: Scenario) -> tuple:
