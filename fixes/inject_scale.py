@@ -4,7 +4,9 @@ It exists to prove the accuracy gate catches a server that loads and answers but
 slightly wrong (a wrong quantization scale, a mis-sharded norm): the model still serves, smoke
 may still pass, but the gold-answer NLL and the agreement with the baseline move.
 
-SERVEMATRIX_INJECT_SCALE="<tensor name>:<factor>" (default: layer 10's MLP down projection × 0.6).
+SERVEMATRIX_INJECT_SCALE="<tensor name>:<factor>". The default flips the sign of layer 25's MLP down
+projection in SmolLM2-135M: it still answers "Paris", but (measured with transformers on 8 gsm8k
+answers) the gold-answer NLL rises from 1.58 to 1.96 nats/token.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import os
 
 from servematrix_fixes.base import Fix, State
 
-DEFAULT = "model.layers.10.mlp.down_proj.weight:0.6"
+DEFAULT = "model.layers.25.mlp.down_proj.weight:-1.0"
 _MARK = "_servematrix_inject_scale"
 
 

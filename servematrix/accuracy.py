@@ -166,13 +166,22 @@ def agreement_metric(answers: dict[int, str], baseline: dict[int, str]) -> Metri
     return value_metric([1.0 if answers[d] == baseline[d] else 0.0 for d in common])
 
 
+def reference_sigma(metric: str, ref: Reference) -> float:
+    """Per-sample σ of a reference. A proportion uses Laplace's rule of succession,
+    p = (k + 1) / (n + 2): a reference of 20/20 agreements (or 0/40 exact matches) does not claim
+    zero variance, which would fail a run on a single near-tie flip."""
+    if metric in BERNOULLI:
+        return stats.bernoulli_sigma((ref.mean * ref.n + 1) / (ref.n + 2))
+    return ref.sigma
+
+
 def judge(check: Check, measured: MetricValue | None, ref: Reference | None) -> CheckResult:
     base = dict(metric=check.metric, effect=check.effect, alpha=check.alpha, beta=check.beta)
     if measured is None or math.isnan(measured.mean):
         return CheckResult(status="not-measured", **base)
     if ref is None:
         return CheckResult(status="no-reference", measured=measured.mean, n=measured.n, **base)
-    sigma = stats.bernoulli_sigma(ref.mean) if check.metric in BERNOULLI else ref.sigma
+    sigma = reference_sigma(check.metric, ref)
     test = stats.OneSidedTest(reference=ref.mean, sigma=sigma, n=measured.n, alpha=check.alpha,
                               beta=check.beta, higher_is_better=METRICS[check.metric])
     wl = stats.wilson(measured.mean * measured.n, measured.n, check.alpha)[0] if check.metric in BERNOULLI else None
@@ -183,15 +192,11 @@ def judge(check: Check, measured: MetricValue | None, ref: Reference | None) -> 
 
 
 def needed_n(check: Check, ref: Reference | None) -> int:
-    """Samples the check needs to detect its effect; with no reference a proportion is taken at
-    its worst case σ = 0.5."""
-    if ref is not None:
-        sigma = stats.bernoulli_sigma(ref.mean) if check.metric in BERNOULLI else ref.sigma
-    elif check.metric in BERNOULLI:
-        sigma = 0.5
-    else:
-        return 1  # a continuous metric's σ is unknown until a reference is recorded
-    return stats.required_n(sigma, check.effect, check.alpha, check.beta)
+    """Samples the check needs to detect its effect, from the reference's σ. Without a reference
+    nothing is gated yet (the check reports "no reference"), so nothing is required."""
+    if ref is None:
+        return 1
+    return stats.required_n(reference_sigma(check.metric, ref), check.effect, check.alpha, check.beta)
 
 
 def reference_from(metric: str, value: MetricValue, key: RefKey, source: str) -> Reference:

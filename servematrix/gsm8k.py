@@ -129,7 +129,8 @@ def parse(results_dir: Path, seconds: float) -> Gsm8kResult:
     data = json.loads(found[-1].read_text())
     res = data["results"][TASK]
     n = data.get("n-samples", {}).get(TASK, {}).get("effective")
-    samples = sorted(results_dir.rglob(f"samples_{TASK}_*.jsonl"))
+    # "samples_servematrix_gsm8k_*" also matches the NLL task's files: tell them apart
+    samples = sorted(p for p in results_dir.rglob(f"samples_{TASK}_*.jsonl") if NLL_TASK not in p.name)
     nll = sorted(results_dir.rglob(f"samples_{NLL_TASK}_*.jsonl"))
     return Gsm8kResult(
         strict=res["exact_match,strict-match"],

