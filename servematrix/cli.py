@@ -91,6 +91,9 @@ def cmd_repro(args) -> int:
         return Runner(matrix, [entry], opts).run().exit_code or 0
     scenario = matrix.scenario(entry.scenario)
     model_path = resolve(scenario, matrix.store.directory)
+    if args.compose:
+        print(compose_command(entry, scenario, model_path, args.port))
+        return 0
     spec = build_spec(entry, scenario, model_path, args.port, Path("server.log"), args.python or "python")
     limit = args.limit or matrix.spec.gsm8k.limit or scenario.gsm8k.limit
     out = Path("repro-gsm8k")
@@ -105,6 +108,36 @@ def cmd_repro(args) -> int:
     env = " ".join(f"{k}={v}" for k, v in gsm8k.OFFLINE_ENV.items())
     print(f"{env} {shlex.join(gsm8k.command(spec.base_url, scenario.model_name, scenario.gsm8k, limit, out, args.python or 'python'))}")
     return 0
+
+
+def compose_variables(entry, scenario, model_path: str, port: int) -> dict[str, str]:
+    """The docker-compose.yml variables that reproduce one entry (see the file's header)."""
+    from servematrix.paths import cache_dir
+
+    cache = cache_dir()
+    model = model_path
+    if Path(model_path).is_relative_to(cache):  # forged/converted checkpoints live in the cache
+        model = "/cache/" + str(Path(model_path).relative_to(cache))
+    variables = {
+        "MODEL": model, "TP": str(entry.tp), "PP": str(entry.pp), "PORT": str(port),
+        "QUANT_ARGS": shlex.join(scenario.quants[entry.quant].args),
+        "SERVER_ARGS": shlex.join(scenario.server.args),
+        "FIXES": ",".join(entry.fixes), "CACHE": str(cache),
+    }
+    if entry.device == "gpu":
+        variables["GPUS"] = str(entry.tp * entry.pp)
+    elif entry.tp * entry.pp > 1:
+        from servematrix.launch import cpu_bind
+
+        variables["VLLM_CPU_OMP_THREADS_BIND"] = cpu_bind(entry.tp * entry.pp)
+    return variables
+
+
+def compose_command(entry, scenario, model_path: str, port: int) -> str:
+    service = "vllm-gpu" if entry.device == "gpu" else "vllm-cpu"
+    env = " ".join(f"{k}={shlex.quote(v)}" for k, v in compose_variables(entry, scenario, model_path, port).items())
+    return (f"# {entry.id}: the server in a container (build once with the same variables and `build`)\n"
+            f"{env} docker compose --profile {service.split('-')[1]} up {service}")
 
 
 def cmd_gsm8k_task(args) -> int:
@@ -203,6 +236,7 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("id")
     rp.add_argument("--matrix", help="matrix file (default: search matrix/*.yaml)")
     rp.add_argument("--exec", action="store_true", help="run that one scenario")
+    rp.add_argument("--compose", action="store_true", help="print a `docker compose` command instead")
     rp.add_argument("--out")
     rp.add_argument("--port", type=int, default=8000)
     rp.add_argument("--limit", type=int)

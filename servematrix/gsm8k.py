@@ -54,8 +54,10 @@ def write_task(out_dir: Path, num_fewshot: int) -> Path:
     task["fewshot_config"]["samples"] = exemplars[:max(num_fewshot, 1)]
     task["num_fewshot"] = num_fewshot
     nll = {k: v for k, v in task.items() if k not in {"generation_kwargs", "filter_list", "metric_list", "repeats"}}
+    # servematrix computes the per-token NLL from the samples; lm-eval's own metric here is only
+    # "is the gold answer the greedy continuation" (its perplexity aggregate overflows on a random model)
     nll.update(task=NLL_TASK, output_type="loglikelihood",
-               metric_list=[{"metric": "perplexity", "aggregation": "perplexity", "higher_is_better": False}])
+               metric_list=[{"metric": "acc", "aggregation": "mean", "higher_is_better": True}])
     task_dir = out_dir / "task"
     task_dir.mkdir(parents=True, exist_ok=True)
     for t in (task, nll):
