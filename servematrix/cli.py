@@ -4,6 +4,7 @@ scenario did not (regression), 2 configuration or infrastructure error (nothing 
 from __future__ import annotations
 
 import argparse
+import os
 import shlex
 import sys
 from datetime import datetime
@@ -171,7 +172,8 @@ def cmd_reference_record(args) -> int:
         vllm = f"=={run.vllm_version.split('+')[0]}" if run.vllm_version and not args.any_vllm else ""
         key = accuracy.RefKey(scenario=r.scenario, quant=r.quant, tp=r.tp, pp=r.pp, device=r.device, vllm=vllm)
         for metric, value in r.metrics.items():
-            new.append(accuracy.reference_from(metric, value, key, str(run.run_dir)))
+            source = os.path.relpath(run.run_dir) if not os.path.relpath(run.run_dir).startswith("..") else run.run_dir
+            new.append(accuracy.reference_from(metric, value, key, source))
     replaced = {(n.key, n.metric) for n in new}
     kept = [e for e in existing if (e.key, e.metric) not in replaced]
     from servematrix.report import atomic_write
