@@ -9,14 +9,11 @@ import hashlib
 import importlib.metadata
 import importlib.util
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict
 
-from servematrix.paths import cache_dir
+from servematrix.paths import build_cached, cache_dir
 
 CONVERT_VERSION = 1
 
@@ -58,26 +55,14 @@ def converted_dir(name: str, src: GgufSource) -> Path:
 
 
 def convert(name: str, src: GgufSource) -> Path:
-    target = converted_dir(name, src)
-    if (target / "convert.json").is_file():
-        return target
-    source = gguf_path(src)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
-    try:
-        config = _write_weights(source, tmp, src.dtype)
-        _write_tokenizer(source, tmp)
-        (tmp / "config.json").write_text(json.dumps(config, indent=2))
-        (tmp / "convert.json").write_text(json.dumps({"source": str(source), **src.model_dump()}, indent=2))
-        os.chmod(tmp, 0o755)  # mkdtemp makes it 0700; a container user must read the cache too
-        try:
-            os.rename(tmp, target)
-        except OSError:
-            if not (target / "convert.json").is_file():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target
+    def build(out: Path) -> dict:
+        source = gguf_path(src)
+        config = _write_weights(source, out, src.dtype)
+        _write_tokenizer(source, out)
+        (out / "config.json").write_text(json.dumps(config, indent=2))
+        return {"source": str(source), **src.model_dump()}
+
+    return build_cached(converted_dir(name, src), "convert.json", build)
 
 
 def unpermute(w, n_head: int):

@@ -13,15 +13,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from servematrix.paths import cache_dir, gsm8k_test_jsonl
+from servematrix.paths import build_cached, cache_dir, gsm8k_test_jsonl
 
 # Bump when the forge's output changes for the same spec, so stale cache entries are not reused.
 FORGE_VERSION = 2
@@ -75,35 +72,18 @@ def checkpoint_dir(name: str, spec: ForgeSpec) -> Path:
 
 
 def forge(name: str, spec: ForgeSpec) -> Path:
-    """Return the cached checkpoint for `spec`, building it first if needed (atomic, lock-free:
-    a concurrent builder loses the rename race and its copy is discarded)."""
-    target = checkpoint_dir(name, spec)
-    if (target / "forge.json").is_file():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
-    try:
-        _build(spec, tmp)
-        (tmp / "forge.json").write_text(json.dumps({"name": name, "spec": spec.model_dump()}, indent=2))
-        os.chmod(tmp, 0o755)  # mkdtemp makes it 0700; a container user must read the cache too
-        try:
-            os.rename(tmp, target)
-        except OSError:
-            if not (target / "forge.json").is_file():
-                raise
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return target
+    """Return the cached checkpoint for `spec`, building it first if needed."""
 
+    def build(out: Path) -> dict:
+        tokenizer = _train_tokenizer(spec.tokenizer)
+        tokenizer.save_pretrained(out)
+        _pin_tokenizer_class(out)
+        _write_model(spec, len(tokenizer), tokenizer, out)
+        for mutation in spec.mutations:
+            _mutate(out, mutation)
+        return {"name": name, "spec": spec.model_dump()}
 
-def _build(spec: ForgeSpec, out: Path) -> None:
-    tokenizer = _train_tokenizer(spec.tokenizer)
-    tokenizer.save_pretrained(out)
-    _pin_tokenizer_class(out)
-    _write_model(spec, len(tokenizer), tokenizer, out)
-    for mutation in spec.mutations:
-        _mutate(out, mutation)
+    return build_cached(checkpoint_dir(name, spec), "forge.json", build)
 
 
 def _corpus() -> list[str]:

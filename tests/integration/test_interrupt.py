@@ -60,3 +60,6 @@ def test_signal_mid_run_tears_down_the_server_and_keeps_finished_reports(tmp_pat
         ("tiny-llama/tp1-pp1-fp32", "pass"), ("tiny-llama/tp2-pp1-fp32", "error")]
     assert data["scenarios"][1]["failure"]["kind"] == "interrupted"
     assert "| tiny-llama | ✓ |" in (out / "load-success.md").read_text()
+    gate = subprocess.run([sys.executable, "-m", "servematrix.cli", "gate", str(out)], cwd=REPO,
+                          capture_output=True, text=True)
+    assert gate.returncode == 2 and "CANNOT JUDGE" in gate.stdout
