@@ -33,6 +33,8 @@ def test_default_matrix_meets_every_expectation_and_exits_0(run):
         "tiny-llama/tp1-pp1-fp32": "pass",
         "tiny-llama/tp2-pp1-fp32": "pass",
         "tiny-llama/tp1-pp2-fp32": "xfail",
+        "tiny-llama-2kv/tp1-pp1-fp32": "pass",
+        "tiny-llama-2kv/tp2-pp1-fp32": "pass",
         "smollm2-135m/tp1-pp1-fp32": "pass",
         "smollm2-135m/tp3-pp1-fp32": "pass",
     }
@@ -49,10 +51,11 @@ def test_tp1_and_tp2_load_and_answer_completions_and_chat(run):
         assert all(p["ok"] and p["generation"]["token_ids"] for p in r["smoke"]["prompts"])
 
 
-def test_tp2_greedy_output_matches_the_tp1_baseline(run):
+@pytest.mark.parametrize("scenario", ["tiny-llama", "tiny-llama-2kv"])
+def test_tp2_greedy_output_matches_the_tp1_baseline(run, scenario):
     _, _, _, by_id = run
-    parity = by_id["tiny-llama/tp2-pp1-fp32"]["smoke"]["parity"]
-    assert parity == {"ok": True, "baseline": "tiny-llama/tp1-pp1-fp32", "details": []}
+    parity = by_id[f"{scenario}/tp2-pp1-fp32"]["smoke"]["parity"]
+    assert parity == {"ok": True, "baseline": f"{scenario}/tp1-pp1-fp32", "details": []}
 
 
 def test_pp2_loads_then_dies_on_first_completion_recorded_as_xfail_with_signature(run):
@@ -126,5 +129,5 @@ def test_gate_ships_the_clean_default_run(run):
     proc = servematrix("gate", str(out))
     assert proc.returncode == 0, proc.stdout
     assert "verdict: SHIP (exit 0)" in proc.stdout and "MDE" in proc.stdout
-    assert (out / "report.html").read_text().count('class="cell"') == 5
+    assert (out / "report.html").read_text().count('class="cell"') == 7
     assert (out.parent / "history.sqlite").is_file()
