@@ -206,6 +206,28 @@ def cmd_diff(args) -> int:
     return 0
 
 
+def cmd_env(args) -> int:
+    from servematrix import envs
+
+    if args.env_cmd == "list":
+        for name, info in envs.list_envs():
+            state = f"vllm {info['vllm']}, torch {info['torch']}" if info else "not built"
+            print(f"{name:<14} {state:<40} {envs.root(name)}")
+        return 0
+    if args.env_cmd == "ensure":
+        for name in args.names:
+            try:
+                path = envs.ensure(name)
+            except envs.EnvError as exc:
+                print(f"error: {exc}", file=sys.stderr)
+                return 2
+            print(f"{name}: {path}")
+        return 0
+    for name in args.names:
+        print(f"{name}: {'removed' if envs.remove(name) else 'not built'}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="servematrix", description=__doc__)
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -270,6 +292,14 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("run_a")
     d.add_argument("run_b")
     d.set_defaults(func=cmd_diff)
+
+    env = sub.add_parser("env", help="per-release vLLM environments (the matrix's vllm axis)")
+    env_sub = env.add_subparsers(dest="env_cmd", required=True)
+    env_sub.add_parser("list", help="known releases and their environments").set_defaults(func=cmd_env)
+    for verb in ("ensure", "remove"):
+        e = env_sub.add_parser(verb, help=f"{verb} the environment of each named release")
+        e.add_argument("names", nargs="+")
+        e.set_defaults(func=cmd_env)
 
     t = sub.add_parser("gsm8k-task", help="write servematrix's offline gsm8k task YAML into DIR/task")
     t.add_argument("dir")

@@ -114,8 +114,10 @@ def build_spec(entry: Entry, scenario: Scenario, model_path: str, port: int, log
         "--pipeline-parallel-size", str(entry.pp),
         *scenario.server.args, *quant.args,
     ]
+    from servematrix import envs
+
     profile = device_profile(entry.device)
-    env = {**profile.get("env", {}), **scenario.server.env, **quant.env}
+    env = {**profile.get("env", {}), **envs.launch_env(entry.vllm), **scenario.server.env, **quant.env}
     if profile.get("bind_threads") and "VLLM_CPU_OMP_THREADS_BIND" not in env:
         env["VLLM_CPU_OMP_THREADS_BIND"] = cpu_bind(entry.tp * entry.pp) if entry.tp * entry.pp > 1 else "auto"
     fixes = tuple(dict.fromkeys([*entry.fixes, *extra_fixes]))

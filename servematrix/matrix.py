@@ -244,6 +244,12 @@ def _expand(located: Located, spec: MatrixFile, store: ScenarioStore) -> list[En
 
 
 def _entry(located, spec, scn, tp, pp, quant, vllm, device, tags, fixes, expectation, loc) -> Entry:
+    from servematrix import envs
+
+    if vllm != DEFAULT_VLLM and vllm not in envs.releases():
+        where = ("axes", "vllm") if loc[0] == "scenarios" else loc + ("vllm",)
+        raise located.error(where, f"unknown vLLM release {vllm!r} (known: {', '.join(envs.releases())}, "
+                                   f"{DEFAULT_VLLM}; see servematrix/data/vllm-releases.yaml)")
     fixes = tuple(dict.fromkeys([*spec.fixes, *fixes]))
     for name in fixes:
         try:

@@ -41,6 +41,8 @@ class ScenarioRecord(BaseModel):
     tags: list[str] = Field(default_factory=list)
     expect: Expectation
     fixes: list[FixRecord] = Field(default_factory=list)
+    vllm_version: str | None = None  # the exact versions this scenario's server ran on
+    torch_version: str | None = None
     load: LoadResult | None = None
     smoke: SmokeResult | None = None
     gsm8k: Gsm8kResult | None = None

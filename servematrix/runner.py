@@ -16,7 +16,7 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
-from servematrix import __version__, accuracy, gsm8k, history, report
+from servematrix import __version__, accuracy, envs, gsm8k, history, report
 from servematrix.failure import Failure
 from servematrix.launch import BACKENDS, Server, ServerFailed, build_spec, free_port
 from servematrix.matrix import Entry, Matrix
@@ -109,6 +109,7 @@ class Runner:
         self.baseline_answers: dict[tuple, dict[int, str]] = {}  # gsm8k answers of each baseline
         self.progress = Progress(len(self.entries))
         self.vllm_version: str | None = None
+        self._versions: dict[str, dict] = {}  # per vLLM environment
 
     # ------------------------------------------------------------------------------------------
     def run(self) -> RunSummary:
@@ -116,6 +117,7 @@ class Runner:
         out.mkdir(parents=True, exist_ok=True)
         versions = probe_versions(self.python)
         self.vllm_version = versions["vllm"]
+        self._versions[envs.CURRENT] = versions
         summary = RunSummary(
             matrix=self.matrix.spec.name, run_dir=str(out), host=platform.node(),
             vllm_version=versions["vllm"], torch_version=versions["torch"], servematrix_version=__version__,
@@ -175,10 +177,13 @@ class Runner:
         fields: dict = {"model": scenario.model_name}
         failure: Failure | None = None
         try:
+            server_python = self._server_python(k, entry)
+            versions = self._versions.get(entry.vllm, {})
+            fields.update(vllm_version=versions.get("vllm"), torch_version=versions.get("torch"))
             self.progress.phase(k, entry.id, "resolving model")
             model_path = resolve(scenario, self.matrix.store.directory)
             spec = build_spec(entry, scenario, model_path, free_port(), entry_dir / "server.log",
-                              self.python, self.options.startup_timeout or self.matrix.spec.startup_timeout,
+                              server_python, self.options.startup_timeout or self.matrix.spec.startup_timeout,
                               tuple(self.options.inject))
             (entry_dir / "fixes.jsonl").unlink(missing_ok=True)
             fields["server_command"] = spec.shell()
@@ -186,6 +191,8 @@ class Runner:
             failure = self._serve(k, entry, scenario, spec, entry_dir, fields, model_path)
         except ModelUnavailable as exc:
             failure = Failure.of("model", str(exc), "load")
+        except envs.EnvError as exc:
+            failure = Failure.of("tool", f"vLLM environment: {exc}"[:400], "load")
         except ServerFailed as exc:
             failure = exc.failure
             fields["load"] = LoadResult(ok=False, error=failure,
@@ -199,6 +206,17 @@ class Runner:
         return ScenarioRecord.for_entry(entry, **fields, failure=failure, verdict=verdict, note=note,
                                         started_at=started, seconds=round(time.monotonic() - t0, 2),
                                         attempts=attempt)
+
+    def _server_python(self, k: int, entry: Entry) -> str:
+        """The interpreter of the entry's vLLM release, building its environment on first use."""
+        if entry.vllm == envs.CURRENT:
+            return self.python
+        if entry.vllm not in self._versions:
+            self.progress.phase(k, entry.id, f"preparing vLLM environment {entry.vllm}")
+            envs.ensure(entry.vllm)
+            info = envs.info(entry.vllm) or {}
+            self._versions[entry.vllm] = {"vllm": info.get("vllm"), "torch": info.get("torch")}
+        return envs.python(entry.vllm)
 
     def _serve(self, k, entry, scenario: Scenario, spec, entry_dir: Path, fields: dict,
                model_path: str) -> Failure | None:
@@ -217,6 +235,7 @@ class Runner:
             self.progress.phase(k, entry.id, f"gsm8k (limit {limit or 'all'})")
             tokenizer = model_path if scenario.gsm8k.nll else None
             try:
+                # lm-eval runs in the runner's environment, whatever vLLM the server runs
                 fields["gsm8k"] = gsm8k.run(spec.base_url, scenario.model_name, scenario.gsm8k, limit,
                                             entry_dir / "gsm8k", server.alive, self.python, tokenizer)
             except gsm8k.Gsm8kFailed as exc:
@@ -245,7 +264,7 @@ class Runner:
     def _accuracy(self, entry: Entry, scenario: Scenario, fields: dict, model_path: str) -> Failure | None:
         metrics = self._metrics(entry, scenario, fields["gsm8k"], model_path)
         fields["metrics"] = metrics
-        vllm = self.vllm_version if entry.vllm == "current" else entry.vllm.split("-")[-1]
+        vllm = (self._versions.get(entry.vllm) or {}).get("vllm") or self.vllm_version
         results = [accuracy.judge(c, metrics.get(c.metric),
                                   self.matrix.references.find(c.metric, entry.scenario, entry.quant, entry.tp,
                                                               entry.pp, entry.device, vllm))

@@ -92,6 +92,8 @@ def test_expectation_rules_mark_matching_entries_xfail(repo):
 
 def test_vllm_and_device_axes_appear_in_the_id_only_when_not_default(repo):
     m = load_matrix(repo("matrix/m.yaml", "name: m\nscenarios: [alpha]\naxes: {vllm: [current, cpu-0.20.2]}\n"))
+    with pytest.raises(ConfigError, match="unknown vLLM release 'cpu-9.9'"):
+        load_matrix(repo("matrix/n.yaml", "name: n\nscenarios: [alpha]\naxes: {vllm: [cpu-9.9]}\n"))
     assert ids(m) == ["alpha/tp1-pp1-fp32", "alpha/tp1-pp1-fp32-cpu-0.20.2"]
     assert entry_id("x", 2, 1, "bf16", "current", "gpu") == "x/tp2-pp1-bf16-gpu"
 

