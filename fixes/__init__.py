@@ -22,7 +22,9 @@ ENV_FIXES = "SERVEMATRIX_FIXES"
 ENV_REPORT = "SERVEMATRIX_FIX_REPORT"
 
 REGISTRY: dict[str, str] = {
+    "cpu-moe-silu": "servematrix_fixes.cpu_moe_silu:FIX",
     "inject-scale": "servematrix_fixes.inject_scale:FIX",
+    "minimax-k-norm-38191": "servematrix_fixes.minimax_k_norm:FIX",
 }
 
 

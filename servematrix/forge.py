@@ -129,6 +129,9 @@ def _pin_tokenizer_class(out: Path) -> None:
 def _write_model(spec: ForgeSpec, vocab_size: int, tokenizer, out: Path) -> None:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # the runner's progress lines are the only ones we print
 
     config = AutoConfig.for_model(
         spec.model_type,
