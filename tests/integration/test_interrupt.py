@@ -30,7 +30,7 @@ def test_signal_mid_run_tears_down_the_server_and_keeps_finished_reports(tmp_pat
     out = tmp_path / "run"
     runner = subprocess.Popen(
         [sys.executable, "-m", "servematrix.cli", "run", "matrix/cpu-smoke.yaml", "--out", str(out),
-         "-k", "tp1-pp1,tp2-pp1", "--no-gsm8k"],
+         "-k", "tiny-llama/tp1-pp1-fp32,tiny-llama/tp2-pp1-fp32", "--no-gsm8k"],
         cwd=REPO, env={**os.environ, "SERVEMATRIX_CACHE": shared_cache},
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
