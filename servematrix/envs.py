@@ -8,7 +8,6 @@ plugin entry point exists there too."""
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import subprocess

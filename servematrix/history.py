@@ -16,10 +16,11 @@ CREATE TABLE IF NOT EXISTS runs (
 );
 CREATE TABLE IF NOT EXISTS results (
   run_dir TEXT, scenario_id TEXT, verdict TEXT, load_ok INTEGER, load_seconds REAL,
-  signature TEXT, metrics TEXT, accuracy TEXT,
+  signature TEXT, metrics TEXT, accuracy TEXT, seconds REAL,
   PRIMARY KEY (run_dir, scenario_id)
 );
 """
+RESULT_COLUMNS = 9
 
 
 def db_path(run_dir: Path) -> Path:
@@ -29,6 +30,8 @@ def db_path(run_dir: Path) -> Path:
 def connect(path: Path) -> sqlite3.Connection:
     con = sqlite3.connect(path, timeout=30)
     con.executescript(SCHEMA)
+    if "seconds" not in {row[1] for row in con.execute("PRAGMA table_info(results)")}:
+        con.execute("ALTER TABLE results ADD COLUMN seconds REAL")  # databases from before durations
     return con
 
 
@@ -39,13 +42,23 @@ def append(summary: RunSummary, path: Path | None = None) -> Path:
                     (summary.run_dir, summary.matrix, summary.started_at, summary.ended_at, summary.status,
                      summary.exit_code, summary.vllm_version, summary.torch_version, summary.host))
         con.execute("DELETE FROM results WHERE run_dir = ?", (summary.run_dir,))
-        con.executemany("INSERT INTO results VALUES (?,?,?,?,?,?,?,?)", [
+        con.executemany(f"INSERT INTO results VALUES ({','.join('?' * RESULT_COLUMNS)})", [
             (summary.run_dir, r.id, r.verdict, None if r.load is None else int(r.load.ok),
              None if r.load is None else r.load.seconds, r.failure.signature if r.failure else None,
              json.dumps({k: v.model_dump() for k, v in r.metrics.items()}),
-             json.dumps([c.model_dump() for c in r.accuracy]))
+             json.dumps([c.model_dump() for c in r.accuracy]), r.seconds)
             for r in summary.scenarios])
     return path
+
+
+def durations(path: Path) -> dict[str, float]:
+    """Each scenario's latest wall time that ended in a verdict on vLLM (the dispatcher's estimate)."""
+    if not Path(path).is_file():
+        return {}
+    with connect(path) as con:
+        rows = con.execute("SELECT r.scenario_id, r.seconds FROM results r JOIN runs USING (run_dir) "
+                           "WHERE r.seconds IS NOT NULL AND r.verdict != 'error' ORDER BY runs.started_at")
+        return {sid: secs for sid, secs in rows}
 
 
 def trend(path: Path, last: int = 10, scenario: str | None = None) -> dict[str, list[dict]]:

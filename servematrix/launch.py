@@ -14,6 +14,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -62,10 +63,19 @@ class ServerFailed(Exception):
         super().__init__(fail.signature)
 
 
+_GIVEN: set[int] = set()  # ports handed out by this process: concurrent jobs never share one
+_GIVEN_LOCK = threading.Lock()
+
+
 def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
+    with _GIVEN_LOCK:
+        while True:
+            with socket.socket() as s:
+                s.bind((host, 0))
+                port = s.getsockname()[1]
+            if port not in _GIVEN:
+                _GIVEN.add(port)
+                return port
 
 
 def port_busy(port: int, host: str = "127.0.0.1") -> bool:
@@ -103,7 +113,7 @@ def _ranges(cores: list[int]) -> str:
 
 def build_spec(entry: Entry, scenario: Scenario, model_path: str, port: int, log_path: Path,
                python: str | None = None, startup_timeout: float | None = None,
-               extra_fixes: tuple[str, ...] = ()) -> LaunchSpec:
+               extra_fixes: tuple[str, ...] = (), gpu_ids: list[int] | None = None) -> LaunchSpec:
     quant = scenario.quants[entry.quant]
     argv = [
         python or sys.executable, "-m", "vllm.entrypoints.openai.api_server",
@@ -120,6 +130,8 @@ def build_spec(entry: Entry, scenario: Scenario, model_path: str, port: int, log
     env = {**profile.get("env", {}), **envs.launch_env(entry.vllm), **scenario.server.env, **quant.env}
     if profile.get("bind_threads") and "VLLM_CPU_OMP_THREADS_BIND" not in env:
         env["VLLM_CPU_OMP_THREADS_BIND"] = cpu_bind(entry.tp * entry.pp) if entry.tp * entry.pp > 1 else "auto"
+    if profile.get("uses_gpus") and gpu_ids:
+        env["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, gpu_ids))  # this entry's share of the host
     fixes = tuple(dict.fromkeys([*entry.fixes, *extra_fixes]))
     if fixes:
         # read by servematrix's vLLM plugin in every vLLM process (API server, engine, workers)
@@ -223,7 +235,7 @@ class LocalServer(Server):
             self.spec.argv,
             env={**os.environ, **self.spec.env},
             stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            start_new_session=True,
+            start_new_session=True, preexec_fn=_die_with_parent,
         )
 
     def returncode(self) -> int | None:
@@ -254,6 +266,17 @@ class LocalServer(Server):
             self.proc.wait(timeout=5)
         if getattr(self, "_log", None) and not self._log.closed:
             self._log.close()
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: SIGKILL it if the process that started it dies without tearing
+    it down (a runner or Ray worker killed with SIGKILL), so no server outlives its owner."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
 
 
 def _tree(pid: int) -> list[psutil.Process]:

@@ -165,9 +165,10 @@ class Matrix:
     def gsm8k_limit(self, scenario: Scenario, override: int | None = None) -> int | None:
         return override or self.spec.gsm8k.limit or scenario.gsm8k.limit
 
-    def check_power(self, override: int | None = None) -> None:
-        """Refuse a gsm8k limit too small for an accuracy check to detect the effect it claims."""
-        for e in self.entries:
+    def check_power(self, override: int | None = None, entries: list[Entry] | None = None) -> None:
+        """Refuse a gsm8k limit too small for an accuracy check to detect the effect it claims
+        (at load: the file's own limits over every entry; with --limit: over the selected ones)."""
+        for e in self.entries if entries is None else entries:
             scn = self.scenario(e.scenario)
             limit = self.gsm8k_limit(scn, override)
             if limit is None or not scn.gsm8k.enabled or not self.spec.gsm8k.enabled:

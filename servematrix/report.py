@@ -55,12 +55,8 @@ def point_latest(run_dir: Path) -> None:
 
 def _column(r: ScenarioRecord) -> str:
     extra = "".join(f" {v}" for v, d in ((r.vllm, "current"), (r.device, "cpu")) if v != d)
-    fixes = "".join(f" +{f}" for f in _entry_fixes(r))
+    fixes = "".join(f" +{f}" for f in r.enabled_fixes)
     return f"TP{r.tp}×PP{r.pp} {r.quant}{extra}{fixes}"
-
-
-def _entry_fixes(r: ScenarioRecord) -> list[str]:
-    return r.id.split("+")[1:]  # fixes enabled by the matrix entry are part of its id
 
 
 def grid(summary: RunSummary) -> tuple[list[str], dict[str, dict[str, ScenarioRecord]]]:

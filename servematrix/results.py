@@ -40,7 +40,8 @@ class ScenarioRecord(BaseModel):
     device: str
     tags: list[str] = Field(default_factory=list)
     expect: Expectation
-    fixes: list[FixRecord] = Field(default_factory=list)
+    enabled_fixes: list[str] = Field(default_factory=list)  # fix modules the matrix entry enables
+    fixes: list[FixRecord] = Field(default_factory=list)  # what each vLLM process said they did
     vllm_version: str | None = None  # the exact versions this scenario's server ran on
     torch_version: str | None = None
     load: LoadResult | None = None
@@ -53,6 +54,7 @@ class ScenarioRecord(BaseModel):
     verdict: Verdict
     note: str | None = None  # why xfail/xpass/error
     server_command: str | None = None
+    node: str | None = None  # the host the server ran on (a Ray cluster spreads them)
     started_at: str
     seconds: float
     attempts: int = 1
@@ -60,7 +62,7 @@ class ScenarioRecord(BaseModel):
     @classmethod
     def for_entry(cls, e: Entry, **kw) -> "ScenarioRecord":
         return cls(id=e.id, scenario=e.scenario, tp=e.tp, pp=e.pp, quant=e.quant, vllm=e.vllm,
-                   device=e.device, tags=list(e.tags), expect=e.expectation, **kw)
+                   device=e.device, tags=list(e.tags), expect=e.expectation, enabled_fixes=list(e.fixes), **kw)
 
 
 class RunSummary(BaseModel):

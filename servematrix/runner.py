@@ -11,27 +11,37 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
 
 from pydantic import BaseModel
 
-from servematrix import __version__, accuracy, envs, gsm8k, history, report
+from servematrix import __version__, accuracy, dispatch, envs, gsm8k, hardware, history, report
 from servematrix.failure import Failure
-from servematrix.launch import BACKENDS, Server, ServerFailed, build_spec, free_port
+from servematrix.launch import BACKENDS, LaunchSpec, Server, ServerFailed, build_spec, device_profile, free_port
+from servematrix.launch_docker import DockerConfig, DockerServer
 from servematrix.matrix import Entry, Matrix
 from servematrix.model import ModelUnavailable, resolve
 from servematrix.results import FixRecord, LoadResult, RunSummary, ScenarioRecord
 from servematrix.scenario import Scenario
-from servematrix.smoke import Generation, SmokeResult, run_smoke
+from servematrix.smoke import SmokeResult, run_smoke
+from servematrix.compare import compare
 from servematrix.verdict import decide, exit_code
 
 DEATH_GRACE = 5.0  # s to let a server that failed a request finish dying, so its log names the cause
 
 
+# dispatch backends that start their servers as local processes wherever the job lands
+SERVER_BACKEND = {"ray": "local"}
+
+
 class RunOptions(BaseModel):
     out_dir: Path
-    backend: str = "local"
+    backend: str = "local"  # local | docker (server backends, this host) | ray (a cluster)
+    gpus: list[int] | None = None  # GPU ids this host may hand out (default: every visible GPU)
+    ray_address: str | None = None  # --backend ray: an existing cluster (default: start one here)
+    docker: DockerConfig = DockerConfig()  # --backend docker: image, mounts, network
     python: str | None = None  # interpreter that has vLLM and lm-eval (default: this one)
     gsm8k_limit: int | None = None
     gsm8k: bool = True
@@ -78,11 +88,12 @@ class Progress:
             self._label, self._t0 = f"[{k}/{self.total}] {entry_id}: {phase}", time.monotonic()
             self._write(f"{self._label}\n")
 
-    def done(self, k: int, rec: ScenarioRecord) -> None:
+    def done(self, rec: ScenarioRecord, n: int) -> None:
+        """The n-th record of the run is in (records arrive in completion order)."""
         with self._lock:
             why = f" — {rec.failure.signature}" if rec.failure else ""
             self._label = ""
-            self._write(f"[{k}/{self.total}] {rec.id}: {rec.verdict.upper()} in {rec.seconds:.0f} s{why}\n")
+            self._write(f"[{n}/{self.total} done] {rec.id}: {rec.verdict.upper()} in {rec.seconds:.0f} s{why}\n")
 
     def _write(self, text: str) -> None:
         self.stream.write(("\r\x1b[K" if self.tty else "") + text)
@@ -102,22 +113,30 @@ class Progress:
 class Runner:
     def __init__(self, matrix: Matrix, entries: list[Entry], options: RunOptions):
         self.matrix, self.options = matrix, options
-        self.entries = _baselines_first(matrix, entries)
+        self.entries = entries
         self.python = options.python or sys.executable
-        self.backend: type[Server] = BACKENDS[options.backend]
-        self.baselines: dict[tuple, tuple[str, dict[str, Generation]]] = {}
-        self.baseline_answers: dict[tuple, dict[int, str]] = {}  # gsm8k answers of each baseline
+        self.backend = self._server_factory()
+        self._finished: dict[str, ScenarioRecord] = {}  # records of baselines, for compare
+        self._held: dict[str, list[ScenarioRecord]] = {}  # records waiting for their baseline's
         self.progress = Progress(len(self.entries))
         self.vllm_version: str | None = None
         self._versions: dict[str, dict] = {}  # per vLLM environment
+        self._live: set[Server] = set()  # servers up now (stopped on Ctrl-C in a threaded pool)
+        self._cancelled = threading.Event()
+        self._lock = threading.Lock()
+        self._host_gpus: list[hardware.Gpu] | None = None  # this host's, for the local pool
+
+    def _server_factory(self) -> Callable[[LaunchSpec], Server]:
+        if self.options.backend == "docker":
+            return lambda spec: DockerServer(spec, self.options.docker)
+        return BACKENDS[SERVER_BACKEND.get(self.options.backend, self.options.backend)]
 
     # ------------------------------------------------------------------------------------------
     def run(self) -> RunSummary:
         out = self.options.out_dir
         out.mkdir(parents=True, exist_ok=True)
-        versions = probe_versions(self.python)
-        self.vllm_version = versions["vllm"]
-        self._versions[envs.CURRENT] = versions
+        self._probe_current()
+        versions = self._versions[envs.CURRENT]
         summary = RunSummary(
             matrix=self.matrix.spec.name, run_dir=str(out), host=platform.node(),
             vllm_version=versions["vllm"], torch_version=versions["torch"], servematrix_version=__version__,
@@ -127,17 +146,15 @@ class Runner:
         report.point_latest(out)
         previous = signal.signal(signal.SIGTERM, _raise_interrupt)
         try:
-            for k, entry in enumerate(self.entries, 1):
-                rec = self._run_with_retry(k, entry)
-                self._record(summary, rec)
-                self.progress.done(k, rec)
-                if rec.failure is not None and rec.failure.kind == "interrupted":
-                    summary.status = "interrupted"
-                    break
-            else:
-                summary.status = "complete"
+            self._dispatch(summary)
+            summary.status = "interrupted" if self._cancelled.is_set() else "complete"
+        except KeyboardInterrupt:
+            summary.status = "interrupted"
         finally:
             signal.signal(signal.SIGTERM, previous)
+            for held in self._held.values():  # their baseline never finished (interrupted)
+                for rec in held:
+                    self._publish(summary, rec)
             self.progress.close()
             summary.ended_at = now_iso()
             if summary.status == "running":
@@ -149,6 +166,104 @@ class Runner:
             report.write_all(summary, history.trend(db))
         return summary
 
+    def _probe_current(self) -> None:
+        versions = probe_versions(self.python)
+        self.vllm_version = versions["vllm"]
+        self._versions[envs.CURRENT] = versions
+
+    def _dispatch(self, summary: RunSummary) -> None:
+        """Plan the jobs, record those no pool could ever run as skipped, hand the rest to the pool."""
+        by_id = {e.id: e for e in self.entries}
+        base_of = {e.id: _baseline_id(e, self.matrix.scenario(e.scenario), self.entries) for e in self.entries}
+
+        def done(job: dispatch.Job, rec: ScenarioRecord) -> bool:
+            with self._lock:
+                self._finish(summary, rec, base_of)
+            return not (rec.failure is not None and rec.failure.kind == "interrupted")
+
+        if self.options.backend == "ray":
+            from servematrix import ray_backend
+
+            ray_backend.connect(self.options.ray_address)
+            # ray.init installs its own handlers; Ctrl-C / SIGTERM must reach RayPool's cancel
+            signal.signal(signal.SIGTERM, _raise_interrupt)
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+            capacity = dispatch.RayPool.capacity()
+            options = self.options.model_dump_json()
+            pool = dispatch.RayPool(ray_backend.run_job, lambda job: (self.matrix, options, job.id, job.k,
+                                                                       len(self.entries)))
+        else:
+            self._host_gpus = hardware.host_gpus(self.options.gpus)
+            capacity = dispatch.Capacity(gpus=len(self._host_gpus), host=1)
+            pool = dispatch.LocalPool([g.index for g in self._host_gpus], cancel=self._cancel)
+        runnable = []
+        for job in self._jobs():
+            why = self._unrunnable(job, by_id[job.id], capacity)
+            if why is None:
+                runnable.append(job)
+            else:
+                done(job, self._skipped(by_id[job.id], why))
+        if isinstance(pool, dispatch.RayPool):
+            pool.run(runnable, lambda job, result: done(job, ray_backend.unpack(result, self.options.out_dir)))
+        else:
+            pool.run(runnable, lambda job, ids: self.execute(job.k, by_id[job.id], ids), done)
+
+    def _unrunnable(self, job: dispatch.Job, entry: Entry, capacity: dispatch.Capacity) -> str | None:
+        """Why no slot of this pool can ever take the job (counted and, here, the GPUs' kind)."""
+        if job.gpus == 0:
+            return None if capacity.host else (f"needs a CPU-server slot; no node declares the "
+                                               f"{dispatch.CPU_SERVER} resource")
+        if self._host_gpus is None:  # a Ray cluster: each task checks its node's GPUs itself
+            return None if job.gpus <= capacity.gpus else f"needs {job.gpus} GPUs; the cluster has {capacity.gpus}"
+        return hardware.unmet(job.gpus, self.matrix.scenario(entry.scenario).requirements(entry.quant),
+                              self._host_gpus)
+
+    def _jobs(self) -> list[dispatch.Job]:
+        estimates = history.durations(history.db_path(self.options.out_dir))
+        jobs = []
+        for k, e in enumerate(self.entries, 1):
+            uses_gpus = bool(device_profile(e.device).get("uses_gpus"))
+            jobs.append(dispatch.Job(k=k, id=e.id, gpus=e.tp * e.pp if uses_gpus else 0, host=0 if uses_gpus else 1,
+                                     estimate=estimates.get(e.id, dispatch.DEFAULT_ESTIMATE)))
+        return jobs
+
+    def _cancel(self) -> None:
+        self._cancelled.set()
+        for server in list(self._live):
+            server.stop()
+
+    def _skipped(self, entry: Entry, why: str) -> ScenarioRecord:
+        scenario = self.matrix.scenario(entry.scenario)
+        return ScenarioRecord.for_entry(entry, model=scenario.model_name, verdict="skipped", note=why,
+                                        started_at=now_iso(), seconds=0.0)
+
+    def _finish(self, summary: RunSummary, rec: ScenarioRecord, base_of: dict[str, str | None]) -> None:
+        """Publish a finished record; a layout is first compared with its baseline's record, held
+        until that one is in; a baseline releases the layouts held for it."""
+        base = base_of.get(rec.id)
+        if base is None or base == rec.id:
+            self._finished[rec.id] = rec
+            self._publish(summary, rec)
+            for held in self._held.pop(rec.id, []):
+                self._publish(summary, self._compare(held, rec))
+        elif base in self._finished:
+            self._publish(summary, self._compare(rec, self._finished[base]))
+        else:
+            self._held.setdefault(base, []).append(rec)
+
+    def _compare(self, rec: ScenarioRecord, base: ScenarioRecord) -> ScenarioRecord:
+        scenario = self.matrix.scenario(rec.scenario)
+        vllm = rec.vllm_version or self.vllm_version
+
+        def reference(metric: str):
+            return self.matrix.references.find(metric, rec.scenario, rec.quant, rec.tp, rec.pp, rec.device, vllm)
+
+        return compare(rec, base, scenario, reference)
+
+    def _publish(self, summary: RunSummary, rec: ScenarioRecord) -> None:
+        self._record(summary, rec)
+        self.progress.done(rec, len(summary.scenarios))
+
     def _record(self, summary: RunSummary, rec: ScenarioRecord) -> None:
         summary.scenarios.append(rec)
         counts: dict[str, int] = {}
@@ -157,24 +272,32 @@ class Runner:
         summary.counts = counts
         report.write_all(summary)
 
-    def _run_with_retry(self, k: int, entry: Entry) -> ScenarioRecord:
+    def execute(self, k: int, entry: Entry, gpu_ids: list[int]) -> ScenarioRecord:
+        """One entry, retried once on an infrastructure failure; never raises for a scenario's fault."""
+        if gpu_ids:
+            scenario = self.matrix.scenario(entry.scenario)
+            gpus = self._host_gpus if self._host_gpus is not None else hardware.probe_gpus()
+            here = [g for g in gpus if g.index in gpu_ids]
+            why = hardware.unmet(len(gpu_ids), scenario.requirements(entry.quant), here)
+            if why is not None:
+                return self._skipped(entry, why)
         attempt = 1
         while True:
-            rec = self._run_entry(k, entry, attempt)
+            rec = self._run_entry(k, entry, attempt, gpu_ids)
             f = rec.failure
             retryable = f is not None and f.infra and f.kind not in {"interrupted", "model"}
-            if not retryable or attempt > self.options.retries:
+            if not retryable or attempt > self.options.retries or self._cancelled.is_set():
                 return rec
             attempt += 1
             self.progress.phase(k, entry.id, f"infrastructure failure ({f.kind}), retrying")
 
     # ------------------------------------------------------------------------------------------
-    def _run_entry(self, k: int, entry: Entry, attempt: int) -> ScenarioRecord:
+    def _run_entry(self, k: int, entry: Entry, attempt: int, gpu_ids: list[int]) -> ScenarioRecord:
         scenario = self.matrix.scenario(entry.scenario)
         started, t0 = now_iso(), time.monotonic()
         entry_dir = self.options.out_dir / entry.id
         entry_dir.mkdir(parents=True, exist_ok=True)
-        fields: dict = {"model": scenario.model_name}
+        fields: dict = {"model": scenario.model_name, "node": platform.node()}
         failure: Failure | None = None
         try:
             server_python = self._server_python(k, entry)
@@ -184,7 +307,7 @@ class Runner:
             model_path = resolve(scenario, self.matrix.store.directory)
             spec = build_spec(entry, scenario, model_path, free_port(), entry_dir / "server.log",
                               server_python, self.options.startup_timeout or self.matrix.spec.startup_timeout,
-                              tuple(self.options.inject))
+                              tuple(self.options.inject), gpu_ids)
             (entry_dir / "fixes.jsonl").unlink(missing_ok=True)
             fields["server_command"] = spec.shell()
             self.progress.phase(k, entry.id, "starting server")
@@ -201,6 +324,8 @@ class Runner:
             failure = Failure.of("interrupted", "run interrupted (Ctrl-C / SIGTERM)", "run")
         except Exception as exc:  # noqa: BLE001 - a runner bug must cost one scenario, not the run
             failure = Failure.of("tool", f"servematrix: {type(exc).__name__}: {exc}"[:400], "run")
+        if self._cancelled.is_set():  # the pool stopped this server on Ctrl-C
+            failure = Failure.of("interrupted", "run interrupted (Ctrl-C / SIGTERM)", "run")
         fields["fixes"] = read_fix_report(entry_dir / "fixes.jsonl")
         verdict, note = decide(entry.expectation, failure)
         return ScenarioRecord.for_entry(entry, **fields, failure=failure, verdict=verdict, note=note,
@@ -220,7 +345,16 @@ class Runner:
 
     def _serve(self, k, entry, scenario: Scenario, spec, entry_dir: Path, fields: dict,
                model_path: str) -> Failure | None:
-        with self.backend(spec) as server:
+        server = self.backend(spec)
+        self._live.add(server)
+        try:
+            return self._use(k, entry, scenario, spec, entry_dir, fields, model_path, server)
+        finally:
+            self._live.discard(server)
+
+    def _use(self, k, entry, scenario: Scenario, spec, entry_dir: Path, fields: dict, model_path: str,
+             server: Server) -> Failure | None:
+        with server:
             fields["load"] = LoadResult(ok=True, seconds=round(server.healthy_at - server.started_at, 2))
             self.progress.phase(k, entry.id, "smoke")
             smoke = self._smoke(entry, scenario, spec.base_url)
@@ -250,15 +384,6 @@ class Runner:
         if g.nll_samples_path:
             nll = gsm8k.per_token_nll(g.nll_samples_path, model_path)
             metrics["gsm8k.nll"] = accuracy.value_metric(list(nll.values()))
-        if g.samples_path and scenario.gsm8k.agreement:
-            key = _baseline_key(entry, scenario)
-            mine = gsm8k.answers(g.samples_path)
-            if (entry.tp, entry.pp, entry.quant) == key[-3:]:
-                self.baseline_answers[key] = mine
-            elif key in self.baseline_answers:
-                agreement = accuracy.agreement_metric(mine, self.baseline_answers[key])
-                if agreement is not None:
-                    metrics["gsm8k.agreement"] = agreement
         return metrics
 
     def _accuracy(self, entry: Entry, scenario: Scenario, fields: dict, model_path: str) -> Failure | None:
@@ -274,15 +399,7 @@ class Runner:
         return Failure.of("check", failed[0].summary()[:400], "accuracy") if failed else None
 
     def _smoke(self, entry: Entry, scenario: Scenario, base_url: str) -> SmokeResult:
-        key = _baseline_key(entry, scenario)
-        baseline = self.baselines.get(key)
-        is_baseline = (entry.tp, entry.pp, entry.quant) == key[-3:]
-        smoke = run_smoke(base_url, scenario.model_name, scenario.smoke,
-                          None if is_baseline or baseline is None else baseline[1],
-                          None if baseline is None else baseline[0])
-        if is_baseline and all(p.ok for p in smoke.prompts):
-            self.baselines[key] = (entry.id, {p.name: p.generation for p in smoke.prompts if p.generation})
-        return smoke
+        return run_smoke(base_url, scenario.model_name, scenario.smoke, None, None)  # parity: compare.py
 
     @staticmethod
     def _smoke_failure(server: Server, smoke: SmokeResult) -> Failure | None:
@@ -320,13 +437,20 @@ def _baseline_key(entry: Entry, scenario: Scenario) -> tuple:
             par.baseline_quant or scenario.default_quant)
 
 
-def _baselines_first(matrix: Matrix, entries: list[Entry]) -> list[Entry]:
-    """Each scenario's baseline layout runs before the layouts compared with it."""
-    def rank(e: Entry) -> int:
-        key = _baseline_key(e, matrix.scenario(e.scenario))
-        return 0 if (e.tp, e.pp, e.quant) == key[-3:] else 1
+def _is_baseline(entry: Entry, scenario: Scenario) -> bool:
+    """This entry is the layout its scenario's other layouts are compared with."""
+    return (entry.tp, entry.pp, entry.quant) == _baseline_key(entry, scenario)[-3:]
 
-    return sorted(entries, key=rank)
+
+def _baseline_id(entry: Entry, scenario: Scenario, entries: list[Entry]) -> str | None:
+    """The selected entry this one's parity/agreement compare with (one with the same fixes first)."""
+    key = _baseline_key(entry, scenario)
+    candidates = [e for e in entries if e.scenario == entry.scenario and _is_baseline(e, scenario)
+                  and _baseline_key(e, scenario) == key]
+    chosen = [e for e in candidates if e.fixes == entry.fixes] or candidates
+    return chosen[0].id if chosen else None
+
+
 
 
 def _raise_interrupt(signum, frame):

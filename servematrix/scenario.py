@@ -40,11 +40,26 @@ class ModelSource(_Strict):
         return self
 
 
+class Requires(_Strict):
+    """What the hardware must offer, per GPU (the count comes from the entry's TP×PP)."""
+
+    gpu_capability: float | None = Field(None, ge=1)  # CUDA compute capability (FP8: 8.9, NVFP4: 10.0)
+    gpu_memory_gb: float | None = Field(None, gt=0)
+
+    def merge(self, other: "Requires") -> "Requires":
+        def hi(a, b):
+            return b if a is None else a if b is None else max(a, b)
+
+        return Requires(gpu_capability=hi(self.gpu_capability, other.gpu_capability),
+                        gpu_memory_gb=hi(self.gpu_memory_gb, other.gpu_memory_gb))
+
+
 class QuantSpec(_Strict):
     """How one value of the matrix's `quant` axis is served for this model."""
 
     args: list[str] = Field(default_factory=list)
     env: dict[str, str] = Field(default_factory=dict)
+    requires: Requires = Requires()
 
 
 class ServerSpec(_Strict):
@@ -128,6 +143,7 @@ class Scenario(_Strict):
     model: ModelSource
     served_model_name: str | None = None
     server: ServerSpec = ServerSpec()
+    requires: Requires = Requires()  # on a GPU device; a quant may ask for more
     quants: dict[str, QuantSpec] = Field(min_length=1)
     smoke: SmokeSpec
     gsm8k: Gsm8kSpec = Gsm8kSpec()
@@ -141,6 +157,9 @@ class Scenario(_Strict):
             if not re.match(NAME_RE, name):
                 raise ValueError(f"quant name {name!r} must match {NAME_RE}")
         return v
+
+    def requirements(self, quant: str) -> Requires:
+        return self.requires.merge(self.quants[quant].requires)
 
     @property
     def default_quant(self) -> str:

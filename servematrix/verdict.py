@@ -33,9 +33,11 @@ def met(verdict: str) -> bool:
 
 def exit_code(verdicts: list[str]) -> int:
     """1 if any scenario missed its expectation (a regression is the stronger signal), else 2 if
-    any could not be judged (infrastructure), else 0."""
+    any could not be judged (infrastructure) or every one was skipped, else 0."""
     if any(v in {"fail", "xpass"} for v in verdicts):
         return EXIT_REGRESSION
     if any(v == "error" for v in verdicts):
         return EXIT_INFRA
+    if verdicts and all(v == "skipped" for v in verdicts):
+        return EXIT_INFRA  # nothing fit this host: nothing was judged
     return EXIT_OK

@@ -37,3 +37,64 @@ def shared_cache(tmp_path_factory):
     path = os.environ.get("SERVEMATRIX_TEST_CACHE") or str(tmp_path_factory.mktemp("forge-cache"))
     os.environ["SERVEMATRIX_TEST_CACHE"] = path
     return path
+
+
+CONTAINERS_CONF = """\
+[containers]
+# the sandbox's hard limits are below Podman's defaults: setrlimit would fail
+default_ulimits = []
+pids_limit = 0
+[engine]
+# crun fails here ("cgroups in hybrid mode not supported"); runc works
+runtime = "runc"
+"""
+
+
+@pytest.fixture(scope="session")
+def podman_engine(tmp_path_factory):
+    """A real engine behind the Docker API: Debian's Podman serving it on a private socket, with an
+    image made from a root skeleton (no registry is reachable) that runs this host's own Python,
+    venv and checkout through read-only mounts. Skips, saying why, where Podman cannot be had."""
+    import shutil
+    import tarfile
+    import time
+
+    if shutil.which("podman") is None or shutil.which("runc") is None:
+        if os.geteuid() != 0 or shutil.which("apt-get") is None:
+            pytest.skip("podman/runc are not installed and cannot be here (needs root and apt-get)")
+        r = subprocess.run("apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq podman runc",
+                           shell=True, capture_output=True, text=True, timeout=1200)
+        if r.returncode != 0:
+            pytest.skip(f"apt-get install podman runc failed: {r.stderr[-400:]}")
+    tmp = tmp_path_factory.mktemp("podman")
+    (tmp / "containers.conf").write_text(CONTAINERS_CONF)
+    env = {**os.environ, "CONTAINERS_CONF": str(tmp / "containers.conf")}
+    root = tmp / "rootfs"
+    for d in ("usr", "etc", "tmp", "root", "dev", "proc", "sys", "run", "var/tmp"):
+        (root / d).mkdir(parents=True, exist_ok=True)
+    for link, target in (("bin", "usr/bin"), ("lib", "usr/lib"), ("lib64", "usr/lib64"), ("sbin", "usr/sbin")):
+        (root / link).symlink_to(target)
+    (root / "etc/passwd").write_text("root:x:0:0:root:/root:/bin/sh\n")
+    (root / "etc/group").write_text("root:x:0:\n")
+    with tarfile.open(tmp / "rootfs.tar", "w") as tar:
+        tar.add(root, arcname=".")
+    image = "localhost/servematrix-hostroot:test"
+    r = subprocess.run(["podman", "import", str(tmp / "rootfs.tar"), image], capture_output=True, text=True,
+                       env=env, timeout=300)
+    if r.returncode != 0:
+        pytest.skip(f"podman import failed: {r.stderr[-400:]}")
+    sock = tmp / "podman.sock"
+    service = subprocess.Popen(["podman", "system", "service", "--time=0", f"unix://{sock}"], env=env,
+                               stdout=subprocess.DEVNULL, stderr=open(tmp / "service.log", "w"),
+                               start_new_session=True)
+    deadline = time.monotonic() + 60
+    while not sock.exists() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    probe = subprocess.run(["podman", "run", "--rm", "--network", "host", "-v", "/usr:/usr:ro", image, "true"],
+                           capture_output=True, text=True, env=env, timeout=300)
+    if not sock.exists() or probe.returncode != 0:
+        service.terminate()
+        pytest.skip(f"Podman cannot run containers here: {probe.stderr[-400:]}")
+    yield {"DOCKER_HOST": f"unix://{sock}", "CONTAINERS_CONF": env["CONTAINERS_CONF"]}, image
+    service.terminate()
+    service.wait(timeout=30)

@@ -131,3 +131,48 @@ def test_gate_ships_the_clean_default_run(run):
     assert "verdict: SHIP (exit 0)" in proc.stdout and "MDE" in proc.stdout
     assert (out / "report.html").read_text().count('class="cell"') == 7
     assert (out.parent / "history.sqlite").is_file()
+
+
+# --- the same scenarios dispatched as Ray tasks (a one-node Ray cluster started by the CLI) ------
+RAY_SELECTION = "tiny-llama"  # the tiny Llama families: 5 entries incl. the PP=2 xfail
+
+
+@pytest.fixture(scope="module")
+def ray_run(tmp_path_factory, shared_cache, run):
+    out = tmp_path_factory.mktemp("reports") / "ray"
+    proc = servematrix("run", "matrix/cpu-smoke.yaml", "-k", RAY_SELECTION, "--backend", "ray",
+                       "--out", str(out), timeout=2400, env={"SERVEMATRIX_CACHE": shared_cache})
+    summary = json.loads((out / "summary.json").read_text())
+    return proc, out, summary, {r["id"]: r for r in summary["scenarios"]}
+
+
+def _essence(r: dict) -> dict:
+    """What must not depend on the backend: verdict, failure, greedy tokens, parity, answers."""
+    smoke = r.get("smoke") or {}
+    return {
+        "verdict": r["verdict"],
+        "signature": (r.get("failure") or {}).get("signature"),
+        "tokens": [p["generation"]["token_ids"] for p in smoke.get("prompts", []) if p.get("generation")],
+        "parity": smoke.get("parity"),
+        "metrics": {k: round(v["mean"], 6) for k, v in r["metrics"].items()},
+        "accuracy": [(c["metric"], c["status"]) for c in r["accuracy"]],
+    }
+
+
+def test_ray_backend_gives_the_same_records_as_the_local_backend(run, ray_run):
+    proc, out, summary, ray_by_id = ray_run
+    _, _, _, local_by_id = run
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert summary["status"] == "complete" and len(ray_by_id) == 5
+    for rid, r in ray_by_id.items():
+        assert _essence(r) == _essence(local_by_id[rid]), rid
+
+
+def test_ray_backend_brings_every_log_and_sample_back_into_the_run_directory(ray_run):
+    _, out, _, by_id = ray_run
+    for rid, r in by_id.items():
+        assert (out / rid / "server.log").stat().st_size > 0, rid
+        if r.get("gsm8k"):
+            assert r["gsm8k"]["samples_path"].startswith(str(out)) and os.path.isfile(r["gsm8k"]["samples_path"])
+    for name in ("load-success.md", "accuracy.md", "junit.xml", "report.html"):
+        assert (out / name).is_file()

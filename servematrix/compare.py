@@ -1,0 +1,68 @@
+"""Compare: the judgements that need two scenarios' results — greedy parity of a layout with its
+scenario's baseline layout (smoke outputs, like vLLM's check_logprobs_close) and agreement of their
+gsm8k answers. Made from the two records once both exist, so no scenario waits for another while
+it runs and the dispatcher can pack them freely; the layout's verdict is then decided again."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from servematrix import accuracy, gsm8k
+from servematrix.accuracy import CheckResult, Reference
+from servematrix.failure import Failure
+from servematrix.results import ScenarioRecord
+from servematrix.scenario import Scenario
+from servematrix.smoke import parity
+from servematrix.verdict import decide
+
+AGREEMENT = "gsm8k.agreement"
+
+
+def compare(rec: ScenarioRecord, base: ScenarioRecord, scenario: Scenario,
+            reference: Callable[[str], Reference | None]) -> ScenarioRecord:
+    """`rec` judged against its baseline's record `base`; returns the updated record."""
+    update: dict = {}
+    failure = rec.failure
+    par = _parity(rec, base, scenario)
+    if par is not None:
+        update["smoke"] = rec.smoke.model_copy(update={"parity": par, "ok": rec.smoke.ok and par.ok})
+        if not par.ok and failure is None:
+            failure = Failure.of("check", f"parity with {base.id}: {par.details[0]}"[:400], "smoke")
+    agreement = _agreement(rec, base, scenario)
+    if agreement is not None:
+        metrics = {**rec.metrics, AGREEMENT: agreement}
+        checks = [accuracy.judge(c, agreement, reference(c.metric)) if c.metric == AGREEMENT else r
+                  for c, r in _paired(scenario, rec.accuracy)]
+        update.update(metrics=metrics, accuracy=checks)
+        failed = [r for r in checks if r.metric == AGREEMENT and r.status == "fail"]
+        if failed and failure is None:
+            failure = Failure.of("check", failed[0].summary()[:400], "accuracy")
+    if not update:
+        return rec
+    if failure is not rec.failure:
+        update["verdict"], update["note"] = decide(rec.expect, failure)
+        update["failure"] = failure
+    return rec.model_copy(update=update)
+
+
+def _parity(rec: ScenarioRecord, base: ScenarioRecord, scenario: Scenario):
+    if not scenario.smoke.parity.enabled or rec.smoke is None or rec.smoke.error or not rec.smoke.prompts:
+        return None
+    if base.smoke is None or not base.smoke.ok:
+        return None  # a baseline that failed its own smoke is no reference for greedy outputs
+    generations = {p.name: p.generation for p in base.smoke.prompts if p.generation}
+    return parity(rec.smoke.prompts, generations, base.id)
+
+
+def _agreement(rec: ScenarioRecord, base: ScenarioRecord, scenario: Scenario):
+    if not scenario.gsm8k.agreement or rec.gsm8k is None or base.gsm8k is None:
+        return None
+    if not (rec.gsm8k.samples_path and base.gsm8k.samples_path):
+        return None
+    return accuracy.agreement_metric(gsm8k.answers(rec.gsm8k.samples_path), gsm8k.answers(base.gsm8k.samples_path))
+
+
+def _paired(scenario: Scenario, results: list[CheckResult]):
+    """The scenario's checks beside the results the record already has (same order)."""
+    by_metric = {r.metric: r for r in results}
+    return [(c, by_metric.get(c.metric)) for c in scenario.accuracy.checks if c.metric in by_metric]

@@ -1,0 +1,77 @@
+"""Hardware: the GPUs a host has, and whether an entry fits them. Conditions are data: a scenario
+or quantization says what it needs (`requires:`), the entry's TP×PP says how many GPUs."""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import subprocess
+
+from pydantic import BaseModel
+
+from servematrix.scenario import Requires
+
+
+class Gpu(BaseModel):
+    index: int
+    name: str
+    memory_gb: float
+    capability: float  # CUDA compute capability, e.g. 9.0 for Hopper
+
+
+def parse_nvidia_smi(text: str) -> list[Gpu]:
+    """`nvidia-smi --query-gpu=index,name,memory.total,compute_cap --format=csv,noheader,nounits`"""
+    gpus = []
+    for line in text.strip().splitlines():
+        index, name, mem, cap = (f.strip() for f in line.split(","))
+        gpus.append(Gpu(index=int(index), name=name, memory_gb=round(float(mem) / 1024, 1), capability=float(cap)))
+    return gpus
+
+
+def probe_gpus() -> list[Gpu]:
+    """This host's GPUs, limited to CUDA_VISIBLE_DEVICES when set; [] without an NVIDIA driver."""
+    if not shutil.which("nvidia-smi"):
+        return []
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=index,name,memory.total,compute_cap",
+                              "--format=csv,noheader,nounits"], capture_output=True, text=True, timeout=30, check=True)
+    except (subprocess.SubprocessError, OSError):
+        return []
+    gpus = parse_nvidia_smi(out.stdout)
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        keep = {int(i) for i in visible.split(",") if i.strip().isdigit()}
+        gpus = [g for g in gpus if g.index in keep]
+    return gpus
+
+
+def host_gpus(ids: list[int] | None) -> list[Gpu]:
+    """The GPUs this host may hand out: the probed ones, or those --gpus names. A named GPU that
+    cannot be probed (no nvidia-smi) is taken on trust: its kind is unknown, so it meets every
+    requirement."""
+    probed = probe_gpus()
+    if ids is None:
+        return probed
+    known = {g.index: g for g in probed}
+    return [known.get(i) or Gpu(index=i, name=f"GPU {i} (not probed)", memory_gb=float("inf"),
+                                capability=float("inf")) for i in ids]
+
+
+def unmet(need_gpus: int, requires: Requires, gpus: list[Gpu]) -> str | None:
+    """Why an entry cannot run on these GPUs, or None when it fits."""
+    if need_gpus == 0:
+        return None
+    fit = [g for g in gpus
+           if (requires.gpu_capability is None or g.capability >= requires.gpu_capability)
+           and (requires.gpu_memory_gb is None or g.memory_gb >= requires.gpu_memory_gb)]
+    if len(fit) >= need_gpus:
+        return None
+    what = [f"{need_gpus} GPU{'s' if need_gpus > 1 else ''}"]
+    if requires.gpu_capability is not None:
+        what.append(f"compute capability >= {requires.gpu_capability}")
+    if requires.gpu_memory_gb is not None:
+        what.append(f">= {requires.gpu_memory_gb:g} GB each")
+    have = ", ".join(g.name if math.isinf(g.capability) else f"{g.name} (sm {g.capability}, {g.memory_gb:g} GB)"
+                     for g in gpus) or "no GPU"
+    return f"needs {', '.join(what)}; this host has {len(fit)} that qualify of: {have}"

@@ -1,0 +1,50 @@
+"""What the docker backend asks the Engine API for, derived from a launch spec."""
+
+from pathlib import Path
+
+from servematrix.launch import LaunchSpec
+from servematrix.launch_docker import DockerConfig, DockerServer, host_root_mounts
+
+
+def spec(tmp_path, env=None):
+    model = tmp_path / "model"
+    model.mkdir()
+    return LaunchSpec(argv=["/venv/bin/python", "-m", "vllm.entrypoints.openai.api_server", "--model", str(model),
+                            "--host", "127.0.0.1", "--port", "8123", "--tensor-parallel-size", "2"],
+                      env=env or {}, port=8123, log_path=tmp_path / "run" / "server.log", startup_timeout=60)
+
+
+def test_the_container_runs_the_images_python_with_the_model_read_only_and_the_run_dir_writable(tmp_path):
+    kw = DockerServer(spec(tmp_path), DockerConfig(image="img:1", python="python3")).run_kwargs()
+    assert kw["image"] == "img:1" and kw["command"][:3] == ["python3", "-m", "vllm.entrypoints.openai.api_server"]
+    assert kw["volumes"][str(tmp_path / "model")] == {"bind": str(tmp_path / "model"), "mode": "ro"}
+    assert kw["volumes"][str(tmp_path / "run")]["mode"] == "rw"
+    assert kw["network_mode"] == "host" and kw["shm_size"] == "4g" and "SYS_NICE" in kw["cap_add"]
+    assert "device_requests" not in kw
+
+
+def test_the_entrys_gpus_become_a_device_request_and_the_container_numbers_them_from_zero(tmp_path):
+    kw = DockerServer(spec(tmp_path, {"CUDA_VISIBLE_DEVICES": "2,3", "VLLM_X": "1"}), DockerConfig()).run_kwargs()
+    (req,) = kw["device_requests"]
+    assert req["DeviceIDs"] == ["2", "3"] and req["Capabilities"] == [["gpu"]]
+    assert kw["environment"] == {"VLLM_X": "1"}
+
+
+def test_bridge_networking_listens_on_all_interfaces_and_publishes_the_port_on_loopback(tmp_path):
+    kw = DockerServer(spec(tmp_path), DockerConfig(network="bridge")).run_kwargs()
+    argv = kw["command"]
+    assert argv[argv.index("--host") + 1] == "0.0.0.0"
+    assert kw["ports"] == {"8123/tcp": ("127.0.0.1", 8123)} and "network_mode" not in kw
+
+
+def test_extra_mounts_parse_host_container_and_mode(tmp_path):
+    kw = DockerServer(spec(tmp_path), DockerConfig(mounts=["/data:/models:ro", "/x"])).run_kwargs()
+    assert kw["volumes"]["/data"] == {"bind": "/models", "mode": "ro"}
+    assert kw["volumes"]["/x"] == {"bind": "/x", "mode": "rw"}
+
+
+def test_host_root_mounts_cover_python_venv_and_checkout_without_nesting():
+    mounts = host_root_mounts(Path(__file__).resolve().parents[2])
+    hosts = [m.split(":")[0] for m in mounts]
+    assert "/usr" in hosts and all(m.endswith(":ro") for m in mounts)
+    assert not any(a != b and a.startswith(b + "/") for a in hosts for b in hosts)
