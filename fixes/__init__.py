@@ -25,6 +25,7 @@ REGISTRY: dict[str, str] = {
     "cpu-moe-silu": "servematrix_fixes.cpu_moe_silu:FIX",
     "inject-scale": "servematrix_fixes.inject_scale:FIX",
     "minimax-k-norm-38191": "servematrix_fixes.minimax_k_norm:FIX",
+    "minimax-kv-scale-37214": "servematrix_fixes.minimax_kv_scale:FIX",
 }
 
 

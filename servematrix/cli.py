@@ -117,6 +117,33 @@ def cmd_repro(args) -> int:
     return 0
 
 
+def cmd_bisect(args) -> int:
+    from servematrix.bisect import bisect
+
+    matrix, entry = _find_entry(args.id, args.matrix)
+    out = Path(args.out) if args.out else Path("reports") / f"bisect-{datetime.now():%Y%m%d-%H%M%S}"
+    result = bisect(matrix, entry, args.between[0], args.between[1], out, args.signature, args.python)
+    print(f"\nbisect {entry.id} over {', '.join(result.releases)}")
+    for p in sorted(result.probes, key=lambda p: result.releases.index(p.release)):
+        print(f"  {p.release:<12} {p.outcome:<5} {p.verdict:<6} {p.signature or ''}")
+    (out / "bisect.json").write_text(result.model_dump_json(indent=2))
+    if result.pair is None:
+        print("no change of outcome between the releases that could be judged")
+        return 1
+    a, b = result.pair
+    what = "regression: last good / first bad" if result.change == "regression" else "fix: last bad / first good"
+    print(f"\n{what}: {a.release} -> {b.release}")
+    for p in (a, b):
+        print(f"\n--- {p.release} ({p.outcome}, vLLM {p.vllm_version}): {p.log}")
+        if p.signature:
+            print(f"failure: {p.signature}")
+        if p.log:
+            lines = Path(p.log).read_text(errors="replace").splitlines()
+            print("\n".join(lines[-args.log_lines:]))
+    print(f"\n{out / 'bisect.json'}")
+    return 0
+
+
 def compose_variables(entry, scenario, model_path: str, port: int) -> dict[str, str]:
     """The docker-compose.yml variables that reproduce one entry (see the file's header)."""
     from servematrix.paths import cache_dir
@@ -281,6 +308,17 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("--limit", type=int)
     rp.add_argument("--python")
     rp.set_defaults(func=cmd_repro)
+
+    b = sub.add_parser("bisect", help="find the adjacent vLLM releases where a scenario's outcome changes")
+    b.add_argument("id")
+    b.add_argument("--between", nargs=2, required=True, metavar=("LOW", "HIGH"),
+                   help="releases (e.g. 0.18.1 0.32.0) as declared in servematrix/data/vllm-releases.yaml")
+    b.add_argument("--matrix", help="matrix file (default: search matrix/*.yaml)")
+    b.add_argument("--signature", help="regex a failure must match to count as bad (default: the entry's xfail signature)")
+    b.add_argument("--out")
+    b.add_argument("--python")
+    b.add_argument("--log-lines", type=int, default=15)
+    b.set_defaults(func=cmd_bisect)
 
     g = sub.add_parser("gate", help="release decision from a run: 0 ship, 1 regression, 2 cannot judge")
     g.add_argument("run_dir")

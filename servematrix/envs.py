@@ -8,6 +8,7 @@ plugin entry point exists there too."""
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -91,6 +92,9 @@ def ensure(name: str, log=sys.stderr) -> Path:
     rel, path = rels[name], root(name)
     shutil.rmtree(path, ignore_errors=True)  # a build that died half-way
     missing = [lib for lib in rel.ld_preload if "{env}" not in lib and not Path(lib).exists()]
+    if missing and rel.apt:
+        _apt_install(rel.apt, log)
+        missing = [lib for lib in missing if not Path(lib).exists()]
     if missing:
         raise EnvError(f"{name} needs {', '.join(missing)}: apt-get install {' '.join(rel.apt)}")
     py = str(path / "bin" / "python")
@@ -115,6 +119,18 @@ def ensure(name: str, log=sys.stderr) -> Path:
     versions = subprocess.run([py, "-c", _VERSIONS], capture_output=True, text=True, check=True).stdout
     (path / MARKER).write_text(json.dumps({"name": name, **json.loads(versions)}, indent=2))
     return path
+
+
+def _apt_install(packages: list[str], log) -> None:
+    """The Debian packages a release's quirks need, where this process may install them (root)."""
+    if os.geteuid() != 0 or shutil.which("apt-get") is None:
+        return
+    print(f"[env] apt-get install {' '.join(packages)}", file=log, flush=True)
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    if subprocess.run(["apt-get", "install", "-y", "-qq", *packages], stdout=log, stderr=subprocess.STDOUT,
+                      env=env).returncode != 0:
+        subprocess.run(["apt-get", "update", "-qq"], stdout=log, stderr=subprocess.STDOUT, env=env)
+        subprocess.run(["apt-get", "install", "-y", "-qq", *packages], stdout=log, stderr=subprocess.STDOUT, env=env)
 
 
 _VERSIONS = (

@@ -5,6 +5,12 @@ transformers' own model class for that family) but random weights and a tokenize
 on the gsm8k text, so nothing comes from a model hub. Checkpoints are built once into the user
 cache, keyed by a hash of their spec, and reused.
 
+`extra_tensors` and `config_json` add what the real checkpoint has beyond transformers' class
+(KV-cache scales, a quantization_config), `remote_code` ships a configuration module with an
+`auto_map` as the real checkpoints served with --trust-remote-code do. Every forged config is read
+back with AutoConfig and compared with its spec, so it cannot drift into a shape the family's
+transformers class never has.
+
 `mutations` deliberately break a checkpoint (rename, drop or reshape a tensor, add an unexpected
 one) so the load-failure path of the suite can be exercised against real vLLM.
 """
@@ -21,7 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from servematrix.paths import build_cached, cache_dir, gsm8k_test_jsonl
 
 # Bump when the forge's output changes for the same spec, so stale cache entries are not reused.
-FORGE_VERSION = 2
+FORGE_VERSION = 3
 
 CHATML_TEMPLATE = (
     "{% for message in messages %}"
@@ -50,6 +56,16 @@ class Mutation(_Strict):
     shape: list[int] | None = None  # reshape/add shape
 
 
+class ExtraTensor(_Strict):
+    """A tensor the real checkpoint carries that transformers' class does not write (e.g. FP8
+    KV-cache scales); `{layer}` in the name is expanded over every layer."""
+
+    name: str
+    shape: list[int] = Field(default_factory=list)  # [] = a scalar
+    value: float = 1.0
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+
+
 class ForgeSpec(_Strict):
     model_type: str  # transformers' model_type, e.g. "llama"
     architecture: str  # e.g. "LlamaForCausalLM"
@@ -60,6 +76,9 @@ class ForgeSpec(_Strict):
     # parity between TP layouts is meaningful instead of a coin toss between near-ties.
     init_std: float = 0.3
     tokenizer: TokenizerSpec = TokenizerSpec()
+    extra_tensors: list[ExtraTensor] = Field(default_factory=list)
+    config_json: dict[str, Any] = Field(default_factory=dict)  # merged into config.json after saving
+    remote_code: bool = False  # ship configuration_<model_type>.py + auto_map (--trust-remote-code)
     mutations: list[Mutation] = Field(default_factory=list)
 
     def key(self) -> str:
@@ -79,9 +98,12 @@ def forge(name: str, spec: ForgeSpec) -> Path:
         tokenizer.save_pretrained(out)
         _pin_tokenizer_class(out)
         _write_model(spec, len(tokenizer), tokenizer, out)
+        _add_tensors(out, spec)
+        _patch_config(out, spec)
+        unknown = check_config(out, spec)
         for mutation in spec.mutations:
             _mutate(out, mutation)
-        return {"name": name, "spec": spec.model_dump()}
+        return {"name": name, "spec": spec.model_dump(), "fields_not_in_config_class": unknown}
 
     return build_cached(checkpoint_dir(name, spec), "forge.json", build)
 
@@ -157,6 +179,82 @@ def _write_model(spec: ForgeSpec, vocab_size: int, tokenizer, out: Path) -> None
             elif "norm" in pname:
                 param.copy_(1.0 + 0.1 * torch.randn(param.shape, generator=gen))
     model.save_pretrained(out, safe_serialization=True)
+
+
+def _layers(out: Path) -> int:
+    return int(json.loads((out / "config.json").read_text())["num_hidden_layers"])
+
+
+def _add_tensors(out: Path, spec: ForgeSpec) -> None:
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    if not spec.extra_tensors:
+        return
+    path = sorted(out.glob("*.safetensors"))[0]
+    tensors = load_file(path)
+    for extra in spec.extra_tensors:
+        layers = range(_layers(out)) if "{layer}" in extra.name else [None]
+        for i in layers:
+            name = extra.name.replace("{layer}", str(i))
+            tensors[name] = torch.full(extra.shape, extra.value, dtype=getattr(torch, extra.dtype))
+    save_file(tensors, path, metadata={"format": "pt"})
+    _fix_index(out, tensors.keys(), path.name)
+
+
+CONFIG_MODULE = '''"""Configuration of {model_type}, shipped with the checkpoint as the real one is, for
+transformers releases that do not know the model type (--trust-remote-code)."""
+
+from transformers.configuration_utils import PretrainedConfig
+
+
+class {cls}(PretrainedConfig):
+    model_type = "{model_type}"
+    keys_to_ignore_at_inference = ["past_key_values"]
+
+    def __init__(self, **kwargs):
+        for key in ("bos_token_id", "eos_token_id", "pad_token_id", "tie_word_embeddings"):
+            kwargs.setdefault(key, None if key != "tie_word_embeddings" else False)
+        super().__init__(**kwargs)
+'''
+
+
+def _patch_config(out: Path, spec: ForgeSpec) -> None:
+    path = out / "config.json"
+    config = json.loads(path.read_text())
+    config.update(spec.config_json)
+    if spec.remote_code:
+        cls = "".join(p.capitalize() for p in spec.model_type.split("_")) + "Config"
+        module = f"configuration_{spec.model_type}"
+        (out / f"{module}.py").write_text(CONFIG_MODULE.format(model_type=spec.model_type, cls=cls))
+        config["auto_map"] = {"AutoConfig": f"{module}.{cls}"}
+    path.write_text(json.dumps(config, indent=2))
+
+
+def check_config(out: Path, spec: ForgeSpec) -> list[str]:
+    """Read the forged config back with transformers' own class for the family (AutoConfig, no
+    remote code) and refuse any drift: another model_type or architecture, or a field whose value
+    the class changes. Returns the spec's fields the class does not declare (kept, but listed in
+    forge.json: a real checkpoint may carry fields a transformers release does not know)."""
+    import inspect
+
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(out, trust_remote_code=False)
+    problems = []
+    if config.model_type != spec.model_type:
+        problems.append(f"model_type {config.model_type!r} != {spec.model_type!r}")
+    if list(config.architectures or []) != [spec.architecture]:
+        problems.append(f"architectures {config.architectures} != [{spec.architecture!r}]")
+    for key, want in spec.config.items():
+        got = getattr(config, key, None)
+        if got != want and not (isinstance(want, list) and list(got or []) == want):
+            problems.append(f"{key}: {want!r} became {got!r}")
+    if problems:
+        raise ValueError(f"forged {spec.architecture} config drifted from transformers' "
+                         f"{type(config).__name__}: " + "; ".join(problems))
+    declared = set(inspect.signature(type(config).__init__).parameters) | set(dir(type(config)))
+    return sorted(k for k in spec.config if k not in declared)
 
 
 def _mutate(out: Path, m: Mutation) -> None:

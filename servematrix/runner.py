@@ -179,7 +179,10 @@ class Runner:
         def done(job: dispatch.Job, rec: ScenarioRecord) -> bool:
             with self._lock:
                 self._finish(summary, rec, base_of)
-            return not (rec.failure is not None and rec.failure.kind == "interrupted")
+            if rec.failure is not None and rec.failure.kind == "interrupted":
+                self._cancelled.set()  # the run ends "interrupted": start nothing more
+                return False
+            return True
 
         if self.options.backend == "ray":
             from servematrix import ray_backend

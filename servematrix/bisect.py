@@ -1,0 +1,135 @@
+"""Bisect: between two vLLM releases, the adjacent pair where one scenario's outcome changes (the
+last release where it passes and the first where it fails, or the reverse for a fix), running the
+scenario — the same entry, only its `vllm` axis changed — on as few releases as the search needs,
+and building each release's environment only when the search reaches it.
+
+A probe is good (the scenario met no failure), bad (it failed; with --signature, with a failure
+matching it) or other (any other failure, or an infrastructure error): an "other" release is
+skipped like `git bisect skip`, and the search goes on among the rest.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel
+
+from servematrix import envs
+from servematrix.matrix import Entry, Matrix, entry_id
+from servematrix.results import ScenarioRecord
+
+Outcome = Literal["good", "bad", "other"]
+
+
+class Probe(BaseModel):
+    release: str
+    outcome: Outcome
+    verdict: str
+    signature: str | None = None
+    log: str | None = None
+    vllm_version: str | None = None
+
+
+class BisectResult(BaseModel):
+    scenario: str
+    releases: list[str]
+    probes: list[Probe]
+    pair: tuple[Probe, Probe] | None = None  # adjacent (in the releases that were not skipped)
+    change: Literal["regression", "fix", "none"] = "none"
+
+
+def version_key(name: str) -> tuple[int, ...]:
+    return tuple(int(x) for x in re.findall(r"\d+", name.split("-", 1)[-1]))
+
+
+def candidates(low: str, high: str) -> list[str]:
+    """The declared releases from `low` to `high` (names or bare versions), oldest first."""
+    names = sorted(envs.releases(), key=version_key)
+    lo, hi = (_name(v, names) for v in (low, high))
+    if version_key(lo) > version_key(hi):
+        lo, hi = hi, lo
+    return [n for n in names if version_key(lo) <= version_key(n) <= version_key(hi)]
+
+
+def _name(value: str, names: list[str]) -> str:
+    for n in names:
+        if value == n or value == n.split("-", 1)[-1]:
+            return n
+    raise envs.EnvError(f"unknown vLLM release {value!r} (declared: {', '.join(names)})")
+
+
+def retarget(entry: Entry, release: str) -> Entry:
+    """The same entry on another release: only the vllm axis (and so the id) changes."""
+    return entry.model_copy(update={"vllm": release, "id": entry_id(entry.scenario, entry.tp, entry.pp, entry.quant,
+                                                                     release, entry.device, entry.fixes)})
+
+
+def classify(rec: ScenarioRecord, signature: str | None) -> Outcome:
+    if rec.failure is None:
+        return "good"
+    if rec.failure.infra:
+        return "other"
+    if signature and not re.search(signature, rec.failure.signature):
+        return "other"
+    return "bad"
+
+
+def search(releases: list[str], probe) -> tuple[list[Probe], tuple[Probe, Probe] | None]:
+    """Binary search for adjacent probes with different outcomes; `probe(release) -> Probe`."""
+    done: dict[str, Probe] = {}
+
+    def run(name: str) -> Probe:
+        if name not in done:
+            done[name] = probe(name)
+        return done[name]
+
+    alive = list(releases)
+    lo, hi = 0, len(alive) - 1
+    while lo <= hi and run(alive[lo]).outcome == "other":
+        lo += 1
+    while hi >= lo and run(alive[hi]).outcome == "other":
+        hi -= 1
+    if hi <= lo or run(alive[lo]).outcome == run(alive[hi]).outcome:
+        return list(done.values()), None
+    start = run(alive[lo]).outcome
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        p = run(alive[mid])
+        if p.outcome == "other":
+            del alive[mid]  # skipped: search among the others
+            hi -= 1
+            continue
+        if p.outcome == start:
+            lo = mid
+        else:
+            hi = mid
+    return list(done.values()), (done[alive[lo]], done[alive[hi]])
+
+
+def bisect(matrix: Matrix, entry: Entry, low: str, high: str, out: Path, signature: str | None,
+           python: str | None = None) -> BisectResult:
+    from servematrix.runner import RunOptions, Runner, probe_versions
+
+    releases = candidates(low, high)
+    current = (probe_versions(python or __import__("sys").executable).get("vllm") or "").split("+")[0]
+    signature = signature or (entry.expectation.signature if entry.expectation.expect == "xfail" else None)
+
+    def probe(release: str) -> Probe:
+        # the release this interpreter already runs needs no environment of its own
+        run_as = envs.CURRENT if envs.releases()[release].vllm.endswith(f"=={current}") else release
+        e = retarget(entry, run_as)
+        opts = RunOptions(out_dir=(out / release).resolve(), python=python, gsm8k=False, retries=0)
+        summary = Runner(matrix, [e], opts).run()
+        (rec,) = summary.scenarios
+        log = out / release / e.id / "server.log"
+        return Probe(release=release, outcome=classify(rec, signature), verdict=rec.verdict,
+                     signature=rec.failure.signature if rec.failure else None,
+                     log=str(log) if log.exists() else None, vllm_version=rec.vllm_version)
+
+    probes, pair = search(releases, probe)
+    change = "none"
+    if pair is not None:
+        change = "regression" if pair[0].outcome == "good" else "fix"
+    return BisectResult(scenario=entry.id, releases=releases, probes=probes, pair=pair, change=change)

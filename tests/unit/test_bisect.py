@@ -1,0 +1,41 @@
+"""Bisect's search over releases: the adjacent pair where the outcome changes, probing as few
+releases as it needs, skipping those that cannot be judged."""
+
+from servematrix.bisect import Probe, candidates, search, version_key
+
+RELEASES = ["cpu-0.18.1", "cpu-0.20.2", "cpu-0.21.0", "cpu-0.24.0", "cpu-0.27.0", "cpu-0.32.0"]
+
+
+def prober(outcomes: dict[str, str], seen: list[str]):
+    def probe(name):
+        seen.append(name)
+        return Probe(release=name, outcome=outcomes[name], verdict="x")
+    return probe
+
+
+def test_a_fix_is_found_between_the_last_bad_and_the_first_good_release():
+    outcomes = {"cpu-0.18.1": "bad", "cpu-0.20.2": "bad", "cpu-0.21.0": "good", "cpu-0.24.0": "good",
+                "cpu-0.27.0": "good", "cpu-0.32.0": "good"}
+    seen = []
+    _, pair = search(RELEASES, prober(outcomes, seen))
+    assert (pair[0].release, pair[1].release) == ("cpu-0.20.2", "cpu-0.21.0")
+    assert len(seen) == 4 and "cpu-0.24.0" not in seen  # environments built only where the search went
+
+
+def test_a_release_that_cannot_be_judged_is_skipped():
+    outcomes = {"cpu-0.18.1": "good", "cpu-0.20.2": "good", "cpu-0.21.0": "other", "cpu-0.24.0": "good",
+                "cpu-0.27.0": "bad", "cpu-0.32.0": "bad"}
+    _, pair = search(RELEASES, prober(outcomes, []))
+    assert (pair[0].release, pair[1].release) == ("cpu-0.24.0", "cpu-0.27.0")
+
+
+def test_no_pair_when_both_ends_agree():
+    outcomes = dict.fromkeys(RELEASES, "good")
+    probes, pair = search(RELEASES, prober(outcomes, []))
+    assert pair is None and len(probes) == 2
+
+
+def test_candidates_are_the_declared_releases_in_version_order_between_the_bounds():
+    got = candidates("0.32.0", "0.18.1")
+    assert got[0] == "cpu-0.18.1" and got[-1] == "cpu-0.32.0"
+    assert got == sorted(got, key=version_key) and "cpu-0.20.2" in got and "cpu-0.21.0" in got

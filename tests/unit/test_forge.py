@@ -1,0 +1,60 @@
+"""The forge writes what the real checkpoint carries and refuses a config that drifts from the
+family's transformers class."""
+
+import json
+
+import pytest
+from safetensors import safe_open
+
+from servematrix.forge import ExtraTensor, ForgeSpec, check_config, forge
+
+TINY = {"hidden_size": 64, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
+        "num_key_value_heads": 1, "head_dim": 32, "max_position_embeddings": 256}
+
+
+def spec(config=TINY, **kw):
+    return ForgeSpec(model_type="llama", architecture="LlamaForCausalLM", config=config,
+                     tokenizer={"vocab_size": 300, "chat_template": False}, **kw)
+
+
+@pytest.fixture(scope="module")
+def kvscale_checkpoint():
+    s = spec(extra_tensors=[ExtraTensor(name="model.layers.{layer}.self_attn.k_proj.k_scale", value=0.5)],
+             config_json={"quantization_config": {"quant_method": "fp8", "activation_scheme": "dynamic"}},
+             remote_code=True)
+    return forge("unit-kvscale", s)
+
+
+def test_extra_tensors_are_written_for_every_layer_as_f32_scalars(kvscale_checkpoint):
+    (path,) = kvscale_checkpoint.glob("*.safetensors")
+    with safe_open(str(path), "pt") as f:
+        names = set(f.keys())
+        assert {"model.layers.0.self_attn.k_proj.k_scale", "model.layers.1.self_attn.k_proj.k_scale"} <= names
+        t = f.get_tensor("model.layers.1.self_attn.k_proj.k_scale")
+    assert t.shape == () and t.dtype.is_floating_point and float(t) == 0.5
+
+
+def test_config_json_fields_and_the_remote_code_config_module_are_shipped(kvscale_checkpoint):
+    config = json.loads((kvscale_checkpoint / "config.json").read_text())
+    assert config["quantization_config"]["quant_method"] == "fp8"
+    assert config["auto_map"] == {"AutoConfig": "configuration_llama.LlamaConfig"}
+    assert (kvscale_checkpoint / "configuration_llama.py").is_file()
+    from transformers import AutoConfig
+
+    remote = AutoConfig.from_pretrained(kvscale_checkpoint, trust_remote_code=True)
+    assert type(remote).__module__.endswith("configuration_llama") and remote.hidden_size == 64
+
+
+def test_a_config_the_family_class_would_change_is_refused(tmp_path, kvscale_checkpoint):
+    drifted = spec(config={**TINY, "num_hidden_layers": 3})  # the written config.json says 2
+    with pytest.raises(ValueError, match="num_hidden_layers: 3 became 2"):
+        check_config(kvscale_checkpoint, drifted)
+    other = ForgeSpec(model_type="mistral", architecture="LlamaForCausalLM", config=TINY)
+    with pytest.raises(ValueError, match="model_type 'llama' != 'mistral'"):
+        check_config(kvscale_checkpoint, other)
+
+
+def test_fields_the_family_class_does_not_declare_are_listed_not_refused(kvscale_checkpoint):
+    assert check_config(kvscale_checkpoint, spec()) == []
+    meta = json.loads((kvscale_checkpoint / "forge.json").read_text())
+    assert meta["fields_not_in_config_class"] == []
