@@ -145,6 +145,9 @@ class Runner:
         report.write_all(summary)
         report.point_latest(out)
         previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+        # Ctrl-C must interrupt even when started with SIGINT ignored (a shell's background job):
+        # Python then installs no KeyboardInterrupt handler of its own
+        previous_int = signal.signal(signal.SIGINT, signal.default_int_handler)
         try:
             self._dispatch(summary)
             summary.status = "interrupted" if self._cancelled.is_set() else "complete"
@@ -152,6 +155,7 @@ class Runner:
             summary.status = "interrupted"
         finally:
             signal.signal(signal.SIGTERM, previous)
+            signal.signal(signal.SIGINT, previous_int)
             for held in self._held.values():  # their baseline never finished (interrupted)
                 for rec in held:
                     self._publish(summary, rec)
@@ -446,12 +450,16 @@ def _is_baseline(entry: Entry, scenario: Scenario) -> bool:
 
 
 def _baseline_id(entry: Entry, scenario: Scenario, entries: list[Entry]) -> str | None:
-    """The selected entry this one's parity/agreement compare with (one with the same fixes first)."""
+    """The selected entry this one's parity/agreement compare with: the baseline layout expected to
+    pass that shares the most fix modules with it (an xfail reproduction is no reference)."""
     key = _baseline_key(entry, scenario)
     candidates = [e for e in entries if e.scenario == entry.scenario and _is_baseline(e, scenario)
                   and _baseline_key(e, scenario) == key]
-    chosen = [e for e in candidates if e.fixes == entry.fixes] or candidates
-    return chosen[0].id if chosen else None
+    if _is_baseline(entry, scenario):
+        return entry.id
+    ranked = sorted(candidates, key=lambda e: (e.expectation.expect != "pass", -len(set(e.fixes) & set(entry.fixes)),
+                                               entries.index(e)))
+    return ranked[0].id if ranked else None
 
 
 
