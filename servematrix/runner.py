@@ -328,11 +328,11 @@ class Runner:
             fields["load"] = LoadResult(ok=False, error=failure,
                                         seconds=None if exc.seconds is None else round(exc.seconds, 2))
         except KeyboardInterrupt:
-            failure = Failure.of("interrupted", "run interrupted (Ctrl-C / SIGTERM)", "run")
+            failure = _interrupted()
         except Exception as exc:  # noqa: BLE001 - a runner bug must cost one scenario, not the run
             failure = Failure.of("tool", f"servematrix: {type(exc).__name__}: {exc}"[:400], "run")
         if self._cancelled.is_set():  # the pool stopped this server on Ctrl-C
-            failure = Failure.of("interrupted", "run interrupted (Ctrl-C / SIGTERM)", "run")
+            failure = _interrupted()
         fields["fixes"] = read_fix_report(entry_dir / "fixes.jsonl")
         verdict, note = decide(entry.expectation, failure)
         return ScenarioRecord.for_entry(entry, **fields, failure=failure, verdict=verdict, note=note,
@@ -364,7 +364,7 @@ class Runner:
         with server:
             fields["load"] = LoadResult(ok=True, seconds=round(server.healthy_at - server.started_at, 2))
             self.progress.phase(k, entry.id, "smoke")
-            smoke = self._smoke(entry, scenario, spec.base_url)
+            smoke = run_smoke(spec.base_url, scenario.model_name, scenario.smoke)
             fields["smoke"] = smoke
             failure = self._smoke_failure(server, smoke)
             if failure is not None:
@@ -404,9 +404,6 @@ class Runner:
         fields["accuracy"] = results
         failed = [r for r in results if r.status == "fail"]
         return Failure.of("check", failed[0].summary()[:400], "accuracy") if failed else None
-
-    def _smoke(self, entry: Entry, scenario: Scenario, base_url: str) -> SmokeResult:
-        return run_smoke(base_url, scenario.model_name, scenario.smoke, None, None)  # parity: compare.py
 
     @staticmethod
     def _smoke_failure(server: Server, smoke: SmokeResult) -> Failure | None:
@@ -452,16 +449,19 @@ def _is_baseline(entry: Entry, scenario: Scenario) -> bool:
 def _baseline_id(entry: Entry, scenario: Scenario, entries: list[Entry]) -> str | None:
     """The selected entry this one's parity/agreement compare with: the baseline layout expected to
     pass that shares the most fix modules with it (an xfail reproduction is no reference)."""
+    if _is_baseline(entry, scenario):
+        return entry.id
     key = _baseline_key(entry, scenario)
     candidates = [e for e in entries if e.scenario == entry.scenario and _is_baseline(e, scenario)
                   and _baseline_key(e, scenario) == key]
-    if _is_baseline(entry, scenario):
-        return entry.id
     ranked = sorted(candidates, key=lambda e: (e.expectation.expect != "pass", -len(set(e.fixes) & set(entry.fixes)),
                                                entries.index(e)))
     return ranked[0].id if ranked else None
 
 
+
+def _interrupted() -> Failure:
+    return Failure.of("interrupted", "run interrupted (Ctrl-C / SIGTERM)", "run")
 
 
 def _raise_interrupt(signum, frame):
