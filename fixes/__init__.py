@@ -23,6 +23,8 @@ ENV_REPORT = "SERVEMATRIX_FIX_REPORT"
 
 REGISTRY: dict[str, str] = {
     "cpu-moe-silu": "servematrix_fixes.cpu_moe_silu:FIX",
+    "dsa-indexer-fp8-38870": "servematrix_fixes.dsa_indexer_fp8:FIX",
+    "dsa-indexer-pp-42944": "servematrix_fixes.dsa_indexer_pp:FIX",
     "inject-scale": "servematrix_fixes.inject_scale:FIX",
     "minimax-k-norm-38191": "servematrix_fixes.minimax_k_norm:FIX",
     "minimax-kv-scale-37214": "servematrix_fixes.minimax_kv_scale:FIX",

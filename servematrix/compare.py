@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from servematrix import accuracy, gsm8k
+from servematrix import accuracy, gsm8k, loadcheck
 from servematrix.accuracy import CheckResult, Reference
 from servematrix.failure import Failure
 from servematrix.results import ScenarioRecord
@@ -28,6 +28,11 @@ def compare(rec: ScenarioRecord, base: ScenarioRecord, scenario: Scenario,
         update["smoke"] = rec.smoke.model_copy(update={"parity": par, "ok": rec.smoke.ok and par.ok})
         if not par.ok and failure is None:
             failure = Failure.of("check", f"parity with {base.id}: {par.details[0]}"[:400], "smoke")
+    load_par = _load_parity(rec, base, scenario)
+    if load_par is not None:
+        update["load_check"] = rec.load_check.model_copy(update={"parity": load_par})
+        if not load_par.ok and failure is None:
+            failure = Failure.of("check", f"load parity with {base.id}: {load_par.details[0]}"[:400], "load")
     agreement = _agreement(rec, base, scenario)
     if agreement is not None:
         metrics = {**rec.metrics, AGREEMENT: agreement}
@@ -52,6 +57,14 @@ def _parity(rec: ScenarioRecord, base: ScenarioRecord, scenario: Scenario):
         return None  # a baseline that failed its own smoke is no reference for greedy outputs
     generations = {p.name: p.generation for p in base.smoke.prompts if p.generation}
     return parity(rec.smoke.prompts, generations, base.id)
+
+
+def _load_parity(rec: ScenarioRecord, base: ScenarioRecord, scenario: Scenario):
+    if not scenario.smoke.parity.enabled or rec.tp != base.tp:
+        return None  # TP shards differ by design; PP only places whole layers
+    if rec.load_check is None or base.load_check is None or not (rec.load_check.ok and base.load_check.ok):
+        return None
+    return loadcheck.parity(rec.load_check.digests, base.load_check.digests, base.id)
 
 
 def _agreement(rec: ScenarioRecord, base: ScenarioRecord, scenario: Scenario):

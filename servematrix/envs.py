@@ -3,7 +3,7 @@ in the user cache (never in the repo) and reused. Each release's quirks are data
 nothing here branches on a version.
 
 servematrix itself is installed into each environment (--no-deps) so its fix modules' vLLM
-plugin entry point exists there too."""
+plugin entry point exists there too; that copy is refreshed whenever the fix modules change."""
 
 from __future__ import annotations
 
@@ -87,7 +87,11 @@ def ensure(name: str, log=sys.stderr) -> Path:
     rels = releases()
     if name not in rels:
         raise EnvError(f"unknown vLLM release {name!r} (known: {', '.join(rels)}, {CURRENT})")
-    if info(name) is not None:
+    built = info(name)
+    if built is not None:
+        if built.get("fixes") != fixes_hash():  # a fix module was added or changed since the build
+            _install_servematrix(str(root(name) / "bin" / "python"), log)
+            (root(name) / MARKER).write_text(json.dumps({**built, "fixes": fixes_hash()}, indent=2))
         return root(name)
     rel, path = rels[name], root(name)
     shutil.rmtree(path, ignore_errors=True)  # a build that died half-way
@@ -115,10 +119,30 @@ def ensure(name: str, log=sys.stderr) -> Path:
         pip("install", "-q", rel.vllm)
     if rel.remove:
         pip("uninstall", "-y", "-q", *rel.remove)
-    pip("install", "-q", "--no-deps", str(REPO))  # the fix plugin's entry point
+    _install_servematrix(py, log)
     versions = subprocess.run([py, "-c", _VERSIONS], capture_output=True, text=True, check=True).stdout
-    (path / MARKER).write_text(json.dumps({"name": name, **json.loads(versions)}, indent=2))
+    (path / MARKER).write_text(json.dumps({"name": name, **json.loads(versions), "fixes": fixes_hash()}, indent=2))
     return path
+
+
+def fixes_hash() -> str:
+    """What the environment's copy of the fix plugin must match: the fix modules' sources."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for path in sorted((REPO / "fixes").glob("*.py")):
+        h.update(path.name.encode() + b"\0" + path.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def _install_servematrix(py: str, log) -> None:
+    """servematrix without its dependencies: the fix plugin's entry point and modules."""
+    print(f"[env] pip install --no-deps {REPO}", file=log, flush=True)
+    done = subprocess.run([py, "-m", "pip", "install", "-q", "--no-deps", "--force-reinstall", str(REPO)],
+                          capture_output=True, text=True)  # setuptools' build warnings are noise here
+    if done.returncode != 0:
+        print(done.stdout + done.stderr, file=log, flush=True)
+        raise EnvError(f"pip install --no-deps {REPO} failed (exit {done.returncode})")
 
 
 def _apt_install(packages: list[str], log) -> None:

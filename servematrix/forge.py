@@ -66,6 +66,14 @@ class ExtraTensor(_Strict):
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
 
 
+class Fp8Blocks(_Strict):
+    """Store matching weights as FP8 (e4m3) with one float32 scale per block beside them, named
+    `<name>_scale_inv` (DeepSeek's FP8 layout: the dequantized weight is fp8 × scale_inv)."""
+
+    tensors: str  # glob over tensor names, e.g. "model.layers.*.self_attn.indexer.wk.weight"
+    block: list[int] = Field(default_factory=lambda: [128, 128], min_length=2, max_length=2)
+
+
 class ForgeSpec(_Strict):
     model_type: str  # transformers' model_type, e.g. "llama"
     architecture: str  # e.g. "LlamaForCausalLM"
@@ -77,6 +85,7 @@ class ForgeSpec(_Strict):
     init_std: float = 0.3
     tokenizer: TokenizerSpec = TokenizerSpec()
     extra_tensors: list[ExtraTensor] = Field(default_factory=list)
+    fp8_blocks: list[Fp8Blocks] = Field(default_factory=list)
     config_json: dict[str, Any] = Field(default_factory=dict)  # merged into config.json after saving
     remote_code: bool = False  # ship configuration_<model_type>.py + auto_map (--trust-remote-code)
     mutations: list[Mutation] = Field(default_factory=list)
@@ -99,6 +108,7 @@ def forge(name: str, spec: ForgeSpec) -> Path:
         _pin_tokenizer_class(out)
         _write_model(spec, len(tokenizer), tokenizer, out)
         _add_tensors(out, spec)
+        _quantize_fp8_blocks(out, spec)
         _patch_config(out, spec)
         unknown = check_config(out, spec)
         for mutation in spec.mutations:
@@ -200,6 +210,52 @@ def _add_tensors(out: Path, spec: ForgeSpec) -> None:
             tensors[name] = torch.full(extra.shape, extra.value, dtype=getattr(torch, extra.dtype))
     save_file(tensors, path, metadata={"format": "pt"})
     _fix_index(out, tensors.keys(), path.name)
+
+
+FP8_MAX = 448.0  # largest finite float8_e4m3fn
+
+
+def fp8_block_quantize(weight, block: list[int]):
+    """(fp8 weight, float32 scale_inv) with scale_inv[i, j] = amax of block (i, j) / FP8_MAX."""
+    import torch
+
+    rows, cols = weight.shape
+    br, bc = block
+    if rows % br or cols % bc:
+        raise ValueError(f"shape {list(weight.shape)} is not a multiple of the {block} FP8 block")
+    blocks = weight.float().reshape(rows // br, br, cols // bc, bc)
+    scale = blocks.abs().amax(dim=(1, 3)).clamp(min=1e-12) / FP8_MAX
+    q = (blocks / scale[:, None, :, None]).reshape(rows, cols).to(torch.float8_e4m3fn)
+    return q, scale.float()
+
+
+def _quantize_fp8_blocks(out: Path, spec: ForgeSpec) -> None:
+    import fnmatch
+
+    from safetensors.torch import load_file, save_file
+
+    if not spec.fp8_blocks:
+        return
+    for path in sorted(out.glob("*.safetensors")):
+        tensors = load_file(path)
+        hits = {name: q for q in spec.fp8_blocks for name in tensors if fnmatch.fnmatchcase(name, q.tensors)}
+        for name, q in hits.items():
+            if not name.endswith(".weight"):
+                raise ValueError(f"fp8_blocks: {name} is not a weight")
+            tensors[name], tensors[f"{name}_scale_inv"] = fp8_block_quantize(tensors[name], q.block)
+        if hits:
+            save_file(tensors, path, metadata={"format": "pt"})
+            _fix_index(out, tensors.keys(), path.name)
+    for q in spec.fp8_blocks:
+        if not any(fnmatch.fnmatchcase(n, q.tensors) for p in out.glob("*.safetensors") for n in _names(p)):
+            raise ValueError(f"fp8_blocks: no tensor matches {q.tensors!r}")
+
+
+def _names(path: Path) -> list[str]:
+    from safetensors import safe_open
+
+    with safe_open(path, "pt") as f:
+        return list(f.keys())
 
 
 CONFIG_MODULE = '''"""Configuration of {model_type}, shipped with the checkpoint as the real one is, for

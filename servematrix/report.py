@@ -95,7 +95,7 @@ def load_success_md(summary: RunSummary) -> str:
             if r is None:
                 out.append("")
                 continue
-            text = SYMBOL[r.verdict]
+            text = SYMBOL[r.verdict] + (" ᴸ" if r.load_check is not None else "")
             if r.failure or r.note:
                 notes.append(f"{r.id}: " + "; ".join(
                     x for x in (r.failure and f"[{r.failure.phase}/{r.failure.kind}] {r.failure.signature}", r.note) if x))
@@ -104,6 +104,10 @@ def load_success_md(summary: RunSummary) -> str:
         lines.append(f"| {scenario} | " + " | ".join(out) + " |")
     if notes:
         lines += ["", *(f"{i}. {n}".replace("|", "\\|") for i, n in enumerate(notes, 1))]
+    if any(r.load_check is not None for r in summary.scenarios):
+        lines += ["", "ᴸ load check: vLLM's own model construction and weight loading under the layout, "
+                      "no server (this device has no kernels for the model's attention); PP layouts are "
+                      "compared parameter by parameter with the PP=1 load."]
     counts = ", ".join(f"{k}: {v}" for k, v in summary.counts.items())
     lines += ["", f"Totals: {counts or 'nothing run yet'}", ""]
     return "\n".join(lines)

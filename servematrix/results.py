@@ -10,6 +10,7 @@ from pydantic import BaseModel, Field
 from servematrix.accuracy import CheckResult, MetricValue
 from servematrix.failure import Failure
 from servematrix.gsm8k import Gsm8kResult
+from servematrix.loadcheck import LoadCheckResult
 from servematrix.matrix import Entry, Expectation
 from servematrix.smoke import SmokeResult
 
@@ -45,6 +46,7 @@ class ScenarioRecord(BaseModel):
     vllm_version: str | None = None  # the exact versions this scenario's server ran on
     torch_version: str | None = None
     load: LoadResult | None = None
+    load_check: LoadCheckResult | None = None  # set when the entry checked loading instead of serving
     smoke: SmokeResult | None = None
     gsm8k: Gsm8kResult | None = None
     gsm8k_error: str | None = None

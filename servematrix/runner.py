@@ -17,7 +17,7 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
-from servematrix import __version__, accuracy, dispatch, envs, gsm8k, hardware, history, report
+from servematrix import __version__, accuracy, dispatch, envs, gsm8k, hardware, history, loadcheck, report
 from servematrix.failure import Failure
 from servematrix.launch import BACKENDS, LaunchSpec, Server, ServerFailed, build_spec, device_profile, free_port
 from servematrix.launch_docker import DockerConfig, DockerServer
@@ -317,8 +317,12 @@ class Runner:
                               tuple(self.options.inject), gpu_ids)
             (entry_dir / "fixes.jsonl").unlink(missing_ok=True)
             fields["server_command"] = spec.shell()
-            self.progress.phase(k, entry.id, "starting server")
-            failure = self._serve(k, entry, scenario, spec, entry_dir, fields, model_path)
+            if scenario.load_check_on(entry.device):
+                self.progress.phase(k, entry.id, "load check (vLLM's loader under the layout; no server)")
+                failure = self._load_check(entry, spec, entry_dir, fields)
+            else:
+                self.progress.phase(k, entry.id, "starting server")
+                failure = self._serve(k, entry, scenario, spec, entry_dir, fields, model_path)
         except ModelUnavailable as exc:
             failure = Failure.of("model", str(exc), "load")
         except envs.EnvError as exc:
@@ -349,6 +353,17 @@ class Runner:
             info = envs.info(entry.vllm) or {}
             self._versions[entry.vllm] = {"vllm": info.get("vllm"), "torch": info.get("torch")}
         return envs.python(entry.vllm)
+
+    @staticmethod
+    def _load_check(entry: Entry, spec: LaunchSpec, entry_dir: Path, fields: dict) -> Failure | None:
+        """Always a local process in the entry's vLLM environment, whatever the server backend."""
+        attention = (device_profile(entry.device).get("load_check") or {}).get("attention", {})
+        out = entry_dir / "loadcheck"
+        fields["server_command"] = loadcheck.shell(spec, attention, out)
+        result, failure = loadcheck.run(spec, attention, out)
+        fields["load_check"] = result
+        fields["load"] = LoadResult(ok=failure is None, seconds=result.seconds, error=failure)
+        return failure
 
     def _serve(self, k, entry, scenario: Scenario, spec, entry_dir: Path, fields: dict,
                model_path: str) -> Failure | None:

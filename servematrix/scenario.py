@@ -131,6 +131,15 @@ class AccuracySpec(_Strict):
     checks: list[Check] = Field(default_factory=list)
 
 
+class LoadCheckSpec(_Strict):
+    """Devices this model cannot be served on (no kernels for its attention there): an entry on one
+    of them runs vLLM's own model construction and weight loading under its layout instead of a
+    server (loadcheck.py), and its record says so."""
+
+    devices: list[str] = Field(min_length=1)
+    reason: str
+
+
 class BugRef(_Strict):
     url: HttpUrl
     title: str | None = None
@@ -148,6 +157,7 @@ class Scenario(_Strict):
     smoke: SmokeSpec
     gsm8k: Gsm8kSpec = Gsm8kSpec()
     accuracy: AccuracySpec = AccuracySpec()
+    load_check: LoadCheckSpec | None = None
     bug: BugRef | None = None
 
     @field_validator("quants")
@@ -168,6 +178,9 @@ class Scenario(_Strict):
     @property
     def model_name(self) -> str:
         return self.served_model_name or self.name
+
+    def load_check_on(self, device: str) -> bool:
+        return self.load_check is not None and device in self.load_check.devices
 
     @property
     def has_chat(self) -> bool:

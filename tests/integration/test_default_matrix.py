@@ -133,14 +133,14 @@ def test_gate_ships_the_clean_default_run(run):
     assert (out.parent / "history.sqlite").is_file()
 
 
-# --- the same scenarios dispatched as Ray tasks (a one-node Ray cluster started by the CLI) ------
-RAY_SELECTION = "tiny-llama"  # the tiny Llama families: 5 entries incl. the PP=2 xfail
+# --- the whole default matrix again, each entry a Ray task (a one-node Ray cluster started by the
+# CLI): the real model with its gsm8k and gate references, the tiny Llamas, the PP=2 xfail
 
 
 @pytest.fixture(scope="module")
 def ray_run(tmp_path_factory, shared_cache, run):
     out = tmp_path_factory.mktemp("reports") / "ray"
-    proc = servematrix("run", "matrix/cpu-smoke.yaml", "-k", RAY_SELECTION, "--backend", "ray",
+    proc = servematrix("run", "matrix/cpu-smoke.yaml", "--backend", "ray",
                        "--out", str(out), timeout=2400, env={"SERVEMATRIX_CACHE": shared_cache})
     summary = json.loads((out / "summary.json").read_text())
     return proc, out, summary, {r["id"]: r for r in summary["scenarios"]}
@@ -163,7 +163,8 @@ def test_ray_backend_gives_the_same_records_as_the_local_backend(run, ray_run):
     proc, out, summary, ray_by_id = ray_run
     _, _, _, local_by_id = run
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert summary["status"] == "complete" and len(ray_by_id) == 5
+    assert summary["status"] == "complete" and len(ray_by_id) == 7
+    assert ray_by_id.keys() == local_by_id.keys()
     for rid, r in ray_by_id.items():
         assert _essence(r) == _essence(local_by_id[rid]), rid
 

@@ -2,10 +2,14 @@
 fix (the seed's shape-mismatch signature), repaired by the fix module (parity with the same
 release's TP=1), and reported already-fixed on 0.32.0; #37214 reproduced on 0.18.1 (the seed's
 KeyError), repaired by its fix module (and at TP=2 together with the #38191 module, with parity),
-already-fixed on 0.32.0. Builds the cpu-0.20.2 and cpu-0.18.1 environments on first use
-(≈ 4 + 6 min, ≈ 6 + 8 GB in the test cache)."""
+already-fixed on 0.32.0; #42944 as load checks (vLLM's own loader under PP=2; sparse MLA has no
+CPU kernels): reproduced on 0.20.2, repaired by its fix module with PP=2 loading exactly PP=1's
+parameters, already-fixed on 0.32.0; #38870's detector quiet on every release environment built.
+Builds the cpu-0.20.2 and cpu-0.18.1 environments on first use (≈ 4 + 6 min, ≈ 6 + 8 GB in the
+test cache)."""
 
 import json
+import subprocess
 
 import pytest
 
@@ -31,7 +35,7 @@ def statuses(record):
 def test_seed_matrix_meets_every_expectation(seed_run):
     proc, _, by_id = seed_run
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert len(by_id) == 9
+    assert len(by_id) == 14
 
 
 def test_38191_reproduced_on_0_20_2_without_the_fix(seed_run):
@@ -89,3 +93,65 @@ def test_37214_fix_reports_already_fixed_on_0_32_0(seed_run):
     r = by_id[f"{KV}/tp1-pp1-bf16+minimax-kv-scale-37214"]
     assert r["verdict"] == "pass" and r["vllm_version"] == "0.32.0"
     assert statuses(r) == {("minimax-kv-scale-37214", "already-fixed")}
+
+
+GLM = "tiny-glm-5.1-dsa"
+PP_KEYERROR = r"KeyError: '(model\.)?layers\.\d+\.self_attn\.indexer\.wk_weights_proj\.weight'"
+
+
+def test_42944_reproduced_on_0_20_2_at_pp2_by_vllms_own_loader(seed_run):
+    import re
+
+    _, out, by_id = seed_run
+    r = by_id[f"{GLM}/tp1-pp2-bf16-cpu-0.20.2"]
+    assert r["verdict"] == "xfail" and re.fullmatch(PP_KEYERROR, r["failure"]["signature"])
+    assert r["load_check"]["ok"] is False and len(r["load_check"]["ranks"]) == 2
+    assert r["vllm_version"] == "0.20.2"
+    assert "load check" in (out / "load-success.md").read_text()
+    # the same release loads the same checkpoint without pipeline parallelism
+    assert by_id[f"{GLM}/tp1-pp1-bf16-cpu-0.20.2+dsa-indexer-fp8-38870"]["verdict"] == "pass"
+
+
+def test_42944_repaired_on_0_20_2_and_pp2_loads_exactly_pp1s_parameters(seed_run):
+    _, _, by_id = seed_run
+    r = by_id[f"{GLM}/tp1-pp2-bf16-cpu-0.20.2+dsa-indexer-pp-42944+dsa-indexer-fp8-38870"]
+    assert r["verdict"] == "pass"
+    assert statuses(r) == {("dsa-indexer-pp-42944", "applied"), ("dsa-indexer-fp8-38870", "already-fixed")}
+    assert len({f["pid"] for f in r["fixes"]}) == 2  # applied in each PP rank's process
+    base = by_id[f"{GLM}/tp1-pp1-bf16-cpu-0.20.2+dsa-indexer-fp8-38870"]
+    assert r["load_check"]["parity"] == {"baseline": base["id"], "ok": True, "details": []}
+    ranks = r["load_check"]["ranks"]
+    assert [x["ok"] for x in ranks] == [True, True]
+    # two stages, each a strict part of the model, together all of it
+    assert sum(x["numel"] for x in ranks) > base["load_check"]["ranks"][0]["numel"] > max(x["numel"] for x in ranks)
+
+
+def test_42944_fix_reports_already_fixed_on_0_32_0(seed_run):
+    _, _, by_id = seed_run
+    r = by_id[f"{GLM}/tp1-pp2-bf16+dsa-indexer-pp-42944+dsa-indexer-fp8-38870"]
+    assert r["verdict"] == "pass" and r["vllm_version"] == "0.32.0"
+    assert statuses(r) == {("dsa-indexer-pp-42944", "already-fixed"), ("dsa-indexer-fp8-38870", "already-fixed")}
+    assert r["load_check"]["parity"]["ok"] is True
+
+
+DETECT = "import json, servematrix_fixes as f; s, why = f.load('dsa-indexer-fp8-38870').detect(); print(json.dumps([s, why]))"
+
+
+def test_38870_detector_stays_quiet_on_every_release_built(seed_run, shared_cache, monkeypatch):
+    """#38870 lived only on upstream main: no release may be reported as having it."""
+    import os
+
+    from servematrix import envs
+
+    monkeypatch.setenv("SERVEMATRIX_CACHE", shared_cache)
+    built = [name for name, info in envs.list_envs() if info]
+    assert {"cpu-0.18.1", "cpu-0.20.2"} <= set(built)  # by the seed run; any other built one counts too
+    seen = {}
+    for name in ["current", *built]:
+        envs.ensure(name)  # refreshes the environment's copy of the fix modules if it is older
+        env = {**os.environ, **envs.launch_env(name)}
+        out = subprocess.run([envs.python(name), "-c", DETECT], capture_output=True, text=True, timeout=300, env=env)
+        assert out.returncode == 0, out.stderr[-2000:]
+        seen[name] = json.loads(out.stdout.strip().splitlines()[-1])[0]
+    assert "bug" not in seen.values(), seen
+    assert seen["cpu-0.18.1"] == "n/a" and seen["cpu-0.20.2"] == seen["current"] == "fixed"

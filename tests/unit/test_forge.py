@@ -58,3 +58,44 @@ def test_fields_the_family_class_does_not_declare_are_listed_not_refused(kvscale
     assert check_config(kvscale_checkpoint, spec()) == []
     meta = json.loads((kvscale_checkpoint / "forge.json").read_text())
     assert meta["fields_not_in_config_class"] == []
+
+
+def test_fp8_blocks_store_the_weight_as_e4m3_with_one_scale_per_128x128_block_that_vllm_dequantizes_back():
+    import torch
+    from vllm.model_executor.layers.quantization.utils.quant_utils import GroupShape, scaled_dequantize
+
+    from servematrix.forge import fp8_block_quantize
+
+    weight = torch.randn(256, 384, generator=torch.Generator().manual_seed(0)) * 0.3
+    weight[:128, :128] *= 50  # one block far larger than the rest: its scale must not leak into others
+    q, scale_inv = fp8_block_quantize(weight, [128, 128])
+    assert q.dtype == torch.float8_e4m3fn and scale_inv.dtype == torch.float32
+    assert scale_inv.shape == (2, 3)
+    back = scaled_dequantize(q, scale_inv, group_shape=GroupShape(128, 128), out_dtype=torch.float32)
+    rel = ((back - weight).abs() / weight.abs().clamp(min=1e-3)).median()
+    assert rel < 0.07  # e4m3 keeps 3 mantissa bits: ~6% worst-case rounding, far less in the median
+    assert (back[128:, 128:] - weight[128:, 128:]).abs().max() < 0.1
+
+
+def test_fp8_blocks_refuse_a_shape_that_is_not_whole_blocks():
+    import torch
+
+    from servematrix.forge import fp8_block_quantize
+
+    with pytest.raises(ValueError, match="multiple of the \\[128, 128\\] FP8 block"):
+        fp8_block_quantize(torch.zeros(128, 100), [128, 128])
+
+
+def test_fp8_blocks_write_weight_and_weight_scale_inv_and_refuse_a_pattern_matching_nothing(tmp_path, monkeypatch):
+    import torch
+
+    monkeypatch.setenv("SERVEMATRIX_CACHE", str(tmp_path))
+    cfg = {**TINY, "hidden_size": 128, "intermediate_size": 256, "head_dim": 64}
+    path = forge("unit-fp8", spec(config=cfg, fp8_blocks=[{"tensors": "model.layers.*.mlp.up_proj.weight"}]))
+    (st,) = path.glob("*.safetensors")
+    with safe_open(str(st), "pt") as f:
+        assert f.get_tensor("model.layers.1.mlp.up_proj.weight").dtype == torch.float8_e4m3fn
+        assert list(f.get_tensor("model.layers.1.mlp.up_proj.weight_scale_inv").shape) == [2, 1]
+        assert f.get_tensor("model.layers.1.mlp.down_proj.weight").dtype == torch.float32
+    with pytest.raises(ValueError, match="no tensor matches"):
+        forge("unit-fp8-none", spec(config=cfg, fp8_blocks=[{"tensors": "model.layers.*.indexer.wk.weight"}]))

@@ -1,0 +1,132 @@
+"""Load check: for a model this device cannot serve (sparse MLA has no CPU kernels), run vLLM's own
+model construction and weight loading under the entry's TP×PP layout instead of a server, in the
+entry's vLLM environment, with its fix modules (loadcheck_worker.py does the vLLM side).
+
+The command line is the server's, so the check builds the engine the server would; the result is
+the same LoadResult / Failure a server start gives, plus per-rank parameter counts and content
+digests, which the compare stage uses for PP parity (PP=2's ranks together must hold exactly the
+parameters PP=1 loads).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+from pydantic import BaseModel, Field
+
+from servematrix import failure
+from servematrix.failure import Failure
+from servematrix.launch import LaunchSpec
+
+WORKER = Path(__file__).with_name("loadcheck_worker.py")
+SERVER_MODULE = "vllm.entrypoints.openai.api_server"
+
+
+class RankResult(BaseModel):
+    rank: int
+    ok: bool
+    pid: int | None = None
+    model: str | None = None
+    parameters: int | None = None
+    numel: int | None = None
+    error: str | None = None
+    seconds: float | None = None
+
+
+class LoadParity(BaseModel):
+    baseline: str
+    ok: bool
+    details: list[str] = Field(default_factory=list)
+
+
+class LoadCheckResult(BaseModel):
+    """What vLLM's loader did on each rank. `digests`: parameter name → dtype, shape and content
+    hash, over all ranks (each PP rank holds its own layers; TP ranks hold shards)."""
+
+    ok: bool
+    ranks: list[RankResult] = Field(default_factory=list)
+    seconds: float
+    digests: dict[str, str] = Field(default_factory=dict)
+    parity: LoadParity | None = None  # set by the compare stage
+
+
+
+def command(spec: LaunchSpec, attention: dict[str, str], out: Path) -> list[str]:
+    """The server's argv with the worker in place of the API server module."""
+    argv = list(spec.argv)
+    i = argv.index(SERVER_MODULE)
+    if argv[i - 1] != "-m":
+        raise ValueError(f"not a vLLM server command: {spec.shell()}")
+    flags = [f"--loadcheck-{kind}-backend={name}" for kind, name in sorted(attention.items())]
+    # -P: the worker's folder (servematrix/) must not shadow stdlib modules (secrets, ...)
+    return [argv[0], "-P", str(WORKER), f"--loadcheck-out={out}", *flags, *argv[i + 1:]]
+
+
+def shell(spec: LaunchSpec, attention: dict[str, str], out: Path) -> str:
+    """The check's command line as a shell would take it (environment first, secrets redacted)."""
+    return spec.model_copy(update={"argv": command(spec, attention, out)}).shell()
+
+
+def run(spec: LaunchSpec, attention: dict[str, str], out: Path) -> tuple[LoadCheckResult, Failure | None]:
+    """Run the check to completion (or spec.startup_timeout); the log goes to spec.log_path."""
+    out.mkdir(parents=True, exist_ok=True)
+    for old in out.glob("rank*.json"):
+        old.unlink()
+    argv = command(spec, attention, out)
+    t0 = time.monotonic()
+    with open(spec.log_path, "w") as log:
+        log.write(f"$ {' '.join(argv)}\n")
+        log.flush()
+        proc = subprocess.Popen(argv, env={**os.environ, **spec.env}, stdout=log, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, start_new_session=True)
+        try:
+            code = proc.wait(timeout=spec.startup_timeout)
+        except subprocess.TimeoutExpired:
+            _kill(proc)
+            return _collect(out, round(time.monotonic() - t0, 2)), timed_out(spec)
+        except BaseException:  # Ctrl-C: no rank may outlive the check
+            _kill(proc)
+            raise
+    seconds = round(time.monotonic() - t0, 2)
+    result = _collect(out, seconds)
+    if code == 0 and result.ok:
+        return result, None
+    text = spec.log_path.read_text(errors="replace")
+    return result, failure.classify_exit(text, code, "load")
+
+
+def timed_out(spec: LaunchSpec) -> Failure:
+    return Failure.of("timeout", f"load check not done after {spec.startup_timeout:.0f} s", "load")
+
+
+def _kill(proc: subprocess.Popen) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait()
+
+
+def _collect(out: Path, seconds: float) -> LoadCheckResult:
+    ranks, digests = [], {}
+    for path in sorted(out.glob("rank*.json")):
+        data = json.loads(path.read_text())
+        digests.update(data.pop("digests", None) or {})
+        ranks.append(RankResult.model_validate({k: v for k, v in data.items() if k in RankResult.model_fields}))
+    ok = bool(ranks) and all(r.ok for r in ranks)
+    return LoadCheckResult(ok=ok, ranks=ranks, seconds=seconds, digests=digests if ok else {})
+
+
+def parity(digests: dict[str, str], baseline: dict[str, str], baseline_id: str, limit: int = 5) -> LoadParity:
+    """Same parameters, bit for bit, as the baseline layout loaded (both loaded completely; the
+    layouts must shard alike, i.e. the same TP: PP only places whole layers)."""
+    details = [f"{n}: not loaded (baseline has it)" for n in sorted(baseline.keys() - digests.keys())]
+    details += [f"{n}: loaded here, not in the baseline" for n in sorted(digests.keys() - baseline.keys())]
+    details += [f"{n}: {digests[n]} != baseline {baseline[n]}" for n in sorted(digests.keys() & baseline.keys())
+                if digests[n] != baseline[n]]
+    return LoadParity(baseline=baseline_id, ok=not details, details=details[:limit])

@@ -1,0 +1,209 @@
+"""Load check worker: runs inside a vLLM environment (stdlib, torch and vLLM only; started with
+`python -P` so this folder's modules shadow nothing) and drives vLLM's own model loader for a
+checkpoint under a TP×PP layout, one process per rank as vLLM's workers are.
+
+The command line is the server's (vLLM's own OpenAI-server parser reads it), plus this worker's
+`--loadcheck-*` flags. Each rank loads vLLM's general plugins (the servematrix fix modules among
+them, as every vLLM worker does), builds the engine config, joins a gloo process group, then runs
+vLLM's model loader as `load_model` does: the model class with its PP-missing layers, then the
+loader's `load_weights` over the checkpoint. No forward pass runs, and neither does
+`process_weights_after_loading` (kernel preparation, which needs the kernels). Each rank writes
+`rank<N>.json` (parameter count and content digests, or the error); a rank that fails prints its
+traceback first, so the runner's failure classifier finds the signature in the log.
+
+Where this platform has no attention backend for the model (MLA and sparse MLA on CPU), the layers
+are built with the backend a GPU would pick, named on the command line; its kernels never run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import sys
+import time
+import traceback
+
+MARK = "SERVEMATRIX_LOADCHECK"
+
+
+def _args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
+    """This worker's own flags; everything else is the server's command line, parsed below by
+    vLLM's own OpenAI-server parser so the check builds exactly the engine the server would."""
+    p = argparse.ArgumentParser(add_help=False)
+    p.add_argument("--loadcheck-mla-backend", default=None, help="AttentionBackendEnum name for MLA layers")
+    p.add_argument("--loadcheck-sparse-backend", default=None, help="... for sparse MLA layers")
+    p.add_argument("--loadcheck-out", required=True, help="directory for one JSON result per rank")
+    return p.parse_known_args(argv)
+
+
+def _engine_args(server_argv: list[str]):
+    from vllm.engine.arg_utils import EngineArgs
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    try:
+        from vllm.entrypoints.openai.cli_args import make_arg_parser
+    except ImportError:  # 0.30+: the server's parser moved with the launchers
+        from vllm.entrypoints.launchers.cli_args import make_arg_parser
+
+    parsed = make_arg_parser(FlexibleArgumentParser()).parse_args(server_argv)
+    engine_args = EngineArgs.from_cli_args(parsed)
+    # one process per rank is started here, not by an executor
+    engine_args.distributed_executor_backend = "mp"
+    return engine_args
+
+
+def _pick_backends(mla: str | None, sparse: str | None) -> None:
+    """Let the platform name a backend for the layers it refuses to build (the choice only)."""
+    if not (mla or sparse):
+        return
+    from vllm.platforms import current_platform
+    from vllm.v1.attention.backends.registry import AttentionBackendEnum
+
+    platform_cls = type(current_platform)
+    original = platform_cls.get_attn_backend_cls.__func__
+
+    def get_attn_backend_cls(cls, selected_backend, attn_selector_config, *args, **kwargs):
+        if sparse and attn_selector_config.use_sparse:
+            return AttentionBackendEnum[sparse].get_path()
+        if mla and attn_selector_config.use_mla:
+            return AttentionBackendEnum[mla].get_path()
+        return original(cls, selected_backend, attn_selector_config, *args, **kwargs)
+
+    platform_cls.get_attn_backend_cls = classmethod(get_attn_backend_cls)
+    _kernel_less_prefill()
+
+
+def _kernel_less_prefill() -> None:
+    """vLLM 0.21+ gives every MLA layer a prefill backend, and where the platform reports no device
+    capability it takes FlashAttention's, whose constructor asserts that the GPU library's
+    `flash_attn_varlen_func` was imported. Fill that slot with a function that refuses to run: a
+    load check never runs a forward pass, so any call is a bug in the check, and says so."""
+    try:
+        from vllm.v1.attention.backends.mla.prefill import flash_attn
+    except ImportError:  # before 0.21 the MLA backend did its own prefill
+        return
+
+    def flash_attn_varlen_func(*args, **kwargs):
+        raise RuntimeError("servematrix load check: no attention kernel runs")
+
+    if getattr(flash_attn, "flash_attn_varlen_func", None) is None:
+        flash_attn.flash_attn_varlen_func = flash_attn_varlen_func
+
+
+def _rank(rank: int, args: argparse.Namespace, server_argv: list[str], port: int) -> None:
+    import torch
+    from vllm.config import set_current_vllm_config
+    from vllm.distributed import init_distributed_environment, initialize_model_parallel
+    from vllm.plugins import load_general_plugins
+
+    t0 = time.monotonic()
+    result = {"rank": rank, "ok": False, "pid": os.getpid()}
+    try:
+        load_general_plugins()  # what every vLLM worker does first: the fix modules apply here
+        _pick_backends(args.loadcheck_mla_backend, args.loadcheck_sparse_backend)
+        config = _engine_args(server_argv).create_engine_config()
+        par = config.parallel_config
+        result.update(tp=par.tensor_parallel_size, pp=par.pipeline_parallel_size)
+        with set_current_vllm_config(config):
+            init_distributed_environment(world_size=par.world_size, rank=rank, local_rank=rank, backend="gloo",
+                                         distributed_init_method=f"tcp://127.0.0.1:{port}")
+            initialize_model_parallel(par.tensor_parallel_size, par.pipeline_parallel_size)
+            _workspace(torch)
+            model = _load(config)
+        params = dict(model.named_parameters())
+        result.update(ok=True, model=type(model).__name__, parameters=len(params),
+                      numel=int(sum(p.numel() for p in params.values())),
+                      digests={n: _digest(p) for n, p in params.items()})
+    except BaseException as exc:  # noqa: BLE001 - reported, then the rank exits non-zero
+        traceback.print_exc()
+        result["error"] = f"{type(exc).__name__}: {exc}"[:2000]
+    result["seconds"] = round(time.monotonic() - t0, 2)
+    with open(os.path.join(args.loadcheck_out, f"rank{rank}.json"), "w") as f:
+        json.dump(result, f)
+    print(f"{MARK} rank {rank}: {'loaded' if result['ok'] else 'FAILED'} in {result['seconds']} s", flush=True)
+    sys.stderr.flush()
+    if not result["ok"]:
+        os._exit(1)
+
+
+def _workspace(torch) -> None:
+    """Sparse MLA layers take scratch buffers from the worker's workspace (vLLM 0.20+), which a GPU
+    worker sets up; here it lives on the CPU. Resizing it calls torch.accelerator.empty_cache(),
+    which a CUDA-enabled torch without a device skips but a CPU-only torch (2.13+cpu) refuses:
+    make it the same no-op where no accelerator exists."""
+    try:
+        from vllm.v1.worker.workspace import init_workspace_manager
+    except ImportError:
+        return
+    accel = getattr(torch, "accelerator", None)
+    if accel is not None and accel.current_accelerator() is None:
+        accel.empty_cache = lambda: None
+    init_workspace_manager(torch.device("cpu"))
+
+
+def _load(config):
+    """The first two steps of vLLM's BaseModelLoader.load_model, as it runs them: build the model
+    (PP-missing layers included) under the model dtype on the load device, then the loader's
+    load_weights, which also refuses parameters the checkpoint left uninitialised. The third step,
+    process_weights_after_loading, prepares kernels (and needs them): it is not run."""
+    import torch
+    from vllm.model_executor.model_loader import get_model_loader
+    from vllm.model_executor.model_loader.utils import initialize_model
+    from vllm.utils.torch_utils import set_default_torch_dtype
+
+    loader = get_model_loader(config.load_config)
+    device = torch.device(config.load_config.device or config.device_config.device)
+    with set_default_torch_dtype(config.model_config.dtype):
+        with device:
+            model = initialize_model(vllm_config=config, model_config=config.model_config)
+        loader.load_weights(model, config.model_config)
+    return model
+
+
+def _digest(tensor) -> str:
+    """Content hash of a loaded parameter, comparable across layouts and releases (PP places whole
+    layers, so PP=2's ranks together must hold PP=1's parameters bit for bit)."""
+    import hashlib
+
+    import torch
+
+    data = tensor.detach().to("cpu").contiguous().view(torch.uint8).numpy().tobytes()
+    return f"{tensor.dtype}:{list(tensor.shape)}:{hashlib.sha1(data).hexdigest()[:16]}"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def main(argv: list[str] | None = None) -> int:
+    args, server_argv = _args(sys.argv[1:] if argv is None else argv)
+    os.makedirs(args.loadcheck_out, exist_ok=True)
+    # the CPU communicator names its shared-memory groups after this (a CPU worker sets it)
+    os.environ.setdefault("VLLM_DIST_IDENT", f"servematrix-loadcheck-{os.getpid()}")
+    world = _world(server_argv)
+    import torch.multiprocessing as mp
+
+    ctx = mp.start_processes(_rank, args=(args, server_argv, _free_port()), nprocs=world, join=False,
+                             start_method="spawn")
+    codes = []
+    for proc in ctx.processes:
+        proc.join()
+        codes.append(proc.exitcode)
+    return 0 if all(c == 0 for c in codes) else 1
+
+
+def _world(server_argv: list[str]) -> int:
+    """TP×PP from the server's command line (the ranks are started before vLLM parses it)."""
+    p = argparse.ArgumentParser(add_help=False)
+    p.add_argument("--tensor-parallel-size", "-tp", type=int, default=1)
+    p.add_argument("--pipeline-parallel-size", "-pp", type=int, default=1)
+    known, _ = p.parse_known_args(server_argv)
+    return known.tensor_parallel_size * known.pipeline_parallel_size
+
+
+if __name__ == "__main__":
+    sys.exit(main())

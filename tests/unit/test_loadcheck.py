@@ -1,0 +1,74 @@
+"""The load check's command line is the server's, with vLLM's loader in place of the API server;
+its results are gathered per rank; PP parity is a parameter-by-parameter comparison."""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from servematrix import loadcheck
+from servematrix.launch import LaunchSpec
+
+
+def spec(argv=None, **kw):
+    argv = argv or [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", "/m", "--port", "8000",
+                    "--pipeline-parallel-size", "2", "--dtype", "bfloat16"]
+    return LaunchSpec(argv=argv, env={"SERVEMATRIX_FIXES": "dsa-indexer-pp-42944"}, port=8000,
+                      log_path=Path("/tmp/x.log"), startup_timeout=60, **kw)
+
+
+def test_the_check_runs_the_worker_with_the_servers_own_arguments_and_no_path_shadowing(tmp_path):
+    argv = loadcheck.command(spec(), {"sparse": "FLASHMLA_SPARSE", "mla": "TRITON_MLA"}, tmp_path)
+    assert argv[:3] == [sys.executable, "-P", str(loadcheck.WORKER)]
+    assert f"--loadcheck-out={tmp_path}" in argv
+    assert "--loadcheck-sparse-backend=FLASHMLA_SPARSE" in argv and "--loadcheck-mla-backend=TRITON_MLA" in argv
+    assert argv[-8:] == ["--model", "/m", "--port", "8000", "--pipeline-parallel-size", "2", "--dtype", "bfloat16"]
+    assert "vllm.entrypoints.openai.api_server" not in argv
+
+
+def test_the_recorded_command_carries_the_environment_the_fix_modules_read(tmp_path):
+    text = loadcheck.shell(spec(), {}, tmp_path)
+    assert text.startswith("SERVEMATRIX_FIXES=dsa-indexer-pp-42944 ") and "loadcheck_worker.py" in text
+
+
+def test_a_command_that_is_not_a_vllm_server_is_refused(tmp_path):
+    with pytest.raises(ValueError):
+        loadcheck.command(spec(["python", "vllm.entrypoints.openai.api_server"]), {}, tmp_path)
+
+
+def write_rank(out, rank, ok, digests=None, **kw):
+    data = {"rank": rank, "ok": ok, "pid": 100 + rank, "tp": 1, "pp": 2, "seconds": 1.0, **kw}
+    if digests is not None:
+        data["digests"] = digests
+    (out / f"rank{rank}.json").write_text(json.dumps(data))
+
+
+def test_ranks_are_gathered_and_their_digests_joined(tmp_path):
+    write_rank(tmp_path, 0, True, {"a": "x"}, parameters=1, numel=10)
+    write_rank(tmp_path, 1, True, {"b": "y"}, parameters=1, numel=20)
+    result = loadcheck._collect(tmp_path, 3.0)
+    assert result.ok and result.digests == {"a": "x", "b": "y"}
+    assert [r.numel for r in result.ranks] == [10, 20]
+
+
+def test_one_failed_rank_fails_the_check_and_no_partial_digests_are_kept(tmp_path):
+    write_rank(tmp_path, 0, True, {"a": "x"})
+    write_rank(tmp_path, 1, False, error="KeyError: 'model.layers.0.self_attn.indexer.wk_weights_proj.weight'")
+    result = loadcheck._collect(tmp_path, 3.0)
+    assert not result.ok and result.digests == {}
+    assert result.ranks[1].error.startswith("KeyError")
+
+
+def test_no_rank_reporting_is_a_failed_check(tmp_path):
+    assert not loadcheck._collect(tmp_path, 1.0).ok
+
+
+def test_parity_holds_only_for_the_same_parameters_bit_for_bit():
+    base = {"w1": "bf16:[2]:aa", "w2": "bf16:[2]:bb"}
+    assert loadcheck.parity(dict(base), base, "b").ok
+    p = loadcheck.parity({"w1": "bf16:[2]:aa", "w3": "bf16:[2]:cc"}, base, "b")
+    assert not p.ok and p.baseline == "b"
+    assert p.details == ["w2: not loaded (baseline has it)", "w3: loaded here, not in the baseline"]
+    changed = loadcheck.parity({"w1": "bf16:[2]:aa", "w2": "bf16:[2]:zz"}, base, "b")
+    assert changed.details == ["w2: bf16:[2]:zz != baseline bf16:[2]:bb"]
