@@ -26,6 +26,7 @@ REGISTRY: dict[str, str] = {
     "dsa-indexer-fp8-38870": "servematrix_fixes.dsa_indexer_fp8:FIX",
     "dsa-indexer-pp-42944": "servematrix_fixes.dsa_indexer_pp:FIX",
     "inject-scale": "servematrix_fixes.inject_scale:FIX",
+    "minicpmv-resampler-39862": "servematrix_fixes.minicpmv_resampler:FIX",
     "minimax-k-norm-38191": "servematrix_fixes.minimax_k_norm:FIX",
     "minimax-kv-scale-37214": "servematrix_fixes.minimax_kv_scale:FIX",
 }

@@ -58,12 +58,25 @@ class Mutation(_Strict):
 
 class ExtraTensor(_Strict):
     """A tensor the real checkpoint carries that transformers' class does not write (e.g. FP8
-    KV-cache scales); `{layer}` in the name is expanded over every layer."""
+    KV-cache scales, a module only the remote code defines); `{layer}` in the name is expanded over
+    every layer. `random`: drawn like the forged weights instead of filled with `value`."""
 
     name: str
     shape: list[int] = Field(default_factory=list)  # [] = a scalar
     value: float = 1.0
+    random: bool = False
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+
+
+class Component(_Strict):
+    """One transformers model inside a composite checkpoint (a multimodal model's vision tower),
+    written by its own class under `prefix`; its config goes into the top config at `config_key`."""
+
+    model_type: str  # e.g. "siglip_vision_model"
+    config: dict[str, Any] = Field(default_factory=dict)
+    prefix: str  # e.g. "vpm."
+    strip: str = ""  # leading part of the class's own tensor names to drop (e.g. "vision_model.")
+    config_key: str  # e.g. "vision_config"
 
 
 class Fp8Blocks(_Strict):
@@ -86,6 +99,11 @@ class ForgeSpec(_Strict):
     tokenizer: TokenizerSpec = TokenizerSpec()
     extra_tensors: list[ExtraTensor] = Field(default_factory=list)
     fp8_blocks: list[Fp8Blocks] = Field(default_factory=list)
+    # composite checkpoints (model_type only the remote code knows, e.g. minicpmv): the text model
+    # is `text_model_type` written under `text_prefix`, the components beside it
+    text_model_type: str | None = None
+    text_prefix: str = ""
+    components: list[Component] = Field(default_factory=list)
     config_json: dict[str, Any] = Field(default_factory=dict)  # merged into config.json after saving
     remote_code: bool = False  # ship configuration_<model_type>.py + auto_map (--trust-remote-code)
     mutations: list[Mutation] = Field(default_factory=list)
@@ -107,6 +125,7 @@ def forge(name: str, spec: ForgeSpec) -> Path:
         tokenizer.save_pretrained(out)
         _pin_tokenizer_class(out)
         _write_model(spec, len(tokenizer), tokenizer, out)
+        _write_components(spec, out)
         _add_tensors(out, spec)
         _quantize_fp8_blocks(out, spec)
         _patch_config(out, spec)
@@ -166,7 +185,7 @@ def _write_model(spec: ForgeSpec, vocab_size: int, tokenizer, out: Path) -> None
     hf_logging.disable_progress_bar()  # the runner's progress lines are the only ones we print
 
     config = AutoConfig.for_model(
-        spec.model_type,
+        spec.text_model_type or spec.model_type,
         **{
             **spec.config,
             "vocab_size": vocab_size,
@@ -189,6 +208,48 @@ def _write_model(spec: ForgeSpec, vocab_size: int, tokenizer, out: Path) -> None
             elif "norm" in pname:
                 param.copy_(1.0 + 0.1 * torch.randn(param.shape, generator=gen))
     model.save_pretrained(out, safe_serialization=True)
+    if spec.text_prefix:
+        _rename_tensors(out, lambda name: spec.text_prefix + name)
+    if spec.text_model_type:  # the top config names the composite; the text model's fields stay
+        path = out / "config.json"
+        path.write_text(json.dumps({**json.loads(path.read_text()), "model_type": spec.model_type,
+                                    "architectures": [spec.architecture]}, indent=2))
+
+
+def _write_components(spec: ForgeSpec, out: Path) -> None:
+    """Each component by its own transformers class, re-drawn like the text model, its tensors
+    renamed into the checkpoint and its config stored in the top config."""
+    import torch
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoConfig, AutoModel
+
+    if not spec.components:
+        return
+    path = sorted(out.glob("*.safetensors"))[0]
+    tensors = load_file(path)
+    top = json.loads((out / "config.json").read_text())
+    gen = torch.Generator().manual_seed(spec.seed + 1)
+    for comp in spec.components:
+        config = AutoConfig.for_model(comp.model_type, **comp.config)
+        model = AutoModel.from_config(config, dtype=getattr(torch, spec.dtype))
+        for name, tensor in model.state_dict().items():
+            if comp.strip and name.startswith(comp.strip):
+                name = name[len(comp.strip):]
+            drawn = torch.randn(tensor.shape, generator=gen) * spec.init_std if tensor.dim() >= 2 else tensor
+            tensors[comp.prefix + name] = drawn.to(tensor.dtype).contiguous()
+        top[comp.config_key] = config.to_dict()
+    save_file(tensors, path, metadata={"format": "pt"})
+    _fix_index(out, tensors.keys(), path.name)
+    (out / "config.json").write_text(json.dumps(top, indent=2))
+
+
+def _rename_tensors(out: Path, rename) -> None:
+    from safetensors.torch import load_file, save_file
+
+    for path in sorted(out.glob("*.safetensors")):
+        tensors = {rename(k): v for k, v in load_file(path).items()}
+        save_file(tensors, path, metadata={"format": "pt"})
+        _fix_index(out, tensors.keys(), path.name)
 
 
 def _layers(out: Path) -> int:
@@ -203,11 +264,14 @@ def _add_tensors(out: Path, spec: ForgeSpec) -> None:
         return
     path = sorted(out.glob("*.safetensors"))[0]
     tensors = load_file(path)
+    gen = torch.Generator().manual_seed(spec.seed + 2)
     for extra in spec.extra_tensors:
         layers = range(_layers(out)) if "{layer}" in extra.name else [None]
         for i in layers:
             name = extra.name.replace("{layer}", str(i))
-            tensors[name] = torch.full(extra.shape, extra.value, dtype=getattr(torch, extra.dtype))
+            dtype = getattr(torch, extra.dtype)
+            tensors[name] = ((torch.randn(extra.shape, generator=gen) * spec.init_std).to(dtype) if extra.random
+                             else torch.full(extra.shape, extra.value, dtype=dtype))
     save_file(tensors, path, metadata={"format": "pt"})
     _fix_index(out, tensors.keys(), path.name)
 
@@ -271,6 +335,9 @@ class {cls}(PretrainedConfig):
     def __init__(self, **kwargs):
         for key in ("bos_token_id", "eos_token_id", "pad_token_id", "tie_word_embeddings"):
             kwargs.setdefault(key, None if key != "tie_word_embeddings" else False)
+        for key, value in list(kwargs.items()):  # a component's config (vision_config), as an object
+            if key.endswith("_config") and key != "quantization_config" and isinstance(value, dict):
+                kwargs[key] = PretrainedConfig(**value)
         super().__init__(**kwargs)
 '''
 
@@ -290,27 +357,44 @@ def _patch_config(out: Path, spec: ForgeSpec) -> None:
 def check_config(out: Path, spec: ForgeSpec) -> list[str]:
     """Read the forged config back with transformers' own class for the family (AutoConfig, no
     remote code) and refuse any drift: another model_type or architecture, or a field whose value
-    the class changes. Returns the spec's fields the class does not declare (kept, but listed in
-    forge.json: a real checkpoint may carry fields a transformers release does not know)."""
+    the class changes. A composite (a model type only remote code knows) is read back part by
+    part: its text model and each component with their own classes. Returns the spec's fields the
+    class does not declare (kept, but listed in forge.json: a real checkpoint may carry fields a
+    transformers release does not know)."""
     import inspect
 
     from transformers import AutoConfig
 
-    config = AutoConfig.from_pretrained(out, trust_remote_code=False)
+    data = json.loads((out / "config.json").read_text())
     problems = []
-    if config.model_type != spec.model_type:
-        problems.append(f"model_type {config.model_type!r} != {spec.model_type!r}")
-    if list(config.architectures or []) != [spec.architecture]:
-        problems.append(f"architectures {config.architectures} != [{spec.architecture!r}]")
-    for key, want in spec.config.items():
-        got = getattr(config, key, None)
-        if got != want and not (isinstance(want, list) and list(got or []) == want):
-            problems.append(f"{key}: {want!r} became {got!r}")
+    if spec.text_model_type:
+        parts = {c.config_key for c in spec.components} | {"model_type", "auto_map", "architectures"}
+        config = AutoConfig.for_model(spec.text_model_type, **{k: v for k, v in data.items() if k not in parts})
+        checks = [(config, spec.config, "")]
+        checks += [(AutoConfig.for_model(c.model_type, **{k: v for k, v in data[c.config_key].items()
+                                                          if k != "model_type"}), c.config, f"{c.config_key}.")
+                   for c in spec.components]
+        model_type, architectures = data.get("model_type"), data.get("architectures")
+    else:
+        config = AutoConfig.from_pretrained(out, trust_remote_code=False)
+        checks = [(config, spec.config, "")]
+        model_type, architectures = config.model_type, config.architectures
+    if model_type != spec.model_type:
+        problems.append(f"model_type {model_type!r} != {spec.model_type!r}")
+    if list(architectures or []) != [spec.architecture]:
+        problems.append(f"architectures {architectures} != [{spec.architecture!r}]")
+    unknown = []
+    for cls_config, wanted, where in checks:
+        for key, want in wanted.items():
+            got = getattr(cls_config, key, None)
+            if got != want and not (isinstance(want, list) and list(got or []) == want):
+                problems.append(f"{where}{key}: {want!r} became {got!r}")
+        declared = set(inspect.signature(type(cls_config).__init__).parameters) | set(dir(type(cls_config)))
+        unknown += [f"{where}{k}" for k in wanted if k not in declared]
     if problems:
         raise ValueError(f"forged {spec.architecture} config drifted from transformers' "
                          f"{type(config).__name__}: " + "; ".join(problems))
-    declared = set(inspect.signature(type(config).__init__).parameters) | set(dir(type(config)))
-    return sorted(k for k in spec.config if k not in declared)
+    return sorted(unknown)
 
 
 def _mutate(out: Path, m: Mutation) -> None:

@@ -27,10 +27,20 @@ WORKER = Path(__file__).with_name("loadcheck_worker.py")
 SERVER_MODULE = "vllm.entrypoints.openai.api_server"
 
 
+class Check(BaseModel):
+    """How to check: attention backends to build layers with (by kind), whether to load the
+    weights after building the model, where the ranks write their results."""
+
+    attention: dict[str, str] = Field(default_factory=dict)
+    load_weights: bool = True
+    out: Path
+
+
 class RankResult(BaseModel):
     rank: int
     ok: bool
     pid: int | None = None
+    steps: list[str] = Field(default_factory=list)  # what this rank did: construct, load
     model: str | None = None
     parameters: int | None = None
     numel: int | None = None
@@ -56,28 +66,31 @@ class LoadCheckResult(BaseModel):
 
 
 
-def command(spec: LaunchSpec, attention: dict[str, str], out: Path) -> list[str]:
+def command(spec: LaunchSpec, check: Check) -> list[str]:
     """The server's argv with the worker in place of the API server module."""
     argv = list(spec.argv)
-    i = argv.index(SERVER_MODULE)
-    if argv[i - 1] != "-m":
+    i = argv.index(SERVER_MODULE) if SERVER_MODULE in argv else -1
+    if i < 1 or argv[i - 1] != "-m":
         raise ValueError(f"not a vLLM server command: {spec.shell()}")
-    flags = [f"--loadcheck-{kind}-backend={name}" for kind, name in sorted(attention.items())]
+    flags = [f"--loadcheck-{kind}-backend={name}" for kind, name in sorted(check.attention.items())]
+    if not check.load_weights:
+        flags.append("--loadcheck-construct-only")
     # -P: the worker's folder (servematrix/) must not shadow stdlib modules (secrets, ...)
-    return [argv[0], "-P", str(WORKER), f"--loadcheck-out={out}", *flags, *argv[i + 1:]]
+    return [argv[0], "-P", str(WORKER), f"--loadcheck-out={check.out}", *flags, *argv[i + 1:]]
 
 
-def shell(spec: LaunchSpec, attention: dict[str, str], out: Path) -> str:
+def shell(spec: LaunchSpec, check: Check) -> str:
     """The check's command line as a shell would take it (environment first, secrets redacted)."""
-    return spec.model_copy(update={"argv": command(spec, attention, out)}).shell()
+    return spec.model_copy(update={"argv": command(spec, check)}).shell()
 
 
-def run(spec: LaunchSpec, attention: dict[str, str], out: Path) -> tuple[LoadCheckResult, Failure | None]:
+def run(spec: LaunchSpec, check: Check) -> tuple[LoadCheckResult, Failure | None]:
     """Run the check to completion (or spec.startup_timeout); the log goes to spec.log_path."""
+    out = check.out
     out.mkdir(parents=True, exist_ok=True)
     for old in out.glob("rank*.json"):
         old.unlink()
-    argv = command(spec, attention, out)
+    argv = command(spec, check)
     t0 = time.monotonic()
     with open(spec.log_path, "w") as log:
         log.write(f"$ {' '.join(argv)}\n")

@@ -35,6 +35,7 @@ def _args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     p.add_argument("--loadcheck-mla-backend", default=None, help="AttentionBackendEnum name for MLA layers")
     p.add_argument("--loadcheck-sparse-backend", default=None, help="... for sparse MLA layers")
     p.add_argument("--loadcheck-out", required=True, help="directory for one JSON result per rank")
+    p.add_argument("--loadcheck-construct-only", action="store_true", help="build the model, load no weights")
     return p.parse_known_args(argv)
 
 
@@ -111,11 +112,13 @@ def _rank(rank: int, args: argparse.Namespace, server_argv: list[str], port: int
                                          distributed_init_method=f"tcp://127.0.0.1:{port}")
             initialize_model_parallel(par.tensor_parallel_size, par.pipeline_parallel_size)
             _workspace(torch)
-            model = _load(config)
+            model = _load(config, not args.loadcheck_construct_only)
+        result["steps"] = ["construct"] if args.loadcheck_construct_only else ["construct", "load"]
         params = dict(model.named_parameters())
         result.update(ok=True, model=type(model).__name__, parameters=len(params),
-                      numel=int(sum(p.numel() for p in params.values())),
-                      digests={n: _digest(p) for n, p in params.items()})
+                      numel=int(sum(p.numel() for p in params.values())))
+        if not args.loadcheck_construct_only:  # unloaded parameters hold whatever memory held
+            result["digests"] = {n: _digest(p) for n, p in params.items()}
     except BaseException as exc:  # noqa: BLE001 - reported, then the rank exits non-zero
         traceback.print_exc()
         result["error"] = f"{type(exc).__name__}: {exc}"[:2000]
@@ -124,8 +127,10 @@ def _rank(rank: int, args: argparse.Namespace, server_argv: list[str], port: int
         json.dump(result, f)
     print(f"{MARK} rank {rank}: {'loaded' if result['ok'] else 'FAILED'} in {result['seconds']} s", flush=True)
     sys.stderr.flush()
-    if not result["ok"]:
-        os._exit(1)
+    # the result is on disk: leave now. An orderly interpreter exit can wait minutes on the gloo
+    # group and vLLM's helper threads (seen: 5 min after a 26 s check), and a failed rank's peers
+    # may wait on it forever
+    os._exit(0 if result["ok"] else 1)
 
 
 def _workspace(torch) -> None:
@@ -143,7 +148,7 @@ def _workspace(torch) -> None:
     init_workspace_manager(torch.device("cpu"))
 
 
-def _load(config):
+def _load(config, load_weights: bool = True):
     """The first two steps of vLLM's BaseModelLoader.load_model, as it runs them: build the model
     (PP-missing layers included) under the model dtype on the load device, then the loader's
     load_weights, which also refuses parameters the checkpoint left uninitialised. The third step,
@@ -158,7 +163,8 @@ def _load(config):
     with set_default_torch_dtype(config.model_config.dtype):
         with device:
             model = initialize_model(vllm_config=config, model_config=config.model_config)
-        loader.load_weights(model, config.model_config)
+        if load_weights:
+            loader.load_weights(model, config.model_config)
     return model
 
 

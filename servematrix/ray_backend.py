@@ -44,7 +44,7 @@ def run_job(matrix, options_json: str, entry_id: str, k: int, total: int):
         entry = next(e for e in matrix.entries if e.id == entry_id)
         runner = Runner(matrix, [entry], options)
         runner.progress.total = total
-        runner._probe_current()
+        runner.probe_current()
         rec = runner.execute(k, entry, [int(i) for i in ray.get_gpu_ids()])
         runner.progress.close()
         return rec.model_dump_json(), str(scratch), _pack(scratch, entry.id)

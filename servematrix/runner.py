@@ -124,7 +124,6 @@ class Runner:
         self._live: set[Server] = set()  # servers up now (stopped on Ctrl-C in a threaded pool)
         self._cancelled = threading.Event()
         self._lock = threading.Lock()
-        self._host_gpus: list[hardware.Gpu] | None = None  # this host's, for the local pool
 
     def _server_factory(self) -> Callable[[LaunchSpec], Server]:
         if self.options.backend == "docker":
@@ -135,7 +134,7 @@ class Runner:
     def run(self) -> RunSummary:
         out = self.options.out_dir
         out.mkdir(parents=True, exist_ok=True)
-        self._probe_current()
+        self.probe_current()
         versions = self._versions[envs.CURRENT]
         summary = RunSummary(
             matrix=self.matrix.spec.name, run_dir=str(out), host=platform.node(),
@@ -170,7 +169,8 @@ class Runner:
             report.write_all(summary, history.trend(db))
         return summary
 
-    def _probe_current(self) -> None:
+    def probe_current(self) -> None:
+        """Versions of the vLLM beside servematrix (every record of `current` carries them)."""
         versions = probe_versions(self.python)
         self.vllm_version = versions["vllm"]
         self._versions[envs.CURRENT] = versions
@@ -188,6 +188,7 @@ class Runner:
                 return False
             return True
 
+        host_gpus: list[hardware.Gpu] | None = None  # this host's, for the local pool
         if self.options.backend == "ray":
             from servematrix import ray_backend
 
@@ -200,12 +201,12 @@ class Runner:
             pool = dispatch.RayPool(ray_backend.run_job, lambda job: (self.matrix, options, job.id, job.k,
                                                                        len(self.entries)))
         else:
-            self._host_gpus = hardware.host_gpus(self.options.gpus)
-            capacity = dispatch.Capacity(gpus=len(self._host_gpus), host=1)
-            pool = dispatch.LocalPool([g.index for g in self._host_gpus], cancel=self._cancel)
+            host_gpus = hardware.host_gpus(self.options.gpus)
+            capacity = dispatch.Capacity(gpus=len(host_gpus), host=1)
+            pool = dispatch.LocalPool([g.index for g in host_gpus], cancel=self._cancel)
         runnable = []
         for job in self._jobs():
-            why = self._unrunnable(job, by_id[job.id], capacity)
+            why = self._unrunnable(job, by_id[job.id], capacity, host_gpus)
             if why is None:
                 runnable.append(job)
             else:
@@ -213,17 +214,18 @@ class Runner:
         if isinstance(pool, dispatch.RayPool):
             pool.run(runnable, lambda job, result: done(job, ray_backend.unpack(result, self.options.out_dir)))
         else:
-            pool.run(runnable, lambda job, ids: self.execute(job.k, by_id[job.id], ids), done)
+            pool.run(runnable, lambda job, ids: self.execute(job.k, by_id[job.id], ids, host_gpus), done)
 
-    def _unrunnable(self, job: dispatch.Job, entry: Entry, capacity: dispatch.Capacity) -> str | None:
-        """Why no slot of this pool can ever take the job (counted and, here, the GPUs' kind)."""
+    def _unrunnable(self, job: dispatch.Job, entry: Entry, capacity: dispatch.Capacity,
+                    host_gpus: list[hardware.Gpu] | None) -> str | None:
+        """Why no slot of this pool can ever take the job (counted and, on this host, the GPUs' kind)."""
         if job.gpus == 0:
             return None if capacity.host else (f"needs a CPU-server slot; no node declares the "
                                                f"{dispatch.CPU_SERVER} resource")
-        if self._host_gpus is None:  # a Ray cluster: each task checks its node's GPUs itself
+        if host_gpus is None:  # a Ray cluster: each task checks its node's GPUs itself
             return None if job.gpus <= capacity.gpus else f"needs {job.gpus} GPUs; the cluster has {capacity.gpus}"
         return hardware.unmet(job.gpus, self.matrix.scenario(entry.scenario).requirements(entry.quant),
-                              self._host_gpus)
+                              host_gpus)
 
     def _jobs(self) -> list[dispatch.Job]:
         estimates = history.durations(history.db_path(self.options.out_dir))
@@ -279,11 +281,13 @@ class Runner:
         summary.counts = counts
         report.write_all(summary)
 
-    def execute(self, k: int, entry: Entry, gpu_ids: list[int]) -> ScenarioRecord:
-        """One entry, retried once on an infrastructure failure; never raises for a scenario's fault."""
+    def execute(self, k: int, entry: Entry, gpu_ids: list[int],
+                host_gpus: list[hardware.Gpu] | None = None) -> ScenarioRecord:
+        """One entry on the GPUs `gpu_ids` of this host (`host_gpus` as already probed, else probed
+        here), retried once on an infrastructure failure; never raises for a scenario's fault."""
         if gpu_ids:
             scenario = self.matrix.scenario(entry.scenario)
-            gpus = self._host_gpus if self._host_gpus is not None else hardware.probe_gpus()
+            gpus = host_gpus if host_gpus is not None else hardware.probe_gpus()
             here = [g for g in gpus if g.index in gpu_ids]
             why = hardware.unmet(len(gpu_ids), scenario.requirements(entry.quant), here)
             if why is not None:
@@ -319,7 +323,7 @@ class Runner:
             fields["server_command"] = spec.shell()
             if scenario.load_check_on(entry.device):
                 self.progress.phase(k, entry.id, "load check (vLLM's loader under the layout; no server)")
-                failure = self._load_check(entry, spec, entry_dir, fields)
+                failure = self._load_check(entry, scenario, spec, entry_dir, fields)
             else:
                 self.progress.phase(k, entry.id, "starting server")
                 failure = self._serve(k, entry, scenario, spec, entry_dir, fields, model_path)
@@ -355,12 +359,14 @@ class Runner:
         return envs.python(entry.vllm)
 
     @staticmethod
-    def _load_check(entry: Entry, spec: LaunchSpec, entry_dir: Path, fields: dict) -> Failure | None:
+    def _load_check(entry: Entry, scenario: Scenario, spec: LaunchSpec, entry_dir: Path,
+                    fields: dict) -> Failure | None:
         """Always a local process in the entry's vLLM environment, whatever the server backend."""
         attention = (device_profile(entry.device).get("load_check") or {}).get("attention", {})
-        out = entry_dir / "loadcheck"
-        fields["server_command"] = loadcheck.shell(spec, attention, out)
-        result, failure = loadcheck.run(spec, attention, out)
+        check = loadcheck.Check(attention=attention, load_weights=scenario.load_check.loads_weights,
+                                out=entry_dir / "loadcheck")
+        fields["server_command"] = loadcheck.shell(spec, check)
+        result, failure = loadcheck.run(spec, check)
         fields["load_check"] = result
         fields["load"] = LoadResult(ok=failure is None, seconds=result.seconds, error=failure)
         return failure

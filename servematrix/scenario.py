@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, HttpUrl, field_validator, model_validator
 
 from servematrix.accuracy import Check
@@ -137,7 +138,13 @@ class LoadCheckSpec(_Strict):
     server (loadcheck.py), and its record says so."""
 
     devices: list[str] = Field(min_length=1)
+    # construct: build the model under the layout and quantization only; load: also load its weights
+    steps: list[Literal["construct", "load"]] = Field(default_factory=lambda: ["construct", "load"], min_length=1)
     reason: str
+
+    @property
+    def loads_weights(self) -> bool:
+        return "load" in self.steps
 
 
 class BugRef(_Strict):

@@ -4,7 +4,9 @@ release's TP=1), and reported already-fixed on 0.32.0; #37214 reproduced on 0.18
 KeyError), repaired by its fix module (and at TP=2 together with the #38191 module, with parity),
 already-fixed on 0.32.0; #42944 as load checks (vLLM's own loader under PP=2; sparse MLA has no
 CPU kernels): reproduced on 0.20.2, repaired by its fix module with PP=2 loading exactly PP=1's
-parameters, already-fixed on 0.32.0; #38870's detector quiet on every release environment built.
+parameters, already-fixed on 0.32.0; #38870's detector quiet on every release environment built;
+#39862 as construction checks (MiniCPM-V 4.0 under online FP8): reproduced on 0.18.1, repaired,
+already-fixed on 0.32.0.
 Builds the cpu-0.20.2 and cpu-0.18.1 environments on first use (≈ 4 + 6 min, ≈ 6 + 8 GB in the
 test cache)."""
 
@@ -35,7 +37,7 @@ def statuses(record):
 def test_seed_matrix_meets_every_expectation(seed_run):
     proc, _, by_id = seed_run
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert len(by_id) == 14
+    assert len(by_id) == 18
 
 
 def test_38191_reproduced_on_0_20_2_without_the_fix(seed_run):
@@ -155,3 +157,26 @@ def test_38870_detector_stays_quiet_on_every_release_built(seed_run, shared_cach
         seen[name] = json.loads(out.stdout.strip().splitlines()[-1])[0]
     assert "bug" not in seen.values(), seen
     assert seen["cpu-0.18.1"] == "n/a" and seen["cpu-0.20.2"] == seen["current"] == "fixed"
+
+
+MCV = "tiny-minicpm-v-4"
+META = "NotImplementedError: Cannot copy out of meta tensor"
+
+
+def test_39862_reproduced_on_0_18_1_under_online_fp8_only(seed_run):
+    _, _, by_id = seed_run
+    r = by_id[f"{MCV}/tp1-pp1-fp8-online-cpu-0.18.1"]
+    assert r["verdict"] == "xfail" and r["failure"]["signature"].startswith(META)
+    assert r["vllm_version"] == "0.18.1"
+    control = by_id[f"{MCV}/tp1-pp1-bf16-cpu-0.18.1"]  # the same model builds without online FP8
+    assert control["verdict"] == "pass" and control["load_check"]["ranks"][0]["steps"] == ["construct"]
+
+
+def test_39862_repaired_on_0_18_1_and_already_fixed_on_0_32_0(seed_run):
+    _, _, by_id = seed_run
+    r = by_id[f"{MCV}/tp1-pp1-fp8-online-cpu-0.18.1+minicpmv-resampler-39862"]
+    assert r["verdict"] == "pass" and statuses(r) == {("minicpmv-resampler-39862", "applied")}
+    assert r["load_check"]["ranks"][0]["model"] == "MiniCPMV4_0"
+    r = by_id[f"{MCV}/tp1-pp1-fp8-per-tensor+minicpmv-resampler-39862"]
+    assert r["verdict"] == "pass" and r["vllm_version"] == "0.32.0"
+    assert statuses(r) == {("minicpmv-resampler-39862", "already-fixed")}

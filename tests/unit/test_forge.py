@@ -99,3 +99,50 @@ def test_fp8_blocks_write_weight_and_weight_scale_inv_and_refuse_a_pattern_match
         assert f.get_tensor("model.layers.1.mlp.down_proj.weight").dtype == torch.float32
     with pytest.raises(ValueError, match="no tensor matches"):
         forge("unit-fp8-none", spec(config=cfg, fp8_blocks=[{"tensors": "model.layers.*.indexer.wk.weight"}]))
+
+
+COMPOSITE = dict(
+    model_type="minicpmv", architecture="MiniCPMV", text_model_type="llama", text_prefix="llm.",
+    config={**TINY, "head_dim": 32}, remote_code=True,
+    components=[{"model_type": "siglip_vision_model", "prefix": "vpm.", "strip": "vision_model.",
+                 "config_key": "vision_config",
+                 "config": {"hidden_size": 48, "intermediate_size": 96, "num_attention_heads": 2,
+                            "num_hidden_layers": 1, "image_size": 56, "patch_size": 14}}],
+    extra_tensors=[{"name": "resampler.kv_proj.weight", "shape": [64, 48], "random": True}],
+    config_json={"version": "4.0"},
+)
+
+
+def test_a_composite_checkpoint_holds_each_part_under_its_prefix_with_its_config(tmp_path, monkeypatch):
+    import torch
+
+    monkeypatch.setenv("SERVEMATRIX_CACHE", str(tmp_path))
+    path = forge("unit-composite", ForgeSpec(**COMPOSITE, tokenizer={"vocab_size": 300, "chat_template": False}))
+    config = json.loads((path / "config.json").read_text())
+    assert (config["model_type"], config["architectures"], config["version"]) == ("minicpmv", ["MiniCPMV"], "4.0")
+    assert config["hidden_size"] == 64 and config["vision_config"]["hidden_size"] == 48
+    assert config["auto_map"]["AutoConfig"].startswith("configuration_minicpmv.")
+    (st,) = path.glob("*.safetensors")
+    with safe_open(str(st), "pt") as f:
+        names = set(f.keys())
+        kv = f.get_tensor("resampler.kv_proj.weight")
+    assert "llm.model.layers.0.self_attn.q_proj.weight" in names and "llm.lm_head.weight" in names
+    assert "vpm.encoder.layers.0.self_attn.q_proj.weight" in names and "vpm.post_layernorm.weight" in names
+    assert not any(n.startswith(("model.", "vision_model.", "vpm.vision_model.")) for n in names)
+    assert kv.shape == (64, 48) and kv.std() > 0.1  # random, not a constant
+
+
+def test_a_composite_is_read_back_part_by_part_and_a_drifted_part_is_refused(tmp_path, monkeypatch):
+    monkeypatch.setenv("SERVEMATRIX_CACHE", str(tmp_path))
+    good = ForgeSpec(**COMPOSITE, tokenizer={"vocab_size": 300, "chat_template": False})
+    path = forge("unit-composite", good)
+    assert check_config(path, good) == []
+    vision = COMPOSITE["components"][0]
+    drifted = ForgeSpec(**{**COMPOSITE, "components": [{**vision, "config": {**vision["config"], "hidden_size": 50}}]},
+                        tokenizer={"vocab_size": 300, "chat_template": False})
+    with pytest.raises(ValueError, match="vision_config.hidden_size: 50 became 48"):
+        check_config(path, drifted)
+    text = ForgeSpec(**{**COMPOSITE, "config": {**COMPOSITE["config"], "num_hidden_layers": 3}},
+                     tokenizer={"vocab_size": 300, "chat_template": False})
+    with pytest.raises(ValueError, match="num_hidden_layers: 3 became 2"):
+        check_config(path, text)

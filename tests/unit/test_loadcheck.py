@@ -19,22 +19,30 @@ def spec(argv=None, **kw):
 
 
 def test_the_check_runs_the_worker_with_the_servers_own_arguments_and_no_path_shadowing(tmp_path):
-    argv = loadcheck.command(spec(), {"sparse": "FLASHMLA_SPARSE", "mla": "TRITON_MLA"}, tmp_path)
+    check = loadcheck.Check(attention={"sparse": "FLASHMLA_SPARSE", "mla": "TRITON_MLA"}, out=tmp_path)
+    argv = loadcheck.command(spec(), check)
     assert argv[:3] == [sys.executable, "-P", str(loadcheck.WORKER)]
     assert f"--loadcheck-out={tmp_path}" in argv
     assert "--loadcheck-sparse-backend=FLASHMLA_SPARSE" in argv and "--loadcheck-mla-backend=TRITON_MLA" in argv
     assert argv[-8:] == ["--model", "/m", "--port", "8000", "--pipeline-parallel-size", "2", "--dtype", "bfloat16"]
-    assert "vllm.entrypoints.openai.api_server" not in argv
+    assert "vllm.entrypoints.openai.api_server" not in argv and "--loadcheck-construct-only" not in argv
+
+
+def test_a_construct_only_check_says_so_to_the_worker(tmp_path):
+    argv = loadcheck.command(spec(), loadcheck.Check(load_weights=False, out=tmp_path))
+    assert "--loadcheck-construct-only" in argv
 
 
 def test_the_recorded_command_carries_the_environment_the_fix_modules_read(tmp_path):
-    text = loadcheck.shell(spec(), {}, tmp_path)
+    text = loadcheck.shell(spec(), loadcheck.Check(out=tmp_path))
     assert text.startswith("SERVEMATRIX_FIXES=dsa-indexer-pp-42944 ") and "loadcheck_worker.py" in text
 
 
 def test_a_command_that_is_not_a_vllm_server_is_refused(tmp_path):
     with pytest.raises(ValueError):
-        loadcheck.command(spec(["python", "vllm.entrypoints.openai.api_server"]), {}, tmp_path)
+        loadcheck.command(spec(["python", "vllm.entrypoints.openai.api_server"]), loadcheck.Check(out=tmp_path))
+    with pytest.raises(ValueError):
+        loadcheck.command(spec(["python", "-m", "http.server"]), loadcheck.Check(out=tmp_path))
 
 
 def write_rank(out, rank, ok, digests=None, **kw):
