@@ -114,8 +114,6 @@ COMPOSITE = dict(
 
 
 def test_a_composite_checkpoint_holds_each_part_under_its_prefix_with_its_config(tmp_path, monkeypatch):
-    import torch
-
     monkeypatch.setenv("SERVEMATRIX_CACHE", str(tmp_path))
     path = forge("unit-composite", ForgeSpec(**COMPOSITE, tokenizer={"vocab_size": 300, "chat_template": False}))
     config = json.loads((path / "config.json").read_text())
