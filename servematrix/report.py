@@ -105,9 +105,10 @@ def load_success_md(summary: RunSummary) -> str:
     if notes:
         lines += ["", *(f"{i}. {n}".replace("|", "\\|") for i, n in enumerate(notes, 1))]
     if any(r.load_check is not None for r in summary.scenarios):
-        lines += ["", "ᴸ load check: vLLM's own model construction and weight loading under the layout, "
-                      "no server (this device has no kernels for the model's attention); PP layouts are "
-                      "compared parameter by parameter with the PP=1 load."]
+        lines += ["", "ᴸ load check, no server (the scenario says why this device cannot serve it): vLLM's own "
+                      "code builds the model under the entry's layout and quantization and, unless the "
+                      "scenario checks construction only, loads its weights; a PP layout must load exactly "
+                      "the PP=1 parameters."]
     counts = ", ".join(f"{k}: {v}" for k, v in summary.counts.items())
     lines += ["", f"Totals: {counts or 'nothing run yet'}", ""]
     return "\n".join(lines)
