@@ -125,7 +125,7 @@ def _rank(rank: int, args: argparse.Namespace, server_argv: list[str], port: int
     result["seconds"] = round(time.monotonic() - t0, 2)
     with open(os.path.join(args.loadcheck_out, f"rank{rank}.json"), "w") as f:
         json.dump(result, f)
-    print(f"{MARK} rank {rank}: {'loaded' if result['ok'] else 'FAILED'} in {result['seconds']} s", flush=True)
+    print(f"{MARK} rank {rank}: {'ok' if result['ok'] else 'FAILED'} in {result['seconds']} s", flush=True)
     sys.stderr.flush()
     # the result is on disk: leave now. An orderly interpreter exit can wait minutes on the gloo
     # group and vLLM's helper threads (seen: 5 min after a 26 s check), and a failed rank's peers

@@ -38,8 +38,10 @@ def heatmap(summary: RunSummary) -> str:
                 tds.append("<td></td>")
                 continue
             sig = r.failure.signature if r.failure else ""
+            kind = "load check" if r.load_check is not None else "served"  # how far the evidence went
             tds.append(f'<td class="cell" style="background:{COLOURS[r.verdict]}" title="{_e(sig)}" '
-                       f'data-verdict="{r.verdict}">{_e(r.verdict)}</td>')
+                       f'data-verdict="{r.verdict}" data-evidence="{kind}">{_e(r.verdict)}'
+                       f'{" ᴸ" if r.load_check is not None else ""}</td>')
         out.append(f"<tr><th>{_e(scenario)}</th>{''.join(tds)}</tr>")
     out.append("</table>")
     return "".join(out)

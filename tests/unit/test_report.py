@@ -89,3 +89,19 @@ def test_latest_points_at_the_newest_run(tmp_path):
         (tmp_path / name).mkdir()
         report.point_latest(tmp_path / name)
     assert os.readlink(tmp_path / "latest") == "run2"
+
+
+def test_a_load_checked_entry_is_marked_as_such_in_both_reports(tmp_path):
+    from servematrix import report_html
+    from servematrix.loadcheck import LoadCheckResult, RankResult
+
+    checked = rec("g/tp1-pp2-bf16", pp=2, load=LoadResult(ok=True, seconds=3.0),
+                  load_check=LoadCheckResult(ok=True, seconds=3.0, ranks=[RankResult(rank=0, ok=True),
+                                                                          RankResult(rank=1, ok=True)]))
+    s = summary(tmp_path, [sample_records()[0], checked])
+    md = report.load_success_md(s)
+    assert "| g |  | ✓ ᴸ |" in md
+    assert "ᴸ load check, no server" in md
+    assert "| a | ✓ |" in md  # a served entry carries no mark
+    page = report_html.render(s, None)
+    assert 'data-evidence="load check"' in page and 'data-evidence="served"' in page
