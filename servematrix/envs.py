@@ -87,11 +87,11 @@ def ensure(name: str, log=sys.stderr) -> Path:
     rels = releases()
     if name not in rels:
         raise EnvError(f"unknown vLLM release {name!r} (known: {', '.join(rels)}, {CURRENT})")
-    built = info(name)
+    built, fixes = info(name), fixes_hash()
     if built is not None:
-        if built.get("fixes") != fixes_hash():  # a fix module was added or changed since the build
+        if built.get("fixes") != fixes:  # a fix module was added or changed since the build
             _install_servematrix(str(root(name) / "bin" / "python"), log)
-            (root(name) / MARKER).write_text(json.dumps({**built, "fixes": fixes_hash()}, indent=2))
+            (root(name) / MARKER).write_text(json.dumps({**built, "fixes": fixes}, indent=2))
         return root(name)
     rel, path = rels[name], root(name)
     shutil.rmtree(path, ignore_errors=True)  # a build that died half-way
@@ -121,7 +121,7 @@ def ensure(name: str, log=sys.stderr) -> Path:
         pip("uninstall", "-y", "-q", *rel.remove)
     _install_servematrix(py, log)
     versions = subprocess.run([py, "-c", _VERSIONS], capture_output=True, text=True, check=True).stdout
-    (path / MARKER).write_text(json.dumps({"name": name, **json.loads(versions), "fixes": fixes_hash()}, indent=2))
+    (path / MARKER).write_text(json.dumps({"name": name, **json.loads(versions), "fixes": fixes}, indent=2))
     return path
 
 

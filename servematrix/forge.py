@@ -220,7 +220,7 @@ def _write_components(spec: ForgeSpec, out: Path) -> None:
     """Each component by its own transformers class, re-drawn like the text model, its tensors
     renamed into the checkpoint and its config stored in the top config."""
     import torch
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file
     from transformers import AutoConfig, AutoModel
 
     if not spec.components:
@@ -238,18 +238,16 @@ def _write_components(spec: ForgeSpec, out: Path) -> None:
             drawn = torch.randn(tensor.shape, generator=gen) * spec.init_std if tensor.dim() >= 2 else tensor
             tensors[comp.prefix + name] = drawn.to(tensor.dtype).contiguous()
         top[comp.config_key] = config.to_dict()
-    save_file(tensors, path, metadata={"format": "pt"})
-    _fix_index(out, tensors.keys(), path.name)
+    _save(out, path, tensors)
     (out / "config.json").write_text(json.dumps(top, indent=2))
 
 
 def _rename_tensors(out: Path, rename) -> None:
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file
 
     for path in sorted(out.glob("*.safetensors")):
         tensors = {rename(k): v for k, v in load_file(path).items()}
-        save_file(tensors, path, metadata={"format": "pt"})
-        _fix_index(out, tensors.keys(), path.name)
+        _save(out, path, tensors)
 
 
 def _layers(out: Path) -> int:
@@ -258,7 +256,7 @@ def _layers(out: Path) -> int:
 
 def _add_tensors(out: Path, spec: ForgeSpec) -> None:
     import torch
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file
 
     if not spec.extra_tensors:
         return
@@ -272,8 +270,7 @@ def _add_tensors(out: Path, spec: ForgeSpec) -> None:
             dtype = getattr(torch, extra.dtype)
             tensors[name] = ((torch.randn(extra.shape, generator=gen) * spec.init_std).to(dtype) if extra.random
                              else torch.full(extra.shape, extra.value, dtype=dtype))
-    save_file(tensors, path, metadata={"format": "pt"})
-    _fix_index(out, tensors.keys(), path.name)
+    _save(out, path, tensors)
 
 
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
@@ -296,10 +293,11 @@ def fp8_block_quantize(weight, block: list[int]):
 def _quantize_fp8_blocks(out: Path, spec: ForgeSpec) -> None:
     import fnmatch
 
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file
 
     if not spec.fp8_blocks:
         return
+    matched: set[str] = set()
     for path in sorted(out.glob("*.safetensors")):
         tensors = load_file(path)
         hits = {name: q for q in spec.fp8_blocks for name in tensors if fnmatch.fnmatchcase(name, q.tensors)}
@@ -307,19 +305,12 @@ def _quantize_fp8_blocks(out: Path, spec: ForgeSpec) -> None:
             if not name.endswith(".weight"):
                 raise ValueError(f"fp8_blocks: {name} is not a weight")
             tensors[name], tensors[f"{name}_scale_inv"] = fp8_block_quantize(tensors[name], q.block)
+            matched.add(q.tensors)
         if hits:
-            save_file(tensors, path, metadata={"format": "pt"})
-            _fix_index(out, tensors.keys(), path.name)
+            _save(out, path, tensors)
     for q in spec.fp8_blocks:
-        if not any(fnmatch.fnmatchcase(n, q.tensors) for p in out.glob("*.safetensors") for n in _names(p)):
+        if q.tensors not in matched:
             raise ValueError(f"fp8_blocks: no tensor matches {q.tensors!r}")
-
-
-def _names(path: Path) -> list[str]:
-    from safetensors import safe_open
-
-    with safe_open(path, "pt") as f:
-        return list(f.keys())
 
 
 CONFIG_MODULE = '''"""Configuration of {model_type}, shipped with the checkpoint as the real one is, for
@@ -399,7 +390,7 @@ def check_config(out: Path, spec: ForgeSpec) -> list[str]:
 
 def _mutate(out: Path, m: Mutation) -> None:
     import torch
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file
 
     files = sorted(out.glob("*.safetensors"))
     for path in files:
@@ -414,11 +405,18 @@ def _mutate(out: Path, m: Mutation) -> None:
             tensors.pop(m.tensor)
         elif m.op == "reshape":
             tensors[m.tensor] = torch.zeros(m.shape or [1], dtype=tensors[m.tensor].dtype)
-        save_file(tensors, path, metadata={"format": "pt"})
-        _fix_index(out, tensors.keys(), path.name)
+        _save(out, path, tensors)
         return
     if m.op != "add":
         raise ValueError(f"mutation {m.op}: tensor {m.tensor!r} is not in the forged checkpoint")
+
+
+def _save(out: Path, path: Path, tensors: dict) -> None:
+    """Write one safetensors file of the checkpoint back, keeping its index in step."""
+    from safetensors.torch import save_file
+
+    save_file(tensors, path, metadata={"format": "pt"})
+    _fix_index(out, tensors.keys(), path.name)
 
 
 def _fix_index(out: Path, names, filename: str) -> None:

@@ -231,12 +231,7 @@ class LocalServer(Server):
     def _spawn(self) -> None:
         self._log = open(self.spec.log_path, "ab", buffering=0)
         self._log.write(f"# servematrix: {self.spec.shell()}\n".encode())
-        self.proc = subprocess.Popen(
-            self.spec.argv,
-            env={**os.environ, **self.spec.env},
-            stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            start_new_session=True, preexec_fn=_die_with_parent,
-        )
+        self.proc = spawn(self.spec.argv, self.spec.env, self._log)
 
     def returncode(self) -> int | None:
         return None if self.proc is None else self.proc.poll()
@@ -254,18 +249,31 @@ class LocalServer(Server):
             self.proc.wait(timeout=grace)
         except subprocess.TimeoutExpired:
             pass
-        # the group and anything that left it (a worker that called setsid) get SIGKILL
-        _signal_group(self.proc.pid, signal.SIGKILL)
-        for p in tree:
-            try:
-                p.kill()
-            except psutil.Error:
-                pass
-        psutil.wait_procs(tree, timeout=5)
-        if self.proc.poll() is None:
-            self.proc.wait(timeout=5)
+        kill_tree(self.proc, tree)
         if getattr(self, "_log", None) and not self._log.closed:
             self._log.close()
+
+
+def spawn(argv: list[str], env: dict[str, str], log) -> subprocess.Popen:
+    """A child in its own session (process group), added `env`, output to `log`, that dies with
+    this process."""
+    return subprocess.Popen(argv, env={**os.environ, **env}, stdout=log, stderr=subprocess.STDOUT,
+                            stdin=subprocess.DEVNULL, start_new_session=True, preexec_fn=_die_with_parent)
+
+
+def kill_tree(proc: subprocess.Popen, tree: list[psutil.Process] | None = None) -> None:
+    """SIGKILL the child's process group and every process of its tree (`tree` as listed before,
+    else now): a worker that called setsid has left the group. Then reap them."""
+    tree = _tree(proc.pid) if tree is None else tree
+    _signal_group(proc.pid, signal.SIGKILL)
+    for p in tree:
+        try:
+            p.kill()
+        except psutil.Error:
+            pass
+    psutil.wait_procs(tree, timeout=5)
+    if proc.poll() is None:
+        proc.wait(timeout=5)
 
 
 def _die_with_parent() -> None:

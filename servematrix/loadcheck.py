@@ -11,8 +11,6 @@ parameters PP=1 loads).
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
 import time
 from pathlib import Path
@@ -21,7 +19,7 @@ from pydantic import BaseModel, Field
 
 from servematrix import failure
 from servematrix.failure import Failure
-from servematrix.launch import LaunchSpec
+from servematrix.launch import LaunchSpec, kill_tree, spawn
 
 WORKER = Path(__file__).with_name("loadcheck_worker.py")
 SERVER_MODULE = "vllm.entrypoints.openai.api_server"
@@ -65,7 +63,6 @@ class LoadCheckResult(BaseModel):
     parity: LoadParity | None = None  # set by the compare stage
 
 
-
 def command(spec: LaunchSpec, check: Check) -> list[str]:
     """The server's argv with the worker in place of the API server module."""
     argv = list(spec.argv)
@@ -95,15 +92,14 @@ def run(spec: LaunchSpec, check: Check) -> tuple[LoadCheckResult, Failure | None
     with open(spec.log_path, "w") as log:
         log.write(f"$ {' '.join(argv)}\n")
         log.flush()
-        proc = subprocess.Popen(argv, env={**os.environ, **spec.env}, stdout=log, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL, start_new_session=True)
+        proc = spawn(argv, spec.env, log)
         try:
             code = proc.wait(timeout=spec.startup_timeout)
         except subprocess.TimeoutExpired:
-            _kill(proc)
+            kill_tree(proc)
             return _collect(out, round(time.monotonic() - t0, 2)), timed_out(spec)
         except BaseException:  # Ctrl-C: no rank may outlive the check
-            _kill(proc)
+            kill_tree(proc)
             raise
     seconds = round(time.monotonic() - t0, 2)
     result = _collect(out, seconds)
@@ -115,14 +111,6 @@ def run(spec: LaunchSpec, check: Check) -> tuple[LoadCheckResult, Failure | None
 
 def timed_out(spec: LaunchSpec) -> Failure:
     return Failure.of("timeout", f"load check not done after {spec.startup_timeout:.0f} s", "load")
-
-
-def _kill(proc: subprocess.Popen) -> None:
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    proc.wait()
 
 
 def _collect(out: Path, seconds: float) -> LoadCheckResult:
