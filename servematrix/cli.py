@@ -10,7 +10,7 @@ import sys
 from datetime import datetime
 from pathlib import Path
 
-from servematrix.yamlio import ConfigError
+from servematrix.errors import ArgumentError, ConfigError, StateError, UserError  # noqa: F401
 
 DEFAULT_MATRIX = Path("matrix/cpu-smoke.yaml")
 
@@ -264,6 +264,7 @@ def cmd_env(args) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="servematrix", description=__doc__)
+    p.add_argument("--debug", action="store_true", help="show the traceback of an error")
     sub = p.add_subparsers(dest="cmd", required=True)
 
     v = sub.add_parser("validate", help="check matrix files (and the scenarios they name) without running")
@@ -362,15 +363,35 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    """The one place a user's mistake becomes exit 2 and one line (a traceback only with --debug).
+    An unexpected exception is a servematrix bug, never a regression: also exit 2, one line."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # argparse has printed its one usage line
+        return 0 if exc.code in (0, None) else 2
     try:
         return args.func(args)
-    except (ConfigError, FileNotFoundError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    except UserError as exc:
+        if args.debug:
+            raise
+        print(f"error: {_one_line(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 2
+    except Exception as exc:  # noqa: BLE001 - the last line of defence: no traceback, exit 2
+        if args.debug:
+            raise
+        print(f"error: internal error ({type(exc).__name__}: {_one_line(exc)}); "
+              "run again with --debug for the traceback", file=sys.stderr)
+        return 2
+
+
+def _one_line(exc: BaseException) -> str:
+    from servematrix.redact import redact_text
+
+    return redact_text(" ".join(str(exc).split()))[:2000]
 
 
 if __name__ == "__main__":

@@ -18,6 +18,8 @@ from pathlib import Path
 import yaml
 from pydantic import BaseModel, ConfigDict, Field
 
+from servematrix.errors import UserError
+
 from servematrix.paths import cache_dir, data_file
 
 REPO = Path(__file__).resolve().parents[1]
@@ -37,7 +39,7 @@ class Release(BaseModel):
     apt: list[str] = Field(default_factory=list)
 
 
-class EnvError(Exception):
+class EnvError(UserError):
     pass
 
 

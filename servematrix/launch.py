@@ -51,7 +51,7 @@ class LaunchSpec(BaseModel):
         return f"http://{self.host}:{self.port}"
 
     def shell(self) -> str:
-        from servematrix.secrets import redact_env
+        from servematrix.redact import redact_env
 
         env = " ".join(f"{k}={shlex.quote(v)}" for k, v in sorted(redact_env(self.env).items()))
         return f"{env} {shlex.join(self.argv)}".strip()

@@ -12,7 +12,7 @@ from pathlib import Path
 from xml.etree import ElementTree as ET
 
 from servematrix.results import RunSummary, ScenarioRecord
-from servematrix.secrets import redact_text
+from servematrix.redact import redact_text
 
 SYMBOL = {"pass": "✓", "fail": "✗", "xfail": "✗ (xfail)", "xpass": "✓ (xpass!)", "error": "⚠ error",
           "skipped": "–"}

@@ -9,17 +9,12 @@ from typing import Any, TypeVar
 import yaml
 from pydantic import BaseModel, ValidationError
 
+from servematrix.errors import ConfigError
+
+__all__ = ["ConfigError", "Located", "load_yaml", "validate"]
+
 M = TypeVar("M", bound=BaseModel)
 Loc = tuple[str | int, ...]
-
-
-class ConfigError(Exception):
-    """A configuration problem, located in a file. Exit code 2 territory."""
-
-    def __init__(self, path: Path | str, line: int | None, field: str | None, message: str):
-        self.path, self.line, self.field, self.message = str(path), line, field, message
-        where = f"{self.path}:{line}" if line else self.path
-        super().__init__(f"{where}: {field + ': ' if field else ''}{message}")
 
 
 class _LineLoader(yaml.SafeLoader):
