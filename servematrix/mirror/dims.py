@@ -1,0 +1,203 @@
+"""The twin's widths: each config field the plan shrinks, under the invariants checks.py
+verifies (KV heads that TP both splits and replicates, heads divisible by every TP, quantized
+dims whole blocks/groups per rank, experts that still route)."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from servematrix.mirror.layout import field_value, rules
+from servematrix.mirror.schemes import evaluate
+
+
+def tp_role(prefix: str) -> str:
+    last = prefix.rsplit(".", 1)[-1]
+    roles = rules()["tp_roles"]
+    return next((r for r in ("column", "kv", "row") if last in roles[r]), "replicated")
+
+
+def _is_ffn(prefix: str) -> bool:
+    return prefix.rsplit(".", 1)[-1] in rules()["tp_roles"]["ffn"]
+
+
+def _units(group_info: dict[str, dict], params: dict[str, dict[str, int]]) -> dict[str, int]:
+    """The alignment unit each kind of linear needs (lcm over the quantized ones of that kind)."""
+    units = {"all": 1, "ffn": 1, "attn_out": 1, "attn_in": 1, "kv_out": 1}
+    for prefix, g in group_info.items():
+        align = rules()["schemes"][g["scheme"]].get("align", {})
+        p = params[g["scheme"]]
+        u_out, u_in = evaluate(align.get("n", 1), p), evaluate(align.get("k", 1), p)
+        units["all"] = math.lcm(units["all"], u_out, u_in)
+        role = tp_role(prefix)
+        if _is_ffn(prefix):
+            units["ffn"] = math.lcm(units["ffn"], u_out if role == "column" else u_in)
+        elif role == "kv":
+            units["kv_out"] = math.lcm(units["kv_out"], u_out)
+        elif role == "column":
+            units["attn_out"] = math.lcm(units["attn_out"], u_out)
+        elif role == "row":
+            units["attn_in"] = math.lcm(units["attn_in"], u_in)
+    return units
+
+
+def kv_class(kv: int, tp: int) -> str:
+    return "split" if kv % tp == 0 else "replicated" if tp % kv == 0 else "invalid"
+
+
+KV_RULE = ("num_key_value_heads = the smallest k <= the source's that every TP divides or is a multiple of "
+           "(vLLM's requirement), such that one TP > 1 splits the KV heads (k % tp == 0) and another "
+           "replicates them (tp % k == 0, tp > k); where the TP values cannot do both, or kv_policy is "
+           "'faithful', the smallest k that splits or replicates at every TP exactly as the source does")
+
+
+def choose_kv(src_kv: int, tps: list[int], policy: str) -> int:
+    big = [t for t in tps if t > 1]
+
+    def valid(k: int) -> bool:
+        return all(kv_class(k, t) != "invalid" for t in tps)
+
+    if policy == "cover":
+        for k in range(2, src_kv + 1):
+            classes = {kv_class(k, t) for t in big}
+            if valid(k) and {"split", "replicated"} <= classes:
+                return k
+    for k in range(1, src_kv + 1):
+        if valid(k) and all(kv_class(k, t) == kv_class(src_kv, t) or (k == 1 and src_kv == 1) for t in big):
+            return k
+    return src_kv  # the source itself is invalid at some TP: kept, and the invariant says so
+
+
+class _Dims:
+    """config field -> (source, twin) for every width the plan changes."""
+
+    def __init__(self, cfg: dict):
+        self.cfg, self.changed = cfg, {}
+
+    def key(self, key: str | None, value: Any) -> None:
+        if key is not None and self.cfg.get(key) != value:
+            self.changed[key] = (self.cfg.get(key), value)
+
+    def role(self, role: str, value: Any) -> None:
+        self.key(field_value(self.cfg, role)[0], value)
+
+
+def choose_dims(cfg: dict, tps: list[int], group_info: dict, params: dict, kv_policy: str) -> tuple[dict[str, tuple[Any, Any]], str, list[str]]:
+    """The twin's widths, (source, twin) per changed config field; the KV rule applied; notes.
+    A width only ever shrinks: where the source's is already below the target it is kept (and if
+    it is then misaligned, so is the source's, and the quantized-dims invariant says so)."""
+    t = rules()["targets"]
+    units = _units(group_info, params)
+    dims = _Dims(cfg)
+    notes: list[str] = []
+    # every feed-forward width is split over TP ranks: whole units per rank at every TP
+    ffn = math.lcm(*[tp * math.lcm(t["ffn_unit"], units["ffn"]) for tp in tps])
+    for key in rules()["fields"]["ffn"]:
+        if cfg.get(key):
+            dims.key(key, min(cfg[key], ffn))
+    hidden_unit = math.lcm(t["hidden"], units["all"])  # hidden is every linear's in or out: aligned to all
+    _, q_lora = field_value(cfg, "q_lora")
+    if q_lora:
+        dims.role("q_lora", min(q_lora, hidden_unit))
+    rule = KV_RULE
+    if field_value(cfg, "heads")[1]:
+        if field_value(cfg, "mla")[1] is not None:
+            rule = _mla_heads(cfg, tps, units, dims)
+        else:
+            notes += _gqa_heads(cfg, tps, units, dims, kv_policy)
+    _, index_heads = field_value(cfg, "index_heads")
+    if index_heads:
+        dims.role("index_heads", min(index_heads, t["index_heads"]))
+    _, hidden = field_value(cfg, "hidden")
+    if field_value(cfg, "hidden")[0] not in dims.changed and hidden:
+        dims.role("hidden", min(hidden, hidden_unit))
+    _experts(cfg, tps, dims)
+    return dims.changed, rule, notes
+
+
+def _mla_heads(cfg: dict, tps: list[int], units: dict[str, int], dims: _Dims) -> str:
+    """MLA: the fewest heads every TP divides whose per-rank q_b / kv_b / o_proj widths are whole units."""
+    _, heads = field_value(cfg, "heads")
+    q = cfg.get("qk_nope_head_dim", 0) + cfg.get("qk_rope_head_dim", 0)
+    kv = cfg.get("qk_nope_head_dim", 0) + cfg.get("v_head_dim", 0)
+    o = cfg.get("v_head_dim", 0)
+
+    def fits(h: int) -> bool:
+        return all(h % tp == 0 and (h // tp * q) % units["attn_out"] == 0 and (h // tp * kv) % units["attn_out"] == 0
+                   and (h // tp * o) % units["attn_in"] == 0 for tp in tps)
+
+    h = next((h for h in range(1, 4097) if fits(h)), heads)
+    if h > heads and all(heads % tp == 0 for tp in tps):
+        h = heads  # never more heads than the source
+    dims.role("heads", h)
+    _, src_kv = field_value(cfg, "kv_heads")
+    if src_kv:
+        dims.role("kv_heads", max(1, h * src_kv // heads))
+    return "MLA: the KV latent is replicated on every rank; num_key_value_heads follows the heads"
+
+
+def _gqa_heads(cfg: dict, tps: list[int], units: dict[str, int], dims: _Dims, kv_policy: str) -> list[str]:
+    t = rules()["targets"]
+    _, heads = field_value(cfg, "heads")
+    _, hidden = field_value(cfg, "hidden")
+    src_kv = field_value(cfg, "kv_heads")[1] or heads
+    derived = not cfg.get("head_dim")  # the family computes it as hidden_size / num_attention_heads
+    hd_src = cfg.get("head_dim") or hidden // heads
+    # vLLM's CPU attention takes head sizes in steps of 32 (and 80/96/112): a multiple of 32
+    hd = hd_src if hd_src < t["min_head_dim"] else min(hd_src, t["head_dim"]) // 32 * 32
+    if units["kv_out"] > 1 and hd % units["kv_out"]:  # one KV head per rank must be whole blocks
+        hd = min(hd_src, math.lcm(hd, units["kv_out"]))
+    kv = choose_kv(src_kv, tps, kv_policy)
+
+    def fits(h: int) -> bool:
+        per_rank = all(h % tp == 0 and (h // tp * hd) % math.lcm(units["attn_out"], units["attn_in"]) == 0 for tp in tps)
+        return per_rank and (not derived or (h * hd) % units["all"] == 0)
+
+    g_min = 2 if heads > src_kv else 1  # GQA stays GQA, MHA stays MHA where TP allows
+    h = next((kv * g for g in range(g_min, 257) if fits(kv * g)), kv * g_min)
+    dims.role("heads", h)
+    dims.role("kv_heads", kv)
+    notes = []
+    if derived:
+        dims.role("hidden", h * hd)
+        notes.append(f"head_dim is derived (hidden_size / num_attention_heads) in this family: hidden_size = {h} x {hd}")
+    else:
+        dims.role("head_dim", hd)
+    for key in rules()["fields"]["scaled_with_head_dim"]:
+        if cfg.get(key):
+            dims.key(key, max(2, cfg[key] * hd // hd_src // 2 * 2))
+    return notes
+
+
+def _experts(cfg: dict, tps: list[int], dims: _Dims) -> None:
+    """top_k 2, grouped routing kept grouped (2 groups, 1 chosen when the source excludes groups),
+    the fewest experts that still route: > top_k, whole groups of >= 2, and a multiple of the
+    largest TP where the source has that many (so --enable-expert-parallel splits them too)."""
+    t = rules()["targets"]
+    _, experts = field_value(cfg, "experts")
+    if not experts:
+        return
+    _, top_k = field_value(cfg, "top_k")
+    _, n_group = field_value(cfg, "n_group")
+    _, topk_group = field_value(cfg, "topk_group")
+    k = min(top_k or 1, t["top_k"])
+    ng, tg = n_group, topk_group
+    if n_group and n_group > 1:
+        ng = min(n_group, t["n_group"])
+        tg = 1 if (topk_group or n_group) < n_group else ng  # keep "some groups are excluded" if the source does
+    per_ep = max(tps)
+
+    def fits(e: int, ep: bool) -> bool:
+        grouped = not ng or ng == 1 or (e % ng == 0 and e // ng >= 2 and k <= (tg or ng) * (e // ng))
+        return e >= 2 * k and grouped and (not ep or e % per_ep == 0)
+
+    e = next((e for ep in (True, False) for e in range(2, experts + 1) if fits(e, ep)), experts)
+    dims.role("experts", e)
+    dims.role("top_k", k)
+    if ng is not None:
+        dims.role("n_group", ng)
+    if tg is not None:
+        dims.role("topk_group", tg)
+    _, shared = field_value(cfg, "shared_experts")
+    if shared:
+        dims.role("shared_experts", min(shared, t["shared_experts"]))

@@ -1,0 +1,298 @@
+"""The twin's tensors, planned: transformers' class's layout for the twin config (`base`), with the
+source's quantized linears re-laid out for the twin's widths, its extra tensors added, its dtypes
+applied. Two layouts come out: what forge(spec) writes (`forged`) and the finished twin after the
+post-processing steps the forge cannot express (`twin`)."""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+from collections import Counter
+
+from servematrix.forge import ExtraTensor, Fp8Blocks
+from servematrix.mirror.layout import FLOAT_DTYPES, SourceLayout, TensorMeta, rules, split_name
+from servematrix.mirror.plan import TORCH_DTYPE, NotMirrored, PostStep, QuantTarget
+from servematrix.mirror.schemes import NotWhole, infer_params, scheme_shapes
+
+_LAYER_IN_NAME = re.compile(r"^(.*?layers\.)(\d+)\.")
+_EXPERT_IN_NAME = re.compile(r"\.experts\.(\d+)\.")
+
+
+def canonical(name: str, layer_map: dict[int, int] | None = None) -> str:
+    """The name with its decoder layer mapped onto the twin's and its expert index `*`."""
+    layer, key = split_name(name)
+    if layer is None:
+        return key
+    return key.replace("{L}", str(layer_map.get(layer, layer) if layer_map is not None else layer))
+
+
+def canonical_dtypes(tensors: dict[str, TensorMeta], layer_map: dict[int, int] | None = None) -> dict[str, set[str]]:
+    out: dict[str, set[str]] = {}
+    for name, meta in tensors.items():
+        out.setdefault(canonical(name, layer_map), set()).add(meta.dtype)
+    return out
+
+
+class MappedSource:
+    """The source's tensors under canonical names, its quantized linears under canonical prefixes."""
+
+    def __init__(self, layout: SourceLayout, layer_map: dict[int, int], groups: dict[str, str]):
+        self.dtypes: dict[str, set[str]] = {}
+        self.shape: dict[str, tuple[int, ...]] = {}
+        self._counts: dict[str, Counter] = {}
+        for name, meta in layout.tensors.items():
+            c = canonical(name, layer_map)
+            self.dtypes.setdefault(c, set()).add(meta.dtype)
+            self._counts.setdefault(c, Counter())[meta.dtype] += 1
+            self.shape.setdefault(c, meta.shape)
+        votes: dict[str, Counter] = {}
+        self.example: dict[str, str] = {}  # canonical prefix -> one source prefix
+        for prefix, scheme in groups.items():
+            cp = canonical(prefix + ".weight", layer_map)[: -len(".weight")]
+            votes.setdefault(cp, Counter())[scheme] += 1
+            self.example.setdefault(cp, prefix)
+        self.groups = {cp: c.most_common(1)[0][0] for cp, c in votes.items()}
+        self.mixed = sorted(cp for cp, c in votes.items() if len(c) > 1)
+
+    def dtype(self, c: str) -> str:
+        """The dtype of the name; where the layers/experts it stands for differ, the most common one
+        (the names-and-dtypes invariant then reports the difference)."""
+        return self._counts[c].most_common(1)[0][0]
+
+
+def _index(names) -> dict[str, list[str]]:
+    out: dict[str, list[str]] = {}
+    for n in names:
+        out.setdefault(canonical(n), []).append(n)
+    return out
+
+
+class Builder:
+    """Starts from `base` (transformers' class for the twin config) and applies, in order: float
+    weights for quantized linears the class does not build (MTP), the quantized layouts, the
+    source's extra tensors, then drops and dtype casts, recording which of these the forge writes
+    and which need post-processing."""
+
+    def __init__(self, base: dict[str, TensorMeta], mapped: MappedSource, group_info: dict[str, dict],
+                 params: dict[str, dict[str, int]], dtype: str, k_main: int, experts: int | None,
+                 dim_map: dict[int, int]):
+        self.base, self.mapped, self.group_info, self.params = base, mapped, group_info, params
+        self.dtype, self.k_main, self.experts, self.dim_map = dtype, k_main, experts, dim_map
+        self.twin: dict[str, TensorMeta] = dict(base)
+        self.forged: dict[str, TensorMeta] = dict(base)
+        self.targets: list[QuantTarget] = []
+        self.extras: dict[str, TensorMeta] = {}  # forge extra_tensors
+        self.added: list[str] = []  # post-processing adds (dtypes the forge's extras do not offer)
+        self.casts: dict[str, tuple[str, str]] = {}
+        self.dropped: list[str] = []
+        self.target_prefixes: set[str] = set()
+        self.not_mirrored: list[NotMirrored] = []
+
+    # -- steps --
+
+    def run(self) -> None:
+        self._dequantized_weights_the_class_lacks()
+        self._quantize()
+        self._extras()
+        self._drops_and_casts()
+
+    def _expand(self, c: str) -> list[str]:
+        if ".experts.*." not in c:
+            return [c]
+        return [c.replace(".experts.*.", f".experts.{e}.") for e in range(self.experts or 0)]
+
+    def _shape_for(self, name: str, c: str) -> tuple[int, ...] | None:
+        """A tensor the class does not write: the shape of the same tensor in another twin layer
+        (an MTP layer is a decoder layer), else the source's with each width mapped."""
+        _, key = split_name(name)
+        for other, meta in self.twin.items():
+            if other != name and split_name(other)[1] == key and "{L}" in key:
+                return meta.shape
+        shape = []
+        for d in self.mapped.shape[c]:
+            if d in self.dim_map:
+                shape.append(self.dim_map[d])
+            elif d <= 8:  # a count (scalar-like dims, a pair): kept
+                shape.append(d)
+            else:
+                k = next((k for k in (2, 3, 4) if d % k == 0 and d // k in self.dim_map), None)
+                if k is None:
+                    return None
+                shape.append(k * self.dim_map[d // k])
+        return tuple(shape)
+
+    def _dequantized_weights_the_class_lacks(self) -> None:
+        # a quantized linear in a layer transformers' class does not build (MTP): its float weight
+        # is an extra tensor first, then quantized like every other
+        have = _index(self.twin)
+        for cp in self.mapped.groups:
+            if cp + ".weight" in have:
+                continue
+            example = self.group_info.get(self.mapped.example[cp])
+            if example is None:
+                continue
+            solved = infer_params(example["scheme"], example["leaves"], self.params[example["scheme"]])
+            for name in self._expand(cp + ".weight"):
+                shape = self._shape_for(name, cp + ".weight")
+                if shape is None and solved:
+                    shape = tuple(self.dim_map.get(d, d) for d in solved[1])
+                if shape is None:
+                    self.not_mirrored.append(NotMirrored(what=name, reason="no twin width for its dims"))
+                    continue
+                meta = TensorMeta(dtype=self.dtype, shape=shape)
+                self.twin[name] = self.forged[name] = self.extras[name] = meta
+
+    def _quantize(self) -> None:
+        have = _index(self.twin)
+        for cp, scheme in sorted(self.mapped.groups.items()):
+            example = self.group_info.get(self.mapped.example[cp])
+            if example is None or scheme not in self.params:
+                continue
+            src_leaves = {leaf: TensorMeta(dtype=self.mapped.dtype(f"{cp}.{leaf}"), shape=self.mapped.shape[f"{cp}.{leaf}"])
+                          for leaf in rules()["schemes"][scheme]["tensors"] if f"{cp}.{leaf}" in self.mapped.dtypes}
+            solved = infer_params(scheme, example["leaves"], self.params[scheme])
+            for name in have.get(cp + ".weight", []):
+                self._quantize_one(name[: -len(".weight")], scheme, src_leaves, solved[1] if solved else None)
+
+    def _quantize_one(self, prefix: str, scheme: str, src_leaves: dict[str, TensorMeta], source_dims) -> None:
+        weight = self.twin[prefix + ".weight"]
+        if len(weight.shape) != 2:
+            self.not_mirrored.append(NotMirrored(what=prefix, reason=f"{scheme}: the class writes it {len(weight.shape)}-D"))
+            return
+        out, in_ = weight.shape
+        p = self.params[scheme]
+        try:
+            shapes = scheme_shapes(scheme, out, in_, p, src_leaves, source_dims)
+        except NotWhole as exc:
+            self.not_mirrored.append(NotMirrored(what=prefix, reason=f"misaligned: [{out}, {in_}] under {scheme} "
+                                                                     f"{p}: {exc} is not whole"))
+            return
+        leaves = {leaf: TensorMeta(dtype=src_leaves[leaf].dtype, shape=shape) for leaf, shape in shapes.items()}
+        spec = rules()["schemes"][scheme]
+        forge = (spec.get("forge") == "fp8_blocks" and out % p["block_n"] == 0 and in_ % p["block_k"] == 0
+                 and leaves["weight"].dtype == "F8_E4M3" and leaves["weight_scale_inv"].dtype == "F32"
+                 and set(leaves) == {"weight", "weight_scale_inv"})
+        values = {leaf: [out if v == "n" else in_ if v == "k" else int(v) for v in t["value"]]
+                  for leaf, t in spec["tensors"].items() if leaf in leaves and "value" in t}
+        self.twin.pop(prefix + ".weight")
+        self.target_prefixes.add(prefix)
+        for leaf, meta in leaves.items():
+            self.twin[f"{prefix}.{leaf}"] = meta
+            if forge:
+                self.forged[f"{prefix}.{leaf}"] = meta
+        self.targets.append(QuantTarget(prefix=prefix, scheme=scheme, forge=forge, out=out, in_=in_, params=p,
+                                        leaves=leaves, values=values))
+
+    def _extras(self) -> None:
+        have = _index(self.twin)
+        for c in sorted(set(self.mapped.dtypes) - set(have)):
+            dtype = self.mapped.dtype(c)
+            for name in self._expand(c):
+                shape = self._shape_for(name, c)
+                if shape is None:
+                    self.not_mirrored.append(NotMirrored(what=name, reason=f"no twin width for its dims "
+                                                                           f"{list(self.mapped.shape[c])}"))
+                    continue
+                meta = TensorMeta(dtype=dtype, shape=shape)
+                self.twin[name] = meta
+                if dtype in TORCH_DTYPE:  # the forge's extra_tensors write float32/bfloat16/float16
+                    self.forged[name] = self.extras[name] = meta
+                else:
+                    self.added.append(name)
+
+    def _drops_and_casts(self) -> None:
+        for name in list(self.twin):
+            c = canonical(name)
+            if c not in self.mapped.dtypes:
+                self.twin.pop(name)
+                self.dropped.append(name)
+                continue
+            want = self.mapped.dtype(c)
+            have = self.twin[name].dtype
+            if want != have and name not in self.extras and not self._is_target_leaf(name):
+                self.twin[name] = TensorMeta(dtype=want, shape=self.twin[name].shape)
+                if want in FLOAT_DTYPES and have in FLOAT_DTYPES:
+                    self.casts[name] = (have, want)
+                else:
+                    self.added.append(name)
+
+    def _is_target_leaf(self, name: str) -> bool:
+        return name.rpartition(".")[0] in self.target_prefixes
+
+    # -- what the spec and the post-processing carry --
+
+    def extra_tensors(self) -> list[ExtraTensor]:
+        """One `{layer}` entry where a tensor is in every main layer alike, else one per name."""
+        by_key: dict[str, dict[int | None, TensorMeta]] = {}
+        for name, meta in self.extras.items():
+            m = _LAYER_IN_NAME.match(name)
+            key = f"{m.group(1)}{{layer}}.{name[m.end():]}" if m else name
+            by_key.setdefault(key, {})[int(m.group(2)) if m else None] = meta
+        out = []
+        for key, per_layer in sorted(by_key.items()):
+            metas = set(per_layer.values())
+            if set(per_layer) == set(range(self.k_main)) and len(metas) == 1:
+                out.append(_extra(key, next(iter(metas))))
+            else:
+                out += [_extra(key.replace("{layer}", str(i)) if i is not None else key, meta)
+                        for i, meta in sorted(per_layer.items(), key=lambda kv: (kv[0] is None, kv[0] or 0))]
+        return out
+
+    def fp8_blocks(self) -> list[Fp8Blocks]:
+        """Globs over the forged names that hit exactly the weights to store as FP8 blocks."""
+        wanted = {t.prefix + ".weight": t for t in self.targets if t.forge}
+        names = [n for n in self.forged if n.endswith(".weight")]
+        globs: dict[str, list[int]] = {}
+        for name, t in sorted(wanted.items()):
+            block = [t.params["block_n"], t.params["block_k"]]
+            for glob in (_EXPERT_IN_NAME.sub(".experts.*.", _LAYER_IN_NAME.sub(r"\1*.", name)),
+                         _EXPERT_IN_NAME.sub(".experts.*.", name), name):
+                hits = {n for n in names if fnmatch.fnmatchcase(n, glob)}
+                if hits <= set(wanted) and all(wanted[h].params == t.params for h in hits):
+                    globs.setdefault(glob, block)
+                    break
+        covered = {n for g in globs for n in names if fnmatch.fnmatchcase(n, g)}
+        globs = {g: b for g, b in globs.items()
+                 if not any(g != o and {n for n in names if fnmatch.fnmatchcase(n, g)} <=
+                            {n for n in names if fnmatch.fnmatchcase(n, o)} for o in globs)}
+        assert covered == set(wanted), "every forged FP8 weight is covered by a glob"
+        return [Fp8Blocks(tensors=g, block=b) for g, b in sorted(globs.items())]
+
+    def post_steps(self) -> list[PostStep]:
+        steps = []
+        by_scheme: dict[str, list[str]] = {}
+        for t in self.targets:
+            if not t.forge:
+                by_scheme.setdefault(t.scheme, []).append(t.prefix)
+        for scheme, prefixes in sorted(by_scheme.items()):
+            steps.append(PostStep(op="quantize", names=prefixes, detail=f"{len(prefixes)} linears re-written in the "
+                                  f"{scheme} layout ({', '.join(rules()['schemes'][scheme]['tensors'])}) with the "
+                                  "source's dtypes"))
+        if self.casts:
+            pairs = Counter(f"{a}->{b}" for a, b in self.casts.values())
+            steps.append(PostStep(op="cast", names=sorted(self.casts),
+                                  detail=f"{len(self.casts)} tensors cast to the source's dtype ({dict(pairs)})"))
+        if self.added:
+            dts = Counter(self.twin[n].dtype for n in self.added)
+            steps.append(PostStep(op="add", names=sorted(self.added),
+                                  detail=f"{len(self.added)} tensors of dtypes the forge's extra_tensors do not "
+                                         f"offer ({dict(dts)})"))
+        if self.dropped:
+            steps.append(PostStep(op="drop", names=sorted(self.dropped),
+                                  detail=f"{len(self.dropped)} tensors the class writes but the source lacks"))
+        return steps
+
+
+def _extra(name: str, meta: TensorMeta) -> ExtraTensor:
+    # weights random like the forged ones; scales and norms 1.0 (a random scale could be <= 0)
+    return ExtraTensor(name=name, shape=list(meta.shape), random=len(meta.shape) >= 2, value=1.0,
+                       dtype=TORCH_DTYPE[meta.dtype])
+
+
+def compare(src: dict[str, set[str]], twin: dict[str, set[str]]) -> tuple[list[str], list[str], list[tuple[str, list, list]]]:
+    """(only in the source, only in the twin, dtype differences) of two canonical name -> dtypes maps."""
+    only_src = sorted(set(src) - set(twin))
+    only_twin = sorted(set(twin) - set(src))
+    dtypes = [(c, sorted(src[c]), sorted(twin[c])) for c in sorted(set(src) & set(twin)) if src[c] != twin[c]]
+    return only_src, only_twin, dtypes
+
