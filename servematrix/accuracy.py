@@ -16,10 +16,10 @@ from typing import Literal
 import yaml
 from packaging.specifiers import InvalidSpecifier, SpecifierSet
 from packaging.version import InvalidVersion, Version
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from servematrix import stats
-from servematrix.yamlio import load_yaml, validate
+from servematrix.yamlio import field_error, load_yaml, validate
 
 # metric name -> higher is better?
 METRICS: dict[str, bool] = {
@@ -42,13 +42,19 @@ class MetricValue(BaseModel):
     n: int
 
 
+# The smallest effect a check may claim: the n it needs grows as 1/effect², and below this it is
+# beyond any test set (a 1e-4 change of a proportion needs ~10^8 questions).
+MIN_EFFECT = 1e-4
+MAX_NLL_EFFECT = 100.0  # nats per token: far beyond any real change of a model's NLL
+
+
 class Check(_Strict):
     """One guarded metric: detect a true change of `effect` at significance α with power 1-β."""
 
     metric: str
-    effect: float = Field(gt=0)
-    alpha: float = Field(0.05, gt=0, lt=0.5)
-    beta: float = Field(0.2, gt=0, lt=0.5)
+    effect: float = Field(strict=True, ge=MIN_EFFECT, le=MAX_NLL_EFFECT, allow_inf_nan=False)
+    alpha: float = Field(0.05, strict=True, gt=0, lt=0.5, allow_inf_nan=False)
+    beta: float = Field(0.2, strict=True, gt=0, lt=0.5, allow_inf_nan=False)
 
     @field_validator("metric")
     @classmethod
@@ -56,6 +62,12 @@ class Check(_Strict):
         if v not in METRICS:
             raise ValueError(f"unknown metric {v!r} (known: {', '.join(METRICS)})")
         return v
+
+    @model_validator(mode="after")
+    def _proportion_effect(self) -> "Check":
+        if self.metric in BERNOULLI and self.effect >= 1:  # a proportion cannot move by 1 or more
+            raise field_error(("effect",), f"{self.metric} is a proportion: effect must be below 1 (got {self.effect})")
+        return self
 
 
 class RefKey(_Strict):
@@ -89,10 +101,12 @@ class RefKey(_Strict):
 class Reference(_Strict):
     key: RefKey
     metric: str
-    mean: float
-    sigma: float = Field(ge=0)
-    n: int = Field(ge=1)
-    stderr: float | None = None
+    # finite and bounded: a reference is data someone may edit, and a sigma of 1e200 would overflow
+    # the power calculation at validate time instead of being refused at its line
+    mean: float = Field(allow_inf_nan=False, ge=-1e6, le=1e6)
+    sigma: float = Field(ge=0, le=1e6, allow_inf_nan=False)
+    n: int = Field(ge=1, le=10_000_000)
+    stderr: float | None = Field(None, ge=0, le=1e6, allow_inf_nan=False)
     source: str | None = None  # the run it was recorded from
     recorded_at: str | None = None
 

@@ -16,7 +16,8 @@ from typing import Literal
 
 from pydantic import BaseModel
 
-from servematrix import envs
+from servematrix import envs, report
+from servematrix.errors import ArgumentError
 from servematrix.matrix import Entry, Matrix, entry_id
 from servematrix.results import ScenarioRecord
 
@@ -57,7 +58,9 @@ def _name(value: str, names: list[str]) -> str:
     for n in names:
         if value == n or value == n.split("-", 1)[-1]:
             return n
-    raise envs.EnvError(f"unknown vLLM release {value!r} (declared: {', '.join(names)})")
+    raise ArgumentError("--between", f"{value!r} is not a declared vLLM release (declared in "
+                                     f"servematrix/data/vllm-releases.yaml: {', '.join(names)}; "
+                                     "or their bare versions, e.g. 0.18.1)")
 
 
 def retarget(entry: Entry, release: str) -> Entry:
@@ -109,10 +112,14 @@ def search(releases: list[str], probe) -> tuple[list[Probe], tuple[Probe, Probe]
 
 
 def bisect(matrix: Matrix, entry: Entry, low: str, high: str, out: Path, signature: str | None,
-           python: str | None = None) -> BisectResult:
+           python: str | None = None, overwrite: bool = False) -> BisectResult:
     from servematrix.runner import RunOptions, Runner, probe_versions
 
     releases = candidates(low, high)
+    # every run directory the search may reach, refused now rather than after hours of probes
+    report.check_run_dir(out, overwrite, marker="bisect.json")
+    for release in releases:
+        report.check_run_dir(out / release, overwrite)
     current = (probe_versions(python or __import__("sys").executable).get("vllm") or "").split("+")[0]
     signature = signature or (entry.expectation.signature if entry.expectation.expect == "xfail" else None)
 
@@ -120,7 +127,8 @@ def bisect(matrix: Matrix, entry: Entry, low: str, high: str, out: Path, signatu
         # the release this interpreter already runs needs no environment of its own
         run_as = envs.CURRENT if envs.releases()[release].vllm.endswith(f"=={current}") else release
         e = retarget(entry, run_as)
-        opts = RunOptions(out_dir=(out / release).resolve(), python=python, gsm8k=False, retries=0)
+        opts = RunOptions(out_dir=(out / release).resolve(), python=python, gsm8k=False, retries=0,
+                          overwrite=overwrite)
         summary = Runner(matrix, [e], opts).run()
         (rec,) = summary.scenarios
         log = out / release / e.id / "server.log"

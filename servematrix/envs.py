@@ -18,7 +18,7 @@ from pathlib import Path
 import yaml
 from pydantic import BaseModel, ConfigDict, Field
 
-from servematrix.errors import UserError
+from servematrix.errors import ArgumentError, StateError, UserError
 
 from servematrix.paths import cache_dir, data_file
 
@@ -74,28 +74,57 @@ def list_envs() -> list[tuple[str, dict | None]]:
     return [(name, info(name)) for name in releases()]
 
 
-def remove(name: str) -> bool:
+def declared(name: str, argument: str | None = None) -> Release:
+    """The declared release `name`; anything else (a path, '', a typo) is refused before it is
+    ever joined to a path."""
+    rels = releases()
+    if name not in rels:
+        raise ArgumentError(argument or f"release {name!r}", f"not a declared vLLM release (declared in "
+                            f"servematrix/data/vllm-releases.yaml: {', '.join(rels)}; {CURRENT} = the vLLM "
+                            "beside servematrix)")
+    return rels[name]
+
+
+def removable(name: str) -> Path | None:
+    """The environment directory `remove(name)` would delete (None: not built), or why not: only
+    a declared release's directory that servematrix built (it holds the marker file), never a
+    symlink or anything else found at that place."""
+    if name == CURRENT:
+        raise ArgumentError(f"release {name!r}", "is the vLLM beside servematrix, not an environment servematrix "
+                                                 "built; nothing to remove")
+    declared(name)
     path = root(name)
-    if path.exists():
-        shutil.rmtree(path)
-        return True
-    return False
+    if not path.exists() and not path.is_symlink():
+        return None
+    if path.is_symlink() or not (path / MARKER).is_file():
+        raise StateError(path, f"not an environment servematrix built (no {MARKER} marker); not removed "
+                               "(a build that died half-way is rebuilt by `servematrix env ensure`)")
+    return path
+
+
+def remove(name: str) -> bool:
+    path = removable(name)
+    if path is None:
+        return False
+    shutil.rmtree(path)
+    return True
 
 
 def ensure(name: str, log=sys.stderr) -> Path:
     """The environment for release `name`, built first if it is missing or half-built."""
     if name == CURRENT:
         return Path(sys.prefix)
-    rels = releases()
-    if name not in rels:
-        raise EnvError(f"unknown vLLM release {name!r} (known: {', '.join(rels)}, {CURRENT})")
+    rel = declared(name)
     built, fixes = info(name), fixes_hash()
     if built is not None:
         if built.get("fixes") != fixes:  # a fix module was added or changed since the build
             _install_servematrix(str(root(name) / "bin" / "python"), log)
             (root(name) / MARKER).write_text(json.dumps({**built, "fixes": fixes}, indent=2))
         return root(name)
-    rel, path = rels[name], root(name)
+    path = root(name)
+    if path.is_symlink():
+        raise StateError(path, f"is a symlink without a {MARKER} marker, not an environment servematrix "
+                               "built; not replaced")
     shutil.rmtree(path, ignore_errors=True)  # a build that died half-way
     missing = [lib for lib in rel.ld_preload if "{env}" not in lib and not Path(lib).exists()]
     if missing and rel.apt:

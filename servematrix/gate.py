@@ -12,10 +12,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, ValidationError
 
-from servematrix.results import RunSummary, ScenarioRecord
-from servematrix.verdict import EXIT_INFRA, EXIT_OK, EXIT_REGRESSION
+from servematrix.errors import StateError
+from servematrix.results import KNOWN_SCHEMA_VERSIONS, RunSummary, ScenarioRecord
+from servematrix.verdict import EXIT_INFRA, EXIT_OK, EXIT_REGRESSION, unjudged
 
 
 class Row(BaseModel):
@@ -41,10 +42,45 @@ class Decision(BaseModel):
 
 
 def load_summary(run_dir: Path) -> RunSummary:
-    path = Path(run_dir) / "summary.json"
+    """The run in `run_dir`, or a StateError naming what is wrong with it: no such directory, no
+    summary.json, a truncated or foreign file, a schema this code does not know."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        what = "not a directory" if run_dir.exists() else "no such directory"
+        raise StateError(run_dir, f"{what}; expected a run directory holding summary.json")
+    path = run_dir / "summary.json"
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: no summary.json (not a servematrix run directory?)")
-    return RunSummary.model_validate(json.loads(path.read_text()))
+        raise StateError(path, "missing or not a file (not a servematrix run directory?)")
+    try:
+        data = json.loads(path.read_text())
+    except OSError as exc:
+        raise StateError(path, f"cannot read: {exc.strerror or exc}") from exc
+    except UnicodeDecodeError as exc:
+        raise StateError(path, f"not text (byte {exc.start}); not a servematrix summary") from exc
+    except json.JSONDecodeError as exc:  # a run killed mid-write cannot do this (atomic writes); a copy can
+        raise StateError(path, f"not valid JSON at line {exc.lineno} column {exc.colno} ({exc.msg}); "
+                               "truncated or damaged") from exc
+    return _summary(path, data)
+
+
+def _summary(path: Path, data) -> RunSummary:
+    known = ", ".join(map(str, KNOWN_SCHEMA_VERSIONS))
+    if not isinstance(data, dict) or "schema_version" not in data:
+        raise StateError(path, "not a servematrix summary (a JSON object with schema_version, matrix, "
+                               f"scenarios, ... is expected; schema versions known: {known})")
+    version = data["schema_version"]
+    if type(version) is not int or version not in KNOWN_SCHEMA_VERSIONS:
+        raise StateError(path, f"schema_version {version!r} is not one this servematrix reads (known: {known}); "
+                               "written by another servematrix version?")
+    try:
+        return RunSummary.model_validate(data)
+    except ValidationError as exc:
+        errors = exc.errors()
+        first = errors[0]
+        where = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in first["loc"]).lstrip(".")
+        more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
+        raise StateError(path, f"not a valid servematrix summary: {where or 'top level'}: {first['msg']}{more}") \
+            from exc
 
 
 def _load_cell(r: ScenarioRecord) -> str:
@@ -76,6 +112,8 @@ def decide(run: RunSummary, baseline: RunSummary | None = None, min_load_rate: f
             flags.append(f"{r.id}: fixed upstream — drop the waiver ({r.expect.bug})")
     if run.status != "complete":
         cannot.append(f"run is {run.status}, not complete")
+    elif (why := unjudged([r.verdict for r in run.scenarios])) is not None:
+        cannot.append(why)
     for missing in [i for i in run.selected if i not in by_id]:
         cannot.append(f"{missing}: selected but never ran")
     if baseline is not None:
@@ -87,8 +125,9 @@ def decide(run: RunSummary, baseline: RunSummary | None = None, min_load_rate: f
                 regressions.append(f"{b.id}: newly failing (passed in the baseline)")
             elif b.verdict == "fail" and now.verdict == "pass":
                 flags.append(f"{b.id}: newly passing")
-    # rates over what could be judged: expected-to-pass scenarios without infrastructure errors
-    judged = [r for r in run.scenarios if r.expect.expect == "pass" and r.verdict != "error"]
+    # rates over what could be judged: expected-to-pass scenarios that ran on vLLM (neither an
+    # infrastructure error nor skipped because no host could run them)
+    judged = [r for r in run.scenarios if r.expect.expect == "pass" and r.verdict not in {"error", "skipped"}]
     load_rate = sum(1 for r in judged if r.load and r.load.ok) / len(judged) if judged else None
     checks = [c for r in judged for c in r.accuracy if c.status in {"pass", "fail"}]
     acc_rate = sum(1 for c in checks if c.status == "pass") / len(checks) if checks else None

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import shlex
 import signal
 import subprocess
 import sys
@@ -21,6 +20,8 @@ from typing import Callable
 import yaml
 from pydantic import BaseModel
 
+from servematrix import redact
+from servematrix.launch import LogPump
 from servematrix.paths import data_file, gsm8k_test_jsonl
 from servematrix.scenario import Gsm8kSpec
 
@@ -103,11 +104,14 @@ def run(base_url: str, model: str, spec: Gsm8kSpec, limit: int | None, out_dir: 
     out_dir.mkdir(parents=True, exist_ok=True)
     write_task(out_dir, spec.num_fewshot)
     argv = command(base_url, model, spec, limit, out_dir, python, tokenizer)
-    (out_dir / "command.txt").write_text(shlex.join(argv) + "\n")
+    # the command line (and lm-eval's log: it prints its model_args) may hold what the server was
+    # given; both pass through the redactor like everything else servematrix writes
+    (out_dir / "command.txt").write_text(redact.shell_command(argv) + "\n")
     started = time.monotonic()
-    with open(out_dir / "lm_eval.log", "wb") as log:
-        proc = subprocess.Popen(argv, env={**os.environ, **OFFLINE_ENV}, stdout=log,
+    with open(out_dir / "lm_eval.log", "wb", buffering=0) as log:
+        proc = subprocess.Popen(argv, env={**os.environ, **OFFLINE_ENV}, stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+        pump = LogPump(proc.stdout, log)
         try:
             while proc.poll() is None:
                 if not server_alive():
@@ -118,6 +122,7 @@ def run(base_url: str, model: str, spec: Gsm8kSpec, limit: int | None, out_dir: 
         finally:
             if proc.poll() is None:
                 _kill_group(proc)
+            pump.close()  # all of lm-eval's output in the file before its tail is read
     if proc.returncode != 0:
         tail = (out_dir / "lm_eval.log").read_text(errors="replace").strip().splitlines()[-3:]
         raise Gsm8kFailed(f"lm-eval exited with {proc.returncode}: {' | '.join(tail)[:400]}")

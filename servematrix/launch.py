@@ -9,7 +9,7 @@ happens in __enter__, so a failed start is still cleaned up.
 from __future__ import annotations
 
 import os
-import shlex
+import select
 import signal
 import socket
 import subprocess
@@ -23,7 +23,7 @@ import psutil
 import yaml
 from pydantic import BaseModel, ConfigDict, Field
 
-from servematrix import failure
+from servematrix import failure, redact
 from servematrix.failure import Failure
 from servematrix.matrix import Entry
 from servematrix.paths import data_file
@@ -46,15 +46,19 @@ class LaunchSpec(BaseModel):
     log_path: Path
     startup_timeout: float
 
+    def model_post_init(self, _context) -> None:
+        # the credentials this server is given are masked in everything this process writes from
+        # now on: its log (vLLM prints its non-default args, api_key included), reports, commands
+        redact.remember_launch(self.argv, self.env)
+
     @property
     def base_url(self) -> str:
         return f"http://{self.host}:{self.port}"
 
     def shell(self) -> str:
-        from servematrix.redact import redact_env
-
-        env = " ".join(f"{k}={shlex.quote(v)}" for k, v in sorted(redact_env(self.env).items()))
-        return f"{env} {shlex.join(self.argv)}".strip()
+        """The command line as a shell takes it (environment first, sorted), secrets masked; an
+        environment name that is not a variable name is refused (ConfigError)."""
+        return redact.shell_command(self.argv, dict(sorted(self.env.items())))
 
 
 class ServerFailed(Exception):
@@ -183,7 +187,11 @@ class Server:
     def alive(self) -> bool:
         return self.returncode() is None
 
+    def _sync_log(self) -> None:
+        """Make the log file hold everything the server has written so far (backend hook)."""
+
     def log_text(self) -> str:
+        self._sync_log()
         try:
             return self.spec.log_path.read_text(errors="replace")
         except OSError:
@@ -226,12 +234,17 @@ class Server:
 class LocalServer(Server):
     """The server as a local child process in its own session (process group)."""
 
-    proc: subprocess.Popen | None = None
+    proc: Child | None = None
 
     def _spawn(self) -> None:
+        header = f"# servematrix: {self.spec.shell()}\n"  # refuses a bad environment name first
         self._log = open(self.spec.log_path, "ab", buffering=0)
-        self._log.write(f"# servematrix: {self.spec.shell()}\n".encode())
+        self._log.write(header.encode())
         self.proc = spawn(self.spec.argv, self.spec.env, self._log)
+
+    def _sync_log(self) -> None:
+        if self.proc is not None:
+            self.proc.pump.drain()
 
     def returncode(self) -> int | None:
         return None if self.proc is None else self.proc.poll()
@@ -250,15 +263,97 @@ class LocalServer(Server):
         except subprocess.TimeoutExpired:
             pass
         kill_tree(self.proc, tree)
+        self.proc.pump.close()  # every writer is dead: the pipe ends at once
         if getattr(self, "_log", None) and not self._log.closed:
             self._log.close()
 
 
-def spawn(argv: list[str], env: dict[str, str], log) -> subprocess.Popen:
-    """A child in its own session (process group), added `env`, output to `log`, that dies with
-    this process."""
-    return subprocess.Popen(argv, env={**os.environ, **env}, stdout=log, stderr=subprocess.STDOUT,
-                            stdin=subprocess.DEVNULL, start_new_session=True, preexec_fn=_die_with_parent)
+class LogPump:
+    """A child's output (stdout and stderr on one pipe) copied into its log file, redacted line by
+    line, by a thread: no secret the child prints (vLLM logs its api_key among its non-default
+    args) reaches the file.
+
+    `drain()` makes the file hold everything written so far, in the caller's thread and at once
+    (no waiting for the pipe's end, which a surviving grandchild could hold open): called before
+    the log is read, so the failure classifier sees the dying process's last lines. `close()`
+    waits for the pipe's end (bounded), copies the rest and stops."""
+
+    def __init__(self, pipe, log) -> None:
+        self._pipe, self._fd, self._log = pipe, pipe.fileno(), log
+        os.set_blocking(self._fd, False)
+        self._lines = redact.LineRedactor()
+        self._lock = threading.Lock()  # one copier at a time: the thread, or drain()/close()
+        self._eof = self._broken = False
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"log-pump-{self._fd}", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            ready, _, _ = select.select([self._fd], [], [], 0.1)  # the timeout only rechecks _stop
+            if ready:
+                with self._lock:
+                    if not self._pull():
+                        return
+
+    def _pull(self) -> bool:
+        """Copy what the pipe holds now (the lock held); False at its end."""
+        while not self._eof:
+            try:
+                chunk = os.read(self._fd, 1 << 16)
+            except BlockingIOError:
+                return True
+            except OSError:  # closed under us: nothing more to read
+                chunk = b""
+            if chunk:
+                self._copy(self._lines.feed, chunk)
+            else:
+                self._eof = True
+                self._copy(self._lines.flush)
+        return False
+
+    def _copy(self, redacted, *chunk: bytes) -> None:
+        # never let the child block on a full pipe: if redaction fails or the log cannot be
+        # written, keep reading and drop the output rather than write it unredacted
+        if self._broken:
+            return
+        try:
+            data = redacted(*chunk)
+            if data:
+                self._log.write(data)
+                self._log.flush()
+        except Exception:  # noqa: BLE001 - see above
+            self._broken = True
+
+    def drain(self) -> None:
+        with self._lock:
+            self._pull()
+            self._copy(self._lines.flush)
+
+    def close(self, timeout: float = 5.0) -> None:
+        self._thread.join(timeout)
+        self._stop.set()
+        self._thread.join()
+        self.drain()
+        with self._lock:
+            self._eof = True  # the fd number may be reused once closed: never read it again
+            if not self._pipe.closed:
+                self._pipe.close()
+
+
+class Child(subprocess.Popen):
+    """A spawned child; its output reaches the log through `pump`."""
+
+    pump: LogPump
+
+
+def spawn(argv: list[str], env: dict[str, str], log) -> Child:
+    """A child in its own session (process group), added `env`, output redacted into `log` (a
+    binary file), that dies with this process. Call `proc.pump.close()` once it is reaped."""
+    proc = Child(argv, env={**os.environ, **env}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                 stdin=subprocess.DEVNULL, start_new_session=True, preexec_fn=_die_with_parent)
+    proc.pump = LogPump(proc.stdout, log)
+    return proc
 
 
 def kill_tree(proc: subprocess.Popen, tree: list[psutil.Process] | None = None) -> None:

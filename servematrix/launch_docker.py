@@ -18,6 +18,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, Field
 
+from servematrix import redact
 from servematrix.launch import LaunchSpec, Server
 
 STATUS_INTERVAL = 0.25  # s between container state queries (each is an API call)
@@ -61,6 +62,7 @@ class DockerServer(Server):
 
         argv = [self.config.python, *self.spec.argv[1:]]
         env = dict(self.spec.env)
+        redact.check_env_keys(env)  # the same names LocalServer could set and shell() can print
         gpus = env.pop("CUDA_VISIBLE_DEVICES", None)  # the container sees its GPUs as 0..n-1
         volumes = {str(self.spec.log_path.parent): {"bind": str(self.spec.log_path.parent), "mode": "rw"}}
         model = _model_dir(argv)
@@ -92,11 +94,16 @@ class DockerServer(Server):
         self._log_thread.start()
 
     def _stream_log(self) -> None:
-        """The container's output, as it comes, into server.log (the failure classifier reads it)."""
+        """The container's output, as it comes, into server.log (the failure classifier reads it),
+        redacted line by line (vLLM logs its api_key among its non-default args)."""
+        lines = redact.LineRedactor()
         try:
             with open(self.spec.log_path, "ab", buffering=0) as log:
-                for chunk in self.container.logs(stream=True, follow=True):
-                    log.write(chunk)
+                try:
+                    for chunk in self.container.logs(stream=True, follow=True):
+                        log.write(lines.feed(chunk))
+                finally:
+                    log.write(lines.flush())
         except Exception:  # noqa: BLE001 - the container went away; the log ends there
             pass
 

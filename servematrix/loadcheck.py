@@ -89,9 +89,8 @@ def run(spec: LaunchSpec, check: Check) -> tuple[LoadCheckResult, Failure | None
         old.unlink()
     argv = command(spec, check)
     t0 = time.monotonic()
-    with open(spec.log_path, "w") as log:
-        log.write(f"$ {' '.join(argv)}\n")
-        log.flush()
+    with open(spec.log_path, "wb", buffering=0) as log:
+        log.write(f"$ {shell(spec, check)}\n".encode())
         proc = spawn(argv, spec.env, log)
         try:
             code = proc.wait(timeout=spec.startup_timeout)
@@ -101,6 +100,8 @@ def run(spec: LaunchSpec, check: Check) -> tuple[LoadCheckResult, Failure | None
         except BaseException:  # Ctrl-C: no rank may outlive the check
             kill_tree(proc)
             raise
+        finally:
+            proc.pump.close()  # the whole log is in the file before it is closed (and read)
     seconds = round(time.monotonic() - t0, 2)
     result = _collect(out, seconds)
     if code == 0 and result.ok:

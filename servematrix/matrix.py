@@ -6,18 +6,48 @@ from __future__ import annotations
 
 import fnmatch
 import itertools
-import re
+import math
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, HttpUrl, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, HttpUrl, model_validator
 
 from servematrix.accuracy import References, needed_n
-from servematrix.scenario import NAME_RE, Scenario, ScenarioStore
-from servematrix.yamlio import ConfigError, Located, load_yaml, validate
+from servematrix.scenario import MAX_PARALLEL, DeviceName, Gsm8kLimit, Name, Parallel, Scenario, ScenarioStore
+from servematrix.yamlio import (ConfigError, Located, OneLine, PathText, Regex, Seconds, field_error, is_file,
+                               load_yaml, validate)
 
 DEFAULT_VLLM = "current"  # the vLLM installed beside servematrix
 DEFAULT_DEVICE = "cpu"
+MAX_WORLD = MAX_PARALLEL  # TP×PP ranks of one entry: the GPUs one server spans
+MAX_ENTRIES = 10_000  # expanded entries of one file: each starts a server; more is a typo in an axis
+MAX_ID_PART = 200  # bytes of an id's layout part, a directory name in every report (255 at most)
+
+
+def _known_vllm(v: str) -> str:
+    from servematrix import envs
+
+    if v != DEFAULT_VLLM and v not in envs.releases():
+        raise ValueError(f"unknown vLLM release {v!r} (known: {', '.join(envs.releases())}, "
+                         f"{DEFAULT_VLLM}; see servematrix/data/vllm-releases.yaml)")
+    return v
+
+
+def _known_fixes(v: list[str]) -> list[str]:
+    import servematrix_fixes
+
+    for name in v:  # the registry only: no fix module (and no vLLM) is imported here
+        if name not in servematrix_fixes.REGISTRY:
+            raise ValueError(f"unknown fix {name!r} (available: {', '.join(servematrix_fixes.names())})")
+    return v
+
+
+# A vLLM release of servematrix/data/vllm-releases.yaml, or "current".
+VllmName = Annotated[str, AfterValidator(_known_vllm)]
+# Fix modules of the servematrix_fixes registry (checked as a list: the error names the list).
+Fixes = Annotated[list[Name], AfterValidator(_known_fixes)]
+# A selector's value: fnmatch glob over an entry's field.
+Glob = Annotated[OneLine, Field(min_length=1)]
 
 
 class _Strict(BaseModel):
@@ -26,10 +56,10 @@ class _Strict(BaseModel):
 
 class Expectation(_Strict):
     expect: Literal["pass", "xfail"] = "pass"
-    reason: str | None = None
+    reason: OneLine | None = None  # printed after the id in `list` and in every report line
     bug: HttpUrl | None = None
     # regex the failure signature must match for the xfail to count (a different failure is a fail)
-    signature: str | None = None
+    signature: Regex | None = None
     # strict: an xfail entry that passes is reported as xpass and fails the run (drop the waiver)
     strict: bool = True
 
@@ -39,21 +69,19 @@ class Expectation(_Strict):
             raise ValueError("expect: xfail needs a reason and a bug URL")
         if self.expect == "pass" and (self.signature or self.reason):
             raise ValueError("reason/signature only make sense with expect: xfail")
-        if self.signature:
-            re.compile(self.signature)
         return self
 
 
 class Selector(_Strict):
     """Matches expanded entries; every given field must match (quant/vllm/device accept globs)."""
 
-    scenario: str | None = None
-    tp: int | None = None
-    pp: int | None = None
-    quant: str | None = None
-    vllm: str | None = None
-    device: str | None = None
-    tag: str | None = None
+    scenario: Glob | None = None
+    tp: Parallel | None = None
+    pp: Parallel | None = None
+    quant: Glob | None = None
+    vllm: Glob | None = None
+    device: Glob | None = None
+    tag: Name | None = None
 
     def matches(self, e: "Entry") -> bool:
         for field in ("scenario", "quant", "vllm", "device"):
@@ -71,60 +99,56 @@ class Rule(Expectation):
     match: Selector
 
 
-def _known_fixes(v: list[str]) -> list[str]:
-    import servematrix_fixes
-
-    for name in v:  # the registry only: no fix module (and no vLLM) is imported here
-        if name not in servematrix_fixes.REGISTRY:
-            raise ValueError(f"unknown fix {name!r} (available: {', '.join(servematrix_fixes.names())})")
-    return v
-
-
 class IncludeEntry(Expectation):
-    scenario: str
-    fixes: list[str] = Field(default_factory=list)  # fix modules enabled for this entry
-    tp: int = Field(1, ge=1)
-    pp: int = Field(1, ge=1)
-    quant: str | None = None
-    vllm: str = DEFAULT_VLLM
-    device: str = DEFAULT_DEVICE
-    tags: list[str] = Field(default_factory=list)
+    scenario: Name
+    fixes: Fixes = Field(default_factory=list)  # fix modules enabled for this entry
+    tp: Parallel = 1
+    pp: Parallel = 1
+    quant: Name | None = None
+    vllm: VllmName = DEFAULT_VLLM
+    device: DeviceName = DEFAULT_DEVICE
+    tags: list[Name] = Field(default_factory=list)
 
 
 class Axes(_Strict):
-    tp: list[int] = Field(default_factory=lambda: [1], min_length=1)
-    pp: list[int] = Field(default_factory=lambda: [1], min_length=1)
-    quant: list[str] | None = None  # None: each scenario's first quant
-    vllm: list[str] = Field(default_factory=lambda: [DEFAULT_VLLM], min_length=1)
-    device: list[str] = Field(default_factory=lambda: [DEFAULT_DEVICE], min_length=1)
+    tp: list[Parallel] = Field(default_factory=lambda: [1], min_length=1)
+    pp: list[Parallel] = Field(default_factory=lambda: [1], min_length=1)
+    quant: list[Name] | None = Field(None, min_length=1)  # None: each scenario's first quant
+    vllm: list[VllmName] = Field(default_factory=lambda: [DEFAULT_VLLM], min_length=1)
+    device: list[DeviceName] = Field(default_factory=lambda: [DEFAULT_DEVICE], min_length=1)
 
-    @model_validator(mode="after")
-    def _positive(self) -> "Axes":
-        for name in ("tp", "pp"):
-            if any(v < 1 for v in getattr(self, name)):
-                raise ValueError(f"{name} values must be >= 1")
-        return self
+    def size(self) -> int:
+        """Entries one scenario expands to (no quant axis: the scenario's first quant, one)."""
+        return math.prod([len(self.tp), len(self.pp), len(self.quant or [None]), len(self.vllm), len(self.device)])
 
 
 class MatrixGsm8k(_Strict):
-    limit: int | None = Field(None, ge=1)
+    limit: Gsm8kLimit | None = None
     enabled: bool = True
 
 
 class MatrixFile(_Strict):
-    name: str = Field(pattern=NAME_RE)
+    name: Name
     description: str = ""
-    scenario_dir: str = "../scenarios"
-    references_dir: str = "../references"
-    scenarios: list[str] = Field(default_factory=list)
+    scenario_dir: PathText = "../scenarios"
+    references_dir: PathText = "../references"
+    scenarios: list[Name] = Field(default_factory=list)
     axes: Axes = Axes()
     include: list[IncludeEntry] = Field(default_factory=list)
     exclude: list[Selector] = Field(default_factory=list)
     expectations: list[Rule] = Field(default_factory=list)
-    tags: list[str] = Field(default_factory=list)
-    fixes: list[str] = Field(default_factory=list)  # fix modules enabled for every entry
+    tags: list[Name] = Field(default_factory=list)
+    fixes: Fixes = Field(default_factory=list)  # fix modules enabled for every entry
     gsm8k: MatrixGsm8k = MatrixGsm8k()
-    startup_timeout: float | None = Field(None, gt=0)
+    startup_timeout: Seconds | None = None
+
+    @model_validator(mode="after")
+    def _bounded(self) -> "MatrixFile":
+        total = len(self.scenarios) * self.axes.size() + len(self.include)
+        if total > MAX_ENTRIES:
+            raise field_error(("axes",), f"expands to {total} entries (scenarios x tp x pp x quant x vllm x "
+                                         f"device + include), more than {MAX_ENTRIES} (the limit)")
+        return self
 
 
 class Entry(_Strict):
@@ -245,21 +269,17 @@ def _expand(located: Located, spec: MatrixFile, store: ScenarioStore) -> list[En
 
 
 def _entry(located, spec, scn, tp, pp, quant, vllm, device, tags, fixes, expectation, loc) -> Entry:
-    from servematrix import envs
-
-    if vllm != DEFAULT_VLLM and vllm not in envs.releases():
-        where = ("axes", "vllm") if loc[0] == "scenarios" else loc + ("vllm",)
-        raise located.error(where, f"unknown vLLM release {vllm!r} (known: {', '.join(envs.releases())}, "
-                                   f"{DEFAULT_VLLM}; see servematrix/data/vllm-releases.yaml)")
+    if tp * pp > MAX_WORLD:
+        where = ("axes", "tp") if loc[0] == "scenarios" else loc + ("tp",)
+        raise located.error(where, f"tp {tp} x pp {pp} = {tp * pp} ranks, more than {MAX_WORLD} (the limit)")
     fixes = tuple(dict.fromkeys([*spec.fixes, *fixes]))
-    for name in fixes:
-        try:
-            _known_fixes([name])
-        except ValueError as exc:
-            where = ("fixes",) if name in spec.fixes else loc + ("fixes",)
-            raise located.error(where, str(exc)) from None
+    eid = entry_id(scn.name, tp, pp, quant, vllm, device, fixes)
+    if len(eid.split("/", 1)[1].encode()) > MAX_ID_PART:  # reports/<run>/<scenario>/<this part>/
+        where = ("fixes",) if loc[0] == "scenarios" else loc
+        raise located.error(where, f"id {eid} is longer than {MAX_ID_PART} bytes after the scenario name "
+                                   "(a directory name in every report): enable fewer fixes or use shorter names")
     return Entry(
-        id=entry_id(scn.name, tp, pp, quant, vllm, device, fixes),
+        id=eid,
         scenario=scn.name, tp=tp, pp=pp, quant=quant, vllm=vllm, device=device, fixes=fixes,
         tags=tuple(dict.fromkeys([*spec.tags, *scn.tags, *tags])),
         expectation=expectation,
@@ -294,7 +314,7 @@ def validate_files(paths: list[Path]) -> list[Matrix]:
     """Load every file, raising the first ConfigError (file:line: field: problem)."""
     out = []
     for p in paths:
-        if not Path(p).is_file():
+        if not is_file(Path(p)):
             raise ConfigError(p, None, None, "no such matrix file")
         out.append(load_matrix(p))
     return out

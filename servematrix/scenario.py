@@ -2,21 +2,65 @@
 
 Everything that varies per model lives here as data (source, server args, quantization flags,
 smoke prompts and expectations, gsm8k settings, the bug it reproduces); the runner stays generic.
+Every count, size and timeout has a range a real deployment could need, so a file that validates
+cannot make a run allocate, wait or build without bound.
 """
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
-from typing import Literal
-from pydantic import BaseModel, ConfigDict, Field, HttpUrl, field_validator, model_validator
+from typing import Annotated, Literal
+
+from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, HttpUrl, StringConstraints,
+                      model_validator, with_config)
+from typing_extensions import TypedDict
 
 from servematrix.accuracy import Check
 from servematrix.convert import GgufSource
 from servematrix.forge import ForgeSpec
-from servematrix.yamlio import ConfigError, load_yaml, validate
+from servematrix.paths import GSM8K_TEST_ROWS
+from servematrix.yamlio import (ConfigError, EnvName, OneLine, PathText, Regex, Seconds, Word, field_error, is_file,
+                               load_yaml, validate)
 
 NAME_RE = r"^[a-z0-9][a-z0-9._-]*$"
+MAX_NAME = 64  # names become parts of ids and of report directory names
+MAX_PARALLEL = 1024  # TP or PP degree: the largest deployments split a model over hundreds of GPUs
+MAX_TOKENS = 32_768  # tokens one smoke prompt or gsm8k answer may generate
+MAX_CONCURRENT = 1_024  # gsm8k requests in flight
+
+# A scenario, quant, fix, tag or prompt name: lower-case, usable in an id and a path.
+Name = Annotated[str, StringConstraints(pattern=NAME_RE, max_length=MAX_NAME)]
+# A TP or PP degree: a whole number (`true` and 1.5 are not), 1..MAX_PARALLEL.
+Parallel = Annotated[int, Field(strict=True, ge=1, le=MAX_PARALLEL)]
+# gsm8k questions per scenario: at least one, at most the test set.
+Gsm8kLimit = Annotated[int, Field(strict=True, ge=1, le=GSM8K_TEST_ROWS)]
+Tokens = Annotated[int, Field(strict=True, ge=1, le=MAX_TOKENS)]
+
+
+def _known_device(v: str) -> str:
+    from servematrix.hardware import device_names  # hardware imports this module
+
+    if v not in device_names():
+        raise ValueError(f"unknown device {v!r} (known: {', '.join(device_names())}; "
+                         "see servematrix/data/devices.yaml)")
+    return v
+
+
+# A device: one of the profiles in servematrix/data/devices.yaml.
+DeviceName = Annotated[str, AfterValidator(_known_device)]
+
+
+def _hf_repo_id(v: str) -> str:
+    # huggingface_hub's own rule, checked here so resolving the model never meets its error
+    try:
+        from huggingface_hub.utils import HFValidationError, validate_repo_id
+    except ImportError:  # pragma: no cover - resolving says it is missing
+        return v
+    try:
+        validate_repo_id(v)
+    except HFValidationError as exc:
+        raise ValueError(f"not a Hugging Face repo id (ORG/NAME): {exc}") from None
+    return v
 
 
 class _Strict(BaseModel):
@@ -30,8 +74,8 @@ class ModelSource(_Strict):
 
     forge: ForgeSpec | None = None
     gguf: GgufSource | None = None
-    hf: str | None = None
-    path: str | None = None
+    hf: Annotated[str, AfterValidator(_hf_repo_id)] | None = None
+    path: PathText | None = None  # whether it exists is model.resolve's question (on the run host)
 
     @model_validator(mode="after")
     def _exactly_one(self) -> "ModelSource":
@@ -44,8 +88,9 @@ class ModelSource(_Strict):
 class Requires(_Strict):
     """What the hardware must offer, per GPU (the count comes from the entry's TP×PP)."""
 
-    gpu_capability: float | None = Field(None, ge=1)  # CUDA compute capability (FP8: 8.9, NVFP4: 10.0)
-    gpu_memory_gb: float | None = Field(None, gt=0)
+    # CUDA compute capability (FP8: 8.9, NVFP4: 10.0; the newest GPUs are 12.x)
+    gpu_capability: float | None = Field(None, strict=True, ge=1, le=20, allow_inf_nan=False)
+    gpu_memory_gb: float | None = Field(None, strict=True, gt=0, le=10_000, allow_inf_nan=False)
 
     def merge(self, other: "Requires") -> "Requires":
         def hi(a, b):
@@ -58,41 +103,45 @@ class Requires(_Strict):
 class QuantSpec(_Strict):
     """How one value of the matrix's `quant` axis is served for this model."""
 
-    args: list[str] = Field(default_factory=list)
-    env: dict[str, str] = Field(default_factory=dict)
+    args: list[Word] = Field(default_factory=list)
+    env: dict[EnvName, Word] = Field(default_factory=dict)
     requires: Requires = Requires()
 
 
 class ServerSpec(_Strict):
-    args: list[str] = Field(default_factory=list)
-    env: dict[str, str] = Field(default_factory=dict)
-    startup_timeout: float = Field(600.0, gt=0)
+    args: list[Word] = Field(default_factory=list)
+    env: dict[EnvName, Word] = Field(default_factory=dict)
+    startup_timeout: Seconds = 600.0
 
 
 class PromptExpect(_Strict):
     contains: list[str] = Field(default_factory=list)  # each must appear (case-insensitive)
-    regex: str | None = None
-    min_tokens: int | None = Field(None, ge=1)
+    regex: Regex | None = None
+    min_tokens: Tokens | None = None
 
-    @field_validator("regex")
-    @classmethod
-    def _compiles(cls, v: str | None) -> str | None:
-        if v is not None:
-            re.compile(v)
-        return v
+
+@with_config(ConfigDict(extra="forbid"))
+class ChatMessage(TypedDict):
+    """One message of a chat prompt, passed to the server as the dict it is."""
+
+    role: Literal["system", "user", "assistant"]
+    content: Annotated[str, StringConstraints(min_length=1)]
 
 
 class SmokePrompt(_Strict):
-    name: str
-    prompt: str | None = None  # /v1/completions
-    messages: list[dict[str, str]] | None = None  # /v1/chat/completions
-    max_tokens: int = Field(16, ge=1)
+    name: Name
+    prompt: Annotated[str, StringConstraints(min_length=1)] | None = None  # /v1/completions
+    messages: list[ChatMessage] | None = Field(None, min_length=1)  # /v1/chat/completions
+    max_tokens: Tokens = 16
     expect: PromptExpect = PromptExpect()
 
     @model_validator(mode="after")
     def _one_kind(self) -> "SmokePrompt":
         if (self.prompt is None) == (self.messages is None):
             raise ValueError("give exactly one of prompt (completions) or messages (chat)")
+        if self.expect.min_tokens is not None and self.expect.min_tokens > self.max_tokens:
+            raise field_error(("expect", "min_tokens"), f"{self.expect.min_tokens} can never be met with "
+                                                        f"max_tokens {self.max_tokens}")
         return self
 
 
@@ -100,25 +149,34 @@ class ParitySpec(_Strict):
     """Greedy-output parity with the baseline layout, judged like vLLM's check_logprobs_close."""
 
     enabled: bool = True
-    top_k: int = Field(5, ge=1, le=20)
-    baseline_tp: int = 1
-    baseline_pp: int = 1
-    baseline_quant: str | None = None  # default: the scenario's first quant
+    top_k: int = Field(5, strict=True, ge=1, le=20)  # vLLM returns at most 20 logprobs per token
+    baseline_tp: Parallel = 1
+    baseline_pp: Parallel = 1
+    baseline_quant: Name | None = None  # default: the scenario's first quant
 
 
 class SmokeSpec(_Strict):
     prompts: list[SmokePrompt] = Field(min_length=1)
     parity: ParitySpec = ParitySpec()
-    request_timeout: float = Field(120.0, gt=0)
+    request_timeout: Seconds = 120.0
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> "SmokeSpec":
+        seen: set[str] = set()
+        for i, p in enumerate(self.prompts):  # parity pairs prompts with the baseline's by name
+            if p.name in seen:
+                raise field_error(("prompts", i, "name"), f"duplicate prompt name {p.name!r}")
+            seen.add(p.name)
+        return self
 
 
 class Gsm8kSpec(_Strict):
     enabled: bool = True
-    limit: int | None = Field(None, ge=1)  # the matrix's limit wins when it sets one
-    num_fewshot: int = Field(5, ge=0, le=8)
-    max_gen_toks: int = Field(256, ge=1)
-    num_concurrent: int = Field(2, ge=1)
-    timeout: float = Field(1800.0, gt=0)
+    limit: Gsm8kLimit | None = None  # the matrix's limit wins when it sets one
+    num_fewshot: int = Field(5, strict=True, ge=0, le=8)  # data/gsm8k-fewshot.yaml has 8 exemplars
+    max_gen_toks: Tokens = 256
+    num_concurrent: int = Field(2, strict=True, ge=1, le=MAX_CONCURRENT)
+    timeout: Seconds = 1800.0
     # signals that move at CPU scale (a small model scores ~0 exact-match): the gold answers'
     # per-token NLL (loglikelihood requests; needs the checkpoint's tokenizer) and the per-question
     # agreement of the greedy answer with the baseline layout's
@@ -137,10 +195,10 @@ class LoadCheckSpec(_Strict):
     of them runs vLLM's own model construction and weight loading under its layout instead of a
     server (loadcheck.py), and its record says so."""
 
-    devices: list[str] = Field(min_length=1)
+    devices: list[DeviceName] = Field(min_length=1)
     # construct: build the model under the layout and quantization only; load: also load its weights
     steps: list[Literal["construct", "load"]] = Field(default_factory=lambda: ["construct", "load"], min_length=1)
-    reason: str
+    reason: OneLine
 
     @property
     def loads_weights(self) -> bool:
@@ -149,31 +207,31 @@ class LoadCheckSpec(_Strict):
 
 class BugRef(_Strict):
     url: HttpUrl
-    title: str | None = None
+    title: OneLine | None = None
 
 
 class Scenario(_Strict):
-    name: str = Field(pattern=NAME_RE)
+    name: Name
     description: str = ""
-    tags: list[str] = Field(default_factory=list)
+    tags: list[Name] = Field(default_factory=list)  # `-k tag:NAME` selects them; a comma would split
     model: ModelSource
-    served_model_name: str | None = None
+    served_model_name: Annotated[Word, StringConstraints(min_length=1)] | None = None
     server: ServerSpec = ServerSpec()
     requires: Requires = Requires()  # on a GPU device; a quant may ask for more
-    quants: dict[str, QuantSpec] = Field(min_length=1)
+    quants: dict[Name, QuantSpec] = Field(min_length=1)
     smoke: SmokeSpec
     gsm8k: Gsm8kSpec = Gsm8kSpec()
     accuracy: AccuracySpec = AccuracySpec()
     load_check: LoadCheckSpec | None = None
     bug: BugRef | None = None
 
-    @field_validator("quants")
-    @classmethod
-    def _quant_names(cls, v: dict[str, QuantSpec]) -> dict[str, QuantSpec]:
-        for name in v:
-            if not re.match(NAME_RE, name):
-                raise ValueError(f"quant name {name!r} must match {NAME_RE}")
-        return v
+    @model_validator(mode="after")
+    def _baseline_quant_exists(self) -> "Scenario":
+        quant = self.smoke.parity.baseline_quant
+        if quant is not None and quant not in self.quants:
+            raise field_error(("smoke", "parity", "baseline_quant"),
+                              f"no quant {quant!r} in this scenario (it has: {', '.join(self.quants)})")
+        return self
 
     def requirements(self, quant: str) -> Requires:
         return self.requires.merge(self.quants[quant].requires)
@@ -210,7 +268,7 @@ class ScenarioStore:
     def get(self, name: str) -> Scenario:
         if name not in self._cache:
             path = self.path(name)
-            if not path.is_file():
+            if not is_file(path):
                 raise KeyError(name)
             located = load_yaml(path)
             scenario = validate(located, Scenario)

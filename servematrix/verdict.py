@@ -31,13 +31,23 @@ def met(verdict: str) -> bool:
     return verdict in {"pass", "xfail", "skipped"}
 
 
+def unjudged(verdicts: list[str]) -> str | None:
+    """Why a run's verdicts say nothing about vLLM (the gate's "cannot judge"), else None."""
+    if not verdicts:
+        return "nothing to judge: the run holds no scenario"
+    if all(v == "skipped" for v in verdicts):
+        return "nothing to judge: every scenario was skipped (none fits this host)"
+    return None
+
+
 def exit_code(verdicts: list[str]) -> int:
     """1 if any scenario missed its expectation (a regression is the stronger signal), else 2 if
-    any could not be judged (infrastructure) or every one was skipped, else 0."""
+    any could not be judged (infrastructure) or every one was skipped, else 0. (An empty list is 0
+    here: the runner is never handed no entry; the gate refuses a run without any.)"""
     if any(v in {"fail", "xpass"} for v in verdicts):
         return EXIT_REGRESSION
     if any(v == "error" for v in verdicts):
         return EXIT_INFRA
-    if verdicts and all(v == "skipped" for v in verdicts):
+    if verdicts and unjudged(verdicts):
         return EXIT_INFRA  # nothing fit this host: nothing was judged
     return EXIT_OK

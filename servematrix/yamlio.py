@@ -1,33 +1,130 @@
 """YAML loading that remembers where every value came from, so a bad field is reported as
-`file:line: field: problem` instead of a bare pydantic dump."""
+`file:line: field: problem` instead of a bare pydantic dump.
+
+Every configuration file is untrusted input: `load_yaml` accepts only UTF-8 text of bounded size,
+nesting and alias expansion, and turns anything YAML or Python refuses into a ConfigError at its
+line. The field types at the end are the bounds every configuration model shares."""
 
 from __future__ import annotations
 
+import re
+import unicodedata
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Annotated, Any, TypeVar
 
 import yaml
-from pydantic import BaseModel, ValidationError
+from pydantic import AfterValidator, BaseModel, Field, StringConstraints, ValidationError
+from pydantic_core import PydanticCustomError
 
 from servematrix.errors import ConfigError
+from servematrix.redact import ENV_NAME
 
-__all__ = ["ConfigError", "Located", "load_yaml", "validate"]
+__all__ = ["ConfigError", "Located", "load_yaml", "validate", "field_error", "is_file",
+           "Seconds", "OneLine", "PathText", "Word", "Regex", "EnvName"]
 
 M = TypeVar("M", bound=BaseModel)
 Loc = tuple[str | int, ...]
 
+# A matrix or scenario file is a few KB; these limits are far above any real one and low enough
+# that a hostile or broken file is refused before it costs time or memory.
+MAX_FILE_BYTES = 1 << 20  # 1 MiB of text
+MAX_DEPTH = 32  # nesting of mappings/sequences, counted with every alias expanded
+MAX_NODES = 100_000  # values in the document with every alias expanded ("billion laughs")
+
+
+class _Refused(yaml.MarkedYAMLError):
+    """Valid YAML this loader will not build (too deep, too large, a recursive alias, a value
+    Python cannot hold): reported with its own message, not as "malformed YAML"."""
+
+    def __init__(self, message: str, mark):
+        super().__init__(problem=message, problem_mark=mark)
+
 
 class _LineLoader(yaml.SafeLoader):
-    """SafeLoader that refuses duplicate keys (a silent override hides typos)."""
+    """SafeLoader that refuses duplicate keys (a silent override hides typos), recursive aliases,
+    and documents nested or expanded beyond MAX_DEPTH / MAX_NODES."""
+
+    def __init__(self, stream):
+        super().__init__(stream)
+        self._depth = 0  # nesting of the node being composed
+        self._reach = 0  # deepest expanded level seen below it
+        self._expanded = 0  # values composed so far, aliases counted at their full size
+        self._sizes: dict[str, int] = {}  # anchor -> expanded values under it
+        self._heights: dict[str, int] = {}  # anchor -> expanded levels under it
+        self._open: set[str] = set()  # anchors whose node is still being composed
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            return self._compose_alias(parent, index)
+        event = self.peek_event()
+        self._depth += 1
+        if self._depth > MAX_DEPTH:
+            raise _Refused(f"nested deeper than {MAX_DEPTH} levels (the limit; a configuration needs a handful)",
+                           event.start_mark)
+        self._grow(1, event.start_mark)
+        before, saved_reach, self._reach = self._expanded, self._reach, self._depth
+        if event.anchor is not None:
+            self._open.add(event.anchor)
+        node = super().compose_node(parent, index)
+        if event.anchor is not None:
+            self._open.discard(event.anchor)
+            self._sizes[event.anchor] = self._expanded - before
+            self._heights[event.anchor] = self._reach - self._depth
+        self._reach = max(saved_reach, self._reach)
+        self._depth -= 1
+        return node
+
+    def _compose_alias(self, parent, index):
+        event = self.peek_event()
+        if event.anchor in self._open:
+            raise _Refused(f"alias *{event.anchor} is used inside the node &{event.anchor} it names (a recursive "
+                           "structure); an alias may only repeat a complete node", event.start_mark)
+        node = super().compose_node(parent, index)  # refuses an undefined alias
+        reach = self._depth + 1 + self._heights.get(event.anchor, 0)
+        if reach > MAX_DEPTH:
+            raise _Refused(f"alias *{event.anchor} nests the document deeper than {MAX_DEPTH} levels (the limit)",
+                           event.start_mark)
+        self._reach = max(self._reach, reach)
+        self._grow(self._sizes.get(event.anchor, 1), event.start_mark)
+        return node
+
+    def _grow(self, values: int, mark) -> None:
+        self._expanded += values
+        if self._expanded > MAX_NODES:
+            raise _Refused(f"more than {MAX_NODES} values once aliases are expanded (the limit; an alias "
+                           "bomb?): repeat less through aliases", mark)
+
+    def construct_object(self, node, deep=False):
+        # Python refuses some values YAML resolves (a 5000-digit int, 2001-13-45 as a date): say
+        # where, instead of letting a ValueError escape
+        try:
+            data = super().construct_object(node, deep=deep)
+        except yaml.YAMLError:
+            raise
+        except (ValueError, TypeError, OverflowError) as exc:
+            # the first clause only: Python's advice (sys.set_int_max_str_digits) is not the user's
+            raise _Refused(f"cannot read this value: {str(exc).split(';')[0]}", node.start_mark) from exc
+        if isinstance(data, str) and _SURROGATE.search(data):
+            raise _Refused("a \\uD800-\\uDFFF escape is half of a UTF-16 pair, not a character", node.start_mark)
+        return data
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 def _construct_mapping(loader: _LineLoader, node: yaml.MappingNode, deep: bool = False):
     seen: dict[Any, int] = {}
     for key_node, _ in node.value:
+        if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *base`: its keys may be overridden here
+            continue
         key = loader.construct_object(key_node, deep=deep)
-        if key in seen:
+        try:
+            first = seen.get(key)
+        except TypeError:  # a list or mapping as a key: no configuration field is named that way
+            raise _Refused("a key must be a plain value, not a list or mapping", key_node.start_mark) from None
+        if first is not None:
             raise yaml.constructor.ConstructorError(
-                None, None, f"duplicate key {key!r} (first on line {seen[key]})", key_node.start_mark
+                None, None, f"duplicate key {key!r} (first on line {first})", key_node.start_mark
             )
         seen[key] = key_node.start_mark.line + 1
     return yaml.SafeLoader.construct_mapping(loader, node, deep=deep)
@@ -71,20 +168,69 @@ class Located:
 
 def load_yaml(path: Path | str) -> Located:
     path = Path(path)
+    text = _read_text(path)
+    _check_printable(path, text)
+    loader = _LineLoader(text)
     try:
-        text = path.read_text()
-    except OSError as exc:
-        raise ConfigError(path, None, None, f"cannot read: {exc.strerror or exc}") from exc
-    try:
-        node = yaml.compose(text, Loader=_LineLoader)
-        data = yaml.load(text, Loader=_LineLoader)
+        node = loader.get_single_node()
+        data = None if node is None else loader.construct_document(node)
+        lines: dict[Loc, int] = {}
+        if node is not None:
+            _index_lines(node, (), lines)
+    except _Refused as exc:
+        raise ConfigError(path, exc.problem_mark.line + 1, None, exc.problem) from exc
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         raise ConfigError(path, mark.line + 1 if mark else None, None, f"malformed YAML: {exc.problem or exc}") from exc
-    lines: dict[Loc, int] = {}
-    if node is not None:
-        _index_lines(node, (), lines)
+    except yaml.YAMLError as exc:  # a ReaderError: _check_printable saw its characters first
+        raise ConfigError(path, None, None, f"malformed YAML: {' '.join(str(exc).split())}") from exc
+    finally:
+        loader.dispose()
     return Located(path, data, lines)
+
+
+def _read_text(path: Path) -> str:
+    """The file as UTF-8 text, at most MAX_FILE_BYTES."""
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(MAX_FILE_BYTES + 1)
+    except OSError as exc:
+        raise ConfigError(path, None, None, f"cannot read: {exc.strerror or exc}") from None
+    if len(raw) > MAX_FILE_BYTES:
+        raise ConfigError(path, None, None, f"larger than {MAX_FILE_BYTES} bytes (the limit for a configuration file)")
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw.count(b"\n", 0, exc.start) + 1
+        raise ConfigError(path, line, None, f"not UTF-8 text (byte 0x{raw[exc.start]:02x} at offset {exc.start}); "
+                                            "save the file as UTF-8") from None
+
+
+def _check_printable(path: Path, text: str) -> None:
+    """Refuse what YAML refuses to read (control characters) at its line: PyYAML's own ReaderError
+    gives only an offset."""
+    bad = yaml.reader.Reader.NON_PRINTABLE.search(text)
+    if bad:
+        line = text.count("\n", 0, bad.start()) + 1
+        column = bad.start() - text.rfind("\n", 0, bad.start())
+        raise ConfigError(path, line, None, f"control character U+{ord(bad.group()):04X} at column {column}: YAML "
+                                            "allows only printable text (write it as an escape in a double-quoted "
+                                            "string)")
+
+
+def is_file(path: Path) -> bool:
+    """Path.is_file, with what it does not swallow (a directory this user may not search, a name
+    too long) said as a configuration error at that path."""
+    try:
+        return path.is_file()
+    except OSError as exc:
+        raise ConfigError(path, None, None, f"cannot read: {exc.strerror or exc}") from None
+
+
+def field_error(at: Loc, message: str) -> PydanticCustomError:
+    """An error a model validator raises for one of its fields (or deeper): `validate` reports it
+    at `at` below the model's own location, with that field's line."""
+    return PydanticCustomError("servematrix_field", "{message}", {"message": message, "at": tuple(at)})
 
 
 def validate(located: Located, model: type[M], data: Any = None, loc_prefix: Loc = ()) -> M:
@@ -97,12 +243,83 @@ def validate(located: Located, model: type[M], data: Any = None, loc_prefix: Loc
     except ValidationError as exc:
         # an unknown key is usually a typo of a missing one: report it first
         err = sorted(exc.errors(), key=lambda e: e["type"] != "extra_forbidden")[0]
-        loc = loc_prefix + tuple(p for p in err["loc"] if not _is_union_tag(p))
-        msg = "unknown field" if err["type"] == "extra_forbidden" else err["msg"]
+        loc = loc_prefix + tuple(p for p in err["loc"] if not _is_union_tag(p)) + (err.get("ctx") or {}).get("at", ())
+        msg = "unknown field" if err["type"] == "extra_forbidden" else _message(err)
         extra = f" ({len(exc.errors()) - 1} more error(s))" if len(exc.errors()) > 1 else ""
-        raise located.error(loc, msg + extra) from exc
+        raise located.error(loc, msg + extra) from None
+
+
+def _message(err: dict) -> str:
+    """pydantic's message for a refused value, plus ` (got X)` for a scalar refused by one of
+    pydantic's own constraints, so the line says what was there as well as what is wanted (our
+    validators' messages say it themselves)."""
+    if err["type"] == "value_error":
+        return err["msg"].removeprefix("Value error, ")
+    value = err.get("input")
+    if err["type"] in {"missing", "servematrix_field"} or not isinstance(value, (str, int, float, bool)):
+        return err["msg"]
+    if any(part in ("env", "args") for part in err["loc"]):  # may hold a secret: never echoed
+        return err["msg"]
+    shown = repr(value)
+    return f"{err['msg']} (got {shown[:60] + '...' if len(shown) > 60 else shown})"
 
 
 def _is_union_tag(part: Any) -> bool:
     # pydantic inserts the union member's type name ("function-after[...]", "int") into loc
-    return isinstance(part, str) and ("[" in part or part in {"int", "str", "float", "bool"})
+    return isinstance(part, str) and ("[" in part or part in {"int", "str", "float", "bool", "list", "dict"})
+
+
+# --- field types every configuration model shares ----------------------------------------------
+MAX_SECONDS = 86_400.0  # a timeout beyond a day is a hang, not a wait
+MAX_LINE = 1_000  # characters of a one-line text (a reason, a title, a glob)
+MAX_WORD = 65_536  # characters of one argument or environment value (Linux allows 128 KiB)
+MAX_REGEX = 1_000
+MAX_PATH_PART = 255  # bytes of one path component (NAME_MAX)
+
+# Any timeout: finite, at least a second (lm-eval is handed whole seconds: 0.5 would be 0, no
+# wait at all), at most a day; `true` is not a number of seconds.
+Seconds = Annotated[float, Field(strict=True, ge=1, le=MAX_SECONDS, allow_inf_nan=False)]
+
+_LINE_BREAKING = {"Cc", "Zl", "Zp"}  # control characters (\n, \r, NUL, ESC ...), line/paragraph separators
+
+
+def _one_line(v: str) -> str:
+    bad = next((c for c in v if unicodedata.category(c) in _LINE_BREAKING), None)
+    if bad is not None:
+        raise ValueError(f"must be one line of text without control characters (found U+{ord(bad):04X})")
+    return v
+
+
+def _word(v: str) -> str:
+    # NUL: no process can be given one; a line break would split every printed command
+    if "\0" in v or "\n" in v or "\r" in v:
+        raise ValueError("must not contain NUL or a line break")
+    return v
+
+
+def _path(v: str) -> str:
+    # every lookup of a longer component fails with ENAMETOOLONG, which pathlib does not swallow
+    long = next((part for part in v.split("/") if len(part.encode()) > MAX_PATH_PART), None)
+    if long is not None:
+        raise ValueError(f"path component {long[:20]!r}... is longer than {MAX_PATH_PART} bytes")
+    return v
+
+
+def _compiles(v: str) -> str:
+    try:
+        re.compile(v)
+    except (re.error, OverflowError, RecursionError, ValueError) as exc:  # re.error is no ValueError
+        raise ValueError(f"not a valid regular expression: {exc}") from None
+    return v
+
+
+# A reason, a title, a glob or a path: one printable line.
+OneLine = Annotated[str, StringConstraints(max_length=MAX_LINE), AfterValidator(_one_line)]
+# A file or directory path: one line, no component longer than a file name can be.
+PathText = Annotated[OneLine, StringConstraints(min_length=1), AfterValidator(_path)]
+# A command-line argument or an environment value.
+Word = Annotated[str, StringConstraints(max_length=MAX_WORD), AfterValidator(_word)]
+# A regular expression (compiled once here, so a run never meets a bad one).
+Regex = Annotated[str, StringConstraints(max_length=MAX_REGEX), AfterValidator(_compiles)]
+# An environment variable name: what a shell and `env` accept.
+EnvName = Annotated[str, StringConstraints(pattern=ENV_NAME, max_length=256)]

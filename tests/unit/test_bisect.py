@@ -1,7 +1,10 @@
 """Bisect's search over releases: the adjacent pair where the outcome changes, probing as few
 releases as it needs, skipping those that cannot be judged."""
 
-from servematrix.bisect import Probe, candidates, search, version_key
+import pytest
+
+from servematrix.bisect import Probe, bisect, candidates, search, version_key
+from servematrix.errors import ArgumentError, StateError
 
 RELEASES = ["cpu-0.18.1", "cpu-0.20.2", "cpu-0.21.0", "cpu-0.24.0", "cpu-0.27.0", "cpu-0.32.0"]
 
@@ -39,3 +42,20 @@ def test_candidates_are_the_declared_releases_in_version_order_between_the_bound
     got = candidates("0.32.0", "0.18.1")
     assert got[0] == "cpu-0.18.1" and got[-1] == "cpu-0.32.0"
     assert got == sorted(got, key=version_key) and "cpu-0.20.2" in got and "cpu-0.21.0" in got
+
+
+def test_a_release_that_is_not_declared_is_an_argument_error_listing_the_declared_ones():
+    with pytest.raises(ArgumentError, match=r"--between: '0\.0\.1' is not a declared vLLM release .*cpu-0\.18\.1"):
+        candidates("0.0.1", "0.32.0")
+
+
+def test_every_run_directory_the_search_may_reach_is_checked_before_any_probe(tmp_path, monkeypatch):
+    import servematrix.runner as runner
+
+    probed = []
+    monkeypatch.setattr(runner, "probe_versions", lambda python: probed.append(python) or {})
+    (tmp_path / "cpu-0.21.0").mkdir()
+    (tmp_path / "cpu-0.21.0" / "summary.json").write_text("{}")
+    with pytest.raises(StateError, match="cpu-0.21.0: already holds a run"):
+        bisect(None, None, "0.20.2", "0.21.0", tmp_path, None)
+    assert probed == []

@@ -3,6 +3,7 @@
 import pytest
 
 from servematrix import envs
+from servematrix.errors import ArgumentError, StateError
 
 
 def test_every_release_entry_is_typed_and_pins_vllm_and_torch():
@@ -22,8 +23,44 @@ def test_ld_preload_quirk_is_expanded_into_the_launch_environment(monkeypatch, t
 
 def test_unknown_release_is_refused(monkeypatch, tmp_path):
     monkeypatch.setenv("SERVEMATRIX_CACHE", str(tmp_path))
-    with pytest.raises(envs.EnvError, match="unknown vLLM release 'cpu-0.0.1'"):
+    with pytest.raises(ArgumentError, match="release 'cpu-0.0.1': not a declared vLLM release"):
         envs.ensure("cpu-0.0.1")
+
+
+@pytest.mark.parametrize("name", ["../forged", "", "ABSOLUTE", "cpu-0.0.1", "current", "cpu-0.20.2/../../x"])
+def test_remove_refuses_anything_but_a_declared_release_and_deletes_nothing(monkeypatch, tmp_path, name):
+    # every victim lies inside tmp_path, so even code without the check deletes nothing outside it
+    monkeypatch.setenv("SERVEMATRIX_CACHE", str(tmp_path / "cache"))
+    (tmp_path / "cache" / "forged").mkdir(parents=True)
+    (tmp_path / "cache" / "forged" / envs.MARKER).write_text("{}")
+    if name == "ABSOLUTE":
+        name = str(tmp_path / "cache" / "forged")
+    with pytest.raises(ArgumentError, match="release "):
+        envs.remove(name)
+    assert (tmp_path / "cache" / "forged" / envs.MARKER).is_file()
+
+
+def test_remove_deletes_only_a_directory_that_carries_the_marker(monkeypatch, tmp_path):
+    monkeypatch.setenv("SERVEMATRIX_CACHE", str(tmp_path))
+    path = envs.root("cpu-0.20.2")
+    (path / "bin").mkdir(parents=True)
+    with pytest.raises(StateError, match="no servematrix-env.json marker"):
+        envs.remove("cpu-0.20.2")
+    assert (path / "bin").is_dir()
+    (path / envs.MARKER).write_text("{}")
+    assert envs.remove("cpu-0.20.2") is True and not path.exists()
+
+
+def test_remove_never_follows_a_symlink(monkeypatch, tmp_path):
+    monkeypatch.setenv("SERVEMATRIX_CACHE", str(tmp_path / "cache"))
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / envs.MARKER).write_text("{}")
+    envs.root("cpu-0.20.2").parent.mkdir(parents=True)
+    envs.root("cpu-0.20.2").symlink_to(mine)
+    with pytest.raises(StateError, match="not removed"):
+        envs.remove("cpu-0.20.2")
+    assert (mine / envs.MARKER).is_file() and envs.root("cpu-0.20.2").is_symlink()
 
 
 def test_environments_live_in_the_user_cache_and_list_reports_unbuilt(monkeypatch, tmp_path):

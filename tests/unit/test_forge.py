@@ -2,11 +2,14 @@
 family's transformers class."""
 
 import json
+from pathlib import Path
 
 import pytest
+import yaml
+from pydantic import ValidationError
 from safetensors import safe_open
 
-from servematrix.forge import ExtraTensor, ForgeSpec, check_config, forge
+from servematrix.forge import MAX_FORGE_PARAMS, ExtraTensor, ForgeSpec, check_config, forge, model_params
 
 TINY = {"hidden_size": 64, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
         "num_key_value_heads": 1, "head_dim": 32, "max_position_embeddings": 256}
@@ -144,3 +147,100 @@ def test_a_composite_is_read_back_part_by_part_and_a_drifted_part_is_refused(tmp
                      tokenizer={"vocab_size": 300, "chat_template": False})
     with pytest.raises(ValueError, match="num_hidden_layers: 3 became 2"):
         check_config(path, text)
+
+
+# --- what a spec may ask for: bounded before anything is built -----------------------------------
+REPO = Path(__file__).resolve().parents[2]
+FORGED = {p.stem: yaml.safe_load(p.read_text())["model"]["forge"] for p in sorted((REPO / "scenarios").glob("*.yaml"))
+          if "forge" in yaml.safe_load(p.read_text())["model"]}
+
+
+def _real_params(model_type: str, config: dict, vocab: int, causal: bool = True) -> int:
+    """The parameters transformers' own class builds for this config (on the meta device: nothing
+    is allocated)."""
+    import torch
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+
+    cfg = AutoConfig.for_model(model_type, **config, **({"vocab_size": vocab} if causal else {}))
+    with torch.device("meta"):
+        model = (AutoModelForCausalLM if causal else AutoModel).from_config(cfg)
+    return sum(p.numel() for p in model.parameters())
+
+
+@pytest.mark.parametrize("name", sorted(FORGED))
+def test_the_estimate_is_never_below_what_transformers_builds_for_a_shipped_spec(name):
+    s = ForgeSpec.model_validate(FORGED[name])
+    vocab = s.tokenizer.vocab_size
+    assert model_params(s.config, vocab) >= _real_params(s.text_model_type or s.model_type, s.config, vocab)
+    for c in s.components:
+        assert model_params(c.config) >= _real_params(c.model_type, c.config, 0, causal=False)
+
+
+def _refused(**changes) -> str:
+    with pytest.raises(ValidationError) as info:
+        ForgeSpec(model_type="llama", architecture="LlamaForCausalLM", **{"config": TINY, **changes})
+    (err,) = info.value.errors()
+    return ".".join(map(str, err["loc"] + err.get("ctx", {}).get("at", ()))) + ": " + err["msg"]
+
+
+@pytest.mark.parametrize("config, where", [
+    ({**TINY, "hidden_size": "1e9"}, "config.hidden_size: must be a whole number in 1..65536"),
+    ({**TINY, "hidden_size": True}, "config.hidden_size: must be a whole number"),
+    ({**TINY, "hidden_size": 64.0}, "config.hidden_size: must be a whole number"),
+    ({**TINY, "num_hidden_layers": -1}, "config.num_hidden_layers: must be a whole number in 1..1024"),
+    ({**TINY, "num_hidden_layers": None}, "config.num_hidden_layers: must be a whole number"),
+    ({k: v for k, v in TINY.items() if k != "hidden_size"}, "config: set hidden_size"),
+    ({**TINY, "num_experts_per_tok": 2}, "config: set the expert count"),
+    ({**TINY, "n_group": 10**9}, "config.n_group: must be in 0..1048576"),
+    ({**TINY, "hidden_size": 16384, "intermediate_size": 65536, "num_hidden_layers": 64},
+     "config.hidden_size: the forged model would have about"),
+    ({**TINY, "num_local_experts": 4096, "intermediate_size": 4096}, "config.intermediate_size: the forged model"),
+])
+def test_a_config_that_could_not_be_forged_in_a_few_gb_is_refused_at_its_field(config, where):
+    assert where in _refused(config=config)
+    if "the forged model" in where:  # the estimate and the limit are both in the message
+        assert f"limit of {MAX_FORGE_PARAMS:,}" in _refused(config=config)
+
+
+def test_extra_tensors_config_json_and_components_count_too():
+    assert "extra_tensors.0.shape: the forged model" in _refused(
+        extra_tensors=[{"name": "model.layers.{layer}.big", "shape": [1 << 14, 1 << 14]}])
+    assert "config_json.num_hidden_layers: must be a whole number" in _refused(config_json={"num_hidden_layers": 0})
+    # vLLM builds what config.json says: a size config_json raises counts, and is named there
+    assert "config_json.hidden_size: the forged model" in _refused(config_json={"hidden_size": 16384,
+                                                                               "num_hidden_layers": 64})
+    assert "components.0.config.hidden_size: must be" in _refused(
+        components=[{**COMPOSITE["components"][0], "config": {**TINY, "hidden_size": 0}}])
+    assert MAX_FORGE_PARAMS * 4 <= 4 * 10**9  # the cap is a few GB of float32, as its comment says
+
+
+def test_resolve_without_building_names_the_forged_path_and_writes_nothing(tmp_path, monkeypatch):
+    from servematrix.model import resolve
+    from servematrix.scenario import ScenarioStore
+
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("SERVEMATRIX_CACHE", str(cache))
+    store = ScenarioStore(REPO / "scenarios")
+    scenario = store.get("tiny-llama")
+    path = resolve(scenario, store.directory, build=False)
+    assert path == str(cache / "forged" / f"tiny-llama-{scenario.model.forge.key()}")
+    assert not cache.exists()
+    converted = resolve(store.get("smollm2-135m"), store.directory, build=False)
+    assert converted.startswith(str(cache / "converted" / "smollm2-135m-")) and not cache.exists()
+
+
+def test_a_missing_model_path_is_a_config_error_at_model_path(write):
+    from servematrix.errors import ConfigError
+    from servematrix.model import ModelUnavailable, resolve
+    from servematrix.scenario import ScenarioStore
+
+    from .test_matrix import SCENARIO
+
+    path = write("scenarios/alpha.yaml", SCENARIO.format(name="alpha").replace("/nonexistent", "../no-such-model"))
+    store = ScenarioStore(path.parent)
+    for build in (False, True):
+        with pytest.raises(ConfigError) as info:
+            resolve(store.get("alpha"), store.directory, build=build)
+        assert (info.value.path, info.value.line, info.value.field) == (str(path), 4, "model.path")
+        assert "no-such-model does not exist" in info.value.message
+        assert isinstance(info.value, ModelUnavailable)  # a run records it as the entry's failure

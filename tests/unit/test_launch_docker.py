@@ -48,3 +48,34 @@ def test_host_root_mounts_cover_python_venv_and_checkout_without_nesting():
     hosts = [m.split(":")[0] for m in mounts]
     assert "/usr" in hosts and all(m.endswith(":ro") for m in mounts)
     assert not any(a != b and a.startswith(b + "/") for a in hosts for b in hosts)
+
+
+def test_an_environment_name_that_is_not_a_variable_name_is_refused(tmp_path):
+    import pytest
+
+    from servematrix.errors import ConfigError
+
+    with pytest.raises(ConfigError):
+        DockerServer(spec(tmp_path, {"A=B": "1"}), DockerConfig()).run_kwargs()
+
+
+def test_the_containers_output_reaches_server_log_redacted_even_split_across_chunks(tmp_path):
+    from servematrix import redact
+
+    redact.forget()
+    try:
+        s = spec(tmp_path)
+        s = LaunchSpec(argv=[*s.argv, "--api-key", "sk-docker-5772"], port=s.port, log_path=s.log_path,
+                       startup_timeout=60)
+        server = DockerServer(s, DockerConfig())
+
+        class Container:
+            def logs(self, stream, follow):
+                return iter([b"non-default args: {'api_key': ['sk-doc", b"ker-5772']}\nRuntimeError: sk-docker-5772"])
+
+        server.container = Container()
+        s.log_path.parent.mkdir(parents=True)
+        server._stream_log()
+        assert s.log_path.read_text() == "non-default args: {'api_key': ['***']}\nRuntimeError: ***"
+    finally:
+        redact.forget()

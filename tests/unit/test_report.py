@@ -3,9 +3,13 @@ JUnit case per scenario and check, secrets never written."""
 
 import json
 import os
+import stat
 import xml.etree.ElementTree as ET
 
+import pytest
+
 from servematrix import report
+from servematrix.errors import StateError
 from servematrix.accuracy import gsm8k_metrics
 from servematrix.failure import Failure
 from servematrix.gsm8k import Gsm8kResult
@@ -105,3 +109,55 @@ def test_a_load_checked_entry_is_marked_as_such_in_both_reports(tmp_path):
     assert "| a | ✓ |" in md  # a served entry carries no mark
     page = report_html.render(s, None)
     assert 'data-evidence="load check"' in page and 'data-evidence="served"' in page
+
+
+def test_a_new_report_gets_the_usual_mode_and_an_existing_one_keeps_its_own(tmp_path):
+    old = os.umask(0o022)
+    try:
+        report.atomic_write(tmp_path / "new.md", "x")
+        kept = tmp_path / "kept.md"
+        kept.write_text("old")
+        kept.chmod(0o640)
+        report.atomic_write(kept, "new")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "new.md").stat().st_mode) == 0o644  # not mkstemp's 0600
+    assert stat.S_IMODE(kept.stat().st_mode) == 0o640 and kept.read_text() == "new"
+
+
+def test_a_symlink_to_a_regular_file_is_written_through_and_kept(tmp_path):
+    (tmp_path / "real.yaml").write_text("old")
+    (tmp_path / "link.yaml").symlink_to("real.yaml")
+    report.atomic_write(tmp_path / "link.yaml", "new")
+    assert (tmp_path / "link.yaml").is_symlink() and (tmp_path / "real.yaml").read_text() == "new"
+    assert sorted(os.listdir(tmp_path)) == ["link.yaml", "real.yaml"]
+
+
+@pytest.mark.parametrize("kind, message", [
+    ("dir", "is a directory"), ("fifo", "is a FIFO"), ("device", r"is a device \(through a symlink\)"),
+    ("link-to-dir", r"is a directory \(through a symlink\)"), ("dangling", "symlink to a missing file"),
+])
+def test_a_special_file_is_never_a_report_target(tmp_path, kind, message):
+    target = tmp_path / "t"
+    {"dir": lambda: target.mkdir(), "fifo": lambda: os.mkfifo(target),
+     "device": lambda: target.symlink_to("/dev/null"),
+     "link-to-dir": lambda: ((tmp_path / "d").mkdir(), target.symlink_to("d")),
+     "dangling": lambda: target.symlink_to("gone")}[kind]()
+    before = sorted(os.listdir(tmp_path))
+    with pytest.raises(StateError, match=message):
+        report.atomic_write(target, "x")
+    assert sorted(os.listdir(tmp_path)) == before  # no temp file left either
+
+
+def test_a_run_directory_is_claimed_only_when_free_or_overwrite_is_given(tmp_path):
+    out = tmp_path / "reports" / "r1"
+    report.claim_run_dir(out)
+    assert out.is_dir()
+    (out / "summary.json").write_text("{}")
+    with pytest.raises(StateError, match="already holds a run"):
+        report.claim_run_dir(out)
+    report.claim_run_dir(out, overwrite=True)
+    (tmp_path / "afile").write_text("")
+    for bad in (tmp_path / "afile", tmp_path / "afile" / "sub"):
+        with pytest.raises(StateError, match="not a directory"):
+            report.claim_run_dir(bad)
