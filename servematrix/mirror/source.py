@@ -16,7 +16,7 @@ from typing import Any
 
 from servematrix.errors import ArgumentError, ConfigError, StateError
 from servematrix.mirror.layout import (HF_QUANT_FILE, MirrorOrigin, SourceLayout, TensorMeta, TokenizerInfo,
-                                       assemble)
+                                       assemble, rules)
 
 SAFETENSORS_MAX_HEADER = 100_000_000  # the format's own bound (safetensors refuses larger headers)
 DTYPE_BITS = {"F64": 64, "F32": 32, "F16": 16, "BF16": 16, "I64": 64, "I32": 32, "I16": 16, "I8": 8, "U64": 64,
@@ -233,6 +233,10 @@ def read_model_type(model_type: str) -> SourceLayout:
     if model_type not in CONFIG_MAPPING:
         raise ArgumentError("SOURCE", f"{model_type!r} is not a model_type of this transformers")
     config = AutoConfig.for_model(model_type).to_dict()
+    # fields the family's real checkpoints carry that the configuration class has no default for,
+    # but vLLM reads (mirror-families.yaml, model_type_config): without them the twin is not the
+    # flagship's layout (e.g. DeepSeek-V3 without topk_method: noaux_tc has no router bias in vLLM)
+    config.update(rules().get("model_type_config", {}).get(model_type, {}))
     arch = causal_lm_class(model_type)
     dtype = str(config.get("dtype") or "float32")  # the class's defaults carry none: torch's default
     config.update(architectures=[arch], model_type=model_type)

@@ -584,3 +584,12 @@ def test_mirror_cli_writes_the_scenario_once_and_refuses_to_replace_it(tmp_path,
     assert len(err) == 1 and str(out) in err[0] and "--overwrite" in err[0]
     assert out.read_bytes() == written
     assert main(["mirror", "model_type:llama", "--out", str(out), "--tp", "0"]) == 2  # TP out of range
+
+
+def test_model_type_source_carries_the_fields_real_checkpoints_have_that_vllm_reads():
+    # vLLM builds DeepSeek-V3's router bias only for topk_method noaux_tc (every released V3-style
+    # checkpoint); transformers' defaults lack the field, so without it the twin fails vLLM's loader
+    from servematrix.mirror.source import read_model_type
+
+    assert read_model_type("deepseek_v3").config["topk_method"] == "noaux_tc"
+    assert "topk_method" not in read_model_type("llama").config
