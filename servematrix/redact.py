@@ -41,7 +41,7 @@ _SWITCHES = frozenset({"0", "1", "true", "false", "yes", "no", "on", "off", "non
 # letter or digit on a side where the value itself begins/ends with one, so a 4-character secret
 # "ab12" is masked in "--api-key ab12" or "'ab12'" but "1" would not eat the 1 of "tp1".
 SUBSTRING_MIN = 6
-_ALNUM = "A-Za-z0-9"
+_ALNUM = "A-Za-z0-9_"  # '_' joins words in identifiers and JSON keys ("token_ids")
 
 # Flags whose value is a credential, by their long name ('_' spelled '-', as vLLM's parser does).
 CREDENTIAL_FLAGS = frozenset({
@@ -62,9 +62,15 @@ _known_lock = threading.Lock()
 
 
 # --- what is secret ---------------------------------------------------------------------------
+# Names that *describe* a credential rather than hold one (RAY_AUTH_MODE=token, HF_TOKEN_PATH,
+# *_AUTH_TYPE=basic): their values are common words or paths, and masking them everywhere corrupts
+# the reports (Ray's RAY_AUTH_MODE=token turned every "token_ids" key into "***_ids").
+_DESCRIBES = re.compile(r"_(MODE|TYPE|METHOD|KIND|PATH|FILE|DIR|SOCK|ENABLED?|DISABLED?|REQUIRED|PROVIDER)$", re.I)
+
+
 def is_secret(name: str) -> bool:
     """Is this environment variable's name one that holds a credential?"""
-    return bool(_SECRET_NAME.search(name))
+    return bool(_SECRET_NAME.search(name)) and not _DESCRIBES.search(name)
 
 
 def _worth_masking(value: str) -> bool:
@@ -157,8 +163,8 @@ def _alternative(value: str) -> str:
     esc = re.escape(value)
     if len(value) >= SUBSTRING_MIN:
         return esc
-    left = f"(?<![{_ALNUM}])" if value[0].isascii() and value[0].isalnum() else ""
-    right = f"(?![{_ALNUM}])" if value[-1].isascii() and value[-1].isalnum() else ""
+    left = f"(?<![{_ALNUM}])" if value[0].isascii() and (value[0].isalnum() or value[0] == "_") else ""
+    right = f"(?![{_ALNUM}])" if value[-1].isascii() and (value[-1].isalnum() or value[-1] == "_") else ""
     return f"{left}{esc}{right}"
 
 

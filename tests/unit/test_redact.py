@@ -211,3 +211,18 @@ def test_repro_compose_masks_the_credentials_given_in_server_args(tmp_path, monk
     words = shlex.split(printed.splitlines()[1])
     env = dict(w.split("=", 1) for w in words[:words.index("docker")])
     assert shlex.split(env["SERVER_ARGS"])[-3:] == ["--api-key", "***", "***"]
+
+
+def test_a_variable_that_describes_a_credential_is_not_one_and_keys_keep_their_words():
+    # seen for real: Ray sets RAY_AUTH_MODE=token in its workers, and masking "token" as a whole
+    # word turned every "token_ids" key of summary.json into "***_ids"
+    from servematrix.redact import is_secret, redact_text
+
+    env = {"RAY_AUTH_MODE": "token", "HF_TOKEN_PATH": "/root/.cache/hf/token", "SSH_AUTH_SOCK": "/tmp/agent.1",
+           "RAY_AUTH_TOKEN": "ab12"}
+    assert not any(is_secret(k) for k in ("RAY_AUTH_MODE", "HF_TOKEN_PATH", "SSH_AUTH_SOCK"))
+    assert is_secret("RAY_AUTH_TOKEN") and is_secret("HF_TOKEN")
+    text = '{"token_ids": [1, 2], "path": "/root/.cache/hf/token", "key": "ab12", "id": "ab12_x"}'
+    out = redact_text(text, env)
+    assert '"token_ids"' in out and "/root/.cache/hf/token" in out
+    assert '"key": "***"' in out and '"ab12_x"' in out  # a short secret only as a whole word
