@@ -261,11 +261,7 @@ def cmd_gsm8k_task(args) -> int:
     from servematrix import gsm8k
     from servematrix.report import check_dir
 
-    import yaml
-
-    from servematrix.paths import data_file
-
-    shipped = len(yaml.safe_load(data_file("gsm8k-fewshot.yaml").read_text()))
+    shipped = len(gsm8k.exemplars())
     if args.num_fewshot > shipped:  # lm-eval would fail only once the server is up
         raise ArgumentError("--num-fewshot", f"at most {shipped} (the exemplars servematrix ships), got {args.num_fewshot}")
     check_dir(Path(args.dir) / "task")  # DIR (or DIR/task) a file, or not writable: refused up front

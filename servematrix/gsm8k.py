@@ -45,14 +45,18 @@ class Gsm8kFailed(Exception):
     pass
 
 
+def exemplars() -> list[dict]:
+    """The few-shot exemplars servematrix ships (data/gsm8k-fewshot.yaml)."""
+    return yaml.safe_load(data_file("gsm8k-fewshot.yaml").read_text())
+
+
 def write_task(out_dir: Path, num_fewshot: int) -> Path:
     """Write the task YAMLs (the local dataset path and exemplars filled in); return their dir.
     The NLL task is the same prompt scored as `loglikelihood` of the reference answer."""
     task = yaml.safe_load(data_file("gsm8k-task.yaml").read_text())
     task["task"] = TASK
     task["dataset_kwargs"] = {"data_files": {"test": str(gsm8k_test_jsonl())}}
-    exemplars = yaml.safe_load(data_file("gsm8k-fewshot.yaml").read_text())
-    task["fewshot_config"]["samples"] = exemplars[:max(num_fewshot, 1)]
+    task["fewshot_config"]["samples"] = exemplars()[:max(num_fewshot, 1)]
     task["num_fewshot"] = num_fewshot
     nll = {k: v for k, v in task.items() if k not in {"generation_kwargs", "filter_list", "metric_list", "repeats"}}
     # servematrix computes the per-token NLL from the samples; lm-eval's own metric here is only
