@@ -23,8 +23,10 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from servematrix import launch, runner  # noqa: E402
-from servematrix.matrix import load_matrix  # noqa: E402
+from servematrix.serve import server as launch  # noqa: E402
+
+from servematrix.run import session as runner
+from servematrix.config.matrix import load_matrix  # noqa: E402
 
 
 class TimedServer(launch.LocalServer):

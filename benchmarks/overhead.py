@@ -26,10 +26,10 @@ import httpx
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from servematrix import gsm8k  # noqa: E402
-from servematrix.launch import build_spec, free_port  # noqa: E402
-from servematrix.matrix import load_matrix  # noqa: E402
-from servematrix.model import resolve  # noqa: E402
+from servematrix.check import gsm8k  # noqa: E402
+from servematrix.serve.server import build_spec, free_port  # noqa: E402
+from servematrix.config.matrix import load_matrix  # noqa: E402
+from servematrix.checkpoint.resolve import resolve  # noqa: E402
 
 ENTRY = "tiny-llama/tp1-pp1-fp32"
 

@@ -22,7 +22,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from servematrix.dispatch import DEFAULT_ESTIMATE, Job, simulate  # noqa: E402
+from servematrix.run.dispatch import DEFAULT_ESTIMATE, Job, simulate  # noqa: E402
 
 DEFAULT_RUNS = ["evidence/gpu-smoke-h200x2", "evidence/ray-full", "evidence/gate-A", "evidence/gate-B", "evidence/gate-C"]
 

@@ -63,7 +63,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _matrices(paths: list[str]):
-    from servematrix.matrix import validate_files
+    from servematrix.config.matrix import validate_files
 
     return validate_files([Path(p) for p in paths])
 
@@ -75,7 +75,7 @@ def cmd_validate(args) -> int:
 
 
 def cmd_list(args) -> int:
-    from servematrix.matrix import select
+    from servematrix.config.matrix import select
 
     for m in _matrices(args.matrix):
         for e in select(m.entries, args.k):
@@ -90,8 +90,8 @@ def _default_out() -> Path:
 
 
 def cmd_run(args) -> int:
-    from servematrix.matrix import select
-    from servematrix.runner import RunOptions, Runner
+    from servematrix.config.matrix import select
+    from servematrix.run.session import RunOptions, Runner
 
     (matrix,) = _matrices([args.matrix])
     entries = select(matrix.entries, args.k)
@@ -109,7 +109,7 @@ def cmd_run(args) -> int:
         if name not in servematrix_fixes.REGISTRY:
             raise ConfigError("--inject", None, None, f"unknown fix {name!r} (available: "
                               f"{', '.join(servematrix_fixes.names())})")
-    from servematrix.launch_docker import DockerConfig
+    from servematrix.serve.docker import DockerConfig
 
     docker = DockerConfig(python=args.docker_python, mounts=args.docker_mount, network=args.docker_network,
                           **({"image": args.docker_image} if args.docker_image else {}))
@@ -134,10 +134,10 @@ def _find_entry(entry_id: str, matrix_path: str | None):
 
 
 def cmd_repro(args) -> int:
-    from servematrix import gsm8k
-    from servematrix.launch import build_spec
-    from servematrix.model import resolve
-    from servematrix.runner import RunOptions, Runner
+    from servematrix.check import gsm8k
+    from servematrix.serve.server import build_spec
+    from servematrix.checkpoint.resolve import resolve
+    from servematrix.run.session import RunOptions, Runner
 
     matrix, entry = _find_entry(args.id, args.matrix)
     if args.exec:
@@ -175,7 +175,7 @@ def cmd_repro(args) -> int:
 
 
 def cmd_bisect(args) -> int:
-    from servematrix.bisect import bisect
+    from servematrix.run.bisect import bisect
 
     matrix, entry = _find_entry(args.id, args.matrix)
     out = Path(args.out) if args.out else Path("reports") / f"bisect-{datetime.now():%Y%m%d-%H%M%S}"
@@ -225,7 +225,7 @@ def compose_variables(entry, scenario, model_path: str, port: int) -> dict[str, 
     if entry.device == "gpu":
         variables["GPUS"] = str(entry.tp * entry.pp)
     elif entry.tp * entry.pp > 1:
-        from servematrix.launch import cpu_bind
+        from servematrix.serve.server import cpu_bind
 
         variables["VLLM_CPU_OMP_THREADS_BIND"] = cpu_bind(entry.tp * entry.pp)
     return variables
@@ -258,7 +258,7 @@ def cmd_mirror(args) -> int:
 
 
 def cmd_gsm8k_task(args) -> int:
-    from servematrix import gsm8k
+    from servematrix.check import gsm8k
     from servematrix.report import check_dir
 
     shipped = len(gsm8k.exemplars())
@@ -270,7 +270,7 @@ def cmd_gsm8k_task(args) -> int:
 
 
 def cmd_gate(args) -> int:
-    from servematrix import gate
+    from servematrix.report import gate
 
     run = gate.load_summary(Path(args.run_dir))
     baseline = gate.load_summary(Path(args.baseline)) if args.baseline else None
@@ -280,7 +280,8 @@ def cmd_gate(args) -> int:
 
 
 def cmd_reference_record(args) -> int:
-    from servematrix import accuracy, gate
+    from servematrix.check import accuracy
+    from servematrix.report import gate
     from servematrix.report import atomic_write, writable_target
 
     run = gate.load_summary(Path(args.run_dir))
@@ -312,8 +313,8 @@ def cmd_reference_record(args) -> int:
 def _existing_references(path: Path) -> list:
     """The references already in `path` (kept beside the new ones). A file that does not parse is
     someone's data: refused, never overwritten with what this run alone would record."""
-    from servematrix import accuracy
-    from servematrix.yamlio import load_yaml, validate
+    from servematrix.check import accuracy
+    from servematrix.config.yamlio import load_yaml, validate
 
     if not path.exists():
         return []
@@ -328,14 +329,15 @@ def _existing_references(path: Path) -> list:
 
 
 def cmd_history(args) -> int:
-    from servematrix import history
+    from servematrix.report import history
 
     print(history.render_trend(history.trend(Path(args.db), args.last, args.k)))
     return 0
 
 
 def cmd_diff(args) -> int:
-    from servematrix import gate, history
+    from servematrix.report import gate
+    from servematrix.report import history
 
     changes = history.diff(gate.load_summary(Path(args.run_a)), gate.load_summary(Path(args.run_b)))
     for title, items in changes.items():
@@ -346,7 +348,7 @@ def cmd_diff(args) -> int:
 
 
 def cmd_env(args) -> int:
-    from servematrix import envs
+    from servematrix.serve import envs
 
     if args.env_cmd == "list":
         for name, info in envs.list_envs():

@@ -19,7 +19,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, SkipValidation, ValidationError
 
 from servematrix.errors import ArgumentError, ConfigError
-from servematrix.forge import ForgeSpec, TokenizerSpec
+from servematrix.checkpoint.forge import ForgeSpec, TokenizerSpec
 from servematrix.mirror.dims import choose_dims
 from servematrix.mirror.layout import (LAYER_RE, SourceLayout, TensorMeta, field_value, layer_signatures,
                                        quant_groups, rules)

@@ -9,7 +9,7 @@ import fnmatch
 import re
 from collections import Counter
 
-from servematrix.forge import ExtraTensor, Fp8Blocks
+from servematrix.checkpoint.forge import ExtraTensor, Fp8Blocks
 from servematrix.mirror.layout import FLOAT_DTYPES, SourceLayout, TensorMeta, rules, split_name
 from servematrix.mirror.plan import TORCH_DTYPE, NotMirrored, PostStep, QuantTarget
 from servematrix.mirror.schemes import NotWhole, infer_params, scheme_shapes

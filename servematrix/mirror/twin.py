@@ -23,7 +23,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field
 
 from servematrix.errors import ArgumentError, StateError, UserError
-from servematrix.forge import FP8_MAX, fp8_block_quantize, forge
+from servematrix.checkpoint.forge import FP8_MAX, fp8_block_quantize, forge
 from servematrix.mirror.layout import MirrorOrigin, SourceLayout, TensorMeta, field_value, layer_signatures, rules
 from servematrix.mirror.plan import NotMirrored, Plan, QuantTarget, plan_twin, remap_module
 from servematrix.mirror.source import ORIGIN_FILE, read_header, read_local, read_source
@@ -302,7 +302,7 @@ def _fill(leaf: str, meta: TensorMeta, gen, values: dict, params: dict | None):
 # ---- the scenario ----
 
 def scenario_dict(plan: Plan, name: str, layout: SourceLayout) -> dict:
-    from servematrix.scenario import Scenario
+    from servematrix.config.scenario import Scenario
 
     schemes = sorted({t.scheme for t in plan.quant})
     requires = {}
@@ -384,7 +384,7 @@ def cli_mirror(source: str, out_scenario: str | Path, checkpoint_dir: str | Path
     invariant writes nothing."""
     import re
 
-    from servematrix.scenario import NAME_RE
+    from servematrix.config.scenario import NAME_RE
 
     out = Path(out_scenario)
     if not re.match(NAME_RE, name):

@@ -7,7 +7,7 @@ import subprocess
 
 import pytest
 
-from servematrix.launch_docker import host_root_mounts
+from servematrix.serve.docker import host_root_mounts
 
 from .conftest import REPO, servematrix
 

@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from servematrix.dispatch import CPU_SERVER, Job, RayPool
+from servematrix.run.dispatch import CPU_SERVER, Job, RayPool
 
 ray = pytest.importorskip("ray")
 

@@ -144,7 +144,7 @@ def test_38870_detector_stays_quiet_on_every_release_built(seed_run, shared_cach
     """#38870 lived only on upstream main: no release may be reported as having it."""
     import os
 
-    from servematrix import envs
+    from servematrix.serve import envs
 
     monkeypatch.setenv("SERVEMATRIX_CACHE", shared_cache)
     built = [name for name, info in envs.list_envs() if info]

@@ -4,9 +4,9 @@ import textwrap
 
 import pytest
 
-from servematrix.accuracy import Check, MetricValue, References, judge, needed_n
-from servematrix.matrix import load_matrix
-from servematrix.yamlio import ConfigError
+from servematrix.check.accuracy import Check, MetricValue, References, judge, needed_n
+from servematrix.config.matrix import load_matrix
+from servematrix.config.yamlio import ConfigError
 
 from .test_matrix import SCENARIO
 

@@ -3,7 +3,7 @@ releases as it needs, skipping those that cannot be judged."""
 
 import pytest
 
-from servematrix.bisect import Probe, bisect, candidates, search, version_key
+from servematrix.run.bisect import Probe, bisect, candidates, search, version_key
 from servematrix.errors import ArgumentError, StateError
 
 RELEASES = ["cpu-0.18.1", "cpu-0.20.2", "cpu-0.21.0", "cpu-0.24.0", "cpu-0.27.0", "cpu-0.32.0"]
@@ -50,7 +50,7 @@ def test_a_release_that_is_not_declared_is_an_argument_error_listing_the_declare
 
 
 def test_every_run_directory_the_search_may_reach_is_checked_before_any_probe(tmp_path, monkeypatch):
-    import servematrix.runner as runner
+    import servematrix.run.session as runner
 
     probed = []
     monkeypatch.setattr(runner, "probe_versions", lambda python: probed.append(python) or {})

@@ -16,12 +16,12 @@ from pathlib import Path
 
 import pytest
 
-from servematrix import history
-from servematrix.accuracy import MetricValue
+from servematrix.report import history
+from servematrix.check.accuracy import MetricValue
 from servematrix.cli import main
-from servematrix.failure import Failure
-from servematrix.matrix import Expectation
-from servematrix.results import LoadResult, RunSummary, ScenarioRecord
+from servematrix.serve.failure import Failure
+from servematrix.config.matrix import Expectation
+from servematrix.record import LoadResult, RunSummary, ScenarioRecord
 
 REPO = Path(__file__).resolve().parents[2]
 MATRIX = str(REPO / "matrix" / "cpu-smoke.yaml")
@@ -98,7 +98,7 @@ class Work:
 def _never_serve(monkeypatch):
     """Every case must be refused before the runner dispatches anything; one that got that far
     fails here instead of starting real vLLM servers (and never probes an interpreter)."""
-    from servematrix import runner
+    from servematrix.run import session as runner
 
     def dispatch(self, summary):
         raise AssertionError("reached the runner's dispatch: the bad input was not refused")

@@ -5,7 +5,7 @@ import time
 
 import pytest
 
-from servematrix.dispatch import Capacity, Job, LocalPool, pick, shape_bound, simulate, unrunnable
+from servematrix.run.dispatch import Capacity, Job, LocalPool, pick, shape_bound, simulate, unrunnable
 
 
 def job(k, id, gpus=1, est=10.0, host=0):

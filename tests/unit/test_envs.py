@@ -2,7 +2,7 @@
 
 import pytest
 
-from servematrix import envs
+from servematrix.serve import envs
 from servematrix.errors import ArgumentError, StateError
 
 

@@ -4,7 +4,7 @@ and on the log shapes of infrastructure trouble."""
 import signal
 from pathlib import Path
 
-from servematrix.failure import classify_exit, exception_lines, root_exception, strip_prefix
+from servematrix.serve.failure import classify_exit, exception_lines, root_exception, strip_prefix
 
 DATA = Path(__file__).parent / "data"
 

@@ -6,8 +6,8 @@ import json
 import pytest
 
 import servematrix_fixes
-from servematrix.matrix import load_matrix
-from servematrix.yamlio import ConfigError
+from servematrix.config.matrix import load_matrix
+from servematrix.config.yamlio import ConfigError
 
 from .test_matrix import SCENARIO
 

@@ -9,7 +9,7 @@ import yaml
 from pydantic import ValidationError
 from safetensors import safe_open
 
-from servematrix.forge import MAX_FORGE_PARAMS, ExtraTensor, ForgeSpec, check_config, forge, model_params
+from servematrix.checkpoint.forge import MAX_FORGE_PARAMS, ExtraTensor, ForgeSpec, check_config, forge, model_params
 
 TINY = {"hidden_size": 64, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
         "num_key_value_heads": 1, "head_dim": 32, "max_position_embeddings": 256}
@@ -67,7 +67,7 @@ def test_fp8_blocks_store_the_weight_as_e4m3_with_one_scale_per_128x128_block_th
     import torch
     from vllm.model_executor.layers.quantization.utils.quant_utils import GroupShape, scaled_dequantize
 
-    from servematrix.forge import fp8_block_quantize
+    from servematrix.checkpoint.forge import fp8_block_quantize
 
     weight = torch.randn(256, 384, generator=torch.Generator().manual_seed(0)) * 0.3
     weight[:128, :128] *= 50  # one block far larger than the rest: its scale must not leak into others
@@ -83,7 +83,7 @@ def test_fp8_blocks_store_the_weight_as_e4m3_with_one_scale_per_128x128_block_th
 def test_fp8_blocks_refuse_a_shape_that_is_not_whole_blocks():
     import torch
 
-    from servematrix.forge import fp8_block_quantize
+    from servematrix.checkpoint.forge import fp8_block_quantize
 
     with pytest.raises(ValueError, match="multiple of the \\[128, 128\\] FP8 block"):
         fp8_block_quantize(torch.zeros(128, 100), [128, 128])
@@ -215,8 +215,8 @@ def test_extra_tensors_config_json_and_components_count_too():
 
 
 def test_resolve_without_building_names_the_forged_path_and_writes_nothing(tmp_path, monkeypatch):
-    from servematrix.model import resolve
-    from servematrix.scenario import ScenarioStore
+    from servematrix.checkpoint.resolve import resolve
+    from servematrix.config.scenario import ScenarioStore
 
     cache = tmp_path / "cache"
     monkeypatch.setenv("SERVEMATRIX_CACHE", str(cache))
@@ -231,8 +231,8 @@ def test_resolve_without_building_names_the_forged_path_and_writes_nothing(tmp_p
 
 def test_a_missing_model_path_is_a_config_error_at_model_path(write):
     from servematrix.errors import ConfigError
-    from servematrix.model import ModelUnavailable, resolve
-    from servematrix.scenario import ScenarioStore
+    from servematrix.checkpoint.resolve import ModelUnavailable, resolve
+    from servematrix.config.scenario import ScenarioStore
 
     from .test_matrix import SCENARIO
 

@@ -2,12 +2,12 @@
 
 import pytest
 
-from servematrix.accuracy import Check, MetricValue, RefKey, Reference, judge
+from servematrix.check.accuracy import Check, MetricValue, RefKey, Reference, judge
 from servematrix.errors import StateError
-from servematrix.failure import Failure
-from servematrix.gate import decide, load_summary
-from servematrix.matrix import Expectation
-from servematrix.results import LoadResult, RunSummary, ScenarioRecord
+from servematrix.serve.failure import Failure
+from servematrix.report.gate import decide, load_summary
+from servematrix.config.matrix import Expectation
+from servematrix.record import LoadResult, RunSummary, ScenarioRecord
 
 XFAIL = Expectation(expect="xfail", reason="r", bug="https://github.com/vllm-project/vllm/pull/1")
 

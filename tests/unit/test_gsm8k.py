@@ -5,8 +5,8 @@ import json
 import pytest
 import yaml
 
-from servematrix import gsm8k
-from servematrix.accuracy import agreement_metric
+from servematrix.check import gsm8k
+from servematrix.check.accuracy import agreement_metric
 
 
 def test_write_task_points_both_tasks_at_the_local_test_set_with_shipped_exemplars(tmp_path):
@@ -48,7 +48,7 @@ def test_agreement_is_judged_per_question_over_the_questions_both_answered():
 
 
 def test_per_token_nll_divides_by_the_answer_tokens_as_lm_eval_split_them(tmp_path):
-    from servematrix.forge import TokenizerSpec, _train_tokenizer
+    from servematrix.checkpoint.forge import TokenizerSpec, _train_tokenizer
 
     tok = _train_tokenizer(TokenizerSpec(vocab_size=400))
     tok.save_pretrained(tmp_path / "tok")

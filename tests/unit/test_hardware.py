@@ -4,10 +4,10 @@ from pathlib import Path
 
 import pytest
 
-from servematrix.hardware import Gpu, parse_nvidia_smi, unmet
-from servematrix.matrix import load_matrix
-from servematrix.scenario import Requires
-from servematrix.verdict import exit_code
+from servematrix.serve.hardware import Gpu, parse_nvidia_smi, unmet
+from servematrix.config.matrix import load_matrix
+from servematrix.config.scenario import Requires
+from servematrix.check.verdict import exit_code
 
 REPO = Path(__file__).resolve().parents[2]
 H100 = [Gpu(index=i, name="NVIDIA H100 80GB HBM3", memory_gb=79.6, capability=9.0) for i in range(8)]

@@ -6,12 +6,12 @@ import time
 
 import pytest
 
-from servematrix import history
+from servematrix.report import history
 from servematrix.errors import StateError
-from servematrix.failure import Failure
-from servematrix.accuracy import Check, MetricValue, judge
-from servematrix.matrix import Expectation
-from servematrix.results import LoadResult, RunSummary, ScenarioRecord
+from servematrix.serve.failure import Failure
+from servematrix.check.accuracy import Check, MetricValue, judge
+from servematrix.config.matrix import Expectation
+from servematrix.record import LoadResult, RunSummary, ScenarioRecord
 
 
 def rec(id_, verdict, agreement):

@@ -9,7 +9,7 @@ import time
 import psutil
 import pytest
 
-from servematrix.launch import LaunchSpec, LocalServer, ServerFailed, build_spec, cpu_bind
+from servematrix.serve.server import LaunchSpec, LocalServer, ServerFailed, build_spec, cpu_bind
 
 
 def spec(tmp_path, code, timeout=30.0, port=None):
@@ -76,7 +76,7 @@ def test_cpu_bind_splits_cores_evenly_between_ranks():
 def test_server_command_carries_layout_quant_and_device_env():
     from pathlib import Path
 
-    from servematrix.matrix import load_matrix
+    from servematrix.config.matrix import load_matrix
 
     root = Path(__file__).resolve().parents[2]
     m = load_matrix(root / "matrix" / "cpu-smoke.yaml")

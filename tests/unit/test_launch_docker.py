@@ -2,8 +2,8 @@
 
 from pathlib import Path
 
-from servematrix.launch import LaunchSpec
-from servematrix.launch_docker import DockerConfig, DockerServer, host_root_mounts
+from servematrix.serve.server import LaunchSpec
+from servematrix.serve.docker import DockerConfig, DockerServer, host_root_mounts
 
 
 def spec(tmp_path, env=None):

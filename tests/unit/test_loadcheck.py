@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from servematrix import loadcheck
-from servematrix.launch import LaunchSpec
+from servematrix.serve import loadcheck
+from servematrix.serve.server import LaunchSpec
 
 
 def spec(argv=None, **kw):

@@ -4,8 +4,8 @@ import textwrap
 
 import pytest
 
-from servematrix.matrix import entry_id, load_matrix, select
-from servematrix.yamlio import ConfigError
+from servematrix.config.matrix import entry_id, load_matrix, select
+from servematrix.config.yamlio import ConfigError
 
 SCENARIO = """\
 name: {name}

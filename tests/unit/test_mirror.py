@@ -17,13 +17,13 @@ import pytest
 import yaml
 
 from servematrix.errors import StateError, UserError
-from servematrix.forge import ForgeSpec, forge
+from servematrix.checkpoint.forge import ForgeSpec, forge
 from servematrix.mirror.twin import build_twin, cli_mirror, diff, infer_layer_map, scenario_dict
 from servematrix.mirror.dims import choose_kv, kv_class
 from servematrix.mirror.plan import plan_twin
 from servematrix.mirror.layout import SourceLayout
 from servematrix.mirror.source import read_header, read_local, read_source
-from servematrix.scenario import ScenarioStore
+from servematrix.config.scenario import ScenarioStore
 
 REPO = Path(__file__).resolve().parents[2]
 BYTES = {"BF16": 2, "F16": 2, "F32": 4, "I32": 4, "I64": 8, "U8": 1, "F8_E4M3": 1}

@@ -1,6 +1,6 @@
 """Greedy parity with the baseline, judged like vLLM's check_logprobs_close."""
 
-from servematrix.smoke import Generation, PromptResult, logprobs_close, parity
+from servematrix.check.smoke import Generation, PromptResult, logprobs_close, parity
 
 
 def gen(ids, tops, text="t"):

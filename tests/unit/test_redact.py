@@ -141,8 +141,8 @@ def test_bytes_that_are_not_utf8_pass_through_unchanged():
 
 def test_lm_evals_command_and_log_are_written_through_the_redactor(tmp_path, monkeypatch):
     """gsm8k.run writes command.txt and lm_eval.log itself: a fake 'python' stands in for lm-eval."""
-    from servematrix import gsm8k
-    from servematrix.scenario import Gsm8kSpec
+    from servematrix.check import gsm8k
+    from servematrix.config.scenario import Gsm8kSpec
 
     monkeypatch.setenv("OPENAI_API_KEY", "sk-lmeval-0001")
     fake = tmp_path / "fake-python"
@@ -173,8 +173,9 @@ def _secret_matrix(tmp_path):
 def test_repro_prints_comments_on_one_line_and_commands_that_run_only_their_words(tmp_path, monkeypatch, capsys):
     """Even an expectation that escaped validation with a newline in its reason prints as one
     comment line: pasting the output into bash runs the two commands and nothing else."""
-    from servematrix import cli, model
-    from servematrix.matrix import Expectation
+    from servematrix import cli
+    from servematrix.checkpoint import resolve as model
+    from servematrix.config.matrix import Expectation
 
     find = cli._find_entry
 
@@ -201,7 +202,9 @@ def test_repro_prints_comments_on_one_line_and_commands_that_run_only_their_word
 def test_repro_compose_masks_the_credentials_given_in_server_args(tmp_path, monkeypatch, capsys):
     import shlex
 
-    from servematrix import cli, model
+    from servematrix import cli
+
+    from servematrix.checkpoint import resolve as model
 
     monkeypatch.setattr(model, "resolve", lambda scenario, store, **kw: "/ckpt")
     assert cli.main(["repro", "tiny-llama-broken/tp1-pp1-fp32", "--matrix", str(_secret_matrix(tmp_path)),

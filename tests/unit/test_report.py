@@ -10,12 +10,12 @@ import pytest
 
 from servematrix import report
 from servematrix.errors import StateError
-from servematrix.accuracy import gsm8k_metrics
-from servematrix.failure import Failure
-from servematrix.gsm8k import Gsm8kResult
-from servematrix.matrix import Expectation
-from servematrix.results import LoadResult, RunSummary, ScenarioRecord
-from servematrix.smoke import ParityResult, PromptResult, SmokeResult
+from servematrix.check.accuracy import gsm8k_metrics
+from servematrix.serve.failure import Failure
+from servematrix.check.gsm8k import Gsm8kResult
+from servematrix.config.matrix import Expectation
+from servematrix.record import LoadResult, RunSummary, ScenarioRecord
+from servematrix.check.smoke import ParityResult, PromptResult, SmokeResult
 
 XFAIL = Expectation(expect="xfail", reason="engine dies", bug="https://github.com/vllm-project/vllm/pull/1")
 
@@ -96,8 +96,8 @@ def test_latest_points_at_the_newest_run(tmp_path):
 
 
 def test_a_load_checked_entry_is_marked_as_such_in_both_reports(tmp_path):
-    from servematrix import report_html
-    from servematrix.loadcheck import LoadCheckResult, RankResult
+    from servematrix.report import html as report_html
+    from servematrix.serve.loadcheck import LoadCheckResult, RankResult
 
     checked = rec("g/tp1-pp2-bf16", pp=2, load=LoadResult(ok=True, seconds=3.0),
                   load_check=LoadCheckResult(ok=True, seconds=3.0, ranks=[RankResult(rank=0, ok=True),

@@ -6,7 +6,7 @@ import subprocess
 
 import pytest
 
-from servematrix import report_html
+from servematrix.report import html as report_html
 
 from .test_report import sample_records, summary
 

@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from servematrix.stats import OneSidedTest, bernoulli_sigma, mean_sigma_stderr, required_n, wilson
+from servematrix.check.stats import OneSidedTest, bernoulli_sigma, mean_sigma_stderr, required_n, wilson
 
 
 def test_threshold_and_mde_follow_the_two_sample_standard_error():

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from servematrix.cli import main
-from servematrix.matrix import load_matrix
-from servematrix.yamlio import ConfigError
+from servematrix.config.matrix import load_matrix
+from servematrix.config.yamlio import ConfigError
 
 from .test_matrix import SCENARIO
 
@@ -316,7 +316,7 @@ def test_the_shipped_files_still_validate_and_write_nothing(tmp_path, monkeypatc
 
 
 def test_an_alias_to_a_complete_node_and_a_merge_key_still_load(write):
-    from servematrix.yamlio import load_yaml
+    from servematrix.config.yamlio import load_yaml
 
     p = write("m.yaml", "base: &b {x: 1, y: 2}\nuse:\n  <<: *b\n  y: 3\nagain: *b\n")
     assert load_yaml(p).data == {"base": {"x": 1, "y": 2}, "use": {"x": 1, "y": 3}, "again": {"x": 1, "y": 2}}

@@ -2,9 +2,9 @@
 
 import pytest
 
-from servematrix.failure import Failure
-from servematrix.matrix import Expectation
-from servematrix.verdict import decide, exit_code
+from servematrix.serve.failure import Failure
+from servematrix.config.matrix import Expectation
+from servematrix.check.verdict import decide, exit_code
 
 XFAIL = dict(expect="xfail", reason="k_norm sharding", bug="https://github.com/vllm-project/vllm/pull/38191")
 SHAPE = Failure.of("exception", "RuntimeError: The size of tensor a (64) must match the size of tensor b (32)")

@@ -23,11 +23,13 @@ import psutil
 import yaml
 from pydantic import BaseModel, ConfigDict, Field
 
-from servematrix import failure, redact
-from servematrix.failure import Failure
-from servematrix.matrix import Entry
+from servematrix import redact
+
+from servematrix.serve import failure
+from servematrix.serve.failure import Failure
+from servematrix.config.matrix import Entry
 from servematrix.paths import data_file
-from servematrix.scenario import Scenario
+from servematrix.config.scenario import Scenario
 
 HEALTH_INTERVAL = 0.5  # s between /health probes (as vLLM's own test server)
 EXIT_POLL = 0.02  # s between process-exit checks: bounds the crash verdict latency
@@ -128,7 +130,7 @@ def build_spec(entry: Entry, scenario: Scenario, model_path: str, port: int, log
         "--pipeline-parallel-size", str(entry.pp),
         *scenario.server.args, *quant.args,
     ]
-    from servematrix import envs
+    from servematrix.serve import envs
 
     profile = device_profile(entry.device)
     env = {**profile.get("env", {}), **envs.launch_env(entry.vllm), **scenario.server.env, **quant.env}

@@ -12,9 +12,9 @@ from collections import defaultdict
 from pathlib import Path
 from xml.etree import ElementTree as ET
 
-from servematrix import history
+from servematrix.report import history
 from servematrix.errors import StateError
-from servematrix.results import RunSummary, ScenarioRecord
+from servematrix.record import RunSummary, ScenarioRecord
 from servematrix.redact import redact_text
 
 SYMBOL = {"pass": "✓", "fail": "✗", "xfail": "✗ (xfail)", "xpass": "✓ (xpass!)", "error": "⚠ error",
@@ -142,7 +142,7 @@ def claim_run_dir(out: Path, overwrite: bool = False) -> None:
 
 
 def write_all(summary: RunSummary, trend: dict | None = None) -> None:
-    from servematrix import report_html
+    from servematrix.report import html as report_html
 
     out = Path(summary.run_dir)
     atomic_write(out / "summary.json", summary.model_dump_json(indent=2))

@@ -15,11 +15,11 @@ from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, HttpUrl, Str
                       model_validator, with_config)
 from typing_extensions import TypedDict
 
-from servematrix.accuracy import Check
-from servematrix.convert import GgufSource
-from servematrix.forge import ForgeSpec
+from servematrix.check.accuracy import Check
+from servematrix.checkpoint.convert import GgufSource
+from servematrix.checkpoint.forge import ForgeSpec
 from servematrix.paths import GSM8K_TEST_ROWS
-from servematrix.yamlio import (ConfigError, EnvName, OneLine, PathText, Regex, Seconds, Word, field_error, is_file,
+from servematrix.config.yamlio import (ConfigError, EnvName, OneLine, PathText, Regex, Seconds, Word, field_error, is_file,
                                load_yaml, validate)
 
 NAME_RE = r"^[a-z0-9][a-z0-9._-]*$"
@@ -38,7 +38,7 @@ Tokens = Annotated[int, Field(strict=True, ge=1, le=MAX_TOKENS)]
 
 
 def _known_device(v: str) -> str:
-    from servematrix.hardware import device_names  # hardware imports this module
+    from servematrix.serve.hardware import device_names  # hardware imports this module
 
     if v not in device_names():
         raise ValueError(f"unknown device {v!r} (known: {', '.join(device_names())}; "

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from servematrix.errors import StateError
 from servematrix.redact import redact_text
-from servematrix.results import RunSummary
+from servematrix.record import RunSummary
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs (

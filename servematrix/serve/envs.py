@@ -22,7 +22,7 @@ from servematrix.errors import ArgumentError, StateError, UserError
 
 from servematrix.paths import cache_dir, data_file
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 MARKER = "servematrix-env.json"
 CURRENT = "current"
 

@@ -21,9 +21,9 @@ import yaml
 from pydantic import BaseModel
 
 from servematrix import redact
-from servematrix.launch import LogPump
+from servematrix.serve.server import LogPump
 from servematrix.paths import data_file, gsm8k_test_jsonl
-from servematrix.scenario import Gsm8kSpec
+from servematrix.config.scenario import Gsm8kSpec
 
 TASK = "servematrix_gsm8k"
 NLL_TASK = "servematrix_gsm8k_nll"  # the gold answers' log-likelihood given the same few-shot prompt

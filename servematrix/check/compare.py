@@ -7,13 +7,17 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from servematrix import accuracy, gsm8k, loadcheck
-from servematrix.accuracy import CheckResult, Reference
-from servematrix.failure import Failure
-from servematrix.results import ScenarioRecord
-from servematrix.scenario import Scenario
-from servematrix.smoke import parity
-from servematrix.verdict import decide
+from servematrix.check import accuracy
+
+from servematrix.check import gsm8k
+
+from servematrix.serve import loadcheck
+from servematrix.check.accuracy import CheckResult, Reference
+from servematrix.serve.failure import Failure
+from servematrix.record import ScenarioRecord
+from servematrix.config.scenario import Scenario
+from servematrix.check.smoke import parity
+from servematrix.check.verdict import decide
 
 AGREEMENT = "gsm8k.agreement"
 

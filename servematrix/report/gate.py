@@ -15,8 +15,8 @@ from pathlib import Path
 from pydantic import BaseModel, Field, ValidationError
 
 from servematrix.errors import StateError
-from servematrix.results import KNOWN_SCHEMA_VERSIONS, RunSummary, ScenarioRecord
-from servematrix.verdict import EXIT_INFRA, EXIT_OK, EXIT_REGRESSION, unjudged
+from servematrix.record import KNOWN_SCHEMA_VERSIONS, RunSummary, ScenarioRecord
+from servematrix.check.verdict import EXIT_INFRA, EXIT_OK, EXIT_REGRESSION, unjudged
 
 
 class Row(BaseModel):

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import re
 
-from servematrix.failure import Failure
-from servematrix.matrix import Expectation
+from servematrix.serve.failure import Failure
+from servematrix.config.matrix import Expectation
 
 EXIT_OK, EXIT_REGRESSION, EXIT_INFRA = 0, 1, 2
 

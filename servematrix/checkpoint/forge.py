@@ -27,7 +27,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, JsonValue, StringConstraints, model_validator
 
 from servematrix.paths import build_cached, cache_dir, gsm8k_test_jsonl
-from servematrix.yamlio import OneLine, field_error
+from servematrix.config.yamlio import OneLine, field_error
 
 # Bump when the forge's output changes for the same spec, so stale cache entries are not reused.
 FORGE_VERSION = 3

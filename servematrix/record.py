@@ -7,12 +7,12 @@ from typing import Literal
 
 from pydantic import BaseModel, Field
 
-from servematrix.accuracy import CheckResult, MetricValue
-from servematrix.failure import Failure
-from servematrix.gsm8k import Gsm8kResult
-from servematrix.loadcheck import LoadCheckResult
-from servematrix.matrix import Entry, Expectation
-from servematrix.smoke import SmokeResult
+from servematrix.check.accuracy import CheckResult, MetricValue
+from servematrix.serve.failure import Failure
+from servematrix.check.gsm8k import Gsm8kResult
+from servematrix.serve.loadcheck import LoadCheckResult
+from servematrix.config.matrix import Entry, Expectation
+from servematrix.check.smoke import SmokeResult
 
 # summary.json's layout: bumped when a reader of this code could no longer read a summary right.
 # gate/diff/reference refuse any version not listed here rather than misread it.

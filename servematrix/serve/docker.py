@@ -19,7 +19,7 @@ from pathlib import Path
 from pydantic import BaseModel, Field
 
 from servematrix import redact
-from servematrix.launch import LaunchSpec, Server
+from servematrix.serve.server import LaunchSpec, Server
 
 STATUS_INTERVAL = 0.25  # s between container state queries (each is an API call)
 

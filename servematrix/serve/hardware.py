@@ -13,7 +13,7 @@ import yaml
 from pydantic import BaseModel
 
 from servematrix.paths import data_file
-from servematrix.scenario import Requires
+from servematrix.config.scenario import Requires
 
 
 @functools.lru_cache(maxsize=1)

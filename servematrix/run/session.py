@@ -17,17 +17,33 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
-from servematrix import __version__, accuracy, dispatch, envs, gsm8k, hardware, history, loadcheck, report
-from servematrix.failure import Failure
-from servematrix.launch import BACKENDS, LaunchSpec, Server, ServerFailed, build_spec, device_profile, free_port
-from servematrix.launch_docker import DockerConfig, DockerServer
-from servematrix.matrix import Entry, Matrix
-from servematrix.model import ModelUnavailable, resolve
-from servematrix.results import FixRecord, LoadResult, RunSummary, ScenarioRecord
-from servematrix.scenario import Scenario
-from servematrix.smoke import SmokeResult, run_smoke
-from servematrix.compare import compare
-from servematrix.verdict import decide, exit_code
+from servematrix import __version__
+
+from servematrix.check import accuracy
+
+from servematrix.run import dispatch
+
+from servematrix.serve import envs
+
+from servematrix.check import gsm8k
+
+from servematrix.serve import hardware
+
+from servematrix.report import history
+
+from servematrix.serve import loadcheck
+
+from servematrix import report
+from servematrix.serve.failure import Failure
+from servematrix.serve.server import BACKENDS, LaunchSpec, Server, ServerFailed, build_spec, device_profile, free_port
+from servematrix.serve.docker import DockerConfig, DockerServer
+from servematrix.config.matrix import Entry, Matrix
+from servematrix.checkpoint.resolve import ModelUnavailable, resolve
+from servematrix.record import FixRecord, LoadResult, RunSummary, ScenarioRecord
+from servematrix.config.scenario import Scenario
+from servematrix.check.smoke import SmokeResult, run_smoke
+from servematrix.check.compare import compare
+from servematrix.check.verdict import decide, exit_code
 
 DEATH_GRACE = 5.0  # s to let a server that failed a request finish dying, so its log names the cause
 
@@ -191,7 +207,7 @@ class Runner:
 
         host_gpus: list[hardware.Gpu] | None = None  # this host's, for the local pool
         if self.options.backend == "ray":
-            from servematrix import ray_backend
+            from servematrix.run import ray_tasks as ray_backend
 
             ray_backend.connect(self.options.ray_address)
             # ray.init installs its own handlers; Ctrl-C / SIGTERM must reach RayPool's cancel

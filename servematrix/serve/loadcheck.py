@@ -17,9 +17,9 @@ from pathlib import Path
 
 from pydantic import BaseModel, Field
 
-from servematrix import failure
-from servematrix.failure import Failure
-from servematrix.launch import LaunchSpec, kill_tree, spawn
+from servematrix.serve import failure
+from servematrix.serve.failure import Failure
+from servematrix.serve.server import LaunchSpec, kill_tree, spawn
 
 WORKER = Path(__file__).with_name("loadcheck_worker.py")
 SERVER_MODULE = "vllm.entrypoints.openai.api_server"

@@ -16,10 +16,12 @@ from typing import Literal
 
 from pydantic import BaseModel
 
-from servematrix import envs, report
+from servematrix.serve import envs
+
+from servematrix import report
 from servematrix.errors import ArgumentError
-from servematrix.matrix import Entry, Matrix, entry_id
-from servematrix.results import ScenarioRecord
+from servematrix.config.matrix import Entry, Matrix, entry_id
+from servematrix.record import ScenarioRecord
 
 Outcome = Literal["good", "bad", "other"]
 
@@ -113,7 +115,7 @@ def search(releases: list[str], probe) -> tuple[list[Probe], tuple[Probe, Probe]
 
 def bisect(matrix: Matrix, entry: Entry, low: str, high: str, out: Path, signature: str | None,
            python: str | None = None, overwrite: bool = False) -> BisectResult:
-    from servematrix.runner import RunOptions, Runner, probe_versions
+    from servematrix.run.session import RunOptions, Runner, probe_versions
 
     releases = candidates(low, high)
     # every run directory the search may reach, refused now rather than after hours of probes

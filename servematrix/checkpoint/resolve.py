@@ -9,10 +9,12 @@ from __future__ import annotations
 import importlib.metadata
 from pathlib import Path
 
-from servematrix import convert, forge
+from servematrix.checkpoint import convert
+
+from servematrix.checkpoint import forge
 from servematrix.errors import ConfigError, UserError
-from servematrix.scenario import Scenario
-from servematrix.yamlio import load_yaml
+from servematrix.config.scenario import Scenario
+from servematrix.config.yamlio import load_yaml
 
 
 class ModelUnavailable(UserError):

@@ -18,8 +18,8 @@ from packaging.specifiers import InvalidSpecifier, SpecifierSet
 from packaging.version import InvalidVersion, Version
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from servematrix import stats
-from servematrix.yamlio import field_error, load_yaml, validate
+from servematrix.check import stats
+from servematrix.config.yamlio import field_error, load_yaml, validate
 
 # metric name -> higher is better?
 METRICS: dict[str, bool] = {

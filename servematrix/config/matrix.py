@@ -12,9 +12,9 @@ from typing import Annotated, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, HttpUrl, model_validator
 
-from servematrix.accuracy import References, needed_n
-from servematrix.scenario import MAX_PARALLEL, DeviceName, Gsm8kLimit, Name, Parallel, Scenario, ScenarioStore
-from servematrix.yamlio import (ConfigError, Located, OneLine, PathText, Regex, Seconds, field_error, is_file,
+from servematrix.check.accuracy import References, needed_n
+from servematrix.config.scenario import MAX_PARALLEL, DeviceName, Gsm8kLimit, Name, Parallel, Scenario, ScenarioStore
+from servematrix.config.yamlio import (ConfigError, Located, OneLine, PathText, Regex, Seconds, field_error, is_file,
                                load_yaml, validate)
 
 DEFAULT_VLLM = "current"  # the vLLM installed beside servematrix
@@ -25,7 +25,7 @@ MAX_ID_PART = 200  # bytes of an id's layout part, a directory name in every rep
 
 
 def _known_vllm(v: str) -> str:
-    from servematrix import envs
+    from servematrix.serve import envs
 
     if v != DEFAULT_VLLM and v not in envs.releases():
         raise ValueError(f"unknown vLLM release {v!r} (known: {', '.join(envs.releases())}, "

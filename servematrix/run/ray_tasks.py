@@ -16,7 +16,7 @@ import tarfile
 import tempfile
 from pathlib import Path
 
-from servematrix.dispatch import CPU_SERVER
+from servematrix.run.dispatch import CPU_SERVER
 
 
 def connect(address: str | None) -> None:
@@ -36,7 +36,7 @@ def run_job(matrix, options_json: str, entry_id: str, k: int, total: int):
     (record JSON with the scratch paths, the scratch path, tar.gz bytes of the entry's directory)."""
     import ray
 
-    from servematrix.runner import RunOptions, Runner
+    from servematrix.run.session import RunOptions, Runner
 
     scratch = Path(tempfile.mkdtemp(prefix="servematrix-ray-"))
     try:
@@ -54,7 +54,7 @@ def run_job(matrix, options_json: str, entry_id: str, k: int, total: int):
 
 def unpack(result: tuple, out_dir: Path):
     """The driver's side: the entry's files under out_dir, the record's paths pointing at them."""
-    from servematrix.results import ScenarioRecord
+    from servematrix.record import ScenarioRecord
 
     record_json, scratch, blob = result
     with tarfile.open(fileobj=io.BytesIO(blob), mode="r:gz") as tar:

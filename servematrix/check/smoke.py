@@ -14,7 +14,7 @@ import re
 import openai
 from pydantic import BaseModel, Field
 
-from servematrix.scenario import SmokePrompt, SmokeSpec
+from servematrix.config.scenario import SmokePrompt, SmokeSpec
 
 
 class Generation(BaseModel):
