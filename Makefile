@@ -16,7 +16,7 @@ run: $(STAMP)
 	$(VENV)/bin/servematrix run $(MATRIX)
 
 test: $(STAMP) chromium
-	$(PY) -m pytest -ra --timeout=1800 tests
+	$(PY) -m pytest -ra --durations=15 --timeout=1800 tests
 
 # Debian's Chromium renders the HTML report in the tests (skipped, with the reason, where it cannot
 # be installed: not root, no apt).

@@ -23,13 +23,14 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from servematrix.serve import server as launch  # noqa: E402
+from servematrix.serve.server import LocalServer  # noqa: E402
 
-from servematrix.run import session as runner
+from servematrix.run.options import RunOptions  # noqa: E402
+from servematrix.run.session import Session  # noqa: E402
 from servematrix.config.matrix import load_matrix  # noqa: E402
 
 
-class TimedServer(launch.LocalServer):
+class TimedServer(LocalServer):
     """The real local backend, plus a kernel timestamp of the child's exit."""
 
     exit_at: float | None = None
@@ -46,24 +47,23 @@ class TimedServer(launch.LocalServer):
             pass
 
 
-class TimedRunner(runner.Runner):
+class TimedSession(Session):
     recorded_at: float | None = None
 
-    def _record(self, summary, rec) -> None:
-        super()._record(summary, rec)  # writes summary.json
-        TimedRunner.recorded_at = time.monotonic()
+    def _publish(self, summary, rec) -> None:
+        super()._publish(summary, rec)  # writes summary.json
+        TimedSession.recorded_at = time.monotonic()
 
 
 def once(out: Path) -> float:
     matrix = load_matrix(REPO / "matrix" / "broken.yaml")
-    opts = runner.RunOptions(out_dir=out, retries=0)
-    r = TimedRunner(matrix, matrix.entries, opts)
-    r.backend = TimedServer
-    TimedServer.exit_at = TimedRunner.recorded_at = None
+    r = TimedSession(matrix, matrix.entries, RunOptions.of(out, retries=0))
+    r.pipeline.make_server = TimedServer
+    TimedServer.exit_at = TimedSession.recorded_at = None
     summary = r.run()
     rec = json.loads((out / "summary.json").read_text())["scenarios"][0]
     assert rec["load"]["ok"] is False and summary.scenarios[0].verdict == "xfail", rec
-    return TimedRunner.recorded_at - TimedServer.exit_at
+    return TimedSession.recorded_at - TimedServer.exit_at
 
 
 def main() -> None:

@@ -1,6 +1,7 @@
-"""Runner overhead: wall time of `servematrix run` on a one-scenario matrix over the raw time of
+"""Run overhead: wall time of `servematrix run` on a one-scenario matrix over the raw time of
 doing the same by hand — start the same vLLM server (same argv and env) until /health answers,
-then run the same lm_eval command — measured in one run, alternating the two.
+run the same lm_eval command (the NLL task included where the scenario measures gsm8k.nll), stop
+the server — measured in one run, alternating the two.
 
     python benchmarks/overhead.py [--limit N] [--repeat R]      (goal: ratio <= 1.05)
 
@@ -27,7 +28,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from servematrix.check import gsm8k  # noqa: E402
-from servematrix.serve.server import build_spec, free_port  # noqa: E402
+from servematrix.serve.process import free_port  # noqa: E402
+from servematrix.serve.server import build_spec  # noqa: E402
 from servematrix.config.matrix import load_matrix  # noqa: E402
 from servematrix.checkpoint.resolve import resolve  # noqa: E402
 
@@ -40,7 +42,11 @@ def raw(limit: int, tmp: Path) -> float:
     scenario = matrix.scenario(entry.scenario)
     spec = build_spec(entry, scenario, resolve(scenario), free_port(), tmp / "server.log")
     gsm8k.write_task(tmp, scenario.gsm8k.num_fewshot)
-    argv = gsm8k.command(spec.base_url, scenario.model_name, scenario.gsm8k, limit, tmp)
+    model_path = resolve(scenario)
+    # exactly the command servematrix runs: with the gold answers' log-likelihood task when the
+    # scenario measures gsm8k.nll (it needs the checkpoint's tokenizer)
+    argv = gsm8k.command(spec.base_url, scenario.model_name, scenario.gsm8k, limit, tmp,
+                         tokenizer=model_path if scenario.gsm8k.nll else None)
     t0 = time.monotonic()
     with open(tmp / "server.log", "wb") as log:
         server = subprocess.Popen(spec.argv, env={**os.environ, **spec.env}, stdout=log, stderr=subprocess.STDOUT,
@@ -57,10 +63,10 @@ def raw(limit: int, tmp: Path) -> float:
             time.sleep(0.5)
         subprocess.run(argv, env={**os.environ, **gsm8k.OFFLINE_ENV}, check=True,
                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        return time.monotonic() - t0
-    finally:
+    finally:  # a script stops its server too: counted on both sides
         os.killpg(server.pid, 15)
         server.wait(timeout=30)
+    return time.monotonic() - t0
 
 
 def managed(limit: int, tmp: Path) -> float:

@@ -1,18 +1,12 @@
-"""The record of a run: what the runner produces and the report stage (and later the gate) reads.
-Typed here, once, so summary.json has one schema."""
+"""The record of a run: every result type the stages produce and the reports, the gate and the
+history read. Typed here, once, so summary.json has one schema; this module imports no stage, so a
+reader of reports (`servematrix gate`) loads neither the launcher nor an HTTP client."""
 
 from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, Field
-
-from servematrix.check.accuracy import CheckResult, MetricValue
-from servematrix.serve.failure import Failure
-from servematrix.check.gsm8k import Gsm8kResult
-from servematrix.serve.loadcheck import LoadCheckResult
-from servematrix.config.matrix import Entry, Expectation
-from servematrix.check.smoke import SmokeResult
+from pydantic import BaseModel, Field, model_validator
 
 # summary.json's layout: bumped when a reader of this code could no longer read a summary right.
 # gate/diff/reference refuse any version not listed here rather than misread it.
@@ -20,6 +14,176 @@ SCHEMA_VERSION = 1
 KNOWN_SCHEMA_VERSIONS = (1,)
 
 Verdict = Literal["pass", "fail", "xfail", "xpass", "error", "skipped"]
+
+
+# --- failures: what ended a stage ------------------------------------------------------------
+Kind = Literal["exception", "oom", "timeout", "port-in-use", "signal", "exit", "interrupted", "check",
+               "model", "tool"]
+# model: the checkpoint could not be resolved; tool: lm-eval itself failed while the server was fine
+INFRA_KINDS = frozenset({"oom", "timeout", "port-in-use", "interrupted", "model", "tool"})
+
+
+class Failure(BaseModel):
+    kind: Kind
+    signature: str
+    infra: bool
+    phase: str = "load"  # load | smoke | gsm8k | run
+
+    @classmethod
+    def of(cls, kind: Kind, signature: str, phase: str = "load") -> "Failure":
+        return cls(kind=kind, signature=signature, infra=kind in INFRA_KINDS, phase=phase)
+
+
+
+# --- smoke (check.smoke) ---------------------------------------------------------------------
+class Generation(BaseModel):
+    """A greedy generation as token ids with each position's top-k logprobs (id -> logprob)."""
+
+    text: str
+    token_ids: list[int]
+    top_logprobs: list[dict[int, float]]
+    finish_reason: str | None = None
+
+
+
+class PromptResult(BaseModel):
+    name: str
+    endpoint: str  # completions | chat
+    ok: bool
+    text: str = ""
+    problems: list[str] = Field(default_factory=list)
+    generation: Generation | None = None
+
+
+
+class ParityResult(BaseModel):
+    ok: bool
+    baseline: str
+    details: list[str] = Field(default_factory=list)
+
+
+
+class SmokeResult(BaseModel):
+    ok: bool
+    prompts: list[PromptResult]
+    parity: ParityResult | None = None
+    error: str | None = None  # transport failure (server died, timeout)
+
+
+
+# --- gsm8k (check.gsm8k) and accuracy (check.accuracy) ------------------------------------------
+class Gsm8kResult(BaseModel):
+    strict: float
+    strict_stderr: float
+    flexible: float
+    flexible_stderr: float
+    n: int
+    seconds: float
+    samples_path: str | None = None
+    nll_samples_path: str | None = None  # lm-eval's loglikelihood samples for the gold answers
+
+
+
+# metric name -> higher is better?
+METRICS: dict[str, bool] = {
+    "gsm8k.strict": True,
+    "gsm8k.flexible": True,
+    "gsm8k.nll": False,
+    "gsm8k.agreement": True,
+}
+
+
+
+class MetricValue(BaseModel):
+    mean: float
+    sigma: float
+    stderr: float
+    n: int
+
+
+
+class CheckResult(BaseModel):
+    metric: str
+    status: Literal["pass", "fail", "no-reference", "not-measured"]
+    measured: float | None = None
+    n: int | None = None
+    reference: float | None = None
+    reference_n: int | None = None
+    sigma: float | None = None
+    threshold: float | None = None
+    mde: float | None = None
+    p_value: float | None = None
+    wilson_low: float | None = None
+    effect: float
+    alpha: float
+    beta: float
+
+    def summary(self) -> str:
+        if self.status in {"no-reference", "not-measured"}:
+            return f"{self.metric}: {self.status}"
+        op = ">=" if METRICS[self.metric] else "<="
+        return (f"{self.metric}: {self.measured:.4f} (n={self.n}) vs ref {self.reference:.4f}; need {op} "
+                f"{self.threshold:.4f}; MDE {self.mde:.4f}; p={self.p_value:.3g} → {self.status}")
+
+
+
+# --- load check (serve.loadcheck) ----------------------------------------------------------------
+class RankResult(BaseModel):
+    rank: int
+    ok: bool
+    pid: int | None = None
+    steps: list[str] = Field(default_factory=list)  # what this rank did: construct, load
+    model: str | None = None
+    parameters: int | None = None
+    numel: int | None = None
+    error: str | None = None
+    seconds: float | None = None
+
+
+
+class LoadParity(BaseModel):
+    baseline: str
+    ok: bool
+    details: list[str] = Field(default_factory=list)
+
+
+
+class LoadCheckResult(BaseModel):
+    """What vLLM's loader did on each rank. `digests`: parameter name → dtype, shape and content
+    hash, over all ranks (each PP rank holds its own layers; TP ranks hold shards)."""
+
+    ok: bool
+    ranks: list[RankResult] = Field(default_factory=list)
+    seconds: float
+    digests: dict[str, str] = Field(default_factory=dict)
+    parity: LoadParity | None = None  # set by the compare stage
+
+
+
+class StageFailed(Exception):
+    """The one way a stage says it could not produce its result: the failure that decides the
+    verdict, and the typed results it did produce (`recorded`: record fields, e.g. load=...)."""
+
+    def __init__(self, failure: Failure, **recorded):
+        super().__init__(failure.signature)
+        self.failure, self.recorded = failure, recorded
+
+
+# --- one entry, one run ----------------------------------------------------------------------------
+class Expected(BaseModel):
+    """The entry's expectation as recorded (config.matrix.Expectation validated it when read)."""
+
+    expect: Literal["pass", "xfail"] = "pass"
+    reason: str | None = None
+    bug: str | None = None
+    signature: str | None = None
+    strict: bool = True
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_config(cls, value):
+        # an entry's config.matrix.Expectation (validated when the matrix was read), as JSON data
+        return value.model_dump(mode="json") if isinstance(value, BaseModel) and not isinstance(value, cls) else value
 
 
 class FixRecord(BaseModel):
@@ -35,7 +199,11 @@ class LoadResult(BaseModel):
     error: Failure | None = None
 
 
-class ScenarioRecord(BaseModel):
+class EntryOutcome(BaseModel):
+    """What running one entry produced, before its verdict: the pipeline's result (what a Ray task
+    sends back), judged against the baseline's record by check.compare, then given its verdict once
+    by check.verdict.judge."""
+
     id: str
     scenario: str
     model: str
@@ -45,7 +213,7 @@ class ScenarioRecord(BaseModel):
     vllm: str
     device: str
     tags: list[str] = Field(default_factory=list)
-    expect: Expectation
+    expect: Expected
     enabled_fixes: list[str] = Field(default_factory=list)  # fix modules the matrix entry enables
     fixes: list[FixRecord] = Field(default_factory=list)  # what each vLLM process said they did
     vllm_version: str | None = None  # the exact versions this scenario's server ran on
@@ -57,19 +225,21 @@ class ScenarioRecord(BaseModel):
     gsm8k_error: str | None = None
     metrics: dict[str, MetricValue] = Field(default_factory=dict)
     accuracy: list[CheckResult] = Field(default_factory=list)
-    failure: Failure | None = None  # the failure that decided the verdict, if any
-    verdict: Verdict
-    note: str | None = None  # why xfail/xpass/error
+    failure: Failure | None = None  # the failure that decides the verdict, if any
     server_command: str | None = None
     node: str | None = None  # the host the server ran on (a Ray cluster spreads them)
     started_at: str
     seconds: float
     attempts: int = 1
+    skipped: str | None = None  # why no slot or host could run it (then nothing else is set)
 
-    @classmethod
-    def for_entry(cls, e: Entry, **kw) -> "ScenarioRecord":
-        return cls(id=e.id, scenario=e.scenario, tp=e.tp, pp=e.pp, quant=e.quant, vllm=e.vllm,
-                   device=e.device, tags=list(e.tags), expect=e.expectation, enabled_fixes=list(e.fixes), **kw)
+
+class ScenarioRecord(EntryOutcome):
+    """An entry's outcome with its verdict: one row of summary.json."""
+
+    verdict: Verdict
+    note: str | None = None  # why xfail/xpass/error/skipped
+    skipped: str | None = Field(default=None, exclude=True)  # said by verdict and note instead
 
 
 class RunSummary(BaseModel):

@@ -11,7 +11,6 @@ from __future__ import annotations
 import math
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Literal
 
 import yaml
 from packaging.specifiers import InvalidSpecifier, SpecifierSet
@@ -19,27 +18,14 @@ from packaging.version import InvalidVersion, Version
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from servematrix.check import stats
+from servematrix.record import METRICS, CheckResult, MetricValue
 from servematrix.config.yamlio import field_error, load_yaml, validate
 
-# metric name -> higher is better?
-METRICS: dict[str, bool] = {
-    "gsm8k.strict": True,
-    "gsm8k.flexible": True,
-    "gsm8k.nll": False,
-    "gsm8k.agreement": True,
-}
 BERNOULLI = {"gsm8k.strict", "gsm8k.flexible", "gsm8k.agreement"}
 
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class MetricValue(BaseModel):
-    mean: float
-    sigma: float
-    stderr: float
-    n: int
 
 
 # The smallest effect a check may claim: the n it needs grows as 1/effect², and below this it is
@@ -113,30 +99,6 @@ class Reference(_Strict):
 
 class ReferenceFile(_Strict):
     references: list[Reference] = Field(default_factory=list)
-
-
-class CheckResult(BaseModel):
-    metric: str
-    status: Literal["pass", "fail", "no-reference", "not-measured"]
-    measured: float | None = None
-    n: int | None = None
-    reference: float | None = None
-    reference_n: int | None = None
-    sigma: float | None = None
-    threshold: float | None = None
-    mde: float | None = None
-    p_value: float | None = None
-    wilson_low: float | None = None
-    effect: float
-    alpha: float
-    beta: float
-
-    def summary(self) -> str:
-        if self.status in {"no-reference", "not-measured"}:
-            return f"{self.metric}: {self.status}"
-        op = ">=" if METRICS[self.metric] else "<="
-        return (f"{self.metric}: {self.measured:.4f} (n={self.n}) vs ref {self.reference:.4f}; need {op} "
-                f"{self.threshold:.4f}; MDE {self.mde:.4f}; p={self.p_value:.3g} → {self.status}")
 
 
 class References:

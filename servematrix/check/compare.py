@@ -1,7 +1,8 @@
 """Compare: the judgements that need two scenarios' results — greedy parity of a layout with its
 scenario's baseline layout (smoke outputs, like vLLM's check_logprobs_close) and agreement of their
 gsm8k answers. Made from the two records once both exist, so no scenario waits for another while
-it runs and the dispatcher can pack them freely; the layout's verdict is then decided again."""
+it runs and the dispatcher can pack them freely. Compare only adds results and, where one fails,
+the failure; the verdict is decided after it, once (verdict.judge)."""
 
 from __future__ import annotations
 
@@ -12,19 +13,17 @@ from servematrix.check import accuracy
 from servematrix.check import gsm8k
 
 from servematrix.serve import loadcheck
-from servematrix.check.accuracy import CheckResult, Reference
-from servematrix.serve.failure import Failure
-from servematrix.record import ScenarioRecord
+from servematrix.check.accuracy import Reference
+from servematrix.record import CheckResult, EntryOutcome, Failure, ScenarioRecord
 from servematrix.config.scenario import Scenario
 from servematrix.check.smoke import parity
-from servematrix.check.verdict import decide
 
 AGREEMENT = "gsm8k.agreement"
 
 
-def compare(rec: ScenarioRecord, base: ScenarioRecord, scenario: Scenario,
-            reference: Callable[[str], Reference | None]) -> ScenarioRecord:
-    """`rec` judged against its baseline's record `base`; returns the updated record."""
+def compare(rec: EntryOutcome, base: ScenarioRecord, scenario: Scenario,
+            reference: Callable[[str], Reference | None]) -> EntryOutcome:
+    """`rec` judged against its baseline's record `base`; returns the updated outcome."""
     update: dict = {}
     failure = rec.failure
     par = _parity(rec, base, scenario)
@@ -48,13 +47,10 @@ def compare(rec: ScenarioRecord, base: ScenarioRecord, scenario: Scenario,
             failure = Failure.of("check", failed[0].summary()[:400], "accuracy")
     if not update:
         return rec
-    if failure is not rec.failure:
-        update["verdict"], update["note"] = decide(rec.expect, failure)
-        update["failure"] = failure
-    return rec.model_copy(update=update)
+    return rec.model_copy(update={**update, "failure": failure})
 
 
-def _parity(rec: ScenarioRecord, base: ScenarioRecord, scenario: Scenario):
+def _parity(rec: EntryOutcome, base: ScenarioRecord, scenario: Scenario):
     if not scenario.smoke.parity.enabled or rec.smoke is None or rec.smoke.error or not rec.smoke.prompts:
         return None
     if base.smoke is None or not base.smoke.ok:
@@ -63,7 +59,7 @@ def _parity(rec: ScenarioRecord, base: ScenarioRecord, scenario: Scenario):
     return parity(rec.smoke.prompts, generations, base.id)
 
 
-def _load_parity(rec: ScenarioRecord, base: ScenarioRecord, scenario: Scenario):
+def _load_parity(rec: EntryOutcome, base: ScenarioRecord, scenario: Scenario):
     if not scenario.smoke.parity.enabled or rec.tp != base.tp:
         return None  # TP shards differ by design; PP only places whole layers
     if rec.load_check is None or base.load_check is None or not (rec.load_check.ok and base.load_check.ok):
@@ -71,7 +67,7 @@ def _load_parity(rec: ScenarioRecord, base: ScenarioRecord, scenario: Scenario):
     return loadcheck.parity(rec.load_check.digests, base.load_check.digests, base.id)
 
 
-def _agreement(rec: ScenarioRecord, base: ScenarioRecord, scenario: Scenario):
+def _agreement(rec: EntryOutcome, base: ScenarioRecord, scenario: Scenario):
     if not scenario.gsm8k.agreement or rec.gsm8k is None or base.gsm8k is None:
         return None
     if not (rec.gsm8k.samples_path and base.gsm8k.samples_path):

@@ -9,8 +9,6 @@ torn down; its samples are kept next to the scenario's other outputs.
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
 import sys
 import time
@@ -18,31 +16,25 @@ from pathlib import Path
 from typing import Callable
 
 import yaml
-from pydantic import BaseModel
 
 from servematrix import redact
-from servematrix.serve.server import LogPump
+from servematrix.serve import process
 from servematrix.paths import data_file, gsm8k_test_jsonl
 from servematrix.config.scenario import Gsm8kSpec
+from servematrix.record import Failure, Gsm8kResult, StageFailed
 
 TASK = "servematrix_gsm8k"
 NLL_TASK = "servematrix_gsm8k_nll"  # the gold answers' log-likelihood given the same few-shot prompt
+STOP_GRACE = 5.0  # s lm-eval gets to exit after SIGTERM
+POLL = 0.2  # s between checks that the server is alive and the timeout not reached
 OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
 
 
-class Gsm8kResult(BaseModel):
-    strict: float
-    strict_stderr: float
-    flexible: float
-    flexible_stderr: float
-    n: int
-    seconds: float
-    samples_path: str | None = None
-    nll_samples_path: str | None = None  # lm-eval's loglikelihood samples for the gold answers
+class Gsm8kFailed(StageFailed):
+    """lm-eval could not measure (it failed, timed out, wrote no results, or the server died)."""
 
-
-class Gsm8kFailed(Exception):
-    pass
+    def __init__(self, message: str):
+        super().__init__(Failure.of("tool", f"lm-eval failed: {message}"[:400], "gsm8k"), gsm8k_error=message)
 
 
 def exemplars() -> list[dict]:
@@ -113,20 +105,16 @@ def run(base_url: str, model: str, spec: Gsm8kSpec, limit: int | None, out_dir: 
     (out_dir / "command.txt").write_text(redact.shell_command(argv) + "\n")
     started = time.monotonic()
     with open(out_dir / "lm_eval.log", "wb", buffering=0) as log:
-        proc = subprocess.Popen(argv, env={**os.environ, **OFFLINE_ENV}, stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
-        pump = LogPump(proc.stdout, log)
+        proc = process.spawn(argv, OFFLINE_ENV, log)
         try:
-            while proc.poll() is None:
+            while not _exited(proc, POLL):  # returns the moment lm-eval exits
                 if not server_alive():
                     raise Gsm8kFailed("server died during gsm8k")
                 if time.monotonic() - started > spec.timeout:
                     raise Gsm8kFailed(f"lm-eval did not finish within {spec.timeout:.0f} s")
-                time.sleep(0.2)
         finally:
-            if proc.poll() is None:
-                _kill_group(proc)
-            pump.close()  # all of lm-eval's output in the file before its tail is read
+            # ended like every child (and its output all in the file before its tail is read)
+            process.stop(proc, STOP_GRACE)
     if proc.returncode != 0:
         tail = (out_dir / "lm_eval.log").read_text(errors="replace").strip().splitlines()[-3:]
         raise Gsm8kFailed(f"lm-eval exited with {proc.returncode}: {' | '.join(tail)[:400]}")
@@ -172,9 +160,7 @@ def answers(path: str | Path, filter_name: str = "flexible-extract") -> dict[int
 def per_token_nll(path: str | Path, tokenizer_dir: str) -> dict[int, float]:
     """doc_id -> mean negative log-likelihood per token of the gold answer. The answer's token count
     is computed the way lm-eval split it (encode context+answer, drop the context's tokens)."""
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    tok = _tokenizer(tokenizer_dir)
     out = {}
     for s in read_samples(path):
         args = s["arguments"]["gen_args_0"]
@@ -182,12 +168,38 @@ def per_token_nll(path: str | Path, tokenizer_dir: str) -> dict[int, float]:
         spaces = len(context) - len(context.rstrip())
         if spaces:  # lm-eval moves the context's trailing spaces into the continuation
             context, continuation = context[:-spaces], context[-spaces:] + continuation
-        whole = tok(context + continuation, add_special_tokens=False)["input_ids"]
-        n_ctx = len(tok(context, add_special_tokens=False)["input_ids"])
+        whole = tok(context + continuation)
+        n_ctx = len(tok(context))
         n = max(len(whole) - n_ctx, 1)
         ll = s["resps"][0][0][0] if isinstance(s["resps"][0][0], list) else s["resps"][0][0]
         out[int(s["doc_id"])] = -float(ll) / n
     return out
+
+
+def _tokenizer(tokenizer_dir: str) -> Callable[[str], list[int]]:
+    """text -> token ids without special tokens, as the checkpoint's Hugging Face tokenizer gives
+    them. A tokenizer.json is read by the `tokenizers` library itself, which is what a fast
+    tokenizer's encode runs: importing transformers imports torch (3.4 s here, and 1 s more at exit,
+    per entry). Without one, transformers' AutoTokenizer. (Same ids on 3,957 gsm8k texts for the
+    tiny Llama, SmolLM2 and a Qwen3 twin, measured when this was changed.)"""
+    path = Path(tokenizer_dir) / "tokenizer.json"
+    if path.is_file():
+        from tokenizers import Tokenizer
+
+        fast = Tokenizer.from_file(str(path))
+        return lambda text: fast.encode(text, add_special_tokens=False).ids
+    from transformers import AutoTokenizer
+
+    slow = AutoTokenizer.from_pretrained(tokenizer_dir)
+    return lambda text: slow(text, add_special_tokens=False)["input_ids"]
+
+
+def _exited(proc, timeout: float) -> bool:
+    try:
+        proc.wait(timeout=timeout)
+        return True
+    except subprocess.TimeoutExpired:
+        return False
 
 
 def _num(v) -> float:
@@ -196,15 +208,3 @@ def _num(v) -> float:
     except (TypeError, ValueError):  # lm-eval writes "N/A" when n == 1
         return float("nan")
 
-
-def _kill_group(proc: subprocess.Popen) -> None:
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        try:
-            os.killpg(proc.pid, sig)
-        except ProcessLookupError:
-            return
-        try:
-            proc.wait(timeout=5)
-            return
-        except subprocess.TimeoutExpired:
-            continue

@@ -11,41 +11,13 @@ from __future__ import annotations
 
 import re
 
-import openai
-from pydantic import BaseModel, Field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import openai
 
 from servematrix.config.scenario import SmokePrompt, SmokeSpec
-
-
-class Generation(BaseModel):
-    """A greedy generation as token ids with each position's top-k logprobs (id -> logprob)."""
-
-    text: str
-    token_ids: list[int]
-    top_logprobs: list[dict[int, float]]
-    finish_reason: str | None = None
-
-
-class PromptResult(BaseModel):
-    name: str
-    endpoint: str  # completions | chat
-    ok: bool
-    text: str = ""
-    problems: list[str] = Field(default_factory=list)
-    generation: Generation | None = None
-
-
-class ParityResult(BaseModel):
-    ok: bool
-    baseline: str
-    details: list[str] = Field(default_factory=list)
-
-
-class SmokeResult(BaseModel):
-    ok: bool
-    prompts: list[PromptResult]
-    parity: ParityResult | None = None
-    error: str | None = None  # transport failure (server died, timeout)
+from servematrix.record import Failure, Generation, ParityResult, PromptResult, SmokeResult
 
 
 def _token_id(token: str) -> int:
@@ -131,6 +103,8 @@ def parity(results: list[PromptResult], baseline: dict[str, Generation], baselin
 def run_smoke(base_url: str, model: str, spec: SmokeSpec) -> SmokeResult:
     """The scenario's prompts and expectations; parity with a baseline is compare.py's, made from
     the two records afterwards."""
+    import openai  # 0.35 s: paid by the process that sends prompts, not by every reader of records
+
     client = openai.OpenAI(base_url=f"{base_url}/v1", api_key="servematrix",
                            timeout=spec.request_timeout, max_retries=0)
     results: list[PromptResult] = []
@@ -145,3 +119,16 @@ def run_smoke(base_url: str, model: str, spec: SmokeSpec) -> SmokeResult:
         results.append(PromptResult(name=p.name, endpoint=endpoint, ok=not problems, text=g.text,
                                     problems=problems, generation=g))
     return SmokeResult(ok=all(r.ok for r in results), prompts=results)
+
+
+def smoke_failure(smoke: SmokeResult) -> Failure | None:
+    """The failure a smoke result stands for: a transport error (the pipeline first asks whether
+    the server died), else the first problem of a prompt or of parity."""
+    if smoke.error:
+        return Failure.of("exception", smoke.error[:400], "smoke")
+    if smoke.ok:
+        return None
+    problems = [pr for p in smoke.prompts for pr in p.problems]
+    if smoke.parity is not None and not smoke.parity.ok:
+        problems += [f"parity with {smoke.parity.baseline}: {d}" for d in smoke.parity.details]
+    return Failure.of("check", problems[0][:400] if problems else "smoke failed", "smoke")

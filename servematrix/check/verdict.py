@@ -8,13 +8,12 @@ from __future__ import annotations
 
 import re
 
-from servematrix.serve.failure import Failure
-from servematrix.config.matrix import Expectation
+from servematrix.record import EntryOutcome, Expected, Failure, ScenarioRecord
 
 EXIT_OK, EXIT_REGRESSION, EXIT_INFRA = 0, 1, 2
 
 
-def decide(expect: Expectation, failure: Failure | None) -> tuple[str, str | None]:
+def decide(expect: Expected, failure: Failure | None) -> tuple[str, str | None]:
     if failure is not None and failure.infra:
         return "error", f"infrastructure ({failure.kind}): {failure.signature}"
     if expect.expect == "pass":
@@ -27,8 +26,13 @@ def decide(expect: Expectation, failure: Failure | None) -> tuple[str, str | Non
     return "xfail", f"{expect.reason} ({expect.bug})"
 
 
-def met(verdict: str) -> bool:
-    return verdict in {"pass", "xfail", "skipped"}
+def judge(outcome: EntryOutcome) -> ScenarioRecord:
+    """The one place a verdict is decided: on the final outcome, after compare."""
+    if outcome.skipped is not None:
+        verdict, note = "skipped", outcome.skipped
+    else:
+        verdict, note = decide(outcome.expect, outcome.failure)
+    return ScenarioRecord.model_validate({**dict(outcome), "verdict": verdict, "note": note})
 
 
 def unjudged(verdicts: list[str]) -> str | None:

@@ -15,7 +15,7 @@ from typing import Annotated, Literal
 from pydantic import AfterValidator, BaseModel, ConfigDict, StringConstraints
 
 from servematrix.paths import build_cached, cache_dir
-from servematrix.config.yamlio import OneLine
+from servematrix.config.fields import OneLine
 
 CONVERT_VERSION = 1
 

@@ -13,24 +13,20 @@ transformers class never has.
 
 `mutations` deliberately break a checkpoint (rename, drop or reshape a tensor, add an unexpected
 one) so the load-failure path of the suite can be exercised against real vLLM.
+
+What a spec may ask for (and the size limits on it) is forge_spec.py; the edits of the written
+tensor files (extra tensors, FP8 blocks, mutations) are forge_tensors.py.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
-import math
-import re
 from pathlib import Path
-from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, JsonValue, StringConstraints, model_validator
-
+from servematrix.checkpoint.forge_spec import ForgeSpec, TokenizerSpec
+from servematrix.checkpoint.forge_tensors import (add_tensors, mutate, quantize_fp8_blocks, rename_tensors,
+                                                  save_tensors)
 from servematrix.paths import build_cached, cache_dir, gsm8k_test_jsonl
-from servematrix.config.yamlio import OneLine, field_error
-
-# Bump when the forge's output changes for the same spec, so stale cache entries are not reused.
-FORGE_VERSION = 3
 
 CHATML_TEMPLATE = (
     "{% for message in messages %}"
@@ -39,243 +35,6 @@ CHATML_TEMPLATE = (
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-# --- what a forge spec may ask for ------------------------------------------------------------
-# The forge builds the whole model in memory in its dtype, re-draws every weight and writes it:
-# peak memory is about three times the weights. 250M parameters is 1 GB of float32 weights, ~3 GB
-# at peak: far above every checkpoint forged here (1M-8M) and within what a CI host has. The
-# estimate (forge_params) errs high: a spec it lets through cannot ask for more.
-MAX_FORGE_PARAMS = 250_000_000
-MAX_TENSOR_DIM = 1 << 20  # one dimension of an extra, reshaped or added tensor
-ASSUMED_FFN = 32_768  # an FFN width the config leaves to the family default: above every default known
-
-# The config fields the estimate reads, by role: names across transformers families, and the range
-# a real model's value lies in (a whole number: `1e9` is a string in YAML, `true` is no size).
-_ROLES: dict[str, tuple[tuple[str, ...], int, int]] = {
-    "width": (("hidden_size", "n_embd", "d_model", "dim"), 1, 65_536),
-    "layers": (("num_hidden_layers", "n_layer", "num_layers", "n_layers"), 1, 1_024),
-    "ffn": (("intermediate_size", "moe_intermediate_size", "shared_expert_intermediate_size", "ffn_dim",
-             "n_inner", "d_ff", "ffn_hidden_size"), 1, 262_144),
-    "heads": (("num_attention_heads", "num_key_value_heads", "n_head", "num_heads", "n_heads",
-               "index_n_heads"), 1, 1_024),
-    "head_dim": (("head_dim", "qk_rope_head_dim", "qk_nope_head_dim", "v_head_dim", "index_head_dim",
-                  "rotary_dim", "kv_channels", "d_kv"), 1, 4_096),
-    "rank": (("q_lora_rank", "kv_lora_rank"), 1, 65_536),
-    "experts": (("n_routed_experts", "num_local_experts", "num_experts", "moe_num_experts"), 0, 4_096),
-    "shared": (("n_shared_experts", "num_shared_experts"), 0, 256),
-    "vocab": (("vocab_size",), 1, 1 << 20),
-    "positions": (("max_position_embeddings", "n_positions", "n_ctx"), 1, 1 << 24),
-    "image": (("image_size",), 1, 16_384),
-    "patch": (("patch_size",), 1, 16_384),
-}
-_ROLE_OF = {name: role for role, (names, _, _) in _ROLES.items() for name in names}
-# Any other field named like a size (num_*, n_*, *_size, *_dim, ...) that holds an integer is
-# capped too: the estimate does not read it, so it must not be able to grow a tensor unseen.
-_SIZE_LIKE = re.compile(r"^(num|n)_|_(size|dim|dims|rank|heads|layers|experts|channels|group|groups|tok|tokens)$")
-MAX_OTHER_SIZE = 1 << 20
-
-
-def _size_field_error(config: dict[str, Any]) -> tuple[str, str] | None:
-    """(field, problem) for the first size field out of its range, or None."""
-    for key, value in config.items():
-        if key in _ROLE_OF:
-            _, lo, hi = _ROLES[_ROLE_OF[key]]
-            optional = _ROLE_OF[key] not in ("width", "layers")
-            if value is None and optional:
-                continue
-            if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
-                return key, f"must be a whole number in {lo}..{hi} (got {value!r:.40})"
-        elif _SIZE_LIKE.search(key) and isinstance(value, int) and not isinstance(value, bool):
-            if not 0 <= value <= MAX_OTHER_SIZE:
-                return key, f"must be in 0..{MAX_OTHER_SIZE} (got {value})"
-    return None
-
-
-def _missing_field_error(config: dict[str, Any]) -> str | None:
-    """A size the estimate needs that the config leaves to the family default (full-size)."""
-    for role in ("width", "layers"):
-        if not any(config.get(n) is not None for n in _ROLES[role][0]):
-            return (f"set {' or '.join(_ROLES[role][0][:2])}: the family's default is a full-size model "
-                    f"(the forge refuses more than {MAX_FORGE_PARAMS} parameters)")
-    if any("expert" in k or "moe" in k for k in config) and not any(config.get(n) for n in _ROLES["experts"][0]):
-        return (f"set the expert count ({' / '.join(_ROLES['experts'][0])}): a mixture-of-experts family's "
-                "default is a full-size model")
-    return None
-
-
-def _role(config: dict[str, Any], role: str, default: int = 0) -> int:
-    values = [config[n] for n in _ROLES[role][0] if isinstance(config.get(n), int)]
-    return max(values) if values else default
-
-
-def model_params(config: dict[str, Any], vocab: int = 0) -> int:
-    """A generous estimate of the parameters of one transformers model with this config (sizes
-    already checked): embeddings (input, output, positions, image patches) plus per layer every
-    attention matrix at the widest width any of its fields gives and a gated FFN per expert."""
-    h, layers = _role(config, "width", 1), _role(config, "layers", 1)
-    heads, head_dim = _role(config, "heads", 1), _role(config, "head_dim", 0) or max(h // _role(config, "heads", 1), 1)
-    ranks = [config.get(n) or 0 for n in _ROLES["rank"][0]]
-    widest = max(h, heads * head_dim, heads * sum(config.get(n) or 0 for n in ("qk_rope_head_dim", "qk_nope_head_dim")),
-                 (config.get("index_n_heads") or 0) * (config.get("index_head_dim") or 0), *ranks)
-    # q, k, v, o and the low-rank / indexer projections: each maps the hidden size or a low rank
-    # onto at most the widest head width (none maps a head width onto another), so each is at most
-    # widest x max(hidden, ranks); widest² would refuse MLA twins of a few million values at TP=8
-    attention = 8 * widest * max(h, *ranks)
-    ffn = _role(config, "ffn", max(ASSUMED_FFN, 4 * h))
-    experts = _role(config, "experts") + _role(config, "shared")
-    mlp = 3 * h * ffn * (1 + experts) + h * experts  # gate, up, down per expert, and the router
-    vocab = max(vocab, _role(config, "vocab"))
-    patches = (_role(config, "image") // _role(config, "patch", 1)) ** 2 if "image_size" in config else 0
-    embeddings = 2 * vocab * h + (_role(config, "positions") + patches) * h + 3 * _role(config, "patch") ** 2 * h
-    return embeddings + layers * (attention + mlp + 4 * h)
-
-
-def _numel(shape: list[int] | None) -> int:
-    return math.prod(shape or [1])
-
-
-# transformers' model_type: also the name of the configuration module the forge may ship
-ModelType = Annotated[str, StringConstraints(pattern=r"^[a-z][a-z0-9_]*$", max_length=64)]
-Identifier = Annotated[str, StringConstraints(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$", max_length=128)]
-TensorName = Annotated[OneLine, StringConstraints(min_length=1)]
-Shape = Annotated[list[Annotated[int, Field(strict=True, ge=1, le=MAX_TENSOR_DIM)]], Field(max_length=8)]
-# A JSON object: what config.json holds and the spec's hash is computed over (no dates or sets).
-JsonObject = dict[str, JsonValue]
-
-
-class TokenizerSpec(_Strict):
-    vocab_size: int = Field(1024, strict=True, ge=300, le=65536)
-    chat_template: bool = True
-
-
-class Mutation(_Strict):
-    """One deliberate defect written into the checkpoint after it is forged."""
-
-    op: Literal["rename", "drop", "reshape", "add"]
-    tensor: TensorName
-    to: TensorName | None = None  # rename target
-    shape: Shape | None = None  # reshape/add shape
-
-
-class ExtraTensor(_Strict):
-    """A tensor the real checkpoint carries that transformers' class does not write (e.g. FP8
-    KV-cache scales, a module only the remote code defines); `{layer}` in the name is expanded over
-    every layer. `random`: drawn like the forged weights instead of filled with `value`."""
-
-    name: TensorName
-    shape: Shape = Field(default_factory=list)  # [] = a scalar
-    value: float = Field(1.0, strict=True, allow_inf_nan=False)
-    random: bool = False
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-
-
-def _check_config(config: dict[str, Any], at: tuple = ("config",)) -> None:
-    """A config the forge hands to a transformers class: every size in range, none left to the
-    family's full-size default."""
-    bad = _size_field_error(config)
-    if bad is not None:
-        raise field_error(at + (bad[0],), bad[1])
-    missing = _missing_field_error(config)
-    if missing is not None:
-        raise field_error(at, missing)
-
-
-class Component(_Strict):
-    """One transformers model inside a composite checkpoint (a multimodal model's vision tower),
-    written by its own class under `prefix`; its config goes into the top config at `config_key`."""
-
-    model_type: ModelType  # e.g. "siglip_vision_model"
-    config: JsonObject = Field(default_factory=dict)
-    prefix: OneLine  # e.g. "vpm."
-    strip: OneLine = ""  # leading part of the class's own tensor names to drop (e.g. "vision_model.")
-    config_key: Identifier  # e.g. "vision_config"
-
-    @model_validator(mode="after")
-    def _sizes(self) -> "Component":
-        _check_config(self.config)
-        return self
-
-
-class Fp8Blocks(_Strict):
-    """Store matching weights as FP8 (e4m3) with one float32 scale per block beside them, named
-    `<name>_scale_inv` (DeepSeek's FP8 layout: the dequantized weight is fp8 × scale_inv)."""
-
-    tensors: TensorName  # glob over tensor names, e.g. "model.layers.*.self_attn.indexer.wk.weight"
-    block: list[Annotated[int, Field(strict=True, ge=1, le=4096)]] = Field(
-        default_factory=lambda: [128, 128], min_length=2, max_length=2)
-
-
-class ForgeSpec(_Strict):
-    model_type: ModelType  # transformers' model_type, e.g. "llama"
-    architecture: Identifier  # e.g. "LlamaForCausalLM"
-    config: JsonObject = Field(default_factory=dict)
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    seed: int = Field(0, strict=True, ge=0, le=2**32 - 1)
-    # A large init makes the random model's logits peaked, so greedy decoding is decisive and
-    # parity between TP layouts is meaningful instead of a coin toss between near-ties.
-    init_std: float = Field(0.3, strict=True, gt=0, le=10, allow_inf_nan=False)
-    tokenizer: TokenizerSpec = TokenizerSpec()
-    extra_tensors: list[ExtraTensor] = Field(default_factory=list)
-    fp8_blocks: list[Fp8Blocks] = Field(default_factory=list)
-    # composite checkpoints (model_type only the remote code knows, e.g. minicpmv): the text model
-    # is `text_model_type` written under `text_prefix`, the components beside it
-    text_model_type: ModelType | None = None
-    text_prefix: OneLine = ""
-    components: list[Component] = Field(default_factory=list)
-    config_json: JsonObject = Field(default_factory=dict)  # merged into config.json after saving
-    remote_code: bool = False  # ship configuration_<model_type>.py + auto_map (--trust-remote-code)
-    mutations: list[Mutation] = Field(default_factory=list)
-
-    @model_validator(mode="after")
-    def _fits_the_forge(self) -> "ForgeSpec":
-        _check_config(self.config)
-        # config_json reaches config.json after the forge: vLLM builds what it says, so its sizes
-        # count too, at the larger of the two values
-        bad = _size_field_error(self.config_json)
-        if bad is not None:
-            raise field_error(("config_json", bad[0]), bad[1])
-        parts = self._parts()
-        total = sum(n for _, n in parts)
-        if total > MAX_FORGE_PARAMS:
-            at, _ = max(parts, key=lambda p: p[1])
-            raise field_error(at, f"the forged model would have about {total:,} parameters (a generous estimate "
-                                  f"from its sizes), more than the forge's limit of {MAX_FORGE_PARAMS:,}; "
-                                  "make it smaller")
-        return self
-
-    def _parts(self) -> list[tuple[tuple, int]]:
-        """(where, estimated parameters) of everything the forge allocates; `where` points at the
-        field that contributes most to that part."""
-        larger = {k: v for k, v in self.config_json.items()
-                  if k in _ROLE_OF and isinstance(v, int) and v > _role({k: self.config.get(k)}, _ROLE_OF[k])}
-        text, vocab = {**self.config, **larger}, self.tokenizer.vocab_size
-        biggest = _biggest(text, vocab)
-        parts = [(("config_json" if biggest in larger else "config", biggest), model_params(text, vocab))]
-        parts += [(("components", i, "config", _biggest(c.config)), model_params(c.config))
-                  for i, c in enumerate(self.components)]
-        layers = _role(text, "layers", 1)
-        parts += [(("extra_tensors", i, "shape"), _numel(t.shape) * (layers if "{layer}" in t.name else 1))
-                  for i, t in enumerate(self.extra_tensors)]
-        parts += [(("mutations", i, "shape"), _numel(m.shape)) for i, m in enumerate(self.mutations)]
-        return parts
-
-    def key(self) -> str:
-        blob = json.dumps({"v": FORGE_VERSION, **self.model_dump()}, sort_keys=True)
-        return hashlib.sha256(blob.encode()).hexdigest()[:16]
-
-
-def _biggest(config: dict[str, Any], vocab: int = 0) -> str:
-    """The size field whose value adds most to the estimate: the one to name when it is too big."""
-    present = [k for k in config if k in _ROLE_OF and isinstance(config[k], int)]
-    if not present:
-        return next(iter(_ROLES["width"][0]))
-    full = model_params(config, vocab)
-    return max(present, key=lambda k: full - model_params({**config, k: _ROLES[_ROLE_OF[k]][1] or 1}, vocab))
 
 
 def checkpoint_dir(name: str, spec: ForgeSpec) -> Path:
@@ -291,12 +50,12 @@ def forge(name: str, spec: ForgeSpec) -> Path:
         _pin_tokenizer_class(out)
         _write_model(spec, len(tokenizer), tokenizer, out)
         _write_components(spec, out)
-        _add_tensors(out, spec)
-        _quantize_fp8_blocks(out, spec)
+        add_tensors(out, spec)
+        quantize_fp8_blocks(out, spec)
         _patch_config(out, spec)
         unknown = check_config(out, spec)
         for mutation in spec.mutations:
-            _mutate(out, mutation)
+            mutate(out, mutation)
         return {"name": name, "spec": spec.model_dump(), "fields_not_in_config_class": unknown}
 
     return build_cached(checkpoint_dir(name, spec), "forge.json", build)
@@ -374,7 +133,7 @@ def _write_model(spec: ForgeSpec, vocab_size: int, tokenizer, out: Path) -> None
                 param.copy_(1.0 + 0.1 * torch.randn(param.shape, generator=gen))
     model.save_pretrained(out, safe_serialization=True)
     if spec.text_prefix:
-        _rename_tensors(out, lambda name: spec.text_prefix + name)
+        rename_tensors(out, lambda name: spec.text_prefix + name)
     if spec.text_model_type:  # the top config names the composite; the text model's fields stay
         path = out / "config.json"
         path.write_text(json.dumps({**json.loads(path.read_text()), "model_type": spec.model_type,
@@ -403,79 +162,8 @@ def _write_components(spec: ForgeSpec, out: Path) -> None:
             drawn = torch.randn(tensor.shape, generator=gen) * spec.init_std if tensor.dim() >= 2 else tensor
             tensors[comp.prefix + name] = drawn.to(tensor.dtype).contiguous()
         top[comp.config_key] = config.to_dict()
-    _save(out, path, tensors)
+    save_tensors(out, path, tensors)
     (out / "config.json").write_text(json.dumps(top, indent=2))
-
-
-def _rename_tensors(out: Path, rename) -> None:
-    from safetensors.torch import load_file
-
-    for path in sorted(out.glob("*.safetensors")):
-        tensors = {rename(k): v for k, v in load_file(path).items()}
-        _save(out, path, tensors)
-
-
-def _layers(out: Path) -> int:
-    return int(json.loads((out / "config.json").read_text())["num_hidden_layers"])
-
-
-def _add_tensors(out: Path, spec: ForgeSpec) -> None:
-    import torch
-    from safetensors.torch import load_file
-
-    if not spec.extra_tensors:
-        return
-    path = sorted(out.glob("*.safetensors"))[0]
-    tensors = load_file(path)
-    gen = torch.Generator().manual_seed(spec.seed + 2)
-    for extra in spec.extra_tensors:
-        layers = range(_layers(out)) if "{layer}" in extra.name else [None]
-        for i in layers:
-            name = extra.name.replace("{layer}", str(i))
-            dtype = getattr(torch, extra.dtype)
-            tensors[name] = ((torch.randn(extra.shape, generator=gen) * spec.init_std).to(dtype) if extra.random
-                             else torch.full(extra.shape, extra.value, dtype=dtype))
-    _save(out, path, tensors)
-
-
-FP8_MAX = 448.0  # largest finite float8_e4m3fn
-
-
-def fp8_block_quantize(weight, block: list[int]):
-    """(fp8 weight, float32 scale_inv) with scale_inv[i, j] = amax of block (i, j) / FP8_MAX."""
-    import torch
-
-    rows, cols = weight.shape
-    br, bc = block
-    if rows % br or cols % bc:
-        raise ValueError(f"shape {list(weight.shape)} is not a multiple of the {block} FP8 block")
-    blocks = weight.float().reshape(rows // br, br, cols // bc, bc)
-    scale = blocks.abs().amax(dim=(1, 3)).clamp(min=1e-12) / FP8_MAX
-    q = (blocks / scale[:, None, :, None]).reshape(rows, cols).to(torch.float8_e4m3fn)
-    return q, scale.float()
-
-
-def _quantize_fp8_blocks(out: Path, spec: ForgeSpec) -> None:
-    import fnmatch
-
-    from safetensors.torch import load_file
-
-    if not spec.fp8_blocks:
-        return
-    matched: set[str] = set()
-    for path in sorted(out.glob("*.safetensors")):
-        tensors = load_file(path)
-        hits = {name: q for q in spec.fp8_blocks for name in tensors if fnmatch.fnmatchcase(name, q.tensors)}
-        for name, q in hits.items():
-            if not name.endswith(".weight"):
-                raise ValueError(f"fp8_blocks: {name} is not a weight")
-            tensors[name], tensors[f"{name}_scale_inv"] = fp8_block_quantize(tensors[name], q.block)
-            matched.add(q.tensors)
-        if hits:
-            _save(out, path, tensors)
-    for q in spec.fp8_blocks:
-        if q.tensors not in matched:
-            raise ValueError(f"fp8_blocks: no tensor matches {q.tensors!r}")
 
 
 CONFIG_MODULE = '''"""Configuration of {model_type}, shipped with the checkpoint as the real one is, for
@@ -551,43 +239,3 @@ def check_config(out: Path, spec: ForgeSpec) -> list[str]:
         raise ValueError(f"forged {spec.architecture} config drifted from transformers' "
                          f"{type(config).__name__}: " + "; ".join(problems))
     return sorted(unknown)
-
-
-def _mutate(out: Path, m: Mutation) -> None:
-    import torch
-    from safetensors.torch import load_file
-
-    files = sorted(out.glob("*.safetensors"))
-    for path in files:
-        tensors = load_file(path)
-        if m.op == "add" and path == files[0]:
-            tensors[m.tensor] = torch.ones(m.shape or [], dtype=torch.float32)
-        elif m.tensor not in tensors:
-            continue
-        elif m.op == "rename":
-            tensors[m.to or m.tensor] = tensors.pop(m.tensor)
-        elif m.op == "drop":
-            tensors.pop(m.tensor)
-        elif m.op == "reshape":
-            tensors[m.tensor] = torch.zeros(m.shape or [1], dtype=tensors[m.tensor].dtype)
-        _save(out, path, tensors)
-        return
-    if m.op != "add":
-        raise ValueError(f"mutation {m.op}: tensor {m.tensor!r} is not in the forged checkpoint")
-
-
-def _save(out: Path, path: Path, tensors: dict) -> None:
-    """Write one safetensors file of the checkpoint back, keeping its index in step."""
-    from safetensors.torch import save_file
-
-    save_file(tensors, path, metadata={"format": "pt"})
-    _fix_index(out, tensors.keys(), path.name)
-
-
-def _fix_index(out: Path, names, filename: str) -> None:
-    index = out / "model.safetensors.index.json"
-    if index.is_file():
-        data = json.loads(index.read_text())
-        data["weight_map"] = {k: v for k, v in data["weight_map"].items() if v != filename}
-        data["weight_map"].update({n: filename for n in names})
-        index.write_text(json.dumps(data, indent=2))

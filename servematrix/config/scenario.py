@@ -17,10 +17,11 @@ from typing_extensions import TypedDict
 
 from servematrix.check.accuracy import Check
 from servematrix.checkpoint.convert import GgufSource
-from servematrix.checkpoint.forge import ForgeSpec
+from servematrix.checkpoint.forge_spec import ForgeSpec
+from servematrix.config.devices import device_names
 from servematrix.paths import GSM8K_TEST_ROWS
-from servematrix.config.yamlio import (ConfigError, EnvName, OneLine, PathText, Regex, Seconds, Word, field_error, is_file,
-                               load_yaml, validate)
+from servematrix.config.fields import EnvName, OneLine, PathText, Regex, Seconds, Word
+from servematrix.config.yamlio import ConfigError, field_error, is_file, load_yaml, validate
 
 NAME_RE = r"^[a-z0-9][a-z0-9._-]*$"
 MAX_NAME = 64  # names become parts of ids and of report directory names
@@ -38,8 +39,6 @@ Tokens = Annotated[int, Field(strict=True, ge=1, le=MAX_TOKENS)]
 
 
 def _known_device(v: str) -> str:
-    from servematrix.serve.hardware import device_names  # hardware imports this module
-
     if v not in device_names():
         raise ValueError(f"unknown device {v!r} (known: {', '.join(device_names())}; "
                          "see servematrix/data/devices.yaml)")

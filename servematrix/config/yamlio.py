@@ -3,24 +3,21 @@
 
 Every configuration file is untrusted input: `load_yaml` accepts only UTF-8 text of bounded size,
 nesting and alias expansion, and turns anything YAML or Python refuses into a ConfigError at its
-line. The field types at the end are the bounds every configuration model shares."""
+line. The field types every configuration model shares are in fields.py."""
 
 from __future__ import annotations
 
 import re
-import unicodedata
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import Any, TypeVar
 
 import yaml
-from pydantic import AfterValidator, BaseModel, Field, StringConstraints, ValidationError
+from pydantic import BaseModel, ValidationError
 from pydantic_core import PydanticCustomError
 
 from servematrix.errors import ConfigError
-from servematrix.redact import ENV_NAME
 
-__all__ = ["ConfigError", "Located", "load_yaml", "validate", "field_error", "is_file",
-           "Seconds", "OneLine", "PathText", "Word", "Regex", "EnvName"]
+__all__ = ["ConfigError", "Located", "load_yaml", "validate", "field_error", "is_file"]
 
 M = TypeVar("M", bound=BaseModel)
 Loc = tuple[str | int, ...]
@@ -267,59 +264,3 @@ def _message(err: dict) -> str:
 def _is_union_tag(part: Any) -> bool:
     # pydantic inserts the union member's type name ("function-after[...]", "int") into loc
     return isinstance(part, str) and ("[" in part or part in {"int", "str", "float", "bool", "list", "dict"})
-
-
-# --- field types every configuration model shares ----------------------------------------------
-MAX_SECONDS = 86_400.0  # a timeout beyond a day is a hang, not a wait
-MAX_LINE = 1_000  # characters of a one-line text (a reason, a title, a glob)
-MAX_WORD = 65_536  # characters of one argument or environment value (Linux allows 128 KiB)
-MAX_REGEX = 1_000
-MAX_PATH_PART = 255  # bytes of one path component (NAME_MAX)
-
-# Any timeout: finite, at least a second (lm-eval is handed whole seconds: 0.5 would be 0, no
-# wait at all), at most a day; `true` is not a number of seconds.
-Seconds = Annotated[float, Field(strict=True, ge=1, le=MAX_SECONDS, allow_inf_nan=False)]
-
-_LINE_BREAKING = {"Cc", "Zl", "Zp"}  # control characters (\n, \r, NUL, ESC ...), line/paragraph separators
-
-
-def _one_line(v: str) -> str:
-    bad = next((c for c in v if unicodedata.category(c) in _LINE_BREAKING), None)
-    if bad is not None:
-        raise ValueError(f"must be one line of text without control characters (found U+{ord(bad):04X})")
-    return v
-
-
-def _word(v: str) -> str:
-    # NUL: no process can be given one; a line break would split every printed command
-    if "\0" in v or "\n" in v or "\r" in v:
-        raise ValueError("must not contain NUL or a line break")
-    return v
-
-
-def _path(v: str) -> str:
-    # every lookup of a longer component fails with ENAMETOOLONG, which pathlib does not swallow
-    long = next((part for part in v.split("/") if len(part.encode()) > MAX_PATH_PART), None)
-    if long is not None:
-        raise ValueError(f"path component {long[:20]!r}... is longer than {MAX_PATH_PART} bytes")
-    return v
-
-
-def _compiles(v: str) -> str:
-    try:
-        re.compile(v)
-    except (re.error, OverflowError, RecursionError, ValueError) as exc:  # re.error is no ValueError
-        raise ValueError(f"not a valid regular expression: {exc}") from None
-    return v
-
-
-# A reason, a title, a glob or a path: one printable line.
-OneLine = Annotated[str, StringConstraints(max_length=MAX_LINE), AfterValidator(_one_line)]
-# A file or directory path: one line, no component longer than a file name can be.
-PathText = Annotated[OneLine, StringConstraints(min_length=1), AfterValidator(_path)]
-# A command-line argument or an environment value.
-Word = Annotated[str, StringConstraints(max_length=MAX_WORD), AfterValidator(_word)]
-# A regular expression (compiled once here, so a run never meets a bad one).
-Regex = Annotated[str, StringConstraints(max_length=MAX_REGEX), AfterValidator(_compiles)]
-# An environment variable name: what a shell and `env` accept.
-EnvName = Annotated[str, StringConstraints(pattern=ENV_NAME, max_length=256)]

@@ -7,7 +7,8 @@ import math
 
 from servematrix.mirror.dims import kv_class, tp_role
 from servematrix.mirror.layout import SourceLayout, TensorMeta, field_value, rules
-from servematrix.mirror.plan import Invariant, Plan, same_value
+from servematrix.mirror.plan_config import same_value
+from servematrix.mirror.plan_models import Invariant, Plan
 from servematrix.mirror.schemes import evaluate
 from servematrix.mirror.tensors import MappedSource, canonical, canonical_dtypes, compare
 

@@ -15,6 +15,7 @@ from pathlib import Path
 from pydantic import BaseModel, Field, ValidationError
 
 from servematrix.errors import StateError
+from servematrix.report.comparison import compare_runs
 from servematrix.record import KNOWN_SCHEMA_VERSIONS, RunSummary, ScenarioRecord
 from servematrix.check.verdict import EXIT_INFRA, EXIT_OK, EXIT_REGRESSION, unjudged
 
@@ -117,14 +118,10 @@ def decide(run: RunSummary, baseline: RunSummary | None = None, min_load_rate: f
     for missing in [i for i in run.selected if i not in by_id]:
         cannot.append(f"{missing}: selected but never ran")
     if baseline is not None:
-        for b in baseline.scenarios:
-            now = by_id.get(b.id)
-            if now is None:
-                cannot.append(f"{b.id}: in the baseline run, missing from this run")
-            elif b.verdict == "pass" and now.verdict == "fail":
-                regressions.append(f"{b.id}: newly failing (passed in the baseline)")
-            elif b.verdict == "fail" and now.verdict == "pass":
-                flags.append(f"{b.id}: newly passing")
+        changes = compare_runs(baseline, run)
+        cannot += [f"{i}: in the baseline run, missing from this run" for i in changes.only_in_a]
+        regressions += [f"{c} — newly failing (met its expectation in the baseline)" for c in changes.newly_failing]
+        flags += [f"{c} — newly passing" for c in changes.newly_passing]
     # rates over what could be judged: expected-to-pass scenarios that ran on vLLM (neither an
     # infrastructure error nor skipped because no host could run them)
     judged = [r for r in run.scenarios if r.expect.expect == "pass" and r.verdict not in {"error", "skipped"}]

@@ -184,29 +184,3 @@ def render_trend(t: dict[str, list[dict]]) -> str:
             lines.append(f"    {m}: {' '.join(vals)}")
     return "\n".join(lines) or "no history yet"
 
-
-def diff(a: RunSummary, b: RunSummary) -> dict[str, list[str]]:
-    """What changed from run A to run B: verdicts, and metric moves larger than B's check MDE."""
-    a_by = {r.id: r for r in a.scenarios}
-    out: dict[str, list[str]] = {"newly failing": [], "newly passing": [], "accuracy moves": [],
-                                 "only in A": [], "only in B": []}
-    good = {"pass", "xfail"}
-    for r in b.scenarios:
-        old = a_by.get(r.id)
-        if old is None:
-            out["only in B"].append(r.id)
-            continue
-        if old.verdict in good and r.verdict not in good:
-            out["newly failing"].append(f"{r.id}: {old.verdict} → {r.verdict}"
-                                        + (f" ({r.failure.signature})" if r.failure else ""))
-        elif old.verdict not in good and r.verdict in good:
-            out["newly passing"].append(f"{r.id}: {old.verdict} → {r.verdict}")
-        for c in r.accuracy:
-            before, after = old.metrics.get(c.metric), r.metrics.get(c.metric)
-            if before is None or after is None or c.mde is None:
-                continue
-            if abs(after.mean - before.mean) > c.mde:
-                out["accuracy moves"].append(f"{r.id}: {c.metric} {before.mean:.4f} → {after.mean:.4f} "
-                                             f"(beyond MDE {c.mde:.4f})")
-    out["only in A"] = [i for i in a_by if i not in {r.id for r in b.scenarios}]
-    return out

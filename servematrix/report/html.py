@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import html
 
-from servematrix.report import grid
+from servematrix.report.grid import grid
 from servematrix.record import RunSummary
 
 COLOURS = {"pass": "#2e7d32", "fail": "#c62828", "xfail": "#ef6c00", "xpass": "#6a1b9a",

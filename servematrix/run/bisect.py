@@ -11,16 +11,18 @@ skipped like `git bisect skip`, and the search goes on among the rest.
 from __future__ import annotations
 
 import re
+import sys
 from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel
 
+from servematrix.run import rundir
 from servematrix.serve import envs
 
-from servematrix import report
 from servematrix.errors import ArgumentError
-from servematrix.config.matrix import Entry, Matrix, entry_id
+from servematrix.config.matrix import Entry, Matrix
+from servematrix.config.matrix_spec import entry_id
 from servematrix.record import ScenarioRecord
 
 Outcome = Literal["good", "bad", "other"]
@@ -115,23 +117,23 @@ def search(releases: list[str], probe) -> tuple[list[Probe], tuple[Probe, Probe]
 
 def bisect(matrix: Matrix, entry: Entry, low: str, high: str, out: Path, signature: str | None,
            python: str | None = None, overwrite: bool = False) -> BisectResult:
-    from servematrix.run.session import RunOptions, Runner, probe_versions
+    from servematrix.run.options import RunOptions
+    from servematrix.run.session import Session
 
     releases = candidates(low, high)
     # every run directory the search may reach, refused now rather than after hours of probes
-    report.check_run_dir(out, overwrite, marker="bisect.json")
+    rundir.check(out, overwrite, marker="bisect.json")
     for release in releases:
-        report.check_run_dir(out / release, overwrite)
-    current = (probe_versions(python or __import__("sys").executable).get("vllm") or "").split("+")[0]
+        rundir.check(out / release, overwrite)
+    current = (envs.probe(python or sys.executable).get("vllm") or "").split("+")[0]
     signature = signature or (entry.expectation.signature if entry.expectation.expect == "xfail" else None)
 
     def probe(release: str) -> Probe:
         # the release this interpreter already runs needs no environment of its own
         run_as = envs.CURRENT if envs.releases()[release].vllm.endswith(f"=={current}") else release
         e = retarget(entry, run_as)
-        opts = RunOptions(out_dir=(out / release).resolve(), python=python, gsm8k=False, retries=0,
-                          overwrite=overwrite)
-        summary = Runner(matrix, [e], opts).run()
+        opts = RunOptions.of((out / release).resolve(), python=python, gsm8k=False, retries=0, overwrite=overwrite)
+        summary = Session(matrix, [e], opts).run()
         (rec,) = summary.scenarios
         log = out / release / e.id / "server.log"
         return Probe(release=release, outcome=classify(rec, signature), verdict=rec.verdict,

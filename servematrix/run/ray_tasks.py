@@ -16,7 +16,12 @@ import tarfile
 import tempfile
 from pathlib import Path
 
-from servematrix.run.dispatch import CPU_SERVER
+from servematrix.record import EntryOutcome
+from servematrix.run import signals
+from servematrix.run.dispatch import CPU_SERVER, RayPool
+from servematrix.run.options import EntryOptions, RunOptions
+from servematrix.run.pipeline import Pipeline
+from servematrix.run.progress import Progress
 
 
 def connect(address: str | None) -> None:
@@ -31,37 +36,39 @@ def connect(address: str | None) -> None:
         ray.init(resources={CPU_SERVER: 1}, include_dashboard=False, log_to_driver=True)
 
 
+def pool(matrix, options: RunOptions, total: int) -> RayPool:
+    """A pool over the cluster (joined, or started here); each task gets only the entry options."""
+    connect(options.ray_address)
+    signals.reinstall()  # ray.init installed its own handlers: Ctrl-C / SIGTERM must reach the pool
+    entry_options = options.entry.model_dump_json()
+    return RayPool(run_job, lambda job: (matrix, entry_options, job.id, job.k, total))
+
+
 def run_job(matrix, options_json: str, entry_id: str, k: int, total: int):
     """Ray task body: run one entry into a scratch directory on this node and return
-    (record JSON with the scratch paths, the scratch path, tar.gz bytes of the entry's directory)."""
+    (outcome JSON with the scratch paths, the scratch path, tar.gz bytes of the entry's directory)."""
     import ray
 
-    from servematrix.run.session import RunOptions, Runner
-
     scratch = Path(tempfile.mkdtemp(prefix="servematrix-ray-"))
+    progress = Progress(total)
     try:
-        options = RunOptions.model_validate_json(options_json).model_copy(update={"out_dir": scratch})
+        options = EntryOptions.model_validate_json(options_json).model_copy(update={"out_dir": scratch})
         entry = next(e for e in matrix.entries if e.id == entry_id)
-        runner = Runner(matrix, [entry], options)
-        runner.progress.total = total
-        runner.probe_current()
-        rec = runner.execute(k, entry, [int(i) for i in ray.get_gpu_ids()])
-        runner.progress.close()
-        return rec.model_dump_json(), str(scratch), _pack(scratch, entry.id)
+        outcome = Pipeline(matrix, options, progress.phase).execute(k, entry, [int(i) for i in ray.get_gpu_ids()])
+        return outcome.model_dump_json(), str(scratch), _pack(scratch, entry.id)
     finally:
+        progress.close()
         shutil.rmtree(scratch, ignore_errors=True)
 
 
-def unpack(result: tuple, out_dir: Path):
-    """The driver's side: the entry's files under out_dir, the record's paths pointing at them."""
-    from servematrix.record import ScenarioRecord
-
-    record_json, scratch, blob = result
+def unpack(result: tuple, out_dir: Path) -> EntryOutcome:
+    """The driver's side: the entry's files under out_dir, the outcome's paths pointing at them."""
+    outcome_json, scratch, blob = result
     with tarfile.open(fileobj=io.BytesIO(blob), mode="r:gz") as tar:
         tar.extractall(out_dir, filter="data")
-    # the record names files by their scratch path on the node; point it at the copies here
+    # the outcome names files by their scratch path on the node; point it at the copies here
     old, new = json.dumps(scratch)[1:-1], json.dumps(str(out_dir))[1:-1]
-    return ScenarioRecord.model_validate_json(record_json.replace(old, new))
+    return EntryOutcome.model_validate_json(outcome_json.replace(old, new))
 
 
 def _pack(root: Path, entry_id: str) -> bytes:

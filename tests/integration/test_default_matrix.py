@@ -133,14 +133,19 @@ def test_gate_ships_the_clean_default_run(run):
     assert (out.parent / "history.sqlite").is_file()
 
 
-# --- the whole default matrix again, each entry a Ray task (a one-node Ray cluster started by the
-# CLI): the real model with its gsm8k and gate references, the tiny Llamas, the PP=2 xfail
+# --- the default matrix again, each entry a Ray task (a one-node Ray cluster started by the CLI),
+# compared record by record with the local run above: one of each kind — the real model with its
+# gsm8k and gate references (TP=1), a tiny Llama baseline and its TP=2 layout (parity across two
+# tasks), the PP=2 xfail. The other three entries add no path the backend could change (their
+# kinds are here) and cost 7 of the run's 11 minutes on this 2-core host.
+RAY_IDS = ["tiny-llama/tp1-pp1-fp32", "tiny-llama/tp2-pp1-fp32", "tiny-llama/tp1-pp2-fp32",
+           "smollm2-135m/tp1-pp1-fp32"]
 
 
 @pytest.fixture(scope="module")
 def ray_run(tmp_path_factory, shared_cache, run):
     out = tmp_path_factory.mktemp("reports") / "ray"
-    proc = servematrix("run", "matrix/cpu-smoke.yaml", "--backend", "ray",
+    proc = servematrix("run", "matrix/cpu-smoke.yaml", "--backend", "ray", "-k", ",".join(RAY_IDS),
                        "--out", str(out), timeout=2400, env={"SERVEMATRIX_CACHE": shared_cache})
     summary = json.loads((out / "summary.json").read_text())
     return proc, out, summary, {r["id"]: r for r in summary["scenarios"]}
@@ -163,8 +168,7 @@ def test_ray_backend_gives_the_same_records_as_the_local_backend(run, ray_run):
     proc, out, summary, ray_by_id = ray_run
     _, _, _, local_by_id = run
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert summary["status"] == "complete" and len(ray_by_id) == 7
-    assert ray_by_id.keys() == local_by_id.keys()
+    assert summary["status"] == "complete" and sorted(ray_by_id) == sorted(RAY_IDS)
     for rid, r in ray_by_id.items():
         assert _essence(r) == _essence(local_by_id[rid]), rid
 

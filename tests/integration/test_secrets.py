@@ -84,11 +84,16 @@ def secret_run(tmp_path_factory, shared_cache, values):
     return out, run, repro, compose
 
 
-def test_the_run_fails_as_the_broken_checkpoint_does_with_its_signature_intact(secret_run):
+def test_a_broken_checkpoint_expected_to_pass_fails_at_once_with_its_signature_and_exits_1(secret_run):
+    """(Also the load-failure case of test_load_failure.py: the same server start serves both.)"""
     out, run, _, _ = secret_run
     assert run.returncode == 1, run.stdout + run.stderr
     (r,) = json.loads((out / "summary.json").read_text())["scenarios"]
-    assert (r["verdict"], r["failure"]["signature"]) == ("fail", SIGNATURE)
+    assert r["verdict"] == "fail" and r["load"]["ok"] is False
+    assert r["failure"] == {"kind": "exception", "signature": SIGNATURE, "infra": False, "phase": "load"}
+    # declared dead when the process exited, far inside the 900 s start-up timeout
+    assert r["load"]["seconds"] < 300
+    assert SIGNATURE in (out / "load-success.md").read_text()
 
 
 def test_no_file_of_the_run_and_no_history_row_holds_a_secret(secret_run, values):

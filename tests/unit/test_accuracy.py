@@ -4,7 +4,8 @@ import textwrap
 
 import pytest
 
-from servematrix.check.accuracy import Check, MetricValue, References, judge, needed_n
+from servematrix.check.accuracy import Check, References, judge, needed_n
+from servematrix.record import MetricValue
 from servematrix.config.matrix import load_matrix
 from servematrix.config.yamlio import ConfigError
 

@@ -50,10 +50,10 @@ def test_a_release_that_is_not_declared_is_an_argument_error_listing_the_declare
 
 
 def test_every_run_directory_the_search_may_reach_is_checked_before_any_probe(tmp_path, monkeypatch):
-    import servematrix.run.session as runner
+    from servematrix.serve import envs
 
     probed = []
-    monkeypatch.setattr(runner, "probe_versions", lambda python: probed.append(python) or {})
+    monkeypatch.setattr(envs, "probe", lambda python: probed.append(python) or {})
     (tmp_path / "cpu-0.21.0").mkdir()
     (tmp_path / "cpu-0.21.0" / "summary.json").write_text("{}")
     with pytest.raises(StateError, match="cpu-0.21.0: already holds a run"):

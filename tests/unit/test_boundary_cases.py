@@ -17,9 +17,9 @@ from pathlib import Path
 import pytest
 
 from servematrix.report import history
-from servematrix.check.accuracy import MetricValue
+from servematrix.record import MetricValue
 from servematrix.cli import main
-from servematrix.serve.failure import Failure
+from servematrix.record import Failure
 from servematrix.config.matrix import Expectation
 from servematrix.record import LoadResult, RunSummary, ScenarioRecord
 
@@ -98,13 +98,14 @@ class Work:
 def _never_serve(monkeypatch):
     """Every case must be refused before the runner dispatches anything; one that got that far
     fails here instead of starting real vLLM servers (and never probes an interpreter)."""
-    from servematrix.run import session as runner
+    from servematrix.run import session
+    from servematrix.serve import envs
 
     def dispatch(self, summary):
-        raise AssertionError("reached the runner's dispatch: the bad input was not refused")
+        raise AssertionError("reached the session's dispatch: the bad input was not refused")
 
-    monkeypatch.setattr(runner.Runner, "_dispatch", dispatch)
-    monkeypatch.setattr(runner, "probe_versions", lambda python: {"vllm": None, "torch": None})
+    monkeypatch.setattr(session.Session, "_dispatch", dispatch)
+    monkeypatch.setattr(envs, "probe", lambda python: {"vllm": None, "torch": None})
 
 
 @pytest.fixture
@@ -418,9 +419,9 @@ def test_env_remove_deletes_a_declared_environment_servematrix_built(work, capsy
 
 
 def test_overwrite_lets_a_run_directory_that_holds_a_run_be_claimed(work):
-    from servematrix import report
+    from servematrix.run import rundir
 
     make_run(work.root, "reports/old")
-    report.claim_run_dir(work.root / "reports" / "old", overwrite=True)
-    report.claim_run_dir(work.root / "reports" / "fresh" / "run")
+    rundir.claim(work.root / "reports" / "old", overwrite=True)
+    rundir.claim(work.root / "reports" / "fresh" / "run")
     assert (work.root / "reports" / "fresh" / "run").is_dir()

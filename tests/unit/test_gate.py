@@ -2,9 +2,10 @@
 
 import pytest
 
-from servematrix.check.accuracy import Check, MetricValue, RefKey, Reference, judge
+from servematrix.check.accuracy import Check, RefKey, Reference, judge
+from servematrix.record import MetricValue
 from servematrix.errors import StateError
-from servematrix.serve.failure import Failure
+from servematrix.record import Failure
 from servematrix.report.gate import decide, load_summary
 from servematrix.config.matrix import Expectation
 from servematrix.record import LoadResult, RunSummary, ScenarioRecord

@@ -7,9 +7,11 @@ import time
 import pytest
 
 from servematrix.report import history
+from servematrix.report.comparison import compare_runs
 from servematrix.errors import StateError
-from servematrix.serve.failure import Failure
-from servematrix.check.accuracy import Check, MetricValue, judge
+from servematrix.record import Failure
+from servematrix.check.accuracy import Check, judge
+from servematrix.record import MetricValue
 from servematrix.config.matrix import Expectation
 from servematrix.record import LoadResult, RunSummary, ScenarioRecord
 
@@ -49,7 +51,7 @@ def test_appending_the_same_run_twice_replaces_it(tmp_path):
 def test_diff_lists_newly_failing_passing_and_moves_beyond_the_mde(tmp_path):
     a = run(tmp_path, "a", "1", rec("a/x", "pass", 0.9), rec("a/y", "fail", 0.9), rec("a/z", "pass", 0.9))
     b = run(tmp_path, "b", "2", rec("a/x", "fail", 0.5), rec("a/y", "pass", 0.88), rec("a/w", "pass", 0.9))
-    d = history.diff(a, b)
+    d = compare_runs(a, b).sections()
     assert [x.split(":")[0] for x in d["newly failing"]] == ["a/x"]
     assert [x.split(":")[0] for x in d["newly passing"]] == ["a/y"]
     assert [x.split(":")[0] for x in d["accuracy moves"]] == ["a/x"]

@@ -4,7 +4,9 @@ import textwrap
 
 import pytest
 
-from servematrix.config.matrix import entry_id, load_matrix, select
+from servematrix.config.expand import select
+from servematrix.config.matrix import load_matrix
+from servematrix.config.matrix_spec import entry_id
 from servematrix.config.yamlio import ConfigError
 
 SCENARIO = """\

@@ -17,8 +17,11 @@ import pytest
 import yaml
 
 from servematrix.errors import StateError, UserError
-from servematrix.checkpoint.forge import ForgeSpec, forge
-from servematrix.mirror.twin import build_twin, cli_mirror, diff, infer_layer_map, scenario_dict
+from servematrix.checkpoint.forge import forge
+from servematrix.checkpoint.forge_spec import ForgeSpec
+from servematrix.mirror.cli import cli_mirror, scenario_dict
+from servematrix.mirror.diff import diff, infer_layer_map
+from servematrix.mirror.twin import build_twin
 from servematrix.mirror.dims import choose_kv, kv_class
 from servematrix.mirror.plan import plan_twin
 from servematrix.mirror.layout import SourceLayout
@@ -560,7 +563,7 @@ def test_the_kvscale_seeds_experts_and_scales_keep_their_count_when_no_width_cha
 
 
 def test_cli_diff_of_a_twin_and_its_source_reads_both_from_metadata_and_says_equal_or_not(cache, tmp_path):
-    from servematrix.mirror.twin import cli_diff
+    from servematrix.mirror.cli import cli_diff
 
     _, seed_dir = seed("tiny-llama")
     plan = plan_twin(read_source(str(seed_dir)), 2, [1, 2])

@@ -1,6 +1,7 @@
 """Greedy parity with the baseline, judged like vLLM's check_logprobs_close."""
 
-from servematrix.check.smoke import Generation, PromptResult, logprobs_close, parity
+from servematrix.check.smoke import logprobs_close, parity
+from servematrix.record import Generation, PromptResult
 
 
 def gen(ids, tops, text="t"):

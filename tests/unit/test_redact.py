@@ -177,7 +177,9 @@ def test_repro_prints_comments_on_one_line_and_commands_that_run_only_their_word
     from servematrix.checkpoint import resolve as model
     from servematrix.config.matrix import Expectation
 
-    find = cli._find_entry
+    from servematrix.cli import run_commands
+
+    find = run_commands._find_entry
 
     def with_bad_reason(entry_id, matrix_path):
         m, e = find(entry_id, matrix_path)
@@ -186,7 +188,7 @@ def test_repro_prints_comments_on_one_line_and_commands_that_run_only_their_word
         return m, e.model_copy(update={"expectation": bad})
 
     monkeypatch.setattr(model, "resolve", lambda scenario, store, **kw: "/ckpt/with space")
-    monkeypatch.setattr(cli, "_find_entry", with_bad_reason)
+    monkeypatch.setattr(run_commands, "_find_entry", with_bad_reason)
     assert cli.main(["repro", "tiny-llama-broken/tp1-pp1-fp32", "--matrix", str(_secret_matrix(tmp_path))]) == 0
     printed = capsys.readouterr().out
     assert not [s for s in ("sk-repro-4242", "Rk3", "Mp7") if s in printed], printed

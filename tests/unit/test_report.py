@@ -9,13 +9,15 @@ import xml.etree.ElementTree as ET
 import pytest
 
 from servematrix import report
+from servematrix.report import files, junit, markdown
+from servematrix.run import rundir
 from servematrix.errors import StateError
 from servematrix.check.accuracy import gsm8k_metrics
-from servematrix.serve.failure import Failure
-from servematrix.check.gsm8k import Gsm8kResult
+from servematrix.record import Failure
+from servematrix.record import Gsm8kResult
 from servematrix.config.matrix import Expectation
 from servematrix.record import LoadResult, RunSummary, ScenarioRecord
-from servematrix.check.smoke import ParityResult, PromptResult, SmokeResult
+from servematrix.record import ParityResult, PromptResult, SmokeResult
 
 XFAIL = Expectation(expect="xfail", reason="engine dies", bug="https://github.com/vllm-project/vllm/pull/1")
 
@@ -59,19 +61,19 @@ def test_write_all_writes_every_report_and_leaves_no_temp_files(tmp_path):
 
 
 def test_load_success_table_has_models_down_layouts_across_and_signatures(tmp_path):
-    md = report.load_success_md(summary(tmp_path, sample_records()))
+    md = markdown.load_success_md(summary(tmp_path, sample_records()))
     assert "| scenario | TP1×PP1 fp32 | TP2×PP1 fp32 | TP1×PP2 fp32 |" in md
     assert "| a | ✓ | ✗ [1] | ✗ (xfail) [2] |" in md
     assert "1. a/tp2-pp1-fp32: [load/exception] KeyError: 'layers.0.self_attn.qkv_proj.k_scale'" in md
 
 
 def test_accuracy_table_shows_both_metrics_with_stderr_and_n(tmp_path):
-    md = report.accuracy_md(summary(tmp_path, sample_records()))
+    md = markdown.accuracy_md(summary(tmp_path, sample_records()))
     assert "| a/tp1-pp1-fp32 | 0.250 ± 0.100 | 0.500 ± 0.100 | 8 | 3 | ok | ok | pass |" in md
 
 
 def test_junit_has_a_case_per_scenario_and_check_with_failures_and_xfail_skips(tmp_path):
-    root = ET.fromstring(report.junit_xml(summary(tmp_path, sample_records())))
+    root = ET.fromstring(junit.junit_xml(summary(tmp_path, sample_records())))
     cases = {(c.get("classname"), c.get("name")): c for c in root.iter("testcase")}
     assert {("a/tp1-pp1-fp32", n) for n in ("load", "smoke", "parity", "gsm8k")} <= set(cases)
     assert cases[("a/tp2-pp1-fp32", "load")].find("failure").get("message").startswith("KeyError")
@@ -83,7 +85,7 @@ def test_atomic_write_replaces_whole_file_and_redacts_secrets(tmp_path, monkeypa
     monkeypatch.setenv("HF_TOKEN", "hf_supersecretvalue")
     target = tmp_path / "r.txt"
     target.write_text("old")
-    report.atomic_write(target, "token=hf_supersecretvalue")
+    files.atomic_write(target, "token=hf_supersecretvalue")
     assert target.read_text() == "token=***"
     assert os.listdir(tmp_path) == ["r.txt"]
 
@@ -91,19 +93,19 @@ def test_atomic_write_replaces_whole_file_and_redacts_secrets(tmp_path, monkeypa
 def test_latest_points_at_the_newest_run(tmp_path):
     for name in ("run1", "run2"):
         (tmp_path / name).mkdir()
-        report.point_latest(tmp_path / name)
+        files.point_latest(tmp_path / name)
     assert os.readlink(tmp_path / "latest") == "run2"
 
 
 def test_a_load_checked_entry_is_marked_as_such_in_both_reports(tmp_path):
     from servematrix.report import html as report_html
-    from servematrix.serve.loadcheck import LoadCheckResult, RankResult
+    from servematrix.record import LoadCheckResult, RankResult
 
     checked = rec("g/tp1-pp2-bf16", pp=2, load=LoadResult(ok=True, seconds=3.0),
                   load_check=LoadCheckResult(ok=True, seconds=3.0, ranks=[RankResult(rank=0, ok=True),
                                                                           RankResult(rank=1, ok=True)]))
     s = summary(tmp_path, [sample_records()[0], checked])
-    md = report.load_success_md(s)
+    md = markdown.load_success_md(s)
     assert "| g |  | ✓ ᴸ |" in md
     assert "ᴸ load check, no server" in md
     assert "| a | ✓ |" in md  # a served entry carries no mark
@@ -114,11 +116,11 @@ def test_a_load_checked_entry_is_marked_as_such_in_both_reports(tmp_path):
 def test_a_new_report_gets_the_usual_mode_and_an_existing_one_keeps_its_own(tmp_path):
     old = os.umask(0o022)
     try:
-        report.atomic_write(tmp_path / "new.md", "x")
+        files.atomic_write(tmp_path / "new.md", "x")
         kept = tmp_path / "kept.md"
         kept.write_text("old")
         kept.chmod(0o640)
-        report.atomic_write(kept, "new")
+        files.atomic_write(kept, "new")
     finally:
         os.umask(old)
     assert stat.S_IMODE((tmp_path / "new.md").stat().st_mode) == 0o644  # not mkstemp's 0600
@@ -128,7 +130,7 @@ def test_a_new_report_gets_the_usual_mode_and_an_existing_one_keeps_its_own(tmp_
 def test_a_symlink_to_a_regular_file_is_written_through_and_kept(tmp_path):
     (tmp_path / "real.yaml").write_text("old")
     (tmp_path / "link.yaml").symlink_to("real.yaml")
-    report.atomic_write(tmp_path / "link.yaml", "new")
+    files.atomic_write(tmp_path / "link.yaml", "new")
     assert (tmp_path / "link.yaml").is_symlink() and (tmp_path / "real.yaml").read_text() == "new"
     assert sorted(os.listdir(tmp_path)) == ["link.yaml", "real.yaml"]
 
@@ -145,19 +147,19 @@ def test_a_special_file_is_never_a_report_target(tmp_path, kind, message):
      "dangling": lambda: target.symlink_to("gone")}[kind]()
     before = sorted(os.listdir(tmp_path))
     with pytest.raises(StateError, match=message):
-        report.atomic_write(target, "x")
+        files.atomic_write(target, "x")
     assert sorted(os.listdir(tmp_path)) == before  # no temp file left either
 
 
 def test_a_run_directory_is_claimed_only_when_free_or_overwrite_is_given(tmp_path):
     out = tmp_path / "reports" / "r1"
-    report.claim_run_dir(out)
+    rundir.claim(out)
     assert out.is_dir()
     (out / "summary.json").write_text("{}")
     with pytest.raises(StateError, match="already holds a run"):
-        report.claim_run_dir(out)
-    report.claim_run_dir(out, overwrite=True)
+        rundir.claim(out)
+    rundir.claim(out, overwrite=True)
     (tmp_path / "afile").write_text("")
     for bad in (tmp_path / "afile", tmp_path / "afile" / "sub"):
         with pytest.raises(StateError, match="not a directory"):
-            report.claim_run_dir(bad)
+            rundir.claim(bad)

@@ -2,7 +2,7 @@
 
 import pytest
 
-from servematrix.serve.failure import Failure
+from servematrix.record import Failure
 from servematrix.config.matrix import Expectation
 from servematrix.check.verdict import decide, exit_code
 

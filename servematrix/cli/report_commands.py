@@ -1,0 +1,155 @@
+"""The commands that judge and compare finished runs: gate (the release decision), reference
+record (accuracy references from a trusted run), history, diff; and gsm8k-task (the offline task
+file lm-eval reads, for running the check by hand).
+
+Each `add_*` declares one subcommand's arguments beside the `cmd_*` that carries it out; imports of
+the product stay inside the functions, so that `servematrix --help` starts fast."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+from servematrix.cli.args import non_negative_int, positive_int, unit_interval
+from servematrix.errors import ArgumentError, ConfigError, StateError
+
+
+def add_gate(sub) -> None:
+    g = sub.add_parser("gate", help="release decision from a run: 0 ship, 1 regression, 2 cannot judge")
+    g.add_argument("run_dir")
+    g.add_argument("--baseline", help="an earlier run to compare with")
+    g.add_argument("--min-load-rate", type=unit_interval, default=1.0)
+    g.add_argument("--min-accuracy-rate", type=unit_interval, default=1.0)
+    g.set_defaults(func=cmd_gate)
+
+
+def cmd_gate(args) -> int:
+    from servematrix.report import gate
+
+    run = gate.load_summary(Path(args.run_dir))
+    baseline = gate.load_summary(Path(args.baseline)) if args.baseline else None
+    decision = gate.decide(run, baseline, args.min_load_rate, args.min_accuracy_rate)
+    print(gate.render(decision, run))
+    return decision.exit_code
+
+
+def add_reference(sub) -> None:
+    ref = sub.add_parser("reference", help="accuracy references")
+    ref_sub = ref.add_subparsers(dest="ref_cmd", required=True)
+    rec = ref_sub.add_parser("record", help="write references from a trusted run's passing scenarios")
+    rec.add_argument("run_dir")
+    rec.add_argument("--out", default="references/gsm8k.yaml")
+    rec.add_argument("--any-vllm", action="store_true", help="do not pin the reference to this vLLM version")
+    rec.set_defaults(func=cmd_reference_record)
+
+
+def cmd_reference_record(args) -> int:
+    from servematrix.check import accuracy
+    from servematrix.report import gate
+    from servematrix.report.files import atomic_write, writable_target
+
+    run = gate.load_summary(Path(args.run_dir))
+    out = Path(args.out)
+    writable_target(out)  # a directory, FIFO or device there is refused before it is read
+    existing = _existing_references(out)
+    new = _new_references(run, args.any_vllm)
+    if not new:  # the references file is left exactly as it was
+        print(f"{args.run_dir}: no passing scenario with metrics; nothing recorded", file=sys.stderr)
+        return 1
+    replaced = {(n.key, n.metric) for n in new}
+    kept = [e for e in existing if (e.key, e.metric) not in replaced]
+    atomic_write(out, accuracy.dump_references(kept + new))
+    for n in new:
+        print(f"{out}: {n.key.scenario}/tp{n.key.tp}-pp{n.key.pp}-{n.key.quant} {n.metric} = {n.mean:.4f} "
+              f"(sigma {n.sigma:.4f}, n {n.n})")
+    return 0
+
+
+def _new_references(run, any_vllm: bool) -> list:
+    """One reference per metric of each scenario of `run` that met its expectation, pinned to the
+    run's vLLM release unless `any_vllm`."""
+    from servematrix.check import accuracy
+
+    new = []
+    for r in run.scenarios:
+        if r.verdict != "pass":
+            continue  # only a scenario that met its expectation is trusted as a reference
+        vllm = f"=={run.vllm_version.split('+')[0]}" if run.vllm_version and not any_vllm else ""
+        key = accuracy.RefKey(scenario=r.scenario, quant=r.quant, tp=r.tp, pp=r.pp, device=r.device, vllm=vllm)
+        for metric, value in r.metrics.items():
+            rel = os.path.relpath(run.run_dir)
+            source = run.run_dir if rel.startswith("..") else rel
+            new.append(accuracy.reference_from(metric, value, key, source))
+    return new
+
+
+def _existing_references(path: Path) -> list:
+    """The references already in `path` (kept beside the new ones). A file that does not parse is
+    someone's data: refused, never overwritten with what this run alone would record."""
+    from servematrix.check import accuracy
+    from servematrix.config.yamlio import load_yaml, validate
+
+    if not path.exists():
+        return []
+    try:
+        located = load_yaml(path)
+        return [] if located.data is None else validate(located, accuracy.ReferenceFile).references
+    except ConfigError as exc:
+        where = f"line {exc.line}: " if exc.line else ""
+        field = f"{exc.field}: " if exc.field else ""
+        raise StateError(path, f"existing references do not parse ({where}{field}{exc.message}); "
+                               "not overwritten: fix or move the file, then record again") from exc
+
+
+def add_history(sub) -> None:
+    h = sub.add_parser("history", help="last verdicts and accuracies per scenario")
+    h.add_argument("--db", default="reports/history.sqlite")
+    h.add_argument("--last", type=positive_int, default=10)
+    h.add_argument("-k", help="substring of the scenario id")
+    h.set_defaults(func=cmd_history)
+
+
+def cmd_history(args) -> int:
+    from servematrix.report import history
+
+    print(history.render_trend(history.trend(Path(args.db), args.last, args.k)))
+    return 0
+
+
+def add_diff(sub) -> None:
+    d = sub.add_parser("diff", help="newly failing / passing scenarios and accuracy moves beyond the MDE")
+    d.add_argument("run_a")
+    d.add_argument("run_b")
+    d.set_defaults(func=cmd_diff)
+
+
+def cmd_diff(args) -> int:
+    from servematrix.report import gate
+    from servematrix.report.comparison import compare_runs
+
+    changes = compare_runs(gate.load_summary(Path(args.run_a)), gate.load_summary(Path(args.run_b)))
+    for title, items in changes.sections().items():
+        print(f"{title}: {len(items)}")
+        for i in items:
+            print(f"  - {i}")
+    return 0
+
+
+def add_gsm8k_task(sub) -> None:
+    t = sub.add_parser("gsm8k-task", help="write servematrix's offline gsm8k task YAML into DIR/task")
+    t.add_argument("dir")
+    t.add_argument("--num-fewshot", type=non_negative_int, default=5)
+    t.set_defaults(func=cmd_gsm8k_task)
+
+
+def cmd_gsm8k_task(args) -> int:
+    from servematrix.check import gsm8k
+    from servematrix.report.files import check_dir
+
+    shipped = len(gsm8k.exemplars())
+    if args.num_fewshot > shipped:  # lm-eval would fail only once the server is up
+        raise ArgumentError("--num-fewshot", f"at most {shipped} (the exemplars servematrix ships), got {args.num_fewshot}")
+    check_dir(Path(args.dir) / "task")  # DIR (or DIR/task) a file, or not writable: refused up front
+    print(gsm8k.write_task(Path(args.dir), args.num_fewshot))
+    return 0

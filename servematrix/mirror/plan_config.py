@@ -1,0 +1,140 @@
+"""The twin's config side: the source config as transformers reads it, the ForgeSpec's config
+(widths shrunk, per-layer lists subsampled, what the class rewrites carried as it reads it back),
+the quantization_config remapped onto the twin's layers and experts, and what of the source's
+config the twin cannot mirror.
+
+Separate from plan.py, which chooses the layers, widths and tensors: everything here reads and
+writes config.json fields only. diff.py remaps a quantization_config with remap_module too.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any
+
+from servematrix.errors import ConfigError
+from servematrix.mirror.layout import LAYER_RE, SourceLayout, field_value, rules
+from servematrix.mirror.plan_models import NotMirrored
+
+_EXPERT_IN_MODULE = re.compile(r"\.experts\.(\d+)(?=\.|$)")
+_MISSING = object()
+
+
+def effective_config(layout: SourceLayout, class_type: str) -> dict[str, Any]:
+    """The source config as transformers' class reads it (its defaults filled in): the widths the
+    source really has even where its config.json leaves a field out."""
+    from transformers import AutoConfig
+
+    owned = set(rules()["fields"]["forge_owned"])
+    given = {k: v for k, v in layout.config.items() if k not in owned}
+    try:
+        read = AutoConfig.for_model(class_type, **given).to_dict()
+    except Exception as exc:  # noqa: BLE001 - any refusal of the class is a config problem of the source
+        raise ConfigError(layout.source, None, "config.json", f"transformers' {class_type} config refuses it: "
+                                                              f"{type(exc).__name__}: {exc}") from None
+    return {**read, **given}
+
+
+def twin_config(layout: SourceLayout, effective: dict, class_type: str, dims: dict, kept: list[int]):
+    """The ForgeSpec's config: the source's fields (without what the forge owns), per-layer lists
+    subsampled onto the kept layers, the shrunk widths; fields equal to the class's defaults left
+    out; a field the class rewrites (rope_scaling -> rope_parameters) written the way the class
+    reads it back, so the forge's check_config holds."""
+    from transformers import AutoConfig
+
+    owned = set(rules()["fields"]["forge_owned"])
+    n = layout.structure.num_layers
+    config = {k: v for k, v in layout.config.items() if k not in owned}
+    changed = set(dims)
+    for key, value in list(config.items()):
+        if isinstance(value, list) and len(value) == n and n > 1:
+            config[key] = [value[s] for s in kept]
+            changed.add(key)
+    for key in rules()["fields"]["layer_index_lists"]:
+        if isinstance(config.get(key), list):
+            config[key] = [j for j, s in enumerate(kept) if s in set(config[key])]
+            changed.add(key)
+    config.update({k: v[1] for k, v in dims.items()})
+    config[field_value(effective, "layers")[0] or "num_hidden_layers"] = len(kept)
+    changed.add("num_hidden_layers")
+    defaults = AutoConfig.for_model(class_type).to_dict()
+    explicit = {k for role in rules()["fields"]["explicit"] for k in rules()["fields"][role]}
+    for key in explicit:
+        if key not in config and effective.get(key) is not None:
+            config[key] = effective[key]
+    config = {k: v for k, v in config.items() if k in changed or k in explicit or defaults.get(k, _MISSING) != v}
+    config = json.loads(json.dumps(config))  # a JSON object, as config.json and the spec's hash hold it
+    notes = []
+    built = AutoConfig.for_model(class_type, **config)
+    moved = [k for k, v in config.items() if not same_value(getattr(built, k, _MISSING), v)]
+    if moved:
+        for k in moved:
+            config.pop(k)
+        read = built.to_dict()
+        derived = {k: v for k, v in read.items() if k not in owned and k not in config and defaults.get(k, _MISSING) != v}
+        config.update(derived)
+        notes.append(f"config fields {moved} are rewritten by transformers' {class_type} config; the twin "
+                     f"carries them as the class reads them back: {sorted(derived)}")
+        built = AutoConfig.for_model(class_type, **config)
+        still = [k for k, v in config.items() if not same_value(getattr(built, k, _MISSING), v)]
+        for k in still:
+            config.pop(k)
+        if still:
+            notes.append(f"config fields {still} do not survive transformers' {class_type} config: left out")
+    return config, notes
+
+
+def same_value(got: Any, want: Any) -> bool:
+    return got == want or (isinstance(want, list) and isinstance(got, (list, tuple)) and list(got) == want)
+
+
+def dim_map(layout: SourceLayout, cfg: dict, dims: dict, vocab: int) -> dict[int, int]:
+    """Source width -> twin width, for tensors the class does not write (MTP's eh_proj, extras):
+    hidden_size first (most tensors are hidden-wide), then the vocab, then the other widths."""
+    out: dict[int, int] = {}
+    hidden_key = field_value(cfg, "hidden")[0]
+    if hidden_key in dims:
+        out[dims[hidden_key][0]] = dims[hidden_key][1]
+    if layout.config.get("vocab_size"):
+        out.setdefault(layout.config["vocab_size"], vocab)
+    for src, twin in dims.values():
+        if isinstance(src, int) and isinstance(twin, int):
+            out.setdefault(src, twin)
+    return out
+
+
+def twin_config_json(layout: SourceLayout, layer_map: dict[int, int], experts: int | None) -> dict[str, Any]:
+    """The quantization_config, its per-layer module lists remapped onto the twin's layers."""
+    qc = layout.quant.config
+    if not qc:
+        return {}
+    qc = dict(qc)
+    key = layout.quant.ignored_key
+    if key and isinstance(qc.get(key), list):
+        qc[key] = list(dict.fromkeys(remap_module(m, layer_map, experts) for m in qc[key]))
+    return {"quantization_config": qc}
+
+
+def remap_module(name: str, layer_map: dict[int, int], experts: int | None) -> str:
+    if not isinstance(name, str) or name.startswith("re:"):
+        return name
+    m = LAYER_RE.match(name + ".")
+    if m and int(m.group(2)) in layer_map:
+        name = f"{m.group(1)}layers.{layer_map[int(m.group(2))]}.{name[m.end():]}".rstrip(".")
+    if experts:
+        name = _EXPERT_IN_MODULE.sub(lambda e: f".experts.{int(e.group(1)) % experts}", name)
+    return name
+
+
+def unmirrored_config(layout: SourceLayout) -> list[NotMirrored]:
+    out = [NotMirrored(what="tokenizer", reason=f"replaced by the forge's {rules()['targets']['vocab_size']}-token "
+                                                 "BPE (the twin's vocab must be small); source files: "
+                                                 f"{', '.join(layout.tokenizer.files) or 'none'}"),
+           NotMirrored(what="tensor shapes", reason="shrunk to the twin's widths (names and dtypes are mirrored)"),
+           NotMirrored(what="weights", reason="random (the source's are never read)")]
+    extra_auto = {k: v for k, v in layout.auto_map.items() if k != "AutoConfig"}
+    if extra_auto:
+        out.append(NotMirrored(what=f"auto_map {sorted(extra_auto)}",
+                               reason="the forge ships a configuration module only; vLLM uses its own model code"))
+    return out

@@ -1,0 +1,253 @@
+"""Pipeline: one matrix entry into one outcome, the same wherever it runs (this host's pool or a
+Ray task). Phases in order — checkpoint → server (or load check) → smoke → gsm8k → accuracy — each
+returns its typed result or raises StageFailed; `_run` is the one place an exception becomes the
+entry's Failure. The verdict is not decided here: the session compares the outcome with its
+baseline's record first, then check.verdict.judge decides it once.
+
+Like pytest's phase flow: each phase goes through one wrapper (`_phase`: progress line, result
+kept in `Parts`), and what the phases produced is only read, never rewritten, by later stages."""
+
+from __future__ import annotations
+
+import platform
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+from servematrix.check import accuracy, gsm8k
+from servematrix.check.smoke import run_smoke, smoke_failure
+from servematrix.checkpoint.resolve import ModelUnavailable, resolve
+from servematrix.config import plan
+from servematrix.config.devices import device_profile
+from servematrix.config.matrix import Entry, Matrix
+from servematrix.config.scenario import Scenario
+from servematrix.record import (CheckResult, EntryOutcome, Expected, Failure, FixRecord, Gsm8kResult, LoadCheckResult,
+                                LoadResult, MetricValue, SmokeResult, StageFailed)
+from servematrix.run.options import EntryOptions
+from servematrix.serve import envs, hardware, loadcheck, process
+from servematrix.serve.server import LaunchSpec, Server, build_spec, server_factory
+
+DEATH_GRACE = 5.0  # s to let a server that failed a request finish dying, so its log names the cause
+
+
+def now_iso() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def outcome_for(entry: Entry, **fields) -> EntryOutcome:
+    """An outcome carrying the entry's identity and expectation."""
+    return EntryOutcome(id=entry.id, scenario=entry.scenario, tp=entry.tp, pp=entry.pp, quant=entry.quant,
+                        vllm=entry.vllm, device=entry.device, tags=list(entry.tags),
+                        expect=Expected.model_validate(entry.expectation),
+                        enabled_fixes=list(entry.fixes), **fields)
+
+
+def skipped(entry: Entry, scenario: Scenario, why: str) -> EntryOutcome:
+    return outcome_for(entry, model=scenario.model_name, skipped=why, started_at=now_iso(), seconds=0.0)
+
+
+def interrupted() -> Failure:
+    return Failure.of("interrupted", "run interrupted (Ctrl-C / SIGTERM)", "run")
+
+
+@dataclass
+class Parts:
+    """The typed results of one attempt, as the phases produce them (record fields by name)."""
+
+    model: str
+    node: str = field(default_factory=platform.node)
+    vllm_version: str | None = None
+    torch_version: str | None = None
+    server_command: str | None = None
+    load: LoadResult | None = None
+    load_check: LoadCheckResult | None = None
+    smoke: SmokeResult | None = None
+    gsm8k: Gsm8kResult | None = None
+    gsm8k_error: str | None = None
+    metrics: dict[str, MetricValue] = field(default_factory=dict)
+    accuracy: list[CheckResult] = field(default_factory=list)
+    fixes: list[FixRecord] = field(default_factory=list)
+
+
+class Pipeline:
+    """Runs entries of `matrix` with `options`. `phase(k, id, text)` hears each phase; `cancelled`
+    set (Ctrl-C in a threaded pool) makes the current attempt end as interrupted; `live` holds the
+    servers up now, so a canceller can stop them."""
+
+    def __init__(self, matrix: Matrix, options: EntryOptions, phase: Callable[[int, str, str], None] | None = None,
+                 cancelled: threading.Event | None = None):
+        self.matrix, self.options = matrix, options
+        self.python = options.python or sys.executable
+        self.make_server = server_factory(options.server_kind, options.docker)
+        self.phase = phase or (lambda k, entry_id, text: None)
+        self.cancelled = cancelled or threading.Event()
+        self.live: set[Server] = set()
+        self._versions: dict[str, dict] = {}  # vLLM environment -> its versions
+        self._lock = threading.Lock()
+
+    def versions(self, name: str) -> dict:
+        with self._lock:
+            if name not in self._versions:
+                self._versions[name] = envs.versions(name, self.python)
+            return self._versions[name]
+
+    # ------------------------------------------------------------------------------------------
+    def execute(self, k: int, entry: Entry, gpu_ids: list[int],
+                host_gpus: list[hardware.Gpu] | None = None) -> EntryOutcome:
+        """One entry on the GPUs `gpu_ids` of this host (`host_gpus` as already probed, else probed
+        here), retried on an infrastructure failure; never raises for a scenario's fault."""
+        scenario = self.matrix.scenario(entry.scenario)
+        if gpu_ids:
+            gpus = host_gpus if host_gpus is not None else hardware.probe_gpus()
+            why = hardware.unmet(len(gpu_ids), scenario.requirements(entry.quant),
+                                 [g for g in gpus if g.index in gpu_ids])
+            if why is not None:
+                return skipped(entry, scenario, why)
+        attempt = 1
+        while True:
+            out = self._run(k, entry, scenario, attempt, gpu_ids)
+            f = out.failure
+            retryable = f is not None and f.infra and f.kind not in {"interrupted", "model"}
+            if not retryable or attempt > self.options.retries or self.cancelled.is_set():
+                return out
+            attempt += 1
+            self.phase(k, entry.id, f"infrastructure failure ({f.kind}), retrying")
+
+    def _run(self, k: int, entry: Entry, scenario: Scenario, attempt: int, gpu_ids: list[int]) -> EntryOutcome:
+        started, t0 = now_iso(), time.monotonic()
+        entry_dir = self.options.out_dir / entry.id
+        entry_dir.mkdir(parents=True, exist_ok=True)
+        (entry_dir / "fixes.jsonl").unlink(missing_ok=True)
+        parts = Parts(model=scenario.model_name)
+        failure: Failure | None = None
+        try:
+            self._phases(k, entry, scenario, entry_dir, gpu_ids, parts)
+        except StageFailed as exc:
+            failure = exc.failure
+            for name, value in exc.recorded.items():
+                setattr(parts, name, value)
+        except ModelUnavailable as exc:
+            failure = Failure.of("model", str(exc), "load")
+        except envs.EnvError as exc:
+            failure = Failure.of("tool", f"vLLM environment: {exc}"[:400], "load")
+        except KeyboardInterrupt:
+            failure = interrupted()
+        except Exception as exc:  # noqa: BLE001 - a servematrix bug must cost one scenario, not the run
+            failure = Failure.of("tool", f"servematrix: {type(exc).__name__}: {exc}"[:400], "run")
+        if self.cancelled.is_set():  # the pool stopped this server on Ctrl-C
+            failure = interrupted()
+        parts.fixes = read_fix_report(entry_dir / "fixes.jsonl")
+        return outcome_for(entry, **vars(parts), failure=failure, started_at=started,
+                           seconds=round(time.monotonic() - t0, 2), attempts=attempt)
+
+    def _phases(self, k: int, entry: Entry, scenario: Scenario, entry_dir: Path, gpu_ids: list[int],
+                parts: Parts) -> None:
+        python = self._server_python(k, entry)
+        versions = self.versions(entry.vllm)
+        parts.vllm_version, parts.torch_version = versions.get("vllm"), versions.get("torch")
+        self.phase(k, entry.id, "resolving model")
+        model_path = resolve(scenario, self.matrix.store.directory)
+        spec = build_spec(entry, scenario, model_path, process.free_port(), entry_dir / "server.log", python,
+                          plan.startup_timeout(self.options.startup_timeout, self.matrix, scenario),
+                          self.options.inject, gpu_ids)
+        parts.server_command = spec.shell()
+        if scenario.load_check_on(entry.device):
+            self.phase(k, entry.id, "load check (vLLM's loader under the layout; no server)")
+            self._load_check(entry, scenario, spec, entry_dir, parts)
+            return
+        self.phase(k, entry.id, "starting server")
+        server = self.make_server(spec)
+        self.live.add(server)
+        try:
+            with server:
+                parts.load = LoadResult(ok=True, seconds=round(server.healthy_at - server.started_at, 2))
+                self._serve(k, entry, scenario, spec, server, model_path, entry_dir, parts)
+        finally:
+            self.live.discard(server)
+        if parts.gsm8k is not None:
+            self._accuracy(entry, scenario, model_path, parts)
+
+    def _server_python(self, k: int, entry: Entry) -> str:
+        """The interpreter of the entry's vLLM release, building its environment on first use."""
+        if entry.vllm == envs.CURRENT:
+            return self.python
+        if envs.info(entry.vllm) is None:
+            self.phase(k, entry.id, f"preparing vLLM environment {entry.vllm}")
+        envs.ensure(entry.vllm)
+        return envs.python(entry.vllm)
+
+    @staticmethod
+    def _load_check(entry: Entry, scenario: Scenario, spec: LaunchSpec, entry_dir: Path, parts: Parts) -> None:
+        """Always a local process in the entry's vLLM environment, whatever the server kind."""
+        attention = (device_profile(entry.device).get("load_check") or {}).get("attention", {})
+        check = loadcheck.Check(attention=attention, load_weights=scenario.load_check.loads_weights,
+                                out=entry_dir / "loadcheck")
+        parts.server_command = loadcheck.shell(spec, check)
+        result = loadcheck.run(spec, check)
+        parts.load_check = result
+        parts.load = LoadResult(ok=True, seconds=result.seconds)
+
+    def _serve(self, k: int, entry: Entry, scenario: Scenario, spec: LaunchSpec, server: Server, model_path: str,
+               entry_dir: Path, parts: Parts) -> None:
+        """Smoke, then gsm8k, against the healthy server; a request that fails because the server
+        died is that death (its log names the cause), classified once it has finished dying."""
+        self.phase(k, entry.id, "smoke")
+        parts.smoke = run_smoke(spec.base_url, scenario.model_name, scenario.smoke)
+        failed = smoke_failure(parts.smoke)
+        if failed is not None:
+            parts.gsm8k_error = "skipped: smoke failed"
+            # a request that failed in transport is most likely the server dying
+            raise StageFailed((parts.smoke.error and _died(server)) or failed)
+        if not plan.gsm8k_runs(self.options.gsm8k, self.matrix, scenario):
+            return
+        limit = self.matrix.gsm8k_limit(scenario, self.options.gsm8k_limit)
+        self.phase(k, entry.id, f"gsm8k (limit {limit or 'all'})")
+        tokenizer = model_path if scenario.gsm8k.nll else None
+        try:
+            # lm-eval runs in the session's environment, whatever vLLM the server runs
+            parts.gsm8k = gsm8k.run(spec.base_url, scenario.model_name, scenario.gsm8k, limit, entry_dir / "gsm8k",
+                                    server.alive, self.python, tokenizer)
+        except StageFailed as exc:
+            died = None if server.alive() else server.death("gsm8k")
+            raise StageFailed(died or exc.failure, **exc.recorded) from exc
+
+    def _accuracy(self, entry: Entry, scenario: Scenario, model_path: str, parts: Parts) -> None:
+        g = parts.gsm8k
+        metrics = accuracy.gsm8k_metrics(g.strict, g.flexible, g.n)
+        if g.nll_samples_path:
+            metrics["gsm8k.nll"] = accuracy.value_metric(list(gsm8k.per_token_nll(g.nll_samples_path,
+                                                                                   model_path).values()))
+        parts.metrics = metrics
+        vllm = parts.vllm_version or self.versions(envs.CURRENT).get("vllm")
+        parts.accuracy = [accuracy.judge(c, metrics.get(c.metric),
+                                         self.matrix.references.find(c.metric, entry.scenario, entry.quant, entry.tp,
+                                                                     entry.pp, entry.device, vllm))
+                          for c in scenario.accuracy.checks]
+        failed = [r for r in parts.accuracy if r.status == "fail"]
+        if failed:
+            raise StageFailed(Failure.of("check", failed[0].summary()[:400], "accuracy"))
+
+
+def _died(server: Server) -> Failure | None:
+    """The server's death, if a failed request was its doing (given DEATH_GRACE to finish dying)."""
+    deadline = time.monotonic() + DEATH_GRACE
+    while server.alive() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return None if server.alive() else server.death("smoke")
+
+
+def read_fix_report(path: Path) -> list[FixRecord]:
+    """What each vLLM process said its fix modules did (one JSON line per process and fix)."""
+    if not path.is_file():
+        return []
+    out = []
+    for line in path.read_text().splitlines():
+        try:
+            out.append(FixRecord.model_validate_json(line))
+        except ValueError:
+            continue  # a line cut short by a killed process
+    return out
