@@ -13,7 +13,7 @@ from servematrix.check import accuracy
 from servematrix.check import gsm8k
 
 from servematrix.serve import loadcheck
-from servematrix.check.accuracy import Reference
+from servematrix.config.references import Reference
 from servematrix.record import CheckResult, EntryOutcome, Failure, ScenarioRecord
 from servematrix.config.scenario import Scenario
 from servematrix.check.smoke import parity

@@ -45,7 +45,7 @@ def add_reference(sub) -> None:
 
 
 def cmd_reference_record(args) -> int:
-    from servematrix.check import accuracy
+    from servematrix.config import references
     from servematrix.report import gate
     from servematrix.report.files import atomic_write, writable_target
 
@@ -59,7 +59,7 @@ def cmd_reference_record(args) -> int:
         return 1
     replaced = {(n.key, n.metric) for n in new}
     kept = [e for e in existing if (e.key, e.metric) not in replaced]
-    atomic_write(out, accuracy.dump_references(kept + new))
+    atomic_write(out, references.dump_references(kept + new))
     for n in new:
         print(f"{out}: {n.key.scenario}/tp{n.key.tp}-pp{n.key.pp}-{n.key.quant} {n.metric} = {n.mean:.4f} "
               f"(sigma {n.sigma:.4f}, n {n.n})")
@@ -69,32 +69,32 @@ def cmd_reference_record(args) -> int:
 def _new_references(run, any_vllm: bool) -> list:
     """One reference per metric of each scenario of `run` that met its expectation, pinned to the
     run's vLLM release unless `any_vllm`."""
-    from servematrix.check import accuracy
+    from servematrix.config import references
 
     new = []
     for r in run.scenarios:
         if r.verdict != "pass":
             continue  # only a scenario that met its expectation is trusted as a reference
         vllm = f"=={run.vllm_version.split('+')[0]}" if run.vllm_version and not any_vllm else ""
-        key = accuracy.RefKey(scenario=r.scenario, quant=r.quant, tp=r.tp, pp=r.pp, device=r.device, vllm=vllm)
+        key = references.RefKey(scenario=r.scenario, quant=r.quant, tp=r.tp, pp=r.pp, device=r.device, vllm=vllm)
         for metric, value in r.metrics.items():
             rel = os.path.relpath(run.run_dir)
             source = run.run_dir if rel.startswith("..") else rel
-            new.append(accuracy.reference_from(metric, value, key, source))
+            new.append(references.reference_from(metric, value, key, source))
     return new
 
 
 def _existing_references(path: Path) -> list:
     """The references already in `path` (kept beside the new ones). A file that does not parse is
     someone's data: refused, never overwritten with what this run alone would record."""
-    from servematrix.check import accuracy
+    from servematrix.config import references
     from servematrix.config.yamlio import load_yaml, validate
 
     if not path.exists():
         return []
     try:
         located = load_yaml(path)
-        return [] if located.data is None else validate(located, accuracy.ReferenceFile).references
+        return [] if located.data is None else validate(located, references.ReferenceFile).references
     except ConfigError as exc:
         where = f"line {exc.line}: " if exc.line else ""
         field = f"{exc.field}: " if exc.field else ""

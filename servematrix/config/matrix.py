@@ -10,7 +10,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from servematrix.check.accuracy import References, needed_n
+from servematrix.check.accuracy import needed_n
+from servematrix.config.references import References
+from servematrix.config import plan
 from servematrix.config.expand import expand
 from servematrix.config.matrix_spec import Entry, Expectation, MatrixFile
 from servematrix.config.scenario import Scenario, ScenarioStore
@@ -29,7 +31,7 @@ class Matrix:
         self._located = located
 
     def gsm8k_limit(self, scenario: Scenario, override: int | None = None) -> int | None:
-        return override or self.spec.gsm8k.limit or scenario.gsm8k.limit
+        return plan.gsm8k_limit(override, self.spec.gsm8k.limit, scenario.gsm8k.limit)
 
     def check_power(self, override: int | None = None, entries: list[Entry] | None = None) -> None:
         """Refuse a gsm8k limit too small for an accuracy check to detect the effect it claims

@@ -165,10 +165,6 @@ class Entry(_Strict):
     expectation: Expectation
     origin: str  # file:line that produced it
 
-    @property
-    def is_baseline_layout(self) -> bool:
-        return self.tp == 1 and self.pp == 1
-
 
 def entry_id(scenario: str, tp: int, pp: int, quant: str, vllm: str, device: str,
              fixes: tuple[str, ...] = ()) -> str:

@@ -5,11 +5,11 @@ each job starts. Everything else asks these functions instead of deciding again.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, TypeVar
+from collections.abc import Callable
+from typing import TypeVar
 
-if TYPE_CHECKING:  # types only: the matrix module asks this one for its gsm8k limit
-    from servematrix.config.matrix import Entry, Matrix
-    from servematrix.config.scenario import Scenario
+from servematrix.config.matrix_spec import Entry
+from servematrix.config.scenario import Scenario
 
 T = TypeVar("T")
 
@@ -31,13 +31,13 @@ def gsm8k_limit(cli: int | None, matrix: int | None, scenario: int | None) -> in
     return first(cli, matrix, scenario)
 
 
-def startup_timeout(cli: float | None, matrix: "Matrix", scenario: "Scenario") -> float:
-    return first(cli, matrix.spec.startup_timeout, scenario.server.startup_timeout)
+def startup_timeout(cli: float | None, matrix: float | None, scenario: Scenario) -> float:
+    return first(cli, matrix, scenario.server.startup_timeout)
 
 
-def gsm8k_runs(cli: bool, matrix: "Matrix", scenario: "Scenario") -> bool:
+def gsm8k_runs(cli: bool, matrix: bool, scenario: Scenario) -> bool:
     """gsm8k runs unless the command line (--no-gsm8k), the matrix or the scenario turns it off."""
-    return cli and matrix.spec.gsm8k.enabled and scenario.gsm8k.enabled
+    return cli and matrix and scenario.gsm8k.enabled
 
 
 def dispatch(backend: str) -> tuple[str, str]:
@@ -46,21 +46,22 @@ def dispatch(backend: str) -> tuple[str, str]:
 
 
 # --- baselines: the layout every other layout of a scenario is compared with ----------------------
-def _baseline_key(entry: "Entry", scenario: "Scenario") -> tuple:
+def _baseline_key(entry: Entry, scenario: Scenario) -> tuple:
     par = scenario.smoke.parity
     return (entry.scenario, entry.vllm, entry.device, par.baseline_tp, par.baseline_pp,
             par.baseline_quant or scenario.default_quant)
 
 
-def is_baseline(entry: "Entry", scenario: "Scenario") -> bool:
+def is_baseline(entry: Entry, scenario: Scenario) -> bool:
     """This entry has the layout its scenario's other layouts are compared with."""
     return (entry.tp, entry.pp, entry.quant) == _baseline_key(entry, scenario)[-3:]
 
 
-def baseline_id(entry: "Entry", scenario: "Scenario", entries: list["Entry"]) -> str | None:
+def baseline_id(entry: Entry, scenario: Scenario, entries: list[Entry]) -> str | None:
     """The selected entry this one's parity/agreement compare with (itself for a baseline; None if
-    none was selected): the baseline layout expected to pass that shares the most fix modules with
-    it (an xfail reproduction is no reference), the first listed on a tie."""
+    none was selected): a baseline layout expected to pass before one expected to fail (an xfail
+    reproduction is the reference only when it is the only one selected), then the one sharing the
+    most fix modules with it, then the first listed."""
     if is_baseline(entry, scenario):
         return entry.id
     key = _baseline_key(entry, scenario)
@@ -71,6 +72,6 @@ def baseline_id(entry: "Entry", scenario: "Scenario", entries: list["Entry"]) ->
     return ranked[0][1].id if ranked else None
 
 
-def baselines(matrix: "Matrix", entries: list["Entry"]) -> dict[str, str | None]:
+def baselines(scenario_of: Callable[[str], Scenario], entries: list[Entry]) -> dict[str, str | None]:
     """Entry id -> the id of its baseline among `entries` (see baseline_id)."""
-    return {e.id: baseline_id(e, matrix.scenario(e.scenario), entries) for e in entries}
+    return {e.id: baseline_id(e, scenario_of(e.scenario), entries) for e in entries}

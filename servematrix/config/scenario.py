@@ -15,7 +15,7 @@ from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, HttpUrl, Str
                       model_validator, with_config)
 from typing_extensions import TypedDict
 
-from servematrix.check.accuracy import Check
+from servematrix.config.references import Check
 from servematrix.checkpoint.convert import GgufSource
 from servematrix.checkpoint.forge_spec import ForgeSpec
 from servematrix.config.devices import device_names
@@ -245,10 +245,6 @@ class Scenario(_Strict):
 
     def load_check_on(self, device: str) -> bool:
         return self.load_check is not None and device in self.load_check.devices
-
-    @property
-    def has_chat(self) -> bool:
-        return any(p.messages is not None for p in self.smoke.prompts)
 
 
 class ScenarioStore:

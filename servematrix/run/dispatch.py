@@ -135,8 +135,18 @@ class LocalPool:
     calling thread, so Ctrl-C lands where the server is torn down; with more GPUs each job runs on
     its own thread over a disjoint set of GPU ids, and `cancel` is called on Ctrl-C."""
 
-    def __init__(self, gpu_ids: list[int], cancel: Callable[[], None] = lambda: None):
+    def __init__(self, gpu_ids: list[int], cancel: Callable[[], None] = lambda: None,
+                 eligible: Callable[[Job], list[int]] | None = None):
+        # eligible(job): the ids of the GPUs that meet the job's requirements (default: all), so a
+        # mixed host gives an FP8 entry its H100, not whichever GPU is free first
         self.gpu_ids, self.cancel = list(gpu_ids), cancel
+        self.eligible = eligible or (lambda job: self.gpu_ids)
+
+    def _ids(self, job: Job, free_ids: list[int]) -> list[int] | None:
+        """The GPU ids to give `job` from `free_ids`, or None if too few eligible ones are free."""
+        ok = set(self.eligible(job))
+        ids = [i for i in free_ids if i in ok][:job.gpus]
+        return ids if len(ids) == job.gpus else None
 
     def run(self, jobs: list[Job], execute: Execute, done: Done) -> None:
         if len(self.gpu_ids) <= 1 or all(j.gpus == 0 for j in jobs):
@@ -146,7 +156,7 @@ class LocalPool:
 
     def _inline(self, jobs: list[Job], execute: Execute, done: Done) -> None:
         for job in order(jobs):
-            if not done(job, execute(job, self.gpu_ids[:job.gpus])):
+            if not done(job, execute(job, self._ids(job, self.gpu_ids) or [])):
                 return
 
     def _threads(self, jobs: list[Job], execute: Execute, done: Done) -> None:
@@ -164,9 +174,13 @@ class LocalPool:
         try:
             while pending or running:
                 if not stop:
-                    for job in pick(pending, free):
+                    for job in order(pending):
+                        ids = self._ids(job, free_ids) if free.fits(job) else None
+                        if ids is None:
+                            continue
+                        free.take(job)
                         pending.remove(job)
-                        ids, free_ids = free_ids[:job.gpus], free_ids[job.gpus:]
+                        free_ids = [i for i in free_ids if i not in ids]
                         threading.Thread(target=work, args=(job, ids), daemon=True, name=job.id).start()
                         running += 1
                 if not running:
@@ -179,8 +193,10 @@ class LocalPool:
                     raise result
                 if not done(job, result):
                     stop = True
-        except KeyboardInterrupt:
-            self.cancel()  # stops every live server; their threads then record "interrupted"
+        except BaseException:
+            # Ctrl-C, or a job that raised: every live server is stopped (their threads then
+            # record "interrupted"), what the other jobs still return is recorded, then it goes on up
+            self.cancel()
             while running:
                 job, _, result = results.get()
                 running -= 1

@@ -120,11 +120,11 @@ class Pipeline:
     def _run(self, k: int, entry: Entry, scenario: Scenario, attempt: int, gpu_ids: list[int]) -> EntryOutcome:
         started, t0 = now_iso(), time.monotonic()
         entry_dir = self.options.out_dir / entry.id
-        entry_dir.mkdir(parents=True, exist_ok=True)
-        (entry_dir / "fixes.jsonl").unlink(missing_ok=True)
         parts = Parts(model=scenario.model_name)
         failure: Failure | None = None
         try:
+            entry_dir.mkdir(parents=True, exist_ok=True)  # a full disk costs this entry, not the run
+            (entry_dir / "fixes.jsonl").unlink(missing_ok=True)
             self._phases(k, entry, scenario, entry_dir, gpu_ids, parts)
         except StageFailed as exc:
             failure = exc.failure
@@ -152,7 +152,7 @@ class Pipeline:
         self.phase(k, entry.id, "resolving model")
         model_path = resolve(scenario, self.matrix.store.directory)
         spec = build_spec(entry, scenario, model_path, process.free_port(), entry_dir / "server.log", python,
-                          plan.startup_timeout(self.options.startup_timeout, self.matrix, scenario),
+                          plan.startup_timeout(self.options.startup_timeout, self.matrix.spec.startup_timeout, scenario),
                           self.options.inject, gpu_ids)
         parts.server_command = spec.shell()
         if scenario.load_check_on(entry.device):
@@ -202,7 +202,7 @@ class Pipeline:
             parts.gsm8k_error = "skipped: smoke failed"
             # a request that failed in transport is most likely the server dying
             raise StageFailed((parts.smoke.error and _died(server)) or failed)
-        if not plan.gsm8k_runs(self.options.gsm8k, self.matrix, scenario):
+        if not plan.gsm8k_runs(self.options.gsm8k, self.matrix.spec.gsm8k.enabled, scenario):
             return
         limit = self.matrix.gsm8k_limit(scenario, self.options.gsm8k_limit)
         self.phase(k, entry.id, f"gsm8k (limit {limit or 'all'})")

@@ -33,7 +33,7 @@ class Session:
         self.progress = Progress(len(entries))
         self._cancelled = threading.Event()
         self.pipeline = pipeline or Pipeline(matrix, options.entry, self.progress.phase, self._cancelled)
-        self.base_of = plan.baselines(matrix, entries)
+        self.base_of = plan.baselines(matrix.scenario, entries)
         self._finished: dict[str, ScenarioRecord] = {}  # records of baselines, for compare
         self._held: dict[str, list[EntryOutcome]] = {}  # outcomes waiting for their baseline's record
         self._lock = threading.Lock()
@@ -99,7 +99,8 @@ class Session:
         else:
             host_gpus = hardware.host_gpus(self.options.gpus)
             capacity = dispatch.Capacity(gpus=len(host_gpus), host=1)
-            local = dispatch.LocalPool([g.index for g in host_gpus], cancel=self._cancel)
+            local = dispatch.LocalPool([g.index for g in host_gpus], cancel=self._cancel,
+                                       eligible=lambda job: self._eligible(by_id[job.id], host_gpus))
 
             def run_pool(jobs: list[dispatch.Job]) -> None:
                 local.run(jobs, lambda job, ids: self.pipeline.execute(job.k, by_id[job.id], ids, host_gpus), done)
@@ -131,6 +132,11 @@ class Session:
         if host_gpus is None:  # a Ray cluster: each task checks its node's GPUs itself
             return None if job.gpus <= capacity.gpus else f"needs {job.gpus} GPUs; the cluster has {capacity.gpus}"
         return hardware.unmet(job.gpus, self.matrix.scenario(entry.scenario).requirements(entry.quant), host_gpus)
+
+    def _eligible(self, entry: Entry, host_gpus: list[hardware.Gpu]) -> list[int]:
+        """Ids of this host's GPUs that meet the entry's requirements."""
+        requires = self.matrix.scenario(entry.scenario).requirements(entry.quant)
+        return [g.index for g in hardware.qualifying(requires, host_gpus)]
 
     def _cancel(self) -> None:
         self._cancelled.set()

@@ -58,13 +58,18 @@ def host_gpus(ids: list[int] | None) -> list[Gpu]:
                                 capability=float("inf")) for i in ids]
 
 
+def qualifying(requires: Requires, gpus: list[Gpu]) -> list[Gpu]:
+    """The GPUs that meet `requires` (compute capability, memory)."""
+    return [g for g in gpus
+            if (requires.gpu_capability is None or g.capability >= requires.gpu_capability)
+            and (requires.gpu_memory_gb is None or g.memory_gb >= requires.gpu_memory_gb)]
+
+
 def unmet(need_gpus: int, requires: Requires, gpus: list[Gpu]) -> str | None:
     """Why an entry cannot run on these GPUs, or None when it fits."""
     if need_gpus == 0:
         return None
-    fit = [g for g in gpus
-           if (requires.gpu_capability is None or g.capability >= requires.gpu_capability)
-           and (requires.gpu_memory_gb is None or g.memory_gb >= requires.gpu_memory_gb)]
+    fit = qualifying(requires, gpus)
     if len(fit) >= need_gpus:
         return None
     what = [f"{need_gpus} GPU{'s' if need_gpus > 1 else ''}"]

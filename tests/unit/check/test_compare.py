@@ -9,6 +9,7 @@ import json
 import pytest
 
 from servematrix.check import accuracy
+from servematrix.config import references
 from servematrix.check.compare import AGREEMENT, compare
 from servematrix.check.verdict import judge
 from servematrix.config.matrix import load_matrix
@@ -170,8 +171,8 @@ def gsm8k_outcome(matrix, entry_id, path, failure=None):
 
 def agreement_reference(metric):
     assert metric == AGREEMENT
-    key = accuracy.RefKey(scenario="smollm2-135m", quant="fp32", tp=3)
-    return accuracy.Reference(key=key, metric=AGREEMENT, mean=1.0, sigma=0.0, n=20)
+    key = references.RefKey(scenario="smollm2-135m", quant="fp32", tp=3)
+    return references.Reference(key=key, metric=AGREEMENT, mean=1.0, sigma=0.0, n=20)
 
 
 def test_agreement_below_its_reference_fails_the_outcome_only_when_it_had_no_failure(matrix, tmp_path):
@@ -209,3 +210,16 @@ def test_agreement_needs_both_sides_samples(matrix, tmp_path):
     rec = gsm8k_outcome(matrix, SMOL_TP3, samples(tmp_path / "tp3.jsonl", ["2"] * 20))
 
     assert compare(rec, base, smol, agreement_reference) is rec
+
+
+def test_when_parity_and_agreement_both_fail_the_failure_is_paritys_and_both_are_recorded(matrix, tmp_path):
+    smol = matrix.scenario("smollm2-135m")
+    base = judge(gsm8k_outcome(matrix, SMOL_BASE, samples(tmp_path / "base.jsonl", ["1"] * 20))
+                 .model_copy(update={"smoke": smoke(smol, [5, 6, 7])}))
+    rec = (gsm8k_outcome(matrix, SMOL_TP3, samples(tmp_path / "tp3.jsonl", ["2"] * 20))
+           .model_copy(update={"smoke": smoke(smol, [5, 8, 7])}))
+
+    out = compare(rec, base, smol, agreement_reference)
+    assert out.smoke.parity.ok is False
+    assert [c.status for c in out.accuracy if c.metric == AGREEMENT] == ["fail"]
+    assert out.failure.phase == "smoke" and out.failure.signature.startswith(f"parity with {SMOL_BASE}")

@@ -43,10 +43,11 @@ def plain(tmp_path):
 def test_the_command_lines_startup_timeout_beats_the_matrixs_which_beats_the_scenarios(timed, plain):
     scenario = timed.scenario("tiny-llama")
     assert scenario.server.startup_timeout == 600
-    assert plan.startup_timeout(5, timed, scenario) == 5
-    assert plan.startup_timeout(None, timed, scenario) == 30
-    assert plan.startup_timeout(None, plain, scenario) == 600
-    assert plan.startup_timeout(5, plain, scenario) == 5
+    assert timed.spec.startup_timeout == 30 and plain.spec.startup_timeout is None
+    assert plan.startup_timeout(5, timed.spec.startup_timeout, scenario) == 5
+    assert plan.startup_timeout(None, timed.spec.startup_timeout, scenario) == 30
+    assert plan.startup_timeout(None, plain.spec.startup_timeout, scenario) == 600
+    assert plan.startup_timeout(5, plain.spec.startup_timeout, scenario) == 5
 
 
 def test_the_command_lines_gsm8k_limit_beats_the_matrixs_which_beats_the_scenarios(timed, plain):
@@ -66,10 +67,11 @@ def test_gsm8k_runs_only_when_command_line_matrix_and_scenario_all_leave_it_on(t
     scenario = plain.scenario("tiny-llama")
     off = matrix_file(tmp_path, "gsm8k: {enabled: false}\nscenarios: [tiny-llama]\n", "gsm8k-off")
     no_gsm8k = scenario.model_copy(update={"gsm8k": scenario.gsm8k.model_copy(update={"enabled": False})})
-    assert plan.gsm8k_runs(True, plain, scenario) is True
-    assert plan.gsm8k_runs(False, plain, scenario) is False
-    assert plan.gsm8k_runs(True, off, scenario) is False
-    assert plan.gsm8k_runs(True, plain, no_gsm8k) is False
+    assert plain.spec.gsm8k.enabled and not off.spec.gsm8k.enabled
+    assert plan.gsm8k_runs(True, plain.spec.gsm8k.enabled, scenario) is True
+    assert plan.gsm8k_runs(False, plain.spec.gsm8k.enabled, scenario) is False
+    assert plan.gsm8k_runs(True, off.spec.gsm8k.enabled, scenario) is False
+    assert plan.gsm8k_runs(True, plain.spec.gsm8k.enabled, no_gsm8k) is False
 
 
 # --- --backend ----------------------------------------------------------------------------------------
@@ -148,7 +150,7 @@ def test_no_baseline_when_none_of_the_layouts_scenario_device_and_vllm_was_selec
 def test_baselines_maps_every_selected_entry(fixed):
     ids = [LAYOUT, PLAIN, SILU, KV_TP2]
     e = by_id(fixed)
-    assert plan.baselines(fixed, [e[i] for i in ids]) == {LAYOUT: SILU, PLAIN: PLAIN, SILU: SILU, KV_TP2: None}
+    assert plan.baselines(fixed.scenario, [e[i] for i in ids]) == {LAYOUT: SILU, PLAIN: PLAIN, SILU: SILU, KV_TP2: None}
 
 
 # --- is_baseline --------------------------------------------------------------------------------------

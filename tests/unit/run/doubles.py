@@ -157,8 +157,7 @@ class ScriptedServer(Server):
             self.log(self.die_on_load)
             self.code = 1
             return
-        self._httpd = ThreadingHTTPServer((self.spec.host, self.spec.port), _handler(self))
-        self._httpd.daemon_threads = True
+        self._httpd = _QuietServer((self.spec.host, self.spec.port), _handler(self))
         threading.Thread(target=self._httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
 
     def returncode(self) -> int | None:
@@ -193,6 +192,13 @@ class ScriptedServer(Server):
         if self.reply is not None:
             return self.reply(self, path, body)
         return (chat_body if path.endswith("chat/completions") else completion_body)(body.get("model"), self.ids)
+
+
+class _QuietServer(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def handle_error(self, request, client_address):
+        pass  # a client that went away mid-reply (a stopped smoke) is part of the script
 
 
 def _handler(server: ScriptedServer):

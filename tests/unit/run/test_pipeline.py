@@ -19,7 +19,8 @@ from servematrix.run import pipeline as pipeline_mod
 from servematrix.run.options import RunOptions
 from servematrix.run.pipeline import Pipeline
 from servematrix.serve import envs
-from tests.unit.run.doubles import DROP, REPO, ScriptedServer
+from servematrix.serve.hardware import Gpu
+from tests.unit.run.doubles import DROP, REPO, ScriptedServer, matrix_file
 
 BASE = "tiny-llama/tp1-pp1-fp32"
 XFAIL_PP2 = "tiny-llama/tp1-pp2-fp32"
@@ -82,10 +83,32 @@ def test_a_healthy_server_gives_an_outcome_with_no_verdict_that_judge_turns_into
     assert f"--port {h.servers[0].spec.port}" in out.server_command
     assert h.servers[0].requests == ["/v1/completions", "/v1/completions", "/v1/chat/completions"]
     assert h.servers[0].stopped and h.pipeline.live == set()  # torn down, and no longer live
+    assert h.servers[0].spec.startup_timeout == 600  # the scenario's: neither CLI nor matrix set one
 
     rec = judge(out)
     assert isinstance(rec, ScenarioRecord) and rec.verdict == "pass" and rec.note is None
     assert rec.smoke == out.smoke and rec.attempts == 1
+
+
+@pytest.mark.parametrize("cli, matrix_value, expected", [(None, None, 600.0), (None, 30, 30.0), (7, 30, 7.0)])
+def test_the_server_waits_the_command_lines_start_up_timeout_else_the_matrixs_else_the_scenarios(
+        tmp_path, cli, matrix_value, expected):
+    body = (f"startup_timeout: {matrix_value}\n" if matrix_value else "") + "scenarios: [tiny-llama]\n"
+    h = Harness(matrix_file(tmp_path, body), tmp_path / "run", startup_timeout=cli)
+    out = h.run()
+    assert out.failure is None and h.servers[0].spec.startup_timeout == expected
+
+
+def test_an_entry_given_gpus_that_miss_its_requirements_is_skipped_before_anything_starts(tmp_path):
+    matrix = matrix_file(tmp_path, "include:\n  - {scenario: minimax-m2.5-nvfp4, tp: 2, device: gpu}\n")
+    hopper = [Gpu(index=i, name="H100", memory_gb=80.0, capability=9.0) for i in (0, 1, 2)]
+    h = Harness(matrix, tmp_path / "run")
+    (entry,) = matrix.entries
+    out = h.pipeline.execute(1, entry, [1, 2], hopper)
+
+    assert out.skipped.startswith("needs 2 GPUs, compute capability >= 10.0")
+    assert out.failure is None and h.servers == [] and out.seconds == 0.0
+    assert judge(out).verdict == "skipped" and judge(out).note == out.skipped
 
 
 # --- retries -------------------------------------------------------------------------------------
@@ -113,6 +136,16 @@ def test_a_port_in_use_is_an_infrastructure_failure_retried_once_on_a_new_port(m
     assert h.servers[0].requests == []  # the first never served
     assert "infrastructure failure (port-in-use), retrying" in h.phases
     assert judge(out).verdict == "pass"
+
+
+def test_a_server_that_dies_because_its_port_was_taken_is_classified_port_in_use_and_retried(matrix, tmp_path):
+    taken = "ERROR 11-22 12:46:11 [api_server.py:1] OSError: [Errno 98] Address already in use"
+    h = Harness(matrix, tmp_path / "run",
+                lambda spec, n: ScriptedServer(spec, die_on_load=taken) if n == 1 else ScriptedServer(spec))
+    out = h.run()
+
+    assert out.attempts == 2 and out.failure is None and len(h.servers) == 2
+    assert h.servers[0].failure.kind == "port-in-use"  # what the first attempt died of
 
 
 def test_an_infrastructure_failure_that_persists_is_retried_once_then_recorded_as_an_error(matrix, tmp_path):

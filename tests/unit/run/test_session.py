@@ -16,12 +16,14 @@ import pytest
 from servematrix.config.matrix import load_matrix
 from servematrix.errors import StateError
 from servematrix.record import Failure, RunSummary
+from servematrix.run import pipeline as pipeline_mod
+from servematrix.run import session as session_mod
 from servematrix.run.options import RunOptions
 from servematrix.run.pipeline import interrupted
 from servematrix.run.session import Session
 from servematrix.serve import envs, hardware
-from tests.unit.run.doubles import (REPO, ScriptedPipeline, StoppableServer, by_id, failed, matrix_file, passed,
-                                    smoke)
+from tests.unit.run.doubles import (REPO, ScriptedPipeline, ScriptedServer, StoppableServer, by_id, completion_body,
+                                    failed, matrix_file, passed, smoke)
 
 BASE = "tiny-llama/tp1-pp1-fp32"
 TP2 = "tiny-llama/tp2-pp1-fp32"
@@ -111,8 +113,6 @@ def test_a_layout_finishing_before_its_baseline_is_held_then_published_after_it_
 
 def test_every_outcome_is_judged_exactly_once_and_a_layout_only_after_its_comparison(matrix, tmp_path,
                                                                                      monkeypatch):
-    from servematrix.run import session as session_mod
-
     judged = []
     real = session_mod.judge
 
@@ -215,6 +215,36 @@ def test_sigterm_during_an_entry_ends_the_run_interrupted_with_exit_2_even_if_ev
     assert summary.ended_at is not None
 
 
+def test_sigterm_during_a_real_pipelines_smoke_stops_its_server_and_starts_nothing_more(matrix, tmp_path,
+                                                                                        monkeypatch):
+    model = tmp_path / "model"
+    model.mkdir()
+    monkeypatch.setattr(pipeline_mod, "resolve", lambda scenario, base_dir=None, build=True: str(model))
+
+    def terminate_then_answer(server, path, body):
+        os.kill(os.getpid(), signal.SIGTERM)  # lands in the main thread, waiting for this reply
+        time.sleep(0.5)
+        return completion_body(body.get("model"), [5, 6, 7])
+
+    entries = [by_id(matrix)[i] for i in (BASE, KV_TP1)]
+    run = Session(matrix, entries, RunOptions.of(tmp_path / "run", gsm8k=False))
+    servers = []
+    run.pipeline.make_server = lambda spec: servers.append(ScriptedServer(spec, reply=terminate_then_answer)) \
+        or servers[-1]
+    previous = signal.signal(signal.SIGTERM, lambda *a: None)
+    try:
+        summary = run.run()
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+    assert len(servers) == 1 and servers[0].stopped  # torn down; the second entry never started one
+    assert run.pipeline.live == set()
+    assert published(summary) == [BASE]
+    rec = record(summary, BASE)
+    assert rec.failure.kind == "interrupted" and rec.verdict == "error" and rec.attempts == 1
+    assert summary.status == "interrupted" and summary.exit_code == 2
+
+
 def test_ctrl_c_with_gpus_in_parallel_stops_every_live_server_and_records_the_running_entries(tmp_path,
                                                                                             monkeypatch):
     gpus = [hardware.Gpu(index=i, name="H200", memory_gb=140.0, capability=9.0) for i in (0, 1)]
@@ -249,11 +279,9 @@ def test_ctrl_c_with_gpus_in_parallel_stops_every_live_server_and_records_the_ru
 
 
 def test_an_exception_escaping_one_parallel_entry_still_stops_the_other_live_servers(tmp_path, monkeypatch):
-    """BUG (servematrix/run/dispatch.py:179, LocalPool._threads): an exception from one job's
-    execute (Pipeline._run creates the entry directory outside its try, so a full disk raises
-    OSError) is re-raised at once; only KeyboardInterrupt calls `cancel`, so the servers of the
-    jobs still running stay up after the run has ended as "error" (vLLM servers live in their own
-    process group: nothing else stops them)."""
+    """An exception from one job's execute (a full disk, say) stops the servers of the jobs still
+    running before it goes up, as Ctrl-C does: vLLM servers live in their own process group, so
+    nothing else would stop them. (Found by this test: the pool used to re-raise at once.)"""
     gpus = [hardware.Gpu(index=i, name="H200", memory_gb=140.0, capability=9.0) for i in (0, 1)]
     monkeypatch.setattr(hardware, "host_gpus", lambda ids: gpus)
     matrix = matrix_file(tmp_path, "scenarios: [tiny-llama, tiny-llama-2kv]\naxes: {device: [gpu]}\n")
@@ -315,6 +343,43 @@ def test_on_a_one_gpu_host_only_the_wider_layouts_are_skipped_and_held_for_their
     assert skipped.note == "needs 2 GPUs; this host has 1 that qualify of: H200 (sm 9.0, 140 GB)"
     assert summary.counts == {"pass": 2, "skipped": 2}
     assert summary.exit_code == 0  # what ran passed; the skips are reported, not an error
+
+
+def test_a_gpu_entry_whose_requirements_no_gpu_of_the_host_meets_is_skipped_naming_them(tmp_path, monkeypatch):
+    hopper = [hardware.Gpu(index=i, name="H100", memory_gb=80.0, capability=9.0) for i in (0, 1)]
+    monkeypatch.setattr(hardware, "host_gpus", lambda ids: hopper)
+    matrix = matrix_file(tmp_path, "include:\n  - {scenario: minimax-m2.5-nvfp4, tp: 2, device: gpu}\n")
+    pipeline = ScriptedPipeline(matrix)
+    summary = Session(matrix, matrix.entries, RunOptions.of(tmp_path / "run"), pipeline=pipeline).run()
+
+    assert pipeline.calls == []
+    (rec,) = summary.scenarios
+    assert rec.verdict == "skipped"
+    assert rec.note == ("needs 2 GPUs, compute capability >= 10.0, >= 80 GB each; this host has 0 that qualify "
+                        "of: H100 (sm 9.0, 80 GB), H100 (sm 9.0, 80 GB)")
+    assert summary.exit_code == 2
+
+
+def test_on_a_mixed_host_an_entry_runs_on_the_gpu_that_meets_its_requirements_instead_of_being_skipped(
+        tmp_path, monkeypatch):
+    """The pool gives an entry GPUs that meet its requirements: on a host with an A100 (sm 8.0) and
+    an H100, the FP8 entry runs on the H100 rather than being handed GPU 0 and then skipped as unfit.
+    (Found by this test: the pool used to hand out the first free ids whatever their kind.)"""
+    mixed = [hardware.Gpu(index=0, name="A100", memory_gb=80.0, capability=8.0),
+             hardware.Gpu(index=1, name="H100", memory_gb=80.0, capability=9.0)]
+    monkeypatch.setattr(hardware, "host_gpus", lambda ids: mixed)
+    model = tmp_path / "model"
+    model.mkdir()
+    monkeypatch.setattr(pipeline_mod, "resolve", lambda scenario, base_dir=None, build=True: str(model))
+    matrix = matrix_file(tmp_path, "include:\n  - {scenario: qwen3-0.6b, tp: 1, quant: fp8, device: gpu}\n")
+    run = Session(matrix, matrix.entries, RunOptions.of(tmp_path / "run", gsm8k=False))
+    servers = []
+    run.pipeline.make_server = lambda spec: servers.append(ScriptedServer(spec)) or servers[-1]
+    summary = run.run()
+
+    (rec,) = summary.scenarios
+    assert rec.verdict != "skipped", rec.note
+    assert [s.spec.env.get("CUDA_VISIBLE_DEVICES") for s in servers] == ["1"]
 
 
 # --- counts and exit codes -------------------------------------------------------------------------

@@ -79,7 +79,7 @@ def test_server_command_carries_layout_quant_and_device_env():
 
     from servematrix.config.matrix import load_matrix
 
-    root = Path(__file__).resolve().parents[2]
+    root = Path(__file__).resolve().parents[3]
     m = load_matrix(root / "matrix" / "cpu-smoke.yaml")
     e = next(x for x in m.entries if x.tp == 2)
     s = build_spec(e, m.scenario(e.scenario), "/ckpt", 8000, Path("log"), "python")

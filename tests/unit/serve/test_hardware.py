@@ -9,7 +9,7 @@ from servematrix.config.matrix import load_matrix
 from servematrix.config.scenario import Requires
 from servematrix.check.verdict import exit_code
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 H100 = [Gpu(index=i, name="NVIDIA H100 80GB HBM3", memory_gb=79.6, capability=9.0) for i in range(8)]
 H200 = [Gpu(index=i, name="NVIDIA H200", memory_gb=139.8, capability=9.0) for i in range(8)]
 

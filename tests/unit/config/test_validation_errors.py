@@ -99,7 +99,7 @@ def test_cli_list_prints_expanded_ids(repo, capsys):
 # --- trust at the boundary: every bad input is exit 2, one located line, nothing written ---------
 # Each case edits one shipped file (in a copy of matrix/, scenarios/ and references/) and validates
 # the matrix that uses it through the CLI. The line expected is the line of the edit.
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 BOMB = "".join(f"l{i}: &l{i} [" + ", ".join([f"*l{i - 1}"] * 9 if i else ["x"] * 9) + "]\n" for i in range(7))
 HUGE = "9" * 5000
 

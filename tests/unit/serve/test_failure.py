@@ -6,7 +6,7 @@ from pathlib import Path
 
 from servematrix.serve.failure import classify_exit, exception_lines, root_exception, strip_prefix
 
-DATA = Path(__file__).parent / "data"
+DATA = Path(__file__).parents[1] / "data"
 
 
 def test_root_cause_of_a_weight_loading_crash_skips_vllms_wrapper_exceptions():

@@ -23,7 +23,7 @@ from servematrix.record import Failure
 from servematrix.config.matrix import Expectation
 from servematrix.record import LoadResult, RunSummary, ScenarioRecord
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 MATRIX = str(REPO / "matrix" / "cpu-smoke.yaml")
 ENTRY = "tiny-llama/tp1-pp1-fp32"
 MARKER = "servematrix-env.json"

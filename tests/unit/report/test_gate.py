@@ -2,7 +2,8 @@
 
 import pytest
 
-from servematrix.check.accuracy import Check, RefKey, Reference, judge
+from servematrix.check.accuracy import judge
+from servematrix.config.references import Check, RefKey, Reference
 from servematrix.record import MetricValue
 from servematrix.errors import StateError
 from servematrix.record import Failure

@@ -4,12 +4,13 @@ import textwrap
 
 import pytest
 
-from servematrix.check.accuracy import Check, References, judge, needed_n
+from servematrix.check.accuracy import judge, needed_n
+from servematrix.config.references import Check, References
 from servematrix.record import MetricValue
 from servematrix.config.matrix import load_matrix
 from servematrix.config.yamlio import ConfigError
 
-from .test_matrix import SCENARIO
+from tests.unit.config.test_matrix import SCENARIO
 
 REFS = textwrap.dedent("""\
     references:

@@ -111,7 +111,7 @@ def test_select_by_substring_glob_and_tag(repo):
 def test_the_shipped_default_matrix_validates():
     from pathlib import Path
 
-    root = Path(__file__).resolve().parents[2]
+    root = Path(__file__).resolve().parents[3]
     m = load_matrix(root / "matrix" / "cpu-smoke.yaml")
     assert "tiny-llama/tp1-pp1-fp32" in ids(m) and "tiny-llama/tp2-pp1-fp32" in ids(m)
     pp2 = next(e for e in m.entries if e.pp == 2)

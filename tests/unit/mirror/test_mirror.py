@@ -28,7 +28,7 @@ from servematrix.mirror.layout import SourceLayout
 from servematrix.mirror.source import read_header, read_local, read_source
 from servematrix.config.scenario import ScenarioStore
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 BYTES = {"BF16": 2, "F16": 2, "F32": 4, "I32": 4, "I64": 8, "U8": 1, "F8_E4M3": 1}
 
 

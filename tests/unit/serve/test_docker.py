@@ -44,7 +44,7 @@ def test_extra_mounts_parse_host_container_and_mode(tmp_path):
 
 
 def test_host_root_mounts_cover_python_venv_and_checkout_without_nesting():
-    mounts = host_root_mounts(Path(__file__).resolve().parents[2])
+    mounts = host_root_mounts(Path(__file__).resolve().parents[3])
     hosts = [m.split(":")[0] for m in mounts]
     assert "/usr" in hosts and all(m.endswith(":ro") for m in mounts)
     assert not any(a != b and a.startswith(b + "/") for a in hosts for b in hosts)

@@ -28,7 +28,7 @@ from hypothesis import strategies as st
 
 from servematrix.cli import main
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 MATRICES = sorted((REPO / "matrix").glob("*.yaml"))
 SCENARIOS = sorted((REPO / "scenarios").glob("*.yaml"))
 SHIPPED = [p.relative_to(REPO) for p in MATRICES + SCENARIOS]

@@ -151,7 +151,7 @@ def test_a_composite_is_read_back_part_by_part_and_a_drifted_part_is_refused(tmp
 
 
 # --- what a spec may ask for: bounded before anything is built -----------------------------------
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 FORGED = {p.stem: yaml.safe_load(p.read_text())["model"]["forge"] for p in sorted((REPO / "scenarios").glob("*.yaml"))
           if "forge" in yaml.safe_load(p.read_text())["model"]}
 
@@ -235,7 +235,7 @@ def test_a_missing_model_path_is_a_config_error_at_model_path(write):
     from servematrix.checkpoint.resolve import ModelUnavailable, resolve
     from servematrix.config.scenario import ScenarioStore
 
-    from .test_matrix import SCENARIO
+    from tests.unit.config.test_matrix import SCENARIO
 
     path = write("scenarios/alpha.yaml", SCENARIO.format(name="alpha").replace("/nonexistent", "../no-such-model"))
     store = ScenarioStore(path.parent)
