@@ -9,14 +9,11 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from servematrix.check import accuracy
-
 from servematrix.check import gsm8k
-
-from servematrix.serve import loadcheck
-from servematrix.config.references import Reference
-from servematrix.record import CheckResult, EntryOutcome, Failure, ScenarioRecord
-from servematrix.config.scenario import Scenario
 from servematrix.check.smoke import parity
+from servematrix.config.references import Reference
+from servematrix.config.scenario import Scenario
+from servematrix.record import CheckResult, EntryOutcome, Failure, LoadParity, ScenarioRecord
 
 AGREEMENT = "gsm8k.agreement"
 
@@ -64,7 +61,7 @@ def _load_parity(rec: EntryOutcome, base: ScenarioRecord, scenario: Scenario):
         return None  # TP shards differ by design; PP only places whole layers
     if rec.load_check is None or base.load_check is None or not (rec.load_check.ok and base.load_check.ok):
         return None
-    return loadcheck.parity(rec.load_check.digests, base.load_check.digests, base.id)
+    return load_parity(rec.load_check.digests, base.load_check.digests, base.id)
 
 
 def _agreement(rec: EntryOutcome, base: ScenarioRecord, scenario: Scenario):
@@ -79,3 +76,13 @@ def _paired(scenario: Scenario, results: list[CheckResult]):
     """The scenario's checks beside the results the record already has (same order)."""
     by_metric = {r.metric: r for r in results}
     return [(c, by_metric.get(c.metric)) for c in scenario.accuracy.checks if c.metric in by_metric]
+
+
+def load_parity(digests: dict[str, str], baseline: dict[str, str], baseline_id: str, limit: int = 5) -> LoadParity:
+    """Same parameters, bit for bit, as the baseline layout loaded (both loaded completely; the
+    layouts must shard alike, i.e. the same TP: PP only places whole layers)."""
+    details = [f"{n}: not loaded (baseline has it)" for n in sorted(baseline.keys() - digests.keys())]
+    details += [f"{n}: loaded here, not in the baseline" for n in sorted(digests.keys() - baseline.keys())]
+    details += [f"{n}: {digests[n]} != baseline {baseline[n]}" for n in sorted(digests.keys() & baseline.keys())
+                if digests[n] != baseline[n]]
+    return LoadParity(baseline=baseline_id, ok=not details, details=details[:limit])

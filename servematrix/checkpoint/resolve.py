@@ -10,11 +10,10 @@ import importlib.metadata
 from pathlib import Path
 
 from servematrix.checkpoint import convert
-
 from servematrix.checkpoint import forge
-from servematrix.errors import ConfigError, UserError
 from servematrix.config.scenario import Scenario
 from servematrix.config.yamlio import load_yaml
+from servematrix.errors import ConfigError, UserError
 
 
 class ModelUnavailable(UserError):

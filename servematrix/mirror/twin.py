@@ -119,8 +119,6 @@ def _quantize(t: QuantTarget, weight, gen) -> dict:
     """The twin's float weight in the target's layout: FP8 weights really quantized (a partial last
     block padded, as DeepSeek's checkpoints do), packed integer / FP4 tensors random bits, scales
     small and positive, and every dtype the source's."""
-    import torch
-
     out = {}
     leaves = t.leaves
     if leaves.get("weight") and leaves["weight"].dtype == "F8_E4M3":

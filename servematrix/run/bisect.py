@@ -17,13 +17,12 @@ from typing import Literal
 
 from pydantic import BaseModel
 
-from servematrix.run import rundir
-from servematrix.serve import envs
-
-from servematrix.errors import ArgumentError
 from servematrix.config.matrix import Entry, Matrix
 from servematrix.config.matrix_spec import entry_id
+from servematrix.errors import ArgumentError
 from servematrix.record import ScenarioRecord
+from servematrix.run import rundir
+from servematrix.serve import envs
 
 Outcome = Literal["good", "bad", "other"]
 

@@ -19,7 +19,6 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field
 
 from servematrix.errors import ArgumentError, StateError, UserError
-
 from servematrix.paths import cache_dir, data_file
 
 REPO = Path(__file__).resolve().parents[2]

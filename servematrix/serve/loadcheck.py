@@ -4,7 +4,7 @@ entry's vLLM environment, with its fix modules (loadcheck_worker.py does the vLL
 
 The command line is the server's, so the check builds the engine the server would; the result is
 the same LoadResult / Failure a server start gives, plus per-rank parameter counts and content
-digests, which the compare stage uses for PP parity (PP=2's ranks together must hold exactly the
+digests, which check.compare uses for PP parity (PP=2's ranks together must hold exactly the
 parameters PP=1 loads).
 """
 
@@ -18,7 +18,7 @@ from pathlib import Path
 from pydantic import BaseModel, Field
 
 from servematrix.serve import failure
-from servematrix.record import Failure, LoadCheckResult, LoadParity, LoadResult, RankResult, StageFailed
+from servematrix.record import Failure, LoadCheckResult, LoadResult, RankResult, StageFailed
 from servematrix.serve.process import spawn, stop
 from servematrix.serve.server import LaunchSpec
 
@@ -92,13 +92,3 @@ def _collect(out: Path, seconds: float) -> LoadCheckResult:
         ranks.append(RankResult.model_validate({k: v for k, v in data.items() if k in RankResult.model_fields}))
     ok = bool(ranks) and all(r.ok for r in ranks)
     return LoadCheckResult(ok=ok, ranks=ranks, seconds=seconds, digests=digests if ok else {})
-
-
-def parity(digests: dict[str, str], baseline: dict[str, str], baseline_id: str, limit: int = 5) -> LoadParity:
-    """Same parameters, bit for bit, as the baseline layout loaded (both loaded completely; the
-    layouts must shard alike, i.e. the same TP: PP only places whole layers)."""
-    details = [f"{n}: not loaded (baseline has it)" for n in sorted(baseline.keys() - digests.keys())]
-    details += [f"{n}: loaded here, not in the baseline" for n in sorted(digests.keys() - baseline.keys())]
-    details += [f"{n}: {digests[n]} != baseline {baseline[n]}" for n in sorted(digests.keys() & baseline.keys())
-                if digests[n] != baseline[n]]
-    return LoadParity(baseline=baseline_id, ok=not details, details=details[:limit])

@@ -10,7 +10,7 @@ import pytest
 
 from servematrix.check import accuracy
 from servematrix.config import references
-from servematrix.check.compare import AGREEMENT, compare
+from servematrix.check.compare import AGREEMENT, compare, load_parity
 from servematrix.check.verdict import judge
 from servematrix.config.matrix import load_matrix
 from servematrix.config.scenario import ParitySpec
@@ -223,3 +223,13 @@ def test_when_parity_and_agreement_both_fail_the_failure_is_paritys_and_both_are
     assert out.smoke.parity.ok is False
     assert [c.status for c in out.accuracy if c.metric == AGREEMENT] == ["fail"]
     assert out.failure.phase == "smoke" and out.failure.signature.startswith(f"parity with {SMOL_BASE}")
+
+
+def test_load_parity_holds_only_for_the_same_parameters_bit_for_bit():
+    base = {"w1": "bf16:[2]:aa", "w2": "bf16:[2]:bb"}
+    assert load_parity(dict(base), base, "b").ok
+    p = load_parity({"w1": "bf16:[2]:aa", "w3": "bf16:[2]:cc"}, base, "b")
+    assert not p.ok and p.baseline == "b"
+    assert p.details == ["w2: not loaded (baseline has it)", "w3: loaded here, not in the baseline"]
+    changed = load_parity({"w1": "bf16:[2]:aa", "w2": "bf16:[2]:zz"}, base, "b")
+    assert changed.details == ["w2: bf16:[2]:zz != baseline bf16:[2]:bb"]

@@ -1,0 +1,17 @@
+"""dims.py's KV-head rule: under the "cover" policy the twin's KV heads are split at one TP value
+and replicated at another (MQA stays MQA; with one TP > 1, split as the source is; the smallest
+count valid at every TP), and under "faithful" they follow the source."""
+
+from __future__ import annotations
+
+from servematrix.mirror.dims import choose_kv, kv_class
+
+
+def test_the_kv_head_rule_splits_at_one_tp_and_replicates_at_another_else_follows_the_source():
+    assert choose_kv(8, [1, 2, 4, 8], "cover") == 2
+    assert [kv_class(2, t) for t in (2, 4, 8)] == ["split", "replicated", "replicated"]
+    assert choose_kv(8, [1, 2, 4, 8], "faithful") == 8
+    assert choose_kv(1, [1, 2, 4], "cover") == 1  # MQA stays MQA
+    assert choose_kv(4, [1, 2], "cover") == 2  # one TP > 1 cannot do both: split, as the source at TP=2
+    assert choose_kv(2, [1, 4], "cover") == 1  # the source replicates at TP=4: the smallest k that does too
+    assert choose_kv(16, [1, 3, 6], "cover") == 3  # split at TP=3, replicated at TP=6; 2 would be invalid at TP=3

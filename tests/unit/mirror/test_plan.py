@@ -1,0 +1,94 @@
+"""plan.py shrinks a source into a twin whose invariants hold: full-size layouts built from
+transformers' defaults for each family give small twins whose KV heads TP both splits and
+replicates; the DSA seed keeps its FP8 indexer and dense first layer; a model_type only remote code
+knows is planned as its architectures' class with its auto_map; experts and KV scales keep their
+count when no width changes; and a twin that cannot serve the asked PP is refused, nothing written."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+
+import pytest
+
+from servematrix.errors import UserError
+from servematrix.mirror.cli import cli_mirror
+from servematrix.mirror.diff import diff
+from servematrix.mirror.dims import kv_class
+from servematrix.mirror.plan import plan_twin
+from servematrix.mirror.source import read_local, read_source
+from servematrix.mirror.twin import build_twin
+from tests.unit.mirror.sources import seed
+
+
+def test_the_dsa_seed_keeps_its_fp8_indexer_wk_with_block_scales_and_its_dense_first_layer(cache, tmp_path):
+    _, seed_dir = seed("tiny-glm-5.1-dsa")
+    plan = plan_twin(read_source(str(seed_dir)), max_pp=2, tp_values=[1, 2])
+    assert plan.ok and plan.reproducible
+    assert [b.tensors for b in plan.spec.fp8_blocks] == ["model.layers.*.self_attn.indexer.wk.weight"]
+    assert plan.twin["model.layers.1.self_attn.indexer.wk.weight"].dtype == "F8_E4M3"
+    assert plan.twin["model.layers.1.self_attn.indexer.wk.weight_scale_inv"].dtype == "F32"
+    assert plan.spec.config["first_k_dense_replace"] == 1 and plan.spec.config["mlp_layer_types"] == ["dense", "sparse"]
+    assert plan.layer_map == {0: 0, 1: 1, 2: 1, 3: 1}
+    assert "model.layers.0.mlp.gate_proj.weight" in plan.twin and "model.layers.1.mlp.experts.3.up_proj.weight" in plan.twin
+
+
+FAMILIES = ["minimax_m2", "deepseek_v3", "deepseek_v32", "glm_moe_dsa", "glm4_moe", "qwen3_moe", "llama"]
+
+
+@pytest.mark.parametrize("model_type", FAMILIES)
+def test_a_full_size_meta_layout_from_transformers_defaults_gives_a_twin_whose_invariants_hold(model_type):
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    if model_type not in CONFIG_MAPPING:
+        pytest.skip(f"this transformers has no {model_type}")
+    source = read_source(f"model_type:{model_type}")
+    assert source.kind == "model_type" and len(source.tensors) > 200  # full size, built on the meta device
+    plan = plan_twin(source, max_pp=4, tp_values=[1, 2, 4, 8])
+    assert plan.ok, [f"{i.name}: {i.detail}" for i in plan.invariants if not i.holds]
+    assert len(plan.kept_layers) >= 4 and len(plan.twin) < len(source.tensors)
+    cfg = {**source.config, **{k: v[1] for k, v in plan.dims.items()}}
+    if not source.structure.mla:
+        kv = cfg["num_key_value_heads"]
+        classes = {kv_class(kv, t) for t in (2, 4, 8)}
+        assert classes == {"split", "replicated"}  # the TP values both split and replicate the KV heads
+        assert cfg["num_attention_heads"] % kv == 0
+    if source.structure.experts:
+        assert plan.experts >= 2 * (cfg.get("num_experts_per_tok") or 1)
+    assert sum(math.prod(m.shape) for m in plan.twin.values()) < 50_000_000
+
+
+def test_a_twin_that_cannot_serve_the_asked_pp_is_refused_and_nothing_is_written(cache, tmp_path):
+    _, seed_dir = seed("tiny-llama")
+    plan = plan_twin(read_source(str(seed_dir)), max_pp=4, tp_values=[1, 2])
+    assert not plan.ok and [i.name for i in plan.invariants if not i.holds] == ["layers"]
+    with pytest.raises(UserError, match="layers"):
+        cli_mirror(str(seed_dir), tmp_path / "twin.yaml", tmp_path / "twin", 4, [1, 2], "twin")
+    assert not (tmp_path / "twin.yaml").exists() and not (tmp_path / "twin").exists()
+
+
+def test_a_model_type_only_remote_code_knows_is_forged_as_its_architectures_class_with_its_auto_map(cache, tmp_path):
+    _, seed_dir = seed("tiny-llama")
+    src = shutil.copytree(seed_dir, tmp_path / "src")
+    config = json.loads((src / "config.json").read_text())
+    config.update(model_type="my_llama", auto_map={"AutoConfig": "configuration_my_llama.MyLlamaConfig",
+                                                   "AutoModelForCausalLM": "modeling_my_llama.MyLlamaForCausalLM"})
+    (src / "config.json").write_text(json.dumps(config))
+    source = read_source(str(src))
+    plan = plan_twin(source, 2, [1, 2])
+    assert plan.ok and (plan.spec.model_type, plan.spec.text_model_type, plan.spec.remote_code) == ("my_llama", "llama", True)
+    twin = read_local(build_twin(plan, "my-llama-twin", tmp_path / "twin"))
+    assert twin.model_type == "my_llama" and twin.auto_map["AutoConfig"].startswith("configuration_my_llama.")
+    report = diff(source, twin)
+    assert report.equal
+    assert any(n.what == "auto_map ['AutoModelForCausalLM']" for n in report.not_mirrored)
+
+
+def test_the_kvscale_seeds_experts_and_scales_keep_their_count_when_no_width_changes(cache):
+    _, seed_dir = seed("tiny-minimax-m2-kvscale")
+    plan = plan_twin(read_source(str(seed_dir)), 2, [1, 2])
+    assert plan.experts == 4 and "num_local_experts" not in plan.dims
+    assert [e.name for e in plan.spec.extra_tensors] == ["model.layers.{layer}.self_attn.k_proj.k_scale",
+                                                         "model.layers.{layer}.self_attn.v_proj.v_scale"]
+    assert plan.spec.config_json["quantization_config"]["ignored_layers"][-1] == "model.layers.1.mlp.experts"
