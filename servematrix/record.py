@@ -34,7 +34,6 @@ class Failure(BaseModel):
         return cls(kind=kind, signature=signature, infra=kind in INFRA_KINDS, phase=phase)
 
 
-
 # --- smoke (check.smoke) ---------------------------------------------------------------------
 class Generation(BaseModel):
     """A greedy generation as token ids with each position's top-k logprobs (id -> logprob)."""
@@ -43,7 +42,6 @@ class Generation(BaseModel):
     token_ids: list[int]
     top_logprobs: list[dict[int, float]]
     finish_reason: str | None = None
-
 
 
 class PromptResult(BaseModel):
@@ -55,12 +53,10 @@ class PromptResult(BaseModel):
     generation: Generation | None = None
 
 
-
 class ParityResult(BaseModel):
     ok: bool
     baseline: str
     details: list[str] = Field(default_factory=list)
-
 
 
 class SmokeResult(BaseModel):
@@ -68,7 +64,6 @@ class SmokeResult(BaseModel):
     prompts: list[PromptResult]
     parity: ParityResult | None = None
     error: str | None = None  # transport failure (server died, timeout)
-
 
 
 # --- gsm8k (check.gsm8k) and accuracy (check.accuracy) ------------------------------------------
@@ -83,7 +78,6 @@ class Gsm8kResult(BaseModel):
     nll_samples_path: str | None = None  # lm-eval's loglikelihood samples for the gold answers
 
 
-
 # metric name -> higher is better?
 METRICS: dict[str, bool] = {
     "gsm8k.strict": True,
@@ -93,13 +87,11 @@ METRICS: dict[str, bool] = {
 }
 
 
-
 class MetricValue(BaseModel):
     mean: float
     sigma: float
     stderr: float
     n: int
-
 
 
 class CheckResult(BaseModel):
@@ -126,7 +118,6 @@ class CheckResult(BaseModel):
                 f"{self.threshold:.4f}; MDE {self.mde:.4f}; p={self.p_value:.3g} → {self.status}")
 
 
-
 # --- load check (serve.loadcheck) ----------------------------------------------------------------
 class RankResult(BaseModel):
     rank: int
@@ -140,12 +131,7 @@ class RankResult(BaseModel):
     seconds: float | None = None
 
 
-
-class LoadParity(BaseModel):
-    baseline: str
-    ok: bool
-    details: list[str] = Field(default_factory=list)
-
+LoadParity = ParityResult  # the same judgement over parameter digests instead of greedy tokens
 
 
 class LoadCheckResult(BaseModel):
@@ -157,7 +143,6 @@ class LoadCheckResult(BaseModel):
     seconds: float
     digests: dict[str, str] = Field(default_factory=dict)
     parity: LoadParity | None = None  # set by the compare stage
-
 
 
 class StageFailed(Exception):

@@ -141,7 +141,7 @@ def cmd_run(args) -> int:
         matrix.check_power(args.limit, entries)
     out = Path(args.out) if args.out else _default_out()
     _check_injects(args.inject)
-    opts = RunOptions.of(out.resolve(), args.backend, docker=_docker_config(args) if args.backend == "docker" else None,
+    opts = RunOptions.of(out.resolve(), args.backend, docker=_docker_config(args),
                          gpus=args.gpus, ray_address=args.ray_address, overwrite=args.overwrite, python=args.python,
                          gsm8k_limit=args.limit, gsm8k=not args.no_gsm8k, startup_timeout=args.startup_timeout,
                          retries=args.retries, inject=tuple(args.inject or ()))

@@ -12,8 +12,7 @@ class interrupts:
     previous handlers come back after. `reinstall()` again after ray.init, which installs its own."""
 
     def __enter__(self) -> "interrupts":
-        self._term = signal.signal(signal.SIGTERM, raise_interrupt)
-        self._int = signal.signal(signal.SIGINT, signal.default_int_handler)
+        self._term, self._int = reinstall()
         return self
 
     def __exit__(self, *exc) -> None:
@@ -21,9 +20,10 @@ class interrupts:
         signal.signal(signal.SIGINT, self._int)
 
 
-def reinstall() -> None:
-    signal.signal(signal.SIGTERM, raise_interrupt)
-    signal.signal(signal.SIGINT, signal.default_int_handler)
+def reinstall() -> tuple:
+    """Install both handlers; the ones they replace."""
+    return (signal.signal(signal.SIGTERM, raise_interrupt),
+            signal.signal(signal.SIGINT, signal.default_int_handler))
 
 
 def raise_interrupt(signum, frame):
