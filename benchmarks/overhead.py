@@ -3,7 +3,10 @@ doing the same by hand — start the same vLLM server (same argv and env) until 
 run the same lm_eval command (the NLL task included where the scenario measures gsm8k.nll), stop
 the server — measured in one run, alternating the two.
 
-    python benchmarks/overhead.py [--limit N] [--repeat R]      (goal: ratio <= 1.05)
+    python benchmarks/overhead.py [--limit N] [--repeat R] [--matrix M --entry ID]   (goal: ratio <= 1.05)
+
+The default is the CPU matrix's tiny Llama; on a GPU host: --matrix matrix/gpu-h200.yaml
+--entry tiny-llama/tp1-pp1-fp32-gpu.
 
 Both sides use the same forged checkpoint, built beforehand (forging is cached, so it is outside
 both timings). servematrix additionally sends its smoke prompts and writes its reports: that is
@@ -33,12 +36,13 @@ from servematrix.serve.server import build_spec  # noqa: E402
 from servematrix.config.matrix import load_matrix  # noqa: E402
 from servematrix.checkpoint.resolve import resolve  # noqa: E402
 
+MATRIX = "matrix/cpu-smoke.yaml"
 ENTRY = "tiny-llama/tp1-pp1-fp32"
 
 
-def raw(limit: int, tmp: Path) -> float:
-    matrix = load_matrix(REPO / "matrix" / "cpu-smoke.yaml")
-    entry = next(e for e in matrix.entries if e.id == ENTRY)
+def raw(limit: int, tmp: Path, matrix_path: str = MATRIX, entry_id: str = ENTRY) -> float:
+    matrix = load_matrix(REPO / matrix_path)
+    entry = next(e for e in matrix.entries if e.id == entry_id)
     scenario = matrix.scenario(entry.scenario)
     spec = build_spec(entry, scenario, resolve(scenario), free_port(), tmp / "server.log")
     gsm8k.write_task(tmp, scenario.gsm8k.num_fewshot)
@@ -69,9 +73,9 @@ def raw(limit: int, tmp: Path) -> float:
     return time.monotonic() - t0
 
 
-def managed(limit: int, tmp: Path) -> float:
+def managed(limit: int, tmp: Path, matrix_path: str = MATRIX, entry_id: str = ENTRY) -> float:
     t0 = time.monotonic()
-    subprocess.run([sys.executable, "-m", "servematrix.cli", "run", "matrix/cpu-smoke.yaml", "-k", ENTRY,
+    subprocess.run([sys.executable, "-m", "servematrix.cli", "run", matrix_path, "-k", entry_id,
                     "--limit", str(limit), "--out", str(tmp / "run")], cwd=REPO, check=True,
                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     return time.monotonic() - t0
@@ -81,19 +85,24 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--limit", type=int, default=8)
     ap.add_argument("--repeat", type=int, default=1)
+    ap.add_argument("--matrix", default=MATRIX, help="matrix file, relative to the repository")
+    ap.add_argument("--entry", default=ENTRY, help="the entry id both sides run")
     args = ap.parse_args()
-    # forge once, outside the timings
-    resolve(load_matrix(REPO / "matrix" / "cpu-smoke.yaml").scenario("tiny-llama"))
+    matrix = load_matrix(REPO / args.matrix)
+    entry = next((e for e in matrix.entries if e.id == args.entry), None)
+    if entry is None:
+        raise SystemExit(f"--entry: no entry {args.entry!r} in {args.matrix}")
+    resolve(matrix.scenario(entry.scenario))  # forge once, outside the timings
     raws, runs = [], []
     for i in range(args.repeat):
         with tempfile.TemporaryDirectory() as tmp:
-            raws.append(raw(args.limit, Path(tmp)))
+            raws.append(raw(args.limit, Path(tmp), args.matrix, args.entry))
         with tempfile.TemporaryDirectory() as tmp:
-            runs.append(managed(args.limit, Path(tmp)))
+            runs.append(managed(args.limit, Path(tmp), args.matrix, args.entry))
         print(f"round {i + 1}: by hand {raws[-1]:.1f} s, servematrix run {runs[-1]:.1f} s", flush=True)
     ratio = statistics.median(runs) / statistics.median(raws)
     print(json.dumps({"raw_s": raws, "servematrix_s": runs, "ratio": round(ratio, 3), "goal": 1.05,
-                      "limit": args.limit}))
+                      "limit": args.limit, "entry": args.entry}))
 
 
 if __name__ == "__main__":
