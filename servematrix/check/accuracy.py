@@ -9,10 +9,16 @@ metrics it guards and the effect each must detect; a check with no reference is 
 from __future__ import annotations
 
 import math
+from datetime import datetime, timezone
 
 from servematrix.check import stats
-from servematrix.config.references import BERNOULLI, Check, Reference
-from servematrix.record import METRICS, CheckResult, MetricValue
+from servematrix.config.references import BERNOULLI, Check, RefKey, Reference
+from servematrix.errors import ConfigError
+from servematrix.record import (METRIC_DEFS, METRICS, CheckResult, MetricValue, PairedResult, Protocol,
+                                QuestionResult, ScenarioRecord)
+from servematrix.record_gsm8k import protocol_note
+
+NO_FINGERPRINT = "no fingerprint"
 
 def gsm8k_metrics(strict: float, flexible: float, n: int) -> dict[str, MetricValue]:
     """Exact-match proportions as metrics (per-sample σ of a Bernoulli mean)."""
@@ -41,16 +47,23 @@ def reference_sigma(metric: str, ref: Reference) -> float:
     p = (k + 1) / (n + 2): a reference of 20/20 agreements (or 0/40 exact matches) does not claim
     zero variance, which would fail a run on a single near-tie flip."""
     if metric in BERNOULLI:
-        return stats.bernoulli_sigma((ref.mean * ref.n + 1) / (ref.n + 2))
+        return stats.bernoulli_sigma(stats.laplace(ref.mean * ref.n, ref.n))
     return ref.sigma
 
 
-def judge(check: Check, measured: MetricValue | None, ref: Reference | None) -> CheckResult:
+def judge(check: Check, measured: MetricValue | None, ref: Reference | None,
+          protocol: Protocol | None = None) -> CheckResult:
+    """The one-sided test of `measured` against `ref`; a reference recorded under another protocol
+    is not compared at all ("not-comparable", saying what differs)."""
     base = dict(metric=check.metric, effect=check.effect, alpha=check.alpha, beta=check.beta)
     if measured is None or math.isnan(measured.mean):
         return CheckResult(status="not-measured", **base)
     if ref is None:
         return CheckResult(status="no-reference", measured=measured.mean, n=measured.n, **base)
+    differs = protocol_note(protocol, ref.protocol, f"reference {ref.source or ''}".strip())
+    if differs is not None:
+        return CheckResult(status="not-comparable", measured=measured.mean, n=measured.n, reference=ref.mean,
+                           reference_n=ref.n, note=differs, **base)
     sigma = reference_sigma(check.metric, ref)
     test = stats.OneSidedTest(reference=ref.mean, sigma=sigma, n=measured.n, alpha=check.alpha,
                               beta=check.beta, higher_is_better=METRICS[check.metric])
@@ -58,7 +71,109 @@ def judge(check: Check, measured: MetricValue | None, ref: Reference | None) -> 
     return CheckResult(status="pass" if test.passed(measured.mean) else "fail", measured=measured.mean,
                        n=measured.n, reference=ref.mean, reference_n=ref.n, sigma=sigma,
                        threshold=test.threshold, mde=test.mde, p_value=test.p_value(measured.mean),
-                       wilson_low=wl, **base)
+                       wilson_low=wl, needed_n=needed_n(check, ref),
+                       note=NO_FINGERPRINT if protocol is None or ref.protocol is None else None, **base)
+
+
+def uninformative(check: Check, ref: Reference, n: int) -> str | None:
+    """Why this check, judged at n questions against `ref`, can never fail (or never pass), with
+    what would make it informative; None when some outcome fails it and some passes it. The
+    outcomes are the metric's range (k/n for a proportion: its ends are outcomes too), so a
+    threshold at or beyond the end it guards is passed by every possible run."""
+    m = METRIC_DEFS[check.metric]
+    test = stats.OneSidedTest(reference=ref.mean, sigma=reference_sigma(check.metric, ref), n=n,
+                              alpha=check.alpha, beta=check.beta, higher_is_better=m.higher_is_better)
+    t, span = test.threshold, f"[{m.low:g}, {m.high:g}]"
+    guarded = m.low if m.higher_is_better else m.high
+    word = "floor" if m.higher_is_better else "ceiling"
+    can_fail = t > m.low if m.higher_is_better else t < m.high
+    can_pass = t <= m.high if m.higher_is_better else t >= m.low
+    where = f"threshold {t:.4f} at n={n} against reference {ref.mean:.4f}"
+    if not can_pass:
+        return (f"{check.metric} can never pass: {where} lies beyond the {m.high if m.higher_is_better else m.low:g} "
+                f"end of its range {span}; re-record the reference")
+    if can_fail:
+        return None
+    if ref.mean == guarded:
+        fix = (f"the reference sits at the {word} it guards, so no {'drop' if m.higher_is_better else 'rise'} "
+               f"can be measured at any n: guard another metric (gsm8k.nll, gsm8k.agreement) or a model that "
+               f"scores off the {word}")
+    else:
+        gap = abs(ref.mean - guarded)
+        need = math.floor(2 * test.sigma ** 2 * stats.z(1 - check.alpha) ** 2 / gap ** 2) + 1
+        fix = f"it needs n >= {need} questions, or another metric (gsm8k.nll), or another model"
+    return (f"{check.metric} can never fail: {where} is at or past the {word} {guarded:g} of {span}, "
+            f"so every outcome passes; {fix}")
+
+
+def detectable(check: Check, ref: Reference | None, n: int) -> str:
+    """What validate prints per check: the smallest effect it detects at α and β with n."""
+    claim = f"claims {check.effect:g} at alpha={check.alpha:g}, beta={check.beta:g}"
+    if ref is None:
+        return f"n={n}: no reference yet ({claim})"
+    test = stats.OneSidedTest(reference=ref.mean, sigma=reference_sigma(check.metric, ref), n=n,
+                              alpha=check.alpha, beta=check.beta)
+    return f"n={n}: MDE {test.mde:.4g} ({claim}) vs reference {ref.mean:.4g}"
+
+
+# --- paired: a layout against its baseline's per-question outcomes (check.compare) ----------------
+def paired(check: Check, mine: list[QuestionResult], base: list[QuestionResult], baseline: str) -> PairedResult | None:
+    """The paired test of `check`'s metric over the questions both layouts answered: McNemar on
+    exact match (the agreement check: on flexible-extract correctness, i.e. whether the answers
+    that changed got worse), a one-sided paired t-test on per-question NLL. None where nothing can
+    be paired (no per-question data; a baseline that answered none right cannot lose any)."""
+    by_doc = {q.doc_id: q for q in base}
+    pairs = [(q, by_doc[q.doc_id]) for q in mine if q.doc_id in by_doc]
+    if not pairs:
+        return None
+    if check.metric == "gsm8k.nll":
+        pairs = [(a, b) for a, b in pairs if a.nll is not None and b.nll is not None]
+        return _paired_nll(check, [a.nll for a, _ in pairs], [b.nll for _, b in pairs], baseline) if pairs else None
+    field = "strict" if check.metric == "gsm8k.strict" else "flexible"
+    if not any(getattr(b, field) for _, b in pairs):
+        return None
+    worse = sum(1 for a, b in pairs if getattr(b, field) and not getattr(a, field))
+    better = sum(1 for a, b in pairs if getattr(a, field) and not getattr(b, field))
+    n = len(pairs)
+    p = stats.mcnemar(worse, better)
+    # the per-question spread of a ±1/0 difference is √(flip rate); by Laplace's rule, so that a run
+    # with no flip does not claim flips are impossible
+    psi = stats.laplace(worse + better, n)
+    return PairedResult(test="mcnemar", baseline=baseline, n=n, worse=worse, better=better,
+                        shift=(worse - better) / n, sigma=math.sqrt(psi), p_value=p,
+                        mde=paired_mde(check, math.sqrt(psi), n),
+                        needed_n=stats.mcnemar_required_n(psi, check.effect, check.alpha, check.beta),
+                        status="fail" if p < check.alpha else "pass")
+
+
+def paired_tolerance(check: Check) -> float:
+    """The shift a paired test of `check` treats as noise: the metric's, never more than a fifth of
+    the effect the check claims (the test must still detect that)."""
+    return min(METRIC_DEFS[check.metric].paired_tolerance, check.effect / 5)
+
+
+def paired_mde(check: Check, sigma_d: float, n: int) -> float:
+    """The smallest shift the paired test of `check` detects over n questions of spread σ_d."""
+    return paired_tolerance(check) + stats.paired_mde(sigma_d, n, check.alpha, check.beta)
+
+
+def _paired_nll(check: Check, mine: list[float], base: list[float], baseline: str) -> PairedResult:
+    tol = paired_tolerance(check)
+    shift, sd, _ = stats.mean_sigma_stderr([a - b for a, b in zip(mine, base)])
+    sd = 0.0 if math.isnan(sd) else sd
+    p = stats.paired_shift_p(mine, base, tol)
+    return PairedResult(test="ttest_rel", baseline=baseline, n=len(mine), shift=shift, sigma=sd, tolerance=tol,
+                        p_value=p, mde=paired_mde(check, sd, len(mine)),
+                        needed_n=stats.paired_required_n(sd, check.effect - tol, check.alpha, check.beta),
+                        status="fail" if p < check.alpha else "pass")
+
+
+def with_paired(result: CheckResult, pair: PairedResult | None) -> CheckResult:
+    """A check's result with its paired test: a paired failure fails the check (the layout is worse
+    than its baseline on the same questions), whatever the reference said."""
+    if pair is None:
+        return result
+    return result.model_copy(update={"paired": pair, "status": "fail" if pair.status == "fail" else result.status})
 
 
 def needed_n(check: Check, ref: Reference | None) -> int:
@@ -67,3 +182,25 @@ def needed_n(check: Check, ref: Reference | None) -> int:
     if ref is None:
         return 1
     return stats.required_n(reference_sigma(check.metric, ref), check.effect, check.alpha, check.beta)
+
+
+def reference_from(metric: str, value: MetricValue, key: RefKey, source: str,
+                   record: ScenarioRecord | None = None) -> Reference:
+    """A reference from a trusted run's metric, with the record's protocol fingerprint and paired
+    spread. Refused (StateError, nothing written) when a check the record ran on this metric could
+    never fail against it: a reference that makes its own check uninformative is no reference."""
+    checks = {c.metric: c for c in record.accuracy} if record is not None else {}
+    pair = checks[metric].paired if metric in checks else None
+    ref = Reference(key=key, metric=metric, mean=value.mean, sigma=value.sigma, n=value.n,
+                    stderr=value.stderr, source=source,
+                    recorded_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                    protocol=record.gsm8k.protocol if record is not None and record.gsm8k else None,
+                    paired_sigma=pair.sigma if pair is not None else None)
+    if metric in checks:
+        c = checks[metric]
+        why = uninformative(Check(metric=metric, effect=c.effect, alpha=c.alpha, beta=c.beta), ref, value.n)
+        if why is not None:  # named by the scenario file that declares the check (the run's own paths may be gone)
+            raise ConfigError(f"scenarios/{record.scenario}.yaml", None, f"accuracy.checks ({metric})",
+                              f"{record.id} of run {source}: {why}; nothing recorded (drop or replace the check, "
+                              "then record again)")
+    return ref

@@ -1,6 +1,7 @@
 """Compare: the judgements that need two scenarios' results — greedy parity of a layout with its
-scenario's baseline layout (smoke outputs, like vLLM's check_logprobs_close) and agreement of their
-gsm8k answers. Made from the two records once both exist, so no scenario waits for another while
+scenario's baseline layout (smoke outputs, like vLLM's check_logprobs_close), agreement of their
+gsm8k answers and the paired tests of each accuracy check over the questions both answered
+(check.accuracy.paired). Made from the two records once both exist, so no scenario waits for another while
 it runs and the dispatcher can pack them freely. Compare only adds results and, where one fails,
 the failure; the verdict is decided after it, once (verdict.judge)."""
 
@@ -9,11 +10,13 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from servematrix.check import accuracy
+from servematrix.check import embedding
 from servematrix.check import gsm8k
 from servematrix.check.smoke import parity
 from servematrix.config.references import Reference
 from servematrix.config.scenario import Scenario
 from servematrix.record import CheckResult, EntryOutcome, Failure, LoadParity, ScenarioRecord
+from servematrix.record_gsm8k import protocol_note
 
 AGREEMENT = "gsm8k.agreement"
 
@@ -33,13 +36,25 @@ def compare(rec: EntryOutcome, base: ScenarioRecord, scenario: Scenario,
         update["load_check"] = rec.load_check.model_copy(update={"parity": load_par})
         if not load_par.ok and failure is None:
             failure = Failure.of("check", f"load parity with {base.id}: {load_par.details[0]}"[:400], "load")
+    embedded, failure = embedding.compared(rec, base, scenario, failure)  # a pooling model's vectors
+    update.update(embedded)
     agreement = _agreement(rec, base, scenario)
-    if agreement is not None:
-        metrics = {**rec.metrics, AGREEMENT: agreement}
-        checks = [accuracy.judge(c, agreement, reference(c.metric)) if c.metric == AGREEMENT else r
-                  for c, r in _paired(scenario, rec.accuracy)]
-        update.update(metrics=metrics, accuracy=checks)
-        failed = [r for r in checks if r.metric == AGREEMENT and r.status == "fail"]
+    pairs, unpaired = _paired_tests(rec, base, scenario)
+    if agreement is not None or pairs or unpaired:
+        protocol = rec.gsm8k.protocol if rec.gsm8k else None
+        before = _beside(scenario, rec.accuracy)
+        checks = []
+        for c, r in before:
+            if c.metric == AGREEMENT and agreement is not None:
+                r = accuracy.judge(c, agreement, reference(c.metric), protocol)
+            if unpaired:
+                r = r.model_copy(update={"note": "; ".join(x for x in (r.note, f"paired: {unpaired}") if x)})
+            checks.append(accuracy.with_paired(r, pairs.get(c.metric)))
+        update["accuracy"] = checks
+        if agreement is not None:
+            update["metrics"] = {**rec.metrics, AGREEMENT: agreement}
+        # a check this comparison failed (agreement, or a paired test) is the failure, if none was yet
+        failed = [r for r, (_, old) in zip(checks, before) if r.status == "fail" and old.status != "fail"]
         if failed and failure is None:
             failure = Failure.of("check", failed[0].summary()[:400], "accuracy")
     if not update:
@@ -67,12 +82,31 @@ def _load_parity(rec: EntryOutcome, base: ScenarioRecord, scenario: Scenario):
 def _agreement(rec: EntryOutcome, base: ScenarioRecord, scenario: Scenario):
     if not scenario.gsm8k.agreement or rec.gsm8k is None or base.gsm8k is None:
         return None
+    if rec.gsm8k.questions and base.gsm8k.questions:
+        return accuracy.agreement_metric({q.doc_id: q.answer for q in rec.gsm8k.questions},
+                                         {q.doc_id: q.answer for q in base.gsm8k.questions})
     if not (rec.gsm8k.samples_path and base.gsm8k.samples_path):
-        return None
+        return None  # a record written before per-question results: its samples, where kept
     return accuracy.agreement_metric(gsm8k.answers(rec.gsm8k.samples_path), gsm8k.answers(base.gsm8k.samples_path))
 
 
-def _paired(scenario: Scenario, results: list[CheckResult]):
+def _paired_tests(rec: EntryOutcome, base: ScenarioRecord, scenario: Scenario) -> tuple[dict, str | None]:
+    """metric -> the paired test of the layout's check against its baseline's per-question
+    outcomes; and why none was made when both sides have them but measured differently."""
+    if rec.gsm8k is None or base.gsm8k is None or not (rec.gsm8k.questions and base.gsm8k.questions):
+        return {}, None
+    differs = protocol_note(rec.gsm8k.protocol, base.gsm8k.protocol, base.id)
+    if differs is not None:
+        return {}, differs
+    out = {}
+    for c in scenario.accuracy.checks:
+        pair = accuracy.paired(c, rec.gsm8k.questions, base.gsm8k.questions, base.id)
+        if pair is not None:
+            out[c.metric] = pair
+    return out, None
+
+
+def _beside(scenario: Scenario, results: list[CheckResult]):
     """The scenario's checks beside the results the record already has (same order)."""
     by_metric = {r.metric: r for r in results}
     return [(c, by_metric.get(c.metric)) for c in scenario.accuracy.checks if c.metric in by_metric]

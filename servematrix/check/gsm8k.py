@@ -8,25 +8,29 @@ torn down; its samples are kept next to the scenario's other outputs.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import subprocess
 import sys
 import time
+from functools import lru_cache
 from pathlib import Path
 from typing import Callable
 
 import yaml
 
+import servematrix
 from servematrix import redact
 from servematrix.serve import process
 from servematrix.paths import data_file, gsm8k_test_jsonl
 from servematrix.config.scenario import Gsm8kSpec
-from servematrix.record import Failure, Gsm8kResult, StageFailed
+from servematrix.record import Failure, Gsm8kResult, Protocol, QuestionResult, StageFailed
 
 TASK = "servematrix_gsm8k"
 NLL_TASK = "servematrix_gsm8k_nll"  # the gold answers' log-likelihood given the same few-shot prompt
 STOP_GRACE = 5.0  # s lm-eval gets to exit after SIGTERM
 POLL = 0.2  # s between checks that the server is alive and the timeout not reached
+SEED = 0  # lm-eval's --seed (python, numpy, torch and few-shot sampling): part of the protocol
 OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
 
 
@@ -42,9 +46,9 @@ def exemplars() -> list[dict]:
     return yaml.safe_load(data_file("gsm8k-fewshot.yaml").read_text())
 
 
-def write_task(out_dir: Path, num_fewshot: int) -> Path:
-    """Write the task YAMLs (the local dataset path and exemplars filled in); return their dir.
-    The NLL task is the same prompt scored as `loglikelihood` of the reference answer."""
+def tasks(num_fewshot: int) -> tuple[dict, dict]:
+    """The generation task and the NLL task (the same prompt scored as `loglikelihood` of the
+    reference answer), the local dataset path and exemplars filled in."""
     task = yaml.safe_load(data_file("gsm8k-task.yaml").read_text())
     task["task"] = TASK
     task["dataset_kwargs"] = {"data_files": {"test": str(gsm8k_test_jsonl())}}
@@ -55,9 +59,14 @@ def write_task(out_dir: Path, num_fewshot: int) -> Path:
     # "is the gold answer the greedy continuation" (its perplexity aggregate overflows on a random model)
     nll.update(task=NLL_TASK, output_type="loglikelihood",
                metric_list=[{"metric": "acc", "aggregation": "mean", "higher_is_better": True}])
+    return task, nll
+
+
+def write_task(out_dir: Path, num_fewshot: int) -> Path:
+    """Write the task YAMLs (tasks()); return their dir."""
     task_dir = out_dir / "task"
     task_dir.mkdir(parents=True, exist_ok=True)
-    for t in (task, nll):
+    for t in tasks(num_fewshot):
         (task_dir / f"{t['task']}.yaml").write_text(yaml.safe_dump(t, sort_keys=False, allow_unicode=True))
     return task_dir
 
@@ -87,7 +96,7 @@ def command(base_url: str, model: str, spec: Gsm8kSpec, limit: int | None, out_d
         "--batch_size", "1",
         "--output_path", str(out_dir / "results"),
         "--log_samples",
-        "--seed", "0",
+        "--seed", str(SEED),
     ]
     if limit:
         argv += ["--limit", str(limit)]
@@ -118,10 +127,13 @@ def run(base_url: str, model: str, spec: Gsm8kSpec, limit: int | None, out_dir: 
     if proc.returncode != 0:
         tail = (out_dir / "lm_eval.log").read_text(errors="replace").strip().splitlines()[-3:]
         raise Gsm8kFailed(f"lm-eval exited with {proc.returncode}: {' | '.join(tail)[:400]}")
-    return parse(out_dir / "results", time.monotonic() - started)
+    return parse(out_dir / "results", time.monotonic() - started, spec, tokenizer)
 
 
-def parse(results_dir: Path, seconds: float) -> Gsm8kResult:
+def parse(results_dir: Path, seconds: float, spec: Gsm8kSpec | None = None,
+          tokenizer: str | None = None) -> Gsm8kResult:
+    """lm-eval's results; with the scenario's `spec`, also each question's outcome (and NLL, given
+    the `tokenizer` the NLL task ran with) and the protocol fingerprint."""
     found = sorted(results_dir.rglob("results_*.json"))
     if not found:
         raise Gsm8kFailed(f"lm-eval wrote no results under {results_dir}")
@@ -131,7 +143,7 @@ def parse(results_dir: Path, seconds: float) -> Gsm8kResult:
     # "samples_servematrix_gsm8k_*" also matches the NLL task's files: tell them apart
     samples = sorted(p for p in results_dir.rglob(f"samples_{TASK}_*.jsonl") if NLL_TASK not in p.name)
     nll = sorted(results_dir.rglob(f"samples_{NLL_TASK}_*.jsonl"))
-    return Gsm8kResult(
+    result = Gsm8kResult(
         strict=res["exact_match,strict-match"],
         strict_stderr=_num(res.get("exact_match_stderr,strict-match")),
         flexible=res["exact_match,flexible-extract"],
@@ -141,6 +153,84 @@ def parse(results_dir: Path, seconds: float) -> Gsm8kResult:
         samples_path=str(samples[-1]) if samples else None,
         nll_samples_path=str(nll[-1]) if nll else None,
     )
+    if spec is None or result.samples_path is None:
+        return result
+    per_question = questions(result.samples_path, result.nll_samples_path, tokenizer)
+    fingerprint = protocol(spec, [q.doc_id for q in per_question], tokenizer, data.get("lm_eval_version"))
+    return result.model_copy(update={"questions": per_question, "protocol": fingerprint})
+
+
+def questions(samples_path: str | Path, nll_samples_path: str | Path | None = None,
+              tokenizer: str | None = None) -> list[QuestionResult]:
+    """Each question's flexible-extract answer, its exact match under both filters, and (with the
+    NLL samples and their tokenizer) the gold answer's per-token NLL, by doc_id."""
+    rows: dict[int, dict] = {}
+    for s in read_samples(samples_path):
+        row = rows.setdefault(int(s["doc_id"]), {"doc_id": int(s["doc_id"])})
+        if s.get("filter") == "strict-match":
+            row["strict"] = bool(s.get("exact_match"))
+        elif s.get("filter") == "flexible-extract":
+            row["flexible"] = bool(s.get("exact_match"))
+            row["answer"] = str(s["filtered_resps"][0]).strip() if s["filtered_resps"] else ""
+    if nll_samples_path and tokenizer:
+        for doc, value in per_token_nll(nll_samples_path, tokenizer).items():
+            if doc in rows:
+                rows[doc]["nll"] = value
+    return [QuestionResult(**rows[d]) for d in sorted(rows)]
+
+
+def protocol(spec: Gsm8kSpec, doc_ids: list[int], tokenizer: str | None, lm_eval: str | None) -> Protocol:
+    """The fingerprint of what was measured: the same test split, questions, exemplars, prompt,
+    generation settings, seed, tokenizer and harness, or a different measurement."""
+    gen, nll = tasks(spec.num_fewshot)
+    gen_kwargs = gen.get("generation_kwargs", {})
+    local = {"task", "dataset_kwargs", "fewshot_config", "num_fewshot", "generation_kwargs"}
+    template = [{k: v for k, v in t.items() if k not in local} for t in (gen, nll)]
+    template.append({k: v for k, v in gen["fewshot_config"].items() if k != "samples"})
+    return Protocol(
+        dataset=_dataset_hash(str(gsm8k_test_jsonl())),
+        question_ids=id_ranges(doc_ids), n=len(doc_ids),
+        fewshot_ids=[_sha(e["question"])[:8] for e in exemplars()[:spec.num_fewshot]],
+        template=_sha(json.dumps(template, sort_keys=True))[:16],
+        max_gen_toks=spec.max_gen_toks, temperature=gen_kwargs.get("temperature"),
+        stop=list(gen_kwargs.get("until", [])), seed=SEED,
+        tokenizer=tokenizer_hash(tokenizer) if tokenizer else None,
+        lm_eval=lm_eval, servematrix=servematrix.__version__)
+
+
+def id_ranges(ids: list[int]) -> str:
+    """[0, 1, 2, 5, 7, 8] -> "0-2,5,7-8": a question set that stays one line at 1,319 questions."""
+    out: list[str] = []
+    for i in sorted(set(ids)):
+        if out and out[-1].split("-")[-1] == str(i - 1):
+            out[-1] = f"{out[-1].split('-')[0]}-{i}"
+        else:
+            out.append(str(i))
+    return ",".join(out)
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "merges.txt",
+                   "special_tokens_map.json")
+
+
+def tokenizer_hash(directory: str) -> str | None:
+    """sha256[:16] over the checkpoint's tokenizer files (name and content), None without any."""
+    h, found = hashlib.sha256(), False
+    for name in TOKENIZER_FILES:
+        path = Path(directory) / name
+        if path.is_file():
+            h.update(name.encode() + b"\0" + path.read_bytes() + b"\0")
+            found = True
+    return h.hexdigest()[:16] if found else None
+
+
+@lru_cache(maxsize=4)
+def _dataset_hash(path: str) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
+
+
+def _sha(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def read_samples(path: str | Path) -> list[dict]:

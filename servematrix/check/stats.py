@@ -88,3 +88,64 @@ def mean_sigma_stderr(values: list[float]) -> tuple[float, float, float]:
         return mean, 0.0, math.nan
     var = sum((v - mean) ** 2 for v in values) / (n - 1)
     return mean, math.sqrt(var), math.sqrt(var / n)
+
+
+# --- paired tests: a layout against its baseline on the same questions ------------------------------
+# Both layouts answered the same questions, so the question-to-question spread cancels: what is
+# tested is the per-question difference, whose spread is far smaller than either side's (for two
+# TP layouts of one model it is float noise). scipy gives the exact distributions; imported on use
+# (scipy.stats costs ~1 s to import, and `validate` and the gate need none of it).
+
+def mcnemar(worse: int, better: int) -> float:
+    """McNemar's exact one-sided p-value: P(at least `worse` of the `worse + better` discordant
+    pairs go against the layout | each goes either way with probability 1/2)."""
+    if worse + better == 0:
+        return 1.0
+    from scipy.stats import binomtest
+
+    return float(binomtest(worse, worse + better, 0.5, alternative="greater").pvalue)
+
+
+def paired_shift_p(worse_side: list[float], baseline: list[float], tolerance: float = 0.0) -> float:
+    """One-sided paired t-test (scipy.stats.ttest_rel) of H0 "the layout is worse by at most
+    `tolerance`" against "worse by more"; `worse_side` is oriented so that larger is worse. Equal
+    differences everywhere (no spread: the t statistic is undefined) decide by the shift alone."""
+    diffs = [a - b for a, b in zip(worse_side, baseline)]
+    if not diffs:
+        return 1.0
+    mean = sum(diffs) / len(diffs)
+    if len(diffs) < 2 or max(diffs) - min(diffs) <= 1e-15 * max(1.0, abs(mean)):
+        return 0.0 if mean > tolerance else 1.0
+    from scipy.stats import ttest_rel
+
+    return float(ttest_rel([a - tolerance for a in worse_side], baseline, alternative="greater").pvalue)
+
+
+def paired_mde(sigma_d: float, n: int, alpha: float = 0.05, beta: float = 0.2) -> float:
+    """Smallest true per-question shift a paired test over n questions detects with power 1-β
+    (normal approximation; the tests themselves are exact)."""
+    return (z(1 - alpha) + z(1 - beta)) * sigma_d / math.sqrt(n) if n > 0 else math.inf
+
+
+def paired_required_n(sigma_d: float, effect: float, alpha: float = 0.05, beta: float = 0.2) -> int:
+    """Questions a paired test needs to detect a true shift of `effect` (per-question difference
+    spread σ_d) — beside required_n's unpaired count, which carries 2σ² of two independent sides."""
+    if effect <= 0:
+        raise ValueError("effect must be > 0")
+    return max(1, math.ceil(((z(1 - alpha) + z(1 - beta)) * sigma_d / effect) ** 2))
+
+
+def mcnemar_required_n(discordance: float, effect: float, alpha: float = 0.05, beta: float = 0.2) -> int:
+    """Questions McNemar's test needs to detect a drop of `effect` in a proportion when a fraction
+    `discordance` of questions flip between the layouts (Connor 1987). At least `effect` of them
+    must flip for the drop to exist at all."""
+    if effect <= 0:
+        raise ValueError("effect must be > 0")
+    psi = min(1.0, max(discordance, effect))
+    root = z(1 - alpha) * math.sqrt(psi) + z(1 - beta) * math.sqrt(max(psi - effect ** 2, 0.0))
+    return max(1, math.ceil(root ** 2 / effect ** 2))
+
+
+def laplace(k: float, n: int) -> float:
+    """(k + 1) / (n + 2): a rate estimated from k of n that claims neither 0 nor 1."""
+    return (k + 1) / (n + 2)

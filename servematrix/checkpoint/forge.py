@@ -6,7 +6,8 @@ on the gsm8k text, so nothing comes from a model hub. Checkpoints are built once
 cache, keyed by a hash of their spec, and reused.
 
 `extra_tensors` and `config_json` add what the real checkpoint has beyond transformers' class
-(KV-cache scales, a quantization_config), `remote_code` ships a configuration module with an
+(KV-cache scales, a quantization_config), `quantize` stores weights in a quantized layout (AWQ,
+GPTQ, NVFP4, FP8) with the quantization_config it implies, `remote_code` ships a configuration module with an
 `auto_map` as the real checkpoints served with --trust-remote-code do. Every forged config is read
 back with AutoConfig and compared with its spec, so it cannot drift into a shape the family's
 transformers class never has.
@@ -24,8 +25,9 @@ import json
 from pathlib import Path
 
 from servematrix.checkpoint.forge_spec import ForgeSpec, TokenizerSpec
-from servematrix.checkpoint.forge_tensors import (add_tensors, mutate, quantize_fp8_blocks, rename_tensors,
-                                                  save_tensors)
+from servematrix.checkpoint.forge_tensors import (add_tensors, mutate, quantize_fp8_blocks, quantize_weights,
+                                                  rename_tensors, save_tensors)
+from servematrix.checkpoint.quantize import quantization_config
 from servematrix.paths import build_cached, cache_dir, gsm8k_test_jsonl
 
 CHATML_TEMPLATE = (
@@ -52,6 +54,7 @@ def forge(name: str, spec: ForgeSpec) -> Path:
         _write_components(spec, out)
         add_tensors(out, spec)
         quantize_fp8_blocks(out, spec)
+        quantize_weights(out, spec)
         _patch_config(out, spec)
         unknown = check_config(out, spec)
         for mutation in spec.mutations:
@@ -189,6 +192,9 @@ class {cls}(PretrainedConfig):
 def _patch_config(out: Path, spec: ForgeSpec) -> None:
     path = out / "config.json"
     config = json.loads(path.read_text())
+    implied = quantization_config(spec.quantize)
+    if implied is not None:
+        config["quantization_config"] = implied
     config.update(spec.config_json)
     if spec.remote_code:
         cls = "".join(p.capitalize() for p in spec.model_type.split("_")) + "Config"

@@ -3,7 +3,7 @@ bounds them.
 
 Separate from forge.py, which writes checkpoints, because a scenario file's `model.forge` is
 validated (and its cache key computed) wherever scenarios are loaded; that needs the limits and
-the estimate, never torch or transformers.
+the estimate, never torch or transformers. The `quantize:` methods (layouts, configs) are quantize.py.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, JsonValue, StringConstraints, model_validator
 
+from servematrix.checkpoint.quantize import QuantizeSpec, spec_problems
 from servematrix.config.fields import OneLine
 from servematrix.config.yamlio import field_error
 
@@ -40,7 +41,7 @@ ASSUMED_FFN = 32_768  # an FFN width the config leaves to the family default: ab
 _ROLES: dict[str, tuple[tuple[str, ...], int, int]] = {
     "width": (("hidden_size", "n_embd", "d_model", "dim"), 1, 65_536),
     "layers": (("num_hidden_layers", "n_layer", "num_layers", "n_layers"), 1, 1_024),
-    "ffn": (("intermediate_size", "moe_intermediate_size", "shared_expert_intermediate_size", "ffn_dim",
+    "ffn": (("intermediate_size", "moe_intermediate_size", "shared_expert_intermediate_size", "shared_intermediate_size", "ffn_dim",
              "n_inner", "d_ff", "ffn_hidden_size"), 1, 262_144),
     "heads": (("num_attention_heads", "num_key_value_heads", "n_head", "num_heads", "n_heads",
                "index_n_heads"), 1, 1_024),
@@ -203,6 +204,9 @@ class ForgeSpec(_Strict):
     tokenizer: TokenizerSpec = TokenizerSpec()
     extra_tensors: list[ExtraTensor] = Field(default_factory=list)
     fp8_blocks: list[Fp8Blocks] = Field(default_factory=list)
+    # AWQ / GPTQ / NVFP4 / FP8 layouts really quantized from the forged weights, KV-cache scales, and
+    # the quantization_config they imply (checkpoint/quantize.py; config_json's, if any, wins)
+    quantize: list[QuantizeSpec] = Field(default_factory=list, max_length=4)
     # composite checkpoints (model_type only the remote code knows, e.g. minicpmv): the text model
     # is `text_model_type` written under `text_prefix`, the components beside it
     text_model_type: ModelType | None = None
@@ -220,6 +224,9 @@ class ForgeSpec(_Strict):
         bad = _size_field_error(self.config_json)
         if bad is not None:
             raise field_error(("config_json", bad[0]), bad[1])
+        problems = spec_problems(self.quantize, self.config_json, _llama_linears(self.config, self.text_prefix))
+        if problems:
+            raise field_error(*problems[0])
         parts = self._parts()
         total = sum(n for _, n in parts)
         if total > MAX_FORGE_PARAMS:
@@ -246,7 +253,10 @@ class ForgeSpec(_Strict):
         return parts
 
     def key(self) -> str:
-        blob = json.dumps({"v": FORGE_VERSION, **self.model_dump()}, sort_keys=True)
+        dump = self.model_dump()
+        if not dump["quantize"]:  # specs from before `quantize:` keep their cache keys
+            dump.pop("quantize")
+        blob = json.dumps({"v": FORGE_VERSION, **dump}, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -257,3 +267,23 @@ def _biggest(config: dict[str, Any], vocab: int = 0) -> str:
         return next(iter(_ROLES["width"][0]))
     full = model_params(config, vocab)
     return max(present, key=lambda k: full - model_params({**config, k: _ROLES[_ROLE_OF[k]][1] or 1}, vocab))
+
+
+def _llama_linears(config: dict[str, Any], prefix: str) -> dict[str, tuple[int, int, str]]:
+    """The linears of a Llama-family decoder layer the config implies (name -> out, in, the config
+    field that sets their width), for checking a quantize spec's alignment at validation; other
+    families' linears are checked by the forge, which sees their shapes."""
+    h, ffn = config.get("hidden_size"), config.get("intermediate_size")
+    heads = config.get("num_attention_heads")
+    if not all(isinstance(v, int) and v > 0 for v in (h, ffn, heads)):
+        return {}
+    kv = config.get("num_key_value_heads") or heads
+    hd = config.get("head_dim") or h // heads
+    p = f"{prefix}model.layers.0."
+    return {p + "self_attn.q_proj.weight": (heads * hd, h, "num_attention_heads"),
+            p + "self_attn.k_proj.weight": (kv * hd, h, "num_key_value_heads"),
+            p + "self_attn.v_proj.weight": (kv * hd, h, "num_key_value_heads"),
+            p + "self_attn.o_proj.weight": (h, heads * hd, "hidden_size"),
+            p + "mlp.gate_proj.weight": (ffn, h, "intermediate_size"),
+            p + "mlp.up_proj.weight": (ffn, h, "intermediate_size"),
+            p + "mlp.down_proj.weight": (h, ffn, "intermediate_size")}

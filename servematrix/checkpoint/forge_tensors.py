@@ -1,9 +1,9 @@
 """Edits of a forged checkpoint's safetensors after transformers wrote them: tensors renamed or
-added, weights stored as FP8 blocks, deliberate defects (mutations), each file saved with its
+added, weights stored as FP8 blocks or in a `quantize:` method's layout, deliberate defects (mutations), each file saved with its
 index kept in step.
 
 Separate from forge.py, which builds the model and its config: these steps only read and rewrite
-tensor files, and fp8_block_quantize is also what the mirror's post-processing quantizes with.
+tensor files; how each layout packs values is quant_pack.py.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ import json
 from pathlib import Path
 
 from servematrix.checkpoint.forge_spec import ForgeSpec, Mutation
+from servematrix.checkpoint.quant_pack import fp8_block_quantize, quantize_linear
 
 
 def rename_tensors(out: Path, rename) -> None:
@@ -45,23 +46,6 @@ def add_tensors(out: Path, spec: ForgeSpec) -> None:
     save_tensors(out, path, tensors)
 
 
-FP8_MAX = 448.0  # largest finite float8_e4m3fn
-
-
-def fp8_block_quantize(weight, block: list[int]):
-    """(fp8 weight, float32 scale_inv) with scale_inv[i, j] = amax of block (i, j) / FP8_MAX."""
-    import torch
-
-    rows, cols = weight.shape
-    br, bc = block
-    if rows % br or cols % bc:
-        raise ValueError(f"shape {list(weight.shape)} is not a multiple of the {block} FP8 block")
-    blocks = weight.float().reshape(rows // br, br, cols // bc, bc)
-    scale = blocks.abs().amax(dim=(1, 3)).clamp(min=1e-12) / FP8_MAX
-    q = (blocks / scale[:, None, :, None]).reshape(rows, cols).to(torch.float8_e4m3fn)
-    return q, scale.float()
-
-
 def quantize_fp8_blocks(out: Path, spec: ForgeSpec) -> None:
     import fnmatch
 
@@ -83,6 +67,44 @@ def quantize_fp8_blocks(out: Path, spec: ForgeSpec) -> None:
     for q in spec.fp8_blocks:
         if q.tensors not in matched:
             raise ValueError(f"fp8_blocks: no tensor matches {q.tensors!r}")
+
+
+def quantize_weights(out: Path, spec: ForgeSpec) -> None:
+    """`quantize:`: every weight a method selects rewritten in its layout (quant_pack.py), then the
+    KV-cache scales added for every layer; a glob that selects nothing, or a weight its layout cannot
+    hold, is refused naming the spec entry."""
+    import torch
+    from safetensors.torch import load_file
+
+    from servematrix.checkpoint.quantize import KvCacheScales
+
+    methods = [(i, q) for i, q in enumerate(spec.quantize) if not isinstance(q, KvCacheScales)]
+    hit: set[int] = set()
+    files = sorted(out.glob("*.safetensors"))
+    for path in files:
+        tensors = load_file(path)
+        chosen = {name: (i, q) for name in tensors for i, q in methods if q.selects(name)}
+        for name, (i, q) in chosen.items():
+            weight = tensors[name]
+            bad = (f"{weight.dim()}-D" if weight.dim() != 2 else "not a float weight"
+                   if not weight.dtype.is_floating_point else q.misaligned(*weight.shape))
+            if bad:
+                raise ValueError(f"quantize[{i}] ({q.method}): {name} {list(weight.shape)}: {bad}")
+            prefix = name[: -len(".weight")]
+            leaves = quantize_linear(q, tensors.pop(name), spec.dtype)
+            tensors.update({f"{prefix}.{leaf}": t for leaf, t in leaves.items()})
+            hit.add(i)
+        if chosen:
+            save_tensors(out, path, tensors)
+    for i, q in methods:
+        if i not in hit:
+            raise ValueError(f"quantize[{i}] ({q.method}): no weight matches {q.tensors} (ignore {q.ignore})")
+    for kv in (q for q in spec.quantize if isinstance(q, KvCacheScales)):
+        tensors = load_file(files[0])
+        for layer in range(_layers(out)):
+            for template in (kv.k_scale, kv.v_scale):
+                tensors[template.replace("{layer}", str(layer))] = torch.tensor(kv.value, dtype=torch.float32)
+        save_tensors(out, files[0], tensors)
 
 
 def mutate(out: Path, m: Mutation) -> None:

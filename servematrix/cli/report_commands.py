@@ -1,5 +1,6 @@
 """The commands that judge and compare finished runs: gate (the release decision), reference
-record (accuracy references from a trusted run), history, diff; and gsm8k-task (the offline task
+record (accuracy references from a trusted run), history, diff, waivers (every xfail's state);
+and gsm8k-task (the offline task
 file lm-eval reads, for running the check by hand).
 
 Each `add_*` declares one subcommand's arguments beside the `cmd_*` that carries it out; imports of
@@ -21,17 +22,72 @@ def add_gate(sub) -> None:
     g.add_argument("--baseline", help="an earlier run to compare with")
     g.add_argument("--min-load-rate", type=unit_interval, default=1.0)
     g.add_argument("--min-accuracy-rate", type=unit_interval, default=1.0)
+    g.add_argument("--history", type=positive_int, metavar="N",
+                   help="read verdicts through the last N runs of the history (hysteresis, flake rates)")
+    g.add_argument("--db", help="the history database (default: history.sqlite beside RUN_DIR)")
+    g.add_argument("--fail-on-stale-waivers", action="store_true",
+                   help="exit 1 when a waiver (xfail) is stale or expired")
     g.set_defaults(func=cmd_gate)
 
 
 def cmd_gate(args) -> int:
-    from servematrix.report import gate
+    import datetime
+
+    from servematrix.report import gate, history, waivers
 
     run = gate.load_summary(Path(args.run_dir))
     baseline = gate.load_summary(Path(args.baseline)) if args.baseline else None
-    decision = gate.decide(run, baseline, args.min_load_rate, args.min_accuracy_rate)
+    db = Path(args.db) if args.db else history.db_path(Path(args.run_dir))
+    if args.db and not db.is_file():  # named explicitly: a typo must not read as "no history"
+        raise ArgumentError("--db", f"{db}: no such history database")
+    last = args.history or waivers.DEFAULT_LAST
+    # the history is read only when asked for (a plain gate judges the run alone, as it always has)
+    asked = args.history or args.db or args.fail_on_stale_waivers
+    results = history.trend(db, last) if asked else {}
+    evidence = waivers.Evidence(today=datetime.datetime.now(datetime.timezone.utc).date(), last=last,
+                                fix_reports=waivers.fix_reports_of(run, results), results=results)
+    states = waivers.judge_all(waivers.from_run(run), evidence)
+    standings = gate.standings(run, results, args.history) if args.history else None
+    decision = gate.decide(run, baseline, args.min_load_rate, args.min_accuracy_rate, history=standings,
+                           waivers=states, fail_on_stale_waivers=args.fail_on_stale_waivers)
     print(gate.render(decision, run))
     return decision.exit_code
+
+
+def add_waivers(sub) -> None:
+    w = sub.add_parser("waivers", help="every waiver (xfail) with its state: active, stale (why) or expired")
+    w.add_argument("matrix", nargs="*", help="matrix files (default: matrix/*.yaml)")
+    w.add_argument("--history", metavar="DB",
+                   help="history database: xpasses and fix reports of recent runs (default: reports/history.sqlite)")
+    w.add_argument("--last", type=positive_int, default=None, metavar="N",
+                   help="runs of the history to look in (default 5)")
+    w.set_defaults(func=cmd_waivers)
+
+
+def cmd_waivers(args) -> int:
+    import datetime
+
+    from servematrix.config.matrix import validate_files
+    from servematrix.report import history, waivers
+    from servematrix.serve import envs
+
+    paths = [Path(p) for p in args.matrix] or sorted(Path("matrix").glob("*.yaml"))
+    if not paths:
+        raise ArgumentError("MATRIX", "no matrix file given and none in matrix/*.yaml")
+    found = [w for m in validate_files(paths) for w in waivers.from_entries(m.entries)]
+    if any(w.release == envs.CURRENT for w in found):  # the version "current" runs, for release-valued untils
+        current = envs.versions(envs.CURRENT, sys.executable)["vllm"]
+        found = [w.model_copy(update={"version": current}) if w.release == envs.CURRENT else w for w in found]
+    db = Path(args.history or "reports/history.sqlite")
+    if args.history and not db.is_file():  # named explicitly: a typo must not read as "no history"
+        raise ArgumentError("--history", f"{db}: no such history database")
+    last = args.last or waivers.DEFAULT_LAST
+    results = history.trend(db, last)
+    evidence = waivers.Evidence(today=datetime.datetime.now(datetime.timezone.utc).date(), last=last,
+                                fix_reports=waivers.fix_reports_of(None, results), results=results)
+    note = "" if results else f"(no history in {db}: xpasses and fix reports not consulted)"
+    print(waivers.render(waivers.judge_all(found, evidence), note))
+    return 0
 
 
 def add_reference(sub) -> None:
@@ -69,6 +125,7 @@ def cmd_reference_record(args) -> int:
 def _new_references(run, any_vllm: bool) -> list:
     """One reference per metric of each scenario of `run` that met its expectation, pinned to the
     run's vLLM release unless `any_vllm`."""
+    from servematrix.check import accuracy
     from servematrix.config import references
 
     new = []
@@ -80,7 +137,7 @@ def _new_references(run, any_vllm: bool) -> list:
         for metric, value in r.metrics.items():
             rel = os.path.relpath(run.run_dir)
             source = run.run_dir if rel.startswith("..") else rel
-            new.append(references.reference_from(metric, value, key, source))
+            new.append(accuracy.reference_from(metric, value, key, source, r))
     return new
 
 
@@ -128,7 +185,9 @@ def cmd_diff(args) -> int:
     from servematrix.report import gate
     from servematrix.report.comparison import compare_runs
 
-    changes = compare_runs(gate.load_summary(Path(args.run_a)), gate.load_summary(Path(args.run_b)))
+    # diff reports what it cannot compare ("not comparable" section) instead of refusing: only the
+    # gate must refuse, because it decides
+    changes = compare_runs(gate.load_summary(Path(args.run_a)), gate.load_summary(Path(args.run_b)), refuse=False)
     for title, items in changes.sections().items():
         print(f"{title}: {len(items)}")
         for i in items:

@@ -52,6 +52,9 @@ def add_validate(sub) -> None:
 def cmd_validate(args) -> int:
     for m in _matrices(args.matrix):
         print(f"{m.path}: ok ({len(m.entries)} scenarios)")
+        # what each accuracy check can see with the questions it is given (one-sided, at its α, β)
+        for line in m.power_lines():
+            print(f"  {line}")
     return 0
 
 
@@ -87,7 +90,7 @@ def add_run(sub) -> None:
     r.add_argument("--gpus", type=gpu_ids, help="GPU ids this host may hand out, e.g. 0,1,2,3 (default: every visible GPU)")
     r.add_argument("--ray-address", help="--backend ray: the cluster to join (default: start one here)")
     r.add_argument("--docker-image", help="--backend docker: image with vLLM and servematrix "
-                   "(default servematrix/vllm-cpu:0.32.0, built by docker-compose.yml); engine: DOCKER_HOST")
+                   "(default servematrix/vllm-openai-cpu:v0.32.0, see docker/build-cpu-base.sh); engine: DOCKER_HOST")
     r.add_argument("--docker-python", default="python3", help="--backend docker: the image's interpreter")
     r.add_argument("--docker-mount", action="append", default=[], metavar="HOST:CONTAINER[:ro]")
     r.add_argument("--docker-network", default="host", choices=["host", "bridge"])
@@ -203,11 +206,18 @@ def add_bisect(sub) -> None:
 def cmd_bisect(args) -> int:
     from servematrix.report.files import atomic_write
     from servematrix.run.bisect import bisect
+    from servematrix.sweep.bisect import bisect_cell, parse
 
-    matrix, entry = _entry(args)
+    # a sweep cell id (told apart by its form: sweep/bisect.py) is bisected by one-cell sweeps
+    cell = None if getattr(args, "matrix", None) else parse(args.id)
     out = Path(args.out) if args.out else _default_out("bisect-")
-    result = bisect(matrix, entry, args.between[0], args.between[1], out, args.signature, args.python,
-                    args.overwrite)
+    if cell is not None:
+        entry = cell
+        result = bisect_cell(cell, args.between[0], args.between[1], out, args.signature, args.overwrite)
+    else:
+        matrix, entry = _entry(args)
+        result = bisect(matrix, entry, args.between[0], args.between[1], out, args.signature, args.python,
+                        args.overwrite)
     print(f"\nbisect {entry.id} over {', '.join(result.releases)}")
     for p in sorted(result.probes, key=lambda p: result.releases.index(p.release)):
         print(f"  {p.release:<12} {p.outcome:<5} {p.verdict:<6} {p.signature or ''}")

@@ -10,13 +10,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from servematrix.check.accuracy import needed_n
+from servematrix.check.accuracy import detectable, needed_n, paired_mde, uninformative
 from servematrix.config.references import References
 from servematrix.config import plan
 from servematrix.config.expand import expand
 from servematrix.config.matrix_spec import Entry, Expectation, MatrixFile
 from servematrix.config.scenario import Scenario, ScenarioStore
 from servematrix.config.yamlio import ConfigError, Located, is_file, load_yaml, validate
+from servematrix.paths import GSM8K_TEST_ROWS
 
 __all__ = ["Entry", "Expectation", "Matrix", "load_matrix", "validate_files"]
 
@@ -35,22 +36,51 @@ class Matrix:
 
     def check_power(self, override: int | None = None, entries: list[Entry] | None = None) -> None:
         """Refuse a gsm8k limit too small for an accuracy check to detect the effect it claims
-        (at load: the file's own limits over every entry; with --limit: over the selected ones)."""
+        (at load: the file's own limits over every entry; with --limit: over the selected ones),
+        and a check that no outcome at that n could fail (or pass) against its reference."""
+        for e, scn, limit, i, check, ref in self.judged_checks(override, entries):
+            why = uninformative(check, ref, limit) if ref is not None else None
+            if why is not None:
+                at = f" (with --limit {override})" if override is not None else ""
+                raise load_yaml(self.store.path(e.scenario)).error(("accuracy", "checks", i), f"{e.id}{at}: {why}")
+            need = needed_n(check, ref)
+            if limit < need:
+                msg = (f"{e.id}: gsm8k limit {limit} cannot detect a {check.effect} change of {check.metric} "
+                       f"at alpha={check.alpha}, beta={check.beta}: it needs n >= {need}")
+                if override is not None or self._located is None or self.spec.gsm8k.limit is None:
+                    where = self.store.path(e.scenario) if override is None else "--limit"
+                    raise ConfigError(where, None, "gsm8k.limit", msg)
+                raise self._located.error(("gsm8k", "limit"), msg)
+
+    def power_lines(self) -> list[str]:
+        """Per entry and check, the smallest effect it detects at α and β with the entry's n, and
+        for a layout the paired test against its baseline over the same questions."""
+        base_of = plan.baselines(self.scenario, self.entries)
+        out = []
+        for e, scn, n, i, check, ref in self.judged_checks():
+            base = base_of.get(e.id)
+            if check.metric == "gsm8k.agreement" and base == e.id:
+                continue  # agreement is a layout's, with its baseline: never judged on the baseline
+            line = f"{e.id} {check.metric}: {detectable(check, ref, n)}"
+            if base is not None and base != e.id:
+                line += f"; paired with {base} over the same {n} questions"
+                if ref is not None and ref.paired_sigma is not None:
+                    line += f", MDE {paired_mde(check, ref.paired_sigma, n):.4g}"
+                else:
+                    line += " (MDE once a reference records their spread)"
+            out.append(line)
+        return out
+
+    def judged_checks(self, override: int | None = None, entries: list[Entry] | None = None):
+        """(entry, scenario, n, index, check, reference) for every check gsm8k will judge."""
         for e in self.entries if entries is None else entries:
             scn = self.scenario(e.scenario)
-            limit = self.gsm8k_limit(scn, override)
-            if limit is None or not scn.gsm8k.enabled or not self.spec.gsm8k.enabled:
+            if not scn.gsm8k.enabled or not self.spec.gsm8k.enabled:
                 continue
+            limit = self.gsm8k_limit(scn, override) or GSM8K_TEST_ROWS
             for i, check in enumerate(scn.accuracy.checks):
-                ref = self.references.find(check.metric, e.scenario, e.quant, e.tp, e.pp, e.device, None)
-                need = needed_n(check, ref)
-                if limit < need:
-                    msg = (f"{e.id}: gsm8k limit {limit} cannot detect a {check.effect} change of {check.metric} "
-                           f"at alpha={check.alpha}, beta={check.beta}: it needs n >= {need}")
-                    if override is not None or self._located is None or self.spec.gsm8k.limit is None:
-                        where = self.store.path(e.scenario) if override is None else "--limit"
-                        raise ConfigError(where, None, "gsm8k.limit", msg)
-                    raise self._located.error(("gsm8k", "limit"), msg)
+                yield e, scn, limit, i, check, self.references.find(check.metric, e.scenario, e.quant, e.tp, e.pp,
+                                                                     e.device, None)
 
     def scenario(self, name: str) -> Scenario:
         return self.store.get(name)

@@ -8,11 +8,13 @@ to import the other.
 
 from __future__ import annotations
 
+import datetime
 import fnmatch
 import math
+import re
 from typing import Annotated, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, HttpUrl, model_validator
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, HttpUrl, model_validator
 
 from servematrix.config.fields import OneLine, PathText, Regex, Seconds
 from servematrix.config.scenario import DeviceName, Gsm8kLimit, Name, Parallel
@@ -41,6 +43,37 @@ def _known_fixes(v: list[str]) -> list[str]:
     return v
 
 
+_RELEASE_RE = re.compile(r"([a-z][a-z0-9]*)-(\d+(?:\.\d+){1,3})")
+
+
+def _until(v: object) -> str:
+    """A waiver's end: an ISO date (YAML reads an unquoted 2027-01-31 as a date) or a release of a
+    declared family (`cpu-0.33.0`: it need not be declared yet — a waiver usually names the release
+    expected to fix it). Kept as text; report/waivers.py decides when it has passed."""
+    if isinstance(v, datetime.datetime):  # a timestamp: a waiver ends on a day, not at an hour
+        raise ValueError("a date (YYYY-MM-DD) without a time, or a release such as cpu-0.33.0")
+    if isinstance(v, datetime.date):
+        return v.isoformat()
+    if not isinstance(v, str):
+        raise ValueError("a date (YYYY-MM-DD) or a release such as cpu-0.33.0")
+    if re.fullmatch(r"\d{4}-\d{2}-\d{2}", v):
+        try:
+            return datetime.date.fromisoformat(v).isoformat()
+        except ValueError:
+            raise ValueError(f"{v!r} is not a calendar date (YYYY-MM-DD)") from None
+    from servematrix.serve import envs
+
+    families = sorted({name.split("-", 1)[0] for name in envs.releases() if "-" in name})
+    m = _RELEASE_RE.fullmatch(v)
+    if m is None or m.group(1) not in families:
+        raise ValueError(f"expected a date (YYYY-MM-DD) or a release <family>-<version> of a declared family "
+                         f"({', '.join(f + '-X.Y.Z' for f in families)}; servematrix/data/vllm-releases.yaml), "
+                         f"got {v!r}")
+    return v
+
+
+# When a waiver (xfail) stops being trusted: a date, or a release at/after which it has expired.
+Until = Annotated[str, BeforeValidator(_until)]
 # A vLLM release of servematrix/data/vllm-releases.yaml, or "current".
 VllmName = Annotated[str, AfterValidator(_known_vllm)]
 # Fix modules of the servematrix_fixes registry (checked as a list: the error names the list).
@@ -61,13 +94,15 @@ class Expectation(_Strict):
     signature: Regex | None = None
     # strict: an xfail entry that passes is reported as xpass and fails the run (drop the waiver)
     strict: bool = True
+    # the waiver expires on this date or from this release on (`servematrix waivers` lists its state)
+    until: Until | None = None
 
     @model_validator(mode="after")
     def _xfail_needs_why(self) -> "Expectation":
         if self.expect == "xfail" and (not self.reason or not self.bug):
             raise ValueError("expect: xfail needs a reason and a bug URL")
-        if self.expect == "pass" and (self.signature or self.reason):
-            raise ValueError("reason/signature only make sense with expect: xfail")
+        if self.expect == "pass" and (self.signature or self.reason or self.until):
+            raise ValueError("reason/signature/until only make sense with expect: xfail")
         return self
 
 

@@ -5,7 +5,6 @@ validated here; judged in check.accuracy."""
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
 from pathlib import Path
 
 import yaml
@@ -14,9 +13,9 @@ from packaging.version import InvalidVersion, Version
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from servematrix.config.yamlio import field_error, load_yaml, validate
-from servematrix.record import METRICS, MetricValue
+from servematrix.record import METRIC_DEFS, METRICS, Protocol
 
-BERNOULLI = {"gsm8k.strict", "gsm8k.flexible", "gsm8k.agreement"}
+BERNOULLI = {name for name, m in METRIC_DEFS.items() if m.proportion}  # record.METRIC_DEFS says which
 
 
 class _Strict(BaseModel):
@@ -90,6 +89,12 @@ class Reference(_Strict):
     stderr: float | None = Field(None, ge=0, le=1e6, allow_inf_nan=False)
     source: str | None = None  # the run it was recorded from
     recorded_at: str | None = None
+    # what it was measured with (check.gsm8k.protocol): a run measured otherwise is not compared
+    # with it; references recorded before fingerprints have none ("no fingerprint")
+    protocol: Protocol | None = None
+    # per-question spread of a layout's differences from its baseline (its paired test), so that
+    # validate can say what the paired test detects before the next run
+    paired_sigma: float | None = Field(None, ge=0, le=1e6, allow_inf_nan=False)
 
 
 class ReferenceFile(_Strict):
@@ -113,12 +118,6 @@ class References:
              vllm: str | None) -> Reference | None:
         hits = [r for r in self.refs if r.metric == metric and r.key.matches(scenario, quant, tp, pp, device, vllm)]
         return hits[-1] if hits else None  # the latest recorded wins
-
-
-def reference_from(metric: str, value: MetricValue, key: RefKey, source: str) -> Reference:
-    return Reference(key=key, metric=metric, mean=value.mean, sigma=value.sigma, n=value.n,
-                     stderr=value.stderr, source=source,
-                     recorded_at=datetime.now(timezone.utc).isoformat(timespec="seconds"))
 
 
 def dump_references(refs: list[Reference]) -> str:

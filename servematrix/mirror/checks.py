@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 
 from servematrix.mirror.dims import kv_class, tp_role
-from servematrix.mirror.layout import SourceLayout, TensorMeta, field_value, rules
+from servematrix.mirror.layout import SourceLayout, TensorMeta, field_value, rules, split_name
 from servematrix.mirror.plan_config import same_value
 from servematrix.mirror.plan_models import Invariant, Plan
 from servematrix.mirror.schemes import evaluate
@@ -58,10 +58,9 @@ def _weights_per_layer(names, groups: set[str]) -> dict[int, set[str]]:
         prefix, _, leaf = name.rpartition(".")
         if leaf != "weight" and canonical(prefix + ".weight")[: -len(".weight")] not in groups:
             continue
-        c = canonical(prefix + ".weight")
-        layer = c.split("layers.", 1)[1].split(".", 1) if "layers." in c else None
-        if layer and layer[0].isdigit():
-            out.setdefault(int(layer[0]), set()).add(layer[1])
+        layer, key = split_name(canonical(prefix + ".weight"))
+        if layer is not None:
+            out.setdefault(layer, set()).add(key.split("{L}.", 1)[1])
     return out
 
 
@@ -91,8 +90,7 @@ def _mtp(plan: Plan, layout: SourceLayout, cfg: dict) -> Invariant:
     st = layout.structure
     k = len(plan.kept_layers)
     want = {k + i for i in range(len(st.mtp_layer_indices))}
-    got = {int(c.split("layers.", 1)[1].split(".")[0]) for c in map(canonical, plan.twin)
-           if "layers." in c and c.split("layers.", 1)[1].split(".")[0].isdigit()} - set(range(k))
+    got = {layer for layer, _ in map(split_name, plan.twin) if layer is not None} - set(range(k))
     _, mtp = field_value(cfg, "mtp")
     holds = got == want and int(mtp or 0) == st.mtp_layers
     detail = (f"{len(want)} MTP layers after the {k} main ones (num_nextn_predict_layers {mtp or 0})" if want else

@@ -110,7 +110,11 @@ def choose_dims(cfg: dict, tps: list[int], group_info: dict, params: dict, kv_po
         dims.role("index_heads", min(index_heads, t["index_heads"]))
     _, hidden = field_value(cfg, "hidden")
     if field_value(cfg, "hidden")[0] not in dims.changed and hidden:
-        dims.role("hidden", min(hidden, hidden_unit))
+        # transformers' configs refuse a hidden_size the heads do not divide even where head_dim is
+        # explicit (measured: SmolLM2's 3 KV heads give the twin 6 heads; 128 is refused)
+        heads_key = field_value(cfg, "heads")[0]
+        heads = dims.changed[heads_key][1] if heads_key in dims.changed else field_value(cfg, "heads")[1]
+        dims.role("hidden", min(hidden, math.lcm(hidden_unit, heads or 1)))
     _experts(cfg, tps, dims)
     return dims.changed, rule, notes
 

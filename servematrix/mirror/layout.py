@@ -19,7 +19,6 @@ from servematrix.paths import data_file
 
 FLOAT_DTYPES = {"F32", "F16", "BF16", "F64"}
 HF_QUANT_FILE = "hf_quant_config.json"
-LAYER_RE = re.compile(r"^(.*?)layers\.(\d+)\.")
 EXPERT_RE = re.compile(r"\.experts\.(\d+)\.")
 
 
@@ -62,7 +61,7 @@ class QuantLayout(_Model):
 
 class Structure(_Model):
     num_layers: int  # main decoder layers (num_hidden_layers)
-    layer_stem: str | None  # e.g. "model." in model.layers.<i>.
+    layer_stem: str | None  # the names' part before the index: "model.layers." / "encoder.layer."
     moe: bool
     experts: int | None
     top_k: int | None
@@ -111,6 +110,15 @@ def rules() -> dict[str, Any]:
     return yaml.safe_load(data_file("mirror-families.yaml").read_text())
 
 
+@lru_cache(maxsize=1)
+def layer_re() -> re.Pattern:
+    """`<stem><container>.<i>.` at a name's start: group 1 the stem with its container (the
+    `layer_containers` of mirror-families.yaml, e.g. `model.layers.`, `encoder.layer.`), group 2 the
+    index. A container only counts as a whole dotted name part (not `sublayers.`)."""
+    words = sorted(map(re.escape, rules()["layer_containers"]), key=len, reverse=True)
+    return re.compile(rf"^((?:.*?\.)?(?:{'|'.join(words)})\.)(\d+)\.")
+
+
 def field_value(config: dict, role: str) -> tuple[str | None, Any]:
     """The first spelling of `role` the config carries, and its value."""
     for key in rules()["fields"][role]:
@@ -125,10 +133,10 @@ def split_name(name: str) -> tuple[int | None, str]:
     """(decoder layer index, key): the key has `{L}` for the layer index and `*` for the expert, so
     names equal up to the layer and expert count share a key."""
     key = EXPERT_RE.sub(".experts.*.", name)
-    m = LAYER_RE.match(key)
+    m = layer_re().match(key)
     if not m:
         return None, key
-    return int(m.group(2)), f"{m.group(1)}layers.{{L}}.{key[m.end():]}"
+    return int(m.group(2)), f"{m.group(1)}{{L}}.{key[m.end():]}"
 
 
 def layer_signatures(tensors: dict[str, TensorMeta]) -> dict[int, frozenset[tuple[str, str]]]:
@@ -214,7 +222,7 @@ def detect_structure(config: dict, tensors: dict[str, TensorMeta]) -> Structure:
     layer_ids: set[int] = set()
     indexer: set[str] = set()
     for name in tensors:
-        m = LAYER_RE.match(name)
+        m = layer_re().match(name)
         if m:
             stems[m.group(1)] = stems.get(m.group(1), 0) + 1
             layer_ids.add(int(m.group(2)))

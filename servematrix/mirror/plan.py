@@ -24,10 +24,10 @@ from servematrix.mirror.checks import invariants
 from servematrix.mirror.dims import choose_dims
 from servematrix.mirror.layout import SourceLayout, TensorMeta, field_value, layer_signatures, quant_groups, rules
 from servematrix.mirror.plan_config import dim_map, effective_config, twin_config, twin_config_json, unmirrored_config
-from servematrix.mirror.plan_models import TORCH_DTYPE, Invariant, NotMirrored, Plan
+from servematrix.mirror.plan_models import TORCH_DTYPE, Invariant, NotMirrored, Plan, PostStep
 from servematrix.mirror.schemes import infer_params
 from servematrix.mirror.source import causal_lm_class, meta_layout
-from servematrix.mirror.spec_parts import extra_tensors, fp8_blocks, post_steps
+from servematrix.mirror.spec_parts import extra_tensors, fp8_blocks, post_steps, quantize
 from servematrix.mirror.tensors import Builder, MappedSource
 
 
@@ -38,6 +38,7 @@ def plan_twin(layout: SourceLayout, max_pp: int, tp_values: list[int], kv_policy
         raise ArgumentError("--kv-policy", "cover or faithful")
     tps = sorted(set(tp_values))
     model_type, text_model_type, arch = _resolve_class(layout)
+    forge_arch = _forge_architecture(model_type, text_model_type, arch)
     class_type = text_model_type or model_type
     effective = effective_config(layout, class_type)
     notes: list[str] = []
@@ -62,14 +63,15 @@ def plan_twin(layout: SourceLayout, max_pp: int, tp_values: list[int], kv_policy
     mapped = MappedSource(layout, layer_map, groups)
     experts_key, experts = field_value(effective, "experts")
     experts = dims[experts_key][1] if experts_key in dims else experts  # the twin's count, shrunk or not
-    built = Builder(base, mapped, group_info, params, dtype, k_main, experts, dim_map(layout, effective, dims, vocab))
+    built = Builder(base, mapped, group_info, params, dtype, k_main, experts, dim_map(layout, effective, dims, vocab),
+                    quant_method=layout.quant.method)
     built.run()
     not_mirrored += built.not_mirrored
 
     fields = dict(
-        model_type=model_type, architecture=arch, config=config, dtype=TORCH_DTYPE[dtype],
+        model_type=model_type, architecture=forge_arch, config=config, dtype=TORCH_DTYPE[dtype],
         tokenizer=TokenizerSpec(vocab_size=vocab, chat_template=layout.tokenizer.chat_template or layout.kind == "model_type"),
-        extra_tensors=extra_tensors(built), fp8_blocks=fp8_blocks(built),
+        extra_tensors=extra_tensors(built), fp8_blocks=fp8_blocks(built), quantize=quantize(built),
         text_model_type=text_model_type,
         config_json=twin_config_json(layout, layer_map, experts),
         remote_code=bool(layout.auto_map) or text_model_type is not None)
@@ -81,7 +83,7 @@ def plan_twin(layout: SourceLayout, max_pp: int, tp_values: list[int], kv_policy
         source=layout.source, model_type=model_type, architecture=arch, text_model_type=text_model_type,
         max_pp=max_pp, tp=tps, kv_policy=kv_policy, kept_layers=kept, layer_map=layer_map, experts=experts,
         dims={k: list(v) for k, v in dims.items()}, spec=spec, forged=built.forged, twin=built.twin,
-        quant=built.targets, post=post_steps(built), invariants=[], not_mirrored=not_mirrored + unmirrored_config(layout),
+        quant=built.targets, post=post_steps(built) + _architecture_step(forge_arch, arch), invariants=[], not_mirrored=not_mirrored + unmirrored_config(layout),
         notes=notes)
     checks = invariants(plan, layout, effective, config, class_type, kv_rule, mapped, base)
     checks.append(Invariant(name="forge accepts", rule="the ForgeSpec passes the forge's own validation (its size "
@@ -103,6 +105,27 @@ def _resolve_class(layout: SourceLayout) -> tuple[str, str | None, str]:
         raise ConfigError(layout.source, None, "model_type", f"{layout.model_type!r} ({arch}) has no transformers "
                                                              "class here: the forge cannot write its tensors")
     return layout.model_type, by_arch[0], arch
+
+
+def _forge_architecture(model_type: str, text_model_type: str | None, arch: str) -> str:
+    """The class the forge writes: the source's where it is a causal LM; else (an encoder such as
+    BertModel) the family's causal-LM class, whose save_pretrained names the config after itself,
+    and post-processing gives config.json the source's architecture back. The tensors the class
+    names otherwise (BertLMHeadModel's `bert.` prefix, its `cls.` head) are dropped, the source's
+    added, by the ordinary post-processing steps."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    if arch in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values() or text_model_type is not None:
+        return arch
+    return MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(model_type, arch)
+
+
+def _architecture_step(forge_arch: str, arch: str) -> list[PostStep]:
+    if forge_arch == arch:
+        return []
+    return [PostStep(op="architectures", names=[arch], detail=f"config.json's architectures set to the source's "
+                                                              f"[{arch}] (the forge writes {forge_arch}, the "
+                                                              "family's causal-LM class)")]
 
 
 def select_layers(layout: SourceLayout, max_pp: int) -> tuple[list[int], dict[int, int], int]:

@@ -14,7 +14,7 @@ import re
 from typing import Any
 
 from servematrix.errors import ConfigError
-from servematrix.mirror.layout import LAYER_RE, SourceLayout, field_value, rules
+from servematrix.mirror.layout import SourceLayout, field_value, layer_re, rules
 from servematrix.mirror.plan_models import NotMirrored
 
 _EXPERT_IN_MODULE = re.compile(r"\.experts\.(\d+)(?=\.|$)")
@@ -66,7 +66,11 @@ def twin_config(layout: SourceLayout, effective: dict, class_type: str, dims: di
     config = {k: v for k, v in config.items() if k in changed or k in explicit or defaults.get(k, _MISSING) != v}
     config = json.loads(json.dumps(config))  # a JSON object, as config.json and the spec's hash hold it
     notes = []
-    built = AutoConfig.for_model(class_type, **config)
+    try:
+        built = AutoConfig.for_model(class_type, **config)
+    except Exception as exc:  # noqa: BLE001 - the class refuses the shrunk widths: one line, no traceback
+        raise ConfigError(layout.source, None, "twin config", f"transformers' {class_type} config refuses the "
+                                                              f"shrunk config {config}: {type(exc).__name__}: {exc}") from None
     moved = [k for k, v in config.items() if not same_value(getattr(built, k, _MISSING), v)]
     if moved:
         for k in moved:
@@ -101,6 +105,11 @@ def dim_map(layout: SourceLayout, cfg: dict, dims: dict, vocab: int) -> dict[int
     for src, twin in dims.values():
         if isinstance(src, int) and isinstance(twin, int):
             out.setdefault(src, twin)
+    # an absolute position table's length (kept unless the plan shrinks it): last, so a width
+    # that happens to equal it keeps its own mapping
+    key, positions = field_value(cfg, "positions")
+    if isinstance(positions, int):
+        out.setdefault(positions, dims[key][1] if key in dims else positions)
     return out
 
 
@@ -119,9 +128,9 @@ def twin_config_json(layout: SourceLayout, layer_map: dict[int, int], experts: i
 def remap_module(name: str, layer_map: dict[int, int], experts: int | None) -> str:
     if not isinstance(name, str) or name.startswith("re:"):
         return name
-    m = LAYER_RE.match(name + ".")
+    m = layer_re().match(name + ".")
     if m and int(m.group(2)) in layer_map:
-        name = f"{m.group(1)}layers.{layer_map[int(m.group(2))]}.{name[m.end():]}".rstrip(".")
+        name = f"{m.group(1)}{layer_map[int(m.group(2))]}.{name[m.end():]}".rstrip(".")
     if experts:
         name = _EXPERT_IN_MODULE.sub(lambda e: f".experts.{int(e.group(1)) % experts}", name)
     return name

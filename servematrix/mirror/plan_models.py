@@ -34,7 +34,8 @@ class NotMirrored(_Model):
 
 
 class QuantTarget(_Model):
-    """One twin linear written in a quantized layout: the forge's fp8_blocks or a post-processing step."""
+    """One twin linear written in a quantized layout: the forge's fp8_blocks or `quantize:`, or a
+    post-processing step."""
 
     prefix: str
     scheme: str
@@ -44,10 +45,12 @@ class QuantTarget(_Model):
     params: dict[str, int]
     leaves: dict[str, TensorMeta]  # leaf -> the twin's tensor
     values: dict[str, list[int]] = Field(default_factory=dict)  # leaf -> content (weight_shape)
+    # the forge's `quantize:` method that writes it (its model_dump, `tensors` left out), where forged so
+    method: dict[str, Any] | None = None
 
 
 class PostStep(_Model):
-    op: Literal["quantize", "cast", "add", "drop"]
+    op: Literal["quantize", "cast", "add", "drop", "architectures"]
     names: list[str]
     detail: str
 

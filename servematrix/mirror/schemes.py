@@ -1,5 +1,6 @@
 """The shape expressions of mirror-families.yaml's quantization schemes: a quantized linear's
-tensors for given widths, and a scheme's parameters solved from a source linear's tensors."""
+tensors for given widths, and a scheme's parameters solved from a source linear's tensors. The
+expressions are evaluated by checkpoint/quantize.py, which writes the same layouts in the forge."""
 
 from __future__ import annotations
 
@@ -7,36 +8,11 @@ import ast
 import itertools
 from typing import Any
 
+from servematrix.checkpoint.quantize import NotWhole, evaluate
 from servematrix.errors import ConfigError
 from servematrix.mirror.layout import TensorMeta, rules
 
-
-class NotWhole(ValueError):
-    pass
-
-
-def evaluate(expr: Any, env: dict[str, int]) -> int:
-    """`in / group`, `ceil(out / block_n)`, `out * 2`, a name or a number; `/` must divide exactly."""
-    if isinstance(expr, int):
-        return expr
-
-    def ev(node: ast.AST) -> int:
-        if isinstance(node, ast.Constant) and isinstance(node.value, int):
-            return node.value
-        if isinstance(node, ast.Name):
-            return env[node.id]
-        if isinstance(node, ast.Call) and getattr(node.func, "id", "") == "ceil" and isinstance(node.args[0], ast.BinOp):
-            return -(-ev(node.args[0].left) // ev(node.args[0].right))
-        if isinstance(node, ast.BinOp) and isinstance(node.op, ast.Div):
-            a, b = ev(node.left), ev(node.right)
-            if a % b:
-                raise NotWhole(f"{a} / {b}")
-            return a // b
-        if isinstance(node, ast.BinOp) and isinstance(node.op, ast.Mult):
-            return ev(node.left) * ev(node.right)
-        raise ValueError(f"unsupported shape expression {ast.unparse(node)!r}")
-
-    return ev(ast.parse(str(expr), mode="eval").body)
+__all__ = ["NotWhole", "evaluate", "infer_params", "scheme_shapes"]
 
 
 def _names(expr: Any) -> set[str]:

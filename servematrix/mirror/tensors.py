@@ -8,6 +8,9 @@ from __future__ import annotations
 
 from collections import Counter
 
+from pydantic import ValidationError
+
+from servematrix.checkpoint.quantize import BY_SCHEME, tag
 from servematrix.mirror.layout import FLOAT_DTYPES, SourceLayout, TensorMeta, rules, split_name
 from servematrix.mirror.plan_models import TORCH_DTYPE, NotMirrored, QuantTarget
 from servematrix.mirror.schemes import NotWhole, infer_params, scheme_shapes
@@ -69,7 +72,7 @@ class Builder:
 
     def __init__(self, base: dict[str, TensorMeta], mapped: MappedSource, group_info: dict[str, dict],
                  params: dict[str, dict[str, int]], dtype: str, k_main: int, experts: int | None,
-                 dim_map: dict[int, int]):
+                 dim_map: dict[int, int], quant_method: str | None = None):
         self.base, self.mapped, self.group_info, self.params = base, mapped, group_info, params
         self.dtype, self.k_main, self.experts, self.dim_map = dtype, k_main, experts, dim_map
         self.twin: dict[str, TensorMeta] = dict(base)
@@ -81,6 +84,8 @@ class Builder:
         self.dropped: list[str] = []
         self.target_prefixes: set[str] = set()
         self.not_mirrored: list[NotMirrored] = []
+        self.quant_method = quant_method  # the source config's quant_method
+        self.method: dict | None = None  # the one `quantize:` weight method the forge writes (one config)
 
     # -- steps --
 
@@ -166,16 +171,34 @@ class Builder:
         forge = (spec.get("forge") == "fp8_blocks" and out % p["block_n"] == 0 and in_ % p["block_k"] == 0
                  and leaves["weight"].dtype == "F8_E4M3" and leaves["weight_scale_inv"].dtype == "F32"
                  and set(leaves) == {"weight", "weight_scale_inv"})
+        method = None if forge else self._forge_method(scheme, out, in_, leaves)
+        forge = forge or method is not None
         values = {leaf: [out if v == "n" else in_ if v == "k" else int(v) for v in t["value"]]
                   for leaf, t in spec["tensors"].items() if leaf in leaves and "value" in t}
         self.twin.pop(prefix + ".weight")
+        if method is not None:
+            self.forged.pop(prefix + ".weight")
         self.target_prefixes.add(prefix)
         for leaf, meta in leaves.items():
             self.twin[f"{prefix}.{leaf}"] = meta
             if forge:
                 self.forged[f"{prefix}.{leaf}"] = meta
         self.targets.append(QuantTarget(prefix=prefix, scheme=scheme, forge=forge, out=out, in_=in_, params=p,
-                                        leaves=leaves, values=values))
+                                        leaves=leaves, values=values, method=method))
+
+    def _forge_method(self, scheme: str, out: int, in_: int, leaves: dict[str, TensorMeta]) -> dict | None:
+        """The forge's `quantize:` method (as its dump, without `tensors`) that writes exactly these
+        leaves for [out, in], or None: then the linear is post-processed. One method per twin."""
+        method = method_for(scheme, self.params[scheme], leaves)
+        if method is None or (self.quant_method and self.quant_method not in rules()["schemes"][scheme]["methods"]):
+            return None
+        want = {leaf: (m.dtype, m.shape) for leaf, m in leaves.items()}
+        if method.misaligned(out, in_) or method.leaves(out, in_, TORCH_DTYPE[self.dtype]) != want:
+            return None
+        dump = method.model_dump(mode="json", exclude={"tensors"})
+        if self.method is None:
+            self.method = dump
+        return dump if dump == self.method else None
 
     def _extras(self) -> None:
         have = _index(self.twin)
@@ -212,6 +235,32 @@ class Builder:
 
     def _is_target_leaf(self, name: str) -> bool:
         return name.rpartition(".")[0] in self.target_prefixes
+
+
+def method_for(scheme: str, params: dict[str, int], leaves: dict[str, TensorMeta]):
+    """The quantize method of `scheme` whose parameters these (source-dtyped) leaves show, or None
+    where none of its options writes them (a scale dtype or shape it does not offer)."""
+    cls = BY_SCHEME.get(scheme)
+    if cls is None:
+        return None
+    scalar = leaves.get("weight_scale_2", leaves.get("weight_scale"))
+    kw = {"method": tag(cls)}
+    if scheme == "fp8_block":
+        kw["block"] = [params["block_n"], params["block_k"]]
+    if scheme in ("fp8_tensor", "nvfp4") and "input_scale" not in leaves:
+        kw["input_scale"] = None
+    if scheme == "fp8_tensor":
+        kw["scalars"] = {(): "0-d", (1,): "1-element"}.get(scalar.shape if scalar else None, "none")
+    if scheme in ("awq", "gptq", "nvfp4"):
+        kw["group_size"] = params["group"]
+    if scheme in ("awq", "gptq"):
+        kw.update(bits=32 // params["pack"], scales_dtype=TORCH_DTYPE.get(leaves["scales"].dtype, "none"))
+    if scheme == "gptq":
+        kw["g_idx"] = "g_idx" in leaves
+    try:
+        return cls(**kw)
+    except ValidationError:
+        return None
 
 
 def compare(src: dict[str, set[str]], twin: dict[str, set[str]]) -> tuple[list[str], list[str], list[tuple[str, list, list]]]:

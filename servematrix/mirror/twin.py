@@ -8,14 +8,15 @@ twin, diff.py compares it with its source, cli.py writes its scenario YAML and w
 
 from __future__ import annotations
 
+import json
 import shutil
 import tempfile
 from pathlib import Path
 
 from servematrix.checkpoint.forge import forge
-from servematrix.checkpoint.forge_tensors import FP8_MAX, fp8_block_quantize
+from servematrix.checkpoint.quant_pack import FP8_MAX, fp8_block_quantize
 from servematrix.errors import StateError
-from servematrix.mirror.layout import MirrorOrigin, TensorMeta
+from servematrix.mirror.layout import MirrorOrigin, TensorMeta, rules
 from servematrix.mirror.plan_models import Plan, QuantTarget
 from servematrix.mirror.source import ORIGIN_FILE, read_header
 
@@ -85,14 +86,19 @@ def _torch_dtype(code: str):
 
 def post_process(directory: Path, plan: Plan) -> None:
     """Rewrite the forged safetensors to the source's names and dtypes where the forge cannot:
-    quantized layouts it has no option for (AWQ/GPTQ int32 packs, NVFP4 uint8 + FP8 scales, FP8
-    per-tensor, FP8 blocks that end in a partial block), per-tensor dtypes, tensors of non-float
-    dtypes, tensors the class writes but the source lacks. All into one model.safetensors."""
+    quantized layouts its `quantize:` / fp8_blocks options do not express (FP8 blocks that end in a
+    partial block, per-channel FP8 scales, scales in a dtype the method does not write,
+    compressed-tensors packs), per-tensor dtypes, tensors of non-float dtypes, tensors the class
+    writes but the source lacks. All into one model.safetensors."""
     import torch
     from safetensors.torch import load_file, save_file
 
     if not plan.post:
         return
+    for step in plan.post:
+        if step.op == "architectures":  # config.json only; the tensors are the other steps'
+            path = directory / "config.json"
+            path.write_text(json.dumps({**json.loads(path.read_text()), "architectures": step.names}, indent=2))
     files = sorted(directory.glob("*.safetensors"))
     tensors: dict = {}
     for path in files:
@@ -159,6 +165,8 @@ def _fill(leaf: str, meta: TensorMeta, gen, values: dict, params: dict | None):
     dtype = _torch_dtype(meta.dtype)
     if leaf in values:
         return torch.tensor(values[leaf], dtype=dtype).reshape(meta.shape)
+    if leaf in rules()["index_leaves"] and meta.shape:  # a position buffer: 0..P-1 along its last dim
+        return torch.arange(meta.shape[-1]).expand(meta.shape).to(dtype).contiguous()
     if leaf == "g_idx" and params:  # the act-order index: input channel -> its group
         return (torch.arange(meta.shape[0]) // params["group"]).to(dtype)
     if meta.dtype in {"I32", "I64", "I16", "I8", "U8"}:  # packed quantized values: any bits are valid

@@ -8,7 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from servematrix.record import RunSummary
-from servematrix.report import html, junit, markdown
+from servematrix.report import html, junit, markdown, pages
 from servematrix.report.files import atomic_write
 
 
@@ -19,3 +19,4 @@ def write_all(summary: RunSummary, trend: dict | None = None) -> None:
     atomic_write(out / "accuracy.md", markdown.accuracy_md(summary))
     atomic_write(out / "junit.xml", junit.junit_xml(summary))
     atomic_write(out / "report.html", html.render(summary, trend))
+    pages.write_pages(summary, trend)  # scenario-<id>.html beside report.html

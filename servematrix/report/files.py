@@ -5,6 +5,7 @@ is written to it; `latest` points at the newest run."""
 from __future__ import annotations
 
 import os
+import re
 import stat
 import tempfile
 from pathlib import Path
@@ -114,3 +115,10 @@ def point_latest(run_dir: Path) -> None:
         tmp.unlink()
     os.symlink(run_dir.name, tmp)
     os.replace(tmp, link)
+
+
+def page_name(scenario_id: str) -> str:
+    """scenario-<id>.html, the id made a file name one-to-one: characters other than letters,
+    digits, '.' and '-' become _XX (hex), so `a/tp1` and `a_tp1` cannot collide."""
+    return "scenario-" + re.sub(r"[^A-Za-z0-9.-]", lambda m: "".join(f"_{b:02X}" for b in m.group().encode()),
+                                scenario_id) + ".html"

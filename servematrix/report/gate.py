@@ -5,6 +5,11 @@ accuracy pass rate under its minimum) · 2 cannot judge (infrastructure errors, 
 scenarios missing against the baseline). A definite regression outranks "cannot judge".
 Infrastructure failures are never counted as regressions; xfail scenarios that now pass are
 flagged so the waiver can be dropped.
+
+With the history (`gate --history N`) a scenario's verdict is read through hysteresis
+(history.standing): a miss counts only once it has missed in 2 distinct runs in a row, and a
+broken scenario stays a regression until 3 clean runs; an error never flips it. Stale or expired
+waivers (report.waivers) are flagged, and fail the gate when asked (`--fail-on-stale-waivers`).
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from pydantic import BaseModel, Field, ValidationError
 
 from servematrix.errors import StateError
 from servematrix.report.comparison import compare_runs
+from servematrix.report.history import Standing, standing
 from servematrix.record import KNOWN_SCHEMA_VERSIONS, RunSummary, ScenarioRecord
 from servematrix.check.verdict import EXIT_INFRA, EXIT_OK, EXIT_REGRESSION, unjudged
 
@@ -36,6 +42,8 @@ class Decision(BaseModel):
     flags: list[str] = Field(default_factory=list)
     load_rate: float | None = None
     accuracy_rate: float | None = None
+    standings: list[str] = Field(default_factory=list)  # per scenario, with --history
+    waivers: list[str] = Field(default_factory=list)  # every waiver's state
 
     @property
     def word(self) -> str:
@@ -98,19 +106,47 @@ def _accuracy_cell(r: ScenarioRecord) -> str:
     return ", ".join(f"{c.metric.split('.', 1)[-1]} {c.status}" for c in r.accuracy)
 
 
+def standings(run: RunSummary, results: dict[str, list[dict]], last: int) -> dict[str, Standing]:
+    """Each scenario's standing over its last `last` runs up to this one (the history's rows of
+    runs started no later than it, this run's own verdict last, counted once). A scenario with no
+    judged run before this one is judged on this run alone (absent here): no history, no grace."""
+    out = {}
+    for r in run.scenarios:
+        before = [x["verdict"] for x in results.get(r.id, [])
+                  if x["run_dir"] != run.run_dir and str(x["started_at"]) <= run.started_at]
+        window = (before + [r.verdict])[-last:]
+        if standing(window[:-1]).runs:
+            out[r.id] = standing(window)
+    return out
+
+
 def decide(run: RunSummary, baseline: RunSummary | None = None, min_load_rate: float = 1.0,
-           min_accuracy_rate: float = 1.0) -> Decision:
+           min_accuracy_rate: float = 1.0, history: dict[str, Standing] | None = None,
+           waivers: list | None = None, fail_on_stale_waivers: bool = False) -> Decision:
+    """`history`: standings (above) to read verdicts through; `waivers`: report.waivers states."""
     by_id = {r.id: r for r in run.scenarios}
     rows, regressions, cannot, flags = [], [], [], []
+    history = history or {}
+    # misses not (yet) counted: the scenario has not missed in BROKEN_AFTER runs in a row
+    held = {i for i, st in history.items() if by_id[i].verdict in {"fail", "xpass"} and st.state == "ok"}
     for r in run.scenarios:
         note = r.note or (r.failure.signature if r.failure else "")
         rows.append(Row(id=r.id, verdict=r.verdict, load=_load_cell(r), accuracy=_accuracy_cell(r), note=note[:160]))
-        if r.verdict == "fail":
+        if r.id in held:
+            flags.append(f"{r.id}: {r.verdict}, not counted yet — broken only after missing in 2 distinct runs in a "
+                         f"row ({history[r.id].describe()})")
+        elif r.id in history and history[r.id].state == "broken" and r.verdict in {"pass", "xfail"}:
+            regressions.append(f"{r.id}: still broken — {history[r.id].streak} of 3 clean runs in a row since it "
+                               f"broke ({history[r.id].describe()})")
+        elif r.verdict == "fail":
             regressions.append(f"{r.id}: {r.failure.signature if r.failure else 'failed'}")
         elif r.verdict == "error":
             cannot.append(f"{r.id}: infrastructure: {r.failure.signature if r.failure else '?'}")
         elif r.verdict == "xpass":
             flags.append(f"{r.id}: fixed upstream — drop the waiver ({r.expect.bug})")
+        # a reference measured under another protocol was not compared: nothing was judged there
+        cannot += [f"{r.id}: {c.metric} not comparable with its reference ({c.note})"
+                   for c in r.accuracy if c.status == "not-comparable"]
     if run.status != "complete":
         cannot.append(f"run is {run.status}, not complete")
     elif (why := unjudged([r.verdict for r in run.scenarios])) is not None:
@@ -120,11 +156,14 @@ def decide(run: RunSummary, baseline: RunSummary | None = None, min_load_rate: f
     if baseline is not None:
         changes = compare_runs(baseline, run)
         cannot += [f"{i}: in the baseline run, missing from this run" for i in changes.only_in_a]
-        regressions += [f"{c} — newly failing (met its expectation in the baseline)" for c in changes.newly_failing]
+        newly = [c for c in changes.newly_failing if c.split(": ", 1)[0] not in held]
+        regressions += [f"{c} — newly failing (met its expectation in the baseline)" for c in newly]
         flags += [f"{c} — newly passing" for c in changes.newly_passing]
+        flags += changes.no_fingerprint  # compared as before, but said: the protocols could not be checked
     # rates over what could be judged: expected-to-pass scenarios that ran on vLLM (neither an
     # infrastructure error nor skipped because no host could run them)
-    judged = [r for r in run.scenarios if r.expect.expect == "pass" and r.verdict not in {"error", "skipped"}]
+    judged = [r for r in run.scenarios if r.expect.expect == "pass" and r.verdict not in {"error", "skipped"}
+              and r.id not in held]
     load_rate = sum(1 for r in judged if r.load and r.load.ok) / len(judged) if judged else None
     checks = [c for r in judged for c in r.accuracy if c.status in {"pass", "fail"}]
     acc_rate = sum(1 for c in checks if c.status == "pass") / len(checks) if checks else None
@@ -132,9 +171,14 @@ def decide(run: RunSummary, baseline: RunSummary | None = None, min_load_rate: f
         regressions.append(f"load success rate {load_rate:.2%} < minimum {min_load_rate:.2%}")
     if acc_rate is not None and acc_rate < min_accuracy_rate:
         regressions.append(f"accuracy pass rate {acc_rate:.2%} < minimum {min_accuracy_rate:.2%}")
+    for w in waivers or []:
+        if w.state != "active":
+            (regressions if fail_on_stale_waivers else flags).append(f"waiver {w.line()}")
     code = EXIT_REGRESSION if regressions else EXIT_INFRA if cannot else EXIT_OK
     return Decision(exit_code=code, rows=rows, regressions=regressions, cannot_judge=cannot, flags=flags,
-                    load_rate=load_rate, accuracy_rate=acc_rate)
+                    load_rate=load_rate, accuracy_rate=acc_rate,
+                    standings=[f"{i}: {st.describe()}" for i, st in history.items()],
+                    waivers=[w.line() for w in waivers or []])
 
 
 def render(d: Decision, run: RunSummary) -> str:
@@ -150,7 +194,9 @@ def render(d: Decision, run: RunSummary) -> str:
             lines.append(f"  {rec.id}: {c.summary()}")
     rate = lambda x: "n/a" if x is None else f"{x:.2%}"  # noqa: E731
     lines += ["", f"load success rate {rate(d.load_rate)} · accuracy pass rate {rate(d.accuracy_rate)}"]
-    for title, items in (("regressions", d.regressions), ("cannot judge", d.cannot_judge), ("flags", d.flags)):
+    for title, items in (("history (hysteresis: broken after 2 missed runs in a row, fixed after 3 clean; "
+                          "flake rate = flips / judged runs, 95% Wilson)", d.standings), ("waivers", d.waivers),
+                         ("regressions", d.regressions), ("cannot judge", d.cannot_judge), ("flags", d.flags)):
         if items:
             lines += ["", f"{title}:"] + [f"  - {i}" for i in items]
     lines += ["", f"verdict: {d.word} (exit {d.exit_code})"]

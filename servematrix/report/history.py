@@ -7,6 +7,9 @@ import json
 import sqlite3
 import time
 from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, Field
 
 from servematrix.errors import StateError
 from servematrix.redact import redact_text
@@ -19,11 +22,15 @@ CREATE TABLE IF NOT EXISTS runs (
 );
 CREATE TABLE IF NOT EXISTS results (
   run_dir TEXT, scenario_id TEXT, verdict TEXT, load_ok INTEGER, load_seconds REAL,
-  signature TEXT, metrics TEXT, accuracy TEXT, seconds REAL,
+  signature TEXT, metrics TEXT, accuracy TEXT, seconds REAL, release TEXT, fixes TEXT,
   PRIMARY KEY (run_dir, scenario_id)
 );
 """
-RESULT_COLUMNS = 9
+# results columns added after the first databases were written: (name, type), added by _migrate;
+# a reader selects NULL for those an old database lacks (a read never migrates)
+ADDED_COLUMNS = (("seconds", "REAL"), ("release", "TEXT"), ("fixes", "TEXT"))
+RESULT_COLUMNS = ("run_dir", "scenario_id", "verdict", "load_ok", "load_seconds", "signature", "metrics",
+                  "accuracy", "seconds", "release", "fixes")
 
 
 READ_WAIT = 2.0  # s a reader (history, diff, the dispatcher's estimates) waits for another's lock
@@ -95,8 +102,10 @@ def _columns(con: sqlite3.Connection) -> set[str]:
 
 def _migrate(con: sqlite3.Connection) -> None:
     con.executescript(SCHEMA)
-    if "seconds" not in _columns(con):
-        con.execute("ALTER TABLE results ADD COLUMN seconds REAL")  # databases from before durations
+    have = _columns(con)
+    for name, kind in ADDED_COLUMNS:  # databases from before durations, releases and fix reports
+        if name not in have:
+            con.execute(f"ALTER TABLE results ADD COLUMN {name} {kind}")
 
 
 def _redacted(row: tuple) -> tuple:
@@ -112,7 +121,8 @@ def append(summary: RunSummary, path: Path | None = None) -> Path:
     results = [_redacted((summary.run_dir, r.id, r.verdict, None if r.load is None else int(r.load.ok),
                           None if r.load is None else r.load.seconds, r.failure.signature if r.failure else None,
                           json.dumps({k: v.model_dump() for k, v in r.metrics.items()}),
-                          json.dumps([c.model_dump() for c in r.accuracy]), r.seconds))
+                          json.dumps([c.model_dump() for c in r.accuracy]), r.seconds, r.vllm,
+                          json.dumps([f.model_dump() for f in r.fixes])))
                for r in summary.scenarios]
 
     def attempt() -> None:
@@ -122,7 +132,8 @@ def append(summary: RunSummary, path: Path | None = None) -> Path:
             with con:  # one transaction: the run and its results, or nothing
                 con.execute("INSERT OR REPLACE INTO runs VALUES (?,?,?,?,?,?,?,?,?)", run)
                 con.execute("DELETE FROM results WHERE run_dir = ?", (run[0],))
-                con.executemany(f"INSERT INTO results VALUES ({','.join('?' * RESULT_COLUMNS)})", results)
+                con.executemany(f"INSERT INTO results ({','.join(RESULT_COLUMNS)}) "
+                                f"VALUES ({','.join('?' * len(RESULT_COLUMNS))})", results)
         finally:
             con.close()
 
@@ -145,18 +156,37 @@ def durations(path: Path) -> dict[str, float]:
 
 
 def trend(path: Path, last: int = 10, scenario: str | None = None) -> dict[str, list[dict]]:
-    """Per scenario id, its last `last` results, oldest first."""
-    rows = _read(path, lambda con: con.execute(
-        "SELECT r.scenario_id, r.verdict, r.metrics, r.signature, u.started_at, u.run_dir, u.vllm "
-        "FROM results r JOIN runs u USING (run_dir) ORDER BY u.started_at").fetchall())
+    """Per scenario id, its last `last` results, oldest first: verdict, metrics, accuracy checks
+    (as CheckResult dicts), signature, run (started_at, run_dir, vllm version), the entry's release
+    and its fix reports ([] and None where the database is from before they were kept)."""
+    def query(con):
+        have = _columns(con)
+        extra = ", ".join(f"r.{c}" if c in have else "NULL" for c in ("release", "fixes"))
+        return con.execute("SELECT r.scenario_id, r.verdict, r.metrics, r.accuracy, r.signature, u.started_at, "
+                           f"u.run_dir, u.vllm, {extra} FROM results r JOIN runs u USING (run_dir) "
+                           "ORDER BY u.started_at, u.run_dir").fetchall()
+
     out: dict[str, list[dict]] = {}
-    for sid, verdict, metrics, sig, started, run_dir, vllm in rows or []:
+    for sid, verdict, metrics, accuracy, sig, started, run_dir, vllm, release, fixes in _read(path, query) or []:
         if scenario and scenario not in sid:
             continue
         out.setdefault(sid, []).append({"verdict": verdict, "metrics": _metrics(path, metrics),
-                                        "signature": sig, "started_at": started, "run_dir": run_dir,
-                                        "vllm": vllm})
+                                        "accuracy": _list(path, accuracy), "signature": sig,
+                                        "started_at": started, "run_dir": run_dir, "vllm": vllm,
+                                        "release": release, "fixes": _list(path, fixes)})
     return {k: v[-last:] for k, v in out.items()}
+
+
+def _list(path: Path, text: str | None) -> list[dict]:
+    """A row's JSON list of objects (accuracy checks, fix reports) as append wrote it."""
+    try:
+        items = json.loads(text or "[]")
+    except ValueError:
+        items = None
+    if not (isinstance(items, list) and all(isinstance(i, dict) for i in items)):
+        raise StateError(path, f"a results row holds a list servematrix did not write ({str(text)[:60]!r}); "
+                               "move the database aside to start a new one")
+    return items
 
 
 def _metrics(path: Path, text: str | None) -> dict:
@@ -184,3 +214,51 @@ def render_trend(t: dict[str, list[dict]]) -> str:
             lines.append(f"    {m}: {' '.join(vals)}")
     return "\n".join(lines) or "no history yet"
 
+
+
+# --- hysteresis: a scenario's standing over its recent runs (vLLM CI's rule) -------------------------
+BROKEN_AFTER = 2  # distinct runs in a row that missed their expectation
+FIXED_AFTER = 3  # clean runs in a row
+MET, MISSED = {"pass", "xfail"}, {"fail", "xpass"}  # as report.comparison; error/skipped: no verdict on vLLM
+
+
+class Standing(BaseModel):
+    """Where a scenario stands after a window of runs: `broken` flips only after BROKEN_AFTER
+    missed runs in a row and back only after FIXED_AFTER clean ones; an error or a skip (no
+    verdict on vLLM) neither counts nor breaks a streak. `flips`/`runs`: how often consecutive
+    judged runs disagreed, the flake rate, with its Wilson interval."""
+
+    state: Literal["ok", "broken"]
+    runs: int  # judged runs in the window
+    flips: int
+    streak: int  # judged runs in a row ending the window that agree with the last one
+    flake: float | None = None
+    flake_low: float | None = None
+    flake_high: float | None = None
+    verdicts: list[str] = Field(default_factory=list)
+
+    def describe(self) -> str:
+        rate = "n/a" if self.flake is None else \
+            f"{self.flips}/{self.runs} = {self.flake:.2f} [{self.flake_low:.2f}, {self.flake_high:.2f}]"
+        return f"{self.state} after {self.runs} judged runs ({' '.join(self.verdicts)}); flake rate {rate}"
+
+
+def standing(verdicts: list[str], start: Literal["ok", "broken"] = "ok") -> Standing:
+    """The standing after `verdicts` (oldest first), from `start` (the state assumed at the window's
+    beginning: vLLM's rule assumes a test healthy until it fails twice)."""
+    from servematrix.check.stats import wilson
+
+    judged = [v for v in verdicts if v in MET or v in MISSED]
+    state, streak, flips, prev = start, 0, 0, None
+    for v in judged:
+        miss = v in MISSED
+        streak = streak + 1 if prev is not None and miss == prev else 1
+        flips += prev is not None and miss != prev
+        prev = miss
+        if state == "ok" and miss and streak >= BROKEN_AFTER:
+            state = "broken"
+        elif state == "broken" and not miss and streak >= FIXED_AFTER:
+            state = "ok"
+    low, high = wilson(flips, len(judged)) if judged else (None, None)
+    return Standing(state=state, runs=len(judged), flips=flips, streak=streak, verdicts=verdicts,
+                    flake=flips / len(judged) if judged else None, flake_low=low, flake_high=high)

@@ -1,13 +1,17 @@
 """One self-contained HTML page per run: the load-success heatmap (models down, TP×PP×quant
-across), the accuracy table with thresholds, MDE and p-values, and each scenario's trend from
-the history store. No external assets, so it renders from a CI artifact as it is."""
+across), the accuracy table with thresholds, MDE and p-values, and per scenario and metric a
+trend chart over the history with the reference and threshold band (report/trends.py); every
+scenario id links to its own page (report/pages.py). No external assets and no JavaScript, so it
+renders from a CI artifact as it is."""
 
 from __future__ import annotations
 
 import html
 
+from servematrix.report import trends as charts
 from servematrix.report.grid import grid
-from servematrix.record import RunSummary
+from servematrix.report.files import page_name
+from servematrix.record import RunSummary, ScenarioRecord
 
 COLOURS = {"pass": "#2e7d32", "fail": "#c62828", "xfail": "#ef6c00", "xpass": "#6a1b9a",
            "error": "#616161", "skipped": "#9e9e9e"}
@@ -19,11 +23,17 @@ th{background:#f3f3f3}
 .cell{color:#fff;font-weight:600;text-align:center;min-width:110px}
 .sig{font-family:monospace;font-size:12px;color:#333}
 .legend span{display:inline-block;padding:2px 8px;margin-right:6px;color:#fff;border-radius:3px}
+.cell a{color:#fff;text-decoration:none}
+.trend-chart{margin:4px 8px 4px 0;vertical-align:top}
 """
 
 
 def _e(x) -> str:
     return html.escape(str(x))
+
+
+def _link(scenario_id: str) -> str:
+    return f'<a href="{_e(page_name(scenario_id))}">{_e(scenario_id)}</a>'
 
 
 def heatmap(summary: RunSummary) -> str:
@@ -40,15 +50,15 @@ def heatmap(summary: RunSummary) -> str:
             sig = r.failure.signature if r.failure else ""
             kind = "load check" if r.load_check is not None else "served"  # how far the evidence went
             tds.append(f'<td class="cell" style="background:{COLOURS[r.verdict]}" title="{_e(sig)}" '
-                       f'data-verdict="{r.verdict}" data-evidence="{kind}">{_e(r.verdict)}'
-                       f'{" ᴸ" if r.load_check is not None else ""}</td>')
+                       f'data-verdict="{r.verdict}" data-evidence="{kind}"><a href="{_e(page_name(r.id))}">'
+                       f'{_e(r.verdict)}{" ᴸ" if r.load_check is not None else ""}</a></td>')
         out.append(f"<tr><th>{_e(scenario)}</th>{''.join(tds)}</tr>")
     out.append("</table>")
     return "".join(out)
 
 
 def failures(summary: RunSummary) -> str:
-    items = [f"<tr><td>{_e(r.id)}</td><td>{_e(r.verdict)}</td><td>{_e(r.failure.phase)}/{_e(r.failure.kind)}</td>"
+    items = [f"<tr><td>{_link(r.id)}</td><td>{_e(r.verdict)}</td><td>{_e(r.failure.phase)}/{_e(r.failure.kind)}</td>"
              f'<td class="sig">{_e(r.failure.signature)}</td><td>{_e(r.note or "")}</td></tr>'
              for r in summary.scenarios if r.failure]
     if not items:
@@ -57,47 +67,54 @@ def failures(summary: RunSummary) -> str:
             "<th>note</th></tr>" + "".join(items) + "</table>")
 
 
-def accuracy(summary: RunSummary) -> str:
-    head = ("<table id=\"accuracy\"><tr><th>scenario</th><th>metric</th><th>measured</th><th>n</th>"
-            "<th>reference</th><th>threshold</th><th>MDE</th><th>p-value</th><th>Wilson low</th><th>result</th></tr>")
+ACCURACY_HEAD = ("<tr><th>scenario</th><th>metric</th><th>measured</th><th>n</th><th>reference</th><th>threshold</th>"
+                 "<th>MDE</th><th>p-value</th><th>Wilson low</th><th>paired vs baseline</th><th>result</th></tr>")
+
+
+def _paired_cell(p) -> str:
+    """The paired test against the baseline layout (same questions), where one ran."""
+    if p is None:
+        return "—"
+    return (f'<span title="{_e(p.summary())}">{_e(p.test)} p={p.p_value:.3g}, '
+            f'shift {p.shift:+.4g} (MDE {p.mde:.4g}): {_e(p.status)}</span>')
+
+
+def accuracy_rows(r: ScenarioRecord, head: bool = True) -> str:
+    """One scenario's checks and unguarded metrics as table rows ('' when it measured none)."""
     body = []
     f = lambda x, d=4: "—" if x is None else f"{x:.{d}f}"  # noqa: E731
-    for r in summary.scenarios:
-        shown = set()
-        for c in r.accuracy:
-            shown.add(c.metric)
-            body.append(f"<tr><td>{_e(r.id)}</td><td>{_e(c.metric)}</td><td>{f(c.measured)}</td><td>{c.n or '—'}</td>"
-                        f"<td>{f(c.reference)}</td><td>{f(c.threshold)}</td><td>{f(c.mde)}</td>"
-                        f"<td>{'—' if c.p_value is None else f'{c.p_value:.3g}'}</td><td>{f(c.wilson_low)}</td>"
-                        f"<td>{_e(c.status)}</td></tr>")
-        for name, m in r.metrics.items():
-            if name not in shown:
-                body.append(f"<tr><td>{_e(r.id)}</td><td>{_e(name)}</td><td>{f(m.mean)}</td><td>{m.n}</td>"
-                            "<td>—</td><td>—</td><td>—</td><td>—</td><td>—</td><td>not guarded</td></tr>")
-    return head + "".join(body) + "</table>" if body else "<p>No accuracy measured.</p>"
+    shown = set()
+    for c in r.accuracy:
+        shown.add(c.metric)
+        body.append(f"<tr><td>{_link(r.id)}</td><td>{_e(c.metric)}</td><td>{f(c.measured)}</td><td>{c.n or '—'}</td>"
+                    f"<td>{f(c.reference)}</td><td>{f(c.threshold)}</td><td>{f(c.mde)}</td>"
+                    f"<td>{'—' if c.p_value is None else f'{c.p_value:.3g}'}</td><td>{f(c.wilson_low)}</td>"
+                    f"<td>{_paired_cell(c.paired)}</td><td>{_e(c.status)}</td></tr>")
+    for name, m in r.metrics.items():
+        if name not in shown:
+            body.append(f"<tr><td>{_link(r.id)}</td><td>{_e(name)}</td><td>{f(m.mean)}</td><td>{m.n}</td>"
+                        "<td>—</td><td>—</td><td>—</td><td>—</td><td>—</td><td>—</td><td>not guarded</td></tr>")
+    return (ACCURACY_HEAD if head and body else "") + "".join(body)
 
 
-def _spark(values: list[float]) -> str:
-    if len(values) < 2:
-        return ""
-    lo, hi = min(values), max(values)
-    span = (hi - lo) or 1.0
-    pts = " ".join(f"{i * 100 / (len(values) - 1):.1f},{28 - (v - lo) / span * 24:.1f}" for i, v in enumerate(values))
-    return f'<svg width="110" height="30" viewBox="-2 0 104 30"><polyline fill="none" stroke="#1565c0" points="{pts}"/></svg>'
+def accuracy(summary: RunSummary) -> str:
+    body = "".join(accuracy_rows(r, head=False) for r in summary.scenarios)
+    return f'<table id="accuracy">{ACCURACY_HEAD}{body}</table>' if body else "<p>No accuracy measured.</p>"
 
 
-def trends(trend: dict[str, list[dict]]) -> str:
+def trends(trend: dict[str, list[dict]], summary: RunSummary | None = None) -> str:
+    """Per scenario: its last verdicts as coloured dots and a chart per metric (report/trends.py)."""
     if not trend:
         return "<p>No history yet.</p>"
+    current = {r.id: r.accuracy for r in summary.scenarios} if summary else {}
     rows = []
     for sid, items in sorted(trend.items()):
-        dots = "".join(f'<span title="{_e(i["started_at"])}" style="color:{COLOURS.get(i["verdict"], "#000")}">●</span>'
-                       for i in items)
-        metrics = sorted({m for i in items for m in i["metrics"]})
-        sparks = " ".join(f"{_e(m)} {_spark([i['metrics'][m]['mean'] for i in items if m in i['metrics']])}"
-                          for m in metrics)
-        rows.append(f"<tr><td>{_e(sid)}</td><td>{dots}</td><td>{sparks}</td></tr>")
-    return "<table id=\"trend\"><tr><th>scenario</th><th>last verdicts</th><th>metrics</th></tr>" + "".join(rows) + "</table>"
+        dots = "".join(f'<span title="{_e(i["started_at"])}: {_e(i["verdict"])}" '
+                       f'style="color:{COLOURS.get(i["verdict"], "#000")}">●</span>' for i in items)
+        drawn = charts.charts(items, current.get(sid), prefix=f"trend-{sid}-") or "no metrics"
+        rows.append(f"<tr><td>{_link(sid)}</td><td>{dots}</td><td>{drawn}</td></tr>")
+    return "<table id=\"trend\"><tr><th>scenario</th><th>last verdicts</th><th>metrics (reference dashed, threshold " \
+           "red, passing band shaded)</th></tr>" + "".join(rows) + "</table>"
 
 
 def render(summary: RunSummary, trend: dict[str, list[dict]] | None = None) -> str:
@@ -113,6 +130,6 @@ started {_e(summary.started_at)} · status <b>{_e(summary.status)}</b> · exit {
 {heatmap(summary)}
 <h2>Failures</h2>{failures(summary)}
 <h2>Accuracy</h2>{accuracy(summary)}
-<h2>Trend</h2>{trends(trend or {})}
+<h2>Trend</h2>{trends(trend or {}, summary)}
 </body></html>
 """

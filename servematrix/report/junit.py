@@ -44,6 +44,11 @@ def _checks(r: ScenarioRecord):
         yield "smoke", "ok" if prompts_ok else bad, problems, None
         if r.smoke.parity is not None:
             yield "parity", "ok" if r.smoke.parity.ok else "failure", "; ".join(r.smoke.parity.details), None
+    if r.embedding is not None:  # a pooling model's smoke and parity
+        e = r.embedding
+        yield "embedding", "ok" if not (e.problems or e.error) else bad, "; ".join(e.problems) or e.error, None
+        if e.parity is not None:
+            yield "parity", "ok" if e.parity.ok else "failure", "; ".join(e.parity.details), None
     if r.gsm8k is not None:
         yield "gsm8k", "ok", None, r.gsm8k.seconds
     elif r.gsm8k_error:

@@ -56,14 +56,23 @@ def _fmt(x: float | None, stderr: float | None = None) -> str:
     return s
 
 
+def _needed(checks) -> str:
+    """Questions each check needs for its effect: against the reference (two independent samples)
+    and, on a layout, paired with its baseline on the same questions; "—" where not known."""
+    cells = [f"{c.metric.split('.', 1)[-1]} {c.needed_n or '—'} / {c.paired.needed_n if c.paired else '—'}"
+             for c in checks if c.needed_n is not None or c.paired is not None]
+    return ", ".join(cells) or "—"
+
+
 def accuracy_md(summary: RunSummary) -> str:
     lines = [
         f"# Accuracy — {summary.matrix}",
         "",
         "gsm8k exact_match through lm-eval `local-completions` (stderr is lm-eval's bootstrap/binomial).",
         "",
-        "| scenario | strict-match | flexible-extract | n | seconds | smoke | parity | verdict |",
-        "|---|---|---|---|---|---|---|---|",
+        "| scenario | strict-match | flexible-extract | n | seconds | smoke | parity | n needed (unpaired / paired) "
+        "| verdict |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in summary.scenarios:
         g = r.gsm8k
@@ -77,10 +86,11 @@ def accuracy_md(summary: RunSummary) -> str:
             acc = [r.gsm8k_error and "not run: " + r.gsm8k_error.replace("|", "\\|") or "—", "—", "—", "—"]
         else:
             acc = [_fmt(g.strict, g.strict_stderr), _fmt(g.flexible, g.flexible_stderr), str(g.n), f"{g.seconds:.0f}"]
-        lines.append(f"| {r.id} | " + " | ".join([*acc, smoke, parity, r.verdict]) + " |")
+        lines.append(f"| {r.id} | " + " | ".join([*acc, smoke, parity, _needed(r.accuracy), r.verdict]) + " |")
     checks = [(r.id, c) for r in summary.scenarios for c in r.accuracy]
     if checks:
-        lines += ["", "## Accuracy checks (one-sided test against the reference; threshold, MDE, p-value)", ""]
+        lines += ["", "## Accuracy checks (one-sided test against the reference; threshold, MDE, p-value; a layout's "
+                      "paired test against its baseline; \"not comparable\": measured under another protocol)", ""]
         lines += [f"- {rid}: {c.summary()}" + (f"; Wilson low {c.wilson_low:.4f}" if c.wilson_low is not None else "")
                   for rid, c in checks]
     lines.append("")

@@ -114,7 +114,7 @@ def search(releases: list[str], probe) -> tuple[list[Probe], tuple[Probe, Probe]
     return list(done.values()), (done[alive[lo]], done[alive[hi]])
 
 
-def bisect(matrix: Matrix, entry: Entry, low: str, high: str, out: Path, signature: str | None,
+def bisect(matrix: Matrix, entry, low: str, high: str, out: Path, signature: str | None,
            python: str | None = None, overwrite: bool = False) -> BisectResult:
     from servematrix.run.options import RunOptions
     from servematrix.run.session import Session

@@ -19,14 +19,15 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from servematrix.check import accuracy, gsm8k
+from servematrix.check.embedding import embedding_failure, run_embedding_smoke
 from servematrix.check.smoke import run_smoke, smoke_failure
 from servematrix.checkpoint.resolve import ModelUnavailable, resolve
 from servematrix.config import plan
 from servematrix.config.devices import device_profile
 from servematrix.config.matrix import Entry, Matrix
 from servematrix.config.scenario import Scenario
-from servematrix.record import (CheckResult, EntryOutcome, Expected, Failure, FixRecord, Gsm8kResult, LoadCheckResult,
-                                LoadResult, MetricValue, SmokeResult, StageFailed)
+from servematrix.record import (CheckResult, EmbeddingResult, EntryOutcome, Expected, Failure, FixRecord, Gsm8kResult,
+                                LoadCheckResult, LoadResult, MetricValue, SmokeResult, StageFailed)
 from servematrix.run.options import EntryOptions
 from servematrix.serve import envs, hardware, loadcheck, process
 from servematrix.serve.server import LaunchSpec, Server, build_spec, server_factory
@@ -66,6 +67,7 @@ class Parts:
     load: LoadResult | None = None
     load_check: LoadCheckResult | None = None
     smoke: SmokeResult | None = None
+    embedding: EmbeddingResult | None = None
     gsm8k: Gsm8kResult | None = None
     gsm8k_error: str | None = None
     metrics: dict[str, MetricValue] = field(default_factory=dict)
@@ -193,8 +195,16 @@ class Pipeline:
 
     def _serve(self, k: int, entry: Entry, scenario: Scenario, spec: LaunchSpec, server: Server, model_path: str,
                entry_dir: Path, parts: Parts) -> None:
-        """Smoke, then gsm8k, against the healthy server; a request that fails because the server
-        died is that death (its log names the cause), classified once it has finished dying."""
+        """Smoke, then gsm8k, against the healthy server (a pooling model: embedding smoke, and no
+        gsm8k); a request that fails because the server died is that death (its log names the
+        cause), classified once it has finished dying."""
+        if scenario.smoke.embedding is not None:  # a pooling model: vectors, and no text to grade
+            self.phase(k, entry.id, "embedding smoke")
+            parts.embedding = run_embedding_smoke(spec.base_url, scenario.model_name, scenario.smoke)
+            failed = embedding_failure(parts.embedding)
+            if failed is not None:
+                raise StageFailed((parts.embedding.error and _died(server)) or failed)
+            return
         self.phase(k, entry.id, "smoke")
         parts.smoke = run_smoke(spec.base_url, scenario.model_name, scenario.smoke)
         failed = smoke_failure(parts.smoke)
@@ -225,7 +235,7 @@ class Pipeline:
         vllm = parts.vllm_version or self.versions(envs.CURRENT).get("vllm")
         parts.accuracy = [accuracy.judge(c, metrics.get(c.metric),
                                          self.matrix.references.find(c.metric, entry.scenario, entry.quant, entry.tp,
-                                                                     entry.pp, entry.device, vllm))
+                                                                     entry.pp, entry.device, vllm), g.protocol)
                           for c in scenario.accuracy.checks]
         failed = [r for r in parts.accuracy if r.status == "fail"]
         if failed:

@@ -72,5 +72,8 @@ def compose_command(entry, scenario, model_path: str, port: int) -> str:
     variables = compose_variables(entry, scenario, model_path, port)
     # names checked, values quoted and redacted: the line is safe to paste
     command = shell_command(["docker", "compose", "--profile", service.split("-")[1], "up", service], variables)
-    return ("# " + one_line(f"{entry.id}: the server in a container (build once with the same variables and `build`)")
-            + "\n" + command)
+    comment = f"{entry.id}: the server in a container (build once with the same variables and `build`"
+    if service == "vllm-cpu":  # vLLM's CPU image needs a registry; the script builds its equivalent locally
+        comment += "; no image registry: export CPU_IMAGE=$(sh docker/build-cpu-base.sh) first"
+    # one comment line, then the command (callers and users take the second line)
+    return "# " + one_line(comment + ")") + "\n" + command

@@ -3,10 +3,12 @@
 every path (crash, Ctrl-C, timeout): the container is stopped and removed.
 
 The image must hold vLLM and servematrix (for the fix modules' plugin entry point), as
-docker/Dockerfile.vllm builds. The model directory is mounted read-only at the same path, the
-scenario's report directory read-write (the fix modules write their reports there), GPUs are
-requested by id for the entry's CUDA_VISIBLE_DEVICES; DOCKER_HOST picks the engine (Podman's
-Docker-compatible service works too).
+docker/Dockerfile.vllm builds: by default the CPU image of docker-compose.yml (`docker compose
+--profile cpu build`, or docker/build-cpu-base.sh where no registry is reachable, which tags it
+the same). Nothing from the host enters the container but two mounts: the model directory,
+read-only at the same path, and the scenario's report directory, read-write (the fix modules
+write their reports there). GPUs are requested by id for the entry's CUDA_VISIBLE_DEVICES;
+DOCKER_HOST picks the engine (Podman's Docker-compatible service works too).
 """
 
 from __future__ import annotations
@@ -22,10 +24,12 @@ from servematrix import redact
 from servematrix.serve.server import LaunchSpec, Server
 
 STATUS_INTERVAL = 0.25  # s between container state queries (each is an API call)
+# docker-compose.yml's vllm-cpu image (CPU_IMAGE unset); build-cpu-base.sh tags its build so too
+DEFAULT_IMAGE = "servematrix/vllm-openai-cpu:v0.32.0"
 
 
 class DockerConfig(BaseModel):
-    image: str = "servematrix/vllm-cpu:0.32.0"  # docker compose --profile cpu build
+    image: str = DEFAULT_IMAGE
     python: str = "python3"  # the image's interpreter, replacing the runner's in the server argv
     network: str = "host"  # host | bridge (bridge publishes the port on 127.0.0.1)
     shm_size: str = "4g"  # vLLM's workers exchange tensors through /dev/shm
@@ -146,8 +150,10 @@ class DockerServer(Server):
 
 
 def host_root_mounts(repo: Path) -> list[str]:
-    """Mounts that let an image holding only a root skeleton run this host's own Python, venv and
-    checkout (how the tests use Podman here, with no registry to pull vLLM's image from)."""
+    """Developer mode only ("host-root"): mounts that let an image holding only a root skeleton run
+    this host's own Python, venv and checkout, to try the backend against an engine without building
+    the image (tests/integration/test_docker_backend.py's skeleton test). The real path is an image
+    with vLLM and servematrix inside (DEFAULT_IMAGE)."""
     import sys
 
     paths = {"/usr", os.path.realpath(sys.base_prefix), os.path.realpath(sys.prefix), str(repo.resolve())}

@@ -56,10 +56,7 @@ def shell(spec: LaunchSpec, check: Check) -> str:
 def run(spec: LaunchSpec, check: Check) -> LoadCheckResult:
     """Run the check to completion (or spec.startup_timeout); the log goes to spec.log_path. The
     result of a check every rank passed, else StageFailed with the result and the failure."""
-    out = check.out
-    out.mkdir(parents=True, exist_ok=True)
-    for old in out.glob("rank*.json"):
-        old.unlink()
+    prepare(check)
     argv = command(spec, check)
     t0 = time.monotonic()
     code: int | None = None
@@ -72,7 +69,21 @@ def run(spec: LaunchSpec, check: Check) -> LoadCheckResult:
             pass
         finally:  # on every path, Ctrl-C included: no rank outlives the check
             stop(proc, grace=0)  # the whole log is in the file once this returns
-    result = _collect(out, round(time.monotonic() - t0, 2))
+    return finish(spec, check, code, round(time.monotonic() - t0, 2))
+
+
+def prepare(check: Check) -> None:
+    """The results directory, empty of an earlier check's rank files."""
+    check.out.mkdir(parents=True, exist_ok=True)
+    for old in check.out.glob("rank*.json"):
+        old.unlink()
+
+
+def finish(spec: LaunchSpec, check: Check, code: int | None, seconds: float) -> LoadCheckResult:
+    """The check's result from its rank files and exit status (None: it timed out), however it
+    ran (a process of its own here, or a persistent sweep worker): the result of a check every
+    rank passed, else StageFailed with the result and the failure classified from the log."""
+    result = _collect(check.out, seconds)
     if code == 0 and result.ok:
         return result
     fail = timed_out(spec) if code is None else failure.classify_exit(

@@ -115,10 +115,11 @@ def _rank(rank: int, args: argparse.Namespace, server_argv: list[str], port: int
             model = _load(config, not args.loadcheck_construct_only)
         result["steps"] = ["construct"] if args.loadcheck_construct_only else ["construct", "load"]
         params = dict(model.named_parameters())
-        result.update(ok=True, model=type(model).__name__, parameters=len(params),
+        result.update(model=type(model).__name__, parameters=len(params),
                       numel=int(sum(p.numel() for p in params.values())))
         if not args.loadcheck_construct_only:  # unloaded parameters hold whatever memory held
             result["digests"] = {n: _digest(p) for n, p in params.items()}
+        result["ok"] = True  # only once everything the check reports is in: never ok beside an error
     except BaseException as exc:  # noqa: BLE001 - reported, then the rank exits non-zero
         traceback.print_exc()
         result["error"] = f"{type(exc).__name__}: {exc}"[:2000]
@@ -175,7 +176,8 @@ def _digest(tensor) -> str:
 
     import torch
 
-    data = tensor.detach().to("cpu").contiguous().view(torch.uint8).numpy().tobytes()
+    # reshape(-1): a 0-d tensor (a per-tensor FP8 scale) cannot be viewed as bytes
+    data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
     return f"{tensor.dtype}:{list(tensor.shape)}:{hashlib.sha1(data).hexdigest()[:16]}"
 
 

@@ -52,9 +52,10 @@ runtime = "runc"
 
 @pytest.fixture(scope="session")
 def podman_engine(tmp_path_factory):
-    """A real engine behind the Docker API: Debian's Podman serving it on a private socket, with an
-    image made from a root skeleton (no registry is reachable) that runs this host's own Python,
-    venv and checkout through read-only mounts. Skips, saying why, where Podman cannot be had."""
+    """A real engine behind the Docker API: Debian's Podman serving it on a private socket, and the
+    developer-mode image, a root skeleton that runs this host's own Python, venv and checkout through
+    read-only mounts (test_docker_backend.py; test_containers.py builds the real image on this
+    engine). Skips, saying why, where Podman cannot be had."""
     import shutil
     import tarfile
     import time

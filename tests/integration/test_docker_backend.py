@@ -1,6 +1,8 @@
-"""`--backend docker` against a real engine: Podman's Docker-compatible API (no Docker engine
-runs here). The containers run real vLLM (the CPU build of this venv, mounted read-only into an
-image that holds only a root skeleton); the runner talks to them exactly as to local servers."""
+"""`--backend docker` in its developer mode ("host-root", serve.docker.host_root_mounts) against a
+real engine: Podman's Docker-compatible API (no Docker engine runs here). The containers run real
+vLLM (the CPU build of this venv, mounted read-only into an image that holds only a root skeleton),
+so the backend's lifecycle is tested in seconds of image work; the runner talks to them exactly as to
+local servers. The default mode, the real image with vLLM inside, is tested in test_containers.py."""
 
 import json
 import subprocess

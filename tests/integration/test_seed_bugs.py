@@ -37,7 +37,7 @@ def statuses(record):
 def test_seed_matrix_meets_every_expectation(seed_run):
     proc, _, by_id = seed_run
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert len(by_id) == 18
+    assert len(by_id) == 21
 
 
 def test_38191_reproduced_on_0_20_2_without_the_fix(seed_run):
@@ -135,6 +135,28 @@ def test_42944_fix_reports_already_fixed_on_0_32_0(seed_run):
     assert r["verdict"] == "pass" and r["vllm_version"] == "0.32.0"
     assert statuses(r) == {("dsa-indexer-pp-42944", "already-fixed"), ("dsa-indexer-fp8-38870", "already-fixed")}
     assert r["load_check"]["parity"]["ok"] is True
+
+
+GMH = "tiny-granitemoehybrid"
+GMH_KEYERROR = r"KeyError: '(model\.)?layers\.\d+\.block_sparse_moe\.gate\.weight'"
+
+
+def test_50961_reproduced_on_0_32_0_at_pp2_and_repaired_with_pp1s_parameters(seed_run):
+    """Found by the sweep (#50961, fix #50962 open upstream): both ranks die on the other's layer;
+    the backport, applied in each rank's process, makes the two stages load exactly PP=1."""
+    import re
+
+    _, _, by_id = seed_run
+    bad = by_id[f"{GMH}/tp1-pp2-fp32"]
+    assert bad["verdict"] == "xfail" and re.fullmatch(GMH_KEYERROR, bad["failure"]["signature"])
+    assert [re.fullmatch(GMH_KEYERROR, x["error"]) is not None for x in bad["load_check"]["ranks"]] == [True, True]
+    base = by_id[f"{GMH}/tp1-pp1-fp32"]
+    assert base["verdict"] == "pass"
+    r = by_id[f"{GMH}/tp1-pp2-fp32+granitemoehybrid-pp-50962"]
+    assert r["verdict"] == "pass" and statuses(r) == {("granitemoehybrid-pp-50962", "applied")}
+    assert len({f["pid"] for f in r["fixes"]}) == 2  # applied in each PP rank's process
+    assert r["load_check"]["parity"] == {"baseline": base["id"], "ok": True, "details": []}
+    assert [x["ok"] for x in r["load_check"]["ranks"]] == [True, True]
 
 
 DETECT = "import json, servematrix_fixes as f; s, why = f.load('dsa-indexer-fp8-38870').detect(); print(json.dumps([s, why]))"

@@ -233,3 +233,65 @@ def test_load_parity_holds_only_for_the_same_parameters_bit_for_bit():
     assert p.details == ["w2: not loaded (baseline has it)", "w3: loaded here, not in the baseline"]
     changed = load_parity({"w1": "bf16:[2]:aa", "w2": "bf16:[2]:zz"}, base, "b")
     assert changed.details == ["w2: bf16:[2]:zz != baseline bf16:[2]:bb"]
+
+
+# --- paired tests against the baseline ---------------------------------------------------------------
+from servematrix.record import Protocol, QuestionResult  # noqa: E402
+
+PROTOCOL = Protocol(dataset="d", question_ids="0-23", n=24, fewshot_ids=["a"], template="t", max_gen_toks=256,
+                    seed=0, servematrix="0.1.0")
+
+
+def per_question_outcome(matrix, entry_id, nll, answers=None, protocol=PROTOCOL):
+    smol = matrix.scenario("smollm2-135m")
+    answers = answers or ["1"] * len(nll)
+    qs = [QuestionResult(doc_id=i, answer=a, nll=v) for i, (v, a) in enumerate(zip(nll, answers))]
+    g = Gsm8kResult(strict=0.0, strict_stderr=0.0, flexible=0.0, flexible_stderr=0.0, n=len(nll), seconds=1.0,
+                    questions=qs, protocol=protocol)
+    ref = references.Reference(key=references.RefKey(scenario="smollm2-135m", quant="fp32"), metric="gsm8k.nll",
+                               mean=sum(BASE_NLL) / len(BASE_NLL), sigma=0.32, n=24)  # the baseline's
+    checks = [accuracy.judge(c, accuracy.value_metric(nll) if c.metric == "gsm8k.nll" else None,
+                             ref if c.metric == "gsm8k.nll" else None, protocol)
+              for c in smol.accuracy.checks]  # as the pipeline leaves them (NLL against its reference)
+    return passed(entry(matrix, entry_id), smol, smoke=None, gsm8k=g, accuracy=checks)
+
+
+BASE_NLL = [1.4 + 0.3 * ((i * 7) % 11 - 5) / 5 for i in range(24)]
+
+
+def test_a_shift_in_one_layout_only_is_caught_by_the_paired_test_with_its_p_value(matrix):
+    smol = matrix.scenario("smollm2-135m")
+    base = judge(per_question_outcome(matrix, SMOL_BASE, BASE_NLL))
+    rec = per_question_outcome(matrix, SMOL_TP3, [v + 0.1 for v in BASE_NLL])
+    before = {c.metric: c for c in rec.accuracy}["gsm8k.nll"]
+    assert before.status == "pass" and before.mde > 0.2  # +0.1 is lost in the reference test's spread
+
+    out = compare(rec, base, smol, agreement_reference)
+    nll = {c.metric: c for c in out.accuracy}["gsm8k.nll"]
+    assert nll.paired.test == "ttest_rel" and nll.paired.baseline == SMOL_BASE and nll.paired.p_value < 1e-6
+    assert nll.status == "fail" and out.failure.phase == "accuracy"
+    assert out.failure.signature.startswith("gsm8k.nll:") and "paired vs smollm2-135m/tp1-pp1-fp32" in \
+        out.failure.signature
+    assert judge(out).verdict == "fail"
+    agree = {c.metric: c for c in out.accuracy}[AGREEMENT]
+    assert agree.status == "pass" and out.metrics[AGREEMENT].mean == 1.0  # from the per-question answers
+
+
+def test_equal_layouts_pass_the_paired_test(matrix):
+    smol = matrix.scenario("smollm2-135m")
+    base = judge(per_question_outcome(matrix, SMOL_BASE, BASE_NLL))
+    noisy = [v + 1e-7 * ((i % 3) - 1) for i, v in enumerate(BASE_NLL)]  # float noise of a TP reduction
+    out = compare(per_question_outcome(matrix, SMOL_TP3, noisy), base, smol, agreement_reference)
+    nll = {c.metric: c for c in out.accuracy}["gsm8k.nll"]
+    assert nll.paired.status == "pass" and nll.status == "pass" and out.failure is None
+
+
+def test_layouts_measured_under_different_protocols_are_not_paired(matrix):
+    smol = matrix.scenario("smollm2-135m")
+    base = judge(per_question_outcome(matrix, SMOL_BASE, BASE_NLL))
+    other = PROTOCOL.model_copy(update={"max_gen_toks": 64})
+    out = compare(per_question_outcome(matrix, SMOL_TP3, [v + 0.1 for v in BASE_NLL], protocol=other), base,
+                  smol, agreement_reference)
+    nll = {c.metric: c for c in out.accuracy}["gsm8k.nll"]
+    assert nll.paired is None and "paired: not comparable with smollm2-135m/tp1-pp1-fp32: max_gen_toks 256 → 64" \
+        in nll.note

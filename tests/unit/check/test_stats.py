@@ -49,3 +49,55 @@ def test_bernoulli_sigma_and_sample_moments():
     assert bernoulli_sigma(0.5) == 0.5 and bernoulli_sigma(0.0) == 0.0
     mean, sigma, se = mean_sigma_stderr([1.0, 2.0, 3.0])
     assert (mean, sigma, se) == (2.0, 1.0, pytest.approx(1 / math.sqrt(3)))
+
+
+# --- paired tests ----------------------------------------------------------------------------------
+def test_mcnemar_exact_matches_the_binomial_tail_of_the_discordant_pairs():
+    from servematrix.check.stats import mcnemar
+
+    # 8 of 10 discordant pairs against the layout: P(X >= 8 | Bin(10, 1/2)) = (45 + 10 + 1) / 1024
+    assert mcnemar(8, 2) == pytest.approx(56 / 1024)
+    assert mcnemar(5, 0) == pytest.approx(1 / 32)
+    assert mcnemar(0, 5) == pytest.approx(1.0)  # every flip in the layout's favour: no evidence against it
+    assert mcnemar(3, 3) == pytest.approx(42 / 64)  # P(X >= 3 | Bin(6, 1/2))
+    assert mcnemar(0, 0) == 1.0  # no discordant pair: nothing to test
+
+
+def test_a_paired_test_detects_a_shift_the_unpaired_test_misses():
+    from servematrix.check.stats import paired_shift_p
+
+    # 24 questions whose NLL spreads 0.3 around 1.4; the layout adds 0.05 nats/token to every one
+    base = [1.4 + 0.3 * math.sin(i * 1.7) for i in range(24)]
+    layout = [b + 0.05 + 0.002 * math.cos(i) for i, b in enumerate(base)]
+    mean_b, sigma_b, _ = mean_sigma_stderr(base)
+    mean_l = sum(layout) / len(layout)
+    unpaired = OneSidedTest(reference=mean_b, sigma=sigma_b, n=24, higher_is_better=False)
+    assert unpaired.passed(mean_l) and unpaired.p_value(mean_l) > 0.2  # lost in the question-to-question spread
+    assert paired_shift_p(layout, base, tolerance=0.01) < 1e-10  # the same shift, question by question
+    assert paired_shift_p(base, base, tolerance=0.01) == 1.0  # identical layouts: no shift
+    noise = [b + 1e-6 * math.sin(i * 3.1) for i, b in enumerate(base)]
+    assert paired_shift_p(noise, base, tolerance=0.01) > 0.5  # float noise is within the tolerance
+
+
+def test_paired_t_test_is_scipys_ttest_rel_shifted_by_the_tolerance():
+    from scipy.stats import ttest_rel
+
+    from servematrix.check.stats import paired_shift_p
+
+    a, b = [2.0, 2.3, 1.9, 2.6, 2.2], [1.9, 2.0, 2.0, 2.1, 2.0]
+    expected = ttest_rel([x - 0.05 for x in a], b, alternative="greater").pvalue
+    assert paired_shift_p(a, b, 0.05) == pytest.approx(expected)
+
+
+def test_paired_n_is_far_below_the_unpaired_n_when_the_differences_spread_less():
+    from servematrix.check.stats import mcnemar_required_n, paired_mde, paired_required_n
+
+    unpaired = required_n(0.32, 0.05)  # two independent samples of σ 0.32
+    paired = paired_required_n(0.02, 0.05)  # differences of σ 0.02
+    assert unpaired == 507 and paired == 1  # 2·0.32²·(z.95 + z.8)²/0.05² vs (0.02·(z.95 + z.8)/0.05)²
+    assert paired_mde(0.02, paired) <= 0.05 < paired_mde(0.02, paired - 1)
+    # McNemar (Connor 1987): 10% of questions flip, detect a 5-point drop
+    n = mcnemar_required_n(0.10, 0.05)
+    root = 1.6448536 * math.sqrt(0.10) + 0.8416212 * math.sqrt(0.10 - 0.0025)
+    assert n == math.ceil(root ** 2 / 0.0025)
+    assert n < required_n(bernoulli_sigma(0.5), 0.05)

@@ -68,7 +68,7 @@ def test_fp8_blocks_store_the_weight_as_e4m3_with_one_scale_per_128x128_block_th
     import torch
     from vllm.model_executor.layers.quantization.utils.quant_utils import GroupShape, scaled_dequantize
 
-    from servematrix.checkpoint.forge_tensors import fp8_block_quantize
+    from servematrix.checkpoint.quant_pack import fp8_block_quantize
 
     weight = torch.randn(256, 384, generator=torch.Generator().manual_seed(0)) * 0.3
     weight[:128, :128] *= 50  # one block far larger than the rest: its scale must not leak into others
@@ -84,7 +84,7 @@ def test_fp8_blocks_store_the_weight_as_e4m3_with_one_scale_per_128x128_block_th
 def test_fp8_blocks_refuse_a_shape_that_is_not_whole_blocks():
     import torch
 
-    from servematrix.checkpoint.forge_tensors import fp8_block_quantize
+    from servematrix.checkpoint.quant_pack import fp8_block_quantize
 
     with pytest.raises(ValueError, match="multiple of the \\[128, 128\\] FP8 block"):
         fp8_block_quantize(torch.zeros(128, 100), [128, 128])

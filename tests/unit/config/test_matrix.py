@@ -121,3 +121,18 @@ def test_the_shipped_default_matrix_validates():
 def test_duplicate_ids_are_rejected_with_both_origins(repo):
     with pytest.raises(ConfigError, match="duplicate scenario id alpha/tp1-pp1-fp32"):
         load_matrix(repo("matrix/m.yaml", "name: m\nscenarios: [alpha]\ninclude:\n  - {scenario: alpha}\n"))
+
+
+def test_the_default_matrix_serves_the_embedding_model_at_tp1_and_tp2_with_tp1_as_baseline():
+    from pathlib import Path
+
+    from servematrix.config import plan
+
+    root = Path(__file__).resolve().parents[3]
+    m = load_matrix(root / "matrix" / "cpu-smoke.yaml")
+    minilm = [e for e in m.entries if e.scenario == "all-minilm-l6-v2"]
+    assert [e.id for e in minilm] == ["all-minilm-l6-v2/tp1-pp1-fp32", "all-minilm-l6-v2/tp2-pp1-fp32"]
+    assert all(e.expectation.expect == "pass" for e in minilm)
+    scenario = m.scenario("all-minilm-l6-v2")
+    assert scenario.smoke.embedding is not None and not plan.gsm8k_runs(True, True, scenario)
+    assert plan.baselines(m.scenario, m.entries)["all-minilm-l6-v2/tp2-pp1-fp32"] == "all-minilm-l6-v2/tp1-pp1-fp32"

@@ -4,7 +4,7 @@ computes; the #42944 backport skips exactly the FP8 wk tensors of layers this ra
 import pytest
 import torch
 
-from servematrix.checkpoint.forge_tensors import fp8_block_quantize
+from servematrix.checkpoint.quant_pack import fp8_block_quantize
 
 PREFIX = "model.layers.3.self_attn.indexer"
 

@@ -89,6 +89,8 @@ def test_the_kvscale_seeds_experts_and_scales_keep_their_count_when_no_width_cha
     _, seed_dir = seed("tiny-minimax-m2-kvscale")
     plan = plan_twin(read_source(str(seed_dir)), 2, [1, 2])
     assert plan.experts == 4 and "num_local_experts" not in plan.dims
-    assert [e.name for e in plan.spec.extra_tensors] == ["model.layers.{layer}.self_attn.k_proj.k_scale",
-                                                         "model.layers.{layer}.self_attn.v_proj.v_scale"]
+    (kv,) = plan.spec.quantize  # the seed's k_scale / v_scale extras, as the forge's kv_cache_scales
+    assert (kv.method, kv.k_scale, kv.v_scale, kv.value) == ("kv_cache_scales", "model.layers.{layer}.self_attn.k_proj.k_scale",
+                                                             "model.layers.{layer}.self_attn.v_proj.v_scale", 1.0)
+    assert not plan.spec.extra_tensors
     assert plan.spec.config_json["quantization_config"]["ignored_layers"][-1] == "model.layers.1.mlp.experts"

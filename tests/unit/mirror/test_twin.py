@@ -2,7 +2,8 @@
 the layer count: forged seeds mirror back through the forge (and their scenario YAML alone rebuilds
 the twin), and header-only quantized sources (FP8 128x128 blocks, AWQ int32 packs, GPTQ, NVFP4,
 FP8 per-tensor, DeepSeek-V3 FP8 with its MTP layer and partial blocks) come out in the source's
-on-disk layout, by the forge or by post-processing after it."""
+on-disk layout, by the forge (its `quantize:` option: then the scenario YAML alone rebuilds the
+twin) or, where the forge has no option for the layout, by post-processing after it."""
 
 from __future__ import annotations
 
@@ -10,9 +11,10 @@ import json
 
 import pytest
 
+from servematrix.checkpoint.forge import forge
 from servematrix.checkpoint.forge_spec import ForgeSpec
 from servematrix.config.scenario import ScenarioStore
-from servematrix.mirror.cli import cli_mirror, scenario_dict
+from servematrix.mirror.cli import cli_diff, cli_mirror, scenario_dict, scenario_yaml
 from servematrix.mirror.diff import diff
 from servematrix.mirror.plan import plan_twin
 from servematrix.mirror.source import read_local, read_source
@@ -41,6 +43,9 @@ def test_a_forged_seed_mirrors_back_with_equal_names_dtypes_and_quant_config(cac
     forged_spec = json.loads((tmp_path / "twin" / "forge.json").read_text())["spec"]
     assert written.model.forge == ForgeSpec(**forged_spec)
     assert "Post-processed" not in written.description and twin.origin.post_processed == []
+    if scenario == "tiny-minimax-m2-kvscale":  # the seed's extra_tensors scales come back as `quantize:`
+        assert [q.method for q in written.model.forge.quantize] == ["kv_cache_scales"]
+        assert not any(e.name.endswith("_scale") for e in written.model.forge.extra_tensors)
 
 
 def test_a_header_only_fp8_block_checkpoint_mirrors_with_its_scale_inv_tensors_and_the_forge_writes_them(cache, tmp_path):
@@ -64,7 +69,12 @@ def test_a_header_only_fp8_block_checkpoint_mirrors_with_its_scale_inv_tensors_a
     assert report.layer_map[35] == 1 and report.layer_map[0] == 0
 
 
-def test_a_header_only_awq_checkpoint_mirrors_its_int32_packs_by_post_processing_and_says_so(cache, tmp_path):
+def _rebuilt_from_yaml(tmp_path, name: str):
+    """The twin `servematrix run` forges from the scenario file alone (no mirror.json, no post-processing)."""
+    return forge(name, ScenarioStore(tmp_path).get(name).model.forge)
+
+
+def test_a_header_only_awq_checkpoint_mirrors_its_int32_packs_and_the_scenario_yaml_alone_rebuilds_it(cache, tmp_path):
     source = read_source(str(awq_source(tmp_path / "qwen2-awq")))
     assert source.quant.schemes == {"awq": 28 * 7} and (source.quant.bits, source.quant.group_size) == (4, 128)
     assert source.structure.tied_embeddings and not source.structure.lm_head
@@ -81,8 +91,15 @@ def test_a_header_only_awq_checkpoint_mirrors_its_int32_packs_by_post_processing
     report = diff(source, twin)
     assert report.equal, report.render()
     written = ScenarioStore(tmp_path).get("awq-twin")
-    assert "Post-processed after forging" in written.description and "awq layout" in written.description
-    assert "needs post-processing" in text and list(written.quants) == ["awq"]
+    (q,) = written.model.forge.quantize
+    assert (q.method, q.group_size, q.scales_dtype, q.tensors) == ("awq", 128, "float16", ["model.layers.*.mlp.down_proj.weight",
+        "model.layers.*.mlp.gate_proj.weight", "model.layers.*.mlp.up_proj.weight", "model.layers.*.self_attn.k_proj.weight",
+        "model.layers.*.self_attn.o_proj.weight", "model.layers.*.self_attn.q_proj.weight",
+        "model.layers.*.self_attn.v_proj.weight"])
+    assert "Post-processed" not in written.description and "reproducible from the scenario YAML alone" in text
+    assert list(written.quants) == ["awq"] and twin.origin.post_processed == []
+    rendered, equal = cli_diff(str(tmp_path / "qwen2-awq"), str(_rebuilt_from_yaml(tmp_path, "awq-twin")))
+    assert equal, rendered
 
 
 @pytest.mark.parametrize("scheme, qc, leaves", [
@@ -94,7 +111,7 @@ def test_a_header_only_awq_checkpoint_mirrors_its_int32_packs_by_post_processing
     ("fp8_tensor", {"quant_method": "fp8", "activation_scheme": "static"},
      {"weight": "F8_E4M3", "weight_scale": "F32", "input_scale": "F32"}),
 ])
-def test_gptq_nvfp4_and_fp8_per_tensor_layouts_are_rewritten_to_the_source_leaves_and_dtypes(cache, tmp_path, scheme, qc, leaves):
+def test_gptq_nvfp4_and_fp8_per_tensor_layouts_are_forged_in_the_source_leaves_and_dtypes(cache, tmp_path, scheme, qc, leaves):
     float_dtype = "F16" if scheme == "gptq" else "BF16"
     t = quantized(dense_layers(4, 512, 8, 2, 64, 1024), scheme, float_dtype)
     if scheme == "nvfp4":  # ModelOpt's FP8 KV cache: a k_scale / v_scale per layer
@@ -110,20 +127,46 @@ def test_gptq_nvfp4_and_fp8_per_tensor_layouts_are_rewritten_to_the_source_leave
     source = read_source(str(tmp_path / "src"))
     plan = plan_twin(source, max_pp=2, tp_values=[1, 2])
     assert plan.ok, [i for i in plan.invariants if not i.holds]
-    assert not plan.reproducible and {s.op for s in plan.post} >= {"quantize"}
+    assert "quantize" not in {s.op for s in plan.post} and all(t.forge for t in plan.quant)
+    kv = ["kv_cache_scales"] if scheme == "nvfp4" else []  # its k_scale / v_scale: written by `quantize:` too
+    assert [q.method for q in plan.spec.quantize] == [scheme.replace("_", "-")] + kv
     twin = read_local(build_twin(plan, f"{scheme}-twin", tmp_path / "twin"))
     for leaf, dtype in leaves.items():
         assert twin.tensors[f"model.layers.1.mlp.up_proj.{leaf}"].dtype == dtype, leaf
     report = diff(source, twin)
     assert report.equal, report.render()
     if scheme == "fp8_tensor":  # the forge writes BF16 norms: cast back; inv_freq: a forge extra in every layer
-        assert {s.op for s in plan.post} == {"quantize", "cast"}
+        assert {s.op for s in plan.post} == {"cast"}
         assert twin.tensors["model.layers.1.input_layernorm.weight"].dtype == "F32"
         assert any(e.name == "model.layers.{layer}.self_attn.rotary_emb.inv_freq" for e in plan.spec.extra_tensors)
+    else:  # the scenario YAML alone rebuilds it: `mirror --diff SOURCE REBUILT` is equal
+        assert plan.reproducible
+        (tmp_path / "yaml").mkdir()
+        (tmp_path / "yaml" / f"{scheme}-twin.yaml").write_text(scenario_yaml(plan, f"{scheme}-twin", source))
+        rendered, equal = cli_diff(str(tmp_path / "src"), str(_rebuilt_from_yaml(tmp_path / "yaml", f"{scheme}-twin")))
+        assert equal, rendered
     if scheme == "nvfp4":
         assert twin.quant.config["exclude_modules"] == ["lm_head", "model.layers.0.self_attn*", "model.layers.1.self_attn*"]
         assert twin.tensors["model.layers.0.self_attn.q_proj.weight"].dtype == "BF16"
         assert twin.tensors["model.layers.1.self_attn.k_proj.k_scale"].shape == ()
+
+
+def test_a_layout_the_forge_has_no_option_for_is_still_post_processed_and_said_so(cache, tmp_path):
+    # FP8 with a per-channel weight_scale [n, 1]: quantize's fp8-tensor writes per-tensor scales only
+    t = quantized(dense_layers(2, 256, 4, 2, 64, 512), "fp8_tensor", "BF16")
+    for name, (dtype, shape) in list(t.items()):
+        if name.endswith(".weight_scale"):
+            t[name] = ("F32", [t[name[: -len("_scale")]][1][0], 1])
+    cfg = llama_like("llama", 2, 256, 4, 2, 64, 512, 1000, quantization_config={"quant_method": "fp8",
+                                                                               "activation_scheme": "static"})
+    write_checkpoint(tmp_path / "src", cfg, add_embeddings(t, 1000, 256, "BF16", False))
+    source = read_source(str(tmp_path / "src"))
+    text = cli_mirror(str(tmp_path / "src"), tmp_path / "ch-twin.yaml", tmp_path / "twin", 2, [1], "ch-twin")
+    twin = read_local(tmp_path / "twin")
+    assert twin.tensors["model.layers.0.mlp.up_proj.weight_scale"].shape == (twin.config["intermediate_size"], 1)
+    assert diff(source, twin).equal and "needs post-processing" in text
+    written = ScenarioStore(tmp_path).get("ch-twin")
+    assert written.model.forge.quantize == [] and "fp8_tensor layout" in written.description
 
 
 def test_a_deepseek_fp8_checkpoint_keeps_its_mtp_layer_router_groups_and_partial_blocks(cache, tmp_path):

@@ -68,6 +68,25 @@ def test_accuracy_rate_counts_only_checks_with_a_reference():
     assert d.accuracy_rate == 0.0 and d.exit_code == 1
 
 
+def test_a_check_against_a_reference_of_another_protocol_cannot_be_judged():
+    from servematrix.record import CheckResult
+
+    nc = CheckResult(metric="gsm8k.nll", status="not-comparable", effect=0.25, alpha=0.05, beta=0.2,
+                     note="n 24 → 16")
+    d = decide(run(rec("a/x", accuracy=[nc])))
+    assert d.exit_code == 2 and any("not comparable with its reference (n 24 → 16)" in c for c in d.cannot_judge)
+
+
+def test_a_baseline_without_fingerprints_is_compared_and_the_gate_says_so():
+    from servematrix.record import Gsm8kResult
+
+    def with_gsm8k(r):
+        return r.model_copy(update={"gsm8k": Gsm8kResult(strict=0.0, strict_stderr=0.0, flexible=0.0, flexible_stderr=0.0, n=24, seconds=1.0)})
+
+    d = decide(run(with_gsm8k(rec("a/x"))), baseline=run(with_gsm8k(rec("a/x"))))
+    assert d.exit_code == 0 and any("no fingerprint" in f for f in d.flags), d.flags
+
+
 def test_xpass_is_flagged_to_drop_the_waiver():
     d = decide(run(rec("a/x", "xpass", expect=XFAIL)))
     assert any("drop the waiver" in f for f in d.flags)
@@ -109,3 +128,104 @@ def test_load_summary_names_the_file_and_what_is_wrong(tmp_path, text, message):
 def test_load_summary_reads_back_what_the_report_writes(tmp_path):
     r = run(rec("a/x"))
     assert load_summary(_summary_file(tmp_path, r.model_dump_json())) == r
+
+
+# --- hysteresis (gate --history N) -------------------------------------------------------------------
+from servematrix.report.gate import render, standings  # noqa: E402
+from servematrix.report.history import standing  # noqa: E402
+from servematrix.report.waivers import Waiver, WaiverState  # noqa: E402
+
+
+@pytest.mark.parametrize("verdicts, state", [
+    (["pass", "fail"], "ok"),  # one flaky night does not flip it
+    (["pass", "fail", "fail"], "broken"),  # 2 distinct runs in a row
+    (["fail", "pass", "fail", "pass", "fail"], "ok"),  # never twice in a row: flaky, not broken
+    (["fail", "fail", "pass", "pass"], "broken"),  # one good night does not clear it
+    (["fail", "fail", "pass", "pass", "pass"], "ok"),  # 3 clean ones do
+    (["fail", "error", "fail"], "broken"),  # an infrastructure error neither counts nor breaks the streak
+    (["pass", "error", "error", "skipped"], "ok"),
+    (["fail", "fail", "error", "error", "error"], "broken"),  # errors never clear it either
+    (["xfail", "xpass", "xpass"], "broken"),  # an xpass misses the expectation like a fail
+])
+def test_standing_follows_the_two_to_break_three_to_fix_rule(verdicts, state):
+    assert standing(verdicts).state == state
+
+
+def test_flake_rate_is_flips_over_judged_runs_with_a_wilson_interval():
+    st = standing(["pass", "fail", "error", "pass", "fail"])
+    assert (st.runs, st.flips, st.flake) == (4, 3, 0.75)
+    assert st.flake_low == pytest.approx(0.3006, abs=1e-3) and st.flake_high == pytest.approx(0.9544, abs=1e-3)
+    assert "flake rate 3/4 = 0.75 [0.30, 0.95]" in st.describe()
+    assert standing(["error"]).flake is None and standing(["error"]).runs == 0
+
+
+def hist(*verdicts, id_="a/x"):
+    return {id_: [{"verdict": v, "run_dir": f"/old{i}", "started_at": f"s{i}"} for i, v in enumerate(verdicts)]}
+
+
+def started(r, at="t"):
+    return r.model_copy(update={"started_at": at})
+
+
+def test_a_flaky_history_does_not_flip_the_gate_and_shows_its_flake_rate():
+    now = started(run(rec("a/x", "fail", False, Failure.of("exception", "boom"))))
+    st = standings(now, hist("pass", "fail", "pass"), last=10)
+    d = decide(now, history=st)
+    assert d.exit_code == 0 and d.regressions == [] and d.load_rate is None  # held out of the rates
+    assert "not counted yet" in d.flags[0] and "flake rate 3/4 = 0.75" in d.flags[0]
+    assert "a/x: ok after 4 judged runs (pass fail pass fail)" in render(d, now)
+
+
+def test_a_second_miss_in_a_row_is_a_regression_and_a_clean_run_after_it_is_still_one():
+    now = started(run(rec("a/x", "fail", False)))
+    assert decide(now, history=standings(now, hist("pass", "fail"), last=10)).exit_code == 1
+    clean = started(run(rec("a/x")))
+    d = decide(clean, history=standings(clean, hist("fail", "fail"), last=10))
+    assert d.exit_code == 1 and "still broken — 1 of 3 clean runs" in d.regressions[0]
+    d = decide(clean, history=standings(clean, hist("fail", "fail", "pass", "pass"), last=10))
+    assert d.exit_code == 0
+
+
+def test_the_window_is_the_last_n_runs_before_this_one_counted_once():
+    now = run(rec("a/x", "fail", False)).model_copy(update={"started_at": "s3", "run_dir": "/old3"})
+    rows = hist("fail", "fail", "pass", "fail", "fail", "fail")  # /old3 is this run; s4, s5 came after it
+    st = standings(now, rows, last=3)["a/x"]
+    assert st.verdicts == ["fail", "pass", "fail"]  # s1, s2, then this run's verdict once
+    assert standings(now, rows, last=2)["a/x"].state == "ok"  # pass, fail: one miss
+
+
+def test_without_judged_history_a_scenario_is_judged_on_this_run_alone():
+    now = started(run(rec("a/x", "fail", False)))
+    assert standings(now, {}, last=10) == {} and standings(now, hist("error"), last=10) == {}
+    assert decide(now, history=standings(now, hist("error"), last=10)).exit_code == 1
+
+
+def test_an_infrastructure_error_now_is_still_cannot_judge_under_hysteresis():
+    now = started(run(rec("a/x", "error", False, Failure.of("oom", "killed by SIGKILL"))))
+    d = decide(now, history=standings(now, hist("pass", "fail"), last=10))
+    assert d.exit_code == 2 and d.regressions == [] and "a/x: ok" in d.standings[0]
+
+
+def test_a_held_miss_is_not_newly_failing_against_the_baseline_either():
+    base = run(rec("a/x"))
+    now = started(run(rec("a/x", "fail", False)))
+    assert decide(now, base).exit_code == 1
+    assert decide(now, base, history=standings(now, hist("pass"), last=10)).exit_code == 0
+
+
+# --- waivers in the gate ----------------------------------------------------------------------------------
+def _state(state):
+    return WaiverState(waiver=Waiver(id="b/x", release="current", bug="https://x/1"), state=state,
+                       why=[] if state == "active" else ["until 2026-01-01 has passed (today is 2026-12-01)"])
+
+
+def test_stale_waivers_are_flagged_and_fail_the_gate_only_when_asked():
+    r = run(rec("a/x"), rec("b/x", "xfail", False, expect=XFAIL))
+    d = decide(r, waivers=[_state("expired")])
+    assert d.exit_code == 0 and [f for f in d.flags if f.startswith("waiver ")] == \
+        ["waiver b/x [expired]: until 2026-01-01 has passed (today is 2026-12-01)"]
+    d = decide(r, waivers=[_state("expired")], fail_on_stale_waivers=True)
+    assert d.exit_code == 1 and d.regressions == ["waiver b/x [expired]: until 2026-01-01 has passed (today is "
+                                                  "2026-12-01)"]
+    assert decide(r, waivers=[_state("active")], fail_on_stale_waivers=True).exit_code == 0
+    assert "b/x [active]" in render(decide(r, waivers=[_state("active")]), r)

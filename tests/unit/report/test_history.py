@@ -153,3 +153,50 @@ def test_every_text_written_to_the_history_is_redacted(tmp_path, monkeypatch):
     dump = "\n".join(con.iterdump())
     con.close()
     assert "hf_supersecretvalue" not in dump and "OSError: bad token ***" in dump
+
+
+FIRST_SCHEMA = """
+CREATE TABLE runs (run_dir TEXT PRIMARY KEY, matrix TEXT, started_at TEXT, ended_at TEXT, status TEXT,
+  exit_code INTEGER, vllm TEXT, torch TEXT, host TEXT);
+CREATE TABLE results (run_dir TEXT, scenario_id TEXT, verdict TEXT, load_ok INTEGER, load_seconds REAL,
+  signature TEXT, metrics TEXT, accuracy TEXT, PRIMARY KEY (run_dir, scenario_id));
+INSERT INTO runs VALUES ('/r0', 'm', '2025-12-31', NULL, 'complete', 0, '0.31.0', 't', 'h');
+INSERT INTO results VALUES ('/r0', 'a/x', 'pass', 1, 3.0, NULL, '{}', '[]');
+"""
+
+
+def test_release_fix_reports_and_checks_are_kept_per_result(tmp_path):
+    from servematrix.record import FixRecord
+
+    db = tmp_path / "history.sqlite"
+    r = rec("a/x", "pass", 0.9).model_copy(update={
+        "vllm": "cpu-0.20.2", "fixes": [FixRecord(name="minimax-k-norm-38191", status="already-fixed", pid=7)]})
+    history.append(run(tmp_path, "r1", "2026-01-01", r), db)
+    (row,) = history.trend(db)["a/x"]
+    assert row["release"] == "cpu-0.20.2" and row["fixes"] == [{"name": "minimax-k-norm-38191",
+                                                                 "status": "already-fixed", "pid": 7, "detail": None}]
+    assert row["accuracy"][0]["metric"] == "gsm8k.agreement" and row["accuracy"][0]["mde"] == 0.1
+
+
+def test_a_first_schema_database_is_read_as_it_is_and_migrated_by_the_next_append(tmp_path):
+    db = tmp_path / "old.sqlite"
+    con = sqlite3.connect(db)
+    con.executescript(FIRST_SCHEMA)
+    con.close()
+    before = db.read_bytes()
+    (row,) = history.trend(db)["a/x"]
+    assert (row["release"], row["fixes"], db.read_bytes() == before) == (None, [], True)
+    history.append(run(tmp_path, "r1", "2026-01-01", rec("a/x", "fail", 0.5)), db)
+    rows = history.trend(db)["a/x"]
+    assert [(x["verdict"], x["release"]) for x in rows] == [("pass", None), ("fail", "current")]
+
+
+def test_a_damaged_fix_report_column_is_named_not_misread(tmp_path):
+    db = tmp_path / "history.sqlite"
+    history.append(run(tmp_path, "r1", "2026-01-01", rec("a/x", "pass", 0.9)), db)
+    con = sqlite3.connect(db)
+    with con:
+        con.execute("UPDATE results SET fixes = '{\"not\": \"a list\"}'")
+    con.close()
+    with pytest.raises(StateError, match="holds a list servematrix did not write"):
+        history.trend(db)

@@ -53,8 +53,9 @@ def sample_records():
 
 def test_write_all_writes_every_report_and_leaves_no_temp_files(tmp_path):
     report.write_all(summary(tmp_path, sample_records()))
+    pages = ["scenario-a_2Ftp1-pp1-fp32.html", "scenario-a_2Ftp1-pp2-fp32.html", "scenario-a_2Ftp2-pp1-fp32.html"]
     assert sorted(os.listdir(tmp_path)) == ["accuracy.md", "junit.xml", "load-success.md", "report.html",
-                                            "summary.json"]
+                                            *pages, "summary.json"]
     data = json.loads((tmp_path / "summary.json").read_text())
     assert [r["verdict"] for r in data["scenarios"]] == ["pass", "fail", "xfail"]
     assert data["scenarios"][1]["load"]["error"]["signature"].startswith("KeyError")
@@ -69,7 +70,7 @@ def test_load_success_table_has_models_down_layouts_across_and_signatures(tmp_pa
 
 def test_accuracy_table_shows_both_metrics_with_stderr_and_n(tmp_path):
     md = markdown.accuracy_md(summary(tmp_path, sample_records()))
-    assert "| a/tp1-pp1-fp32 | 0.250 ± 0.100 | 0.500 ± 0.100 | 8 | 3 | ok | ok | pass |" in md
+    assert "| a/tp1-pp1-fp32 | 0.250 ± 0.100 | 0.500 ± 0.100 | 8 | 3 | ok | ok | — | pass |" in md
 
 
 def test_junit_has_a_case_per_scenario_and_check_with_failures_and_xfail_skips(tmp_path):

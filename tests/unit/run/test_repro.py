@@ -33,10 +33,10 @@ def test_every_service_validates():
     services = config("gpu", "cpu", "runner")["services"]
     assert set(services) == {"vllm-gpu", "vllm-cpu", "runner"}
     gpu, cpu = services["vllm-gpu"], services["vllm-cpu"]
-    assert gpu["build"]["args"]["BASE_IMAGE"].startswith("vllm/vllm-openai:")
+    assert gpu["build"]["args"]["BASE"].startswith("vllm/vllm-openai:")
     assert gpu["deploy"]["resources"]["reservations"]["devices"][0]["capabilities"] == ["gpu"]
     assert gpu["ipc"] == "host" and "HF_TOKEN" in gpu["environment"]
-    assert cpu["build"]["args"]["BASE_IMAGE"].startswith("vllm/vllm-openai-cpu:")
+    assert cpu["build"]["args"]["BASE"].startswith("vllm/vllm-openai-cpu:")
     assert cpu["cap_add"] == ["SYS_NICE"] and cpu["shm_size"]
     assert {"VLLM_CPU_KVCACHE_SPACE", "VLLM_CPU_OMP_THREADS_BIND"} <= set(cpu["environment"])
     for s in (gpu, cpu):
@@ -56,3 +56,11 @@ def test_repro_compose_variables_reach_the_server_environment(capsys, tmp_path, 
     assert cpu["environment"]["QUANT_ARGS"] == "--dtype float32"
     assert "|" in cpu["environment"]["VLLM_CPU_OMP_THREADS_BIND"]
     assert cpu["ports"][0]["published"] == "8123"
+
+
+def test_a_cpu_compose_repro_says_how_to_build_the_image_without_a_registry(capsys, monkeypatch):
+    monkeypatch.chdir(REPO)
+    assert main(["repro", "tiny-llama/tp1-pp1-fp32", "--compose"]) == 0
+    comments = [x for x in capsys.readouterr().out.splitlines() if x.startswith("#")]
+    assert any("CPU_IMAGE=$(sh docker/build-cpu-base.sh)" in c for c in comments)
+    assert (REPO / "docker/build-cpu-base.sh").is_file()

@@ -3,7 +3,7 @@
 from pathlib import Path
 
 from servematrix.serve.server import LaunchSpec
-from servematrix.serve.docker import DockerConfig, DockerServer, host_root_mounts
+from servematrix.serve.docker import DEFAULT_IMAGE, DockerConfig, DockerServer, host_root_mounts
 
 
 def spec(tmp_path, env=None):
@@ -21,6 +21,17 @@ def test_the_container_runs_the_images_python_with_the_model_read_only_and_the_r
     assert kw["volumes"][str(tmp_path / "run")]["mode"] == "rw"
     assert kw["network_mode"] == "host" and kw["shm_size"] == "4g" and "SYS_NICE" in kw["cap_add"]
     assert "device_requests" not in kw
+
+
+def test_by_default_the_compose_cpu_image_runs_with_only_the_model_and_run_dir_mounted(tmp_path):
+    import yaml
+
+    kw = DockerServer(spec(tmp_path), DockerConfig()).run_kwargs()
+    compose = yaml.safe_load((Path(__file__).parents[3] / "docker-compose.yml").read_text())
+    # the image docker-compose.yml builds when CPU_IMAGE is unset (${CPU_IMAGE:-<default>})
+    assert kw["image"] == DEFAULT_IMAGE and compose["services"]["vllm-cpu"]["image"].endswith(f":-{DEFAULT_IMAGE}}}")
+    assert kw["command"][0] == "python3"
+    assert set(kw["volumes"]) == {str(tmp_path / "model"), str(tmp_path / "run")}
 
 
 def test_the_entrys_gpus_become_a_device_request_and_the_container_numbers_them_from_zero(tmp_path):

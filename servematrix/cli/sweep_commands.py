@@ -1,0 +1,51 @@
+"""`servematrix sweep`: the model zoo of one or more vLLM releases × layouts × quantizations, each
+cell a load check of a mirrored twin (servematrix/sweep/). Imports of the product stay inside the
+function: `servematrix --help` must not load the package."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from servematrix.cli.args import finite_positive_float, out_dir, positive_int
+
+
+def add_sweep(sub) -> None:
+    s = sub.add_parser("sweep", help="every architecture a release registers × layouts × quant, load-checked")
+    s.add_argument("--vllm", action="append", metavar="REL",
+                   help="release to sweep (repeatable; default: current, the vLLM beside servematrix)")
+    s.add_argument("--layouts", default="tp1,tp2,pp2,tp2pp2", help="comma-separated: tp<T>, pp<P>, tp<T>pp<P>")
+    s.add_argument("--quant", default="none",
+                   help="comma-separated quantizations: none, fp8-block, fp8-kv (servematrix/data/sweep-quants.yaml)")
+    s.add_argument("-k", help="filter: substring or glob of the cell id, tag:NAME; comma = or")
+    s.add_argument("--limit", type=positive_int, help="at most N checkable cells")
+    s.add_argument("--out", type=out_dir, help="run directory (default reports/sweep-<timestamp>)")
+    s.add_argument("--overwrite", action="store_true", help="--out may hold a run already")
+    s.add_argument("--isolated", action="store_true",
+                   help="one process per check instead of a persistent worker per release (slower)")
+    s.add_argument("--timeout", type=finite_positive_float, default=300.0, help="seconds per cell (default 300)")
+    s.set_defaults(func=cmd_sweep)
+
+
+def cmd_sweep(args) -> int:
+    from datetime import datetime
+
+    from servematrix.serve.envs import CURRENT
+    from servematrix.sweep import cells
+    from servematrix.sweep.runner import SweepOptions, run
+
+    opts = SweepOptions(releases=list(dict.fromkeys(args.vllm or [CURRENT])), layouts=cells.layouts(args.layouts),
+                        quants=cells.quants(args.quant), k=args.k, limit=args.limit,
+                        out=Path(args.out) if args.out else Path("reports") / f"sweep-{datetime.now():%Y%m%d-%H%M%S}",
+                        overwrite=args.overwrite, isolated=args.isolated, timeout=args.timeout)
+    summary = run(opts)
+    regressions = Path(summary.run_dir) / "regressions.json"
+    if len(opts.releases) > 1 and regressions.is_file():  # the regression list, between each release and the next
+        import json
+
+        for p in json.loads(regressions.read_text()):
+            print(f"{p['before']} -> {p['after']}: {p['compared']} cells on both")
+            for what in ("newly_failing", "newly_passing"):
+                for line in p[what]:
+                    print(f"  {what.replace('_', ' ')}: {line}")
+    print(f"{summary.run_dir}: {', '.join(f'{k}: {v}' for k, v in summary.counts.items())} -> exit {summary.exit_code}")
+    return summary.exit_code or 0

@@ -1,0 +1,123 @@
+"""A quantized cell's twin: the mirrored twin's ForgeSpec re-forged with the forge's own quantized
+options, as data/sweep-quants.yaml says per `--quant` name and per model_type (the forge writes real FP8
+values and scales from the forged weights; nothing here writes a tensor).
+
+A twin whose linears no block of the list divides (with their TP shards), or whose attention has no
+`k_proj` to carry KV-cache scales, gets the reason instead of a spec: its cells are "not checkable
+here", never dropped.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from servematrix.checkpoint.forge_spec import ForgeSpec
+from servematrix.checkpoint.quantize import Fp8Block
+from servematrix.paths import data_file
+
+RULES = data_file("sweep-quants.yaml")  # package data, so a wheel install carries it
+
+
+class Family(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    fp8_blocks: list[dict[str, Any]] = Field(default_factory=list)
+    why: str
+
+
+class QuantRule(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    description: str
+    quantize: dict[str, Any]
+    block_k: int  # the input block: the CPU kernel's only one
+    blocks: list[int]  # output blocks, tried in order
+    kv_scales: dict[str, str] | None = None
+    families: dict[str, Family] = Field(default_factory=dict)
+
+
+class QuantSpec(BaseModel):
+    """What a quantized twin is forged from, or why there is none."""
+
+    spec: dict[str, Any] | None = None  # the ForgeSpec, dumped
+    note: str = ""  # the layout in words (block size, family rule), recorded on the cell
+    reason: str | None = None
+
+
+@lru_cache(maxsize=1)
+def rules() -> dict[str, QuantRule]:
+    data = yaml.safe_load(RULES.read_text())["quants"]
+    return {name: QuantRule.model_validate(rule) for name, rule in data.items()}
+
+
+def names() -> tuple[str, ...]:
+    return ("none", *rules())
+
+
+def _shards(name: str, shape: tuple[int, ...], tp: int) -> list[tuple[int, int]]:
+    """The [n, k] a rank holds at `tp`, by the linear's TP role (mirror-families.yaml's tp_roles):
+    column-parallel splits outputs, row-parallel inputs; KV projections split or, with fewer KV
+    heads than ranks, replicate (either is accepted)."""
+    from servematrix.mirror.dims import tp_role
+
+    n, k = shape
+    role = tp_role(name.removesuffix(".weight"))
+    if role == "column":
+        return [(n // tp, k)] if n % tp == 0 else []
+    if role == "row":
+        return [(n, k // tp)] if k % tp == 0 else []
+    if role == "kv":
+        return [(n // tp, k), (n, k)] if n % tp == 0 else [(n, k)]
+    return [(n, k)]
+
+
+def _fits(name: str, shape: tuple[int, ...], bn: int, bk: int, tps: list[int]) -> bool:
+    return len(shape) == 2 and all(any(n % bn == 0 and k % bk == 0 for n, k in _shards(name, shape, tp))
+                                   for tp in tps)
+
+
+def _block(method: Fp8Block, shapes: dict[str, tuple[int, ...]], rule: QuantRule, tps: list[int]) -> int | None:
+    selected = {n: s for n, s in shapes.items() if method.selects(n)}
+    if not selected:
+        return None
+    return next((b for b in rule.blocks if all(_fits(n, s, b, rule.block_k, tps) for n, s in selected.items())),
+                None)
+
+
+def quantized(model_type: str, spec: dict[str, Any], shapes: dict[str, tuple[int, ...]], quant: str,
+              tps: list[int]) -> QuantSpec:
+    """The ForgeSpec of `model_type`'s twin (`spec`, whose forged tensors are `shapes`) under `quant`."""
+    rule = rules()[quant]
+    family = rule.families.get(model_type)
+    if family is not None:
+        update: dict[str, Any] = {"fp8_blocks": family.fp8_blocks}
+        note = family.why
+    else:
+        probe = Fp8Block.model_validate(rule.quantize)
+        block = _block(probe, shapes, rule, tps)
+        if block is None:
+            bad = sorted({f"{n.split('.')[-2]} {list(s)}" for n, s in shapes.items() if probe.selects(n)
+                          and not _fits(n, s, rule.blocks[-1], rule.block_k, tps)})
+            return QuantSpec(reason=f"{quant}: the CPU FP8 block kernel takes K blocks of {rule.block_k} only, and the "
+                                    f"twin's linears are narrower at TP={','.join(map(str, tps))} "
+                                    f"({'; '.join(bad[:4])}): a twin this small cannot hold the layout" if bad else
+                                    f"{quant}: the twin has no linear matching {probe.tensors}")
+        entries: list[dict[str, Any]] = [{**rule.quantize, "block": [block, rule.block_k]}]
+        note = f"{quant}: every decoder linear FP8 e4m3 in {block}x{rule.block_k} blocks"
+        if rule.kv_scales:
+            k0 = rule.kv_scales["k_scale"].format(layer=0).removesuffix(".k_scale") + ".weight"
+            if k0 not in shapes:
+                return QuantSpec(reason=f"{quant}: the twin has no {k0} (no separate k_proj to hold the KV-cache "
+                                        "scales' name)")
+            entries.append({"method": "kv_cache_scales", **rule.kv_scales})
+            note += ", k_scale / v_scale per layer"
+        update = {"quantize": entries}
+    try:
+        forged = ForgeSpec.model_validate({**spec, **update})
+    except ValidationError as exc:  # the forge's own check of the layout: its first message is the reason
+        return QuantSpec(reason=f"{quant}: the forge refuses the layout: {exc.errors()[0]['msg'][:300]}")
+    return QuantSpec(spec=forged.model_dump(mode="json"), note=note)

@@ -1,0 +1,152 @@
+"""Which architectures a release registers, and which of them can be forged here.
+
+The release is asked itself, in a subprocess of its own interpreter (its registry, not this
+process's vLLM, decides what it claims to support): `ModelRegistry.get_supported_archs()` and, for
+each architecture, the registry table it sits in (text generation, multimodal, pooling,
+speculative decoding, Transformers backend). Reading the tables imports no model module; asking
+the registry per architecture (`is_multimodal_model`, …) would inspect each in a subprocess.
+
+Each architecture is then matched, in this process, to the transformers model_type whose
+configuration class exists (CONFIG_MAPPING) and whose auto maps list a class of that name, and
+classified: forgeable (the mirror forges a model_type's causal-LM class), or not checkable here
+with the reason. Nothing is dropped: every registered architecture gets one Arch.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from functools import lru_cache
+
+from pydantic import BaseModel
+
+from servematrix.errors import StateError
+
+# Run in the release's interpreter: stdlib and vLLM only; one JSON line on stdout.
+PROBE = r"""
+import json, sys
+from vllm.model_executor.models import ModelRegistry
+from vllm.model_executor.models import registry as r
+tables = {"text": "_TEXT_GENERATION_MODELS", "multimodal": "_MULTIMODAL_MODELS",
+          "speculative": "_SPECULATIVE_DECODING_MODELS", "transformers-backend": "_TRANSFORMERS_BACKEND_MODELS",
+          "transformers-supported": "_TRANSFORMERS_SUPPORTED_MODELS",
+          "embedding": "_EMBEDDING_MODELS", "classification": "_SEQUENCE_CLASSIFICATION_MODELS",
+          "token-classification": "_TOKEN_CLASSIFICATION_MODELS", "reward": "_REWARD_MODELS",
+          "late-interaction": "_LATE_INTERACTION_MODELS"}
+out = {}
+for arch in ModelRegistry.get_supported_archs():
+    kind = next((k for k, t in tables.items() if arch in getattr(r, t, {})), "other")
+    entry = getattr(r, tables.get(kind, ""), {}).get(arch) if kind != "other" else None
+    out[arch] = {"kind": kind, "vllm_class": entry[1] if isinstance(entry, tuple) and len(entry) > 1 else None}
+print("SERVEMATRIX_REGISTRY " + json.dumps(out))
+"""
+
+PROBE_TIMEOUT = 600.0  # s: vLLM's imports alone are ~7 s here, minutes on a loaded host
+
+# Why a registered architecture is not a sweep cell, by the registry table vLLM lists it in.
+KIND_REASONS = {
+    "multimodal": "multimodal: needs an image/audio processor and a vision or audio tower; the mirror forges text "
+                  "models only (composite sources are refused)",
+    "speculative": "speculative-decoding draft: loads only beside a target model",
+    "transformers-backend": "vLLM's Transformers-backend wrapper, not an architecture of its own",
+    "embedding": "pooling (embedding) model: the mirror forges a model_type's causal-LM class only",
+    "classification": "pooling (sequence classification) model: the mirror forges causal-LM classes only",
+    "token-classification": "pooling (token classification) model: the mirror forges causal-LM classes only",
+    "reward": "pooling (reward) model: the mirror forges causal-LM classes only",
+    "late-interaction": "pooling (late-interaction) model: the mirror forges causal-LM classes only",
+    "other": "in no registry table the sweep knows (out-of-tree or previously supported)",
+}
+
+
+# the tables whose architectures are generative models the mirror may forge: vLLM's own classes,
+# and the ones it serves through its Transformers backend (the load check then builds that backend)
+GENERATIVE = ("text", "transformers-supported")
+
+
+class Arch(BaseModel):
+    """One registered architecture and what the sweep can do with it."""
+
+    arch: str
+    kind: str  # the registry table: text, multimodal, speculative, embedding, …
+    model_type: str | None = None  # the transformers model_type matched to it
+    forgeable: bool = False
+    reason: str | None = None  # why not, when not forgeable
+
+    @property
+    def key(self) -> str:
+        """The cell ids' first part: the model_type of a forgeable architecture, else its name
+        (model_types are lower snake case, class names CamelCase: the two never collide)."""
+        return self.model_type if self.forgeable and self.model_type else self.arch
+
+
+def probe(python: str, env: dict[str, str] | None = None) -> dict[str, dict]:
+    """The release's registered architectures: name -> {kind, vllm_class}."""
+    import os
+
+    try:
+        out = subprocess.run([python, "-P", "-c", PROBE], capture_output=True, text=True, timeout=PROBE_TIMEOUT,
+                             env={**os.environ, **(env or {})})
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise StateError(python, f"cannot ask its vLLM for the model registry: {exc}") from None
+    for line in out.stdout.splitlines():
+        if line.startswith("SERVEMATRIX_REGISTRY "):
+            return json.loads(line.split(" ", 1)[1])
+    tail = " ".join((out.stderr or out.stdout).strip().splitlines()[-1:])
+    raise StateError(python, f"its vLLM did not list its model registry (exit {out.returncode}): {tail[:300]}")
+
+
+@lru_cache(maxsize=1)
+def transformers_classes() -> tuple[dict[str, list[str]], dict[str, str], frozenset[str], str]:
+    """From this transformers: class name -> the model_types whose auto maps list it, model_type
+    -> its causal-LM class, the model_types with a configuration class, and the version."""
+    import transformers
+    from transformers.models.auto import modeling_auto
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+
+    by_class: dict[str, list[str]] = {}
+    for name in dir(modeling_auto):
+        table = getattr(modeling_auto, name)
+        if not (name.endswith("_MAPPING_NAMES") and isinstance(table, dict)):
+            continue
+        for model_type, classes in table.items():
+            for cls in (classes,) if isinstance(classes, str) else classes:
+                types = by_class.setdefault(cls, [])
+                if model_type not in types:
+                    types.append(model_type)
+    causal = {k: v if isinstance(v, str) else v[0] for k, v in modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.items()}
+    return by_class, causal, frozenset(CONFIG_MAPPING_NAMES), transformers.__version__
+
+
+def classify(arch: str, kind: str) -> Arch:
+    """Forgeable, or not checkable here with the reason (first rule that applies)."""
+    if kind not in GENERATIVE:
+        return Arch(arch=arch, kind=kind, reason=KIND_REASONS.get(kind, KIND_REASONS["other"]))
+    by_class, causal, configs, version = transformers_classes()
+    types = [t for t in by_class.get(arch, []) if t in configs]
+    if not types:
+        return Arch(arch=arch, kind=kind, reason=f"transformers {version} has no class {arch} (remote code only, "
+                                                 "or a name only vLLM uses)")
+    exact = [t for t in types if causal.get(t) == arch]
+    if not exact:
+        other = ", ".join(f"{t}: {causal.get(t) or 'none'}" for t in types)
+        return Arch(arch=arch, kind=kind, model_type=types[0],
+                    reason=f"the mirror forges a model_type's causal-LM class, and that is another class here ({other})")
+    # GPT2LMHeadModel is gpt2's and gpt-sw3's: the model_type the class is named after first
+    exact.sort(key=lambda t: (not arch.lower().startswith(t.replace("_", "").replace("-", "")), t))
+    return Arch(arch=arch, kind=kind, model_type=exact[0], forgeable=True)
+
+
+def architectures(registered: dict[str, dict]) -> list[Arch]:
+    """Every registered architecture, classified, in name order. Of several forgeable
+    architectures with one model_type (vLLM aliases) the first keeps it; the others say so."""
+    out: list[Arch] = []
+    taken: dict[str, str] = {}
+    for arch in sorted(registered):
+        a = classify(arch, registered[arch].get("kind", "other"))
+        if a.forgeable and a.model_type in taken:
+            a = a.model_copy(update={"forgeable": False, "reason": f"the same model_type ({a.model_type}) as "
+                                                                    f"{taken[a.model_type]}, which is swept"})
+        elif a.forgeable:
+            taken[a.model_type] = arch
+        out.append(a)
+    return out

@@ -1,0 +1,76 @@
+"""Across releases: the regression list of a sweep over two or more `--vllm`, between each release
+and the next in the order given (`--vllm OLD --vllm NEW`), by report/comparison.py's one rule: a
+cell is newly failing when it went from meeting its expectation (pass, xfail) to missing it (fail,
+xpass), newly passing the other way round; a skip or an error is no verdict on vLLM, so neither.
+
+A cell is the same cell on both releases when its id without the release suffix is the same
+(`glm_moe_dsa/pp2-fp8-block-cpu-0.20.2` and `glm_moe_dsa/pp2-fp8-block`).
+"""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, Field
+
+from servematrix.record import RunSummary, ScenarioRecord
+from servematrix.report.comparison import compare_runs
+from servematrix.serve.envs import CURRENT
+
+
+class ReleasePair(BaseModel):
+    before: str
+    after: str
+    before_vllm: str | None = None
+    after_vllm: str | None = None
+    compared: int = 0  # cells present on both
+    newly_failing: list[str] = Field(default_factory=list)  # "<cell>: pass → fail (signature)"
+    newly_passing: list[str] = Field(default_factory=list)
+    only_before: list[str] = Field(default_factory=list)
+    only_after: list[str] = Field(default_factory=list)
+
+
+def cell_key(record: ScenarioRecord) -> str:
+    """The id less its `-<release>` suffix (current's ids have none)."""
+    suffix = "" if record.vllm == CURRENT else f"-{record.vllm}"
+    return record.id[: len(record.id) - len(suffix)] if suffix and record.id.endswith(suffix) else record.id
+
+
+def _view(summary: RunSummary, release: str) -> RunSummary:
+    rows = [r.model_copy(update={"id": cell_key(r)}) for r in summary.scenarios if r.vllm == release]
+    return summary.model_copy(update={"scenarios": rows})
+
+
+def pairs(summary: RunSummary, releases: list[str], versions: dict[str, str | None] | None = None) -> list[ReleasePair]:
+    versions = versions or {}
+    out = []
+    for before, after in zip(releases, releases[1:]):
+        a, b = _view(summary, before), _view(summary, after)
+        changes = compare_runs(a, b, refuse=False)  # a sweep measures no gsm8k: nothing to refuse
+        was = {r.id: r.failure.signature for r in a.scenarios if r.failure is not None}
+        # a fixed cell says what it failed with before (the comparison names the new signature only)
+        fixed = [f"{x} (was {was[x.split(': ', 1)[0]]})" if x.split(": ", 1)[0] in was else x
+                 for x in changes.newly_passing]
+        out.append(ReleasePair(before=before, after=after, before_vllm=versions.get(before),
+                               after_vllm=versions.get(after),
+                               compared=len({r.id for r in a.scenarios} & {r.id for r in b.scenarios}),
+                               newly_failing=changes.newly_failing, newly_passing=fixed,
+                               only_before=changes.only_in_a, only_after=changes.only_in_b))
+    return out
+
+
+def regressions_md(found: list[ReleasePair]) -> str:
+    if not found:
+        return ""
+    lines = ["## Across releases: the regression list", ""]
+    for p in found:
+        name = lambda rel, v: f"{rel}" + (f" ({v})" if v else "")  # noqa: E731 - two uses, one line
+        lines += [f"### {name(p.before, p.before_vllm)} → {name(p.after, p.after_vllm)}: {p.compared} cells on both, "
+                  f"{len(p.newly_failing)} newly failing, {len(p.newly_passing)} newly passing", ""]
+        lines += [f"- newly failing: {x}".replace("|", "\\|") for x in p.newly_failing]
+        lines += [f"- newly passing: {x}".replace("|", "\\|") for x in p.newly_passing]
+        if not (p.newly_failing or p.newly_passing):
+            lines.append("- no cell changed between meeting and missing its expectation")
+        if p.only_before or p.only_after:
+            lines.append(f"- only on {p.before}: {len(p.only_before)} cells; only on {p.after}: {len(p.only_after)} "
+                         "(registered by one release only)")
+        lines.append("")
+    return "\n".join(lines)

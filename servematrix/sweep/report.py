@@ -1,0 +1,95 @@
+"""The sweep's reports: `run`'s own (report.write_all: summary.json, load-success.md, accuracy.md,
+junit.xml, report.html — the grid is the heatmap, architectures down and layout × quant across),
+with the coverage counts and the not-checkable reasons heading load-success.md and in coverage.md."""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterable
+from pathlib import Path
+
+from pydantic import BaseModel, Field
+
+from servematrix.record import RunSummary, ScenarioRecord
+
+
+class Coverage(BaseModel):
+    """Per release: architectures it registers, those the sweep can forge (classification), those
+    with a twin built, and cells checked (a load check ran) / passing."""
+
+    release: str
+    vllm: str | None = None
+    registered: int
+    forgeable: int
+    twins: set[str] = Field(default_factory=set)
+    no_twin: set[str] = Field(default_factory=set)
+    checked: int = 0
+    passing: int = 0
+    failing: int = 0
+    not_checkable: dict[str, int] = Field(default_factory=dict)  # reason -> cells
+
+    def count(self, record: ScenarioRecord, twin) -> None:
+        if record.verdict == "skipped":
+            reason = _reason(record.note or "")
+            self.not_checkable[reason] = self.not_checkable.get(reason, 0) + 1
+            if twin is not None and not twin.ok:
+                self.no_twin.add(record.scenario)
+            return
+        self.twins.add(record.scenario)
+        self.checked += 1
+        self.passing += record.verdict == "pass"
+        self.failing += record.verdict in ("fail", "error")
+
+
+def _reason(note: str) -> str:
+    """A reason without its architecture-specific tail, so like reasons are counted together."""
+    note = note.removeprefix("not checkable here: ")
+    quant, _, rest = note.partition(": ")
+    if rest.startswith("the CPU FP8 block kernel takes K blocks of"):  # the tail names the narrow linears
+        return f"{quant}: the twin's linears are narrower than the CPU FP8 block kernel's K block (128) at this TP"
+    for head in ("transformers ", "the mirror forges", "the same model_type", "mirror: the twin would break"):
+        if note.startswith(head):
+            return {"transformers ": "transformers has no class of that name (remote code only, or a vLLM-only name)",
+                    "the mirror forges": "the model_type's causal-LM class is another class",
+                    "the same model_type": "an alias of an architecture that is swept",
+                    "mirror: the twin would break": "mirror: the twin would break its invariants"}[head]
+    return note if len(note) < 140 else note[:140] + "…"
+
+
+def coverage_md(coverage: Iterable[Coverage]) -> str:
+    lines = ["## Coverage", "",
+             "| release | vLLM | registered | forgeable | twins built | cells checked | passing | failing |",
+             "|---|---|---|---|---|---|---|---|"]
+    covs = list(coverage)
+    for c in covs:
+        lines.append(f"| {c.release} | {c.vllm or '?'} | {c.registered} | {c.forgeable} | {len(c.twins)} | "
+                     f"{c.checked} | {c.passing} | {c.failing} |")
+    lines += ["", "registered: architectures the release's model registry lists; forgeable: matched to a "
+                  "transformers model_type whose causal-LM class it is; twins built: the mirror planned and forged "
+                  "one; checked: cells whose load check ran (the selection may hold fewer).", ""]
+    for c in covs:
+        if c.not_checkable:
+            lines += [f"### Not checkable here ({c.release}), cells by reason", ""]
+            lines += [f"- {n} × {reason}".replace("|", "\\|") for reason, n in Counter(c.not_checkable).most_common()]
+            lines.append("")
+    return "\n".join(lines)
+
+
+def write_reports(summary: RunSummary, coverage: Iterable[Coverage], trend: dict | None = None) -> None:
+    from servematrix.report import markdown, write_all
+    from servematrix.report.files import atomic_write
+
+    from servematrix.sweep.regressions import pairs, regressions_md
+
+    covs = list(coverage)
+    write_all(summary, trend)
+    out = Path(summary.run_dir)
+    text = coverage_md(covs)
+    if len(covs) > 1:  # two or more --vllm: the regression list, between each release and the next
+        found = pairs(summary, [c.release for c in covs], {c.release: c.vllm for c in covs})
+        atomic_write(out / "regressions.json", "[" + ",\n".join(p.model_dump_json() for p in found) + "]\n")
+        text = f"{text}\n{regressions_md(found)}"
+    atomic_write(out / "coverage.md", f"# Sweep coverage\n\n{text}")
+    grid = markdown.load_success_md(summary)
+    head, _, rest = grid.partition("\n\n")
+    atomic_write(out / "load-success.md", f"{head}\n\n{text}\n{rest}")

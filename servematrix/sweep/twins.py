@@ -1,0 +1,92 @@
+"""One mirrored twin per swept model_type, from its transformers configuration defaults, planned for
+every layout of the sweep at once (layers >= the largest PP; KV heads that every TP either divides
+or is a multiple of: the mirror's own invariants), built by the mirror's public functions.
+
+A twin the mirror cannot plan or build makes that architecture's cells "not checkable here" with
+the mirror's one-line reason: it is servematrix that cannot forge it, not vLLM that failed.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import BaseModel
+
+from servematrix.errors import UserError
+
+
+class Twin(BaseModel):
+    model_type: str
+    path: str | None = None  # the checkpoint directory, when built
+    server_args: list[str] = []  # the mirror's scenario server args and its one quant's args
+    reason: str | None = None  # why there is no twin
+    quant: str = "none"
+    note: str = ""  # a quantized twin's layout in words
+    spec: dict | None = None  # the ForgeSpec it was forged from (dumped), for its quantized variants
+    shapes: dict[str, tuple[int, ...]] = {}  # what that spec forged: tensor name -> shape
+
+    @property
+    def ok(self) -> bool:
+        return self.path is not None
+
+
+def build(model_type: str, directory: Path, max_pp: int, tps: list[int]) -> Twin:
+    """The twin of `model_type` in `directory`, or the reason there is none."""
+    from servematrix import mirror
+    from servematrix.mirror.cli import scenario_dict
+
+    name = f"sweep-{model_type.replace('_', '-')}"
+    try:
+        layout = mirror.read_source(f"model_type:{model_type}")
+        plan = mirror.plan_twin(layout, max_pp, tps)
+        if not plan.ok:
+            broken = "; ".join(f"{i.name} ({i.detail})" for i in plan.invariants if not i.holds)
+            return Twin(model_type=model_type, reason=f"mirror: the twin would break its invariants: {broken}"[:500])
+        scenario = scenario_dict(plan, name, layout)
+        path = mirror.build_twin(plan, name, directory / model_type)
+    except UserError as exc:
+        return Twin(model_type=model_type, reason=f"mirror: {_line(exc)}")
+    except Exception as exc:  # noqa: BLE001 - a class the mirror cannot handle costs its cells, not the sweep
+        return Twin(model_type=model_type, reason=f"mirror: {type(exc).__name__}: {_line(exc)}")
+    (quant,) = scenario["quants"].values()
+    return Twin(model_type=model_type, path=str(path), server_args=[*scenario["server"]["args"], *quant["args"]],
+                spec=plan.spec.model_dump(mode="json"), shapes={n: tuple(t.shape) for n, t in plan.forged.items()})
+
+
+def quantize(base: Twin, quant: str, tps: list[int]) -> Twin:
+    """`base` re-forged under `quant` (sweep/quant.py, data/sweep-quants.yaml), or the reason it cannot be.
+    A mirror twin is exactly forge(plan.spec) (the mirror's post-processing steps are for sources
+    with layouts the forge cannot write; a model_type source has none), so the quantized twin is
+    forge(its spec plus the quantized option), in the forge's cache."""
+    from servematrix.checkpoint.forge import forge
+    from servematrix.sweep.quant import quantized
+
+    if not base.ok or base.spec is None:
+        return base.model_copy(update={"quant": quant, "path": None,
+                                       "reason": base.reason or "no forge spec recorded for the twin"})
+    q = quantized(base.model_type, base.spec, base.shapes, quant, tps)
+    if q.spec is None:
+        return Twin(model_type=base.model_type, quant=quant, reason=q.reason)
+    from servematrix.checkpoint.forge_spec import ForgeSpec
+
+    try:
+        path = forge(f"sweep-{base.model_type.replace('_', '-')}-{quant}", ForgeSpec.model_validate(q.spec))
+    except (ValueError, KeyError, RuntimeError, UserError) as exc:
+        return Twin(model_type=base.model_type, quant=quant,
+                    reason=f"forge ({quant}): {type(exc).__name__}: {_line(exc)}")
+    return Twin(model_type=base.model_type, quant=quant, path=str(path), note=q.note,
+                server_args=_dtype(base.server_args, "bfloat16" if q.spec["dtype"] == "float32" else q.spec["dtype"]))
+
+
+def _dtype(args: list[str], dtype: str) -> list[str]:
+    """vLLM's FP8 methods take bf16/fp16 activations only (float32 is refused at config time)."""
+    out = list(args)
+    if "--dtype" in out:
+        out[out.index("--dtype") + 1] = dtype
+    else:
+        out += ["--dtype", dtype]
+    return out
+
+
+def _line(exc: BaseException) -> str:
+    return " ".join(str(exc).split())[:400]

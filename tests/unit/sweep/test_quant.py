@@ -1,0 +1,85 @@
+"""Quantized cells: the twin's ForgeSpec re-forged with the forge's own FP8 options as data/sweep-quants.yaml
+says, the first block that divides every quantized linear and its TP shards, the DSA families'
+indexer-wk layout, and a reason (never a silent drop) where a twin cannot take the layout."""
+
+import pytest
+
+from servematrix.checkpoint.forge_spec import ForgeSpec
+from servematrix.sweep import quant, twins
+
+CONFIG = {"hidden_size": 128, "intermediate_size": 256, "num_hidden_layers": 2, "num_attention_heads": 2,
+          "num_key_value_heads": 1, "head_dim": 64, "max_position_embeddings": 2048, "tie_word_embeddings": False}
+SPEC = ForgeSpec(model_type="llama", architecture="LlamaForCausalLM", config=CONFIG).model_dump(mode="json")
+SHAPES = {f"model.layers.{i}.{m}.weight": s for i in range(2) for m, s in [
+    ("self_attn.q_proj", (128, 128)), ("self_attn.k_proj", (64, 128)), ("self_attn.v_proj", (64, 128)),
+    ("self_attn.o_proj", (128, 128)), ("mlp.gate_proj", (256, 128)), ("mlp.up_proj", (256, 128)),
+    ("mlp.down_proj", (128, 256))]} | {"model.embed_tokens.weight": (512, 128), "lm_head.weight": (512, 128)}
+
+
+WIDE = {n: (s[0] * 2, s[1] * 2) for n, s in SHAPES.items()}
+WIDE_SPEC = {**SPEC, "config": {**CONFIG, "hidden_size": 256, "intermediate_size": 512, "head_dim": 128}}
+
+
+@pytest.mark.parametrize("spec, shapes, tp, block_n", [(SPEC, SHAPES, 1, 64), (WIDE_SPEC, WIDE, 1, 128),
+                                                       (WIDE_SPEC, WIDE, 2, 128)])  # 1 KV head: replicated
+def test_block_n_is_the_first_that_divides_every_output_shard_and_block_k_is_the_cpu_kernels_128(
+        spec, shapes, tp, block_n):
+    q = quant.quantized("llama", spec, shapes, "fp8-block", [tp])
+    assert q.reason is None and f"{block_n}x128 blocks" in q.note
+    (entry,) = q.spec["quantize"]
+    assert entry["method"] == "fp8-block" and entry["block"] == [block_n, 128]
+    assert ForgeSpec.model_validate(q.spec).quantize[0].config()["weight_block_size"] == [block_n, 128]
+
+
+def test_a_row_parallel_shard_narrower_than_a_k_block_is_a_reason_naming_the_linears():
+    q = quant.quantized("llama", SPEC, SHAPES, "fp8-block", [2])  # o_proj's 128 inputs: 64 a rank
+    assert q.spec is None and "K blocks of 128 only" in q.reason and "TP=2" in q.reason
+    assert "o_proj [128, 128]" in q.reason and "down_proj [128, 256]" not in q.reason  # 256 / 2 is one block
+
+
+def test_the_dsa_families_take_the_indexer_wk_layout_and_no_quantization_config():
+    for mt in ("glm_moe_dsa", "deepseek_v32"):
+        dsa = {**SPEC, "model_type": mt, "architecture": "X"}
+        q = quant.quantized(mt, dsa, SHAPES, "fp8-block", [1, 2])
+        assert q.spec["quantize"] == [] and "indexer's wk" in q.note
+        assert q.spec["fp8_blocks"] == [{"tensors": "model.layers.*.self_attn.indexer.wk.weight", "block": [128, 128]}]
+
+
+def test_fp8_kv_adds_kv_cache_scales_where_attention_has_a_k_proj_and_says_why_not_otherwise():
+    q = quant.quantized("llama", SPEC, SHAPES, "fp8-kv", [1])
+    assert [e["method"] for e in q.spec["quantize"]] == ["fp8-block", "kv_cache_scales"]
+    fused = {k.replace("k_proj", "qkv_proj"): v for k, v in SHAPES.items() if "v_proj" not in k}
+    q = quant.quantized("llama", SPEC, fused, "fp8-kv", [1])
+    assert q.spec is None and "no model.layers.0.self_attn.k_proj.weight" in q.reason
+
+
+def test_every_quant_name_is_a_rule_and_none_comes_first():
+    assert quant.names() == ("none", "fp8-block", "fp8-kv")
+
+
+def test_a_quantized_twin_is_forged_from_the_base_spec_and_serves_in_bfloat16(monkeypatch, tmp_path):
+    forged = []
+    monkeypatch.setattr("servematrix.checkpoint.forge.forge",
+                        lambda name, spec: forged.append((name, spec)) or tmp_path / name)
+    base = twins.Twin(model_type="llama", path=str(tmp_path / "base"), spec=SPEC, shapes=SHAPES,
+                      server_args=["--enforce-eager", "--dtype", "float32"])
+    t = twins.quantize(base, "fp8-block", [1])
+    assert t.ok and t.quant == "fp8-block" and t.server_args == ["--enforce-eager", "--dtype", "bfloat16"]
+    ((name, spec),) = forged
+    assert name == "sweep-llama-fp8-block" and spec.quantize[0].block == [64, 128] and spec.config == SPEC["config"]
+
+
+def test_a_twin_without_a_layout_or_without_a_base_says_why(monkeypatch):
+    base = twins.Twin(model_type="llama", path="/x", spec=SPEC, shapes=SHAPES)
+    assert "K blocks of 128 only" in twins.quantize(base, "fp8-block", [2]).reason
+    gone = twins.Twin(model_type="mamba", reason="mirror: no attention heads")
+    t = twins.quantize(gone, "fp8-block", [1])
+    assert not t.ok and t.reason == "mirror: no attention heads"
+
+
+def test_a_forge_failure_is_the_twins_reason(monkeypatch):
+    def boom(name, spec):
+        raise RuntimeError("transformers refused")
+    monkeypatch.setattr("servematrix.checkpoint.forge.forge", boom)
+    t = twins.quantize(twins.Twin(model_type="llama", path="/x", spec=SPEC, shapes=SHAPES), "fp8-block", [1])
+    assert not t.ok and t.reason.startswith("forge (fp8-block): RuntimeError: transformers refused")

@@ -1,0 +1,150 @@
+"""The sweep's orchestration, driven with scripted doubles of the release's registry, the mirror and
+the load check: every registered architecture becomes cells (none dropped), not-checkable cells
+say why, a failing cell makes exit 1, and the run directory is one `gate` reads."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from servematrix.cli import main
+from servematrix.record import Failure, LoadCheckResult, LoadResult, RankResult, RunSummary
+from servematrix.sweep import cells, runner, twins
+
+REGISTRY = {"LlamaForCausalLM": {"kind": "text"}, "Qwen3MoeForCausalLM": {"kind": "text"},
+            "MambaForCausalLM": {"kind": "text"}, "LlavaForConditionalGeneration": {"kind": "multimodal"},
+            "InternLM2ForCausalLM": {"kind": "text"}}
+
+
+@pytest.fixture
+def doubles(monkeypatch, tmp_path):
+    checked = []
+
+    def build(model_type, directory, max_pp, tps):
+        assert (max_pp, tps) == (2, [1])  # one twin for every layout of the sweep (tp1, pp2)
+        if model_type == "mamba":
+            return twins.Twin(model_type=model_type, reason="mirror: no attention heads to plan")
+        return twins.Twin(model_type=model_type, path=str(tmp_path / model_type), server_args=["--dtype", "float32"])
+
+    def load_check(cell, opts, python, twin, worlds):
+        checked.append(cell.id)
+        if cell.id == "qwen3_moe/pp2-none":
+            f = Failure.of("exception", "KeyError: 'layers.1.mlp.experts.w2_weight'")
+            return {"failure": f, "load": LoadResult(ok=False, error=f)}
+        result = LoadCheckResult(ok=True, seconds=0.1, ranks=[RankResult(rank=0, ok=True, parameters=3)])
+        return {"load_check": result, "load": LoadResult(ok=True, seconds=0.1)}
+
+    monkeypatch.setattr(runner.registry, "probe", lambda python, env=None: REGISTRY)
+    monkeypatch.setattr(runner.twins, "build", build)
+    monkeypatch.setattr(runner, "_load_check", load_check)
+    return checked
+
+
+def options(tmp_path, **kw):
+    kw.setdefault("quants", ["none"])
+    return runner.SweepOptions(releases=["current"], layouts=cells.layouts("tp1,pp2"), out=tmp_path / "run", **kw)
+
+
+def test_every_cell_is_pass_fail_or_not_checkable_with_its_reason(tmp_path, doubles, capsys):
+    summary = runner.run(options(tmp_path))
+    by_id = {r.id: r for r in summary.scenarios}
+    assert len(by_id) == len(REGISTRY) * 2 and summary.status == "complete"
+    assert by_id["llama/tp1-none"].verdict == "pass" and by_id["llama/tp1-none"].scenario == "llama"
+    fail = by_id["qwen3_moe/pp2-none"]
+    assert fail.verdict == "fail" and fail.failure.signature.startswith("KeyError") and (fail.tp, fail.pp) == (1, 2)
+    for rid in ("mamba/tp1-none", "LlavaForConditionalGeneration/pp2-none", "InternLM2ForCausalLM/tp1-none"):
+        assert by_id[rid].verdict == "skipped" and by_id[rid].note.startswith("not checkable here: ")
+    assert "no attention heads" in by_id["mamba/pp2-none"].note
+    assert doubles == ["llama/tp1-none", "llama/pp2-none", "qwen3_moe/tp1-none", "qwen3_moe/pp2-none"]
+    assert summary.exit_code == 1
+
+
+def test_the_run_directory_is_runs_and_gate_judges_it(tmp_path, doubles, capsys):
+    runner.run(options(tmp_path, k="llama/*"))
+    out = tmp_path / "run"
+    summary = RunSummary.model_validate_json((out / "summary.json").read_text())
+    assert [r.id for r in summary.scenarios] == ["llama/tp1-none", "llama/pp2-none"] and summary.exit_code == 0
+    md = (out / "load-success.md").read_text()
+    assert "| current | " in md and "| 5 | 3 | 1 | 2 | 2 | 0 |" in md  # registered, forgeable, twins, checked, ...
+    assert "| llama | ✓ ᴸ | ✓ ᴸ |" in md  # the heatmap: architectures down, layout × quant across
+    assert (tmp_path / "history.sqlite").is_file() and (out / "report.html").is_file()
+    assert main(["gate", str(out), "--min-load-rate", "1.0", "--min-accuracy-rate", "0"]) == 0
+
+
+def test_limit_counts_checkable_cells_and_keeps_every_not_checkable_one(tmp_path, doubles):
+    summary = runner.run(options(tmp_path, limit=1))
+    assert doubles == ["llama/tp1-none"]
+    assert sum(r.verdict == "skipped" for r in summary.scenarios) == 2 * 2  # llava and internlm2, both layouts
+
+
+def test_a_run_directory_that_holds_a_run_is_refused_before_anything_runs(tmp_path, doubles, capsys):
+    runner.run(options(tmp_path, k="llama/tp1*"))
+    before = (tmp_path / "run" / "summary.json").read_text()
+    assert main(["sweep", "--out", str(tmp_path / "run"), "-k", "llama/*"]) == 2
+    assert "already holds a run" in capsys.readouterr().err and doubles == ["llama/tp1-none"]
+    assert (tmp_path / "run" / "summary.json").read_text() == before
+
+
+@pytest.mark.parametrize("argv, words", [(["--layouts", "tp2dp2"], "--layouts"), (["--quant", "awq"], "--quant"),
+                                         (["--vllm", "cpu-9.9.9"], "--vllm: not a declared"), (["--limit", "0"], "--limit")])
+def test_bad_arguments_are_one_line_and_exit_2(tmp_path, argv, words, capsys, doubles):
+    assert main(["sweep", "--out", str(tmp_path / "x"), *argv]) == 2
+    err = capsys.readouterr().err
+    assert words in err and len(err.strip().splitlines()) == 1 and not Path(tmp_path / "x").exists()
+    assert doubles == []
+
+
+def test_the_summary_is_json_with_the_cells_axes(tmp_path, doubles):
+    runner.run(options(tmp_path, k="qwen3_moe/*"))
+    data = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert {(r["scenario"], r["tp"], r["pp"], r["quant"], r["vllm"]) for r in data["scenarios"]} == {
+        ("qwen3_moe", 1, 1, "none", "current"), ("qwen3_moe", 1, 2, "none", "current")}
+
+
+def test_a_construction_stopped_by_a_gpu_only_library_is_not_checkable_any_other_exception_fails(
+        tmp_path, doubles, monkeypatch):
+    def load_check(cell, opts, python, twin, worlds):
+        sig = "ModuleNotFoundError: No module named 'cutlass'" if cell.tp == 1 and cell.pp == 1 else \
+            "ModuleNotFoundError: No module named 'cutlass_helpers'"
+        f = Failure.of("exception", sig)
+        return {"failure": f, "load": LoadResult(ok=False, error=f)}
+
+    monkeypatch.setattr(runner, "_load_check", load_check)
+    by_id = {r.id: r for r in runner.run(options(tmp_path, k="llama/*")).scenarios}
+    assert by_id["llama/tp1-none"].verdict == "skipped" and "GPU-only library" in by_id["llama/tp1-none"].note
+    assert by_id["llama/pp2-none"].verdict == "fail"
+
+
+def test_a_k_that_matches_no_cell_is_one_argument_error_and_nothing_is_written(tmp_path, doubles, capsys):
+    assert main(["sweep", "--out", str(tmp_path / "run"), "-k", "nosuchmodel/*"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: -k: no cell matches 'nosuchmodel/*'") and not (tmp_path / "run").exists()
+
+
+def test_two_releases_have_their_own_cells_coverage_rows_and_worker_key(tmp_path, doubles, monkeypatch):
+    monkeypatch.setattr(runner, "_python", lambda release: f"/envs/{release}/bin/python")
+    monkeypatch.setattr("servematrix.serve.envs.versions", lambda name, python: {"vllm": name, "torch": "t"})
+    summary = runner.run(runner.SweepOptions(releases=["current", "cpu-0.20.2"], layouts=cells.layouts("pp2"),
+                                             quants=["none"], k="llama/*", out=tmp_path / "run"))
+    assert [(r.id, r.vllm) for r in summary.scenarios] == [("llama/pp2-none", "current"),
+                                                           ("llama/pp2-none-cpu-0.20.2", "cpu-0.20.2")]
+    md = (tmp_path / "run" / "coverage.md").read_text()
+    assert "| current | current | 5 | 3 |" in md and "| cpu-0.20.2 | cpu-0.20.2 | 5 | 3 |" in md
+
+
+def test_no_cpu_kernel_for_a_quantized_layout_is_not_checkable_a_shard_smaller_than_a_block_fails(
+        tmp_path, doubles, monkeypatch):
+    def load_check(cell, opts, python, twin, worlds):
+        f = Failure.of("exception", "ValueError: Failed to find a kernel that can implement the ScaledMM linear "
+                                    "layer. Reasons:" if cell.layout.name == "pp2" else
+                                    "ValueError: Weight input_size_per_partition = 64 is not divisible by weight "
+                                    "quantization block_k = 128.")
+        return {"failure": f, "load": LoadResult(ok=False, error=f)}
+
+    monkeypatch.setattr(runner, "_load_check", load_check)
+    monkeypatch.setattr(runner.twins, "quantize", lambda base, q, tps: base.model_copy(update={"quant": q}))
+    by_id = {r.id: r for r in runner.run(options(tmp_path, k="llama/*", quants=["none", "fp8-block"])).scenarios}
+    assert by_id["llama/pp2-fp8-block"].verdict == "skipped"
+    assert "the CPU build has no kernel for this twin's fp8-block layout" in by_id["llama/pp2-fp8-block"].note
+    assert by_id["llama/pp2-none"].verdict == "fail"  # unquantized: the same refusal is a failure
+    assert by_id["llama/tp1-fp8-block"].verdict == "fail"  # vLLM #52997, open upstream: a failure
