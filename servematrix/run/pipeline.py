@@ -171,7 +171,7 @@ class Pipeline:
         finally:
             self.live.discard(server)
         if parts.gsm8k is not None:
-            self._accuracy(entry, scenario, model_path, parts)
+            self._accuracy(entry, scenario, parts)
 
     def _server_python(self, k: int, entry: Entry) -> str:
         """The interpreter of the entry's vLLM release, building its environment on first use."""
@@ -225,12 +225,13 @@ class Pipeline:
             died = None if server.alive() else server.death("gsm8k")
             raise StageFailed(died or exc.failure, **exc.recorded) from exc
 
-    def _accuracy(self, entry: Entry, scenario: Scenario, model_path: str, parts: Parts) -> None:
+    def _accuracy(self, entry: Entry, scenario: Scenario, parts: Parts) -> None:
         g = parts.gsm8k
         metrics = accuracy.gsm8k_metrics(g.strict, g.flexible, g.n)
-        if g.nll_samples_path:
-            metrics["gsm8k.nll"] = accuracy.value_metric(list(gsm8k.per_token_nll(g.nll_samples_path,
-                                                                                   model_path).values()))
+        # the per-question NLLs gsm8k.parse already computed (the paired tests use the same values)
+        nll = [q.nll for q in g.questions if q.nll is not None]
+        if nll:
+            metrics["gsm8k.nll"] = accuracy.value_metric(nll)
         parts.metrics = metrics
         vllm = parts.vllm_version or self.versions(envs.CURRENT).get("vllm")
         parts.accuracy = [accuracy.judge(c, metrics.get(c.metric),
