@@ -104,9 +104,31 @@ def _pin_tokenizer_class(out: Path) -> None:
     cfg_path.write_text(json.dumps(cfg, indent=2))
 
 
+def model_class(model_type: str, architecture: str):
+    """The transformers class the forge writes for `architecture`: the family's causal-LM class
+    (AutoModelForCausalLM) for a causal LM or a class transformers does not have (a composite's
+    text model); otherwise the class of that name where it belongs to `model_type` (an encoder such
+    as BertModel, whose tensor names are not its causal-LM class's `bert.`-prefixed ones)."""
+    import transformers
+    from transformers import AutoModelForCausalLM
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    if architecture in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values():
+        return AutoModelForCausalLM
+    cls = getattr(transformers, architecture, None)
+    if cls is not None and getattr(getattr(cls, "config_class", None), "model_type", None) == model_type:
+        return cls
+    return AutoModelForCausalLM
+
+
+def build_model(cls, config, dtype):
+    """`cls` built from `config` (an Auto class by from_config, a model class by _from_config)."""
+    return (getattr(cls, "from_config", None) or cls._from_config)(config, dtype=dtype)
+
+
 def _write_model(spec: ForgeSpec, vocab_size: int, tokenizer, out: Path) -> None:
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # the runner's progress lines are the only ones we print
@@ -124,7 +146,8 @@ def _write_model(spec: ForgeSpec, vocab_size: int, tokenizer, out: Path) -> None
         },
     )
     torch.manual_seed(spec.seed)
-    model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, spec.dtype))
+    model = build_model(model_class(spec.text_model_type or spec.model_type, spec.architecture), config,
+                        getattr(torch, spec.dtype))
     with torch.no_grad():
         # transformers initialises norms to 1 and some projections to 0; re-draw every weight
         # matrix so each one carries signal and a wrong shard changes the output.

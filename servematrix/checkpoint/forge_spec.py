@@ -145,15 +145,24 @@ class Mutation(_Strict):
 
 
 class ExtraTensor(_Strict):
-    """A tensor the real checkpoint carries that transformers' class does not write (e.g. FP8
-    KV-cache scales, a module only the remote code defines); `{layer}` in the name is expanded over
-    every layer. `random`: drawn like the forged weights instead of filled with `value`."""
+    """A tensor the real checkpoint carries that transformers' class does not write (FP8 KV-cache
+    scales, a remote-code module, a buffer older transformers saved); `{layer}` is expanded over
+    every layer. `random`: drawn like the forged weights instead of filled with `value`; `arange`:
+    0..n-1 along the last dim (an index buffer: BERT's int64 `embeddings.position_ids`, which
+    transformers 5 no longer writes; a loader that copies it must get valid positions)."""
 
     name: TensorName
     shape: Shape = Field(default_factory=list)  # [] = a scalar
     value: float = Field(1.0, strict=True, allow_inf_nan=False)
     random: bool = False
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    arange: bool = False
+    dtype: Literal["float32", "bfloat16", "float16", "int64"] = "float32"
+
+    @model_validator(mode="after")
+    def _one_fill(self) -> "ExtraTensor":
+        if self.arange and (self.random or not self.shape) or self.dtype == "int64" and not self.arange:
+            raise field_error(("arange",), "arange (an index buffer, the only int64 extra) needs a shape, not random")
+        return self
 
 
 def _check_config(config: dict[str, Any], at: tuple = ("config",)) -> None:
@@ -254,8 +263,9 @@ class ForgeSpec(_Strict):
 
     def key(self) -> str:
         dump = self.model_dump()
-        if not dump["quantize"]:  # specs from before `quantize:` keep their cache keys
+        if not dump["quantize"]:  # specs from before `quantize:` (and extras' `arange`) keep their cache keys
             dump.pop("quantize")
+        dump["extra_tensors"] = [{k: v for k, v in e.items() if k != "arange" or v} for e in dump["extra_tensors"]]
         blob = json.dumps({"v": FORGE_VERSION, **dump}, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 

@@ -41,8 +41,12 @@ def add_tensors(out: Path, spec: ForgeSpec) -> None:
         for i in layers:
             name = extra.name.replace("{layer}", str(i))
             dtype = getattr(torch, extra.dtype)
-            tensors[name] = ((torch.randn(extra.shape, generator=gen) * spec.init_std).to(dtype) if extra.random
-                             else torch.full(extra.shape, extra.value, dtype=dtype))
+            if extra.arange:
+                tensors[name] = torch.arange(extra.shape[-1]).expand(extra.shape).to(dtype).contiguous()
+            elif extra.random:
+                tensors[name] = (torch.randn(extra.shape, generator=gen) * spec.init_std).to(dtype)
+            else:
+                tensors[name] = torch.full(extra.shape, extra.value, dtype=dtype)
     save_tensors(out, path, tensors)
 
 

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from servematrix.cli.args import positive_int, tp_sizes
 from servematrix.errors import ArgumentError
+from servematrix.mirror.dims import KV_POLICIES
 
 
 def add_env(sub) -> None:
@@ -54,7 +55,9 @@ def add_mirror(sub) -> None:
     mi.add_argument("--pp", type=positive_int, default=2, help="largest PP the twin must split into (layers >= it)")
     mi.add_argument("--tp", type=tp_sizes, default=[1, 2],
                     help="TP sizes the twin must serve: KV heads are chosen so they both split and replicate")
-    mi.add_argument("--kv-policy", choices=["cover", "faithful"], default="cover")
+    mi.add_argument("--kv-policy", choices=KV_POLICIES, default="cover",
+                    help="the twin's KV heads: cover (one --tp splits them, another replicates them), faithful (each "
+                         "--tp splits or replicates them as the source's do), replicate (fewer than every --tp > 1)")
     mi.add_argument("--diff", metavar="TWIN", help="compare SOURCE with TWIN instead: exit 1 when names/dtypes differ")
     mi.add_argument("--overwrite", action="store_true", help="--out may replace an existing scenario file")
     mi.set_defaults(func=cmd_mirror)

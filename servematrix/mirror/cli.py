@@ -71,6 +71,8 @@ def describe(plan: Plan, layout: SourceLayout) -> str:
             f"layout with random weights. {len(plan.kept_layers)} main layers for PP <= {plan.max_pp} (source layers "
             f"{plan.kept_layers} of {st.num_layers}"
             + (f", plus {len(st.mtp_layer_indices)} MTP" if st.mtp_layer_indices else "") + f"), TP {plan.tp}; {dims}.")
+    if plan.device_overrides:
+        text += " Changed from the source for this device: " + "; ".join(plan.device_overrides) + "."
     if plan.post:
         text += (" Post-processed after forging (so `servematrix run` from this file alone forges the twin WITHOUT "
                  "these steps; the mirrored checkpoint directory has them): "
@@ -93,6 +95,7 @@ def render_plan(plan: Plan, layout: SourceLayout) -> list[str]:
     lines += [f"  {'ok  ' if i.holds else 'FAIL'} {i.name}: {i.detail}\n         rule: {i.rule}" for i in plan.invariants]
     lines += [f"post-processing: {s.op}: {s.detail}" for s in plan.post]
     lines += [f"note: {n}" for n in plan.notes]
+    lines += [f"device: {n}" for n in plan.device_overrides]
     return lines
 
 

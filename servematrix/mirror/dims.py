@@ -41,6 +41,10 @@ def _units(group_info: dict[str, dict], params: dict[str, dict[str, int]]) -> di
     return units
 
 
+# how the twin's KV heads meet the TP values (KV_RULE); the CLI's --kv-policy choices
+KV_POLICIES = ("cover", "faithful", "replicate")
+
+
 def kv_class(kv: int, tp: int) -> str:
     return "split" if kv % tp == 0 else "replicated" if tp % kv == 0 else "invalid"
 
@@ -48,7 +52,9 @@ def kv_class(kv: int, tp: int) -> str:
 KV_RULE = ("num_key_value_heads = the smallest k <= the source's that every TP divides or is a multiple of "
            "(vLLM's requirement), such that one TP > 1 splits the KV heads (k % tp == 0) and another "
            "replicates them (tp % k == 0, tp > k); where the TP values cannot do both, or kv_policy is "
-           "'faithful', the smallest k that splits or replicates at every TP exactly as the source does")
+           "'faithful', the smallest k that splits or replicates at every TP exactly as the source does; "
+           "kv_policy 'replicate': the largest k <= the source's that every TP > 1 replicates (fewer KV "
+           "heads than ranks, the path of vLLM's num_kv_head_replicas)")
 
 
 def choose_kv(src_kv: int, tps: list[int], policy: str) -> int:
@@ -57,6 +63,8 @@ def choose_kv(src_kv: int, tps: list[int], policy: str) -> int:
     def valid(k: int) -> bool:
         return all(kv_class(k, t) != "invalid" for t in tps)
 
+    if policy == "replicate":  # every TP > 1 holds more ranks than KV heads (1 divides every TP)
+        return max(k for k in range(1, src_kv + 1) if all(t % k == 0 and t > k for t in big) or k == 1)
     if policy == "cover":
         for k in range(2, src_kv + 1):
             classes = {kv_class(k, t) for t in big}

@@ -21,7 +21,8 @@ from pydantic import ValidationError
 from servematrix.checkpoint.forge_spec import ForgeSpec, TokenizerSpec
 from servematrix.errors import ArgumentError, ConfigError
 from servematrix.mirror.checks import invariants
-from servematrix.mirror.dims import choose_dims
+from servematrix.mirror.dims import KV_POLICIES, choose_dims
+from servematrix.mirror.family_config import cpu_overrides, missing_fields
 from servematrix.mirror.layout import SourceLayout, TensorMeta, field_value, layer_signatures, quant_groups, rules
 from servematrix.mirror.plan_config import dim_map, effective_config, twin_config, twin_config_json, unmirrored_config
 from servematrix.mirror.plan_models import TORCH_DTYPE, Invariant, NotMirrored, Plan, PostStep
@@ -34,14 +35,20 @@ from servematrix.mirror.tensors import Builder, MappedSource
 def plan_twin(layout: SourceLayout, max_pp: int, tp_values: list[int], kv_policy: str = "cover") -> Plan:
     if max_pp < 1 or not tp_values or min(tp_values) < 1:
         raise ArgumentError("--pp/--tp", "max PP and every TP value must be >= 1")
-    if kv_policy not in ("cover", "faithful"):
-        raise ArgumentError("--kv-policy", "cover or faithful")
+    if kv_policy not in KV_POLICIES:
+        raise ArgumentError("--kv-policy", " or ".join(KV_POLICIES))
     tps = sorted(set(tp_values))
     model_type, text_model_type, arch = _resolve_class(layout)
     forge_arch = _forge_architecture(model_type, text_model_type, arch)
     class_type = text_model_type or model_type
     effective = effective_config(layout, class_type)
     notes: list[str] = []
+    filled = missing_fields(model_type, effective)
+    if filled:  # a checkpoint without fields vLLM reads: the twin carries the family's (its own values win)
+        layout = layout.model_copy(update={"config": {**layout.config, **filled}})
+        effective = {**effective, **filled}
+        notes.append(f"config fields the source lacks, filled from mirror-families.yaml model_type_config: {filled} "
+                     "(vLLM reads them: the source's config as it is would not build there)")
     not_mirrored: list[NotMirrored] = []
 
     kept, layer_map, k_main = select_layers(layout, max_pp)
@@ -51,6 +58,7 @@ def plan_twin(layout: SourceLayout, max_pp: int, tp_values: list[int], kv_policy
     notes += dim_notes
     config, moved = twin_config(layout, effective, class_type, dims, kept)
     notes += moved
+    config, device_notes = cpu_overrides(model_type, config)
     dtype = _dominant_dtype(layout, groups)
     vocab = rules()["targets"]["vocab_size"]
     ids = {"bos_token_id": None, "eos_token_id": None, "pad_token_id": None}  # the forge sets its tokenizer's
@@ -84,7 +92,7 @@ def plan_twin(layout: SourceLayout, max_pp: int, tp_values: list[int], kv_policy
         max_pp=max_pp, tp=tps, kv_policy=kv_policy, kept_layers=kept, layer_map=layer_map, experts=experts,
         dims={k: list(v) for k, v in dims.items()}, spec=spec, forged=built.forged, twin=built.twin,
         quant=built.targets, post=post_steps(built) + _architecture_step(forge_arch, arch), invariants=[], not_mirrored=not_mirrored + unmirrored_config(layout),
-        notes=notes)
+        notes=notes, device_overrides=device_notes)
     checks = invariants(plan, layout, effective, config, class_type, kv_rule, mapped, base)
     checks.append(Invariant(name="forge accepts", rule="the ForgeSpec passes the forge's own validation (its size "
                                                        "limits)", holds=refused is None, detail=refused or "valid"))
@@ -108,14 +116,19 @@ def _resolve_class(layout: SourceLayout) -> tuple[str, str | None, str]:
 
 
 def _forge_architecture(model_type: str, text_model_type: str | None, arch: str) -> str:
-    """The class the forge writes: the source's where it is a causal LM; else (an encoder such as
-    BertModel) the family's causal-LM class, whose save_pretrained names the config after itself,
-    and post-processing gives config.json the source's architecture back. The tensors the class
-    names otherwise (BertLMHeadModel's `bert.` prefix, its `cls.` head) are dropped, the source's
-    added, by the ordinary post-processing steps."""
+    """The class the forge writes: the source's where transformers has it for the model_type (a
+    causal LM, or an encoder such as BertModel: checkpoint.forge.model_class, which meta_layout
+    builds too), so the scenario's spec alone rebuilds the twin; else the family's causal-LM class,
+    whose save_pretrained names the config after itself, and post-processing gives config.json the
+    source's architecture back."""
+    from transformers import AutoModelForCausalLM
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
-    if arch in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values() or text_model_type is not None:
+    from servematrix.checkpoint.forge import model_class
+
+    if text_model_type is not None or model_class(model_type, arch) is not AutoModelForCausalLM:
+        return arch
+    if arch in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values():
         return arch
     return MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(model_type, arch)
 

@@ -77,6 +77,8 @@ class Plan(_Model):
     invariants: list[Invariant]
     not_mirrored: list[NotMirrored]
     notes: list[str]
+    # config values changed from the source's for the device the twin is served on (cpu_config)
+    device_overrides: list[str] = Field(default_factory=list)
 
     @property
     def ok(self) -> bool:

@@ -15,8 +15,9 @@ from pathlib import Path
 from typing import Any
 
 from servematrix.errors import ArgumentError, ConfigError, StateError
+from servematrix.mirror.family_config import missing_fields
 from servematrix.mirror.layout import (HF_QUANT_FILE, MirrorOrigin, SourceLayout, TensorMeta, TokenizerInfo,
-                                       assemble, rules)
+                                       assemble)
 
 SAFETENSORS_MAX_HEADER = 100_000_000  # the format's own bound (safetensors refuses larger headers)
 DTYPE_BITS = {"F64": 64, "F32": 32, "F16": 16, "BF16": 16, "I64": 64, "I32": 32, "I16": 16, "I8": 8, "U64": 64,
@@ -204,15 +205,19 @@ def causal_lm_class(model_type: str) -> str:
 def meta_layout(model_type: str, config: dict[str, Any], dtype: str) -> dict[str, TensorMeta]:
     """The checkpoint transformers' own class writes for `config`, built on the meta device (no
     memory): save_pretrained's names (its weight conversions reverted, e.g. fused experts back to
-    experts.<e>.w1), dtypes and full-size shapes."""
+    experts.<e>.w1), dtypes and full-size shapes. The class is the forge's for the config's
+    architecture (checkpoint.forge.model_class): its causal-LM class, or an encoder's own."""
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
     from transformers.core_model_loading import revert_weight_conversion
     from transformers.modeling_utils import remove_tied_weights_from_state_dict
 
+    from servematrix.checkpoint.forge import build_model, model_class
+
     cfg = AutoConfig.for_model(model_type, **config)
+    cls = model_class(model_type, (config.get("architectures") or [""])[0])
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(cfg, dtype=getattr(torch, dtype))
+        model = build_model(cls, cfg, getattr(torch, dtype))
     state = remove_tied_weights_from_state_dict(model.state_dict(), model)
     state = revert_weight_conversion(model, state)
     return {name: TensorMeta(dtype=_st_dtype(t.dtype), shape=tuple(t.shape)) for name, t in state.items()}
@@ -235,8 +240,9 @@ def read_model_type(model_type: str) -> SourceLayout:
     config = AutoConfig.for_model(model_type).to_dict()
     # fields the family's real checkpoints carry that the configuration class has no default for,
     # but vLLM reads (mirror-families.yaml, model_type_config): without them the twin is not the
-    # flagship's layout (e.g. DeepSeek-V3 without topk_method: noaux_tc has no router bias in vLLM)
-    config.update(rules().get("model_type_config", {}).get(model_type, {}))
+    # flagship's layout (e.g. DeepSeek-V3 without topk_method: noaux_tc has no router bias in vLLM,
+    # MiniMax-M2 without rotary_dim does not build there)
+    config.update(missing_fields(model_type, config))
     arch = causal_lm_class(model_type)
     dtype = str(config.get("dtype") or "float32")  # the class's defaults carry none: torch's default
     config.update(architectures=[arch], model_type=model_type)

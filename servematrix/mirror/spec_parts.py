@@ -126,6 +126,8 @@ def post_steps(built: Builder) -> list[PostStep]:
 
 
 def _extra(name: str, meta: TensorMeta) -> ExtraTensor:
+    if meta.dtype == "I64":  # an index buffer (Builder._extras admits no other integer extra): 0..P-1
+        return ExtraTensor(name=name, shape=list(meta.shape), arange=True, dtype="int64")
     # weights random like the forged ones; scales and norms 1.0 (a random scale could be <= 0)
     return ExtraTensor(name=name, shape=list(meta.shape), random=len(meta.shape) >= 2, value=1.0,
                        dtype=TORCH_DTYPE[meta.dtype])

@@ -212,7 +212,9 @@ class Builder:
                     continue
                 meta = TensorMeta(dtype=dtype, shape=shape)
                 self.twin[name] = meta
-                if dtype in TORCH_DTYPE:  # the forge's extra_tensors write float32/bfloat16/float16
+                # the forge's extra_tensors write float32/bfloat16/float16, and int64 index buffers
+                if dtype in TORCH_DTYPE or (dtype == "I64" and name.rpartition(".")[2] in rules()["index_leaves"]
+                                            and len(shape) >= 1):
                     self.forged[name] = self.extras[name] = meta
                 else:
                     self.added.append(name)

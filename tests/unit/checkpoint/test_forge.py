@@ -245,3 +245,43 @@ def test_a_missing_model_path_is_a_config_error_at_model_path(write):
         assert (info.value.path, info.value.line, info.value.field) == (str(path), 4, "model.path")
         assert "no-such-model does not exist" in info.value.message
         assert isinstance(info.value, ModelUnavailable)  # a run records it as the entry's failure
+
+
+def test_an_encoder_is_written_by_the_class_its_architecture_names_with_an_int64_index_buffer(tmp_path, monkeypatch):
+    monkeypatch.setenv("SERVEMATRIX_CACHE", str(tmp_path))
+    bert = ForgeSpec(model_type="bert", architecture="BertModel",
+                     config={"hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 2,
+                             "num_hidden_layers": 1, "max_position_embeddings": 64},
+                     tokenizer={"vocab_size": 300, "chat_template": False},
+                     extra_tensors=[{"name": "embeddings.position_ids", "shape": [1, 64], "arange": True,
+                                     "dtype": "int64"}])
+    out = forge("bert-encoder", bert)
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        names = set(f.keys())
+        positions = f.get_tensor("embeddings.position_ids")
+    assert "encoder.layer.0.attention.self.query.weight" in names and "pooler.dense.weight" in names
+    assert not any(n.startswith(("bert.", "cls.")) for n in names)  # not BertLMHeadModel's layout
+    assert str(positions.dtype) == "torch.int64" and positions.tolist() == [list(range(64))]
+    assert json.loads((out / "config.json").read_text())["architectures"] == ["BertModel"]
+
+
+def test_an_int64_extra_must_be_an_index_buffer():
+    with pytest.raises(ValidationError, match="arange"):
+        ExtraTensor(name="x", shape=[4], dtype="int64")
+    with pytest.raises(ValidationError, match="arange"):
+        ExtraTensor(name="x", shape=[4], arange=True, random=True)
+
+
+def test_extras_without_arange_keep_the_cache_key_they_had_before_the_field_existed():
+    import hashlib
+
+    from servematrix.checkpoint.forge_spec import FORGE_VERSION
+
+    s = spec(extra_tensors=[ExtraTensor(name="model.layers.{layer}.self_attn.k_proj.k_scale", value=0.5)])
+    dump = s.model_dump()
+    dump.pop("quantize")
+    for extra in dump["extra_tensors"]:
+        extra.pop("arange")
+    old = hashlib.sha256(json.dumps({"v": FORGE_VERSION, **dump}, sort_keys=True).encode()).hexdigest()[:16]
+    assert s.key() == old
+    assert spec(extra_tensors=[ExtraTensor(name="p", shape=[1, 4], arange=True, dtype="int64")]).key() != old

@@ -199,3 +199,26 @@ def hf_cache_layout(cache_root: Path, repo: str, checkpoint: Path) -> Path:
     (root / "refs" / "main").write_text(rev)
     truncate_to_headers(checkpoint, root / "snapshots" / rev)
     return root / "snapshots" / rev
+
+
+def minimax_kvscale_source(directory: Path) -> Path:
+    """A full-size MiniMax-M2.5-style checkpoint with KV-cache scales, header only: transformers'
+    MiniMaxM2ForCausalLM layout for its defaults (62 layers, 256 experts, 8 KV heads) in BF16, plus
+    F32 k_proj.k_scale / v_proj.v_scale per layer, an fp8 quantization_config that ignores every
+    attention projection and the experts, and the real config.json's auto_map and router fields
+    (as evidence/mirror-minimax-37214/write_source.py writes it for the served run)."""
+    from servematrix.mirror.source import read_source
+
+    layout = read_source("model_type:minimax_m2")
+    n = layout.config["num_hidden_layers"]
+    tensors = {name: ("BF16", list(m.shape)) for name, m in layout.tensors.items()}
+    for i in range(n):
+        tensors[f"model.layers.{i}.self_attn.k_proj.k_scale"] = ("F32", [])
+        tensors[f"model.layers.{i}.self_attn.v_proj.v_scale"] = ("F32", [])
+    ignored = [f"model.layers.{i}.self_attn.{p}" for i in range(n) for p in ("q_proj", "k_proj", "v_proj", "o_proj")]
+    config = {**{k: v for k, v in layout.config.items() if k not in ("dtype", "id2label", "label2id")},
+              "torch_dtype": "bfloat16",
+              "auto_map": {"AutoConfig": "configuration_minimax_m2.MiniMaxM2Config"},
+              "quantization_config": {"quant_method": "fp8", "activation_scheme": "dynamic",
+                                      "ignored_layers": ignored + [f"model.layers.{i}.mlp.experts" for i in range(n)]}}
+    return write_checkpoint(directory, config, tensors, shards=4)

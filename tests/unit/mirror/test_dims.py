@@ -31,3 +31,12 @@ def test_the_twins_hidden_size_is_a_multiple_of_its_heads_even_with_an_explicit_
     # where the heads divide the target, the target stays
     dims, _, _ = choose_dims({**cfg, "num_attention_heads": 8, "num_key_value_heads": 8}, [1, 2], {}, {}, "cover")
     assert dims["hidden_size"][1] == 128
+
+
+def test_the_replicate_policy_gives_fewer_kv_heads_than_every_tp_above_one():
+    # #38191's path (KV heads < TP) from a twin of a source that splits at TP=2 (MiniMax-M2: 8 KV heads)
+    assert choose_kv(8, [1, 2], "replicate") == 1
+    assert kv_class(choose_kv(8, [1, 2], "replicate"), 2) == "replicated"
+    # the most KV heads that every TP > 1 still replicates: 2 at TP 4 and 8
+    assert choose_kv(8, [1, 4, 8], "replicate") == 2
+    assert choose_kv(1, [1, 2], "replicate") == 1

@@ -148,3 +148,25 @@ def test_the_forged_twin_diffs_equal_to_the_real_header_up_to_the_layer_count(tm
     text, equal = cli_diff(str(checkpoint()), str(twin))
     assert not equal and "only in the source: embeddings.token_type_embeddings.weight" in text
     assert "dtype embeddings.LayerNorm.weight: source ['F32'], twin ['F16']" in text, text
+
+
+# The forge built causal-LM classes only: the twin of BertModel was forged as BertLMHeadModel
+# (`bert.`-prefixed names, a `cls.` head) and fixed up by post-processing, so the scenario YAML the
+# mirror wrote did not rebuild the twin alone. The forge now writes the class `architecture` names.
+def test_the_scenario_yaml_alone_rebuilds_a_twin_that_diffs_equal_to_the_real_checkpoint(tmp_path, monkeypatch):
+    from servematrix.checkpoint.resolve import resolve
+    from servematrix.mirror.cli import cli_diff, cli_mirror
+    from servematrix.mirror.plan import plan_twin
+    from servematrix.mirror.source import read_source
+
+    monkeypatch.setenv("SERVEMATRIX_CACHE", str(tmp_path / "cache"))
+    plan = plan_twin(read_source(str(checkpoint())), max_pp=2, tp_values=[1, 2])
+    assert plan.reproducible and plan.spec.architecture == "BertModel", [s.detail for s in plan.post]
+    cli_mirror(str(checkpoint()), tmp_path / "scenarios" / "minilm-twin.yaml", None, 2, [1, 2], "minilm-twin")
+    scenario = ScenarioStore(tmp_path / "scenarios").get("minilm-twin")
+    forged = Path(resolve(scenario))
+    assert json.loads((forged / "config.json").read_text())["architectures"] == ["BertModel"]
+    assert not any(n.startswith(("bert.", "cls.")) for n in twin_header(forged))
+    text, equal = cli_diff(str(checkpoint()), str(forged))
+    assert equal, text
+    assert "names, dtypes and quantization_config equal" in text

@@ -94,3 +94,53 @@ def test_the_kvscale_seeds_experts_and_scales_keep_their_count_when_no_width_cha
                                                              "model.layers.{layer}.self_attn.v_proj.v_scale", 1.0)
     assert not plan.spec.extra_tensors
     assert plan.spec.config_json["quantization_config"]["ignored_layers"][-1] == "model.layers.1.mlp.experts"
+
+
+# Every minimax_m2 twin died in vLLM with AttributeError: 'MiniMaxM2Config' object has no attribute
+# 'rotary_dim': transformers' defaults lack it, vLLM reads it. mirror-families.yaml's
+# model_type_config carries it (half of head_dim, as the real config.json) and the router fields.
+def test_a_minimax_m2_twin_from_transformers_defaults_carries_rotary_dim_and_a_cpu_router_for_kv_heads_below_tp():
+    from servematrix.mirror.cli import scenario_dict
+
+    source = read_source("model_type:minimax_m2")
+    assert source.config["rotary_dim"] == source.config["head_dim"] // 2 == 64
+    plan = plan_twin(source, max_pp=2, tp_values=[1, 2], kv_policy="replicate")
+    assert plan.ok, [f"{i.name}: {i.detail}" for i in plan.invariants if not i.holds]
+    cfg = plan.spec.config
+    assert cfg["rotary_dim"] * 2 == cfg["head_dim"] == 64  # the fraction survives the shrink
+    assert cfg["num_key_value_heads"] == 1 and kv_class(1, 2) == "replicated"  # #38191's layout
+    assert cfg["scoring_func"] == "softmax" and cfg["use_routing_bias"] is True
+    text = scenario_dict(plan, "mm-twin", source)["description"]
+    assert "scoring_func 'sigmoid' -> 'softmax'" in text and "cpu_config" in text
+
+
+def test_a_checkpoint_without_rotary_dim_gets_it_filled_and_noted_while_its_own_value_wins(cache, tmp_path):
+    _, seed_dir = seed("tiny-minimax-m2")
+    src = shutil.copytree(seed_dir, tmp_path / "src")
+    config = json.loads((src / "config.json").read_text())
+    assert config["rotary_dim"] == 64 == config["head_dim"]
+    own = plan_twin(read_source(str(src)), 2, [1, 2])
+    assert own.spec.config["rotary_dim"] == 64 and not any("model_type_config" in n for n in own.notes)
+    for key in ("rotary_dim", "partial_rotary_factor"):
+        config.pop(key, None)
+    config.get("rope_parameters", {}).pop("partial_rotary_factor", None)
+    (src / "config.json").write_text(json.dumps(config))
+    filled = plan_twin(read_source(str(src)), 2, [1, 2])
+    assert filled.ok and filled.spec.config["rotary_dim"] == 32
+    assert any("rotary_dim" in n and "model_type_config" in n for n in filled.notes)
+
+
+def test_a_full_size_kv_scale_source_gives_a_twin_whose_scenario_forges_its_scales_and_kv_method(tmp_path):
+    # #37214's layout from a mirror: k_scale / v_scale per layer, the fp8 config that gives attention a
+    # KV-cache method (its ignored modules remapped onto the kept layers), remote code for 0.18.1
+    from tests.unit.mirror.sources import minimax_kvscale_source
+
+    source = read_source(str(minimax_kvscale_source(tmp_path / "src")))
+    assert source.quant.kv_scales == 124 and source.structure.num_layers == 62
+    plan = plan_twin(source, max_pp=2, tp_values=[1, 2], kv_policy="replicate")
+    assert plan.ok and plan.reproducible, [f"{i.name}: {i.detail}" for i in plan.invariants if not i.holds]
+    assert [q.method for q in plan.spec.quantize] == ["kv_cache_scales"] and plan.spec.remote_code
+    ignored = plan.spec.config_json["quantization_config"]["ignored_layers"]
+    assert len(ignored) == 10 and {m.split(".")[2] for m in ignored} == {"0", "1"}
+    assert plan.twin["model.layers.1.self_attn.k_proj.k_scale"].dtype == "F32"
+    assert plan.spec.dtype == "bfloat16" and plan.spec.config["num_key_value_heads"] == 1
