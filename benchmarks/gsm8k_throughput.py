@@ -20,20 +20,15 @@ import json
 import os
 import re
 import subprocess
-import sys
 import tempfile
 import threading
 import time
 from pathlib import Path
 
+import _common
 import httpx
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from servematrix.check import gsm8k  # noqa: E402
-from servematrix.checkpoint.resolve import resolve  # noqa: E402
-from servematrix.config.matrix import load_matrix  # noqa: E402
+from servematrix.check import gsm8k  # noqa: E402 - after _common puts the repo on sys.path
 from servematrix.serve.process import free_port  # noqa: E402
 from servematrix.serve.server import build_spec  # noqa: E402
 
@@ -109,32 +104,14 @@ async def flood(base_url: str, model: str, reqs: list[dict], concurrency: int) -
         await asyncio.gather(*(one(b) for b in reqs))
 
 
-def wait_healthy(base_url: str, server: subprocess.Popen, log: Path) -> None:
-    while True:
-        try:
-            if httpx.get(f"{base_url}/health", timeout=0.5).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        if server.poll() is not None:
-            raise SystemExit(f"server died, see {log}")
-        time.sleep(0.5)
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--matrix", default="matrix/cpu-smoke.yaml")
-    ap.add_argument("--entry", default="smollm2-135m/tp1-pp1-fp32")
+    _common.add_target_args(ap, "matrix/cpu-smoke.yaml", "smollm2-135m/tp1-pp1-fp32")
     ap.add_argument("--limit", type=int, default=32)
     ap.add_argument("--concurrency", type=int, default=8, help="lm-eval's num_concurrent")
     ap.add_argument("--flood", type=int, default=256, help="concurrent requests of the flood")
     args = ap.parse_args()
-    matrix = load_matrix(REPO / args.matrix)
-    entry = next((e for e in matrix.entries if e.id == args.entry), None)
-    if entry is None:
-        raise SystemExit(f"--entry: no entry {args.entry!r} in {args.matrix}")
-    scenario = matrix.scenario(entry.scenario)
-    model_path = resolve(scenario)
+    entry, scenario, model_path = _common.target(args.matrix, args.entry)
     spec_g = scenario.gsm8k.model_copy(update={"num_concurrent": args.concurrency})
     with tempfile.TemporaryDirectory() as tmp_s:
         tmp = Path(tmp_s)
@@ -143,10 +120,9 @@ def main() -> None:
         gsm8k.write_task(tmp, spec_g.num_fewshot)
         argv = gsm8k.command(spec.base_url, scenario.model_name, spec_g, args.limit, tmp)
         with open(log, "wb") as f:
-            server = subprocess.Popen(spec.argv, env={**os.environ, **spec.env}, stdout=f,
-                                      stderr=subprocess.STDOUT, start_new_session=True)
+            server = _common.start(spec.argv, spec.env, f)
         try:
-            wait_healthy(spec.base_url, server, log)
+            _common.wait_up(spec.base_url, server, log)
             with TokenMeter(spec.base_url) as eval_meter:
                 t0 = time.monotonic()
                 subprocess.run(argv, env={**os.environ, **gsm8k.OFFLINE_ENV}, check=True,
@@ -159,8 +135,7 @@ def main() -> None:
                 asyncio.run(flood(spec.base_url, scenario.model_name, reqs, args.flood))
                 flood_wall = time.monotonic() - t0
         finally:
-            os.killpg(server.pid, 15)
-            server.wait(timeout=60)
+            _common.stop(server)
     (et, es), (ft, fs) = eval_meter.window(), flood_meter.window()
     eval_rate, flood_rate = et / es if es else 0.0, ft / fs if fs else 0.0
     print(json.dumps({

@@ -25,51 +25,34 @@ import tempfile
 import time
 from pathlib import Path
 
-import httpx
+import _common
+from _common import REPO
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from servematrix.check import gsm8k  # noqa: E402
+from servematrix.check import gsm8k  # noqa: E402 - after _common puts the repo on sys.path
 from servematrix.serve.process import free_port  # noqa: E402
 from servematrix.serve.server import build_spec  # noqa: E402
-from servematrix.config.matrix import load_matrix  # noqa: E402
-from servematrix.checkpoint.resolve import resolve  # noqa: E402
 
 MATRIX = "matrix/cpu-smoke.yaml"
 ENTRY = "tiny-llama/tp1-pp1-fp32"
 
 
 def raw(limit: int, tmp: Path, matrix_path: str = MATRIX, entry_id: str = ENTRY) -> float:
-    matrix = load_matrix(REPO / matrix_path)
-    entry = next(e for e in matrix.entries if e.id == entry_id)
-    scenario = matrix.scenario(entry.scenario)
-    spec = build_spec(entry, scenario, resolve(scenario), free_port(), tmp / "server.log")
+    entry, scenario, model_path = _common.target(matrix_path, entry_id)
+    spec = build_spec(entry, scenario, model_path, free_port(), tmp / "server.log")
     gsm8k.write_task(tmp, scenario.gsm8k.num_fewshot)
-    model_path = resolve(scenario)
     # exactly the command servematrix runs: with the gold answers' log-likelihood task when the
     # scenario measures gsm8k.nll (it needs the checkpoint's tokenizer)
     argv = gsm8k.command(spec.base_url, scenario.model_name, scenario.gsm8k, limit, tmp,
                          tokenizer=model_path if scenario.gsm8k.nll else None)
     t0 = time.monotonic()
     with open(tmp / "server.log", "wb") as log:
-        server = subprocess.Popen(spec.argv, env={**os.environ, **spec.env}, stdout=log, stderr=subprocess.STDOUT,
-                                  start_new_session=True)
+        server = _common.start(spec.argv, spec.env, log)
     try:
-        while True:  # what a person's script does: curl /health every half second
-            try:
-                if httpx.get(f"{spec.base_url}/health", timeout=0.5).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if server.poll() is not None:
-                raise SystemExit(f"server died, see {tmp / 'server.log'}")
-            time.sleep(0.5)
+        _common.wait_up(spec.base_url, server, tmp / "server.log")  # a /health probe every 0.5 s, like curl
         subprocess.run(argv, env={**os.environ, **gsm8k.OFFLINE_ENV}, check=True,
                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     finally:  # a script stops its server too: counted on both sides
-        os.killpg(server.pid, 15)
-        server.wait(timeout=30)
+        _common.stop(server)
     return time.monotonic() - t0
 
 
@@ -85,14 +68,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--limit", type=int, default=8)
     ap.add_argument("--repeat", type=int, default=1)
-    ap.add_argument("--matrix", default=MATRIX, help="matrix file, relative to the repository")
-    ap.add_argument("--entry", default=ENTRY, help="the entry id both sides run")
+    _common.add_target_args(ap, MATRIX, ENTRY)
     args = ap.parse_args()
-    matrix = load_matrix(REPO / args.matrix)
-    entry = next((e for e in matrix.entries if e.id == args.entry), None)
-    if entry is None:
-        raise SystemExit(f"--entry: no entry {args.entry!r} in {args.matrix}")
-    resolve(matrix.scenario(entry.scenario))  # forge once, outside the timings
+    _common.target(args.matrix, args.entry)  # refuses an unknown --entry; forges once, outside the timings
     raws, runs = [], []
     for i in range(args.repeat):
         with tempfile.TemporaryDirectory() as tmp:

@@ -21,23 +21,19 @@ import json
 import os
 import re
 import subprocess
-import sys
 import tempfile
 import threading
 import time
 from pathlib import Path
 
-import httpx
+import _common
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from servematrix.checkpoint.resolve import resolve  # noqa: E402
-from servematrix.config.matrix import load_matrix  # noqa: E402
-from servematrix.serve.process import free_port  # noqa: E402
+from servematrix.serve.process import free_port  # noqa: E402 - after _common puts the repo on sys.path
 from servematrix.serve.server import build_spec  # noqa: E402
 
-COMPILE = re.compile(r"torch\.compile takes ([0-9.]+) s in total")
+# vLLM 0.22.1 prints "torch.compile took X s in total" (evidence/gpu-h200-2/startup/cold.log); the first
+# version of this pattern expected "takes" and read 0 there
+COMPILE = re.compile(r"torch\.compile (?:takes|took) ([0-9.]+) s in total")
 INIT = re.compile(r"init engine \(profile, create kv cache, warmup model\) took ([0-9.]+)")
 MARKS = {"load_start": "Starting to load model", "load_done": "Model loading took"}
 
@@ -45,8 +41,7 @@ MARKS = {"load_start": "Starting to load model", "load_done": "Model loading too
 def start_once(argv: list[str], env: dict, base_url: str, log: Path) -> dict:
     t0 = time.monotonic()
     lines: list[tuple[float, str]] = []
-    proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            start_new_session=True)
+    proc = _common.start(argv, env, subprocess.PIPE)
 
     def pump() -> None:
         with open(log, "a") as f:
@@ -57,19 +52,10 @@ def start_once(argv: list[str], env: dict, base_url: str, log: Path) -> dict:
     reader = threading.Thread(target=pump, daemon=True)
     reader.start()
     try:
-        while True:
-            try:
-                if httpx.get(f"{base_url}/health", timeout=0.5).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if proc.poll() is not None:
-                raise SystemExit(f"server died, see {log}")
-            time.sleep(0.2)
+        _common.wait_up(base_url, proc, log)
         healthy = time.monotonic() - t0
     finally:
-        os.killpg(proc.pid, 15)
-        proc.wait(timeout=60)
+        _common.stop(proc)
         reader.join(timeout=5)
 
     def at(text: str) -> float | None:
@@ -88,15 +74,9 @@ def start_once(argv: list[str], env: dict, base_url: str, log: Path) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--matrix", default="matrix/cpu-smoke.yaml")
-    ap.add_argument("--entry", default="tiny-llama/tp1-pp1-fp32")
+    _common.add_target_args(ap, "matrix/cpu-smoke.yaml", "tiny-llama/tp1-pp1-fp32")
     args = ap.parse_args()
-    matrix = load_matrix(REPO / args.matrix)
-    entry = next((e for e in matrix.entries if e.id == args.entry), None)
-    if entry is None:
-        raise SystemExit(f"--entry: no entry {args.entry!r} in {args.matrix}")
-    scenario = matrix.scenario(entry.scenario)
-    model_path = resolve(scenario)
+    entry, scenario, model_path = _common.target(args.matrix, args.entry)
     results = {}
     with tempfile.TemporaryDirectory() as tmp_s:
         tmp = Path(tmp_s)

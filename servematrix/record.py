@@ -20,9 +20,10 @@ Verdict = Literal["pass", "fail", "xfail", "xpass", "error", "skipped"]
 
 # --- failures: what ended a stage ------------------------------------------------------------
 Kind = Literal["exception", "oom", "timeout", "port-in-use", "signal", "exit", "interrupted", "check",
-               "model", "tool"]
-# model: the checkpoint could not be resolved; tool: lm-eval itself failed while the server was fine
-INFRA_KINDS = frozenset({"oom", "timeout", "port-in-use", "interrupted", "model", "tool"})
+               "model", "tool", "baseline"]
+# model: the checkpoint could not be resolved; tool: lm-eval itself failed while the server was fine;
+# baseline: a layout's baseline never finished, so its comparison (parity, agreement) was not made
+INFRA_KINDS = frozenset({"oom", "timeout", "port-in-use", "interrupted", "model", "tool", "baseline"})
 
 
 class Failure(BaseModel):

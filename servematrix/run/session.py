@@ -2,7 +2,9 @@
 host's, or Ray's), and turns each entry's outcome into its record: a layout is first compared with
 its baseline's record (held until that one is in), then judged once. Owns what belongs to the
 whole run: signals (Ctrl-C / SIGTERM end it as "interrupted", every server stopped), progress, the
-reports rewritten as each record arrives, the history row at the end."""
+reports rewritten as each record arrives, the history row at the end. Every outcome and record is
+also written to its entry's directory the moment it exists (`records`), and a layout held for its
+baseline is published at once with a pending record, so a SIGKILL loses nothing measured."""
 
 from __future__ import annotations
 
@@ -18,7 +20,7 @@ from servematrix.config.matrix import Entry, Matrix
 from servematrix.record import EntryOutcome, RunSummary, ScenarioRecord
 from servematrix.report import history, write_all
 from servematrix.report.files import point_latest
-from servematrix.run import dispatch, rundir
+from servematrix.run import dispatch, records, rundir
 from servematrix.run.options import RunOptions
 from servematrix.run.pipeline import Pipeline, now_iso, skipped
 from servematrix.run.progress import Progress
@@ -35,8 +37,9 @@ class Session:
         self.pipeline = pipeline or Pipeline(matrix, options.entry, self.progress.phase, self._cancelled)
         self.base_of = plan.baselines(matrix.scenario, entries)
         self._finished: dict[str, ScenarioRecord] = {}  # records of baselines, for compare
-        self._held: dict[str, list[EntryOutcome]] = {}  # outcomes waiting for their baseline's record
+        self._held: dict[str, list[str]] = {}  # baseline id -> ids of layouts waiting for its record
         self._lock = threading.Lock()
+        self._done = 0  # final records published (pending ones are not done)
 
     def run(self) -> RunSummary:
         out = self.options.out_dir
@@ -60,9 +63,10 @@ class Session:
         return summary
 
     def _close(self, summary: RunSummary) -> None:
-        for held in self._held.values():  # their baseline never finished (interrupted)
-            for outcome in held:
-                self._publish(summary, judge(outcome))
+        for base, held in self._held.items():  # their baseline never finished (interrupted)
+            for entry_id in held:
+                outcome = records.load_outcome(self.options.out_dir, entry_id)
+                self._publish(summary, judge(records.no_baseline(outcome, base)))
         self._held.clear()
         self.progress.close()
         summary.ended_at = now_iso()
@@ -146,18 +150,22 @@ class Session:
     # --- records ----------------------------------------------------------------------------------
     def finish(self, summary: RunSummary, outcome: EntryOutcome) -> None:
         """Publish a finished outcome as its record: a layout is first compared with its baseline's
-        record, held until that one is in; a baseline releases the layouts held for it."""
+        record, held until that one is in (published meanwhile with its pending record); a baseline
+        releases the layouts held for it, read back from their outcome files."""
+        out = self.options.out_dir
+        records.save_outcome(out, outcome)  # first: nothing measured waits in memory only
         base = self.base_of.get(outcome.id)
         if base is None or base == outcome.id:
             rec = judge(outcome)
             self._finished[rec.id] = rec
             self._publish(summary, rec)
             for held in self._held.pop(rec.id, []):
-                self._publish(summary, judge(self._compare(held, rec)))
+                self._publish(summary, judge(self._compare(records.load_outcome(out, held), rec)))
         elif base in self._finished:
             self._publish(summary, judge(self._compare(outcome, self._finished[base])))
         else:
-            self._held.setdefault(base, []).append(outcome)
+            self._held.setdefault(base, []).append(outcome.id)
+            self._publish(summary, records.pending(outcome, base), final=False)
 
     def _compare(self, outcome: EntryOutcome, base: ScenarioRecord) -> EntryOutcome:
         vllm = outcome.vllm_version or self.pipeline.versions(envs.CURRENT).get("vllm")
@@ -168,11 +176,16 @@ class Session:
 
         return compare(outcome, base, self.matrix.scenario(outcome.scenario), reference)
 
-    def _publish(self, summary: RunSummary, rec: ScenarioRecord) -> None:
-        summary.scenarios.append(rec)
+    def _publish(self, summary: RunSummary, rec: ScenarioRecord, final: bool = True) -> None:
+        """Into summary.json (a pending record is replaced by the final one, which goes last) and
+        the entry's record.json, both written before anything else runs."""
+        summary.scenarios = [r for r in summary.scenarios if r.id != rec.id] + [rec]
         counts: dict[str, int] = {}
         for r in summary.scenarios:
             counts[r.verdict] = counts.get(r.verdict, 0) + 1
         summary.counts = counts
+        records.save_record(self.options.out_dir, rec)
         write_all(summary)
-        self.progress.done(rec, len(summary.scenarios))
+        if final:
+            self._done += 1
+            self.progress.done(rec, self._done)

@@ -1,23 +1,28 @@
 """Processes: how servematrix starts and ends every child it runs (vLLM servers, load checks,
-lm-eval): in its own session (process group), dying with its owner, its output redacted into a log
-by a pump thread; ended by SIGTERM to the group, a grace period, then SIGKILL of the whole tree
-(a worker that called setsid has left the group). One rule for every child."""
+lm-eval): in its own session (process group), under the reaper (`reaper.py`: the tree dies with its
+owner, even one killed by SIGKILL), its output redacted into a log by a pump thread; ended by
+SIGTERM to the group, a grace period, then SIGKILL of the whole tree (a worker that called setsid
+has left the group). One rule for every child. Linux only (the reaper uses prctl and /proc)."""
 
 from __future__ import annotations
 
 import os
 import select
+import shutil
 import signal
 import socket
 import subprocess
+import sys
 import threading
 import time
+from pathlib import Path
 
 import psutil
 
 from servematrix import redact
 
 POLL = 0.02  # s between checks of a killed tree
+REAPER = str(Path(__file__).with_name("reaper.py"))
 
 _GIVEN: set[int] = set()  # ports handed out by this process: concurrent jobs never share one
 
@@ -57,9 +62,18 @@ class Child(subprocess.Popen):
 
 def spawn(argv: list[str], env: dict[str, str], log) -> Child:
     """A child in its own session (process group), added `env`, output redacted into `log` (a
-    binary file), that dies with this process. Call `proc.pump.close()` once it is reaped."""
-    proc = Child(argv, env={**os.environ, **env}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                 stdin=subprocess.DEVNULL, start_new_session=True, preexec_fn=_die_with_parent)
+    binary file), that dies with this process: it runs under the reaper, which kills its whole
+    tree when this process dies, however (SIGKILL included), and otherwise exits as the child does
+    (its pid is the reaper's; the child and its tree are in the reaper's group). A missing
+    executable raises FileNotFoundError here, as Popen would. Call `proc.pump.close()` once it is
+    reaped."""
+    env = {**os.environ, **env}
+    if shutil.which(argv[0], path=env.get("PATH")) is None:
+        raise FileNotFoundError(2, "No such file or directory", argv[0])
+    # -I -S: the reaper imports nothing of servematrix or site-packages (milliseconds to start)
+    wrapped = [sys.executable, "-I", "-S", REAPER, str(os.getpid()), *argv]
+    proc = Child(wrapped, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                 stdin=subprocess.DEVNULL, start_new_session=True)
     proc.pump = LogPump(proc.stdout, log)
     return proc
 
@@ -187,18 +201,6 @@ def _running(p: psutil.Process) -> bool:
         return p.is_running() and p.status() != psutil.STATUS_ZOMBIE
     except psutil.Error:
         return False
-
-
-def _die_with_parent() -> None:
-    """In the child before exec: SIGKILL it if the process that started it dies without tearing
-    it down (a runner or Ray worker killed with SIGKILL), so no server outlives its owner."""
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
-
 
 
 def _tree(pid: int) -> list[psutil.Process]:

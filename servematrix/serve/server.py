@@ -173,31 +173,39 @@ class Server:
 
     def _wait_healthy(self) -> None:
         deadline = self.started_at + self.spec.startup_timeout
-        next_probe = self.started_at
-        with httpx.Client(timeout=HEALTH_INTERVAL) as client:
-            while True:
-                if self.returncode() is not None:
-                    self.exited_at = time.monotonic()
-                    raise ServerFailed(self.death("load"), self.exited_at - self.started_at)
-                now = time.monotonic()
-                if now >= next_probe:
-                    next_probe = now + HEALTH_INTERVAL
-                    if self._probe(client):
-                        self.healthy_at = time.monotonic()
-                        return
-                if now > deadline:
-                    self.failure = failure.timeout(self.spec.startup_timeout)
-                    raise ServerFailed(self.failure, now - self.started_at)
-                time.sleep(EXIT_POLL)
-
-    def _probe(self, client: httpx.Client) -> bool:
-        try:
-            return client.get(f"{self.spec.base_url}/health").status_code == 200
-        except httpx.HTTPError:
-            return False
+        state = wait_healthy(self.spec.base_url, self.returncode, deadline)
+        if state == "exited":
+            self.exited_at = time.monotonic()
+            raise ServerFailed(self.death("load"), self.exited_at - self.started_at)
+        if state == "timeout":
+            self.failure = failure.timeout(self.spec.startup_timeout)
+            raise ServerFailed(self.failure, time.monotonic() - self.started_at)
+        self.healthy_at = time.monotonic()
 
     def stop(self) -> None:
         self._terminate(STOP_GRACE)
+
+
+def wait_healthy(base_url: str, returncode: Callable[[], int | None], deadline: float) -> str:
+    """Until `base_url`/health answers 200 ("healthy"), the process whose `returncode()` is None
+    while it runs has exited ("exited", noticed within EXIT_POLL), or time.monotonic() passes
+    `deadline` ("timeout"). The one health wait: servers, and the benchmarks' by-hand servers."""
+    next_probe = time.monotonic()
+    with httpx.Client(timeout=HEALTH_INTERVAL) as client:
+        while True:
+            if returncode() is not None:
+                return "exited"
+            now = time.monotonic()
+            if now >= next_probe:
+                next_probe = now + HEALTH_INTERVAL
+                try:
+                    if client.get(f"{base_url}/health").status_code == 200:
+                        return "healthy"
+                except httpx.HTTPError:
+                    pass
+            if now > deadline:
+                return "timeout"
+            time.sleep(EXIT_POLL)
 
 
 class LocalServer(Server):

@@ -90,14 +90,16 @@ def test_a_layout_finishing_before_its_baseline_is_held_then_published_after_it_
     seen_while_baseline_ran = []
 
     def baseline(e, ids):
-        seen_while_baseline_ran.append([r["id"] for r in on_disk(out)["scenarios"]])
+        seen_while_baseline_ran.append([(r["id"], r["verdict"], r["failure"]["kind"])
+                                        for r in on_disk(out)["scenarios"]])
         return passed(e, matrix.scenario("tiny-llama"))
 
     pipeline = ScriptedPipeline(matrix, {TP2: diverging(matrix, TP2), PP2: diverging(matrix, PP2), BASE: baseline})
     summary = session(matrix, [TP2, PP2, BASE, KV_TP2], out, pipeline).run()
 
     assert pipeline.executed == [TP2, PP2, BASE, KV_TP2]  # the layouts really finished first
-    assert seen_while_baseline_ran == [[]]  # both layouts were held, not published, while it ran
+    # both layouts were held, and already on disk as pending (not passed) while the baseline ran
+    assert seen_while_baseline_ran == [[(TP2, "error", "baseline"), (PP2, "error", "baseline")]]
     assert published(summary) == [BASE, TP2, PP2, KV_TP2]  # the baseline's record first
     tp2 = record(summary, TP2)
     assert tp2.smoke.parity is not None and tp2.smoke.parity.baseline == BASE and not tp2.smoke.parity.ok
@@ -179,8 +181,10 @@ def test_an_interrupted_outcome_stops_the_pool_and_held_outcomes_are_still_publi
     assert summary.status == "interrupted" and summary.exit_code == 2
     assert published(summary) == [KV_TP1, TP2]  # TP2 waited for a baseline that never came
     assert record(summary, KV_TP1).verdict == "error"
-    assert record(summary, TP2).verdict == "pass" and record(summary, TP2).smoke.parity is None
-    assert summary.counts == {"error": 1, "pass": 1}
+    tp2 = record(summary, TP2)  # reported as such: not lost, and not passed without its parity
+    assert tp2.verdict == "error" and tp2.smoke.parity is None
+    assert tp2.failure.kind == "baseline" and BASE in tp2.failure.signature
+    assert summary.counts == {"error": 2}
     assert BASE not in published(summary)  # never run: no record, though selected
     assert BASE in summary.selected
     assert on_disk(tmp_path / "run")["status"] == "interrupted"
@@ -200,17 +204,17 @@ def test_sigterm_during_an_entry_ends_the_run_interrupted_with_exit_2_even_if_ev
             return passed(e, matrix.scenario("tiny-llama"))
 
         pipeline = ScriptedPipeline(matrix, {BASE: terminated})
-        summary = session(matrix, [TP2, BASE, KV_TP1], tmp_path / "run", pipeline).run()
+        summary = session(matrix, [KV_TP1, BASE, TP2], tmp_path / "run", pipeline).run()
         restored = signal.getsignal(signal.SIGTERM)
     finally:
         signal.signal(signal.SIGTERM, previous)
 
     assert received == []  # the session's handler took the signal, not ours
     assert restored is ours  # the handler from before the run came back
-    assert pipeline.executed == [TP2, BASE]
+    assert pipeline.executed == [KV_TP1, BASE]
     assert summary.status == "interrupted"
-    assert published(summary) == [TP2]  # held, then published at the end, judged alone
-    assert record(summary, TP2).verdict == "pass"
+    assert published(summary) == [KV_TP1]
+    assert record(summary, KV_TP1).verdict == "pass"
     assert summary.exit_code == 2  # an interrupted run is never a clean pass
     assert summary.ended_at is not None
 
