@@ -57,9 +57,16 @@ def heatmap(summary: RunSummary) -> str:
     return "".join(out)
 
 
+def _signature(r: ScenarioRecord) -> str:
+    """What a failure says: its signature; for an accuracy failure every failed check's figures
+    (the signature holds the first one only)."""
+    failed = [c for c in r.accuracy if c.status == "fail"] if r.failure.phase == "accuracy" else []
+    return "<br>".join(_e(c.summary()) for c in failed) or _e(r.failure.signature)
+
+
 def failures(summary: RunSummary) -> str:
     items = [f"<tr><td>{_link(r.id)}</td><td>{_e(r.verdict)}</td><td>{_e(r.failure.phase)}/{_e(r.failure.kind)}</td>"
-             f'<td class="sig">{_e(r.failure.signature)}</td><td>{_e(r.note or "")}</td></tr>'
+             f'<td class="sig">{_signature(r)}</td><td>{_e(r.note or "")}</td></tr>'
              for r in summary.scenarios if r.failure]
     if not items:
         return "<p>No failures.</p>"
@@ -111,7 +118,7 @@ def trends(trend: dict[str, list[dict]], summary: RunSummary | None = None) -> s
     for sid, items in sorted(trend.items()):
         dots = "".join(f'<span title="{_e(i["started_at"])}: {_e(i["verdict"])}" '
                        f'style="color:{COLOURS.get(i["verdict"], "#000")}">●</span>' for i in items)
-        drawn = charts.charts(items, current.get(sid), prefix=f"trend-{sid}-") or "no metrics"
+        drawn = charts.charts(items, current.get(sid), prefix=f"trend-{sid}-", scenario=sid) or "no metrics"
         rows.append(f"<tr><td>{_link(sid)}</td><td>{dots}</td><td>{drawn}</td></tr>")
     return "<table id=\"trend\"><tr><th>scenario</th><th>last verdicts</th><th>metrics (reference dashed, threshold " \
            "red, passing band shaded)</th></tr>" + "".join(rows) + "</table>"

@@ -8,9 +8,12 @@ from __future__ import annotations
 import html
 from pathlib import Path
 
+from pydantic import BaseModel, Field
+
 from servematrix.record import RunSummary, ScenarioRecord
 from servematrix.report import trends
 from servematrix.report.files import atomic_write, page_name
+from servematrix.serve.failure import http_status, is_problem, logged_at, shutting_down
 
 CONTEXT = 12  # log lines shown either side of the failure's line
 TAIL = 40  # log lines shown when the signature is not found in the log
@@ -36,25 +39,91 @@ def log_excerpt(run_dir: Path, r: ScenarioRecord) -> tuple[str, list[tuple[int, 
     """(log file name, [(line number, text, is the failure line)]) around the failure: the first
     line holding the signature (server.log, or lm_eval.log for a gsm8k failure) — or, since a
     signature is often `Type: message` built from a traceback whose lines hold the two apart, its
-    message — else the log's tail. Empty when there is no failure or no log."""
+    message — else the log's tail. An accuracy failure's server did not die: its tail is the
+    shutdown, so it gets the lines around the first error or warning while lm-eval ran (see
+    `evaluation`), or none. Empty when there is no failure or no log."""
     if r.failure is None:
         return "", []
+    if r.failure.phase == "accuracy":
+        ev = evaluation(run_dir, r)
+        return ("", []) if ev is None else (ev.name, ev.lines)
     base = Path(run_dir) / r.id
     candidates = [base / "gsm8k" / "lm_eval.log"] if r.failure.phase == "gsm8k" else []
     for path in candidates + [base / "server.log"]:
         if path.is_file():
-            first, text = _tail(path)
-            # "\n" alone ends a line; a progress bar's "\r" redraws it: what a terminal shows is the last redraw
-            lines = [line.rstrip("\r").rsplit("\r", 1)[-1] for line in text.split("\n")]
-            if lines and lines[-1] == "":
-                lines.pop()
+            first, lines = _lines(path)
             hit = _find(lines, r.failure.signature)
             if hit is not None:
-                lo, hi = max(0, hit - CONTEXT), min(len(lines), hit + CONTEXT + 1)
-                return path.name, [(first + i, lines[i], i == hit) for i in range(lo, hi)]
+                return path.name, _around(first, lines, hit)
             lo = max(0, len(lines) - TAIL)
             return path.name, [(first + i, lines[i], False) for i in range(lo, len(lines))]
     return "", []
+
+
+def _lines(path: Path) -> tuple[int, list[str]]:
+    """The log's (last MAX_LOG_BYTES of) lines and the first one's number."""
+    first, text = _tail(path)
+    # "\n" alone ends a line; a progress bar's "\r" redraws it: what a terminal shows is the last redraw
+    lines = [line.rstrip("\r").rsplit("\r", 1)[-1] for line in text.split("\n")]
+    if lines and lines[-1] == "":
+        lines.pop()
+    return first, lines
+
+
+def _around(first: int, lines: list[str], hit: int) -> list[tuple[int, str, bool]]:
+    lo, hi = max(0, hit - CONTEXT), min(len(lines), hit + CONTEXT + 1)
+    return [(first + i, lines[i], i == hit) for i in range(lo, hi)]
+
+
+class Evaluation(BaseModel):
+    """server.log while lm-eval ran: where (line numbers), when (lm-eval's first and last
+    timestamps; None where its log has none), how the server answered, and the lines around its
+    first error, warning or refused request in that window (empty: there was none)."""
+
+    name: str = "server.log"
+    first: int
+    last: int
+    since: str | None = None
+    until: str | None = None
+    answered: int = 0  # HTTP responses < 400
+    refused: int = 0  # HTTP responses >= 400
+    lines: list[tuple[int, str, bool]] = Field(default_factory=list)
+
+
+def evaluation(run_dir: Path, r: ScenarioRecord) -> Evaluation | None:
+    """The evaluation window of server.log: from lm-eval's first timestamp to its last, and never
+    past the server's shutdown (its teardown warnings say nothing of the answers); the whole log
+    before the shutdown where lm-eval's log gives no time. None without a server log."""
+    path = Path(run_dir) / r.id / "server.log"
+    if not path.is_file():
+        return None
+    first, lines = _lines(path)
+    lm_eval = Path(run_dir) / r.id / "gsm8k" / "lm_eval.log"
+    stamps = [t for t in map(logged_at, _lines(lm_eval)[1] if lm_eval.is_file() else []) if t]
+    since, until = (stamps[0], stamps[-1]) if stamps else (None, None)
+    start, end = _window(lines, since, until)
+    if start == end and since is not None:  # lm-eval's clock matches no line here (another time zone?)
+        since = until = None
+        start, end = _window(lines, None, None)
+    window = range(start, end)
+    codes = [c for c in map(http_status, (lines[i] for i in window)) if c is not None]
+    hit = next((i for i in window if is_problem(lines[i]) or (http_status(lines[i]) or 0) >= 400), None)
+    return Evaluation(first=first + start, last=first + end - 1, since=since, until=until,
+                      answered=sum(c < 400 for c in codes), refused=sum(c >= 400 for c in codes),
+                      lines=[] if hit is None else _around(first, lines, hit))
+
+
+def _window(lines: list[str], since: str | None, until: str | None) -> tuple[int, int]:
+    """[start, end) of the lines logged from `since` to `until` ("MM-DD HH:MM:SS"; None: unbounded)
+    and before the shutdown."""
+    start, stamp = None, None
+    for i, line in enumerate(lines):
+        stamp = logged_at(line) or stamp  # an access line has no time: the line before it gives it
+        if shutting_down(line) or (until and stamp and stamp > until):
+            return (i if start is None else start), i
+        if start is None and (since is None or (stamp is not None and stamp >= since)):
+            start = i
+    return (len(lines) if start is None else start), len(lines)
 
 
 def _find(lines: list[str], signature: str) -> int | None:
@@ -123,12 +192,44 @@ def _parity(r: ScenarioRecord, by_id: dict[str, ScenarioRecord]) -> str:
 
 
 def _log(run_dir: Path, r: ScenarioRecord) -> str:
+    if r.failure is not None and r.failure.phase == "accuracy":
+        return _why(r) + _evaluation(run_dir, r)
     name, lines = log_excerpt(run_dir, r)
     if not lines:
         return "<p>No failure, or no log.</p>" if r.failure is None or not name else "<p>The log is empty.</p>"
+    return f'<p>{_e(r.id)}/{_e(name)}, lines {lines[0][0]}–{lines[-1][0]}:</p>{_pre(lines)}'
+
+
+def _pre(lines: list[tuple[int, str, bool]]) -> str:
     hit_class = ' class="hit"'
     body = "".join(f'<span{hit_class if hit else ""}>{n:>6}  {_e(text)}</span>' for n, text, hit in lines)
-    return f'<p>{_e(r.id)}/{_e(name)}, lines {lines[0][0]}–{lines[-1][0]}:</p><pre class="log" id="log">{body}</pre>'
+    return f'<pre class="log" id="log">{body}</pre>'
+
+
+def _why(r: ScenarioRecord) -> str:
+    """An accuracy failure explained by its checks' own figures: measured against reference, n,
+    threshold, MDE, p-value and the paired test, for every check that failed."""
+    failed = [c for c in r.accuracy if c.status == "fail"]
+    items = "".join(f"<li><code>{_e(c.summary())}</code>"
+                    + (f" (reference measured over n={c.reference_n})" if c.reference_n else "") + "</li>"
+                    for c in failed) or f"<li><code>{_e(r.failure.signature)}</code></li>"
+    return f'<p>The server stayed up; what it answered failed these checks:</p><ul id="why">{items}</ul>'
+
+
+def _evaluation(run_dir: Path, r: ScenarioRecord) -> str:
+    ev = evaluation(run_dir, r)
+    if ev is None:
+        return "<p>No server log.</p>"
+    when = (f", {ev.since}–{ev.until} by lm-eval's log" if ev.since
+            else " (lm-eval's log gives no time: up to the shutdown)")
+    where = (f"<p>{_e(r.id)}/{ev.name} while lm-eval ran (lines {ev.first}–{ev.last}{_e(when)}): "
+             f"{ev.answered} requests answered, {ev.refused} refused (HTTP ≥ 400); ")
+    if ev.last < ev.first:
+        return f"<p>{_e(r.id)}/{ev.name}: no line of it was logged while lm-eval ran.</p>"
+    if not ev.lines:
+        return where + "no error or warning.</p>"
+    hit = next(n for n, _, h in ev.lines if h)
+    return where + f"its first error, warning or refused request is line {hit}:</p>{_pre(ev.lines)}"
 
 
 def render(summary: RunSummary, r: ScenarioRecord, rows: list[dict] | None = None) -> str:
@@ -146,7 +247,7 @@ def render(summary: RunSummary, r: ScenarioRecord, rows: list[dict] | None = Non
                  + "</table>") if fixes else "<p>No fix module enabled.</p>"
     runs = "".join(f'<span title="{_e(i.get("started_at"))}: {_e(i.get("verdict"))}" style="color:'
                    f'{COLOURS.get(i.get("verdict"), "#000")}">●</span>' for i in rows or [])
-    charts = trends.charts(rows or [], r.accuracy) or ("<p>No metrics measured.</p>" if rows else "")
+    charts = trends.charts(rows or [], r.accuracy, scenario=r.id) or ("<p>No metrics measured.</p>" if rows else "")
     charts = (f"<p>last {len(rows)} runs: {runs}</p>" if rows else "<p>No history yet.</p>") + charts
     acc = accuracy_rows(r)
     return f"""<!doctype html>

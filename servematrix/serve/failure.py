@@ -1,6 +1,8 @@
 """Failure classification: turn a dead or unhealthy server into a short signature
 (`KeyError: 'layers.0.self_attn.qkv_proj.k_scale'`) and a kind, and tell infrastructure trouble
-(port in use, OOM kill, start-up timeout) apart from a regression in vLLM or the checkpoint."""
+(port in use, OOM kill, start-up timeout) apart from a regression in vLLM or the checkpoint. Also
+what a log line says beyond that (when it was logged, whether it is an error or a warning, an HTTP
+status, the shutdown), for the reports' excerpt of a server that stayed up but answered wrong."""
 
 from __future__ import annotations
 
@@ -29,6 +31,18 @@ _WRAPPERS = (
     "Worker failed with error",
     "WorkerProc initialization failed",
 )
+# when a line was logged, as "MM-DD HH:MM:SS" (orders within a year): vLLM's logger, torch's c10
+# warnings ("[W1201 17:23:39.88 utils.cpp:68]") and lm-eval's ("2026-12-01:17:24:14 INFO")
+_VLLM_TIME = re.compile(r"(?:DEBUG|INFO|WARNING|ERROR|CRITICAL) (\d\d-\d\d) (\d\d:\d\d:\d\d) \[")
+_TORCH_TIME = re.compile(r"^\[[IWEF](\d\d)(\d\d) (\d\d:\d\d:\d\d)")
+_LM_EVAL_TIME = re.compile(r"^\d{4}-(\d\d-\d\d):(\d\d:\d\d:\d\d) ")
+# an error or a warning: vLLM's logger at WARNING and above, torch's W/E/F, uvicorn's, a Python
+# warning or traceback, an exception line
+_PROBLEM = re.compile(r"(?:^|\) )(?:\x1b\[[0-9;]*m)*(?:WARNING|ERROR|CRITICAL) \d\d-\d\d \d\d:\d\d:\d\d \["
+                      r"|^\[[WEF]\d{4} |^(?:WARNING|ERROR|CRITICAL):\s|\b[A-Z]\w*Warning: "
+                      r"|Traceback \(most recent call last\)")
+_HTTP = re.compile(r'"(?:GET|POST|PUT|PATCH|DELETE|HEAD|OPTIONS) \S+ HTTP/[\d.]+" (\d{3})')
+_SHUTDOWN = re.compile(r"\[shutdown\]|^INFO:\s+Shutting down")
 _OOM = re.compile(r"OutOfMemoryError|out of memory|Cannot allocate memory|MemoryError", re.I)
 _PORT = re.compile(r"Address already in use|\[Errno 98\]")
 
@@ -59,6 +73,31 @@ def root_exception(log: str) -> str | None:
     real = [ln for ln in lines if not any(w in ln for w in _WRAPPERS)]
     chosen = (real or lines)
     return chosen[0][:400] if chosen else None
+
+
+def logged_at(line: str) -> str | None:
+    """When a vLLM, torch or lm-eval log line was written ("MM-DD HH:MM:SS"), None if it says not."""
+    m = _VLLM_TIME.search(line) or _LM_EVAL_TIME.match(line)
+    if m:
+        return f"{m.group(1)} {m.group(2)}"
+    m = _TORCH_TIME.match(line)
+    return f"{m.group(1)}-{m.group(2)} {m.group(3)}" if m else None
+
+
+def is_problem(line: str) -> bool:
+    """Whether a server log line is an error or a warning (or an exception's)."""
+    return bool(_PROBLEM.search(line)) or bool(_EXC.match(strip_prefix(line)))
+
+
+def http_status(line: str) -> int | None:
+    """The status of an HTTP response the server logged (uvicorn's access line), else None."""
+    m = _HTTP.search(line)
+    return int(m.group(1)) if m else None
+
+
+def shutting_down(line: str) -> bool:
+    """Whether the server is stopping here (what follows is its teardown, not its serving)."""
+    return bool(_SHUTDOWN.search(line))
 
 
 def classify_exit(log: str, returncode: int | None, phase: str = "load") -> Failure:

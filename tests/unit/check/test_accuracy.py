@@ -219,3 +219,48 @@ def test_paired_exact_match_is_mcnemar_over_the_discordant_questions():
     assert paired(check, qs(flexible=set(range(4))), base, "b").status == "fail"  # 8 lost, none gained: p=1/256
     # a baseline that answered nothing right cannot lose anything: no paired test at all
     assert paired(check, qs(), qs(), "b") is None
+
+
+# --- reference_from: a reference recorded from a trusted run's metric ---------------------------------
+from servematrix.check.accuracy import reference_from  # noqa: E402
+from servematrix.config.references import dump_references  # noqa: E402
+from servematrix.record import CheckResult, Expected, Gsm8kResult, PairedResult, ScenarioRecord  # noqa: E402
+
+REF_KEY = RefKey(scenario="smollm2-135m", quant="fp32", tp=3, vllm="==0.32.0")
+NLL = MetricValue(mean=1.41, sigma=0.32, stderr=0.066, n=24)
+ZERO = MetricValue(mean=0.0, sigma=0.0, stderr=0.0, n=24)
+
+
+def record(metrics: dict[str, MetricValue], checks: list[CheckResult], fingerprint=None) -> ScenarioRecord:
+    g = Gsm8kResult(strict=0.0, strict_stderr=0.0, flexible=0.0, flexible_stderr=0.0, n=24, seconds=1.0,
+                    protocol=fingerprint or protocol())
+    return ScenarioRecord(id="smollm2-135m/tp3-pp1-fp32", scenario="smollm2-135m", model="m", tp=3, pp=1,
+                          quant="fp32", vllm="current", device="cpu", expect=Expected(), verdict="pass",
+                          started_at="t", seconds=1.0, gsm8k=g, metrics=metrics, accuracy=checks)
+
+
+def check_result(metric, **fields):
+    return CheckResult(metric=metric, status="pass", effect=0.15, alpha=0.05, beta=0.2, **fields)
+
+
+def test_a_recorded_reference_carries_the_records_protocol_and_paired_spread_and_reads_back(write):
+    pair = PairedResult(test="ttest_rel", baseline="smollm2-135m/tp1-pp1-fp32", n=24, shift=1e-7, sigma=2e-6,
+                        p_value=0.9, mde=0.01, needed_n=1, status="pass")
+    rec = record({"gsm8k.nll": NLL}, [check_result("gsm8k.nll", paired=pair)])
+    ref = reference_from("gsm8k.nll", NLL, REF_KEY, "reports/gate-A", rec)
+    assert ref.protocol == protocol() and ref.paired_sigma == 2e-6
+    path = write("references/gsm8k.yaml", dump_references([ref]))
+    (back,) = References.load(path.parent).refs
+    assert back.protocol == protocol() and back.paired_sigma == 2e-6 and back.mean == NLL.mean
+
+
+def test_recording_a_reference_that_makes_its_own_check_uninformative_is_refused():
+    rec = record({"gsm8k.flexible": ZERO}, [check_result("gsm8k.flexible")])
+    with pytest.raises(ConfigError) as info:
+        reference_from("gsm8k.flexible", ZERO, REF_KEY, "reports/gate-A", rec)
+    msg = str(info.value)
+    assert msg.startswith("scenarios/smollm2-135m.yaml: accuracy.checks (gsm8k.flexible): smollm2-135m/tp3-pp1-fp32 "
+                          "of run reports/gate-A: gsm8k.flexible can never fail")
+    assert "nothing recorded" in msg and "\n" not in msg
+    # a metric no check guards is recorded as it is (its number is kept, nothing is gated on it)
+    assert reference_from("gsm8k.strict", ZERO, REF_KEY, "reports/gate-A", rec).mean == 0.0

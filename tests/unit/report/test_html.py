@@ -88,8 +88,8 @@ def test_a_chart_takes_the_current_check_where_a_run_kept_none_and_skips_what_it
             {"verdict": "pass", "started_at": "b", "metrics": {"gsm8k.nll": {"mean": float("nan")}}}]
     pts = trends.series(rows, "gsm8k.nll", nll_check(1.4))
     assert len(pts) == 1 and pts[0]["reference"] == 1.41 and pts[0]["threshold"] > 1.41
-    assert trends.series(rows, "gsm8k.nll") == [{"mean": 1.4, "verdict": "pass", "at": "a", "reference": None,
-                                                 "threshold": None}]
+    assert trends.series(rows, "gsm8k.nll") == [{"mean": 1.4, "n": None, "verdict": "pass", "at": "a",
+                                                 "reference": None, "threshold": None, "protocol": None}]
     assert trends.chart("gsm8k.nll", []) == "" and 'class="band"' not in trends.chart("gsm8k.nll", trends.series(rows, "gsm8k.nll"))
 
 

@@ -60,3 +60,35 @@ def test_torch_oom_is_infrastructure():
 def test_other_signals_and_plain_exits_are_reported_as_such():
     assert classify_exit("", -signal.SIGSEGV).signature == "killed by SIGSEGV"
     assert classify_exit("", 3).signature == "exited with code 3"
+
+
+# --- what a log line says, for the excerpt of a server that stayed up (report.pages.evaluation) -----
+from servematrix.serve.failure import http_status, is_problem, logged_at, shutting_down  # noqa: E402
+
+API = "(APIServer pid=31948)"
+
+
+def test_a_lines_time_is_read_from_vllms_torchs_and_lm_evals_formats():
+    assert logged_at(f"{API} INFO 12-01 17:23:01 [api_utils.py:347] version 0.32.0") == "12-01 17:23:01"
+    assert logged_at("[W1201 17:23:39.880279729 utils.cpp:68] Warning: NUMA binding") == "12-01 17:23:39"
+    lm_eval = "2026-12-01:17:24:14 WARNING  [config.evaluate_config:337] --limit SHOULD ONLY BE USED FOR TESTING"
+    assert logged_at(lm_eval) == "12-01 17:24:14"
+    assert logged_at('INFO:     127.0.0.1:35874 - "POST /v1/completions HTTP/1.1" 200 OK') is None
+
+
+def test_errors_and_warnings_are_told_from_information_in_a_real_crash_log():
+    lines = (DATA / "vllm-0.32.0-cpu-pp2-first-completion.log").read_bytes().decode().split("\n")  # as grep -n counts
+    problems = [i + 1 for i, line in enumerate(lines) if is_problem(line)]
+    # the worker's traceback and its AssertionError, the engine's and the API server's tracebacks
+    assert {124, 149, 178, 198} <= set(problems)
+    assert not is_problem(lines[119]) and not is_problem(lines[195])  # a health check; a shutdown INFO
+    assert is_problem(f"{API} WARNING 12-01 17:30:05 [serving.py:210] prompt truncated")
+    assert is_problem("/x/resource_tracker.py:254: UserWarning: resource_tracker: leaked semaphore objects")
+    assert not is_problem(f"{API} INFO 12-01 17:24:38 [loggers.py:335] Engine 000: Avg prompt throughput: 77.8")
+
+
+def test_http_statuses_and_the_shutdown_are_recognised():
+    lines = (DATA / "vllm-0.32.0-cpu-pp2-first-completion.log").read_bytes().decode().split("\n")  # as grep -n counts
+    assert [http_status(x) for x in lines if http_status(x) is not None] == [200, 500]
+    assert shutting_down(lines[195]) and shutting_down("INFO:     Shutting down")
+    assert not shutting_down(lines[119]) and http_status(lines[123]) is None
