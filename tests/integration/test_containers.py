@@ -2,11 +2,13 @@
 build and servematrix inside, nothing of the host's Python mounted), `docker compose --profile cpu
 build` through Podman's Docker API, and the `servematrix repro ID --compose` line executed as printed:
 the container's greedy tokens must equal the local backend's on the same forged checkpoint, and the
-fix plugin's per-process report must come out of the container.
+fix plugin's per-process report must come out of the container. The runner image (the suite itself,
+FROM that CPU image) runs one scenario with `docker compose --profile runner run`; its reports come out.
 
 The first build downloads vLLM's dependencies from PyPI (the +cpu torch comes from this machine's
 wheel); later runs reuse the image, whose tag is a hash of what went into it."""
 
+import hashlib
 import json
 import os
 import shlex
@@ -29,6 +31,17 @@ PROBE_FIX = "minimax-k-norm-38191"
 COMPOSE = str(Path(sys.executable).parent / "docker-compose")
 
 
+def build_cpu(env: dict, build: str, **extra: str) -> str:
+    """docker/build-cpu-base.sh's tag (it builds only what is not cached)."""
+    t0 = time.monotonic()
+    r = subprocess.run(["sh", str(REPO / "docker/build-cpu-base.sh")], cwd=REPO, capture_output=True, text=True,
+                       timeout=3600, env={**os.environ, **env, "SERVEMATRIX_BUILD_DIR": build,
+                                          "PYTHON": sys.executable, **extra})
+    assert r.returncode == 0, r.stderr[-3000:]
+    print(f"cpu image {extra}: {r.stdout.strip()} in {time.monotonic() - t0:.0f} s")
+    return r.stdout.strip().splitlines()[-1]
+
+
 @pytest.fixture(scope="module")
 def cpu_image(podman_engine, tmp_path_factory):
     """The real CPU image (built once per machine: cached by tag), or a skip saying why not."""
@@ -41,13 +54,7 @@ def cpu_image(podman_engine, tmp_path_factory):
         if r.returncode != 0:
             pytest.skip(f"debootstrap cannot be installed: {r.stderr[-300:]}")
     build = os.environ.get("SERVEMATRIX_BUILD_DIR") or str(tmp_path_factory.mktemp("cpu-build"))
-    t0 = time.monotonic()
-    r = subprocess.run(["sh", str(REPO / "docker/build-cpu-base.sh")], cwd=REPO, capture_output=True, text=True,
-                       timeout=3600, env={**os.environ, **env, "SERVEMATRIX_BUILD_DIR": build,
-                                          "PYTHON": sys.executable})
-    assert r.returncode == 0, r.stderr[-3000:]
-    print(f"cpu image: {r.stdout.strip()} in {time.monotonic() - t0:.0f} s")
-    return r.stdout.strip().splitlines()[-1]
+    return build_cpu(env, build)
 
 
 def compose_env(env: dict, image: str, bindir: Path) -> dict:
@@ -177,3 +184,73 @@ def test_docker_backend_uses_the_real_image_by_default(cpu_image, podman_engine,
     from servematrix.serve.docker import DEFAULT_IMAGE
 
     assert f"# servematrix (docker {DEFAULT_IMAGE})" in (out / TINY[1] / "server.log").read_text()
+
+
+# what the runner image adds to its base (the CPU image's `vllm` stage): its tag hashes these with
+# the base's tag
+RUNNER_INPUTS = ("docker/Dockerfile.runner", "pyproject.toml", "servematrix", "fixes", "matrix", "scenarios",
+                 "references")
+
+
+def runner_tag(base: str) -> str:
+    h = hashlib.sha256(base.encode())
+    for rel in RUNNER_INPUTS:
+        root = REPO / rel
+        for f in sorted([root] if root.is_file() else root.rglob("*")):
+            if f.is_file() and "__pycache__" not in f.parts:
+                h.update(str(f.relative_to(REPO)).encode() + b"\0" + f.read_bytes())
+    return f"localhost/servematrix/runner:{base.rsplit(':', 1)[1].split('-')[0]}-{h.hexdigest()[:16]}"
+
+
+@pytest.fixture(scope="module")
+def runner_image(cpu_image, podman_engine, tmp_path_factory):
+    """`docker compose --profile runner build` FROM the CPU image's `vllm` stage, once per tag; an edit
+    of servematrix rebuilds only its last layers (measured: see README)."""
+    env, _ = podman_engine
+    image = cpu_image
+    deps = build_cpu(env, str(tmp_path_factory.mktemp("cpu-build-stage")), STAGE="vllm")  # cached with cpu_image
+    tag = runner_tag(deps)
+    cenv = {**compose_env(env, image, tmp_path_factory.mktemp("runner-bin")), "RUNNER_IMAGE": tag,
+            "RUNNER_BASE": deps}
+    if subprocess.run(["podman", "image", "exists", tag], env=cenv).returncode != 0:
+        t0 = time.monotonic()
+        r = subprocess.run(["docker", "compose", "--profile", "runner", "build", "runner"], cwd=REPO, env=cenv,
+                           capture_output=True, text=True, timeout=1800)
+        assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+        print(f"runner build: {time.monotonic() - t0:.0f} s")
+    # the name compose runs when RUNNER_IMAGE is unset, as build-cpu-base.sh does for the server image
+    subprocess.run(["podman", "tag", tag, "servematrix/runner:v0.32.0"], env=cenv, check=True)
+    return cenv
+
+
+def test_the_runner_image_runs_a_scenario_and_its_reports_come_out(runner_image, shared_cache, tmp_path):
+    """The suite in its own container: validate and list, then one tiny scenario with the vLLM inside
+    the image; summary.json, the reports and the server log land in REPORTS on the host."""
+    cenv = {**runner_image, "REPORTS": str(tmp_path / "reports"), "CACHE": shared_cache}
+    entry = TINY[0]
+
+    def compose_run(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+        return subprocess.run(["docker", "compose", "--profile", "runner", "run", "--rm", "-T", "runner", *args],
+                              cwd=REPO, env=cenv, capture_output=True, text=True, timeout=timeout)
+
+    try:
+        valid = compose_run("validate", "matrix/cpu-smoke.yaml")
+        assert valid.returncode == 0, valid.stdout[-2000:] + valid.stderr[-2000:]
+        listed = compose_run("list", "matrix/cpu-smoke.yaml")
+        assert entry in listed.stdout.split(), listed.stdout + listed.stderr[-2000:]
+        t0 = time.monotonic()
+        run = compose_run("run", "matrix/cpu-smoke.yaml", "-k", entry, "--no-gsm8k", "--out", "/work/reports/r",
+                          timeout=900)
+        print(f"runner: {entry} in {time.monotonic() - t0:.0f} s")
+    finally:
+        subprocess.run(["docker", "compose", "--profile", "runner", "down"], cwd=REPO, env=cenv,
+                       capture_output=True, timeout=300)
+    out = tmp_path / "reports" / "r"
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    (record,) = summary["scenarios"]
+    assert record["verdict"] == "pass" and record["load"]["ok"] is True
+    assert all(greedy_tokens(summary, entry).values()) and len(greedy_tokens(summary, entry)) == 3
+    assert summary["vllm_version"].startswith("0.32"), summary.get("vllm_version")
+    for name in ("load-success.md", "accuracy.md", "junit.xml", "report.html", f"{entry}/server.log"):
+        assert (out / name).is_file(), name
