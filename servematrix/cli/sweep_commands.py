@@ -15,28 +15,42 @@ def add_sweep(sub) -> None:
                    help="release to sweep (repeatable; default: current, the vLLM beside servematrix)")
     s.add_argument("--layouts", default="tp1,tp2,pp2,tp2pp2", help="comma-separated: tp<T>, pp<P>, tp<T>pp<P>")
     s.add_argument("--quant", default="none",
-                   help="comma-separated quantizations: none, fp8-block, fp8-kv (servematrix/data/sweep-quants.yaml)")
+                   help="comma-separated quantizations: none, fp8-block, fp8-kv, awq, gptq (servematrix/data/sweep-quants.yaml)")
     s.add_argument("-k", help="filter: substring or glob of the cell id, tag:NAME; comma = or")
     s.add_argument("--limit", type=positive_int, help="at most N checkable cells")
     s.add_argument("--out", type=out_dir, help="run directory (default reports/sweep-<timestamp>)")
     s.add_argument("--overwrite", action="store_true", help="--out may hold a run already")
     s.add_argument("--isolated", action="store_true",
                    help="one process per check instead of a persistent worker per release (slower)")
-    s.add_argument("--timeout", type=finite_positive_float, default=300.0, help="seconds per cell (default 300)")
+    s.add_argument("--timeout", type=finite_positive_float, default=300.0,
+                   help="seconds per cell's load check, and per server start-up when served (default 300)")
+    s.add_argument("--depth", choices=("load", "serve"), default="load",
+                   help="load (default): vLLM's construction + load_weights under the layout; serve: then, where "
+                        "the CPU has the kernels (data/sweep-quants.yaml `serve:`), a real server and one completion")
+    s.add_argument("--backend", choices=("local", "ray"), default="local",
+                   help="ray: each release's persistent worker is a Ray actor (results in the same run directory)")
+    s.add_argument("--ray-address", help="--backend ray: the cluster to join (default: start a one-node cluster here)")
     s.set_defaults(func=cmd_sweep)
 
 
 def cmd_sweep(args) -> int:
     from datetime import datetime
 
+    from servematrix.errors import ArgumentError
     from servematrix.serve.envs import CURRENT
     from servematrix.sweep import cells
     from servematrix.sweep.runner import SweepOptions, run
 
+    if args.backend == "ray" and args.isolated:
+        raise ArgumentError("--isolated", "runs one process per check on this host; --backend ray runs the "
+                                          "persistent workers as Ray actors: give one of them")
+    if args.ray_address and args.backend != "ray":
+        raise ArgumentError("--ray-address", "only with --backend ray")
     opts = SweepOptions(releases=list(dict.fromkeys(args.vllm or [CURRENT])), layouts=cells.layouts(args.layouts),
                         quants=cells.quants(args.quant), k=args.k, limit=args.limit,
                         out=Path(args.out) if args.out else Path("reports") / f"sweep-{datetime.now():%Y%m%d-%H%M%S}",
-                        overwrite=args.overwrite, isolated=args.isolated, timeout=args.timeout)
+                        overwrite=args.overwrite, isolated=args.isolated, timeout=args.timeout,
+                        depth=args.depth, backend=args.backend, ray_address=args.ray_address)
     summary = run(opts)
     regressions = Path(summary.run_dir) / "regressions.json"
     if len(opts.releases) > 1 and regressions.is_file():  # the regression list, between each release and the next

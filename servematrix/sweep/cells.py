@@ -40,7 +40,7 @@ def layouts(text: str) -> list[Layout]:
 
 
 def quants(text: str) -> list[str]:
-    """`none` and the layouts data/sweep-quants.yaml defines (awq, gptq, nvfp4: not yet)."""
+    """`none` and the layouts data/sweep-quants.yaml defines (fp8-block, fp8-kv, awq, gptq; nvfp4: not yet)."""
     from servematrix.sweep.quant import names as known
 
     names = list(dict.fromkeys(t.strip() for t in text.split(",") if t.strip()))

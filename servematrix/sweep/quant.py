@@ -10,13 +10,13 @@ here", never dropped.
 from __future__ import annotations
 
 from functools import lru_cache
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from servematrix.checkpoint.forge_spec import ForgeSpec
-from servematrix.checkpoint.quantize import Fp8Block
+from servematrix.checkpoint.quantize import BY_SCHEME, Fp8Block, tag
 from servematrix.paths import data_file
 
 RULES = data_file("sweep-quants.yaml")  # package data, so a wheel install carries it
@@ -34,10 +34,14 @@ class QuantRule(BaseModel):
 
     description: str
     quantize: dict[str, Any]
-    block_k: int  # the input block: the CPU kernel's only one
-    blocks: list[int]  # output blocks, tried in order
+    block_k: int | None = None  # fp8-block: the input block, the CPU kernel's only one
+    blocks: list[int] = Field(default_factory=list)  # fp8-block: output blocks, tried in order
+    groups: list[int] = Field(default_factory=list)  # awq / gptq: group sizes, tried in order
+    dtype: Literal["float32", "bfloat16", "float16"] | None = None  # forged and served in (None: the twin's)
     kv_scales: dict[str, str] | None = None
     families: dict[str, Family] = Field(default_factory=dict)
+    # vLLM's own refusal of this layout on the CPU build (no kernel): such a cell is "not checkable here"
+    cpu_refuses: list[str] = Field(default_factory=list)
 
 
 class QuantSpec(BaseModel):
@@ -88,6 +92,43 @@ def _block(method: Fp8Block, shapes: dict[str, tuple[int, ...]], rule: QuantRule
                 None)
 
 
+def _method(rule: QuantRule, **fields):
+    return {tag(c): c for c in BY_SCHEME.values()}[rule.quantize["method"]].model_validate({**rule.quantize, **fields})
+
+
+def _misfit(method, name: str, shape: tuple[int, ...], tp: int) -> str | None:
+    """Why no TP shard of `name` at `tp` can be written in `method`'s layout, or None."""
+    shards = _shards(name, shape, tp)
+    if not shards:
+        return f"{list(shape)} does not split over TP={tp}"
+    problems = [method.misaligned(n, k) for n, k in shards]
+    return None if None in problems else f"{list(shards[0])} at TP={tp}: {problems[0]}"
+
+
+def _grouped(quant: str, rule: QuantRule, shapes: dict[str, tuple[int, ...]], tps: list[int]):
+    """(the quantize entry, its note) with the first group size for which every selected linear's
+    TP shard holds whole groups and packs (the method's own alignment rule), or (None, the reason)."""
+    why = ""
+    for group in rule.groups:
+        method = _method(rule, group_size=group)
+        selected = {n: s for n, s in shapes.items() if method.selects(n) and len(s) == 2}
+        if not selected:
+            return None, f"{quant}: the twin has no linear matching {method.tensors}"
+        bad = next(((n, w) for n, s in selected.items() for tp in tps if (w := _misfit(method, n, s, tp))), None)
+        if bad is None:
+            return {**rule.quantize, "group_size": group}, f"{quant}: every decoder linear {method.bits}-bit, group {group}"
+        why = f"{bad[0].split('.')[-2]} {bad[1]}"
+    return None, (f"{quant}: no group size of {rule.groups} makes every linear's TP shard whole groups and packs "
+                  f"(group {rule.groups[-1]}: {why}): a twin this small cannot hold the layout")
+
+
+def refused_on_cpu(quant: str, signature: str) -> bool:
+    """Whether `signature` is vLLM's CPU build refusing this quantization (data: `cpu_refuses`)."""
+    import re
+
+    return quant in rules() and any(re.search(p, signature) for p in rules()[quant].cpu_refuses)
+
+
 def quantized(model_type: str, spec: dict[str, Any], shapes: dict[str, tuple[int, ...]], quant: str,
               tps: list[int]) -> QuantSpec:
     """The ForgeSpec of `model_type`'s twin (`spec`, whose forged tensors are `shapes`) under `quant`."""
@@ -96,6 +137,11 @@ def quantized(model_type: str, spec: dict[str, Any], shapes: dict[str, tuple[int
     if family is not None:
         update: dict[str, Any] = {"fp8_blocks": family.fp8_blocks}
         note = family.why
+    elif rule.groups:
+        entry, note = _grouped(quant, rule, shapes, tps)
+        if entry is None:
+            return QuantSpec(reason=note)
+        update = {"quantize": [entry]}
     else:
         probe = Fp8Block.model_validate(rule.quantize)
         block = _block(probe, shapes, rule, tps)
@@ -116,6 +162,8 @@ def quantized(model_type: str, spec: dict[str, Any], shapes: dict[str, tuple[int
             entries.append({"method": "kv_cache_scales", **rule.kv_scales})
             note += ", k_scale / v_scale per layer"
         update = {"quantize": entries}
+    if rule.dtype:
+        update["dtype"] = rule.dtype
     try:
         forged = ForgeSpec.model_validate({**spec, **update})
     except ValidationError as exc:  # the forge's own check of the layout: its first message is the reason

@@ -26,6 +26,7 @@ class Coverage(BaseModel):
     checked: int = 0
     passing: int = 0
     failing: int = 0
+    served: int = 0  # cells whose real server started and answered a completion (`--depth serve`)
     not_checkable: dict[str, int] = Field(default_factory=dict)  # reason -> cells
 
     def count(self, record: ScenarioRecord, twin) -> None:
@@ -39,6 +40,7 @@ class Coverage(BaseModel):
         self.checked += 1
         self.passing += record.verdict == "pass"
         self.failing += record.verdict in ("fail", "error")
+        self.served += record.smoke is not None and record.smoke.ok
 
 
 def _reason(note: str) -> str:
@@ -58,21 +60,32 @@ def _reason(note: str) -> str:
 
 def coverage_md(coverage: Iterable[Coverage]) -> str:
     lines = ["## Coverage", "",
-             "| release | vLLM | registered | forgeable | twins built | cells checked | passing | failing |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| release | vLLM | registered | forgeable | twins built | cells checked | passing | failing | served |",
+             "|---|---|---|---|---|---|---|---|---|"]
     covs = list(coverage)
     for c in covs:
         lines.append(f"| {c.release} | {c.vllm or '?'} | {c.registered} | {c.forgeable} | {len(c.twins)} | "
-                     f"{c.checked} | {c.passing} | {c.failing} |")
+                     f"{c.checked} | {c.passing} | {c.failing} | {c.served} |")
     lines += ["", "registered: architectures the release's model registry lists; forgeable: matched to a "
                   "transformers model_type whose causal-LM class it is; twins built: the mirror planned and forged "
-                  "one; checked: cells whose load check ran (the selection may hold fewer).", ""]
+                  "one; checked: cells whose load check ran (the selection may hold fewer); served: cells whose real "
+                  "server started and answered one greedy completion (`--depth serve`).", ""]
     for c in covs:
         if c.not_checkable:
             lines += [f"### Not checkable here ({c.release}), cells by reason", ""]
             lines += [f"- {n} × {reason}".replace("|", "\\|") for reason, n in Counter(c.not_checkable).most_common()]
             lines.append("")
     return "\n".join(lines)
+
+
+def _served_unmarked(summary: RunSummary) -> RunSummary:
+    """The grid's view: a served cell (a smoke result, or a failure of the serve step) is a plain ✓/✗, as in `run`'s grid; ᴸ stays
+    on the cells that stopped at the load check. summary.json keeps both results."""
+    served = [r.smoke is not None or (r.failure is not None and r.failure.phase == "serve") for r in summary.scenarios]
+    if not any(served):
+        return summary
+    rows = [r.model_copy(update={"load_check": None}) if s else r for r, s in zip(summary.scenarios, served)]
+    return summary.model_copy(update={"scenarios": rows})
 
 
 def write_reports(summary: RunSummary, coverage: Iterable[Coverage], trend: dict | None = None) -> None:
@@ -90,6 +103,6 @@ def write_reports(summary: RunSummary, coverage: Iterable[Coverage], trend: dict
         atomic_write(out / "regressions.json", "[" + ",\n".join(p.model_dump_json() for p in found) + "]\n")
         text = f"{text}\n{regressions_md(found)}"
     atomic_write(out / "coverage.md", f"# Sweep coverage\n\n{text}")
-    grid = markdown.load_success_md(summary)
+    grid = markdown.load_success_md(_served_unmarked(summary))
     head, _, rest = grid.partition("\n\n")
     atomic_write(out / "load-success.md", f"{head}\n\n{text}\n{rest}")

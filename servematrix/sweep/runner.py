@@ -11,7 +11,6 @@ coverage counts head load-success.md (sweep/report.py).
 from __future__ import annotations
 
 import platform
-import re
 import sys
 import time
 from pathlib import Path
@@ -25,20 +24,11 @@ from servematrix.errors import ArgumentError
 from servematrix.paths import cache_dir
 from servematrix.record import EntryOutcome, Expected, RunSummary, ScenarioRecord, StageFailed
 from servematrix.sweep import cells as cellmod
-from servematrix.sweep import registry, twins
+from servematrix.sweep import registry, serve, twins
+from servematrix.sweep.quant import refused_on_cpu
 from servematrix.sweep.report import Coverage, write_reports
 
 SERVER_MODULE = "vllm.entrypoints.openai.api_server"
-# A construction that stops at a GPU-only library is not a verdict on the model: the CPU build
-# lacks it. Only these exact shapes (seen in the 0.32.0 zoo: kimi_linear, olmo_hybrid) are taken
-# as "not checkable here"; any other exception stays a failure.
-GPU_ONLY = re.compile(r"^(ModuleNotFoundError: No module named '(cutlass|flash_attn|deep_gemm|flashinfer)[.']"
-                      r"|AttributeError: module 'triton(\.\w+)*' has no attribute )")
-# A quantized cell for which the CPU build has no kernel ("the release refuses the quantization on
-# CPU"; seen in the 0.32.0 fp8-block zoo: laguna, block_n 16 < the CPU kernel's 32), only for
-# quantized cells. Not "Weight ... is not divisible by weight quantization block_[nk]": that is
-# vLLM #52997 (TP shards smaller than a block), open upstream, so it stays a failure.
-LAYOUT_REFUSED = re.compile(r"^ValueError: Failed to find a kernel that can implement the ScaledMM linear layer")
 
 
 class SweepOptions(BaseModel):
@@ -52,7 +42,10 @@ class SweepOptions(BaseModel):
     out: Path
     overwrite: bool = False
     isolated: bool = False  # one process per check (loadcheck.run) instead of a persistent worker
-    timeout: float = 300.0  # s per cell
+    timeout: float = 300.0  # s per cell (the load check; the server's start-up, when served)
+    depth: str = "load"  # load: construct + load_weights; serve: then a real server and one completion
+    backend: str = "local"  # local: the persistent worlds are children here; ray: Ray actors (sweep/ray_worlds.py)
+    ray_address: str | None = None  # --backend ray: the cluster to join (None: start a one-node cluster here)
     twin_dir: Path | None = None  # default: the user cache (twins are rebuilt from the forge cache)
 
 
@@ -116,8 +109,30 @@ def run(opts: SweepOptions, log=sys.stderr) -> RunSummary:
     return summary
 
 
+# Reports are rewritten as cells finish, but a rewrite costs more the more records there are (2.3 s
+# at 2 000 records, measured on the 0.20.2 zoo): at most REWRITE_SHARE of the sweep's time goes to it,
+# so late in a big sweep the reports lag by a few cells (a cell's log is on disk the moment it ends).
+REWRITE_SHARE = 0.2
+
+
+class _Rewriter:
+    def __init__(self) -> None:
+        self.cost, self.at = 0.0, 0.0
+
+    def maybe(self, summary, coverage) -> None:
+        now = time.monotonic()
+        if now - self.at < self.cost / REWRITE_SHARE:
+            return
+        write_reports(summary, coverage.values())
+        self.at = time.monotonic()
+        self.cost = self.at - now
+
+
 def _cells(selected, opts, pythons, versions, summary, coverage, twin_cache, worlds, log) -> None:
+    rewrite = _Rewriter()
     for i, cell in enumerate(selected, 1):
+        for done in [rel for rel in worlds if rel != cell.release]:  # releases run one after another:
+            worlds.pop(done).close()  # a finished one's world frees its memory (and its Ray slot)
         record = _cell(cell, opts, pythons[cell.release], twin_cache, worlds, versions)
         summary.scenarios.append(record)
         coverage[cell.release].count(record, twin_cache.get(cell.arch.model_type or ""))
@@ -125,7 +140,7 @@ def _cells(selected, opts, pythons, versions, summary, coverage, twin_cache, wor
             print(f"[{i}/{len(selected)}] {cell.id}: {record.verdict} ({record.seconds:.1f} s)"
                   + (f" {record.failure.signature[:160]}" if record.failure else ""), file=log, flush=True)
             _counts(summary)
-            write_reports(summary, coverage.values())
+            rewrite.maybe(summary, coverage)
 
 
 def _python(release: str) -> str:
@@ -179,17 +194,37 @@ def _cell(cell: cellmod.Cell, opts: SweepOptions, python: str, twin_cache: dict,
                                   skipped=f"not checkable here: {twin.reason}"))
     parts = _load_check(cell, opts, python, twin, worlds)
     failure = parts.get("failure")
-    if failure is not None and GPU_ONLY.match(failure.signature):
+    if failure is not None and serve.gpu_only(failure):  # data/sweep-quants.yaml `gpu_only`
         parts = {"skipped": f"not checkable here: needs a GPU-only library ({failure.signature[:200]})",
                  "server_command": parts.get("server_command")}
-    elif failure is not None and cell.quant != "none" and LAYOUT_REFUSED.match(failure.signature):
+    elif failure is not None and cell.quant != "none" and refused_on_cpu(cell.quant, failure.signature):
         parts = {"skipped": f"not checkable here: the CPU build has no kernel for this twin's {cell.quant} layout "
                             f"({failure.signature[:200]}; the reasons are in its server.log)",
                  "server_command": parts.get("server_command")}
+    depth = None
+    if opts.depth == "serve" and "skipped" not in parts and parts.get("failure") is None:
+        parts, depth = _serve_step(cell, opts, python, twin, parts)
     record = judge(EntryOutcome(**base, **parts, seconds=round(time.monotonic() - t0, 2)))
-    if twin.note and record.verdict != "skipped":  # the quantized layout in words (block size, family rule)
-        record = record.model_copy(update={"note": "; ".join(filter(None, [record.note, twin.note]))})
+    if record.verdict != "skipped":  # the depth reached, the quantized layout in words (block size, family rule)
+        record = record.model_copy(update={"note": "; ".join(filter(None, [record.note, depth, twin.note])) or None})
     return record
+
+
+def _serve_step(cell: cellmod.Cell, opts: SweepOptions, python: str, twin: twins.Twin, parts: dict) -> tuple[dict, str]:
+    """`--depth serve` after a passing load check: the parts with the server's, and the depth in words."""
+    why = serve.rules().unservable(cell.arch.model_type, cell.quant, twin.load_only)
+    if why:
+        return parts, f"depth: load (not served: {why})"
+    served = _serve(cell, opts, python, twin)
+    failure = served.get("failure")
+    if failure is not None and serve.gpu_only(failure):
+        return parts, f"depth: load (the server needs a GPU-only library: {failure.signature[:200]})"
+    return {**parts, **served}, "depth: serve (construct, load, then a server and one greedy completion)"
+
+
+def _serve(cell: cellmod.Cell, opts: SweepOptions, python: str, twin: twins.Twin) -> dict:
+    cell_dir = opts.out / cell.id
+    return serve.serve(_spec(cell, python, twin, cell_dir, opts.timeout), cell_dir / "serve.log", opts.timeout)
 
 
 def _spec(cell: cellmod.Cell, python: str, twin: twins.Twin, cell_dir: Path, timeout: float):
@@ -204,10 +239,21 @@ def _spec(cell: cellmod.Cell, python: str, twin: twins.Twin, cell_dir: Path, tim
     return LaunchSpec(argv=argv, env=env, port=0, log_path=cell_dir / "server.log", startup_timeout=timeout)
 
 
+def _world(opts: SweepOptions, python: str, env: dict, directory: Path):
+    """A release's persistent world: a child of this process, or a Ray actor (`--backend ray`)."""
+    if opts.backend == "ray":
+        from servematrix.sweep.ray_worlds import RayWorld
+
+        return RayWorld(python, env, directory, opts.ray_address)
+    from servematrix.sweep.worker import World
+
+    return World(python, env, directory)
+
+
 def _load_check(cell: cellmod.Cell, opts: SweepOptions, python: str, twin: twins.Twin, worlds: dict) -> dict:
     from servematrix.record import LoadResult
     from servematrix.serve import loadcheck
-    from servematrix.sweep.worker import World, run_check
+    from servematrix.sweep.worker import run_check
 
     cell_dir = opts.out / cell.id
     cell_dir.mkdir(parents=True, exist_ok=True)
@@ -221,7 +267,7 @@ def _load_check(cell: cellmod.Cell, opts: SweepOptions, python: str, twin: twins
         else:
             if cell.release not in worlds:
                 env = {**device_profile("cpu").get("env", {}), **spec.env}
-                worlds[cell.release] = World(python, env, opts.out / ".workers" / cell.release)
+                worlds[cell.release] = _world(opts, python, env, opts.out / ".workers" / cell.release)
             result = run_check(worlds[cell.release], spec, check)
         parts.update(load_check=result, load=LoadResult(ok=True, seconds=result.seconds))
     except StageFailed as exc:

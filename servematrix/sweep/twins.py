@@ -22,6 +22,7 @@ class Twin(BaseModel):
     reason: str | None = None  # why there is no twin
     quant: str = "none"
     note: str = ""  # a quantized twin's layout in words
+    load_only: str | None = None  # why its scenario says load check only on CPU (the mirror's MLA rule)
     spec: dict | None = None  # the ForgeSpec it was forged from (dumped), for its quantized variants
     shapes: dict[str, tuple[int, ...]] = {}  # what that spec forged: tensor name -> shape
 
@@ -50,6 +51,7 @@ def build(model_type: str, directory: Path, max_pp: int, tps: list[int]) -> Twin
         return Twin(model_type=model_type, reason=f"mirror: {type(exc).__name__}: {_line(exc)}")
     (quant,) = scenario["quants"].values()
     return Twin(model_type=model_type, path=str(path), server_args=[*scenario["server"]["args"], *quant["args"]],
+                load_only=(scenario.get("load_check") or {}).get("reason"),
                 spec=plan.spec.model_dump(mode="json"), shapes={n: tuple(t.shape) for n, t in plan.forged.items()})
 
 
@@ -74,7 +76,7 @@ def quantize(base: Twin, quant: str, tps: list[int]) -> Twin:
     except (ValueError, KeyError, RuntimeError, UserError) as exc:
         return Twin(model_type=base.model_type, quant=quant,
                     reason=f"forge ({quant}): {type(exc).__name__}: {_line(exc)}")
-    return Twin(model_type=base.model_type, quant=quant, path=str(path), note=q.note,
+    return Twin(model_type=base.model_type, quant=quant, path=str(path), note=q.note, load_only=base.load_only,
                 server_args=_dtype(base.server_args, "bfloat16" if q.spec["dtype"] == "float32" else q.spec["dtype"]))
 
 

@@ -16,14 +16,15 @@ KEYERROR = "KeyError: 'model.layers.0.self_attn.indexer.wk_weights_proj.weight'"
     ("glm_moe_dsa/pp2-fp8-block-cpu-0.20.2", ("glm_moe_dsa", "pp2", "fp8-block", "cpu-0.20.2")),
     ("llama/tp2pp2-none", ("llama", "tp2pp2", "none", "current")),
     ("LlavaForConditionalGeneration/tp1-fp8-kv-cpu-0.18.1",
-     ("LlavaForConditionalGeneration", "tp1", "fp8-kv", "cpu-0.18.1"))])
+     ("LlavaForConditionalGeneration", "tp1", "fp8-kv", "cpu-0.18.1")),
+    ("qwen3/tp2-awq-cpu-0.20.2", ("qwen3", "tp2", "awq", "cpu-0.20.2"))])
 def test_a_sweep_cell_id_parses_into_its_axes(cell_id, parts):
     c = sb.parse(cell_id)
     assert (c.key, c.layout.name, c.quant, c.release) == parts and c.id == cell_id
 
 
 @pytest.mark.parametrize("other", ["tiny-llama/tp2-pp1-bf16", "tiny-glm-5.1-dsa/tp1-pp2-bf16-cpu-0.20.2",
-                                   "llama/tp2-awq", "llama/-none", "llama", "seed-bugs"])
+                                   "llama/tp2-int3", "llama/-none", "llama", "seed-bugs"])
 def test_a_matrix_entry_id_or_an_unknown_quant_is_not_a_cell(other):
     assert sb.parse(other) is None
 

@@ -24,9 +24,9 @@ def test_a_bad_layout_is_one_argument_error(text):
 
 def test_quantizations_not_implemented_are_refused_not_skipped():
     assert cells.quants("none,none") == ["none"]
-    assert cells.quants("none,fp8-block,fp8-kv") == ["none", "fp8-block", "fp8-kv"]
-    with pytest.raises(ArgumentError, match="--quant.*awq.*checks none, fp8-block"):
-        cells.quants("fp8-block,awq")
+    assert cells.quants("none,fp8-block,fp8-kv,awq,gptq") == ["none", "fp8-block", "fp8-kv", "awq", "gptq"]
+    with pytest.raises(ArgumentError, match="--quant.*nvfp4.*checks none, fp8-block, fp8-kv, awq, gptq"):
+        cells.quants("awq,nvfp4")
 
 
 def test_ids_name_the_model_type_layout_quant_and_a_release_other_than_current():

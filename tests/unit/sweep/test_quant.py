@@ -54,7 +54,7 @@ def test_fp8_kv_adds_kv_cache_scales_where_attention_has_a_k_proj_and_says_why_n
 
 
 def test_every_quant_name_is_a_rule_and_none_comes_first():
-    assert quant.names() == ("none", "fp8-block", "fp8-kv")
+    assert quant.names() == ("none", "fp8-block", "fp8-kv", "awq", "gptq")
 
 
 def test_a_quantized_twin_is_forged_from_the_base_spec_and_serves_in_bfloat16(monkeypatch, tmp_path):
@@ -83,3 +83,35 @@ def test_a_forge_failure_is_the_twins_reason(monkeypatch):
     monkeypatch.setattr("servematrix.checkpoint.forge.forge", boom)
     t = twins.quantize(twins.Twin(model_type="llama", path="/x", spec=SPEC, shapes=SHAPES), "fp8-block", [1])
     assert not t.ok and t.reason.startswith("forge (fp8-block): RuntimeError: transformers refused")
+
+
+@pytest.mark.parametrize("method", ["awq", "gptq"])
+@pytest.mark.parametrize("tps, group", [([1], 128), ([2], 64), ([1, 2], 64)])
+def test_awq_and_gptq_take_the_first_group_that_every_tp_shard_holds_whole_in_float16(method, tps, group):
+    q = quant.quantized("llama", SPEC, SHAPES, method, tps)  # o_proj's 128 inputs: 64 a rank at TP=2
+    (entry,) = q.spec["quantize"]
+    assert entry["method"] == method and entry["group_size"] == group and q.spec["dtype"] == "float16"
+    assert f"4-bit, group {group}" in q.note
+    config = ForgeSpec.model_validate(q.spec).quantize[0].config()
+    assert config["quant_method"] == method and config["group_size"] == group
+
+
+def test_a_shard_no_group_divides_is_a_reason_naming_the_linear():
+    narrow = {**SHAPES, "model.layers.0.mlp.down_proj.weight": (128, 48)}  # 24 inputs a rank at TP=2
+    q = quant.quantized("llama", SPEC, narrow, "awq", [2])
+    assert q.spec is None and "no group size of [128, 64, 32]" in q.reason and "down_proj [128, 24] at TP=2" in q.reason
+
+
+def test_an_awq_twin_is_forged_and_served_in_float16(monkeypatch, tmp_path):
+    monkeypatch.setattr("servematrix.checkpoint.forge.forge", lambda name, spec: tmp_path / name)
+    base = twins.Twin(model_type="llama", path=str(tmp_path / "base"), spec=SPEC, shapes=SHAPES,
+                      server_args=["--enforce-eager", "--dtype", "float32"], load_only="MLA")
+    t = twins.quantize(base, "awq", [2])
+    assert t.ok and t.server_args == ["--enforce-eager", "--dtype", "float16"] and t.load_only == "MLA"
+
+
+def test_vllms_cpu_refusal_of_a_layout_is_data_per_quant():
+    refusal = "ValueError: Failed to find a kernel that can implement the ScaledMM linear layer. Reasons: ..."
+    assert quant.refused_on_cpu("fp8-block", refusal) and quant.refused_on_cpu("fp8-kv", refusal)
+    assert not quant.refused_on_cpu("fp8-block", "ValueError: Weight input_size_per_partition = 64 is not divisible")
+    assert not quant.refused_on_cpu("none", refusal)

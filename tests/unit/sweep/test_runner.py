@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 from servematrix.cli import main
-from servematrix.record import Failure, LoadCheckResult, LoadResult, RankResult, RunSummary
+from servematrix.record import (Failure, LoadCheckResult, LoadResult, PromptResult, RankResult, RunSummary,
+                                SmokeResult)
 from servematrix.sweep import cells, runner, twins
 
 REGISTRY = {"LlamaForCausalLM": {"kind": "text"}, "Qwen3MoeForCausalLM": {"kind": "text"},
@@ -85,7 +86,7 @@ def test_a_run_directory_that_holds_a_run_is_refused_before_anything_runs(tmp_pa
     assert (tmp_path / "run" / "summary.json").read_text() == before
 
 
-@pytest.mark.parametrize("argv, words", [(["--layouts", "tp2dp2"], "--layouts"), (["--quant", "awq"], "--quant"),
+@pytest.mark.parametrize("argv, words", [(["--layouts", "tp2dp2"], "--layouts"), (["--quant", "int3"], "--quant"),
                                          (["--vllm", "cpu-9.9.9"], "--vllm: not a declared"), (["--limit", "0"], "--limit")])
 def test_bad_arguments_are_one_line_and_exit_2(tmp_path, argv, words, capsys, doubles):
     assert main(["sweep", "--out", str(tmp_path / "x"), *argv]) == 2
@@ -148,3 +149,82 @@ def test_no_cpu_kernel_for_a_quantized_layout_is_not_checkable_a_shard_smaller_t
     assert "the CPU build has no kernel for this twin's fp8-block layout" in by_id["llama/pp2-fp8-block"].note
     assert by_id["llama/pp2-none"].verdict == "fail"  # unquantized: the same refusal is a failure
     assert by_id["llama/tp1-fp8-block"].verdict == "fail"  # vLLM #52997, open upstream: a failure
+
+
+@pytest.fixture
+def served(doubles, monkeypatch):
+    """`--depth serve` with the server scripted: llama answers at tp1, dies at pp2 (a forward-time bug)."""
+    calls = []
+
+    def serve_double(cell, opts, python, twin):
+        calls.append(cell.id)
+        if cell.pp == 2:
+            f = Failure.of("exception", "RuntimeError: shape '[1, 4, 64]' is invalid", "serve")
+            return {"failure": f, "load": LoadResult(ok=False, error=f)}
+        prompt = PromptResult(name="completion", endpoint="completions", ok=True, text=" 72")
+        return {"smoke": SmokeResult(ok=True, prompts=[prompt]), "load": LoadResult(ok=True, seconds=20.0)}
+
+    monkeypatch.setattr(runner, "_serve", serve_double)
+    return calls
+
+
+def test_depth_serve_serves_each_cell_whose_load_check_passed_and_labels_the_depth(tmp_path, served):
+    summary = runner.run(options(tmp_path, k="llama/*,qwen3_moe/*", depth="serve"))
+    by_id = {r.id: r for r in summary.scenarios}
+    assert served == ["llama/tp1-none", "llama/pp2-none", "qwen3_moe/tp1-none"]  # qwen3_moe pp2 failed its load check
+    ok = by_id["llama/tp1-none"]
+    assert ok.verdict == "pass" and ok.smoke.ok and ok.load_check is not None and "depth: serve" in ok.note
+    dead = by_id["llama/pp2-none"]
+    assert dead.verdict == "fail" and dead.failure.phase == "serve" and dead.failure.signature.startswith("RuntimeError")
+    assert by_id["qwen3_moe/pp2-none"].failure.phase == "load" and by_id["qwen3_moe/pp2-none"].smoke is None
+    md = (tmp_path / "run" / "load-success.md").read_text()
+    assert "| llama | ✓ [1] | ✗ [2] |" in md  # served cells are plain ✓/✗, as run's grid marks a served entry
+    assert "| 5 | 3 | 2 | 4 | 2 | 2 | 2 |" in (tmp_path / "run" / "coverage.md").read_text()  # ... served: 2
+
+
+def test_the_default_depth_never_starts_a_server(tmp_path, served):
+    summary = runner.run(options(tmp_path, k="llama/*"))
+    assert served == [] and all(r.smoke is None and r.note is None for r in summary.scenarios)
+
+
+def test_a_cell_the_data_says_cannot_be_served_stops_at_its_load_check_with_the_reason(
+        tmp_path, served, monkeypatch):
+    monkeypatch.setattr(runner.serve, "rules", lambda: runner.serve.ServeRules(
+        prompt={"name": "p", "prompt": "x"}, model_types={"llama": "no CPU kernel for its attention"}))
+    by_id = {r.id: r for r in runner.run(options(tmp_path, k="llama/*", depth="serve")).scenarios}
+    assert served == [] and by_id["llama/tp1-none"].verdict == "pass"
+    assert by_id["llama/tp1-none"].note == "depth: load (not served: no CPU kernel for its attention)"
+
+
+def test_a_server_stopped_by_a_gpu_only_library_leaves_the_load_checks_pass(tmp_path, doubles, monkeypatch):
+    f = Failure.of("exception", "ModuleNotFoundError: No module named 'flash_attn'", "serve")
+    monkeypatch.setattr(runner, "_serve", lambda cell, opts, python, twin: {"failure": f,
+                                                                          "load": LoadResult(ok=False, error=f)})
+    (r, _) = runner.run(options(tmp_path, k="llama/*", depth="serve")).scenarios
+    assert r.verdict == "pass" and r.failure is None and "depth: load (the server needs a GPU-only library" in r.note
+
+
+def test_report_rewrites_take_at_most_their_share_of_the_sweeps_time(monkeypatch):
+    """A rewrite that costs 1 s is not repeated within the next 1 / REWRITE_SHARE s; a cheap one
+    is repeated after every cell."""
+    clock = {"t": 0.0}
+    writes = []
+
+    def write(summary, coverage):
+        writes.append(clock["t"])
+        clock["t"] += cost["s"]  # the rewrite itself takes this long
+
+    cost = {"s": 1.0}
+    monkeypatch.setattr(runner.time, "monotonic", lambda: clock["t"])
+    monkeypatch.setattr(runner, "write_reports", write)
+    rewrite = runner._Rewriter()
+    for _ in range(12):  # a cell every second
+        rewrite.maybe(None, {})
+        clock["t"] += 1.0
+    assert writes == [0.0, 6.0, 12.0]  # each 1-s rewrite followed by >= 1 / REWRITE_SHARE s of cells
+    cost["s"], writes[:] = 0.0, []
+    rewrite = runner._Rewriter()
+    for _ in range(5):
+        rewrite.maybe(None, {})
+        clock["t"] += 1.0
+    assert len(writes) == 5

@@ -1,0 +1,93 @@
+"""The sweep's serve step (`--depth serve`): after a cell's load check passes, a real vLLM server on
+the same command line (serve/server.py's LocalServer: spawn, wait for /health while watching the
+process, stop the tree on every path) and one greedy completion (check/smoke.py's run_smoke), so
+forward-time bugs (#38191: loads, then crashes or answers nothing) show too.
+
+Which cells are served is data: the twin's own scenario (the mirror writes `load_check:` for
+families with no CPU attention kernel, MLA) and the `serve:` section of data/sweep-quants.yaml (per
+quantization and per model_type, each with its reason). A cell that is not served keeps its load
+check's verdict and says why it stopped there. A served cell that dies at start-up, hangs or
+answers nothing fails with the server's own signature, phase `serve`: that cell alone.
+"""
+
+from __future__ import annotations
+
+import re
+from functools import lru_cache
+from pathlib import Path
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field
+
+from servematrix.config.scenario import SmokePrompt, SmokeSpec
+from servematrix.record import Failure, StageFailed
+from servematrix.sweep.quant import RULES
+
+DEPTHS = ("load", "serve")  # `--depth`: load (construct + load_weights) is the default, serve adds a server
+SERVED_NAME = "sweep-twin"  # --served-model-name: every twin answers to one name
+
+
+class ServeRules(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    prompt: SmokePrompt
+    request_timeout: float = Field(120.0, gt=0)
+    quants: dict[str, str] = Field(default_factory=dict)  # --quant name -> why its cells stop at the load check
+    model_types: dict[str, str] = Field(default_factory=dict)  # model_type -> why
+
+    def unservable(self, model_type: str | None, quant: str, twin_reason: str | None) -> str | None:
+        """Why a cell is not served (None: it is)."""
+        return twin_reason or self.quants.get(quant) or self.model_types.get(model_type or "")
+
+
+@lru_cache(maxsize=1)
+def _data() -> dict:
+    return yaml.safe_load(RULES.read_text())
+
+
+def rules() -> ServeRules:
+    return ServeRules.model_validate(_data()["serve"])
+
+
+def gpu_only(failure: Failure) -> bool:
+    """Whether `failure` stopped at a library the CPU build lacks (data/sweep-quants.yaml `gpu_only`)."""
+    return any(re.search(p, failure.signature) for p in _data()["gpu_only"])
+
+
+def serve_argv(load_argv: list[str], port: int) -> list[str]:
+    """The load check's server command line, listening on `port` under one model name."""
+    return [*load_argv, "--host", "127.0.0.1", "--port", str(port), "--served-model-name", SERVED_NAME]
+
+
+def serve(load_spec, log_path: Path, timeout: float, make_server=None) -> dict:
+    """Start the cell's server, send one greedy completion, stop it. The record parts: `smoke`, and
+    `failure` (+ `load`) when it did not start or did not answer. `make_server`: a LaunchSpec ->
+    Server factory (default: serve/server.py's local kind)."""
+    from servematrix.check.smoke import run_smoke, smoke_failure
+    from servematrix.record import LoadResult
+    from servematrix.serve import process
+    from servematrix.serve.server import LaunchSpec, server_factory
+
+    port = process.free_port()
+    spec = LaunchSpec(argv=serve_argv(load_spec.argv, port), env=load_spec.env, port=port, log_path=log_path,
+                      startup_timeout=timeout)
+    r = rules()
+    smoke_spec = SmokeSpec(prompts=[r.prompt], parity={"enabled": False}, request_timeout=r.request_timeout)
+    parts: dict = {}  # the command line heads the log (LocalServer writes it first)
+    try:
+        with (make_server or server_factory("local"))(spec) as server:
+            healthy = round(server.healthy_at - server.started_at, 2) if server.healthy_at else None
+            parts["load"] = LoadResult(ok=True, seconds=healthy)
+            parts["smoke"] = smoke = run_smoke(spec.base_url, SERVED_NAME, smoke_spec)
+            failed = smoke_failure(smoke)
+            if failed is not None:  # a transport error: did the server die under the request?
+                died = None if server.alive() else server.death("smoke")
+                parts["failure"] = _phase(died or failed)
+    except StageFailed as exc:
+        parts.update(exc.recorded)
+        parts["failure"] = _phase(exc.failure)
+    return parts
+
+
+def _phase(failure: Failure) -> Failure:
+    return failure.model_copy(update={"phase": "serve"})
