@@ -89,11 +89,12 @@ def _world_run(request: dict, n: int) -> dict:
     _, server_argv = lw._args(request["argv"])
     world = lw._world(server_argv)
     port = lw._free_port()
+    ident = f"servematrix-sweep-{os.getpid()}-{n}"
     pids = []
     for rank in range(world):
         pid = os.fork()
         if pid == 0:
-            _rank_child(rank, request, port, f"servematrix-sweep-{os.getppid()}-{n}")
+            _rank_child(rank, request, port, ident)
         pids.append(pid)
     codes: dict[int, int] = {}
     failed_at = None
@@ -110,6 +111,7 @@ def _world_run(request: dict, n: int) -> dict:
             codes[pid] = os.waitstatus_to_exitcode(status)
             if codes[pid] != 0 and failed_at is None:
                 failed_at = time.monotonic()
+    lw.remove_shm(ident)  # every rank is reaped: a failed or killed one left its segments behind
     return {"codes": [codes[p] for p in pids], "seconds": round(time.monotonic() - t0, 2)}
 
 

@@ -70,3 +70,15 @@ def test_one_failed_rank_fails_the_check_and_no_partial_digests_are_kept(tmp_pat
 
 def test_no_rank_reporting_is_a_failed_check(tmp_path):
     assert not loadcheck._collect(tmp_path, 1.0).ok
+
+
+def test_a_checks_shared_memory_segments_are_removed_and_no_one_elses(tmp_path):
+    from servematrix.serve import loadcheck_worker
+
+    ours = ["servematrix-sweep-7-3-tp:0-[0-1]-cpushm_0", "servematrix-sweep-7-3-pp:0-[0-1]-cpushm_1"]
+    others = ["servematrix-sweep-7-31-tp:0-[0-1]-cpushm_0", "vllm_dist_ab12-tp:0-[0-1]-cpushm_0", "psm_0cc3dc18"]
+    for name in ours + others:
+        (tmp_path / name).write_bytes(b"x")
+    assert loadcheck_worker.remove_shm("servematrix-sweep-7-3", str(tmp_path)) == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(others)
+    assert loadcheck_worker.remove_shm("servematrix-sweep-7-3", str(tmp_path / "gone")) == 0
