@@ -53,9 +53,14 @@ class QuantSpec(BaseModel):
 
 
 @lru_cache(maxsize=1)
+def data() -> dict[str, Any]:
+    """sweep-quants.yaml, parsed once: its `quants` here, its `serve` and `gpu_only` in serve.py."""
+    return yaml.safe_load(RULES.read_text())
+
+
+@lru_cache(maxsize=1)
 def rules() -> dict[str, QuantRule]:
-    data = yaml.safe_load(RULES.read_text())["quants"]
-    return {name: QuantRule.model_validate(rule) for name, rule in data.items()}
+    return {name: QuantRule.model_validate(rule) for name, rule in data()["quants"].items()}
 
 
 def names() -> tuple[str, ...]:

@@ -16,14 +16,14 @@ import re
 from functools import lru_cache
 from pathlib import Path
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field
 
 from servematrix.config.scenario import SmokePrompt, SmokeSpec
 from servematrix.record import Failure, StageFailed
-from servematrix.sweep.quant import RULES
+from servematrix.sweep import quant
 
 DEPTHS = ("load", "serve")  # `--depth`: load (construct + load_weights) is the default, serve adds a server
+RULES = quant.RULES  # the serve rules sit in the quantizations' data file (parsed once, by quant.data)
 SERVED_NAME = "sweep-twin"  # --served-model-name: every twin answers to one name
 
 
@@ -41,17 +41,13 @@ class ServeRules(BaseModel):
 
 
 @lru_cache(maxsize=1)
-def _data() -> dict:
-    return yaml.safe_load(RULES.read_text())
-
-
 def rules() -> ServeRules:
-    return ServeRules.model_validate(_data()["serve"])
+    return ServeRules.model_validate(quant.data()["serve"])
 
 
 def gpu_only(failure: Failure) -> bool:
     """Whether `failure` stopped at a library the CPU build lacks (data/sweep-quants.yaml `gpu_only`)."""
-    return any(re.search(p, failure.signature) for p in _data()["gpu_only"])
+    return any(re.search(p, failure.signature) for p in quant.data()["gpu_only"])
 
 
 def serve_argv(load_argv: list[str], port: int) -> list[str]:
