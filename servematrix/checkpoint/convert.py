@@ -14,7 +14,7 @@ from typing import Annotated, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, StringConstraints
 
-from servematrix.paths import build_cached, cache_dir
+from servematrix.paths import build_cached, cache_dir, code_digest
 from servematrix.config.fields import OneLine
 
 CONVERT_VERSION = 1
@@ -63,7 +63,9 @@ def gguf_path(src: GgufSource) -> Path:
 
 def converted_dir(name: str, src: GgufSource) -> Path:
     version = importlib.metadata.version(src.package)
-    key = hashlib.sha256(json.dumps([CONVERT_VERSION, version, src.model_dump()], sort_keys=True).encode())
+    # the converter's own source and the libraries it reads and writes with: see paths.code_digest
+    code = code_digest(("checkpoint/convert.py",), ("gguf", "transformers", "tokenizers", "torch", "safetensors"))
+    key = hashlib.sha256(json.dumps([CONVERT_VERSION, version, code, src.model_dump()], sort_keys=True).encode())
     return cache_dir() / "converted" / f"{name}-{key.hexdigest()[:16]}"
 
 

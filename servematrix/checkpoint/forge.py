@@ -28,7 +28,7 @@ from servematrix.checkpoint.forge_spec import ForgeSpec, TokenizerSpec
 from servematrix.checkpoint.forge_tensors import (add_tensors, mutate, quantize_fp8_blocks, quantize_weights,
                                                   rename_tensors, save_tensors)
 from servematrix.checkpoint.quantize import quantization_config
-from servematrix.paths import build_cached, cache_dir, gsm8k_test_jsonl
+from servematrix.paths import build_cached, cache_dir, code_digest, gsm8k_test_jsonl
 
 CHATML_TEMPLATE = (
     "{% for message in messages %}"
@@ -39,8 +39,14 @@ CHATML_TEMPLATE = (
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 
 
+# What a forged checkpoint's bytes depend on besides its spec: the modules that write it and the
+# libraries they call (transformers' classes, the trained tokenizer, torch's RNG and serializer).
+WRITERS = ("checkpoint/forge.py", "checkpoint/forge_tensors.py", "checkpoint/quantize.py", "checkpoint/quant_pack.py")
+LIBRARIES = ("transformers", "tokenizers", "torch", "safetensors")
+
+
 def checkpoint_dir(name: str, spec: ForgeSpec) -> Path:
-    return cache_dir() / "forged" / f"{name}-{spec.key()}"
+    return cache_dir() / "forged" / f"{name}-{spec.key()}-{code_digest(WRITERS, LIBRARIES)}"
 
 
 def forge(name: str, spec: ForgeSpec) -> Path:

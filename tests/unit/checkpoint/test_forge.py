@@ -224,7 +224,7 @@ def test_resolve_without_building_names_the_forged_path_and_writes_nothing(tmp_p
     store = ScenarioStore(REPO / "scenarios")
     scenario = store.get("tiny-llama")
     path = resolve(scenario, store.directory, build=False)
-    assert path == str(cache / "forged" / f"tiny-llama-{scenario.model.forge.key()}")
+    assert path.startswith(str(cache / "forged" / f"tiny-llama-{scenario.model.forge.key()}-"))
     assert not cache.exists()
     converted = resolve(store.get("smollm2-135m"), store.directory, build=False)
     assert converted.startswith(str(cache / "converted" / "smollm2-135m-")) and not cache.exists()
@@ -285,3 +285,27 @@ def test_extras_without_arange_keep_the_cache_key_they_had_before_the_field_exis
     old = hashlib.sha256(json.dumps({"v": FORGE_VERSION, **dump}, sort_keys=True).encode()).hexdigest()[:16]
     assert s.key() == old
     assert spec(extra_tensors=[ExtraTensor(name="p", shape=[1, 4], arange=True, dtype="int64")]).key() != old
+
+
+def test_the_forged_path_changes_with_the_code_that_writes_it(tmp_path, monkeypatch):
+    """The forge cache is shared by every clone on a machine (CI's test cache): a checkpoint
+    written by other forge code, or under other library versions, must not be reused."""
+    from servematrix import paths
+    from servematrix.checkpoint import forge
+
+    monkeypatch.setenv("SERVEMATRIX_CACHE", str(tmp_path))
+    s = spec()
+    before = forge.checkpoint_dir("t", s)
+    assert forge.checkpoint_dir("t", s) == before  # stable for the same spec and code
+    paths.code_digest.cache_clear()
+    real = paths.Path.read_bytes
+
+    def edited(self):
+        data = real(self)
+        return data + b"# edited" if self.name == "forge_tensors.py" else data
+
+    monkeypatch.setattr(paths.Path, "read_bytes", edited)
+    try:
+        assert forge.checkpoint_dir("t", s) != before
+    finally:
+        paths.code_digest.cache_clear()
