@@ -6,8 +6,9 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, Field, model_validator
+from pydantic import BaseModel, Field, field_validator, model_validator
 
+from servematrix import versions
 from servematrix.record_gsm8k import PairedResult, Protocol, QuestionResult
 
 # summary.json's layout: bumped when a reader of this code could no longer read a summary right.
@@ -191,6 +192,15 @@ class Expected(BaseModel):
     signature: str | None = None
     strict: bool = True
     until: str | None = None  # a waiver's end: ISO date or release (report/waivers.py)
+
+    @field_validator("until")
+    @classmethod
+    def _until(cls, v: str | None) -> str | None:
+        # a summary another tool edited may say anything here: an end that cannot be read is
+        # refused when the summary is read (exit 2), never judged "expired" (exit 1)
+        if v is not None:
+            versions.parse_until(v)
+        return v
 
     @model_validator(mode="before")
     @classmethod

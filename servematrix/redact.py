@@ -119,10 +119,23 @@ def url_passwords(text: str) -> set[str]:
     return {m.group(2) for m in _URL_PASSWORD.finditer(text)}
 
 
+# `NAME=value` in free text (a .env line echoed by an error, a shell line in a log): the value of a
+# secret-named variable is secret there too (rule a). Upper-case names and `=` only, as a shell or
+# a .env file writes them: a log's `prompt_token_ids=[1, 2]` or a JSON "token_ids": [...] is no
+# assignment of a credential.
+_ASSIGNMENT = re.compile(r"(?<![\w-])([A-Z_][A-Z0-9_]*)=('[^'\n]*'|\"[^\"\n]*\"|[^\s'\",;]+)")
+
+
 def text_secrets(text: str) -> set[str]:
     """Secrets that free text gives away by itself: URL passwords, values of credential flags
-    (`--api-key K` in a printed command), except the flag's own metavar in a usage message."""
+    (`--api-key K` in a printed command), except the flag's own metavar in a usage message, and
+    values assigned to secret-named variables (`HF_TOKEN=hf_...`)."""
     out = url_passwords(text)
+    if "=" in text:
+        for m in _ASSIGNMENT.finditer(text):
+            if is_secret(m.group(1)):
+                value = m.group(2)
+                out.add(value[1:-1] if value[0] in "'\"" and len(value) > 1 and value[-1] == value[0] else value)
     for m in _FLAG_IN_TEXT.finditer(text):
         name, value = m.group(1).lower().replace("_", "-"), m.group(2)
         if name in CREDENTIAL_FLAGS:
@@ -144,6 +157,10 @@ def remember(values: Iterable[str]) -> None:
 
 
 def remember_launch(argv: Iterable[str], env: Mapping[str, str]) -> None:
+    """Register the credentials a command line and its environment hold (rules a-c). Called when a
+    server is launched, and already when a scenario file is read (config.scenario): a value that
+    reappears in a field the user wrote (an xfail reason, a signature) is then masked in every
+    report, record and printed line, not only in the commands (rule d)."""
     argv = list(argv)
     values = {*argv_secrets(argv).values(), *env_secrets(env)}
     for arg in argv:
@@ -268,6 +285,37 @@ def one_line(text: str) -> str:
     the terminal."""
     text = redact_text(text)
     return "".join(" " if unicodedata.category(c) in _LINE_BREAKING else c for c in text)
+
+
+_UNPRINTABLE = {"Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp"}  # controls, format (bidi overrides), separators
+MAX_FIELD = 200  # characters of one value in a table row (an id, a reason): enough for any real one
+
+
+def terminal(text: object, width: int | None = MAX_FIELD) -> str:
+    """A value read from a file or database (an id, a reason, a signature) as it may be printed:
+    secrets masked, every control or format character and line separator shown as an escape
+    (\\x1b, \\n, \\u202e), so it can neither redraw the terminal nor forge a line of output;
+    and at most `width` characters (None: unbounded), cut in the middle with '…' so that both its
+    start and its end stay readable. Every printer of such values goes through here."""
+    text = redact_text(str(text))
+    if any(unicodedata.category(c) in _UNPRINTABLE for c in text):
+        text = "".join(c if unicodedata.category(c) not in _UNPRINTABLE else _escape(c) for c in text)
+    if width is not None and len(text) > width:
+        head = max(1, (width - 1) * 2 // 3)
+        tail = max(0, width - 1 - head)
+        text = text[:head] + "…" + (text[-tail:] if tail else "")
+    return text
+
+
+def _escape(c: str) -> str:
+    return {"\n": "\\n", "\r": "\\r", "\t": "\\t"}.get(c) or \
+        (f"\\x{ord(c):02x}" if ord(c) < 0x100 else f"\\u{ord(c):04x}" if ord(c) < 0x10000 else f"\\U{ord(c):08x}")
+
+
+def column_width(values: Iterable[str], least: int = 0, width: int = MAX_FIELD) -> int:
+    """The width a table column of `values` (as `terminal` shows them) is padded to: the longest,
+    never more than `width` (a 1 MB id must not pad every row to 1 MB)."""
+    return min(width, max([least, *(len(v) for v in values)]))
 
 
 # --- a child's output, redacted on its way into a log ------------------------------------------

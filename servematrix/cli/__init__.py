@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except UserError as exc:
         if args.debug:
-            raise
+            _traceback()
         print(f"error: {_one_line(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
@@ -58,13 +58,24 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except Exception as exc:  # noqa: BLE001 - the last line of defence: no traceback, exit 2
         if args.debug:
-            raise
-        print(f"error: internal error ({type(exc).__name__}: {_one_line(exc)}); "
-              "run again with --debug for the traceback", file=sys.stderr)
+            _traceback()
+        print(f"error: internal error ({type(exc).__name__}: {_one_line(exc)})"
+              + ("" if args.debug else "; run again with --debug for the traceback"), file=sys.stderr)
         return 2
 
 
 def _one_line(exc: BaseException) -> str:
+    from servematrix.redact import terminal
+
+    return terminal(" ".join(str(exc).split()), width=2000)
+
+
+def _traceback() -> None:
+    """--debug: the traceback, redacted like every other line servematrix prints (its frames show
+    argument values and file contents), then the usual one line and exit code: --debug changes
+    what is shown, never the verdict (1 means regression; a user error stays 2)."""
+    import traceback
+
     from servematrix.redact import redact_text
 
-    return redact_text(" ".join(str(exc).split()))[:2000]
+    print(redact_text(traceback.format_exc()).rstrip("\n"), file=sys.stderr)

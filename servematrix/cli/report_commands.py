@@ -15,6 +15,8 @@ from pathlib import Path
 from servematrix.cli.args import non_negative_int, positive_int, unit_interval
 from servematrix.errors import ArgumentError, ConfigError, StateError
 
+DEFAULT_DB = "reports/history.sqlite"  # where runs append, beside their run directories
+
 
 def add_gate(sub) -> None:
     g = sub.add_parser("gate", help="release decision from a run: 0 ship, 1 regression, 2 cannot judge")
@@ -37,9 +39,7 @@ def cmd_gate(args) -> int:
 
     run = gate.load_summary(Path(args.run_dir))
     baseline = gate.load_summary(Path(args.baseline)) if args.baseline else None
-    db = Path(args.db) if args.db else history.db_path(Path(args.run_dir))
-    if args.db and not db.is_file():  # named explicitly: a typo must not read as "no history"
-        raise ArgumentError("--db", f"{db}: no such history database")
+    db = _named_db("--db", args.db) if args.db else history.db_path(Path(args.run_dir))
     last = args.history or waivers.DEFAULT_LAST
     # the history is read only when asked for (a plain gate judges the run alone, as it always has)
     asked = args.history or args.db or args.fail_on_stale_waivers
@@ -78,9 +78,7 @@ def cmd_waivers(args) -> int:
     if any(w.release == envs.CURRENT for w in found):  # the version "current" runs, for release-valued untils
         current = envs.versions(envs.CURRENT, sys.executable)["vllm"]
         found = [w.model_copy(update={"version": current}) if w.release == envs.CURRENT else w for w in found]
-    db = Path(args.history or "reports/history.sqlite")
-    if args.history and not db.is_file():  # named explicitly: a typo must not read as "no history"
-        raise ArgumentError("--history", f"{db}: no such history database")
+    db = _named_db("--history", args.history) if args.history else Path(DEFAULT_DB)
     last = args.last or waivers.DEFAULT_LAST
     results = history.trend(db, last)
     evidence = waivers.Evidence(today=datetime.datetime.now(datetime.timezone.utc).date(), last=last,
@@ -161,7 +159,7 @@ def _existing_references(path: Path) -> list:
 
 def add_history(sub) -> None:
     h = sub.add_parser("history", help="last verdicts and accuracies per scenario")
-    h.add_argument("--db", default="reports/history.sqlite")
+    h.add_argument("--db", help=f"the history database (default: {DEFAULT_DB}; named here, it must exist)")
     h.add_argument("--last", type=positive_int, default=10)
     h.add_argument("-k", help="substring of the scenario id")
     h.set_defaults(func=cmd_history)
@@ -170,8 +168,18 @@ def add_history(sub) -> None:
 def cmd_history(args) -> int:
     from servematrix.report import history
 
-    print(history.render_trend(history.trend(Path(args.db), args.last, args.k)))
+    db = _named_db("--db", args.db) if args.db else Path(DEFAULT_DB)
+    print(history.render_trend(history.trend(db, args.last, args.k)))
     return 0
+
+
+def _named_db(flag: str, value: str) -> Path:
+    """A history database the user named: it must be there. Only the default place may be absent
+    ("no history yet"): a typo must not read as an empty history, in every command that reads one."""
+    db = Path(value)
+    if not os.path.lexists(db):
+        raise ArgumentError(flag, f"{db}: no such history database")
+    return db
 
 
 def add_diff(sub) -> None:
@@ -182,6 +190,7 @@ def add_diff(sub) -> None:
 
 
 def cmd_diff(args) -> int:
+    from servematrix.redact import terminal
     from servematrix.report import gate
     from servematrix.report.comparison import compare_runs
 
@@ -190,8 +199,8 @@ def cmd_diff(args) -> int:
     changes = compare_runs(gate.load_summary(Path(args.run_a)), gate.load_summary(Path(args.run_b)), refuse=False)
     for title, items in changes.sections().items():
         print(f"{title}: {len(items)}")
-        for i in items:
-            print(f"  - {i}")
+        for i in items:  # ids and signatures from the summaries: shown, never obeyed (redact.terminal)
+            print(f"  - {terminal(i, gate.LINE)}")
     return 0
 
 

@@ -68,12 +68,14 @@ def add_list(sub) -> None:
 
 def cmd_list(args) -> int:
     from servematrix.config.expand import select
+    from servematrix.redact import terminal
 
     for m in _matrices(args.matrix):
         for e in select(m.entries, args.k):
             exp = e.expectation
-            extra = f"  [xfail: {exp.reason}]" if exp.expect == "xfail" else ""
-            print(f"{e.id}{extra}" if not args.verbose else f"{e.id}\t{','.join(e.tags)}\t{e.origin}{extra}")
+            # the reason is the user's free text: a scenario's credential written there is masked
+            extra = f"  [xfail: {terminal(exp.reason, None)}]" if exp.expect == "xfail" else ""
+            print(f"{e.id}{extra}" if not args.verbose else f"{e.id}\t{','.join(e.tags)}\t{terminal(e.origin, None)}{extra}")
     return 0
 
 

@@ -11,11 +11,11 @@ from __future__ import annotations
 import datetime
 import fnmatch
 import math
-import re
 from typing import Annotated, Literal
 
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, HttpUrl, model_validator
 
+from servematrix import versions
 from servematrix.config.fields import OneLine, PathText, Regex, Seconds
 from servematrix.config.scenario import DeviceName, Gsm8kLimit, Name, Parallel
 from servematrix.config.yamlio import field_error
@@ -43,29 +43,22 @@ def _known_fixes(v: list[str]) -> list[str]:
     return v
 
 
-_RELEASE_RE = re.compile(r"([a-z][a-z0-9]*)-(\d+(?:\.\d+){1,3})")
-
-
 def _until(v: object) -> str:
     """A waiver's end: an ISO date (YAML reads an unquoted 2027-01-31 as a date) or a release of a
     declared family (`cpu-0.33.0`: it need not be declared yet — a waiver usually names the release
-    expected to fix it). Kept as text; report/waivers.py decides when it has passed."""
+    expected to fix it). Kept as text; read by versions.parse_until (bounded: a 5,000-digit release
+    is refused here, at its line) and judged by report/waivers.py."""
     if isinstance(v, datetime.datetime):  # a timestamp: a waiver ends on a day, not at an hour
         raise ValueError("a date (YYYY-MM-DD) without a time, or a release such as cpu-0.33.0")
     if isinstance(v, datetime.date):
         return v.isoformat()
-    if not isinstance(v, str):
-        raise ValueError("a date (YYYY-MM-DD) or a release such as cpu-0.33.0")
-    if re.fullmatch(r"\d{4}-\d{2}-\d{2}", v):
-        try:
-            return datetime.date.fromisoformat(v).isoformat()
-        except ValueError:
-            raise ValueError(f"{v!r} is not a calendar date (YYYY-MM-DD)") from None
+    end = versions.parse_until(v)  # a VersionError is a ValueError: reported at this field's line
+    if isinstance(end, datetime.date):
+        return end.isoformat()
     from servematrix.serve import envs
 
     families = sorted({name.split("-", 1)[0] for name in envs.releases() if "-" in name})
-    m = _RELEASE_RE.fullmatch(v)
-    if m is None or m.group(1) not in families:
+    if end[0] not in families:
         raise ValueError(f"expected a date (YYYY-MM-DD) or a release <family>-<version> of a declared family "
                          f"({', '.join(f + '-X.Y.Z' for f in families)}; servematrix/data/vllm-releases.yaml), "
                          f"got {v!r}")

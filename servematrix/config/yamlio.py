@@ -7,7 +7,10 @@ line. The field types every configuration model shares are in fields.py."""
 
 from __future__ import annotations
 
+import errno
+import os
 import re
+import stat
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -16,8 +19,9 @@ from pydantic import BaseModel, ValidationError
 from pydantic_core import PydanticCustomError
 
 from servematrix.errors import ConfigError
+from servematrix.redact import redact_text
 
-__all__ = ["ConfigError", "Located", "load_yaml", "validate", "field_error", "is_file"]
+__all__ = ["ConfigError", "Located", "load_yaml", "validate", "field_error", "is_file", "not_a_file"]
 
 M = TypeVar("M", bound=BaseModel)
 Loc = tuple[str | int, ...]
@@ -187,9 +191,17 @@ def load_yaml(path: Path | str) -> Located:
 
 
 def _read_text(path: Path) -> str:
-    """The file as UTF-8 text, at most MAX_FILE_BYTES."""
+    """The file as UTF-8 text, at most MAX_FILE_BYTES. Opened without blocking and checked to be a
+    regular file before a byte is read: a FIFO named like a configuration file would hang the
+    command, a device would never end."""
     try:
-        with open(path, "rb") as f:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    except OSError as exc:
+        raise ConfigError(path, None, None, not_a_file(path) or f"cannot read: {exc.strerror or exc}") from None
+    try:
+        with os.fdopen(fd, "rb") as f:
+            if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+                raise ConfigError(path, None, None, not_a_file(path) or "not a regular file")
             raw = f.read(MAX_FILE_BYTES + 1)
     except OSError as exc:
         raise ConfigError(path, None, None, f"cannot read: {exc.strerror or exc}") from None
@@ -213,6 +225,25 @@ def _check_printable(path: Path, text: str) -> None:
         raise ConfigError(path, line, None, f"control character U+{ord(bad.group()):04X} at column {column}: YAML "
                                             "allows only printable text (write it as an escape in a double-quoted "
                                             "string)")
+
+
+def not_a_file(path: Path) -> str | None:
+    """Why something at `path` is not a configuration file servematrix can read — a directory, a
+    FIFO, a device, a symlink that loops or points nowhere — or None (a regular file, or nothing
+    there at all: the caller says what is missing)."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return f"is a symlink to a missing file ({os.readlink(path)})" if os.path.islink(path) else None
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            return "is a symlink that loops (it never reaches a file)"
+        return f"cannot be read: {exc.strerror or exc}"
+    if stat.S_ISREG(st.st_mode):
+        return None
+    kind = ("a directory" if stat.S_ISDIR(st.st_mode) else "a FIFO" if stat.S_ISFIFO(st.st_mode)
+            else "a socket" if stat.S_ISSOCK(st.st_mode) else "a device")
+    return f"is {kind}, not a YAML file"
 
 
 def is_file(path: Path) -> bool:
@@ -257,7 +288,8 @@ def _message(err: dict) -> str:
         return err["msg"]
     if any(part in ("env", "args") for part in err["loc"]):  # may hold a secret: never echoed
         return err["msg"]
-    shown = repr(value)
+    # masked before it is cut: a secret cut in half would no longer be recognised
+    shown = repr(redact_text(value) if isinstance(value, str) else value)
     return f"{err['msg']} (got {shown[:60] + '...' if len(shown) > 60 else shown})"
 
 

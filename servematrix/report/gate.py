@@ -20,10 +20,14 @@ from pathlib import Path
 from pydantic import BaseModel, Field, ValidationError
 
 from servematrix.errors import StateError
+from servematrix.redact import column_width, terminal
 from servematrix.report.comparison import compare_runs
 from servematrix.report.history import Standing, standing
 from servematrix.record import KNOWN_SCHEMA_VERSIONS, RunSummary, ScenarioRecord
 from servematrix.check.verdict import EXIT_INFRA, EXIT_OK, EXIT_REGRESSION, unjudged
+
+
+LINE = 2000  # characters of one printed note or list item (a signature, a reason)
 
 
 class Row(BaseModel):
@@ -182,22 +186,25 @@ def decide(run: RunSummary, baseline: RunSummary | None = None, min_load_rate: f
 
 
 def render(d: Decision, run: RunSummary) -> str:
-    w_id = max([len(r.id) for r in d.rows] + [8])
+    """The gate's table and lists. Every value comes from files (summary.json, the history), so
+    each goes through redact.terminal: escapes shown, not obeyed; an id cut to a bounded width."""
+    ids = [terminal(r.id) for r in d.rows]
+    w_id = column_width(ids, least=8)
     lines = [f"{'scenario':<{w_id}}  {'verdict':<8}  {'load':<14}  accuracy / note",
              f"{'-' * w_id}  {'-' * 8}  {'-' * 14}  {'-' * 30}"]
-    for r in d.rows:
+    for r, rid in zip(d.rows, ids):
         extra = r.accuracy if r.accuracy != "-" else ""
         extra = "; ".join(x for x in (extra, r.note) if x)
-        lines.append(f"{r.id:<{w_id}}  {r.verdict:<8}  {r.load:<14}  {extra}")
+        lines.append(f"{rid:<{w_id}}  {terminal(r.verdict, 8):<8}  {terminal(r.load, 40):<14}  {terminal(extra, LINE)}")
     for rec in run.scenarios:
         for c in rec.accuracy:
-            lines.append(f"  {rec.id}: {c.summary()}")
+            lines.append(f"  {terminal(rec.id)}: {terminal(c.summary(), LINE)}")
     rate = lambda x: "n/a" if x is None else f"{x:.2%}"  # noqa: E731
     lines += ["", f"load success rate {rate(d.load_rate)} · accuracy pass rate {rate(d.accuracy_rate)}"]
     for title, items in (("history (hysteresis: broken after 2 missed runs in a row, fixed after 3 clean; "
                           "flake rate = flips / judged runs, 95% Wilson)", d.standings), ("waivers", d.waivers),
                          ("regressions", d.regressions), ("cannot judge", d.cannot_judge), ("flags", d.flags)):
         if items:
-            lines += ["", f"{title}:"] + [f"  - {i}" for i in items]
+            lines += ["", f"{title}:"] + [f"  - {terminal(i, LINE)}" for i in items]
     lines += ["", f"verdict: {d.word} (exit {d.exit_code})"]
     return "\n".join(lines)

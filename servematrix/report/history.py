@@ -9,10 +9,10 @@ import time
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from servematrix.errors import StateError
-from servematrix.redact import redact_text
+from servematrix.redact import redact_text, terminal
 from servematrix.record import RunSummary
 
 SCHEMA = """
@@ -168,13 +168,39 @@ def trend(path: Path, last: int = 10, scenario: str | None = None) -> dict[str, 
 
     out: dict[str, list[dict]] = {}
     for sid, verdict, metrics, accuracy, sig, started, run_dir, vllm, release, fixes in _read(path, query) or []:
-        if scenario and scenario not in sid:
+        row = _row(path, sid, verdict, sig, started, run_dir, vllm, release)
+        if scenario and scenario not in row.scenario_id:
             continue
-        out.setdefault(sid, []).append({"verdict": verdict, "metrics": _metrics(path, metrics),
-                                        "accuracy": _list(path, accuracy), "signature": sig,
-                                        "started_at": started, "run_dir": run_dir, "vllm": vllm,
-                                        "release": release, "fixes": _list(path, fixes)})
+        out.setdefault(row.scenario_id, []).append(
+            {**row.model_dump(exclude={"scenario_id"}), "metrics": _metrics(path, metrics),
+             "accuracy": _list(path, accuracy), "fixes": _list(path, fixes)})
     return {k: v[-last:] for k, v in out.items()}
+
+
+class _Row(BaseModel):
+    """The text columns of one results row joined with its run, as append wrote them. SQLite keeps
+    whatever type a writer gave a column: a row another tool wrote (an integer verdict, a NULL
+    id) is refused here, by its column, instead of breaking the gate or waivers downstream."""
+
+    model_config = ConfigDict(strict=True)
+    scenario_id: str
+    verdict: str
+    signature: str | None
+    started_at: str
+    run_dir: str
+    vllm: str | None
+    release: str | None
+
+
+def _row(path: Path, sid, verdict, sig, started, run_dir, vllm, release) -> _Row:
+    try:
+        return _Row(scenario_id=sid, verdict=verdict, signature=sig, started_at=started, run_dir=run_dir,
+                    vllm=vllm, release=release)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        raise StateError(path, f"a results row holds a {err['loc'][0]} servematrix did not write "
+                               f"({terminal(repr(err.get('input')), 60)}: {err['msg']}); "
+                               "move the database aside to start a new one") from None
 
 
 def _list(path: Path, text: str | None) -> list[dict]:
@@ -195,23 +221,30 @@ def _metrics(path: Path, text: str | None) -> dict:
         metrics = json.loads(text or "{}")
     except ValueError:
         metrics = None
-    ok = isinstance(metrics, dict) and all(isinstance(v, dict) and isinstance(v.get("mean"), (int, float))
-                                           for v in metrics.values())
+    ok = isinstance(metrics, dict) and all(isinstance(v, dict) and _number(v.get("mean")) for v in metrics.values())
     if not ok:
         raise StateError(path, f"a results row holds metrics servematrix did not write ({str(text)[:60]!r}); "
                                "move the database aside to start a new one")
     return metrics
 
 
+def _number(x) -> bool:
+    """A metric's mean as append wrote it: a float (NaN included: "not measured"), or an int a float
+    can hold (a 400-digit integer cannot be printed as one)."""
+    return type(x) is float or (type(x) is int and abs(x) < 1 << 1000)
+
+
 def render_trend(t: dict[str, list[dict]]) -> str:
+    """`servematrix history`'s lines. Ids, verdicts and metric names are the database's text (any
+    process may have written it): shown through redact.terminal, never obeyed."""
     lines = []
     for sid, items in sorted(t.items()):
-        verdicts = " ".join(i["verdict"] for i in items)
-        lines.append(f"{sid}: {verdicts}")
+        verdicts = " ".join(terminal(i["verdict"], 16) for i in items)
+        lines.append(f"{terminal(sid)}: {verdicts}")
         names = sorted({m for i in items for m in i["metrics"]})
         for m in names:
             vals = ["   -  " if m not in i["metrics"] else f"{i['metrics'][m]['mean']:.4f}" for i in items]
-            lines.append(f"    {m}: {' '.join(vals)}")
+            lines.append(f"    {terminal(m)}: {' '.join(vals)}")
     return "\n".join(lines) or "no history yet"
 
 

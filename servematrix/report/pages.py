@@ -6,6 +6,7 @@ report.html (no network, no JavaScript)."""
 from __future__ import annotations
 
 import html
+from collections.abc import Iterable
 from pathlib import Path
 
 from pydantic import BaseModel, Field
@@ -269,8 +270,14 @@ expected {_e(exp.expect)}{waiver} · TP{r.tp}×PP{r.pp} {_e(r.quant)} · vLLM {_
 """
 
 
-def write_pages(summary: RunSummary, trend: dict[str, list[dict]] | None = None) -> None:
-    """Every scenario's page, beside report.html."""
+def write_pages(summary: RunSummary, trend: dict[str, list[dict]] | None = None,
+                ids: Iterable[str] | None = None) -> None:
+    """Every scenario's page (or those of `ids`), beside report.html. A page shows its record and
+    its baseline's, and a layout is published only once its baseline is: a new record changes its
+    own page only."""
     out = Path(summary.run_dir)
+    wanted = None if ids is None else set(ids)
     for r in summary.scenarios:
+        if wanted is not None and r.id not in wanted:
+            continue
         atomic_write(out / page_name(r.id), render(summary, r, (trend or {}).get(r.id)))

@@ -2,7 +2,7 @@
 its bug is still there. Its state, decided here once for `servematrix waivers` and the gate:
 
 - expired: its `until:` has passed — a date before today (UTC), or the entry runs on a release
-  at or after the `until` release (release order: run.bisect.version_key, the one place that
+  at or after the `until` release (release order: versions.version_key, the one place that
   orders releases);
 - stale: its bug's fix module (a fix whose `pr` is the waiver's `bug`) reported `already-fixed`
   on the entry's release, in this run or one the history holds; or the entry xpassed in the
@@ -16,9 +16,12 @@ from __future__ import annotations
 import datetime
 from typing import Iterable, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, field_validator
 
+from servematrix.errors import StateError
 from servematrix.record import RunSummary
+from servematrix.redact import column_width, terminal
+from servematrix.versions import VersionError, parse_until, version_key
 
 DEFAULT_LAST = 5  # runs of the history an xpass is looked for in
 CURRENT = "current"  # the vLLM beside servematrix (serve.envs.CURRENT; not imported: gate stays light)
@@ -34,7 +37,14 @@ class Waiver(BaseModel):
     bug: str | None = None
     until: str | None = None
     strict: bool = True
-    origin: str | None = None  # file:line of the matrix entry
+    origin: str | None = None  # file:line of the matrix entry, or the summary it was read from
+
+    @field_validator("until")
+    @classmethod
+    def _until(cls, v: str | None) -> str | None:
+        if v is not None:
+            parse_until(v)  # what _expired reads: refused here, never judged
+        return v
 
 
 class Evidence(BaseModel):
@@ -69,7 +79,8 @@ def from_entries(entries: Iterable) -> list[Waiver]:
 def from_run(run: RunSummary) -> list[Waiver]:
     """The xfail records of a run, with the vLLM version each ran on."""
     return [Waiver(id=r.id, release=r.vllm, version=r.vllm_version or run.vllm_version, reason=r.expect.reason,
-                   bug=r.expect.bug, until=r.expect.until, strict=r.expect.strict)
+                   bug=r.expect.bug, until=r.expect.until, strict=r.expect.strict,
+                   origin=f"{run.run_dir}/summary.json")
             for r in run.scenarios if r.expect.expect == "xfail"]
 
 
@@ -125,19 +136,18 @@ def judge_all(waivers: list[Waiver], ev: Evidence) -> list[WaiverState]:
 def _expired(w: Waiver, today: datetime.date) -> list[str]:
     if not w.until:
         return []
-    try:
-        end = datetime.date.fromisoformat(w.until)
-    except ValueError:
-        end = None
-    if end is not None:
+    end = parse_until(w.until)  # validated where the waiver was read (matrix or summary): bounded
+    if isinstance(end, datetime.date):
         return [f"until {w.until} has passed (today is {today.isoformat()})"] if today > end else []
-    from servematrix.run.bisect import version_key
-
-    have = version_key(w.version.split("+")[0]) if w.release == CURRENT and w.version else \
-        version_key(w.release) if w.release != CURRENT else None
+    try:
+        have = version_key(w.version.split("+")[0]) if w.release == CURRENT and w.version else \
+            version_key(w.release) if w.release != CURRENT else None
+    except VersionError as exc:  # a summary's vllm_version is text another tool may have written
+        raise StateError(w.origin or "summary.json", f"waiver {w.id}: its vLLM cannot be ordered against until "
+                                                     f"{w.until}: {exc}") from None
     if have is None:  # "current" with no version known: it cannot be ordered against `until`
         return []
-    if have >= version_key(w.until):
+    if have >= end[1]:
         on = f"{w.release} (vLLM {w.version})" if w.release == CURRENT else w.release
         return [f"runs on {on}, at or after until {w.until}"]
     return []
@@ -162,14 +172,17 @@ def stale(states: list[WaiverState]) -> list[WaiverState]:
 
 
 def render(states: list[WaiverState], note: str = "") -> str:
+    """The table `servematrix waivers` prints; every value the user or a run wrote (id, reason,
+    bug URL, until) is shown through redact.terminal: secrets masked, escapes shown, width bounded."""
     if not states:
-        return "no waivers (no xfail entry)" + (f"\n{note}" if note else "")
-    w_id = max(len(s.waiver.id) for s in states)
+        return "no waivers (no xfail entry)" + (f"\n{terminal(note)}" if note else "")
+    ids = [terminal(s.waiver.id) for s in states]
+    w_id = column_width(ids)
     lines = [f"{'waiver':<{w_id}}  {'state':<8}  {'until':<11}  why / reason", f"{'-' * w_id}  {'-' * 8}  {'-' * 11}  {'-' * 30}"]
-    for s in states:
+    for s, sid in zip(states, ids):
         text = "; ".join(s.why) if s.why else (s.waiver.reason or "")
-        lines.append(f"{s.waiver.id:<{w_id}}  {s.state:<8}  {s.waiver.until or '-':<11}  {text}")
-        lines.append(f"{'':<{w_id}}  bug {s.waiver.bug}" + (f" · {s.waiver.origin}" if s.waiver.origin else ""))
+        lines.append(f"{sid:<{w_id}}  {s.state:<8}  {terminal(s.waiver.until or '-', 40):<11}  {terminal(text, 2000)}")
+        lines.append(f"{'':<{w_id}}  bug {terminal(s.waiver.bug)}" + (f" · {terminal(s.waiver.origin)}" if s.waiver.origin else ""))
     counts = {k: sum(1 for s in states if s.state == k) for k in ("active", "stale", "expired")}
     lines += ["", ", ".join(f"{k}: {v}" for k, v in counts.items())]
-    return "\n".join(lines + ([note] if note else []))
+    return "\n".join(lines + ([terminal(note, 2000)] if note else []))

@@ -23,6 +23,7 @@ from servematrix.errors import ArgumentError
 from servematrix.record import ScenarioRecord
 from servematrix.run import rundir
 from servematrix.serve import envs
+from servematrix.versions import version_key  # the one release order (also the waivers')
 
 Outcome = Literal["good", "bad", "other"]
 
@@ -42,10 +43,6 @@ class BisectResult(BaseModel):
     probes: list[Probe]
     pair: tuple[Probe, Probe] | None = None  # adjacent (in the releases that were not skipped)
     change: Literal["regression", "fix", "none"] = "none"
-
-
-def version_key(name: str) -> tuple[int, ...]:
-    return tuple(int(x) for x in re.findall(r"\d+", name.split("-", 1)[-1]))
 
 
 def candidates(low: str, high: str) -> list[str]:

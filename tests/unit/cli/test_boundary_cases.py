@@ -250,7 +250,9 @@ CASES = [
      1, ["nothing recorded"]),
 
     # 1d. history: read-only; never creates or changes the database
-    ("history-missing-db", lambda w: ["history", "--db", "reports/history.sqlite"], 0, ["no history yet"]),
+    ("history-default-db-missing", lambda w: ["history"], 0, ["no history yet"]),
+    ("history-named-db-missing", lambda w: ["history", "--db", "reports/histroy.sqlite"],  # a typo: as gate --db
+     2, ["--db", "reports/histroy.sqlite", "no such history database"]),
     ("history-valid-db-unchanged", lambda w: (make_history(w.root / "reports" / "history.sqlite"),
                                               ["history", "--db", "reports/history.sqlite"])[1],
      0, ["a/tp1-pp1-fp32: pass"]),
