@@ -7,6 +7,8 @@ files named, text rendered), and it is the one part that reads servematrix's sce
 
 from __future__ import annotations
 
+import os
+import shutil
 from pathlib import Path
 
 import yaml
@@ -16,7 +18,7 @@ from servematrix.mirror.diff import diff
 from servematrix.mirror.layout import SourceLayout, rules
 from servematrix.mirror.plan import plan_twin
 from servematrix.mirror.plan_models import Plan
-from servematrix.mirror.source import read_local, read_source
+from servematrix.mirror.source import check_twin_target, read_local, read_source
 from servematrix.mirror.twin import build_twin
 
 __all__ = ["cli_diff", "cli_mirror", "describe", "render_plan", "scenario_dict", "scenario_yaml"]
@@ -83,8 +85,12 @@ def describe(plan: Plan, layout: SourceLayout) -> str:
 def render_plan(plan: Plan, layout: SourceLayout) -> list[str]:
     q = layout.quant
     st = layout.structure
+    # files lists the shards whose headers were read: none for a model_type or config-only source,
+    # whose layout is what transformers' class builds (for its defaults, or for the config)
+    origin = ("headers only" if layout.files else "no safetensors header: the layout transformers' class builds for "
+              + ("its defaults" if layout.kind == "model_type" else "the config"))
     lines = [f"source {layout.source}: {layout.model_type} ({', '.join(layout.architectures)}), "
-             f"{len(layout.tensors):,} tensors in {len(layout.files)} files (headers only), "
+             f"{len(layout.tensors):,} tensors in {len(layout.files)} files ({origin}), "
              f"quant {q.method or 'none'} {q.schemes or ''}{' kv-scales ' + str(q.kv_scales) if q.kv_scales else ''}",
              f"  structure: {st.num_layers} layers, moe={st.moe} experts={st.experts} top_k={st.top_k} "
              f"shared={st.shared_experts} first_dense={st.first_dense} mla={st.mla} dsa={st.dsa} "
@@ -115,24 +121,43 @@ def cli_mirror(source: str, out_scenario: str | Path, checkpoint_dir: str | Path
         raise ArgumentError("--out", f"the scenario file must be named {name}.yaml: scenarios are looked up by file name")
     if out.exists() and not overwrite:  # someone's scenario: never replaced unasked
         raise StateError(out, "exists; nothing written (--overwrite replaces it)")
+    # every place this run writes is checked before anything is read, planned or written: a
+    # mirror that fails leaves both as they were
+    from servematrix.report.files import atomic_write, check_dir, writable_target
+
+    writable_target(out)
+    check_dir(out.parent)
+    if checkpoint_dir is not None:
+        check_twin_target(checkpoint_dir, keep=[out])
+        check_dir(Path(os.path.abspath(checkpoint_dir)).parent)
     layout = read_source(source)
     plan = plan_twin(layout, max_pp, tp_values, kv_policy)
     lines = render_plan(plan, layout)
     if not plan.ok:
         failed = [f"{i.name} ({i.detail})" for i in plan.invariants if not i.holds]
         raise UserError(f"{source}: the twin would break its invariants, nothing written: " + "; ".join(failed))
-    from servematrix.report.files import atomic_write
-
-    atomic_write(out, scenario_yaml(plan, name, layout))
-    lines.append(f"scenario: {out}")
+    text = scenario_yaml(plan, name, layout)  # validated as a Scenario before any file is touched
     if checkpoint_dir is not None:
+        # the twin first, the scenario last: a twin that cannot be forged leaves no scenario behind
+        # that names it; a scenario that then cannot be written takes a twin this run created with it
+        created = not Path(checkpoint_dir).exists()
         path = build_twin(plan, name, checkpoint_dir)
-        lines += [f"checkpoint: {path}", diff(layout, read_local(path)).render()]
+        try:
+            report = diff(layout, read_local(path)).render()
+            atomic_write(out, text)
+        except BaseException:
+            if created:
+                shutil.rmtree(path, ignore_errors=True)
+            raise
+        lines += [f"scenario: {out}", f"checkpoint: {path}", report]
+    else:
+        atomic_write(out, text)
+        lines.append(f"scenario: {out}")
     return "\n".join(lines)
 
 
 def cli_diff(source: str, twin: str) -> tuple[str, bool]:
     """`mirror --diff SOURCE TWIN`: what to print, and whether the names, dtypes and quantization
     config are equal (the CLI's exit status)."""
-    report = diff(read_source(source), read_source(twin))
+    report = diff(read_source(source), read_source(twin, argument="--diff"))
     return report.render(), report.equal

@@ -104,9 +104,12 @@ class Builder:
         """A tensor the class does not write: the shape of the same tensor in another twin layer
         (an MTP layer is a decoder layer), else the source's with each width mapped."""
         _, key = split_name(name)
-        for other, meta in self.twin.items():
-            if other != name and split_name(other)[1] == key and "{L}" in key:
-                return meta.shape
+        # only a per-layer name has a twin in another layer: a name outside the layer containers
+        # skips the scan (it was one pass over the whole twin per such tensor: quadratic in them)
+        if "{L}" in key:
+            for other, meta in self.twin.items():
+                if other != name and split_name(other)[1] == key:
+                    return meta.shape
         shape = []
         for d in self.mapped.shape[c]:
             if d in self.dim_map:

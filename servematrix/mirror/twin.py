@@ -18,7 +18,7 @@ from servematrix.checkpoint.quant_pack import FP8_MAX, fp8_block_quantize
 from servematrix.errors import StateError
 from servematrix.mirror.layout import MirrorOrigin, TensorMeta, rules
 from servematrix.mirror.plan_models import Plan, QuantTarget
-from servematrix.mirror.source import ORIGIN_FILE, read_header
+from servematrix.mirror.source import ORIGIN_FILE, check_twin_target, read_header
 
 __all__ = ["build_twin", "post_process"]
 
@@ -28,8 +28,7 @@ def build_twin(plan: Plan, name: str, directory: Path | str) -> Path:
     cache entry stays what its spec says), with mirror.json; the written headers must be the plan's
     twin exactly."""
     target = Path(directory)
-    if target.exists() and any(target.iterdir()) and not (target / ORIGIN_FILE).is_file():
-        raise StateError(target, "exists and is not a twin written by mirror (no mirror.json): not overwritten")
+    check_twin_target(target)  # the one owner check (source.py): only a twin mirror wrote is replaced
     try:
         forged = forge(name, plan.spec)
     except (ValueError, KeyError, RuntimeError) as exc:
@@ -51,6 +50,7 @@ def build_twin(plan: Plan, name: str, directory: Path | str) -> Path:
         (tmp / ORIGIN_FILE).write_text(origin.model_dump_json(indent=2))
         tmp.chmod(0o755)  # mkdtemp makes it 0700; a server in a container must read it too
         if target.exists():
+            check_twin_target(target)  # again: the forge took a while, and the directory is not ours to lock
             shutil.rmtree(target)
         tmp.rename(target)
     finally:

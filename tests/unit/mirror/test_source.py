@@ -56,7 +56,7 @@ def test_a_hugging_face_id_resolves_offline_from_the_hf_cache_layout_reading_hea
     snapshot = hf_cache_layout(tmp_path / "hub", "forged/tiny-minimax-m2-kvscale", seed_dir)
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    layout = read_source("forged/tiny-minimax-m2-kvscale")
+    layout = read_source("hf:forged/tiny-minimax-m2-kvscale")
     assert layout.kind == "hf" and layout.source == "hf:forged/tiny-minimax-m2-kvscale"
     assert layout.tensors == read_local(snapshot).tensors and layout.quant.kv_scales == 4
     assert "tokenizer.json" in layout.tokenizer.files and layout.tokenizer.chat_template
@@ -65,32 +65,30 @@ def test_a_hugging_face_id_resolves_offline_from_the_hf_cache_layout_reading_hea
         read_source("hf:forged/not-cached")
 
 
-def test_online_the_tensor_layout_comes_from_the_hubs_safetensors_metadata_not_from_downloads(cache, tmp_path, monkeypatch):
+def test_a_hub_id_is_never_fetched_and_a_mistyped_org_name_path_is_refused_at_once(cache, tmp_path, monkeypatch):
+    # a mistyped local path shaped like ORG/NAME used to become 45 s of hub retries and 12 warning
+    # lines; hf:ORG/NAME now reads the local HF cache only, whatever HF_HUB_OFFLINE says
+    import time
+
     import huggingface_hub
-    from huggingface_hub.utils import SafetensorsFileMetadata, SafetensorsRepoMetadata, TensorInfo
 
-    _, seed_dir = seed("tiny-llama")
-    fetched = []
+    from servematrix.errors import ArgumentError
 
-    def fake_download(repo_id, filename, **kw):
-        fetched.append(filename)
-        if not (seed_dir / filename).is_file():
-            raise huggingface_hub.errors.EntryNotFoundError(filename)
-        return str(seed_dir / filename)
-
-    def fake_metadata(self, repo_id, revision=None, **kw):
-        tensors = {n: TensorInfo(dtype=m.dtype, shape=list(m.shape), data_offsets=(0, 0))
-                   for n, m in read_header(seed_dir / "model.safetensors").items()}
-        return SafetensorsRepoMetadata(metadata=None, sharded=False, weight_map={n: "model.safetensors" for n in tensors},
-                                       files_metadata={"model.safetensors": SafetensorsFileMetadata(metadata={}, tensors=tensors)})
+    def no_network(*a, **kw):
+        raise AssertionError("the hub was asked")
 
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-    monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake_download)
-    monkeypatch.setattr(huggingface_hub.HfApi, "get_safetensors_metadata", fake_metadata)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-hub"))
+    monkeypatch.setattr(huggingface_hub.HfApi, "get_safetensors_metadata", no_network)
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
-    layout = read_source("hf:forged/tiny-llama")
-    assert layout.tensors == read_local(seed_dir).tensors
-    assert not any(f.endswith(".safetensors") for f in fetched)  # no weights downloaded
+    start = time.monotonic()
+    with pytest.raises(ArgumentError, match=r"^SOURCE: 'myorg/mymodel': no such file or directory .*hub ids are never "
+                                            r"fetched"):
+        read_source("myorg/mymodel")
+    with pytest.raises(StateError, match=r"^hf:myorg/mymodel: config.json is not in the local Hugging Face cache; "
+                                         r"hub ids are never fetched"):
+        read_source("hf:myorg/mymodel")
+    assert time.monotonic() - start < 5
 
 
 def test_model_type_source_carries_the_fields_real_checkpoints_have_that_vllm_reads():
