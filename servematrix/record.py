@@ -171,6 +171,7 @@ class LoadCheckResult(BaseModel):
     seconds: float
     digests: dict[str, str] = Field(default_factory=dict)
     parity: LoadParity | None = None  # set by the compare stage
+    not_served: str | None = None  # why the entry was load-checked instead of served (its release, on this host)
 
 
 class StageFailed(Exception):

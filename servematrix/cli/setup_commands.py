@@ -16,10 +16,12 @@ from servematrix.mirror.dims import KV_POLICIES
 def add_env(sub) -> None:
     env = sub.add_parser("env", help="per-release vLLM environments (the matrix's vllm axis)")
     env_sub = env.add_subparsers(dest="env_cmd", required=True)
-    env_sub.add_parser("list", help="known releases and their environments").set_defaults(func=cmd_env)
-    for verb in ("ensure", "remove"):
+    env_sub.add_parser("list", help="every release known (declared or resolved) and every environment built"
+                       ).set_defaults(func=cmd_env)
+    for verb, what in (("ensure", "a declared release's name or any published version X.Y.Z"),
+                       ("remove", "a known release's name")):
         e = env_sub.add_parser(verb, help=f"{verb} the environment of each named release")
-        e.add_argument("names", nargs="+")
+        e.add_argument("names", nargs="+", help=what)
         e.set_defaults(func=cmd_env)
 
 
@@ -27,16 +29,29 @@ def cmd_env(args) -> int:
     from servematrix.serve import envs
 
     if args.env_cmd == "list":
-        for name, info in envs.list_envs():
-            state = f"vllm {info['vllm']}, torch {info['torch']}" if info else "not built"
+        for name, rel, info in envs.catalog():
+            if rel is None:
+                state = "built, no longer declared or resolved (env remove refuses it: remove the directory by hand)"
+            else:
+                st = envs.state(rel, info)
+                state = {"missing": "not built", "stale": "built from another recipe: rebuilt by env ensure",
+                         "built": f"vllm {info and info.get('vllm')}, torch {info and info.get('torch')}"}[st]
             print(f"{name:<14} {state:<40} {envs.root(name)}")
+            if rel is not None:
+                deps = " --no-deps" if rel.no_deps else ""
+                print(f"{'':<14} recipe {rel.recipe_hash()}: {rel.vllm}{deps}, {rel.torch}"
+                      + (f", without {', '.join(rel.skip)}" if rel.skip else "") + f" ({rel.origin})")
+                for key, value in sorted(rel.env.items()):
+                    print(f"{'':<14} env {key}={value!r}")
+                if rel.not_served:
+                    print(f"{'':<14} load-checked only here: {rel.not_served}")
+                for note in rel.notes:
+                    print(f"{'':<14} note: {note}")
         return 0
-    # every name is checked before the first environment is built or removed
+    # every name is checked (and a bare version resolved) before the first environment is built or removed
     if args.env_cmd == "ensure":
-        for name in args.names:
-            if name != envs.CURRENT:
-                envs.declared(name)
-        for name in args.names:
+        names = [envs.canonical(name) for name in args.names]
+        for name in names:
             print(f"{name}: {envs.ensure(name)}")
         return 0
     for name in args.names:

@@ -37,7 +37,7 @@ def cmd_sweep(args) -> int:
     from datetime import datetime
 
     from servematrix.errors import ArgumentError
-    from servematrix.serve.envs import CURRENT
+    from servematrix.serve.envs import CURRENT, canonical
     from servematrix.sweep import cells
     from servematrix.sweep.runner import SweepOptions, run
 
@@ -46,7 +46,9 @@ def cmd_sweep(args) -> int:
                                           "persistent workers as Ray actors: give one of them")
     if args.ray_address and args.backend != "ray":
         raise ArgumentError("--ray-address", "only with --backend ray")
-    opts = SweepOptions(releases=list(dict.fromkeys(args.vllm or [CURRENT])), layouts=cells.layouts(args.layouts),
+    # a bare version X.Y.Z becomes the release it resolves to (cpu-X.Y.Z, or cuda-X.Y.Z where no CPU wheel exists)
+    releases = [canonical(v, "--vllm") for v in args.vllm or [CURRENT]]
+    opts = SweepOptions(releases=list(dict.fromkeys(releases)), layouts=cells.layouts(args.layouts),
                         quants=cells.quants(args.quant), k=args.k, limit=args.limit,
                         out=Path(args.out) if args.out else Path("reports") / f"sweep-{datetime.now():%Y%m%d-%H%M%S}",
                         overwrite=args.overwrite, isolated=args.isolated, timeout=args.timeout,

@@ -26,12 +26,17 @@ MAX_ENTRIES = 10_000  # expanded entries of one file: each starts a server; more
 
 
 def _known_vllm(v: str) -> str:
+    """A known release's name, or any published version X.Y.Z (resolved from the registry, cached)
+    as the name of the release it resolves to."""
+    from servematrix.errors import ArgumentError
     from servematrix.serve import envs
 
-    if v != DEFAULT_VLLM and v not in envs.releases():
-        raise ValueError(f"unknown vLLM release {v!r} (known: {', '.join(envs.releases())}, "
-                         f"{DEFAULT_VLLM}; see servematrix/data/vllm-releases.yaml)")
-    return v
+    if v == DEFAULT_VLLM:
+        return v
+    try:
+        return envs.canonical(v, "vllm")
+    except ArgumentError as exc:
+        raise ValueError(f"unknown vLLM release {v!r}: {exc.message}") from None
 
 
 def _known_fixes(v: list[str]) -> list[str]:
@@ -67,7 +72,7 @@ def _until(v: object) -> str:
 
 # When a waiver (xfail) stops being trusted: a date, or a release at/after which it has expired.
 Until = Annotated[str, BeforeValidator(_until)]
-# A vLLM release of servematrix/data/vllm-releases.yaml, or "current".
+# A known vLLM release (serve/releases.py), a published version X.Y.Z, or "current".
 VllmName = Annotated[str, AfterValidator(_known_vllm)]
 # Fix modules of the servematrix_fixes registry (checked as a list: the error names the list).
 Fixes = Annotated[list[Name], AfterValidator(_known_fixes)]

@@ -157,9 +157,12 @@ class Pipeline:
                           plan.startup_timeout(self.options.startup_timeout, self.matrix.spec.startup_timeout, scenario),
                           self.options.inject, gpu_ids)
         parts.server_command = spec.shell()
-        if scenario.load_check_on(entry.device):
-            self.phase(k, entry.id, "load check (vLLM's loader under the layout; no server)")
-            self._load_check(entry, scenario, spec, entry_dir, parts)
+        # a release this host can only load-check (the CUDA wheel on a CPU host): the load check, with why
+        not_served = envs.not_served(entry.vllm)
+        if scenario.load_check_on(entry.device) or not_served:
+            self.phase(k, entry.id, "load check (vLLM's loader under the layout; no server"
+                       + (f": {not_served})" if not_served else ")"))
+            self._load_check(entry, scenario, spec, entry_dir, parts, not_served)
             return
         self.phase(k, entry.id, "starting server")
         server = self.make_server(spec)
@@ -183,14 +186,20 @@ class Pipeline:
         return envs.python(entry.vllm)
 
     @staticmethod
-    def _load_check(entry: Entry, scenario: Scenario, spec: LaunchSpec, entry_dir: Path, parts: Parts) -> None:
+    def _load_check(entry: Entry, scenario: Scenario, spec: LaunchSpec, entry_dir: Path, parts: Parts,
+                    not_served: str | None = None) -> None:
         """Always a local process in the entry's vLLM environment, whatever the server kind."""
         attention = (device_profile(entry.device).get("load_check") or {}).get("attention", {})
-        check = loadcheck.Check(attention=attention, load_weights=scenario.load_check.loads_weights,
-                                out=entry_dir / "loadcheck")
+        loads = scenario.load_check.loads_weights if scenario.load_check is not None else True
+        check = loadcheck.Check(attention=attention, load_weights=loads, out=entry_dir / "loadcheck")
         parts.server_command = loadcheck.shell(spec, check)
-        result = loadcheck.run(spec, check)
-        parts.load_check = result
+        try:
+            result = loadcheck.run(spec, check)
+        except StageFailed as exc:
+            if not_served and exc.recorded.get("load_check") is not None:
+                exc.recorded["load_check"] = exc.recorded["load_check"].model_copy(update={"not_served": not_served})
+            raise
+        parts.load_check = result.model_copy(update={"not_served": not_served})
         parts.load = LoadResult(ok=True, seconds=result.seconds)
 
     def _serve(self, k: int, entry: Entry, scenario: Scenario, spec: LaunchSpec, server: Server, model_path: str,

@@ -1,6 +1,7 @@
-"""Per-release vLLM environments: one venv per entry of data/vllm-releases.yaml, built on demand
-in the user cache (never in the repo) and reused. Each release's quirks are data in that file;
-nothing here branches on a version.
+"""Per-release vLLM environments: one venv per release (serve/releases.py: declared in the
+project's releases file or data/vllm-releases.yaml, or resolved from the registry), built on
+demand in the user cache (never in the repo) and reused while its recipe is the same (the marker
+holds the recipe's hash). Each release's quirks are data; nothing here branches on a version.
 
 servematrix itself is installed into each environment (--no-deps) so its fix modules' vLLM
 plugin entry point exists there too; that copy is refreshed whenever the fix modules change."""
@@ -13,29 +14,17 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field
-
 from servematrix.errors import ArgumentError, StateError, UserError
-from servematrix.paths import cache_dir, data_file
+from servematrix.paths import cache_dir
+from servematrix.serve import releases as rl
 
 REPO = Path(__file__).resolve().parents[2]
 MARKER = "servematrix-env.json"
-CURRENT = "current"
-
-
-class Release(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    name: str
-    vllm: str
-    torch: str
-    no_deps: bool = False
-    remove: list[str] = Field(default_factory=list)
-    ld_preload: list[str] = Field(default_factory=list)
-    apt: list[str] = Field(default_factory=list)
+CURRENT = rl.CURRENT
+Release = rl.Release
 
 
 class EnvError(UserError):
@@ -43,8 +32,8 @@ class EnvError(UserError):
 
 
 def releases() -> dict[str, Release]:
-    data = yaml.safe_load(data_file("vllm-releases.yaml").read_text())
-    return {name: Release(name=name, **spec) for name, spec in data.items()}
+    """Every release known here: the project's file, the packaged defaults, resolved ones."""
+    return rl.all_releases()
 
 
 def root(name: str) -> Path:
@@ -56,12 +45,18 @@ def python(name: str) -> str:
 
 
 def launch_env(name: str) -> dict[str, str]:
-    """Environment variables the server of this release needs (its LD_PRELOAD quirk)."""
+    """Environment variables the processes of this release need: its `env` quirks (e.g. the CUDA
+    wheel's VLLM_TARGET_DEVICE=cpu on a CPU host) and its LD_PRELOAD libraries."""
     if name == CURRENT:
         return {}
-    rel = releases()[name]
+    rel = release(name)
     libs = [p.replace("{env}", str(root(name))) for p in rel.ld_preload]
-    return {"LD_PRELOAD": ":".join(libs)} if libs else {}
+    return {**rel.env, **({"LD_PRELOAD": ":".join(libs)} if libs else {})}
+
+
+def not_served(name: str) -> str | None:
+    """Why this release is load-checked only on this host (never served), or None."""
+    return None if name == CURRENT else release(name).not_served
 
 
 def info(name: str) -> dict | None:
@@ -97,29 +92,48 @@ def versions(name: str, python: str) -> dict[str, str | None]:
     return {"vllm": known.get("vllm"), "torch": known.get("torch")}
 
 
+def catalog() -> list[tuple[str, Release | None, dict | None]]:
+    """Every release known here (declared or resolved) and every environment built under the cache
+    (a built one no file declares any more shows with release None), by version."""
+    known = releases()
+    names = set(known)
+    envs_dir = cache_dir() / "envs"
+    if envs_dir.is_dir():
+        names |= {p.name for p in envs_dir.iterdir() if (p / MARKER).is_file() and not p.is_symlink()}
+    return [(n, known.get(n), info(n)) for n in sorted(names, key=rl.sort_key)]
+
+
 def list_envs() -> list[tuple[str, dict | None]]:
-    return [(name, info(name)) for name in releases()]
+    """(name, marker or None) of every known release: what the tests ask for environments built."""
+    return [(n, i) for n, rel, i in catalog() if rel is not None]
 
 
-def declared(name: str, argument: str | None = None) -> Release:
-    """The declared release `name`; anything else (a path, '', a typo) is refused before it is
-    ever joined to a path."""
-    rels = releases()
-    if name not in rels:
-        raise ArgumentError(argument or f"release {name!r}", f"not a declared vLLM release (declared in "
-                            f"servematrix/data/vllm-releases.yaml: {', '.join(rels)}; {CURRENT} = the vLLM "
-                            "beside servematrix)")
-    return rels[name]
+def canonical(name: str, argument: str | None = None) -> str:
+    """The release a name or a bare version X.Y.Z means (resolved from the package registry, and
+    cached, where no file declares it); anything else is refused before it is joined to a path."""
+    return rl.canonical(name, argument)
+
+
+def release(name: str, argument: str | None = None) -> Release:
+    """The release `name` (or version) means: its recipe."""
+    name = canonical(name, argument)  # first: it may resolve (and cache) the release
+    return releases()[name]
+
+
+# the name runner.py and the CLI have always called: any published version is accepted now
+declared = release
 
 
 def removable(name: str) -> Path | None:
     """The environment directory `remove(name)` would delete (None: not built), or why not: only
-    a declared release's directory that servematrix built (it holds the marker file), never a
-    symlink or anything else found at that place."""
+    a known release's directory that servematrix built (it holds the marker file), never a
+    symlink or anything else found at that place. Never asks the registry."""
     if name == CURRENT:
         raise ArgumentError(f"release {name!r}", "is the vLLM beside servematrix, not an environment servematrix "
                                                  "built; nothing to remove")
-    declared(name)
+    known = releases()
+    if name not in known:
+        raise ArgumentError(f"release {name!r}", rl.refusal(name, known))
     path = root(name)
     if not path.exists() and not path.is_symlink():
         return None
@@ -137,22 +151,54 @@ def remove(name: str) -> bool:
     return True
 
 
+def state(rel: Release, built: dict | None) -> str:
+    """built (the recipe it was built from is this one), stale (the recipe changed since), or missing."""
+    if built is None:
+        return "missing"
+    if built.get("recipe") == rel.recipe_hash():
+        return "built"
+    if "recipe" not in built and _legacy_match(rel, built):
+        return "built"
+    return "stale"
+
+
+def _legacy_match(rel: Release, built: dict) -> bool:
+    """An environment built before markers carried the recipe's hash is taken as this recipe's when
+    it holds the vLLM version the recipe pins: declared recipes did not change when the hash came,
+    and rebuilding every existing 6-10 GB environment for a missing field would buy nothing."""
+    return rel.version is not None and (built.get("vllm") or "").split("+")[0] == rel.version.split("+")[0]
+
+
 def ensure(name: str, log=sys.stderr) -> Path:
-    """The environment for release `name`, built first if it is missing or half-built."""
+    """The environment for release `name`, built first if it is missing, half-built, or was built
+    from another recipe (the marker holds the recipe's hash: an environment is reused, from any
+    clone of servematrix, only by a recipe that would build the same thing)."""
     if name == CURRENT:
         return Path(sys.prefix)
-    rel = declared(name)
+    rel = release(name)
+    name = rel.name
     built, fixes = info(name), fixes_hash()
-    if built is not None:
+    st = state(rel, built)
+    if st == "built":
+        update = {}
+        if built.get("recipe") != rel.recipe_hash():  # adopted from before the hash: record it now
+            update["recipe"] = rel.recipe_hash()
         if built.get("fixes") != fixes:  # a fix module was added or changed since the build
             _install_servematrix(str(root(name) / "bin" / "python"), log)
-            (root(name) / MARKER).write_text(json.dumps({**built, "fixes": fixes}, indent=2))
+            update["fixes"] = fixes
+        if update:
+            (root(name) / MARKER).write_text(json.dumps({**built, **update}, indent=2))
         return root(name)
     path = root(name)
     if path.is_symlink():
         raise StateError(path, f"is a symlink without a {MARKER} marker, not an environment servematrix "
                                "built; not replaced")
-    shutil.rmtree(path, ignore_errors=True)  # a build that died half-way
+    if st == "stale":
+        print(f"[env {name}] built from recipe {built.get('recipe')}, the recipe is now {rel.recipe_hash()} "
+              f"({rel.vllm}, {rel.torch}): rebuilding", file=log, flush=True)
+    for note in rel.notes:
+        print(f"[env {name}] {note}", file=log, flush=True)
+    shutil.rmtree(path, ignore_errors=True)  # a build that died half-way, or another recipe's
     missing = [lib for lib in rel.ld_preload if "{env}" not in lib and not Path(lib).exists()]
     if missing and rel.apt:
         _apt_install(rel.apt, log)
@@ -167,6 +213,7 @@ def ensure(name: str, log=sys.stderr) -> Path:
         if done.returncode != 0:
             raise EnvError(f"{name}: pip {' '.join(args)} failed (exit {done.returncode})")
 
+    t0 = time.monotonic()
     subprocess.run([sys.executable, "-m", "venv", str(path)], check=True)
     pip("install", "-q", "--upgrade", "pip")
     pip("install", "-q", rel.torch)
@@ -178,7 +225,11 @@ def ensure(name: str, log=sys.stderr) -> Path:
     if rel.remove:
         pip("uninstall", "-y", "-q", *rel.remove)
     _install_servematrix(py, log)
-    (path / MARKER).write_text(json.dumps({"name": name, **probe(py), "fixes": fixes}, indent=2))
+    seconds = round(time.monotonic() - t0, 1)
+    (path / MARKER).write_text(json.dumps({"name": name, **probe(py), "fixes": fixes, "recipe": rel.recipe_hash(),
+                                           "spec": {f: getattr(rel, f) for f in rl.INSTALL_FIELDS},
+                                           "build_seconds": seconds}, indent=2))
+    print(f"[env {name}] built in {seconds:.0f} s", file=log, flush=True)
     return path
 
 
@@ -216,7 +267,8 @@ def _apt_install(packages: list[str], log) -> None:
 
 def _other_requirements(py: str, rel: Release) -> list[str]:
     """The installed vLLM's Requires-Dist that apply on this interpreter (the venv's is the same
-    Python), minus torch and friends (pinned to a "+cpu" build PyPI does not carry)."""
+    Python), minus torch and friends (installed by the torch spec, or removed) and the recipe's
+    `skip` (pins the registry cannot satisfy)."""
     from email.parser import Parser
 
     from packaging.requirements import Requirement
@@ -229,7 +281,7 @@ def _other_requirements(py: str, rel: Release) -> list[str]:
     out = []
     for line in meta.get_all("Requires-Dist") or []:
         req = Requirement(line)
-        if req.name in ("torch", "torchvision", "torchaudio"):
+        if req.name in rl.TORCH_FAMILY or req.name in rel.skip:
             continue
         if req.marker is None or req.marker.evaluate({"extra": ""}):
             out.append(f"{req.name}{'[' + ','.join(sorted(req.extras)) + ']' if req.extras else ''}{req.specifier}")

@@ -26,6 +26,8 @@ import time
 import traceback
 
 MARK = "SERVEMATRIX_LOADCHECK"
+PARSER_MODULES = ("vllm.entrypoints.openai.cli_args", "vllm.entrypoints.launchers.cli_args",
+                  "vllm.entrypoints.common.cli_args")
 
 
 def _args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
@@ -43,10 +45,18 @@ def _engine_args(server_argv: list[str]):
     from vllm.engine.arg_utils import EngineArgs
     from vllm.utils.argparse_utils import FlexibleArgumentParser
 
-    try:
-        from vllm.entrypoints.openai.cli_args import make_arg_parser
-    except ImportError:  # 0.30+: the server's parser moved with the launchers
-        from vllm.entrypoints.launchers.cli_args import make_arg_parser
+    import importlib
+
+    # where vLLM has kept the OpenAI server's parser (0.30 moved it with the launchers, 0.34 to
+    # entrypoints.common): the first that imports, no version asked
+    for module in PARSER_MODULES:
+        try:
+            make_arg_parser = importlib.import_module(module).make_arg_parser
+            break
+        except ImportError:
+            continue
+    else:
+        raise ImportError(f"no OpenAI-server argument parser in {', '.join(PARSER_MODULES)}")
 
     parsed = make_arg_parser(FlexibleArgumentParser()).parse_args(server_argv)
     engine_args = EngineArgs.from_cli_args(parsed)

@@ -201,8 +201,12 @@ def _cell(cell: cellmod.Cell, opts: SweepOptions, python: str, twin_cache: dict,
         parts = {"skipped": f"not checkable here: the CPU build has no kernel for this twin's {cell.quant} layout "
                             f"({failure.signature[:200]}; the reasons are in its server.log)",
                  "server_command": parts.get("server_command")}
-    depth = None
-    if opts.depth == "serve" and "skipped" not in parts and parts.get("failure") is None:
+    from servematrix.serve.envs import not_served
+
+    # a release this host can only load-check (the CUDA wheel on a CPU host) says so on every cell
+    why_not = not_served(cell.release)
+    depth = f"depth: load (not served: {why_not})" if why_not else None
+    if opts.depth == "serve" and not why_not and "skipped" not in parts and parts.get("failure") is None:
         parts, depth = _serve_step(cell, opts, python, twin, parts)
     record = judge(EntryOutcome(**base, **parts, seconds=round(time.monotonic() - t0, 2)))
     if record.verdict != "skipped":  # the depth reached, the quantized layout in words (block size, family rule)
