@@ -1,8 +1,12 @@
 """`servematrix mirror SOURCE`: a tiny forged twin of any checkpoint, from its metadata only.
 
 The question it answers on a laptop: will vLLM X load THIS checkpoint at TP=t / PP=p, before its
-700 GB are downloaded. source.py reads a local directory, a Hugging Face id or a transformers
-model_type (headers only); layout.py types what was read; plan.py (with plan_config.py,
+700 GB are downloaded. source.py reads a local directory (safetensors headers, or a config.json
+alone and its index), a Hugging Face id from the local HF cache (never the network) or a
+transformers model_type; inputs.py types every file it reads at the boundary (config.json,
+safetensors headers, index maps, mirror.json: a bad value is one located line, exit 2) and
+source.check_twin_target is the one owner check before a --checkpoint directory is replaced;
+layout.py types what was read; plan.py (with plan_config.py,
 plan_models.py, dims.py, schemes.py, tensors.py, spec_parts.py) shrinks it under the invariants
 checks.py states and verifies; twin.py writes the twin; diff.py compares it with its source
 (`--diff`); cli.py describes it as a scenario YAML and renders what the CLI prints.

@@ -119,13 +119,13 @@ def cli_mirror(source: str, out_scenario: str | Path, checkpoint_dir: str | Path
         raise ArgumentError("--name", f"{name!r} must match {NAME_RE} (a scenario name)")
     if out.name != f"{name}.yaml":
         raise ArgumentError("--out", f"the scenario file must be named {name}.yaml: scenarios are looked up by file name")
-    if out.exists() and not overwrite:  # someone's scenario: never replaced unasked
-        raise StateError(out, "exists; nothing written (--overwrite replaces it)")
     # every place this run writes is checked before anything is read, planned or written: a
     # mirror that fails leaves both as they were
     from servematrix.report.files import atomic_write, check_dir, writable_target
 
-    writable_target(out)
+    writable_target(out)  # a directory, FIFO or dangling link there: refused whatever --overwrite says
+    if out.exists() and not overwrite:  # someone's scenario: never replaced unasked
+        raise StateError(out, "exists; nothing written (--overwrite replaces it)")
     check_dir(out.parent)
     if checkpoint_dir is not None:
         check_twin_target(checkpoint_dir, keep=[out])

@@ -17,6 +17,8 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Any
 
+from typing_extensions import TypedDict
+
 from pydantic import (BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, TypeAdapter, ValidationError,
                       create_model)
 
@@ -252,8 +254,9 @@ def read_config(path: Path) -> dict[str, Any]:
 
 # ---- safetensors headers ----
 
-class _Entry(BaseModel):
-    model_config = ConfigDict(extra="ignore", frozen=True)
+class _Entry(TypedDict):
+    # a TypedDict, not a model: 100k entries validate in ~1 s, where 100k model instances took ~4 s
+    __pydantic_config__ = ConfigDict(extra="ignore")  # type: ignore[misc]
 
     dtype: Annotated[StrictStr, Field(pattern=r"^[A-Z0-9_]{1,16}$")]
     shape: Annotated[list[_int(0, 2**40)], Field(max_length=16)]
@@ -302,12 +305,13 @@ def read_header(path: Path) -> dict[str, TensorMeta]:
                                f"{' ' + part if part else ''}: got {_got(value)}; accepted: {want}") from None
     out: dict[str, TensorMeta] = {}
     for name, e in entries.items():
-        start, end = e.data_offsets
-        bits = DTYPE_BITS.get(e.dtype)
-        if end < start or (bits is not None and (end - start) * 8 != math.prod(e.shape) * bits):
-            raise StateError(path, f"corrupt safetensors header: tensor {name!r} {e.dtype}{list(e.shape)} spans "
+        start, end = e["data_offsets"]
+        dtype, shape = e["dtype"], e["shape"]
+        bits = DTYPE_BITS.get(dtype)
+        if end < start or (bits is not None and (end - start) * 8 != math.prod(shape) * bits):
+            raise StateError(path, f"corrupt safetensors header: tensor {name!r} {dtype}{list(shape)} spans "
                                    f"{end - start} bytes")
-        out[name] = TensorMeta.model_construct(dtype=e.dtype, shape=tuple(e.shape))  # validated just above
+        out[name] = TensorMeta.model_construct(dtype=dtype, shape=tuple(shape))  # validated just above
     return out
 
 

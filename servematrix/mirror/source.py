@@ -42,13 +42,17 @@ def read_source(source: str, argument: str = "SOURCE") -> SourceLayout:
         return read_model_type(source.split(":", 1)[1], argument)
     if source.startswith("hf:"):
         repo, _, rev = source[3:].partition("@")
-        if not re.fullmatch(r"[\w.-]{1,96}/[\w.-]{1,96}", repo) or (rev and not re.fullmatch(r"[\w./-]{1,128}", rev)):
+        # a revision names a ref or commit inside the cache: never a path that climbs out of it
+        if (not re.fullmatch(r"[\w.-]{1,96}/[\w.-]{1,96}", repo) or ".." in repo
+                or (rev and (not re.fullmatch(r"[\w./-]{1,128}", rev) or ".." in rev))):
             raise ArgumentError(argument, f"{source!r}: a Hugging Face id is hf:ORG/NAME[@REV]")
         return read_hf(repo, rev or None)
     path = Path(source).expanduser()
     kind = _path_kind(path, argument, source)
     if kind == "dir":
         return read_local(path)
+    if kind == "other":  # a FIFO, socket or device: opening one may block, reading it means nothing
+        raise ArgumentError(argument, f"{source!r} is neither a regular file nor a directory")
     if kind == "file":
         if path.suffix != ".json":
             raise ArgumentError(argument, f"{source!r} is a file, not {SOURCE_FORMS}")
@@ -81,8 +85,10 @@ def read_local(directory: Path) -> SourceLayout:
     safetensors headers; where the directory holds no shard at all, config.json alone (and the
     index's names, if an index is there) as read_config_only does."""
     directory = Path(directory)
-    if not (directory / CONFIG_FILE).is_file():
-        raise StateError(directory, "no config.json: not a checkpoint directory")
+    config = directory / CONFIG_FILE
+    if not config.is_file():
+        raise StateError(config if config.exists() else directory,
+                         "is not a regular file" if config.exists() else "no config.json: not a checkpoint directory")
     index = directory / INDEX_FILE
     if index.is_file():
         shards = sorted(set(read_index(index).weight_map.values()))
@@ -213,8 +219,9 @@ def _one(exc: BaseException) -> str:
 def _headers(files: list[Path]) -> dict[str, TensorMeta]:
     tensors: dict[str, TensorMeta] = {}
     for path in files:
-        if not path.is_file():
-            raise StateError(path, "listed in the safetensors index but missing")
+        if not path.is_file():  # a FIFO here would block the read of its header forever
+            raise StateError(path, "is not a regular file (a directory, FIFO or device)" if path.exists()
+                             else "listed in the safetensors index but missing")
         tensors.update(read_header(path))
     return tensors
 

@@ -314,6 +314,19 @@ def test_fuzzed_checkpoint_dir_is_replaced_only_when_it_is_a_twin(cache):
     assert seen[0] and seen[2], seen
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _warm(tmp_path_factory):
+    # the first mirror of a process imports torch and transformers' classes (~15-30 s on a loaded
+    # host): done once here, so an example's time measures the mirror, not the imports
+    from servematrix.mirror.plan import plan_twin
+    from servematrix.mirror.source import read_source
+
+    src = _source(tmp_path_factory.mktemp("warm"))
+    plan_twin(read_source(str(src)), 2, [1, 2])
+    (src / "model.safetensors").unlink()
+    plan_twin(read_source(str(src)), 2, [1, 2])  # the config-only path: the class built on meta
+
+
 @pytest.fixture(autouse=True)
 def _no_hub(monkeypatch):
     # nothing here may reach a hub: the mirror never asks one, and a test that did would hang
