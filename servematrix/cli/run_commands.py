@@ -195,7 +195,7 @@ def add_bisect(sub) -> None:
     b = sub.add_parser("bisect", help="find the adjacent vLLM releases where a scenario's outcome changes")
     b.add_argument("id")
     b.add_argument("--between", nargs=2, required=True, metavar=("LOW", "HIGH"),
-                   help="releases (e.g. 0.18.1 0.32.0) as declared in servematrix/data/vllm-releases.yaml")
+                   help="releases or versions (e.g. 0.18.1 0.34.0): every version the registry publishes in between is a candidate")
     b.add_argument("--matrix", help="matrix file (default: search matrix/*.yaml)")
     b.add_argument("--signature", help="regex a failure must match to count as bad (default: the entry's xfail signature)")
     b.add_argument("--out", type=out_dir, help="bisect directory (default reports/bisect-<timestamp>); refused if it holds one")

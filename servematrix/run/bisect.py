@@ -1,5 +1,6 @@
-"""Bisect: between two vLLM releases, the adjacent pair where one scenario's outcome changes (the
-last release where it passes and the first where it fails, or the reverse for a fix), running the
+"""Bisect: between two vLLM releases (every version the registry publishes between them, not only
+the declared ones), the adjacent pair where one scenario's outcome changes (the last release
+where it passes and the first where it fails, or the reverse for a fix), running the
 scenario — the same entry, only its `vllm` axis changed — on as few releases as the search needs,
 and building each release's environment only when the search reaches it.
 
@@ -19,11 +20,10 @@ from pydantic import BaseModel
 
 from servematrix.config.matrix import Entry, Matrix
 from servematrix.config.matrix_spec import entry_id
-from servematrix.errors import ArgumentError
 from servematrix.record import ScenarioRecord
 from servematrix.run import rundir
-from servematrix.serve import envs
-from servematrix.versions import version_key  # the one release order (also the waivers')
+from servematrix.serve import envs, releases
+from servematrix.versions import version_key  # noqa: F401 - the one release order, importable from here as before
 
 Outcome = Literal["good", "bad", "other"]
 
@@ -46,21 +46,27 @@ class BisectResult(BaseModel):
 
 
 def candidates(low: str, high: str) -> list[str]:
-    """The declared releases from `low` to `high` (names or bare versions), oldest first."""
-    names = sorted(envs.releases(), key=version_key)
-    lo, hi = (_name(v, names) for v in (low, high))
-    if version_key(lo) > version_key(hi):
-        lo, hi = hi, lo
-    return [n for n in names if version_key(lo) <= version_key(n) <= version_key(hi)]
+    """Every release from `low` to `high` (names or bare versions), oldest first: each version the
+    package registry publishes in between, not only the declared ones (serve/releases.py names
+    them; an undeclared one is resolved, and its environment built, only when the search reaches it)."""
+    return releases.between(low, high, "--between")
 
 
-def _name(value: str, names: list[str]) -> str:
-    for n in names:
-        if value == n or value == n.split("-", 1)[-1]:
-            return n
-    raise ArgumentError("--between", f"{value!r} is not a declared vLLM release (declared in "
-                                     f"servematrix/data/vllm-releases.yaml: {', '.join(names)}; "
-                                     "or their bare versions, e.g. 0.18.1)")
+def check_out(out: Path, overwrite: bool) -> None:
+    """Every run directory the search may reach (the bisect's, and each probe's under it), refused
+    now rather than after hours of probes, and before the registry is asked which releases there are."""
+    rundir.check(out, overwrite, marker="bisect.json")
+    if out.is_dir():
+        for sub in sorted(out.iterdir()):
+            if sub.is_dir() and not sub.is_symlink() and not sub.name.startswith("."):
+                rundir.check(sub, overwrite)
+
+
+def run_as(release: str, current: str) -> str:
+    """The release a probe runs on: `current` where it is the vLLM this interpreter already runs (no
+    environment of its own needed), else the release, resolved from the registry if undeclared."""
+    rel = envs.release(release, "--between")
+    return envs.CURRENT if current and rel.version == current else rel.name
 
 
 def retarget(entry: Entry, release: str) -> Entry:
@@ -116,18 +122,15 @@ def bisect(matrix: Matrix, entry, low: str, high: str, out: Path, signature: str
     from servematrix.run.options import RunOptions
     from servematrix.run.session import Session
 
+    check_out(out, overwrite)
     releases = candidates(low, high)
-    # every run directory the search may reach, refused now rather than after hours of probes
-    rundir.check(out, overwrite, marker="bisect.json")
     for release in releases:
         rundir.check(out / release, overwrite)
     current = (envs.probe(python or sys.executable).get("vllm") or "").split("+")[0]
     signature = signature or (entry.expectation.signature if entry.expectation.expect == "xfail" else None)
 
     def probe(release: str) -> Probe:
-        # the release this interpreter already runs needs no environment of its own
-        run_as = envs.CURRENT if envs.releases()[release].vllm.endswith(f"=={current}") else release
-        e = retarget(entry, run_as)
+        e = retarget(entry, run_as(release, current))
         opts = RunOptions.of((out / release).resolve(), python=python, gsm8k=False, retries=0, overwrite=overwrite)
         summary = Session(matrix, [e], opts).run()
         (rec,) = summary.scenarios

@@ -58,17 +58,17 @@ def bisect_cell(cell: CellId, low: str, high: str, out: Path, signature: str | N
     from servematrix.sweep.runner import SweepOptions, run
 
     sweep = sweep or run
+    rb.check_out(out, overwrite)
     releases = rb.candidates(low, high)
-    rundir.check(out, overwrite, marker="bisect.json")
     for release in releases:
         rundir.check(out / release, overwrite)
     current = (envs.probe(sys.executable).get("vllm") or "").split("+")[0]
 
     def probe(release: str) -> rb.Probe:
-        run_as = envs.CURRENT if envs.releases()[release].vllm.endswith(f"=={current}") else release
-        cell_id = cell.on(run_as)
+        name = rb.run_as(release, current)  # resolved (and its environment built by the sweep) only when reached
+        cell_id = cell.on(name)
         # `-k` takes a substring (llama/… is in codellama/…): a glob of the id's own first letter is exact
-        opts = SweepOptions(releases=[run_as], layouts=[cell.layout], quants=[cell.quant],
+        opts = SweepOptions(releases=[name], layouts=[cell.layout], quants=[cell.quant],
                             k=f"[{cell_id[0]}]{cell_id[1:]}",
                             out=(out / release).resolve(), overwrite=overwrite, timeout=timeout)
         summary = sweep(opts)
