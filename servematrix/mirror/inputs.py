@@ -196,7 +196,7 @@ def config_model() -> type[BaseModel]:
     """config.json as read: the fields the mirror itself reads typed (model_type, architectures,
     auto_map, quantization_config, tie_word_embeddings, vocab_size), and every spelling of every
     role in mirror-families.yaml's `fields` that is a count or width: a whole number in its
-    range, a list of them (per-layer values, as some families publish), or null."""
+    range, or null."""
     fields: dict[str, Any] = {
         "model_type": (Annotated[StrictStr, Field(pattern=MODEL_TYPE_RE)], ...),
         "architectures": (list[StrictStr] | None, None),
@@ -208,8 +208,9 @@ def config_model() -> type[BaseModel]:
     for role, keys in rules()["fields"].items():
         if role in ROLE_RANGES:
             lo, hi = ROLE_RANGES[role]
-            # the layer count is the one the plan loops over: a single number, never a list
-            kind = _int(lo, hi) if role == "layers" else _int(lo, hi) | list[_int(lo, hi)]
+            # one number each: the plan (dims.py, layout.Structure) reads every role as a scalar;
+            # a per-layer list (Hunyuan's moe_topk) is refused here by name, not met by a crash there
+            kind = _int(lo, hi)
             for key in keys:
                 fields.setdefault(key, (kind | None, None))
     for key in rules()["fields"]["layer_index_lists"]:
@@ -229,7 +230,7 @@ def config_accepted() -> dict[str, str]:
             lo, hi = ROLE_RANGES[role]
             rng = f"a whole number in {lo}..{hi}"
             for key in keys:
-                out.setdefault(key, rng + (" or null" if role == "layers" else ", a list of them, or null"))
+                out.setdefault(key, rng + " or null")
     for key in rules()["fields"]["layer_index_lists"]:
         out.setdefault(key, f"a list of layer indices in 0..{LAYERS_MAX}, or null")
     return out

@@ -75,8 +75,10 @@ def test_an_index_without_its_shards_keeps_the_layout_to_the_names_it_lists(tmp_
 @pytest.mark.parametrize("field, value, accepted", [
     ("num_hidden_layers", 1_000_000_000_000, f"a whole number in 1..{LAYERS_MAX} or null"),
     ("num_hidden_layers", "abc", f"a whole number in 1..{LAYERS_MAX} or null"),
-    ("hidden_size", 2.5, "a whole number in 1..1048576, a list of them, or null"),
-    ("num_attention_heads", 0, "a whole number in 1..65536, a list of them, or null"),
+    ("hidden_size", 2.5, "a whole number in 1..1048576 or null"),
+    ("num_attention_heads", 0, "a whole number in 1..65536 or null"),
+    # a per-layer list where the plan reads one number (it crashed in layout.Structure)
+    ("moe_topk", [], "a whole number in 0..65536 or null"),
     ("tie_word_embeddings", "no", "true, false or null"),
     ("architectures", "LlamaForCausalLM", "a list of class names"),
     ("quantization_config", [1, 2], "an object"),
@@ -94,9 +96,9 @@ def test_a_config_value_the_mirror_cannot_use_is_refused_at_its_file_line_and_fi
     assert f"accepted: {accepted}" in str(exc.value)
 
 
-def test_published_values_zero_null_and_lists_pass_the_boundary(tmp_path):
-    # issue 25: 0 (no shared expert), null and per-layer lists are what real configs carry
-    ck = _small(tmp_path, n_shared_experts=0, head_dim=None, moe_intermediate_size=[512, 512], mlp_only_layers=[0])
+def test_published_values_zero_null_and_layer_lists_pass_the_boundary(tmp_path):
+    # issue 25: 0 (no shared expert), null and layer-index lists are what real configs carry
+    ck = _small(tmp_path, n_shared_experts=0, head_dim=None, mlp_only_layers=[0])
     assert read_source(str(ck)).config["n_shared_experts"] == 0
 
 
