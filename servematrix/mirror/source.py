@@ -19,7 +19,7 @@ from servematrix.mirror.layout import (HF_QUANT_FILE, MirrorOrigin, SourceLayout
                                        assemble)
 
 __all__ = ["DTYPE_BITS", "ORIGIN_FILE", "SAFETENSORS_MAX_HEADER", "causal_lm_class", "check_twin_target",
-           "meta_layout", "read_header", "read_hf", "read_local", "read_model_type", "read_source"]
+           "config_layout", "meta_layout", "read_header", "read_hf", "read_local", "read_model_type", "read_source"]
 
 TOKENIZER_FILES = ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                    "vocab.json", "merges.txt", "chat_template.jinja", "chat_template.json"]
@@ -112,38 +112,52 @@ def read_local(directory: Path) -> SourceLayout:
 
 
 def read_config_only(config_path: Path, index: Path | None, source: str | None = None) -> SourceLayout:
-    """A config.json without safetensors headers: the tensor layout is what transformers' class
-    for its model_type writes at the config's full size (the path a model_type:NAME source takes,
-    with the config's values instead of the class's defaults), kept to the names the index's
-    weight map lists where an index is given. A name the index lists that the class does not
-    build has no dtype or shape without its shard's header: refused, naming it."""
+    """A config.json without safetensors headers: config_layout on the file's config, kept to
+    the names the index's weight map lists where an index is given (a name the index lists that
+    the class does not build has no dtype or shape without its shard's header: refused, naming it),
+    with the tokenizer files beside it."""
+    directory = config_path.parent
+    weight_map = read_index(index).weight_map if index is not None else None
+    layout = config_layout(read_config(config_path), source or str(config_path), where=config_path,
+                           tokenizer=_tokenizer_info({n: directory / n for n in TOKENIZER_FILES
+                                                      if (directory / n).is_file()}))
+    if weight_map is None:
+        return layout
+    unknown = [n for n in weight_map if n not in layout.tensors]
+    if unknown:
+        raise ConfigError(index, None, "weight_map", f"{len(unknown)} tensor(s) transformers' "
+                                                     f"{layout.architectures[0]} does not build, e.g. {unknown[0]!r}: "
+                                                     "their dtypes and shapes are only in the shards' safetensors "
+                                                     "headers (put the shards, or copies cut after their headers, "
+                                                     "beside the index)")
+    # what the checkpoint really stores (a tied lm_head, a buffer the class saves but it does not)
+    tensors = {n: m for n, m in layout.tensors.items() if n in weight_map}
+    return assemble(source=layout.source, kind="local", config=layout.config, tensors=tensors, files=[],
+                    tokenizer=layout.tokenizer)
+
+
+def config_layout(config: dict[str, Any], source: str, where: Path | str | None = None,
+                  tokenizer: TokenizerInfo | None = None) -> SourceLayout:
+    """The SourceLayout of a checkpoint known by its config.json alone (a dict, typed here as
+    config.json is): the tensors transformers' class for its model_type writes at the config's
+    full size on the meta device — the path a model_type:NAME source takes, with the config's
+    values instead of the class's defaults. `where` names the config in every refusal."""
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
-    config = read_config(config_path)
-    require_roles(config_path, config)
+    where = where or source
+    config = validate_config(config, where)
+    require_roles(where, config)
     model_type = config["model_type"]
     if model_type not in CONFIG_MAPPING:
-        raise ConfigError(config_path, None, "model_type", f"{model_type!r} has no transformers configuration class "
-                                                           "here: without safetensors headers the tensor layout comes "
-                                                           "from that class (give the shards' headers)")
-    dtype = _config_dtype(config, config_path)
-    _bounded_build(config, config_path)
+        raise ConfigError(where, None, "model_type", f"{model_type!r} has no transformers configuration class "
+                                                     "here: without safetensors headers the tensor layout comes "
+                                                     "from that class (give the shards' headers)")
+    dtype = _config_dtype(config, where)
+    _bounded_build(config, where)
     arch = (config.get("architectures") or [None])[0] or causal_lm_class(model_type)
-    tensors = class_layout(model_type, {**config, **missing_fields(model_type, config)}, arch, dtype,
-                           config_path, "this config")
-    if index is not None:
-        weight_map = read_index(index).weight_map
-        unknown = [n for n in weight_map if n not in tensors]
-        if unknown:
-            raise ConfigError(index, None, "weight_map", f"{len(unknown)} tensor(s) transformers' {arch} does not "
-                                                         f"build, e.g. {unknown[0]!r}: their dtypes and shapes are "
-                                                         "only in the shards' safetensors headers (put the shards, "
-                                                         "or copies cut after their headers, beside the index)")
-        tensors = {n: m for n, m in tensors.items() if n in weight_map}  # what the checkpoint really stores
-    directory = config_path.parent
-    return assemble(
-        source=source or str(config_path), kind="local", config=config, tensors=tensors, files=[],
-        tokenizer=_tokenizer_info({n: directory / n for n in TOKENIZER_FILES if (directory / n).is_file()}))
+    tensors = class_layout(model_type, {**config, **missing_fields(model_type, config)}, arch, dtype, where,
+                           "this config")
+    return assemble(source=source, kind="local", config=config, tensors=tensors, files=[], tokenizer=tokenizer)
 
 
 def class_layout(model_type: str, config: dict[str, Any], arch: str, dtype: str, where: Path | str,
@@ -159,7 +173,7 @@ def class_layout(model_type: str, config: dict[str, Any], arch: str, dtype: str,
                                              f"{what}: {type(exc).__name__}: {_one(exc)}") from None
 
 
-def _bounded_build(config: dict[str, Any], path: Path) -> None:
+def _bounded_build(config: dict[str, Any], path: Path | str) -> None:
     """Without headers the layout is built module by module: layers x experts bounded (each is
     bounded alone by inputs.config_model), so no config can make the build run for minutes."""
     from servematrix.mirror.inputs import MODULES_MAX
@@ -174,7 +188,7 @@ def _bounded_build(config: dict[str, Any], path: Path) -> None:
                           "expert; published MoE checkpoints have ~25k)")
 
 
-def _config_dtype(config: dict, path: Path) -> str:
+def _config_dtype(config: dict, path: Path | str) -> str:
     value = config.get("torch_dtype") or config.get("dtype") or "float32"
     if value not in ("float32", "bfloat16", "float16"):
         key = "torch_dtype" if config.get("torch_dtype") else "dtype"
