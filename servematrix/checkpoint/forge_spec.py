@@ -38,11 +38,13 @@ ASSUMED_FFN = 32_768  # an FFN width the config leaves to the family default: ab
 
 # The config fields the estimate reads, by role: names across transformers families, and the range
 # a real model's value lies in (a whole number: `1e9` is a string in YAML, `true` is no size).
+# An FFN width of 0 is a published value: "no such FFN" (MiniMax-M2's shared_intermediate_size: 0,
+# no shared expert); it adds no parameters, so the estimate needs no other bound for it.
 _ROLES: dict[str, tuple[tuple[str, ...], int, int]] = {
     "width": (("hidden_size", "n_embd", "d_model", "dim"), 1, 65_536),
     "layers": (("num_hidden_layers", "n_layer", "num_layers", "n_layers"), 1, 1_024),
     "ffn": (("intermediate_size", "moe_intermediate_size", "shared_expert_intermediate_size", "shared_intermediate_size", "ffn_dim",
-             "n_inner", "d_ff", "ffn_hidden_size"), 1, 262_144),
+             "n_inner", "d_ff", "ffn_hidden_size"), 0, 262_144),
     "heads": (("num_attention_heads", "num_key_value_heads", "n_head", "num_heads", "n_heads",
                "index_n_heads"), 1, 1_024),
     "head_dim": (("head_dim", "qk_rope_head_dim", "qk_nope_head_dim", "v_head_dim", "index_head_dim",

@@ -20,7 +20,7 @@ def invariants(plan: Plan, layout: SourceLayout, effective: dict, config: dict, 
         _layers(plan, layout),
         _first_dense(plan, layout, twin_cfg),
         _layer_kinds(plan, layout, mapped, base),
-        _mtp(plan, layout, twin_cfg),
+        _mtp(plan, layout, effective, twin_cfg),
         _kv_heads(plan, effective, twin_cfg, kv_rule),
         _heads(plan, twin_cfg),
         _head_dim(twin_cfg),
@@ -86,16 +86,20 @@ def _ranges(layer_map: dict[int, int]) -> str:
     return ", ".join(f"{a}{'-' + str(b) if b != a else ''}->{layer_map[a]}" for a, b in runs)
 
 
-def _mtp(plan: Plan, layout: SourceLayout, cfg: dict) -> Invariant:
+def _mtp(plan: Plan, layout: SourceLayout, effective: dict, cfg: dict) -> Invariant:
     st = layout.structure
     k = len(plan.kept_layers)
     want = {k + i for i in range(len(st.mtp_layer_indices))}
     got = {layer for layer, _ in map(split_name, plan.twin) if layer is not None} - set(range(k))
     _, mtp = field_value(cfg, "mtp")
-    holds = got == want and int(mtp or 0) == st.mtp_layers
+    # the source's count as its class reads it: a config.json that leaves the field to the class's
+    # default (GLM-4.5's converter copy has no num_nextn_predict_layers) has the default's count
+    _, src_mtp = field_value(effective, "mtp")
+    src_mtp = int(src_mtp or st.mtp_layers or 0)
+    holds = got == want and int(mtp or 0) == src_mtp
     detail = (f"{len(want)} MTP layers after the {k} main ones (num_nextn_predict_layers {mtp or 0})" if want else
-              f"the source has no MTP tensors (num_nextn_predict_layers {st.mtp_layers}"
-              + ("; transformers' class does not build them)" if st.mtp_layers else ")"))
+              f"the source has no MTP tensors (num_nextn_predict_layers {src_mtp}"
+              + ("; transformers' class does not build them)" if src_mtp else ")"))
     return Invariant(name="MTP layers", rule="the source's MTP layers (past num_hidden_layers) are kept, after the "
                                              "twin's main layers", holds=holds, detail=detail)
 

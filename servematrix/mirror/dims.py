@@ -123,6 +123,13 @@ def choose_dims(cfg: dict, tps: list[int], group_info: dict, params: dict, kv_po
         heads_key = field_value(cfg, "heads")[0]
         heads = dims.changed[heads_key][1] if heads_key in dims.changed else field_value(cfg, "heads")[1]
         dims.role("hidden", min(hidden, math.lcm(hidden_unit, heads or 1)))
+    for role, keys in (rules()["fields"].get("copies") or {}).items():
+        role_key, value = field_value(cfg, role)
+        twin_value = dims.changed.get(role_key, (value, value))[1]
+        for key in keys:
+            own = cfg.get(key)
+            if isinstance(own, int) and isinstance(value, int) and value and (own * twin_value) % value == 0:
+                dims.key(key, own * twin_value // value)
     _experts(cfg, tps, dims)
     return dims.changed, rule, notes
 

@@ -33,6 +33,14 @@ def missing_fields(model_type: str, config: dict[str, Any]) -> dict[str, Any]:
 def _value(model_type: str, key: str, value: Any, config: dict[str, Any]) -> Any:
     if not isinstance(value, dict):
         return value
+    if set(value) == {"from", "map"}:  # a per-layer list in another spelling (mimo_v2_flash: layer_types ->
+        # hybrid_layer_pattern): each entry of FIELD's list mapped, so the list follows the layers kept
+        base = config.get(value["from"])
+        if not isinstance(base, list) or any(v not in value["map"] for v in base):
+            raise ConfigError("mirror-families.yaml", None, f"model_type_config.{model_type}.{key}",
+                              f"a rule {{from: FIELD, map: {{...}}}} maps every entry of a list FIELD the config has "
+                              f"(got {value['from']!r} = {base!r:.80})")
+        return [value["map"][v] for v in base]
     base = config.get(value.get("of"))
     if set(value) != {"of", "times"} or not isinstance(base, (int, float)) or isinstance(base, bool):
         raise ConfigError("mirror-families.yaml", None, f"model_type_config.{model_type}.{key}",

@@ -13,6 +13,7 @@ are plan_models.py, which checks.py and tensors.py build too.
 
 from __future__ import annotations
 
+import json
 import math
 from collections import Counter
 
@@ -86,7 +87,7 @@ def plan_twin(layout: SourceLayout, max_pp: int, tp_values: list[int], kv_policy
     try:
         spec, refused = ForgeSpec(**fields), None
     except ValidationError as exc:  # the forge's own limits: reported as a failed invariant, nothing forged
-        spec, refused = ForgeSpec.model_construct(**fields), "; ".join(e["msg"] for e in exc.errors())
+        spec, refused = ForgeSpec.model_construct(**fields), "; ".join(_refusal(e, fields) for e in exc.errors())
     plan = Plan(
         source=layout.source, model_type=model_type, architecture=arch, text_model_type=text_model_type,
         max_pp=max_pp, tp=tps, kv_policy=kv_policy, kept_layers=kept, layer_map=layer_map, experts=experts,
@@ -97,6 +98,19 @@ def plan_twin(layout: SourceLayout, max_pp: int, tp_values: list[int], kv_policy
     checks.append(Invariant(name="forge accepts", rule="the ForgeSpec passes the forge's own validation (its size "
                                                        "limits)", holds=refused is None, detail=refused or "valid"))
     return plan.model_copy(update={"invariants": checks})
+
+
+def _refusal(error: dict, fields: dict) -> str:
+    """One forge refusal as the user needs it: the field, its value in the twin, and the rule (what
+    would be accepted). The forge's field errors carry their location in ctx['at'], pydantic's own
+    in 'loc'."""
+    at = tuple((error.get("ctx") or {}).get("at") or error.get("loc") or ())
+    value: object = fields
+    for part in at:
+        value = value.get(part, "?") if isinstance(value, dict) else "?"
+    where = ".".join(map(str, at)) or "spec"
+    shown = "" if value is fields else f" = {json.dumps(value, default=str)[:80]}"
+    return f"{where}{shown}: {error['msg']}"
 
 
 def _resolve_class(layout: SourceLayout) -> tuple[str, str | None, str]:

@@ -51,6 +51,14 @@ def twin_config(layout: SourceLayout, effective: dict, class_type: str, dims: di
         if isinstance(value, list) and len(value) == n and n > 1:
             config[key] = [value[s] for s in kept]
             changed.add(key)
+    # per-layer lists the class derives from the source's own fields (MiMo-V2-Flash's layer_types
+    # from its hybrid pattern rule): subsampled onto the kept layers too, else the class derives
+    # them afresh for the twin's layer count and they no longer say what the kept layers are
+    for key, value in effective.items():
+        if key not in config and key not in owned and isinstance(value, list) and len(value) == n and n > 1 \
+                and all(isinstance(v, str) for v in value):
+            config[key] = [value[s] for s in kept]
+            changed.add(key)
     for key in rules()["fields"]["layer_index_lists"]:
         if isinstance(config.get(key), list):
             config[key] = [j for j, s in enumerate(kept) if s in set(config[key])]

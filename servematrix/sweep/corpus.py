@@ -1,0 +1,199 @@
+"""The corpus of published config.json files (servematrix/data/configs/, listed with their sources
+in index.yaml): the sweep builds a family's twin from its published config when the corpus has one,
+so the twin carries every field the family's checkpoints carry (transformers' configuration classes
+drop or never had some that vLLM reads: afmoe score_func, glm4_moe head_dim, deepseek_v4
+num_hash_layers, ...), and falls back to the class's defaults only where no published config is known.
+
+A config.json alone has no tensor headers: the source layout is the one transformers' class writes
+for that config, built on the meta device (mirror.source.meta_layout), exactly as a `model_type:`
+source is built from the class's defaults. This module builds it through the mirror's public
+functions until mirror/source.py takes a config.json-only SOURCE itself.
+"""
+
+from __future__ import annotations
+
+import json
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict
+
+from servematrix.errors import ConfigError
+from servematrix.paths import data_file
+
+INDEX = "configs/index.yaml"
+
+
+class PublishedConfig(BaseModel):
+    """One index.yaml entry: a published config.json and where the copy was found."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    file: str  # under servematrix/data/configs/
+    model_type: str
+    hub: str  # the Hugging Face repo (and revision where known) that publishes it
+    found: str  # where this copy was read
+    complete: bool  # False: a subset of the published fields, verbatim
+    note: str | None = None
+
+    @property
+    def label(self) -> str:
+        return f"published config {self.hub} ({'complete' if self.complete else 'partial copy'})"
+
+    def config(self) -> dict[str, Any]:
+        path = data_file("configs") / self.file
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise ConfigError(path, None, None, f"not a readable JSON config: {exc}") from None
+        if data.get("model_type") != self.model_type:
+            raise ConfigError(path, None, "model_type", f"{data.get('model_type')!r}, the index says {self.model_type!r}")
+        return data
+
+
+class _Index(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    configs: list[PublishedConfig]
+
+
+@lru_cache(maxsize=1)
+def entries() -> tuple[PublishedConfig, ...]:
+    path = data_file(INDEX)
+    return tuple(_Index.model_validate(yaml.safe_load(path.read_text())).configs)
+
+
+def published(model_type: str) -> PublishedConfig | None:
+    """The first published config listed for `model_type` (the index lists the flagship first)."""
+    return next((e for e in entries() if e.model_type == model_type), None)
+
+
+def layout_from_config(config: dict[str, Any], source: str, drop: tuple[str, ...] = ()):
+    """The SourceLayout of a checkpoint whose config.json is `config` (its tensors: what transformers'
+    class writes for it, full size, on the meta device). `drop`: config fields left out (the sweep's
+    unquantized cells drop `quantization_config`: a config-only source has no quantized tensors)."""
+    from servematrix.mirror.layout import assemble
+    from servematrix.mirror.source import causal_lm_class, meta_layout
+
+    config = {k: v for k, v in config.items() if k not in drop}
+    model_type = config["model_type"]
+    arch = (config.get("architectures") or [causal_lm_class(model_type)])[0]
+    config = {**config, "architectures": [arch]}
+    dtype = str(config.get("dtype") or config.get("torch_dtype") or "bfloat16")
+    given = {k: v for k, v in config.items() if k not in ("architectures", "model_type", "auto_map",
+                                                            "quantization_config")}
+    try:
+        tensors = meta_layout(model_type, {**given, "architectures": [arch]}, dtype)
+    except Exception as exc:  # noqa: BLE001 - a class that cannot be built from the config is the caller's to know
+        raise ConfigError(source, None, None, f"transformers' {arch} cannot be built on the meta device from this "
+                                              f"config: {type(exc).__name__}: {' '.join(str(exc).split())[:300]}") from None
+    return assemble(source=source, kind="model_type", config=config, tensors=tensors)
+
+
+def checkpoint_names(model_type: str, directory: Path) -> list[str]:
+    """Rename the twin's tensors in `directory` (as transformers saved them) to the released
+    checkpoint's names where the family's `checkpoint_names` rules (mirror-families.yaml) say
+    transformers saves them otherwise; the note saying so (none where no rule applies). The shapes
+    stay the class's: only the names differ between the class's save and the real checkpoint."""
+    import re
+
+    from safetensors.torch import load_file, save_file
+
+    from servematrix.mirror.layout import rules
+
+    renames = (rules().get("checkpoint_names") or {}).get(model_type) or []
+    leaves = (rules().get("every_layer") or {}).get(model_type) or []
+    if not renames and not leaves:
+        return []
+    changed, added = 0, []
+    for path in sorted(Path(directory).glob("*.safetensors")):
+        tensors = load_file(path)
+        out = {}
+        for name, tensor in tensors.items():
+            new = name
+            for rule in renames:
+                new = re.sub(rule["pattern"], rule["name"], new)
+            changed += new != name
+            out[new] = tensor
+        added += _every_layer(out, leaves)
+        save_file(out, path, metadata={"format": "pt"})
+    index = Path(directory) / "model.safetensors.index.json"
+    if index.is_file():
+        data = json.loads(index.read_text())
+        data["weight_map"] = {_renamed(n, renames): f for n, f in data.get("weight_map", {}).items()}
+        index.write_text(json.dumps(data, indent=2))
+    notes = [f"{changed} tensors renamed to the released checkpoint's names (mirror-families.yaml "
+             "checkpoint_names: transformers renames them on load and cannot restore them on save)"] if changed else []
+    if added:
+        notes.append(f"added {', '.join(added)} (mirror-families.yaml every_layer: the released checkpoint has it on "
+                     "every layer, transformers' class only on some)")
+    return notes
+
+
+def _every_layer(tensors: dict, leaves: list[str]) -> list[str]:
+    """Add each leaf to the decoder layers of `tensors` (one shard's) that lack it, like an existing one."""
+    import re
+
+    import torch
+
+    added = []
+    for leaf in leaves:
+        pattern = re.compile(r"^(.*?\.layers\.)(\d+)\." + re.escape(leaf) + "$")
+        have = {m.group(2): (m.group(1), t) for n, t in tensors.items() if (m := pattern.match(n))}
+        if not have:
+            continue
+        stem, like = next(iter(have.values()))
+        layers = {m.group(1) for n in tensors if (m := re.match(re.escape(stem) + r"(\d+)\.", n))}
+        for layer in sorted(layers - set(have), key=int):
+            name = f"{stem}{layer}.{leaf}"
+            tensors[name] = torch.ones_like(like)
+            added.append(name)
+    return added
+
+
+def _renamed(name: str, renames: list[dict]) -> str:
+    import re
+
+    for rule in renames:
+        name = re.sub(rule["pattern"], rule["name"], name)
+    return name
+
+
+def unmirrorable(model_type: str) -> str | None:
+    """Why no twin of `model_type` can stand for a released checkpoint (mirror-families.yaml), or None."""
+    from servematrix.mirror.layout import rules
+
+    return (rules().get("unmirrorable") or {}).get(model_type)
+
+
+def checkpoint_config(model_type: str, directory: Path, source_config: dict, source_layers: int) -> list[str]:
+    """Rewrite the twin's config.json in `directory` with the fields the released checkpoint spells
+    its own way (mirror-families.yaml checkpoint_config), from the twin's own fields, and without the
+    class's folded ones; the note saying what changed (none where the family has no rule)."""
+    from servematrix.errors import ConfigError
+    from servematrix.mirror.layout import rules
+
+    rule = (rules().get("checkpoint_config") or {}).get(model_type)
+    if not rule:
+        return []
+    path = Path(directory) / "config.json"
+    config = json.loads(path.read_text())
+    written = {}
+    for key, how in (rule.get("set") or {}).items():
+        if "count" in how:
+            written[key] = sum(1 for v in config.get(how["count"]) or [] if v == how["equals"])
+        elif "from" in how:
+            base = config.get(how["from"])
+            if not isinstance(base, list) or any(v not in how["map"] for v in base):
+                raise ConfigError("mirror-families.yaml", None, f"checkpoint_config.{model_type}.{key}",
+                                  f"maps every entry of the twin's list {how['from']!r} (got {base!r:.80})")
+            tail = source_config.get(how.get("tail") or "") or []
+            written[key] = [how["map"][v] for v in base] + list(tail[source_layers:])
+    dropped = [k for k in rule.get("drop") or [] if k in config]
+    config = {k: v for k, v in config.items() if k not in dropped}
+    config.update(written)
+    path.write_text(json.dumps(config, indent=2))
+    return [f"config.json in the released checkpoint's spelling (mirror-families.yaml checkpoint_config): "
+            f"{json.dumps(written)[:200]}, without {dropped}"]

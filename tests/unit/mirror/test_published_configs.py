@@ -1,0 +1,72 @@
+"""The mirror's planning accepts what published config.json files carry (issue 25): the published
+MiniMax-M2 config's `"shared_intermediate_size": 0` (no shared expert), null fields, per-layer lists,
+nested rope dicts, legacy names the configuration class rewrites. The configs are the corpus the sweep
+ships (servematrix/data/configs/, each with its source in index.yaml), read as published, never forged
+here; a refusal names the field, its value and what would be accepted."""
+
+from __future__ import annotations
+
+import pytest
+
+from servematrix import mirror
+from servematrix.mirror.family_config import missing_fields
+from servematrix.sweep import corpus
+
+
+def _plan(model_type: str, **override):
+    entry = corpus.published(model_type)
+    assert entry is not None, f"the corpus lists no published {model_type} config"
+    layout = corpus.layout_from_config({**entry.config(), **override}, f"config:{entry.hub}",
+                                       drop=("quantization_config",))
+    return mirror.plan_twin(layout, 2, [1, 2])
+
+
+def test_the_published_minimax_m2_config_with_shared_intermediate_size_0_is_planned_and_keeps_the_0():
+    config = corpus.published("minimax_m2").config()
+    assert config["shared_intermediate_size"] == 0 and config["sliding_window"] is None  # as published
+    plan = _plan("minimax_m2")
+    assert plan.ok, [i for i in plan.invariants if not i.holds]
+    assert plan.spec.config["shared_intermediate_size"] == 0  # no shared expert, like the checkpoint
+    assert plan.spec.config["rotary_dim"] == 32  # the published 64 of 128, shrunk with head_dim
+
+
+def test_a_refusal_names_the_field_its_value_and_what_would_be_accepted():
+    plan = _plan("minimax_m2", shared_intermediate_size=-1)
+    (broken,) = [i for i in plan.invariants if not i.holds]
+    assert broken.name == "forge accepts"
+    assert broken.detail == "config.shared_intermediate_size = -1: must be a whole number in 0..262144 (got -1)"
+
+
+@pytest.mark.parametrize("model_type", sorted({e.model_type for e in corpus.entries()} - {"deepseek_v4"}))
+def test_every_published_config_in_the_corpus_but_deepseek_v4_is_planned_within_the_invariants(model_type):
+    plan = _plan(model_type)
+    assert plan.ok, [f"{i.name}: {i.detail}" for i in plan.invariants if not i.holds]
+
+
+def test_afmoe_first_dense_layers_go_by_num_dense_layers_and_lfm2_attention_by_full_attn_idxs():
+    afmoe = _plan("afmoe")  # Trinity-Nano: num_dense_layers 2, then MoE layers
+    assert afmoe.kept_layers[:3] == [0, 1, 2] and afmoe.spec.config["num_dense_layers"] == 2
+    lfm2 = _plan("lfm2")  # LFM2-1.2B: full_attn_idxs [2, 5, ...], conv layers between
+    assert lfm2.spec.config["full_attn_idxs"] == [lfm2.kept_layers.index(2)]
+    # block_dim / conv_dim equal hidden_size in the published config, and shrink with it
+    assert lfm2.spec.config["block_dim"] == lfm2.spec.config["conv_dim"] == lfm2.spec.config["hidden_size"]
+
+
+def test_mimo_v2_flash_hybrid_pattern_and_moe_freq_follow_the_kept_layers():
+    plan = _plan("mimo_v2_flash")
+    published = corpus.published("mimo_v2_flash").config()
+    assert plan.spec.config["hybrid_layer_pattern"] == [published["hybrid_layer_pattern"][s] for s in plan.kept_layers]
+    assert plan.spec.config["moe_layer_freq"] == [published["moe_layer_freq"][s] for s in plan.kept_layers]
+    # the layer types the class would derive afresh for 3 layers are the kept layers' own
+    kinds = ["full_attention" if p == 0 else "sliding_attention" for p in plan.spec.config["hybrid_layer_pattern"]]
+    assert plan.spec.config["layer_types"] == kinds
+
+
+def test_mimo_v2_flash_defaults_map_layer_types_to_the_published_hybrid_pattern():
+    from transformers import AutoConfig
+
+    defaults = AutoConfig.for_model("mimo_v2_flash").to_dict()
+    filled = missing_fields("mimo_v2_flash", defaults)
+    published = corpus.published("mimo_v2_flash").config()
+    assert filled["hybrid_layer_pattern"] == published["hybrid_layer_pattern"]
+    assert filled["moe_layer_freq"] == published["moe_layer_freq"]
