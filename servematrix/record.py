@@ -16,7 +16,9 @@ from servematrix.record_gsm8k import PairedResult, Protocol, QuestionResult
 SCHEMA_VERSION = 1
 KNOWN_SCHEMA_VERSIONS = (1,)
 
-Verdict = Literal["pass", "fail", "xfail", "xpass", "error", "skipped"]
+# twin-incomplete: a sweep cell whose twin lacks a field or tensor vLLM read and the family's real
+# checkpoints carry (sweep/incomplete.py): neither pass nor fail, it says nothing about vLLM
+Verdict = Literal["pass", "fail", "xfail", "xpass", "error", "skipped", "twin-incomplete"]
 
 
 # --- failures: what ended a stage ------------------------------------------------------------

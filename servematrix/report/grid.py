@@ -9,7 +9,7 @@ from servematrix.record import RunSummary, ScenarioRecord
 
 
 SYMBOL = {"pass": "✓", "fail": "✗", "xfail": "✗ (xfail)", "xpass": "✓ (xpass!)", "error": "⚠ error",
-          "skipped": "–"}
+          "skipped": "–", "twin-incomplete": "◌ twin-incomplete"}
 
 
 def _column(r: ScenarioRecord) -> str:

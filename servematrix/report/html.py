@@ -14,7 +14,7 @@ from servematrix.report.files import page_name
 from servematrix.record import RunSummary, ScenarioRecord
 
 COLOURS = {"pass": "#2e7d32", "fail": "#c62828", "xfail": "#ef6c00", "xpass": "#6a1b9a",
-           "error": "#616161", "skipped": "#9e9e9e"}
+           "error": "#616161", "skipped": "#9e9e9e", "twin-incomplete": "#1565c0"}
 CSS = """
 body{font-family:system-ui,sans-serif;margin:24px;color:#222}
 table{border-collapse:collapse;margin:12px 0}

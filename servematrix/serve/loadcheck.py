@@ -33,6 +33,9 @@ class Check(BaseModel):
     attention: dict[str, str] = Field(default_factory=dict)
     load_weights: bool = True
     out: Path
+    # rank<N>.json lists the config attributes the model asked for and the config lacked (the
+    # sweep's twin-incomplete rule reads it)
+    record_misses: bool = False
 
 
 def command(spec: LaunchSpec, check: Check) -> list[str]:
@@ -44,6 +47,8 @@ def command(spec: LaunchSpec, check: Check) -> list[str]:
     flags = [f"--loadcheck-{kind}-backend={name}" for kind, name in sorted(check.attention.items())]
     if not check.load_weights:
         flags.append("--loadcheck-construct-only")
+    if check.record_misses:
+        flags.append("--loadcheck-record-misses")
     # -P: the worker's folder (servematrix/) must not shadow stdlib modules (secrets, ...)
     return [argv[0], "-P", str(WORKER), f"--loadcheck-out={check.out}", *flags, *argv[i + 1:]]
 

@@ -38,7 +38,41 @@ def _args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     p.add_argument("--loadcheck-sparse-backend", default=None, help="... for sparse MLA layers")
     p.add_argument("--loadcheck-out", required=True, help="directory for one JSON result per rank")
     p.add_argument("--loadcheck-construct-only", action="store_true", help="build the model, load no weights")
+    p.add_argument("--loadcheck-record-misses", action="store_true",
+                   help="list every config attribute the model asked for and the config lacked")
     return p.parse_known_args(argv)
+
+
+def _record_misses(model_config) -> list[str]:
+    """Make the model's configs recording configs: every attribute vLLM's model code asks for that
+    the config lacks (an AttributeError, also where the code catches it: hasattr, getattr with a
+    default) is appended to the returned list, in order, while the error stays exactly what it was.
+    The sweep tells from this list whether a failure is the twin's (a field the family's published
+    configs carry) or vLLM's. Each rank is a process of its own: the class swap dies with it."""
+    misses: list[str] = []
+    seen: set[int] = set()
+    for attr in ("hf_config", "hf_text_config"):
+        cfg = getattr(model_config, attr, None)
+        if cfg is None or id(cfg) in seen:
+            continue
+        seen.add(id(cfg))
+        base = type(cfg)
+        inherited = getattr(base, "__getattr__", None)
+
+        def __getattr__(self, name, _base=base, _inherited=inherited):
+            try:
+                if _inherited is None:
+                    raise AttributeError(f"'{_base.__name__}' object has no attribute '{name}'")
+                return _inherited(self, name)
+            except AttributeError:
+                if not name.startswith("__"):
+                    misses.append(name)
+                raise
+
+        # same name and module: error messages and reprs read as the real class's
+        cfg.__class__ = type(base.__name__, (base,), {"__getattr__": __getattr__, "__module__": base.__module__,
+                                                      "__qualname__": base.__qualname__})
+    return misses
 
 
 def _engine_args(server_argv: list[str]):
@@ -115,6 +149,8 @@ def _rank(rank: int, args: argparse.Namespace, server_argv: list[str], port: int
         load_general_plugins()  # what every vLLM worker does first: the fix modules apply here
         _pick_backends(args.loadcheck_mla_backend, args.loadcheck_sparse_backend)
         config = _engine_args(server_argv).create_engine_config()
+        if args.loadcheck_record_misses:
+            result["config_misses"] = _record_misses(config.model_config)  # filled while the model is built
         par = config.parallel_config
         result.update(tp=par.tensor_parallel_size, pp=par.pipeline_parallel_size)
         with set_current_vllm_config(config):
@@ -133,6 +169,8 @@ def _rank(rank: int, args: argparse.Namespace, server_argv: list[str], port: int
     except BaseException as exc:  # noqa: BLE001 - reported, then the rank exits non-zero
         traceback.print_exc()
         result["error"] = f"{type(exc).__name__}: {exc}"[:2000]
+    if "config_misses" in result:  # in the order read, each name once
+        result["config_misses"] = list(dict.fromkeys(result["config_misses"]))
     result["seconds"] = round(time.monotonic() - t0, 2)
     with open(os.path.join(args.loadcheck_out, f"rank{rank}.json"), "w") as f:
         json.dump(result, f)

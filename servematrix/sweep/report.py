@@ -27,6 +27,8 @@ class Coverage(BaseModel):
     passing: int = 0
     failing: int = 0
     served: int = 0  # cells whose real server started and answered a completion (`--depth serve`)
+    # cell id -> what the twin lacks that vLLM read (sweep/incomplete.py): checked, neither passing nor failing
+    twin_incomplete: dict[str, str] = Field(default_factory=dict)
     not_checkable: dict[str, int] = Field(default_factory=dict)  # reason -> cells
 
     def count(self, record: ScenarioRecord, twin) -> None:
@@ -40,6 +42,8 @@ class Coverage(BaseModel):
         self.checked += 1
         self.passing += record.verdict == "pass"
         self.failing += record.verdict in ("fail", "error")
+        if record.verdict == "twin-incomplete":
+            self.twin_incomplete[record.id] = (record.note or "").removeprefix("twin-incomplete: the twin lacks ")
         self.served += record.smoke is not None and record.smoke.ok
 
 
@@ -60,16 +64,24 @@ def _reason(note: str) -> str:
 
 def coverage_md(coverage: Iterable[Coverage]) -> str:
     lines = ["## Coverage", "",
-             "| release | vLLM | registered | forgeable | twins built | cells checked | passing | failing | served |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| release | vLLM | registered | forgeable | twins built | cells checked | passing | failing | "
+             "twin-incomplete | served |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     covs = list(coverage)
     for c in covs:
         lines.append(f"| {c.release} | {c.vllm or '?'} | {c.registered} | {c.forgeable} | {len(c.twins)} | "
-                     f"{c.checked} | {c.passing} | {c.failing} | {c.served} |")
+                     f"{c.checked} | {c.passing} | {c.failing} | {len(c.twin_incomplete)} | {c.served} |")
     lines += ["", "registered: architectures the release's model registry lists; forgeable: matched to a "
                   "transformers model_type whose causal-LM class it is; twins built: the mirror planned and forged "
-                  "one; checked: cells whose load check ran (the selection may hold fewer); served: cells whose real "
+                  "one; checked: cells whose load check ran (the selection may hold fewer); twin-incomplete: checked "
+                  "cells where vLLM read a field or tensor the twin lacks and the family's published checkpoints carry "
+                  "(neither passing nor failing: they say nothing about vLLM); served: cells whose real "
                   "server started and answered one greedy completion (`--depth serve`).", ""]
+    for c in covs:
+        if c.twin_incomplete:
+            lines += [f"### Twin-incomplete ({c.release}): {len(c.twin_incomplete)} cells", ""]
+            lines += [f"- `{cid}`: {what}".replace("|", "\\|") for cid, what in sorted(c.twin_incomplete.items())]
+            lines.append("")
     for c in covs:
         if c.not_checkable:
             lines += [f"### Not checkable here ({c.release}), cells by reason", ""]

@@ -191,7 +191,7 @@ def _cell(cell: cellmod.Cell, opts: SweepOptions, python: str, twin_cache: dict,
         twin = twin_cache[(mt, cell.quant, cell.tp)]
     if not twin.ok:
         return judge(EntryOutcome(**base, seconds=round(time.monotonic() - t0, 2),
-                                  skipped=f"not checkable here: {twin.reason}"))
+                                  skipped=f"not checkable here: {twin.reason} [{twin.origin}]"))
     parts = _load_check(cell, opts, python, twin, worlds)
     failure = parts.get("failure")
     if failure is not None and serve.gpu_only(failure):  # data/sweep-quants.yaml `gpu_only`
@@ -209,9 +209,33 @@ def _cell(cell: cellmod.Cell, opts: SweepOptions, python: str, twin_cache: dict,
     if opts.depth == "serve" and not why_not and "skipped" not in parts and parts.get("failure") is None:
         parts, depth = _serve_step(cell, opts, python, twin, parts)
     record = judge(EntryOutcome(**base, **parts, seconds=round(time.monotonic() - t0, 2)))
+    if record.verdict in ("pass", "fail"):
+        record = _twin_incomplete(record, cell, opts, twin)
     if record.verdict != "skipped":  # the depth reached, the quantized layout in words (block size, family rule)
-        record = record.model_copy(update={"note": "; ".join(filter(None, [record.note, depth, twin.note])) or None})
+        record = record.model_copy(update={"note": "; ".join(filter(None, [record.note, depth, twin.note,
+                                                                            twin.origin])) or None})
     return record
+
+
+def _twin_incomplete(record, cell: cellmod.Cell, opts: SweepOptions, twin: twins.Twin):
+    """The record as `twin-incomplete` where vLLM read something the twin lacks and the family's
+    real checkpoints carry (sweep/incomplete.py): then it says nothing about vLLM, pass or fail."""
+    import json
+
+    from servematrix.sweep import incomplete
+
+    check_dir = opts.out / cell.id / "loadcheck"
+    try:
+        twin_config = json.loads((Path(twin.path) / "config.json").read_text())
+    except (OSError, ValueError):
+        twin_config = {}
+    lacks = incomplete.missing(cell.arch.model_type, twin_config, incomplete.rank_misses(check_dir), record.failure,
+                               incomplete.rank_errors(check_dir))
+    if not lacks:
+        return record
+    was = f"; the load check alone said {record.verdict}" + (f": {record.failure.signature[:200]}" if record.failure else "")
+    return record.model_copy(update={"verdict": "twin-incomplete",
+                                     "note": f"twin-incomplete: the twin lacks {'; '.join(lacks)}{was}"})
 
 
 def _serve_step(cell: cellmod.Cell, opts: SweepOptions, python: str, twin: twins.Twin, parts: dict) -> tuple[dict, str]:
@@ -249,7 +273,7 @@ def _world(opts: SweepOptions, python: str, env: dict, directory: Path):
         from servematrix.sweep.ray_worlds import RayWorld
 
         return RayWorld(python, env, directory, opts.ray_address)
-    from servematrix.sweep.worker import World
+    from servematrix.serve.world import World
 
     return World(python, env, directory)
 
@@ -257,13 +281,13 @@ def _world(opts: SweepOptions, python: str, env: dict, directory: Path):
 def _load_check(cell: cellmod.Cell, opts: SweepOptions, python: str, twin: twins.Twin, worlds: dict) -> dict:
     from servematrix.record import LoadResult
     from servematrix.serve import loadcheck
-    from servematrix.sweep.worker import run_check
+    from servematrix.serve.world import run_check
 
     cell_dir = opts.out / cell.id
     cell_dir.mkdir(parents=True, exist_ok=True)
     spec = _spec(cell, python, twin, cell_dir, opts.timeout)
     attention = (device_profile("cpu").get("load_check") or {}).get("attention", {})
-    check = loadcheck.Check(attention=attention, out=cell_dir / "loadcheck")
+    check = loadcheck.Check(attention=attention, out=cell_dir / "loadcheck", record_misses=True)
     parts: dict = {"server_command": loadcheck.shell(spec, check)}
     try:
         if opts.isolated:

@@ -1,6 +1,8 @@
-"""One mirrored twin per swept model_type, from its transformers configuration defaults, planned for
-every layout of the sweep at once (layers >= the largest PP; KV heads that every TP either divides
-or is a multiple of: the mirror's own invariants), built by the mirror's public functions.
+"""One mirrored twin per swept model_type, from the family's published config.json where the corpus
+has one (sweep/corpus.py, data/configs/), else from its transformers configuration defaults (every
+twin says which: Twin.origin, in each cell's note), planned for every layout of the sweep at once
+(layers >= the largest PP; KV heads that every TP either divides or is a multiple of: the mirror's
+own invariants), built by the mirror's public functions.
 
 A twin the mirror cannot plan or build makes that architecture's cells "not checkable here" with
 the mirror's one-line reason: it is servematrix that cannot forge it, not vLLM that failed.
@@ -25,6 +27,7 @@ class Twin(BaseModel):
     load_only: str | None = None  # why its scenario says load check only on CPU (the mirror's MLA rule)
     spec: dict | None = None  # the ForgeSpec it was forged from (dumped), for its quantized variants
     shapes: dict[str, tuple[int, ...]] = {}  # what that spec forged: tensor name -> shape
+    origin: str = ""  # what the twin was built from: a published config (with its source) or transformers' defaults
 
     @property
     def ok(self) -> bool:
@@ -36,22 +39,37 @@ def build(model_type: str, directory: Path, max_pp: int, tps: list[int]) -> Twin
     from servematrix import mirror
     from servematrix.mirror.cli import scenario_dict
 
+    from servematrix.sweep import corpus
+
     name = f"sweep-{model_type.replace('_', '-')}"
+    why = corpus.unmirrorable(model_type)
+    if why:
+        return Twin(model_type=model_type, reason=f"mirror-families.yaml unmirrorable: {why}", origin="no twin")
+    real = corpus.published(model_type)
+    origin = (f"twin from the {real.label}" if real else
+              "twin from transformers' configuration defaults (no published config in data/configs)")
     try:
-        layout = mirror.read_source(f"model_type:{model_type}")
+        if real is not None:
+            # an unquantized twin: the published quantization_config names tensors a config alone does not give
+            layout = corpus.layout_from_config(real.config(), f"config:{real.hub}", drop=("quantization_config",))
+        else:
+            layout = mirror.read_source(f"model_type:{model_type}")
         plan = mirror.plan_twin(layout, max_pp, tps)
         if not plan.ok:
             broken = "; ".join(f"{i.name} ({i.detail})" for i in plan.invariants if not i.holds)
-            return Twin(model_type=model_type, reason=f"mirror: the twin would break its invariants: {broken}"[:500])
+            return Twin(model_type=model_type, origin=origin,
+                        reason=f"mirror: the twin would break its invariants: {broken}"[:500])
         scenario = scenario_dict(plan, name, layout)
         path = mirror.build_twin(plan, name, directory / model_type)
+        origin = "; ".join([origin, *corpus.checkpoint_names(model_type, path),
+                            *corpus.checkpoint_config(model_type, path, layout.config, layout.structure.num_layers)])
     except UserError as exc:
-        return Twin(model_type=model_type, reason=f"mirror: {_line(exc)}")
+        return Twin(model_type=model_type, origin=origin, reason=f"mirror: {_line(exc)}")
     except Exception as exc:  # noqa: BLE001 - a class the mirror cannot handle costs its cells, not the sweep
-        return Twin(model_type=model_type, reason=f"mirror: {type(exc).__name__}: {_line(exc)}")
+        return Twin(model_type=model_type, origin=origin, reason=f"mirror: {type(exc).__name__}: {_line(exc)}")
     (quant,) = scenario["quants"].values()
     return Twin(model_type=model_type, path=str(path), server_args=[*scenario["server"]["args"], *quant["args"]],
-                load_only=(scenario.get("load_check") or {}).get("reason"),
+                load_only=(scenario.get("load_check") or {}).get("reason"), origin=origin,
                 spec=plan.spec.model_dump(mode="json"), shapes={n: tuple(t.shape) for n, t in plan.forged.items()})
 
 
@@ -68,15 +86,16 @@ def quantize(base: Twin, quant: str, tps: list[int]) -> Twin:
                                        "reason": base.reason or "no forge spec recorded for the twin"})
     q = quantized(base.model_type, base.spec, base.shapes, quant, tps)
     if q.spec is None:
-        return Twin(model_type=base.model_type, quant=quant, reason=q.reason)
+        return Twin(model_type=base.model_type, quant=quant, reason=q.reason, origin=base.origin)
     from servematrix.checkpoint.forge_spec import ForgeSpec
 
     try:
         path = forge(f"sweep-{base.model_type.replace('_', '-')}-{quant}", ForgeSpec.model_validate(q.spec))
     except (ValueError, KeyError, RuntimeError, UserError) as exc:
-        return Twin(model_type=base.model_type, quant=quant,
+        return Twin(model_type=base.model_type, quant=quant, origin=base.origin,
                     reason=f"forge ({quant}): {type(exc).__name__}: {_line(exc)}")
     return Twin(model_type=base.model_type, quant=quant, path=str(path), note=q.note, load_only=base.load_only,
+                origin=base.origin,
                 server_args=_dtype(base.server_args, "bfloat16" if q.spec["dtype"] == "float32" else q.spec["dtype"]))
 
 

@@ -179,7 +179,7 @@ def test_depth_serve_serves_each_cell_whose_load_check_passed_and_labels_the_dep
     assert by_id["qwen3_moe/pp2-none"].failure.phase == "load" and by_id["qwen3_moe/pp2-none"].smoke is None
     md = (tmp_path / "run" / "load-success.md").read_text()
     assert "| llama | ✓ [1] | ✗ [2] |" in md  # served cells are plain ✓/✗, as run's grid marks a served entry
-    assert "| 5 | 3 | 2 | 4 | 2 | 2 | 2 |" in (tmp_path / "run" / "coverage.md").read_text()  # ... served: 2
+    assert "| 5 | 3 | 2 | 4 | 2 | 2 | 0 | 2 |" in (tmp_path / "run" / "coverage.md").read_text()  # ... twin-incomplete: 0, served: 2
 
 
 def test_the_default_depth_never_starts_a_server(tmp_path, served):
