@@ -4,6 +4,7 @@ reader of reports (`servematrix gate`) loads neither the launcher nor an HTTP cl
 
 from __future__ import annotations
 
+import math
 from typing import Literal
 
 from pydantic import BaseModel, Field, field_validator, model_validator
@@ -133,6 +134,23 @@ class CheckResult(BaseModel):
     needed_n: int | None = None  # unpaired: questions the reference test needs for `effect`
     paired: PairedResult | None = None  # set by compare on a layout with a baseline
     note: str | None = None  # not-comparable: what differs; "no fingerprint": either side has none
+
+    @model_validator(mode="after")
+    def _judged_on_numbers(self) -> "CheckResult":
+        # check.accuracy.judge never passes a NaN (it is "not-measured"); a summary that says "pass"
+        # about one was edited or written by something else, and the gate must not ship on it
+        if self.status == "pass":
+            bad = [f"{f} {getattr(self, f)}" for f in ("measured", "reference", "threshold")
+                   if (f == "measured" and self.measured is None)
+                   or (getattr(self, f) is not None and not math.isfinite(getattr(self, f)))]
+            if bad:
+                raise ValueError(f"a check that passed was judged on finite numbers, not on {', '.join(bad)}")
+        if self.threshold is not None:  # what summary() prints beside it
+            missing = [f for f in ("measured", "reference", "mde", "p_value", "n") if getattr(self, f) is None]
+            if missing or self.metric not in METRICS:
+                raise ValueError(f"a judged check needs a known metric and {', '.join(missing) or 'its numbers'} "
+                                 f"(metric {self.metric!r})")
+        return self
 
     def summary(self) -> str:
         if self.status in {"no-reference", "not-measured", "not-comparable"} or self.threshold is None:

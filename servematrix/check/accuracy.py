@@ -14,11 +14,10 @@ from datetime import datetime, timezone
 from servematrix.check import stats
 from servematrix.config.references import BERNOULLI, Check, RefKey, Reference
 from servematrix.errors import ConfigError
-from servematrix.record import (METRIC_DEFS, METRICS, CheckResult, MetricValue, PairedResult, Protocol,
-                                QuestionResult, ScenarioRecord)
+from servematrix.record import (METRIC_DEFS, METRICS, NO_FINGERPRINT, CheckResult, MetricValue, PairedResult,
+                                Protocol, QuestionResult, ScenarioRecord)
 from servematrix.record_gsm8k import protocol_note
 
-NO_FINGERPRINT = "no fingerprint"
 
 def gsm8k_metrics(strict: float, flexible: float, n: int) -> dict[str, MetricValue]:
     """Exact-match proportions as metrics (per-sample σ of a Bernoulli mean)."""
@@ -72,7 +71,18 @@ def judge(check: Check, measured: MetricValue | None, ref: Reference | None,
                        n=measured.n, reference=ref.mean, reference_n=ref.n, sigma=sigma,
                        threshold=test.threshold, mde=test.mde, p_value=test.p_value(measured.mean),
                        wilson_low=wl, needed_n=needed_n(check, ref),
-                       note=NO_FINGERPRINT if protocol is None or ref.protocol is None else None, **base)
+                       note=unfingerprinted(protocol, ref), **base)
+
+
+def unfingerprinted(protocol: Protocol | None, ref: Reference) -> str | None:
+    """The note of a comparison made without both fingerprints, saying which side lacks one (the
+    rule: a reference without one is compared as before but never silently — the note is in the
+    check's line, and the gate and validate report it); None when both have one."""
+    if protocol is not None and ref.protocol is not None:
+        return None
+    side = ("the run and the reference" if protocol is None and ref.protocol is None
+            else "this run" if protocol is None else f"the reference {ref.source or ''}".rstrip())
+    return f"{NO_FINGERPRINT} in {side}: protocols not checked"
 
 
 def uninformative(check: Check, ref: Reference, n: int) -> str | None:
@@ -113,7 +123,10 @@ def detectable(check: Check, ref: Reference | None, n: int) -> str:
         return f"n={n}: no reference yet ({claim})"
     test = stats.OneSidedTest(reference=ref.mean, sigma=reference_sigma(check.metric, ref), n=n,
                               alpha=check.alpha, beta=check.beta)
-    return f"n={n}: MDE {test.mde:.4g} ({claim}) vs reference {ref.mean:.4g}"
+    unchecked = (f"; {NO_FINGERPRINT} in the reference {ref.source or ''}".rstrip()
+                 + ": a run is compared with it without checking the protocol (record it again)"
+                 if ref.protocol is None else "")
+    return f"n={n}: MDE {test.mde:.4g} ({claim}) vs reference {ref.mean:.4g}{unchecked}"
 
 
 # --- paired: a layout against its baseline's per-question outcomes (check.compare) ----------------

@@ -106,23 +106,27 @@ def cmd_reference_record(args) -> int:
     run = gate.load_summary(Path(args.run_dir))
     out = Path(args.out)
     writable_target(out)  # a directory, FIFO or device there is refused before it is read
-    existing = _existing_references(out)
-    new = _new_references(run, args.any_vllm)
+    existing, header = _existing_references(out)
+    new = _new_references(run, args.any_vllm, Path(args.run_dir) / "summary.json")
     if not new:  # the references file is left exactly as it was
         print(f"{args.run_dir}: no passing scenario with metrics; nothing recorded", file=sys.stderr)
         return 1
     replaced = {(n.key, n.metric) for n in new}
     kept = [e for e in existing if (e.key, e.metric) not in replaced]
-    atomic_write(out, references.dump_references(kept + new))
+    atomic_write(out, references.dump_references(kept + new, header))
     for n in new:
         print(f"{out}: {n.key.scenario}/tp{n.key.tp}-pp{n.key.pp}-{n.key.quant} {n.metric} = {n.mean:.4f} "
               f"(sigma {n.sigma:.4f}, n {n.n})")
     return 0
 
 
-def _new_references(run, any_vllm: bool) -> list:
+def _new_references(run, any_vllm: bool, where: Path) -> list:
     """One reference per metric of each scenario of `run` that met its expectation, pinned to the
-    run's vLLM release unless `any_vllm`."""
+    run's vLLM release unless `any_vllm`. A metric the Reference model refuses (a NaN or infinite
+    mean or sigma: not measured) is a StateError naming the summary, scenario and metric: nothing
+    is written rather than a reference that no check could be judged against."""
+    from pydantic import ValidationError
+
     from servematrix.check import accuracy
     from servematrix.config import references
 
@@ -135,21 +139,30 @@ def _new_references(run, any_vllm: bool) -> list:
         for metric, value in r.metrics.items():
             rel = os.path.relpath(run.run_dir)
             source = run.run_dir if rel.startswith("..") else rel
-            new.append(accuracy.reference_from(metric, value, key, source, r))
+            try:
+                new.append(accuracy.reference_from(metric, value, key, source, r))
+            except ValidationError as exc:
+                err = exc.errors()[0]
+                field = ".".join(str(p) for p in err["loc"])
+                raise StateError(where, f"{r.id}: {metric}: {field} {err.get('input')!r} cannot be a reference "
+                                        f"({err['msg']}); nothing written") from None
     return new
 
 
-def _existing_references(path: Path) -> list:
-    """The references already in `path` (kept beside the new ones). A file that does not parse is
-    someone's data: refused, never overwritten with what this run alone would record."""
+def _existing_references(path: Path) -> tuple[list, str | None]:
+    """The references already in `path` (kept beside the new ones) and the comments it begins with
+    (kept as its header: a file of comments only parses as empty, but it is someone's notes). A
+    file that does not parse is someone's data: refused, never overwritten with what this run
+    alone would record."""
     from servematrix.config import references
     from servematrix.config.yamlio import load_yaml, validate
 
     if not path.exists():
-        return []
+        return [], None
     try:
         located = load_yaml(path)
-        return [] if located.data is None else validate(located, references.ReferenceFile).references
+        refs = [] if located.data is None else validate(located, references.ReferenceFile).references
+        return refs, references.leading_comments(located.text) or None
     except ConfigError as exc:
         where = f"line {exc.line}: " if exc.line else ""
         field = f"{exc.field}: " if exc.field else ""
@@ -177,8 +190,12 @@ def _named_db(flag: str, value: str) -> Path:
     """A history database the user named: it must be there. Only the default place may be absent
     ("no history yet"): a typo must not read as an empty history, in every command that reads one."""
     db = Path(value)
-    if not os.path.lexists(db):
-        raise ArgumentError(flag, f"{db}: no such history database")
+    try:
+        db.lstat()
+    except FileNotFoundError:
+        raise ArgumentError(flag, f"{db}: no such history database") from None
+    except OSError as exc:  # a directory on the way this user may not search
+        raise StateError(db, f"cannot be read: {exc.strerror or exc}") from None
     return db
 
 

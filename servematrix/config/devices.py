@@ -6,14 +6,14 @@ from __future__ import annotations
 
 import functools
 
-import yaml
-
+from servematrix.config.yamlio import load_yaml
 from servematrix.paths import data_file
 
 
 @functools.lru_cache(maxsize=1)
 def _profiles() -> dict[str, dict]:
-    return yaml.safe_load(data_file("devices.yaml").read_text())
+    # the one loader (bounded, YAML 1.1 numbers refused), like every file servematrix reads
+    return load_yaml(data_file("devices.yaml")).data
 
 
 def device_names() -> tuple[str, ...]:

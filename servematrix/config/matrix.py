@@ -16,7 +16,7 @@ from servematrix.config import plan
 from servematrix.config.expand import expand
 from servematrix.config.matrix_spec import Entry, Expectation, MatrixFile
 from servematrix.config.scenario import Scenario, ScenarioStore
-from servematrix.config.yamlio import ConfigError, Located, is_file, load_yaml, validate
+from servematrix.config.yamlio import ConfigError, Located, is_file, load_yaml, not_a_file, validate
 from servematrix.paths import GSM8K_TEST_ROWS
 
 __all__ = ["Entry", "Expectation", "Matrix", "load_matrix", "validate_files"]
@@ -114,6 +114,6 @@ def validate_files(paths: list[Path]) -> list[Matrix]:
     out = []
     for p in paths:
         if not is_file(Path(p)):
-            raise ConfigError(p, None, None, "no such matrix file")
+            raise ConfigError(p, None, None, not_a_file(Path(p)) or "no such matrix file")
         out.append(load_matrix(p))
     return out

@@ -120,7 +120,22 @@ class References:
         return hits[-1] if hits else None  # the latest recorded wins
 
 
-def dump_references(refs: list[Reference]) -> str:
+HEADER = "# Accuracy references, written by `servematrix reference record RUN_DIR` from a trusted run.\n"
+
+
+def dump_references(refs: list[Reference], header: str | None = None) -> str:
+    """The references file's text: `header` (the existing file's leading comments, kept) or ours."""
     data = {"references": [r.model_dump(exclude_none=True) for r in refs]}
-    return ("# Accuracy references, written by `servematrix reference record RUN_DIR` from a trusted run.\n"
-            + yaml.safe_dump(data, sort_keys=False))
+    return (header or HEADER) + yaml.safe_dump(data, sort_keys=False)
+
+
+def leading_comments(text: str) -> str:
+    """The comment (and blank) lines a file begins with: someone's notes, kept when `reference
+    record` rewrites it. A file of comments only parses as empty (no references) but is all notes."""
+    lines = []
+    for line in text.splitlines(keepends=True):
+        if line.strip() and not line.lstrip().startswith("#"):
+            break
+        lines.append(line)
+    head = "".join(lines).rstrip("\n")
+    return head + "\n" if head.strip() else ""

@@ -113,6 +113,26 @@ class _LineLoader(yaml.SafeLoader):
 _SURROGATE = re.compile("[\ud800-\udfff]")
 
 
+def _yaml11_number(loader: _LineLoader, node: yaml.ScalarNode):
+    """An int or float PyYAML resolved by YAML 1.1's rules, refused where those rules read it as
+    another number than it shows: 010 is octal 8, 1:30 is sexagesimal 90, 0b11 is 3, 1_000 is 1000
+    (YAML 1.2, and every reader of the README's "strict integers", reads 10, text, text, text).
+    Decimal, 0x.. and the usual float forms are read as they are."""
+    text = node.value.strip()
+    body = text.lstrip("+-")
+    why = ("a ':' (YAML 1.1 reads 1:30 as the base-60 number 90)" if ":" in text
+           else "a '_' (YAML 1.1 drops it: 1_000 is 1000)" if "_" in text
+           else "a 0b prefix (YAML 1.1 binary)" if body.lower().startswith("0b")
+           else "a leading zero (YAML 1.1 reads 010 as octal 8)"
+           if node.tag.endswith(":int") and len(body) > 1 and body[0] == "0" and body[1:2].isdigit()
+           else None)
+    if why is not None:
+        raise _Refused(f"{text!r} is a number written with {why}: write it as a plain decimal number, "
+                       "or quote it if it is text", node.start_mark)
+    ctor = yaml.SafeLoader.construct_yaml_int if node.tag.endswith(":int") else yaml.SafeLoader.construct_yaml_float
+    return ctor(loader, node)
+
+
 def _construct_mapping(loader: _LineLoader, node: yaml.MappingNode, deep: bool = False):
     seen: dict[Any, int] = {}
     for key_node, _ in node.value:
@@ -132,6 +152,8 @@ def _construct_mapping(loader: _LineLoader, node: yaml.MappingNode, deep: bool =
 
 
 _LineLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+_LineLoader.add_constructor("tag:yaml.org,2002:int", _yaml11_number)
+_LineLoader.add_constructor("tag:yaml.org,2002:float", _yaml11_number)
 
 
 def _index_lines(node: yaml.Node, loc: Loc, out: dict[Loc, int]) -> None:
@@ -151,8 +173,8 @@ def _index_lines(node: yaml.Node, loc: Loc, out: dict[Loc, int]) -> None:
 class Located:
     """Parsed YAML data plus a map from a location (keys/indices) to its line."""
 
-    def __init__(self, path: Path, data: Any, lines: dict[Loc, int]):
-        self.path, self.data, self.lines = path, data, lines
+    def __init__(self, path: Path, data: Any, lines: dict[Loc, int], text: str = ""):
+        self.path, self.data, self.lines, self.text = path, data, lines, text
 
     def line_of(self, loc: Loc) -> int | None:
         loc = tuple(loc)
@@ -187,7 +209,7 @@ def load_yaml(path: Path | str) -> Located:
         raise ConfigError(path, None, None, f"malformed YAML: {' '.join(str(exc).split())}") from exc
     finally:
         loader.dispose()
-    return Located(path, data, lines)
+    return Located(path, data, lines, text)
 
 
 def _read_text(path: Path) -> str:

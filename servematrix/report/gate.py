@@ -23,7 +23,7 @@ from servematrix.errors import StateError
 from servematrix.redact import column_width, terminal
 from servematrix.report.comparison import compare_runs
 from servematrix.report.history import Standing, standing
-from servematrix.record import KNOWN_SCHEMA_VERSIONS, RunSummary, ScenarioRecord
+from servematrix.record import KNOWN_SCHEMA_VERSIONS, NO_FINGERPRINT, RunSummary, ScenarioRecord
 from servematrix.check.verdict import EXIT_INFRA, EXIT_OK, EXIT_REGRESSION, unjudged
 
 
@@ -58,13 +58,13 @@ def load_summary(run_dir: Path) -> RunSummary:
     """The run in `run_dir`, or a StateError naming what is wrong with it: no such directory, no
     summary.json, a truncated or foreign file, a schema this code does not know."""
     run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        what = "not a directory" if run_dir.exists() else "no such directory"
-        raise StateError(run_dir, f"{what}; expected a run directory holding summary.json")
     path = run_dir / "summary.json"
-    if not path.is_file():
-        raise StateError(path, "missing or not a file (not a servematrix run directory?)")
-    try:
+    try:  # is_dir/is_file swallow "no such file" but raise "permission denied": said as the rest
+        if not run_dir.is_dir():
+            what = "not a directory" if run_dir.exists() else "no such directory"
+            raise StateError(run_dir, f"{what}; expected a run directory holding summary.json")
+        if not path.is_file():
+            raise StateError(path, "missing or not a file (not a servematrix run directory?)")
         data = json.loads(path.read_text())
     except OSError as exc:
         raise StateError(path, f"cannot read: {exc.strerror or exc}") from exc
@@ -151,6 +151,9 @@ def decide(run: RunSummary, baseline: RunSummary | None = None, min_load_rate: f
         # a reference measured under another protocol was not compared: nothing was judged there
         cannot += [f"{r.id}: {c.metric} not comparable with its reference ({c.note})"
                    for c in r.accuracy if c.status == "not-comparable"]
+        # one without a fingerprint was compared as before: never silently
+        flags += [f"{r.id}: {c.metric} {c.status} against a reference compared without fingerprints ({c.note})"
+                  for c in r.accuracy if c.status in {"pass", "fail"} and (c.note or "").startswith(NO_FINGERPRINT)]
     if run.status != "complete":
         cannot.append(f"run is {run.status}, not complete")
     elif (why := unjudged([r.verdict for r in run.scenarios])) is not None:

@@ -13,7 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from servematrix.errors import StateError
 from servematrix.redact import redact_text, terminal
-from servematrix.record import RunSummary
+from servematrix.record import RunSummary, Verdict
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs (
@@ -184,7 +184,7 @@ class _Row(BaseModel):
 
     model_config = ConfigDict(strict=True)
     scenario_id: str
-    verdict: str
+    verdict: Verdict  # one servematrix writes: the gate's hysteresis and waivers read it
     signature: str | None
     started_at: str
     run_dir: str

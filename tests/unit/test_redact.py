@@ -231,3 +231,42 @@ def test_a_variable_that_describes_a_credential_is_not_one_and_keys_keep_their_w
     out = redact_text(text, env)
     assert '"token_ids"' in out and "/root/.cache/hf/token" in out
     assert '"key": "***"' in out and '"ab12_x"' in out  # a short secret only as a whole word
+
+
+# --- values read from files, printed: redact.terminal ---------------------------------------------
+def test_terminal_shows_control_characters_escape_sequences_and_bidi_overrides_escaped():
+    shown = redact.terminal("a\x1b[2Jb\nc\r\x07\u202ed\u2028e")
+    assert shown == "a\\x1b[2Jb\\nc\\r\\x07\\u202ed\\u2028e"
+    assert redact.terminal("plain id/tp1-pp1-fp32 ünïcode") == "plain id/tp1-pp1-fp32 ünïcode"
+
+
+def test_terminal_bounds_a_value_keeping_its_start_and_end():
+    shown = redact.terminal("start" + "x" * 1_000_000 + "end", 40)
+    assert len(shown) == 40 and shown.startswith("start") and shown.endswith("end") and "…" in shown
+    assert redact.column_width(["a" * 10, "b" * 1_000_000], least=8) == redact.MAX_FIELD
+
+
+def test_terminal_masks_a_secret_before_cutting_it_so_no_half_of_it_is_shown():
+    secret = "s3cr3tvalue99"
+    redact.remember([secret])
+    shown = redact.terminal("x" * 30 + secret + "y" * 100, 60)
+    assert "s3cr3t" not in shown and "value99" not in shown and "***" in shown
+
+
+def test_an_assignment_to_a_secret_name_in_text_is_masked_but_not_a_json_key_or_a_log_field():
+    assert redact.redact_text("got 'HF_TOKEN=hf_abc123xyz' and API_KEY=\"k k\"", {}) == \
+        "got 'HF_TOKEN=***' and API_KEY=\"***\""
+    text = 'prompt_token_ids=[1, 2] "token_ids": [3] max_tokens=16 HF_HUB_DISABLE_IMPLICIT_TOKEN=1'
+    assert redact.redact_text(text, {}) == text
+
+
+def test_a_scenario_registers_its_credentials_when_it_is_read(write):
+    from servematrix.config.scenario import ScenarioStore
+
+    path = write("scenarios/s.yaml", "name: s\nmodel: {path: /x}\nserver:\n  env: {MY_API_KEY: k3yvalue42}\n"
+                                     "  args: [--hf-token, t0kenvalue7]\nquants: {fp32: {}}\n"
+                                     "smoke: {prompts: [{name: p, prompt: hi}]}\n")
+    text = "reason: k3yvalue42 and t0kenvalue7"
+    assert redact.redact_text(text, {}) == text  # nothing known yet
+    ScenarioStore(path.parent).get("s")
+    assert redact.redact_text(text, {}) == "reason: *** and ***"

@@ -144,10 +144,14 @@ def test_the_smollm2_exact_match_check_is_refused_before_the_data_fix(write):
 
 
 def test_validate_prints_each_checks_smallest_detectable_effect_and_the_paired_n():
-    lines = load_matrix(REPO / "matrix/cpu-smoke.yaml").power_lines()
+    matrix = load_matrix(REPO / "matrix/cpu-smoke.yaml")
+    lines = matrix.power_lines()
     nll = [x for x in lines if x.startswith("smollm2-135m/tp1-pp1-fp32 gsm8k.nll")]
-    assert nll == ["smollm2-135m/tp1-pp1-fp32 gsm8k.nll: n=24: MDE 0.2313 (claims 0.25 at alpha=0.05, beta=0.2) "
-                   "vs reference 1.411"]
+    assert len(nll) == 1 and nll[0].startswith("smollm2-135m/tp1-pp1-fp32 gsm8k.nll: n=24: MDE 0.2313 (claims 0.25 "
+                                               "at alpha=0.05, beta=0.2) vs reference 1.411")
+    # a reference without a protocol fingerprint is said to be one (never silently compared)
+    ref = matrix.references.find("gsm8k.nll", "smollm2-135m", "fp32", 1, 1, "cpu", None)
+    assert ("no fingerprint in the reference" in nll[0]) == (ref.protocol is None)
     tp3 = [x for x in lines if x.startswith("smollm2-135m/tp3-pp1-fp32 gsm8k.agreement")]
     assert len(tp3) == 1 and "paired with smollm2-135m/tp1-pp1-fp32 over the same 24 questions" in tp3[0]
     assert not [x for x in lines if x.startswith("smollm2-135m/tp1-pp1-fp32 gsm8k.agreement")]
@@ -178,7 +182,8 @@ def test_a_side_without_a_fingerprint_is_judged_as_before_and_says_so():
     check = Check(metric="gsm8k.nll", effect=0.2)
     old_ref = Reference(key=KEY, metric="gsm8k.nll", mean=2.0, sigma=0.5, n=200)
     r = judge(check, MetricValue(mean=2.5, sigma=0.5, stderr=0.035, n=200), old_ref, protocol())
-    assert r.status == "fail" and r.note == "no fingerprint" and "(no fingerprint)" in r.summary()
+    assert r.status == "fail" and r.note == "no fingerprint in the reference: protocols not checked"
+    assert "(no fingerprint in the reference: protocols not checked)" in r.summary()
     assert r.needed_n == needed_n(check, old_ref)
 
 
@@ -240,7 +245,7 @@ def record(metrics: dict[str, MetricValue], checks: list[CheckResult], fingerpri
 
 
 def check_result(metric, **fields):
-    return CheckResult(metric=metric, status="pass", effect=0.15, alpha=0.05, beta=0.2, **fields)
+    return CheckResult(metric=metric, status="pass", effect=0.15, alpha=0.05, beta=0.2, measured=0.0, n=24, **fields)
 
 
 def test_a_recorded_reference_carries_the_records_protocol_and_paired_spread_and_reads_back(write):
