@@ -31,6 +31,7 @@ from servematrix.record import (CheckResult, EmbeddingResult, EntryOutcome, Expe
 from servematrix.run.options import EntryOptions
 from servematrix.serve import envs, hardware, loadcheck, process
 from servematrix.serve.server import LaunchSpec, Server, build_spec, server_factory
+from servematrix.serve.world import Worlds
 
 DEATH_GRACE = 5.0  # s to let a server that failed a request finish dying, so its log names the cause
 
@@ -90,6 +91,11 @@ class Pipeline:
         self.live: set[Server] = set()
         self._versions: dict[str, dict] = {}  # vLLM environment -> its versions
         self._lock = threading.Lock()
+        self.worlds = Worlds(options.out_dir / ".worlds")  # load checks' persistent workers: close() ends them
+
+    def close(self) -> None:
+        """End what the entries left running for the next ones (the load checks' worlds)."""
+        self.worlds.close()
 
     def versions(self, name: str) -> dict:
         with self._lock:
@@ -185,16 +191,21 @@ class Pipeline:
         envs.ensure(entry.vllm)
         return envs.python(entry.vllm)
 
-    @staticmethod
-    def _load_check(entry: Entry, scenario: Scenario, spec: LaunchSpec, entry_dir: Path, parts: Parts,
+    def _load_check(self, entry: Entry, scenario: Scenario, spec: LaunchSpec, entry_dir: Path, parts: Parts,
                     not_served: str | None = None) -> None:
-        """Always a local process in the entry's vLLM environment, whatever the server kind."""
-        attention = (device_profile(entry.device).get("load_check") or {}).get("attention", {})
+        """Always on this host in the entry's vLLM environment, whatever the server kind: in the
+        release's persistent world (vLLM imported once per run and release, each check's ranks
+        forked from it), the same result a process of its own would give (serve/world.py)."""
+        profile = device_profile(entry.device)
+        attention = (profile.get("load_check") or {}).get("attention", {})
         loads = scenario.load_check.loads_weights if scenario.load_check is not None else True
         check = loadcheck.Check(attention=attention, load_weights=loads, out=entry_dir / "loadcheck")
         parts.server_command = loadcheck.shell(spec, check)
+        # the world starts with what every check of the release shares (vLLM reads it at import);
+        # each check's own variables (its fixes, thread binding) reach only its forked ranks
+        world_env = {**profile.get("env", {}), **envs.launch_env(entry.vllm)}
         try:
-            result = loadcheck.run(spec, check)
+            result = self.worlds.check(f"{entry.vllm}-{entry.device}", spec, check, world_env)
         except StageFailed as exc:
             if not_served and exc.recorded.get("load_check") is not None:
                 exc.recorded["load_check"] = exc.recorded["load_check"].model_copy(update={"not_served": not_served})

@@ -54,7 +54,11 @@ def run_job(matrix, options_json: str, entry_id: str, k: int, total: int):
     try:
         options = EntryOptions.model_validate_json(options_json).model_copy(update={"out_dir": scratch})
         entry = next(e for e in matrix.entries if e.id == entry_id)
-        outcome = Pipeline(matrix, options, progress.phase).execute(k, entry, [int(i) for i in ray.get_gpu_ids()])
+        pipeline = Pipeline(matrix, options, progress.phase)
+        try:
+            outcome = pipeline.execute(k, entry, [int(i) for i in ray.get_gpu_ids()])
+        finally:
+            pipeline.close()  # a load check's world is this task's alone
         return outcome.model_dump_json(), str(scratch), _pack(scratch, entry.id)
     finally:
         progress.close()

@@ -65,6 +65,7 @@ class Session:
         return summary
 
     def _close(self, summary: RunSummary) -> None:
+        self.pipeline.close()  # no load-check world outlives the run
         for base, held in self._held.items():  # their baseline never finished (interrupted)
             for entry_id in held:
                 outcome = records.load_outcome(self.options.out_dir, entry_id)

@@ -4,13 +4,15 @@ worker kills it (its whole process tree, by serve/process's one stop rule) and i
 cell's failure alone: the next check starts a fresh worker.
 
 `run_check` gives the same LoadCheckResult / StageFailed as serve.loadcheck.run, so a cell's
-record does not depend on whether it ran here or in a process of its own (`--isolated`).
+record does not depend on whether it ran here or in a process of its own (`--isolated`). `Worlds`
+is a run's pool of them (the pipeline's load-check entries), one per vLLM release.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import threading
 import time
 from pathlib import Path
 
@@ -103,3 +105,32 @@ def run_check(world: World, spec: LaunchSpec, check: loadcheck.Check) -> LoadChe
         fail = Failure.of("signal", "the persistent worker died during the check", "load")
         raise StageFailed(fail, load=LoadResult(ok=False, seconds=seconds, error=fail))
     return loadcheck.finish(spec, check, code, seconds)
+
+
+class Worlds:
+    """One run's persistent worlds, one per vLLM release, each started by that release's first load
+    check (with its environment: the release's LD_PRELOAD and quirks must be there when vLLM is
+    imported) and ended by close(). A world serves one check at a time; checks of different
+    releases may run at once."""
+
+    def __init__(self, directory: Path, script: Path = ZYGOTE):
+        self.directory, self.script = Path(directory), script
+        self._worlds: dict[str, tuple[World, threading.Lock]] = {}
+        self._lock = threading.Lock()
+
+    def check(self, release: str, spec: LaunchSpec, check: loadcheck.Check, env: dict[str, str]) -> LoadCheckResult:
+        """`check` in `release`'s world, started with `env` (what every check of the release shares;
+        a rank adds its own spec.env over it, it cannot take a variable away)."""
+        with self._lock:
+            if release not in self._worlds:
+                world = World(spec.argv[0], env, self.directory / release, self.script)
+                self._worlds[release] = (world, threading.Lock())
+            world, busy = self._worlds[release]
+        with busy:
+            return run_check(world, spec, check)
+
+    def close(self) -> None:
+        with self._lock:
+            for world, _ in self._worlds.values():
+                world.close()
+            self._worlds.clear()

@@ -1,6 +1,7 @@
-"""The sweep's persistent load-check worker: runs inside a release's vLLM environment (stdlib, torch
-and vLLM only; started with `python -P`), pays vLLM's imports once, then serves load checks one
-after another, each in fresh processes forked from this one.
+"""The persistent load-check worker, for the sweep's cells and a run's load-check entries: runs
+inside a release's vLLM environment (stdlib, torch and vLLM only; started with `python -P`), pays
+vLLM's imports once, then serves load checks one after another, each in fresh processes forked
+from this one.
 
 Why fork: a load check must start from a clean vLLM (no model, no process group, no patched
 platform, no fix module from the previous cell) and a crash of one cell must not take the next.
@@ -23,8 +24,8 @@ import signal
 import sys
 import time
 
-sys.path.append(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "serve"))
-import loadcheck_worker as lw  # noqa: E402 - the rank code, found only once serve/ is on the path
+sys.path.append(os.path.dirname(os.path.abspath(__file__)))  # `python -P` left this folder off the path
+import loadcheck_worker as lw  # noqa: E402 - the rank code beside this file, found only once its folder is on the path
 
 POLL = 0.01  # s between looks for the next request
 PEER_GRACE = 2.0  # s a failed rank's peers get before they are killed

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from servematrix.sweep.worker import World, WorkerDied
+from servematrix.serve.world import World, WorkerDied
 
 
 class WorldActor:

@@ -81,6 +81,7 @@ class ScriptedPipeline:
         self.matrix, self.script = matrix, script or {}
         self.live: set = set()
         self.calls: list[tuple[int, str, list[int]]] = []
+        self.closed = False
         self._lock = threading.Lock()
 
     def versions(self, name: str) -> dict:
@@ -92,6 +93,9 @@ class ScriptedPipeline:
         scenario = self.matrix.scenario(entry.scenario)
         make = self.script.get(entry.id, lambda e, ids: passed(e, scenario))
         return make(entry, gpu_ids)
+
+    def close(self) -> None:
+        self.closed = True
 
     @property
     def executed(self) -> list[str]:

@@ -188,6 +188,7 @@ def test_an_interrupted_outcome_stops_the_pool_and_held_outcomes_are_still_publi
     assert BASE not in published(summary)  # never run: no record, though selected
     assert BASE in summary.selected
     assert on_disk(tmp_path / "run")["status"] == "interrupted"
+    assert pipeline.closed  # the load checks' worlds end with the run, interrupted or not
 
 
 def test_sigterm_during_an_entry_ends_the_run_interrupted_with_exit_2_even_if_every_record_passed(matrix, tmp_path):

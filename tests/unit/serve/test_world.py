@@ -15,7 +15,7 @@ import pytest
 from servematrix.record import StageFailed
 from servematrix.serve import loadcheck
 from servematrix.serve.server import LaunchSpec
-from servematrix.sweep import worker, zygote
+from servematrix.serve import world as persistent, zygote
 
 # The double: ready.json, then per request what its --model says (ok, fail, hang, crash).
 DOUBLE = textwrap.dedent('''
@@ -50,7 +50,7 @@ DOUBLE = textwrap.dedent('''
 def world(tmp_path):
     script = tmp_path / "double.py"
     script.write_text(DOUBLE)
-    w = worker.World(sys.executable, {}, tmp_path / "workers", script=script)
+    w = persistent.World(sys.executable, {}, tmp_path / "workers", script=script)
     yield w
     w.close()
 
@@ -60,7 +60,7 @@ def check(tmp_path, world, model, timeout=30.0, name=None):
     cell.mkdir()
     spec = LaunchSpec(argv=[sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model],
                       env={"X": "cell-env"}, port=0, log_path=cell / "server.log", startup_timeout=timeout)
-    return worker.run_check(world, spec, loadcheck.Check(out=cell / "loadcheck"))
+    return persistent.run_check(world, spec, loadcheck.Check(out=cell / "loadcheck"))
 
 
 def test_checks_share_one_worker_and_get_their_environment(tmp_path, world):
@@ -101,7 +101,7 @@ def test_a_crash_of_the_worker_costs_its_cell_only(tmp_path, world):
 def test_a_worker_that_never_starts_is_the_cells_failure_not_a_traceback(tmp_path):
     script = tmp_path / "broken.py"
     script.write_text("raise SystemExit('no vllm in this environment')\n")
-    w = worker.World(sys.executable, {}, tmp_path / "workers", script=script)
+    w = persistent.World(sys.executable, {}, tmp_path / "workers", script=script)
     with pytest.raises(StageFailed) as exc:
         check(tmp_path, w, "ok")
     assert "did not start" in exc.value.failure.signature
@@ -133,3 +133,27 @@ def test_the_zygote_forks_a_world_and_a_failed_rank_ends_its_peers(tmp_path, mon
     answer = zygote._world_run(request, 0)
     assert answer["codes"] == [-9, 1] and time.monotonic() - t0 < 10
     assert sorted(p.name for p in out.iterdir()) == ["rank0.json", "rank1.json"]
+
+
+def test_a_runs_worlds_are_one_per_release_and_close_ends_them(tmp_path):
+    """Worlds (the pipeline's load checks): checks of one release share its worker, another release
+    gets its own, and close() leaves no worker running."""
+    script = tmp_path / "double.py"
+    script.write_text(DOUBLE)
+    worlds = persistent.Worlds(tmp_path / "worlds", script=script)
+
+    def pid_of(release: str, name: str) -> int:
+        cell = tmp_path / name
+        cell.mkdir()
+        spec = LaunchSpec(argv=[sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", "ok"],
+                          env={"X": name}, port=0, log_path=cell / "server.log", startup_timeout=30)
+        assert worlds.check(release, spec, loadcheck.Check(out=cell / "loadcheck"), {}).ok
+        line = next(x for x in (cell / "server.log").read_text().splitlines() if x.startswith("worker pid"))
+        assert line.endswith(f"env {name}")  # the check's own environment reached it
+        return int(line.split()[2])
+
+    a1, a2, b = pid_of("cpu-0.20.2-cpu", "a1"), pid_of("cpu-0.20.2-cpu", "a2"), pid_of("current-cpu", "b")
+    assert a1 == a2 != b
+    worlds.close()
+    time.sleep(0.2)
+    assert not _alive(a1) and not _alive(b)

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from servematrix.sweep import cells, ray_worlds, runner
-from servematrix.sweep.worker import WorkerDied
+from servematrix.serve.world import WorkerDied
 
 
 class ScriptedWorld:
