@@ -301,9 +301,13 @@ def read_header(path: Path) -> dict[str, TensorMeta]:
         parts, value, _ = _first_error(exc)
         name = parts[0] if parts else "?"
         part = str(parts[1]) if len(parts) > 1 else None
+        entry = header.get(name)
+        if part and isinstance(entry, dict):  # the field as the header has it, not one element of it
+            value = entry.get(part, "<missing>")
+        said = "missing" if value == "<missing>" else f"got {_got(value)}"
         want = _ENTRY_ACCEPTED.get(part, "an object {dtype, shape, data_offsets}")
         raise StateError(path, f"corrupt safetensors header: tensor {name!r}"
-                               f"{' ' + part if part else ''}: got {_got(value)}; accepted: {want}") from None
+                               f"{' ' + part if part else ''}: {said}; accepted: {want}") from None
     out: dict[str, TensorMeta] = {}
     for name, e in entries.items():
         start, end = e["data_offsets"]

@@ -105,7 +105,7 @@ def test_published_values_zero_null_and_layer_lists_pass_the_boundary(tmp_path):
 @pytest.mark.parametrize("entry, said", [
     ({"dtype": "F32", "shape": [128], "data_offsets": "0,512"}, "data_offsets: got '0,512'"),
     ({"dtype": 5, "shape": [128], "data_offsets": [0, 512]}, "dtype: got 5"),
-    ({"dtype": "F32", "shape": [-128], "data_offsets": [0, 512]}, "shape: got -128"),
+    ({"dtype": "F32", "shape": [-128], "data_offsets": [0, 512]}, "shape: got [-128]"),
     ([1, 2], "got [1, 2]"),
 ])
 def test_a_damaged_header_entry_is_one_line_naming_the_file_tensor_and_field(tmp_path, entry, said):
