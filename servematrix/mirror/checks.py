@@ -120,6 +120,8 @@ def _kv_heads(plan: Plan, src: dict, cfg: dict, rule: str) -> Invariant:
 def _heads(plan: Plan, cfg: dict) -> Invariant:
     _, h = field_value(cfg, "heads")
     _, kv = field_value(cfg, "kv_heads")
+    if not h and not kv and not field_value(cfg, "head_dim")[1]:  # attention-free (Mamba): nothing to split
+        return Invariant(name="attention heads", rule="attention heads only", holds=True, detail="n/a: no attention heads")
     kv = kv or h
     holds = bool(h) and h % kv == 0 and all(h % t == 0 for t in plan.tp)
     return Invariant(name="attention heads", rule="num_attention_heads is a multiple of num_key_value_heads and of "
@@ -130,6 +132,8 @@ def _head_dim(cfg: dict) -> Invariant:
     t = rules()["targets"]
     mla = field_value(cfg, "mla")[1] is not None
     _, hd = field_value(cfg, "head_dim")
+    if not mla and not hd and not field_value(cfg, "heads")[1]:  # attention-free (Mamba): no head to size
+        return Invariant(name="head_dim", rule="attention heads only", holds=True, detail="n/a: no attention heads")
     if mla:
         hd = cfg.get("qk_nope_head_dim", 0) + cfg.get("qk_rope_head_dim", 0)
     elif not hd:

@@ -37,9 +37,11 @@ def test_a_refusal_names_the_field_its_value_and_what_would_be_accepted():
     assert broken.detail == "config.shared_intermediate_size = -1: must be a whole number in 0..262144 (got -1)"
 
 
-@pytest.mark.parametrize("model_type", sorted({e.model_type for e in corpus.entries()} - {"deepseek_v4"}))
-def test_every_published_config_in_the_corpus_but_deepseek_v4_is_planned_within_the_invariants(model_type):
-    plan = _plan(model_type)
+@pytest.mark.parametrize("entry", corpus.entries(), ids=lambda e: e.file)
+def test_every_published_config_in_the_corpus_is_planned_within_the_invariants(entry):
+    # issue 25's bar is 95 % of the corpus configs transformers can build: every one of these is
+    layout = corpus.layout_from_config(entry.config(), f"config:{entry.hub}", drop=("quantization_config",))
+    plan = mirror.plan_twin(layout, 2, [1, 2])
     assert plan.ok, [f"{i.name}: {i.detail}" for i in plan.invariants if not i.holds]
 
 
