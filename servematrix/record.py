@@ -116,6 +116,11 @@ class MetricValue(BaseModel):
     n: int
 
 
+# the note of a check judged against a reference when the run or the reference has no protocol
+# fingerprint: compared as before, and reported (the check's line, the gate's flags, validate)
+NO_FINGERPRINT = "no fingerprint"
+
+
 class CheckResult(BaseModel):
     metric: str
     status: Literal["pass", "fail", "no-reference", "not-measured", "not-comparable"]
@@ -290,7 +295,7 @@ class ScenarioRecord(EntryOutcome):
 class RunSummary(BaseModel):
     schema_version: int = SCHEMA_VERSION
     matrix: str
-    run_dir: str
+    run_dir: str = Field(min_length=1)  # where the run was written: reference record names it as the source
     host: str
     vllm_version: str | None
     torch_version: str | None

@@ -173,7 +173,7 @@ def trend(path: Path, last: int = 10, scenario: str | None = None) -> dict[str, 
             continue
         out.setdefault(row.scenario_id, []).append(
             {**row.model_dump(exclude={"scenario_id"}), "metrics": _metrics(path, metrics),
-             "accuracy": _list(path, accuracy), "fixes": _list(path, fixes)})
+             "accuracy": _list(path, accuracy, ("metric", "status")), "fixes": _list(path, fixes, ("name", "status"))})
     return {k: v[-last:] for k, v in out.items()}
 
 
@@ -203,13 +203,15 @@ def _row(path: Path, sid, verdict, sig, started, run_dir, vllm, release) -> _Row
                                "move the database aside to start a new one") from None
 
 
-def _list(path: Path, text: str | None) -> list[dict]:
-    """A row's JSON list of objects (accuracy checks, fix reports) as append wrote it."""
+def _list(path: Path, text: str | None, keys: tuple[str, ...]) -> list[dict]:
+    """A row's JSON list of objects (accuracy checks, fix reports) as append wrote it: each with the
+    text `keys` its readers (waivers, trends) take for granted."""
     try:
         items = json.loads(text or "[]")
     except ValueError:
         items = None
-    if not (isinstance(items, list) and all(isinstance(i, dict) for i in items)):
+    if not (isinstance(items, list) and all(isinstance(i, dict) and all(type(i.get(k)) is str for k in keys)
+                                            for i in items)):
         raise StateError(path, f"a results row holds a list servematrix did not write ({str(text)[:60]!r}); "
                                "move the database aside to start a new one")
     return items

@@ -138,6 +138,12 @@ def test_reference_record_on_a_nan_metric_names_it_and_writes_nothing(work, caps
           ["r/summary.json", "gsm8k.nll", "mean nan", "nothing written"])
 
 
+def test_reference_record_on_a_summary_without_a_run_dir_names_the_field(work, capsys):
+    run = summary_with(work, "r", lambda d: d.update(run_dir=""))  # relpath("") was an internal error
+    work.file("refs.yaml", "references: []\n")
+    check(capsys, work.tmp, ["reference", "record", run, "--out", "refs.yaml"], 2, ["r/summary.json", "run_dir"])
+
+
 def test_an_unreadable_run_directory_is_one_line_for_diff_and_gate(work, capsys, monkeypatch):
     make_run(work.root, "a")
     make_run(work.root, "b")
@@ -258,7 +264,8 @@ def test_history_prints_ids_and_metric_names_from_the_database_escaped(work, cap
 
 @pytest.mark.parametrize("column, value, needle", [
     ("verdict", 7, "verdict"), ("verdict", "pass\x1b]0;t\x07", "verdict"), ("scenario_id", None, "scenario_id"),
-    ("signature", b"\x00", "signature"),
+    ("signature", b"\x00", "signature"), ("fixes", '[{"": 0, "status": null}]', "a list"),
+    ("accuracy", '[{"metric": 1}]', "a list"), ("metrics", '{"m": {"mean": "x"}}', "metrics"),
 ])
 def test_a_history_row_of_another_type_is_refused_by_its_column(work, capsys, column, value, needle):
     from .test_boundary_cases import make_history
