@@ -362,15 +362,27 @@ def read_index(path: Path) -> IndexJson:
 
 # ---- mirror.json and the side files ----
 
+class _NotMirrored(TypedDict):
+    what: StrictStr
+    reason: StrictStr
+
+
+class _MirrorJson(MirrorOrigin):
+    # stricter than the layout's MirrorOrigin where diff.py reads more than its type says: each
+    # not_mirrored entry's `what` and `reason` (an entry {} was a KeyError in --diff)
+    not_mirrored: list[_NotMirrored] = Field(default_factory=list)
+
+
 def read_origin(path: Path) -> MirrorOrigin:
     data = read_json(path, "mirror.json")
     try:
+        _MirrorJson.model_validate(data)
         return MirrorOrigin.model_validate(data)
     except ValidationError as exc:
         raise _refuse(path, exc, {"source": "the source a twin was mirrored from (a string)",
                                   "layer_map": "an object of source layer -> twin layer (whole numbers)",
                                   "experts": "a whole number or null",
-                                  "not_mirrored": "a list of {what, reason} strings",
+                                  "not_mirrored": "a list of {\"what\": text, \"reason\": text}",
                                   "post_processed": "a list of strings"}) from None
 
 
