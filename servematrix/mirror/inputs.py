@@ -148,11 +148,12 @@ def _refuse(path: Path | str, exc: ValidationError, accepted: dict[str, str], pr
     if not parts:  # the file (or the object) itself is of another type
         return ConfigError(path, None, prefix.rstrip(".") or None, f"not a JSON object (got {_got(value)})")
     field = ".".join(str(p) for p in parts)
-    key = next((str(p) for p in reversed(parts) if isinstance(p, str)), None)
+    # the line of the innermost key the text has (a missing key: the object that lacks it)
+    line = next((n for p in reversed(parts) if isinstance(p, str) and (n := line_of(text, p))), None)
     want = accepted.get(str(parts[0]))
     if want and len(parts) > 1 and not isinstance(parts[1], int):  # inside an object: pydantic's word, and the whole
         want = f"{msg[:1].lower()}{msg[1:]} ({want})"
-    return ConfigError(path, line_of(text, key) if key else None, prefix + field,
+    return ConfigError(path, line, prefix + field,
                        f"{'missing' if value == '<missing>' else 'got ' + _got(value)}; accepted: {want or msg}")
 
 

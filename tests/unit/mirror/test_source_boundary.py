@@ -142,7 +142,7 @@ def test_a_damaged_index_is_one_line_naming_the_index_and_field(tmp_path, index,
 @pytest.mark.parametrize("text, said", [
     ("{}", "mirror.json: source: missing; accepted: the source a twin was mirrored from"),
     ("{oops", "mirror.json:1: not JSON"),
-    ('{"source": "x", "layer_map": {"a": 1}}', "mirror.json: layer_map.a"),
+    ('{"source": "x", "layer_map": {"a": 1}}', "mirror.json:1: layer_map.a"),
     (b'{"source": "\xff"}', "mirror.json:1: not UTF-8: byte 0xff"),
     # found by the fuzz: an entry without `what` was a KeyError in --diff
     ('{"source": "x", "layer_map": {}, "not_mirrored": [{}]}', "mirror.json:1: not_mirrored.0.what: missing"),
