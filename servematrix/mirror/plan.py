@@ -158,7 +158,8 @@ def _architecture_step(forge_arch: str, arch: str) -> list[PostStep]:
 def select_layers(layout: SourceLayout, max_pp: int) -> tuple[list[int], dict[int, int], int]:
     """Kept source layers (sorted), the map of every source layer onto a twin layer, and the number
     of main layers. Kept: the first-dense layers, the first layer of every kind (signature: leaves
-    and dtypes), then the lowest others until there are max_pp; every source layer maps onto the
+    and dtypes), then the lowest others until there are max_pp (max_pp x (first-dense + 1) where
+    the source's first PP rank holds more than its first-dense layers); every source layer maps onto the
     nearest kept layer of its kind at or below it. MTP layers (past num_hidden_layers) follow."""
     st = layout.structure
     n = st.num_layers
@@ -168,8 +169,13 @@ def select_layers(layout: SourceLayout, max_pp: int) -> tuple[list[int], dict[in
     for i in range(n):
         first_of.setdefault(sigs.get(i, frozenset()), i)
     kept |= set(first_of.values())
+    # where the source's first PP rank holds a layer past its first-dense ones (its layer count split
+    # evenly, as vLLM splits it), the twin's must too: some models refuse a rank without an MoE layer
+    # (afmoe: "No AfmoeMoE layer found in model.layers."), which the real checkpoint never meets there
+    fkd = min(int(st.first_dense or 0), n)
+    want = max_pp * (fkd + 1) if fkd and n // max_pp > fkd else max_pp
     for i in range(n):
-        if len(kept) >= max_pp:
+        if len(kept) >= min(want, n):
             break
         kept.add(i)
     order = sorted(kept)

@@ -72,3 +72,13 @@ def test_mimo_v2_flash_defaults_map_layer_types_to_the_published_hybrid_pattern(
     published = corpus.published("mimo_v2_flash").config()
     assert filled["hybrid_layer_pattern"] == published["hybrid_layer_pattern"]
     assert filled["moe_layer_freq"] == published["moe_layer_freq"]
+
+
+def test_each_pp_rank_of_the_twin_holds_a_layer_past_the_first_dense_ones_where_the_sources_does():
+    # Trinity-Nano: 2 dense layers of 56, so at PP=2 each rank of the real model holds MoE layers;
+    # vLLM's afmoe refuses a rank without one ("No AfmoeMoE layer found in model.layers.")
+    plan = _plan("afmoe")
+    per_rank = len(plan.kept_layers) // 2  # vLLM splits the layers evenly over PP ranks
+    assert plan.spec.config["num_dense_layers"] == 2 and per_rank > 2
+    # a family without first-dense layers keeps the plain bound (layers >= PP)
+    assert len(_plan("llama").kept_layers) == 2
