@@ -383,8 +383,8 @@ def read_model_type(model_type: str, argument: str = "SOURCE") -> SourceLayout:
     # flagship's layout (e.g. DeepSeek-V3 without topk_method: noaux_tc has no router bias in vLLM,
     # MiniMax-M2 without rotary_dim does not build there)
     config.update(missing_fields(model_type, config))
+    arch = causal_lm_class(model_type, argument)  # first: an encoder-decoder or vision type is no LM at all
     require_roles(f"model_type:{model_type}", {**config, "model_type": model_type})
-    arch = causal_lm_class(model_type, argument)
     dtype = str(config.get("dtype") or "float32")  # the class's defaults carry none: torch's default
     config.update(architectures=[arch], model_type=model_type)
     tensors = class_layout(model_type, config, arch, dtype, f"model_type:{model_type}", "its defaults")
