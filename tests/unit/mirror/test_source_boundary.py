@@ -105,6 +105,8 @@ def test_published_values_zero_null_and_layer_lists_pass_the_boundary(tmp_path):
 @pytest.mark.parametrize("entry, said", [
     ({"dtype": "F32", "shape": [128], "data_offsets": "0,512"}, "data_offsets: got '0,512'"),
     ({"dtype": 5, "shape": [128], "data_offsets": [0, 512]}, "dtype: got 5"),
+    # a code the format does not have: accepted before, then a KeyError when the twin was written
+    ({"dtype": "Q9", "shape": [128], "data_offsets": [0, 512]}, "dtype: got 'Q9'; accepted: a safetensors dtype code: BOOL"),
     ({"dtype": "F32", "shape": [-128], "data_offsets": [0, 512]}, "shape: got [-128]"),
     ([1, 2], "got [1, 2]"),
 ])
