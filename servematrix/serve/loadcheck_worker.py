@@ -150,6 +150,8 @@ def _rank(rank: int, args: argparse.Namespace, server_argv: list[str], port: int
         _pick_backends(args.loadcheck_mla_backend, args.loadcheck_sparse_backend)
         config = _engine_args(server_argv).create_engine_config()
         if args.loadcheck_record_misses:
+            cls = type(config.model_config.hf_config)  # vLLM's own config class, or transformers'
+            result["config_class"] = f"{cls.__module__}.{cls.__qualname__}"
             result["config_misses"] = _record_misses(config.model_config)  # filled while the model is built
         par = config.parallel_config
         result.update(tp=par.tensor_parallel_size, pp=par.pipeline_parallel_size)

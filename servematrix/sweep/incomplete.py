@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import re
+from functools import lru_cache
 from pathlib import Path
 
 from servematrix.record import Failure
@@ -38,6 +39,37 @@ def rank_misses(loadcheck_dir: Path) -> list[str]:
         except (OSError, json.JSONDecodeError):
             continue
     return list(dict.fromkeys(out))
+
+
+def config_class(loadcheck_dir: Path) -> str | None:
+    """The config class vLLM read the twin's config.json with (module.name), as a rank recorded it."""
+    for path in sorted(loadcheck_dir.glob("rank*.json")):
+        try:
+            name = json.loads(path.read_text()).get("config_class")
+        except (OSError, json.JSONDecodeError):
+            continue
+        if name:
+            return name
+    return None
+
+
+@lru_cache(maxsize=64)
+def _published_object_lacks(model_type: str, field: str) -> bool:
+    """Whether transformers' configuration class, given the family's published config, ends up
+    without `field` (it folds it into another): then the real checkpoint read by that class misses
+    it exactly as the twin does."""
+    from transformers import AutoConfig
+
+    from servematrix.sweep import corpus
+
+    entry = corpus.published(model_type)
+    if entry is None:
+        return False
+    given = {k: v for k, v in entry.config().items() if k not in ("model_type", "auto_map", "quantization_config")}
+    try:
+        return not hasattr(AutoConfig.for_model(model_type, **given), field)
+    except Exception:  # noqa: BLE001 - a class that refuses the published config decides nothing here
+        return False
 
 
 def rank_errors(loadcheck_dir: Path) -> list[str]:
@@ -81,8 +113,11 @@ def renamed_on_load(model_type: str, name: str) -> str | None:
 
 
 def missing(model_type: str, twin_config: dict, misses: list[str], failure: Failure | None,
-            errors: list[str] = ()) -> list[str]:
-    """What the twin lacks that vLLM read (each a line naming the field or tensor), or []."""
+            errors: list[str] = (), read_with: str | None = None) -> list[str]:
+    """What the twin lacks that vLLM read (each a line naming the field or tensor), or []. `read_with`:
+    the config class vLLM read config.json with; where it is transformers' own and that class drops
+    the field from the published config too (Llama 3.1's rope_scaling, folded into rope_parameters),
+    the real checkpoint misses it the same way: not the twin's."""
     fields = list(misses)
     text = "\n".join([failure.signature if failure is not None else "", *errors])
     for pattern in (_ATTRIBUTE, _NOT_EXIST):
@@ -91,6 +126,8 @@ def missing(model_type: str, twin_config: dict, misses: list[str], failure: Fail
     out = []
     for field in dict.fromkeys(fields):
         if field in published and field not in twin_config:
+            if (read_with or "").startswith("transformers.") and _published_object_lacks(model_type, field):
+                continue
             value, hub = published[field]
             out.append(f"config field {field} (published {hub}: {json.dumps(value)[:60]})")
     names = [n for m in _NOT_INITIALIZED.finditer(text) for n in m.group(1).split(",")]

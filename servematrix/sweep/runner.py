@@ -230,7 +230,7 @@ def _twin_incomplete(record, cell: cellmod.Cell, opts: SweepOptions, twin: twins
     except (OSError, ValueError):
         twin_config = {}
     lacks = incomplete.missing(cell.arch.model_type, twin_config, incomplete.rank_misses(check_dir), record.failure,
-                               incomplete.rank_errors(check_dir))
+                               incomplete.rank_errors(check_dir), incomplete.config_class(check_dir))
     if not lacks:
         return record
     was = f"; the load check alone said {record.verdict}" + (f": {record.failure.signature[:200]}" if record.failure else "")

@@ -17,6 +17,7 @@ from servematrix.mirror.cli import cli_mirror
 from servematrix.mirror.diff import diff
 from servematrix.mirror.dims import kv_class
 from servematrix.mirror.plan import plan_twin
+from servematrix.mirror.layout import rules
 from servematrix.mirror.source import read_local, read_source
 from servematrix.mirror.twin import build_twin
 from tests.unit.mirror.sources import seed
@@ -29,8 +30,11 @@ def test_the_dsa_seed_keeps_its_fp8_indexer_wk_with_block_scales_and_its_dense_f
     assert [b.tensors for b in plan.spec.fp8_blocks] == ["model.layers.*.self_attn.indexer.wk.weight"]
     assert plan.twin["model.layers.1.self_attn.indexer.wk.weight"].dtype == "F8_E4M3"
     assert plan.twin["model.layers.1.self_attn.indexer.wk.weight_scale_inv"].dtype == "F32"
-    assert plan.spec.config["first_k_dense_replace"] == 1 and plan.spec.config["mlp_layer_types"] == ["dense", "sparse"]
-    assert plan.layer_map == {0: 0, 1: 1, 2: 1, 3: 1}
+    # 1 dense layer of 4: at PP=2 the source's first rank holds MoE layers, so the twin's must (#25):
+    # 2 x (1 + 1) layers, here all four
+    assert plan.spec.config["first_k_dense_replace"] == 1
+    assert plan.spec.config["mlp_layer_types"] == ["dense", "sparse", "sparse", "sparse"]
+    assert plan.layer_map == {0: 0, 1: 1, 2: 2, 3: 3}
     assert "model.layers.0.mlp.gate_proj.weight" in plan.twin and "model.layers.1.mlp.experts.3.up_proj.weight" in plan.twin
 
 
@@ -56,7 +60,8 @@ def test_a_full_size_meta_layout_from_transformers_defaults_gives_a_twin_whose_i
         assert cfg["num_attention_heads"] % kv == 0
     if source.structure.experts:
         assert plan.experts >= 2 * (cfg.get("num_experts_per_tok") or 1)
-    assert sum(math.prod(m.shape) for m in plan.twin.values()) < 50_000_000
+    # the size invariant's bound (glm_moe_dsa's defaults: 3 dense layers, so 8 twin layers for PP=2)
+    assert sum(math.prod(m.shape) for m in plan.twin.values()) < rules()["targets"]["max_params"]
 
 
 def test_a_twin_that_cannot_serve_the_asked_pp_is_refused_and_nothing_is_written(cache, tmp_path):

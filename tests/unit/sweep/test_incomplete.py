@@ -27,7 +27,20 @@ def test_a_field_the_twin_carries_or_no_published_config_has_is_not_the_twins():
     # a probe for a field no published config has (getattr with a default) is vLLM's business
     assert incomplete.missing("afmoe", {}, ["quantization_config", "no_such_field"], None) == []
     # no published config of the family: nothing is known, nothing is called the twin's
-    assert incomplete.missing("llama", {}, ["rope_scaling"], None) == []
+    assert incomplete.missing("qwen3", {}, ["rope_scaling"], None) == []
+
+
+def test_a_field_transformers_class_drops_from_the_published_config_too_is_not_the_twins():
+    # LiquidAI/LFM2-1.2B's block_ff_dim: transformers 5's Lfm2Config pops it into intermediate_size, so
+    # vLLM reading the real config.json with that class misses it exactly as with the twin's
+    read = "transformers.models.lfm2.configuration_lfm2.Lfm2Config"
+    assert incomplete.missing("lfm2", {}, ["block_ff_dim"], None, read_with=read) == []
+    # a field that class keeps (block_dim) is the twin's where its config.json lacks it
+    assert incomplete.missing("lfm2", {}, ["block_dim"], None, read_with=read)[0].startswith("config field block_dim")
+    # read with vLLM's own class (deepseek_v4's keeps every field): a field the twin lacks is the twin's
+    got = incomplete.missing("deepseek_v4", {}, ["num_hash_layers"], None,
+                             read_with="vllm.transformers_utils.configs.deepseek_v4.DeepseekV4Config")
+    assert got and got[0].startswith("config field num_hash_layers (published deepseek-ai/DeepSeek-V4-Flash-0731")
 
 
 def test_a_model_that_checks_a_field_itself_is_read_too():
