@@ -197,7 +197,9 @@ def _config_dtype(config: dict, path: Path | str) -> str:
     return value
 
 
-REQUIRED_ROLES = ("layers", "hidden", "heads")  # every plan reads these three (layers, widths, head_dim)
+# every plan reads these two (the layers it keeps, the width the others follow); heads are not
+# required: an attention-free family (Mamba) has none and is planned
+REQUIRED_ROLES = ("layers", "hidden")
 
 
 def require_roles(where: Path | str, config: dict[str, Any]) -> None:

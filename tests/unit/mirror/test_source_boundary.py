@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import struct
+from pathlib import Path
 
 import pytest
 
@@ -210,3 +211,15 @@ def test_header_planning_is_linear_in_tensors_outside_the_layer_containers(tmp_p
         assert plan_twin(layout, 2, [1, 2]).ok
         counts[extra] = calls["n"]
     assert counts[1600] < 5 * counts[400], counts  # 4x the tensors: ~4x the work (quadratic was ~16x)
+
+
+CORPUS = sorted((Path(__file__).resolve().parents[3] / "servematrix" / "data" / "configs").glob("*/*.json"))
+
+
+@pytest.mark.parametrize("path", CORPUS, ids=[p.stem for p in CORPUS])
+def test_every_published_config_of_the_corpus_passes_the_boundary_as_a_config_only_source(path):
+    # issue 25: `servematrix mirror path/to/config.json` on real published configs (their values:
+    # 0, null, lists, nested rope dicts, legacy names; an attention-free Mamba) is read, typed and
+    # laid out by the class, not refused by the boundary's ranges or required fields
+    layout = read_source(str(path))
+    assert layout.files == [] and layout.tensors and layout.model_type == path.parent.name
