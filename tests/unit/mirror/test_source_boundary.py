@@ -18,9 +18,11 @@ from servematrix.mirror.plan import plan_twin
 from servematrix.mirror.source import read_local, read_source
 from tests.unit.mirror.sources import add_embeddings, dense_layers, llama_like, quantized, write_checkpoint
 
-# SmolLM2-135M's config.json as published (huggingface.co/HuggingFaceTB/SmolLM2-135M, config.json):
-# LlamaForCausalLM, 30 layers, 9 heads / 3 KV heads of 64, tied embeddings (the shape
-# test_smollm2.py reads from the converted checkpoint)
+# SmolLM2-135M's config.json (huggingface.co/HuggingFaceTB/SmolLM2-135M): LlamaForCausalLM, 30 layers,
+# 9 heads / 3 KV heads of 64, tied embeddings. Every value but transformers_version was checked on
+# 2026-12-05 against a public LlamaConfig print-out of "HuggingFaceTB/SmolLM2-135M" (a third-party
+# README found through the code search index; transformers there adds head_dim and mlp_bias),
+# and the shapes against the converted checkpoint test_smollm2.py reads.
 SMOLLM2_135M = {
     "architectures": ["LlamaForCausalLM"], "attention_bias": False, "attention_dropout": 0.0, "bos_token_id": 0,
     "eos_token_id": 0, "hidden_act": "silu", "hidden_size": 576, "initializer_range": 0.041666666666666664,
