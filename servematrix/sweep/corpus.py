@@ -7,7 +7,9 @@ num_hash_layers, ...), and falls back to the class's defaults only where no publ
 A config.json alone has no tensor headers: the source layout is the one transformers' class writes
 for that config, built on the meta device (mirror.source.meta_layout), exactly as a `model_type:`
 source is built from the class's defaults. This module builds it through the mirror's public
-functions until mirror/source.py takes a config.json-only SOURCE itself.
+functions (meta_layout, assemble); mirror/source.py has since gained config_layout, the CLI's
+config.json-only path, which also refuses configs without the roles it reads by name (falcon-mamba's
+heads): moving the corpus onto it is left until that refusal and the planner agree.
 """
 
 from __future__ import annotations
