@@ -35,6 +35,7 @@ def cmd_env(args) -> int:
             else:
                 st = envs.state(rel, info)
                 state = {"missing": "not built", "stale": "built from another recipe: rebuilt by env ensure",
+                         "damaged": f"{info and info.get('damaged')}: rebuilt by env ensure",
                          "built": f"vllm {info and info.get('vllm')}, torch {info and info.get('torch')}"}[st]
             print(f"{name:<14} {state:<40} {envs.root(name)}")
             if rel is not None:

@@ -60,8 +60,16 @@ def not_served(name: str) -> str | None:
 
 
 def info(name: str) -> dict | None:
+    """The environment's marker, None where there is none; a marker that does not read as one
+    (truncated by a crash, edited by hand) is {"damaged": why}: listed as such, rebuilt by ensure."""
     marker = root(name) / MARKER
-    return json.loads(marker.read_text()) if marker.is_file() else None
+    if not marker.is_file():
+        return None
+    try:
+        data = json.loads(marker.read_text())
+    except (OSError, ValueError) as exc:
+        return {"damaged": f"{MARKER} does not read as JSON ({type(exc).__name__})"}
+    return data if isinstance(data, dict) else {"damaged": f"{MARKER} is not a JSON object"}
 
 
 def probe(python: str) -> dict[str, str | None]:
@@ -152,9 +160,12 @@ def remove(name: str) -> bool:
 
 
 def state(rel: Release, built: dict | None) -> str:
-    """built (the recipe it was built from is this one), stale (the recipe changed since), or missing."""
+    """built (the recipe it was built from is this one), stale (the recipe changed since), damaged
+    (its marker does not read), or missing."""
     if built is None:
         return "missing"
+    if "damaged" in built:
+        return "damaged"
     if built.get("recipe") == rel.recipe_hash():
         return "built"
     if "recipe" not in built and _legacy_match(rel, built):
@@ -193,6 +204,8 @@ def ensure(name: str, log=sys.stderr) -> Path:
     if path.is_symlink():
         raise StateError(path, f"is a symlink without a {MARKER} marker, not an environment servematrix "
                                "built; not replaced")
+    if st == "damaged":
+        print(f"[env {name}] {built['damaged']}: rebuilding", file=log, flush=True)
     if st == "stale":
         print(f"[env {name}] built from recipe {built.get('recipe')}, the recipe is now {rel.recipe_hash()} "
               f"({rel.vllm}, {rel.torch}): rebuilding", file=log, flush=True)

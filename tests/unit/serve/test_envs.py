@@ -68,3 +68,22 @@ def test_environments_live_in_the_user_cache_and_list_reports_unbuilt(monkeypatc
     assert envs.root("cpu-0.20.2") == tmp_path / "envs" / "cpu-0.20.2"
     assert dict(envs.list_envs())["cpu-0.20.2"] is None
     assert envs.remove("cpu-0.20.2") is False
+
+
+def test_a_damaged_marker_is_listed_as_damaged_and_rebuilt_not_an_internal_error(monkeypatch, tmp_path, capsys):
+    """`env list` on a marker truncated by a crash (or edited by hand) used to crash with
+    JSONDecodeError; it is now said, and `env ensure` rebuilds the environment."""
+    from servematrix.cli import main
+
+    monkeypatch.setenv("SERVEMATRIX_CACHE", str(tmp_path))
+    path = envs.root("cpu-0.20.2")
+    path.mkdir(parents=True)
+    (path / envs.MARKER).write_text('{"name": "cpu-0.20.2", "vllm": ')  # cut off mid-write
+    assert envs.info("cpu-0.20.2") == {"damaged": f"{envs.MARKER} does not read as JSON (JSONDecodeError)"}
+    assert envs.state(envs.release("cpu-0.20.2"), envs.info("cpu-0.20.2")) == "damaged"
+    (path / envs.MARKER).write_text("[1, 2]")
+    assert envs.state(envs.release("cpu-0.20.2"), envs.info("cpu-0.20.2")) == "damaged"
+    assert main(["env", "list"]) == 0
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("cpu-0.20.2 "))
+    assert "is not a JSON object: rebuilt by env ensure" in line
+    assert envs.remove("cpu-0.20.2") is True  # still servematrix's: it carries the marker file
