@@ -21,6 +21,11 @@ def write(tmp_path):
     return _write
 
 
+# The integration tests' cache, kept across test sessions on this machine (tests/integration/
+# conftest.py says why that is safe); unit tests only read it (test_smollm2.py).
+MACHINE_CACHE = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "servematrix-test"
+
+
 @pytest.fixture(autouse=True)
 def _isolated_cache(tmp_path_factory, monkeypatch):
     # forged checkpoints are shared between tests of one session, never with the user's cache

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import MACHINE_CACHE
+
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -31,11 +33,11 @@ def servematrix(*args: str, timeout: float = 1500, **kw) -> subprocess.Completed
                           text=True, timeout=timeout, env={**os.environ, **kw.pop("env", {})}, **kw)
 
 
-# Forged and converted checkpoints and release environments, kept across test sessions on this
-# machine (CI runs on the developer's machine: a clean clone finds what the last run built). Safe
-# to share: every entry is content-addressed (forge/convert paths carry their spec and the code that
-# wrote them, paths.code_digest; environments their recipe). Kept apart from the user's own cache.
-MACHINE_CACHE = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "servematrix-test"
+# MACHINE_CACHE: forged and converted checkpoints and release environments, kept across test
+# sessions on this machine (CI runs on the developer's machine: a clean clone finds what the last run
+# built). Safe to share: every entry is content-addressed (forge/convert paths carry their spec and
+# the code that wrote them, paths.code_digest; environments their recipe). Kept apart from the
+# user's own cache.
 STALE_DAYS = 14  # a forged/converted entry no session has written since is removed (code moved on)
 
 
