@@ -1,7 +1,7 @@
 """The regression list of two single-release sweeps of the same cells (the interrupted two-release run's
 cpu-0.20.2 half and a separate run of current), by the sweep's own rule (servematrix/sweep/regressions.py):
 
-    python evidence/sweep-zoo-0.20.2/merge.py OLD_RUN_DIR NEW_RUN_DIR OLD_RELEASE > regressions-full.md
+    python benchmarks/merge_sweep_halves.py OLD_RUN_DIR NEW_RUN_DIR OLD_RELEASE > regressions-full.md
 """
 
 import sys

@@ -12,7 +12,7 @@ no FP8 GEMM, as in ../shared/notes/seed-bugs.md), and the real config.json's fie
 configuration module; 0.18.1's transformers 4.57 needs it). Safetensors files are cut right after
 their headers (8-byte length + JSON, no data), so the directory is a few MB.
 
-    .venv/bin/python evidence/mirror-minimax-37214/write_source.py DIR
+    .venv/bin/python benchmarks/minimax_kvscale_source.py DIR
 """
 
 from __future__ import annotations
