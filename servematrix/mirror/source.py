@@ -137,18 +137,15 @@ def read_config_only(config_path: Path, index: Path | None, source: str | None =
 
 
 def config_layout(config: dict[str, Any], source: str, where: Path | str | None = None,
-                  tokenizer: TokenizerInfo | None = None, drop: tuple[str, ...] = ()) -> SourceLayout:
+                  tokenizer: TokenizerInfo | None = None) -> SourceLayout:
     """The SourceLayout of a checkpoint known by its config.json alone (a dict, typed here as
     config.json is): the tensors transformers' class for its model_type writes at the config's
     full size on the meta device — the path a model_type:NAME source takes, with the config's
-    values instead of the class's defaults. `where` names the config in every refusal. `drop`:
-    config fields left out (the sweep's unquantized twins of a published config drop
-    `quantization_config`: a config alone has no quantized tensors). The CLI's config.json source
-    and the sweep's published-config corpus (sweep/corpus.py) both come through here."""
+    values instead of the class's defaults. `where` names the config in every refusal."""
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
     where = where or source
-    config = validate_config({k: v for k, v in config.items() if k not in drop}, where)
+    config = validate_config(config, where)
     require_roles(where, config)
     model_type = config["model_type"]
     if model_type not in CONFIG_MAPPING:

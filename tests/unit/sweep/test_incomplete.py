@@ -27,7 +27,7 @@ def test_a_field_the_twin_carries_or_no_published_config_has_is_not_the_twins():
     # a probe for a field no published config has (getattr with a default) is vLLM's business
     assert incomplete.missing("afmoe", {}, ["quantization_config", "no_such_field"], None) == []
     # no published config of the family: nothing is known, nothing is called the twin's
-    assert incomplete.missing("qwen3", {}, ["rope_scaling"], None) == []
+    assert incomplete.missing("starcoder2", {}, ["rope_scaling"], None) == []
 
 
 def test_a_field_transformers_class_drops_from_the_published_config_too_is_not_the_twins():
