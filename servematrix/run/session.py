@@ -8,24 +8,20 @@ baseline is published at once with a pending record, so a SIGKILL loses nothing 
 
 from __future__ import annotations
 
-import contextlib
-import platform
 import threading
 
-from servematrix import __version__
 from servematrix.check.compare import compare
-from servematrix.check.verdict import exit_code, judge
+from servematrix.check.verdict import judge
 from servematrix.config import plan
 from servematrix.config.devices import uses_gpus
 from servematrix.config.matrix import Entry, Matrix
 from servematrix.record import EntryOutcome, RunSummary, ScenarioRecord
-from servematrix.report import history, write_all
-from servematrix.report.files import point_latest
-from servematrix.run import dispatch, records, rundir
+from servematrix.report import history
+from servematrix.run import dispatch, records
+from servematrix.run.lifecycle import RunLifecycle
 from servematrix.run.options import RunOptions
-from servematrix.run.pipeline import Pipeline, now_iso, skipped
+from servematrix.run.pipeline import Pipeline, skipped
 from servematrix.run.progress import Progress
-from servematrix.run.signals import interrupts
 from servematrix.serve import envs, hardware
 
 
@@ -41,54 +37,36 @@ class Session:
         self._held: dict[str, list[str]] = {}  # baseline id -> ids of layouts waiting for its record
         self._lock = threading.Lock()
         self._done = 0  # final records published (pending ones are not done)
-        self._deferred: list[str] | None = None  # ids published while the reports' rewrite waits (_one_write)
+        self.lifecycle = RunLifecycle(options.out_dir, options.overwrite)  # claim, summary, reports, history
 
     def run(self) -> RunSummary:
-        out = self.options.out_dir
-        rundir.claim(out, self.options.overwrite)  # refused before anything is written
+        run = self.lifecycle
+        run.claim()  # refused before anything is written
         versions = self.pipeline.versions(envs.CURRENT)
-        summary = RunSummary(
-            matrix=self.matrix.spec.name, run_dir=str(out), host=platform.node(),
-            vllm_version=versions["vllm"], torch_version=versions["torch"], servematrix_version=__version__,
-            started_at=now_iso(), selected=[e.id for e in self.entries],
-        )
-        write_all(summary)
-        point_latest(out)
-        with interrupts():
-            try:
-                self._dispatch(summary)
-                summary.status = "interrupted" if self._cancelled.is_set() else "complete"
-            except KeyboardInterrupt:
+        summary = run.start(self.matrix.spec.name, versions, [e.id for e in self.entries])
+        with run.running(cleanup=self._close):
+            self._dispatch()
+            if self._cancelled.is_set():
                 summary.status = "interrupted"
-            finally:
-                self._close(summary)
         return summary
 
-    def _close(self, summary: RunSummary) -> None:
+    def _close(self) -> None:
         self.pipeline.close()  # no load-check world outlives the run
         for base, held in self._held.items():  # their baseline never finished (interrupted)
             for entry_id in held:
                 outcome = records.load_outcome(self.options.out_dir, entry_id)
-                self._publish(summary, judge(records.no_baseline(outcome, base)))
+                self._publish(judge(records.no_baseline(outcome, base)))
         self._held.clear()
         self.progress.close()
-        summary.ended_at = now_iso()
-        if summary.status == "running":
-            summary.status = "error"
-        codes = [r.verdict for r in summary.scenarios]
-        summary.exit_code = 2 if summary.status != "complete" and exit_code(codes) == 0 else exit_code(codes)
-        write_all(summary)
-        db = history.append(summary)
-        write_all(summary, history.trend(db))
 
     # --- dispatch ---------------------------------------------------------------------------------
-    def _dispatch(self, summary: RunSummary) -> None:
+    def _dispatch(self) -> None:
         """Plan the jobs, record those no pool could ever run as skipped, hand the rest to the pool."""
         by_id = {e.id: e for e in self.entries}
 
         def done(job: dispatch.Job, outcome: EntryOutcome) -> bool:
             with self._lock:
-                self.finish(summary, outcome)
+                self.finish(outcome)
             if outcome.failure is not None and outcome.failure.kind == "interrupted":
                 self._cancelled.set()  # the run ends "interrupted": start nothing more
                 return False
@@ -112,7 +90,7 @@ class Session:
             def run_pool(jobs: list[dispatch.Job]) -> None:
                 local.run(jobs, lambda job, ids: self.pipeline.execute(job.k, by_id[job.id], ids, host_gpus), done)
         runnable = []
-        with self._one_write(summary):  # every skip is decided now, at once: the reports are written once
+        with self.lifecycle.batch():  # every skip is decided now, at once: the reports are written once
             for job in self._jobs():
                 entry = by_id[job.id]
                 why = self._unrunnable(job, entry, capacity, host_gpus)
@@ -121,19 +99,6 @@ class Session:
                 else:
                     done(job, skipped(entry, self.matrix.scenario(entry.scenario), why))
         run_pool(runnable)
-
-    @contextlib.contextmanager
-    def _one_write(self, summary: RunSummary):
-        """Records published inside are each on disk at once (record.json), and the run's reports
-        are rewritten once at the end instead of per record: rewriting them (O(records)) per record
-        made a run of 1,000 skipped entries quadratic (691 records after 300 s)."""
-        self._deferred = []
-        try:
-            yield
-        finally:
-            ids, self._deferred = self._deferred, None
-            if ids:
-                write_all(summary, pages_of=ids)
 
     def _jobs(self) -> list[dispatch.Job]:
         estimates = history.durations(history.db_path(self.options.out_dir))
@@ -165,7 +130,7 @@ class Session:
             server.stop()
 
     # --- records ----------------------------------------------------------------------------------
-    def finish(self, summary: RunSummary, outcome: EntryOutcome) -> None:
+    def finish(self, outcome: EntryOutcome) -> None:
         """Publish a finished outcome as its record: a layout is first compared with its baseline's
         record, held until that one is in (published meanwhile with its pending record); a baseline
         releases the layouts held for it, read back from their outcome files."""
@@ -175,14 +140,14 @@ class Session:
         if base is None or base == outcome.id:
             rec = judge(outcome)
             self._finished[rec.id] = rec
-            self._publish(summary, rec)
+            self._publish(rec)
             for held in self._held.pop(rec.id, []):
-                self._publish(summary, judge(self._compare(records.load_outcome(out, held), rec)))
+                self._publish(judge(self._compare(records.load_outcome(out, held), rec)))
         elif base in self._finished:
-            self._publish(summary, judge(self._compare(outcome, self._finished[base])))
+            self._publish(judge(self._compare(outcome, self._finished[base])))
         else:
             self._held.setdefault(base, []).append(outcome.id)
-            self._publish(summary, records.pending(outcome, base), final=False)
+            self._publish(records.pending(outcome, base), final=False)
 
     def _compare(self, outcome: EntryOutcome, base: ScenarioRecord) -> EntryOutcome:
         vllm = outcome.vllm_version or self.pipeline.versions(envs.CURRENT).get("vllm")
@@ -193,19 +158,10 @@ class Session:
 
         return compare(outcome, base, self.matrix.scenario(outcome.scenario), reference)
 
-    def _publish(self, summary: RunSummary, rec: ScenarioRecord, final: bool = True) -> None:
+    def _publish(self, rec: ScenarioRecord, final: bool = True) -> None:
         """Into summary.json (a pending record is replaced by the final one, which goes last) and
         the entry's record.json, both written before anything else runs."""
-        summary.scenarios = [r for r in summary.scenarios if r.id != rec.id] + [rec]
-        counts: dict[str, int] = {}
-        for r in summary.scenarios:
-            counts[r.verdict] = counts.get(r.verdict, 0) + 1
-        summary.counts = counts
-        records.save_record(self.options.out_dir, rec)
-        if self._deferred is not None:
-            self._deferred.append(rec.id)
-        else:
-            write_all(summary, pages_of=[rec.id])  # the other pages did not change (and _close writes all)
+        self.lifecycle.publish(rec)
         if final:
             self._done += 1
             self.progress.done(rec, self._done)

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from servematrix.config.matrix import load_matrix
-from servematrix.run import session as session_mod
+from servematrix.run import lifecycle as lifecycle_mod
 from servematrix.run.options import RunOptions
 from servematrix.run.session import Session
 from servematrix.serve import envs, hardware
@@ -57,13 +57,13 @@ N = 200  # enough to tell a constant number of rewrites from one per entry; each
 def test_many_skipped_entries_write_the_reports_a_constant_number_of_times(tmp_path, monkeypatch):
     matrix = gpu_matrix(tmp_path, N)
     calls = []
-    real = session_mod.write_all
+    real = lifecycle_mod.write_all
 
     def counted(summary, trend=None, pages_of=None):
         calls.append(None if pages_of is None else len(list(pages_of)))
         return real(summary, trend, pages_of)
 
-    monkeypatch.setattr(session_mod, "write_all", counted)
+    monkeypatch.setattr(lifecycle_mod, "write_all", counted)  # the run lifecycle writes the reports
     t0 = time.monotonic()
     summary = Session(matrix, matrix.entries, RunOptions.of(tmp_path / "run"), pipeline=ScriptedPipeline(matrix)).run()
     took = time.monotonic() - t0
