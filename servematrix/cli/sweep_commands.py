@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from servematrix.cli.args import finite_positive_float, out_dir, positive_int
+from servematrix.cli.args import finite_positive_float, non_negative_int, out_dir, positive_int
 
 
 def add_sweep(sub) -> None:
@@ -24,6 +24,8 @@ def add_sweep(sub) -> None:
                    help="one process per check instead of a persistent worker per release (slower)")
     s.add_argument("--timeout", type=finite_positive_float, default=300.0,
                    help="seconds per cell's load check, and per server start-up when served (default 300)")
+    s.add_argument("--retries", type=non_negative_int, default=1,
+                   help="extra attempts after an infrastructure failure (OOM, timeout), as `run --retries` (default 1)")
     s.add_argument("--depth", choices=("load", "serve"), default="load",
                    help="load (default): vLLM's construction + load_weights under the layout; serve: then, where "
                         "the CPU has the kernels (data/sweep-quants.yaml `serve:`), a real server and one completion")
@@ -51,7 +53,7 @@ def cmd_sweep(args) -> int:
     opts = SweepOptions(releases=list(dict.fromkeys(releases)), layouts=cells.layouts(args.layouts),
                         quants=cells.quants(args.quant), k=args.k, limit=args.limit,
                         out=Path(args.out) if args.out else Path("reports") / f"sweep-{datetime.now():%Y%m%d-%H%M%S}",
-                        overwrite=args.overwrite, isolated=args.isolated, timeout=args.timeout,
+                        overwrite=args.overwrite, isolated=args.isolated, timeout=args.timeout, retries=args.retries,
                         depth=args.depth, backend=args.backend, ray_address=args.ray_address)
     summary = run(opts)
     regressions = Path(summary.run_dir) / "regressions.json"

@@ -9,11 +9,12 @@ kept in `Parts`), and what the phases produced is only read, never rewritten, by
 
 from __future__ import annotations
 
+import contextlib
 import platform
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -25,7 +26,7 @@ from servematrix.checkpoint.resolve import ModelUnavailable, resolve
 from servematrix.config import plan
 from servematrix.config.devices import device_profile
 from servematrix.config.matrix import Entry, Matrix
-from servematrix.config.scenario import Scenario
+from servematrix.config.scenario import Scenario, SmokeSpec
 from servematrix.record import (CheckResult, EmbeddingResult, EntryOutcome, Expected, Failure, FixRecord, Gsm8kResult,
                                 LoadCheckResult, LoadResult, MetricValue, SmokeResult, StageFailed)
 from servematrix.run.options import EntryOptions
@@ -54,6 +55,22 @@ def skipped(entry: Entry, scenario: Scenario, why: str) -> EntryOutcome:
 
 def interrupted() -> Failure:
     return Failure.of("interrupted", "run interrupted (Ctrl-C / SIGTERM)", "run")
+
+
+def with_retries(attempt: Callable[[int], EntryOutcome], retries: int, cancelled: threading.Event | None = None,
+                 retrying: Callable[[Failure], None] = lambda f: None) -> EntryOutcome:
+    """`attempt(n)` until it ends without an infrastructure failure (a crash of the host's doing:
+    OOM, a timeout, a busy port), at most `retries` times more; a model that cannot be had and an
+    interrupt are never retried. A matrix entry's attempts and a sweep cell's."""
+    n = 1
+    while True:
+        out = attempt(n)
+        f = out.failure
+        retryable = f is not None and f.infra and f.kind not in {"interrupted", "model"}
+        if not retryable or n > retries or (cancelled is not None and cancelled.is_set()):
+            return out
+        n += 1
+        retrying(f)
 
 
 @dataclass
@@ -115,15 +132,8 @@ class Pipeline:
                                  [g for g in gpus if g.index in gpu_ids])
             if why is not None:
                 return skipped(entry, scenario, why)
-        attempt = 1
-        while True:
-            out = self._run(k, entry, scenario, attempt, gpu_ids)
-            f = out.failure
-            retryable = f is not None and f.infra and f.kind not in {"interrupted", "model"}
-            if not retryable or attempt > self.options.retries or self.cancelled.is_set():
-                return out
-            attempt += 1
-            self.phase(k, entry.id, f"infrastructure failure ({f.kind}), retrying")
+        return with_retries(lambda attempt: self._run(k, entry, scenario, attempt, gpu_ids), self.options.retries,
+                            self.cancelled, lambda f: self.phase(k, entry.id, f"infrastructure failure ({f.kind}), retrying"))
 
     def _run(self, k: int, entry: Entry, scenario: Scenario, attempt: int, gpu_ids: list[int]) -> EntryOutcome:
         started, t0 = now_iso(), time.monotonic()
@@ -171,14 +181,8 @@ class Pipeline:
             self._load_check(entry, scenario, spec, entry_dir, parts, not_served)
             return
         self.phase(k, entry.id, "starting server")
-        server = self.make_server(spec)
-        self.live.add(server)
-        try:
-            with server:
-                parts.load = LoadResult(ok=True, seconds=round(server.healthy_at - server.started_at, 2))
-                self._serve(k, entry, scenario, spec, server, model_path, entry_dir, parts)
-        finally:
-            self.live.discard(server)
+        with started(self.make_server, spec, parts, self.live) as server:
+            self._serve(k, entry, scenario, spec, server, model_path, entry_dir, parts)
         if parts.gsm8k is not None:
             self._accuracy(entry, scenario, parts)
 
@@ -200,18 +204,16 @@ class Pipeline:
         attention = (profile.get("load_check") or {}).get("attention", {})
         loads = scenario.load_check.loads_weights if scenario.load_check is not None else True
         check = loadcheck.Check(attention=attention, load_weights=loads, out=entry_dir / "loadcheck")
-        parts.server_command = loadcheck.shell(spec, check)
         # the world starts with what every check of the release shares (vLLM reads it at import);
         # each check's own variables (its fixes, thread binding) reach only its forked ranks
         world_env = {**profile.get("env", {}), **envs.launch_env(entry.vllm)}
         try:
-            result = self.worlds.check(f"{entry.vllm}-{entry.device}", spec, check, world_env)
+            result = load_check_phase(self.worlds, f"{entry.vllm}-{entry.device}", spec, check, world_env, parts)
         except StageFailed as exc:
             if not_served and exc.recorded.get("load_check") is not None:
                 exc.recorded["load_check"] = exc.recorded["load_check"].model_copy(update={"not_served": not_served})
             raise
         parts.load_check = result.model_copy(update={"not_served": not_served})
-        parts.load = LoadResult(ok=True, seconds=result.seconds)
 
     def _serve(self, k: int, entry: Entry, scenario: Scenario, spec: LaunchSpec, server: Server, model_path: str,
                entry_dir: Path, parts: Parts) -> None:
@@ -226,12 +228,11 @@ class Pipeline:
                 raise StageFailed((parts.embedding.error and _died(server)) or failed)
             return
         self.phase(k, entry.id, "smoke")
-        parts.smoke = run_smoke(spec.base_url, scenario.model_name, scenario.smoke)
-        failed = smoke_failure(parts.smoke)
-        if failed is not None:
+        try:
+            smoke_phase(server, spec, scenario.model_name, scenario.smoke, parts)
+        except StageFailed:
             parts.gsm8k_error = "skipped: smoke failed"
-            # a request that failed in transport is most likely the server dying
-            raise StageFailed((parts.smoke.error and _died(server)) or failed)
+            raise
         if not plan.gsm8k_runs(self.options.gsm8k, self.matrix.spec.gsm8k.enabled, scenario):
             return
         limit = self.matrix.gsm8k_limit(scenario, self.options.gsm8k_limit)
@@ -261,6 +262,44 @@ class Pipeline:
         failed = [r for r in parts.accuracy if r.status == "fail"]
         if failed:
             raise StageFailed(Failure.of("check", failed[0].summary()[:400], "accuracy"))
+
+
+def load_check_phase(worlds: Worlds | None, key: str, spec: LaunchSpec, check: loadcheck.Check,
+                     world_env: dict[str, str], parts: Parts) -> LoadCheckResult:
+    """The load-check phase (vLLM's construction and load_weights under the layout, no server)
+    into `parts`: in `key`'s persistent world of the pool, started with `world_env` (serve/world.py),
+    or with no pool in a process of its own (loadcheck.run: the same result); StageFailed when it
+    failed. A matrix entry's load check and a sweep cell's."""
+    parts.server_command = loadcheck.shell(spec, check)
+    result = loadcheck.run(spec, check) if worlds is None else worlds.check(key, spec, check, world_env)
+    parts.load_check, parts.load = result, LoadResult(ok=True, seconds=result.seconds)
+    return result
+
+
+@contextlib.contextmanager
+def started(make_server: Callable[[LaunchSpec], Server], spec: LaunchSpec, parts: Parts,
+            live: set[Server] | None = None) -> Iterator[Server]:
+    """The server phase: a server started on `spec` (StageFailed when it never becomes healthy),
+    its start-up time into `parts.load`, held in `live` while up (a canceller stops what is
+    there), stopped on every path. A matrix entry's server and a sweep cell's (`--depth serve`)."""
+    live = live if live is not None else set()
+    server = make_server(spec)
+    live.add(server)
+    try:
+        with server:
+            parts.load = LoadResult(ok=True, seconds=round(server.healthy_at - server.started_at, 2))
+            yield server
+    finally:
+        live.discard(server)
+
+
+def smoke_phase(server: Server, spec: LaunchSpec, model_name: str, smoke: SmokeSpec, parts: Parts) -> None:
+    """The smoke phase against a healthy server, into `parts.smoke`; StageFailed when it failed,
+    with the server's own death as the failure where a request failed because the server died."""
+    parts.smoke = run_smoke(spec.base_url, model_name, smoke)
+    failed = smoke_failure(parts.smoke)
+    if failed is not None:  # a request that failed in transport is most likely the server dying
+        raise StageFailed((parts.smoke.error and _died(server)) or failed)
 
 
 def _died(server: Server) -> Failure | None:

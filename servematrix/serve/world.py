@@ -111,10 +111,12 @@ class Worlds:
     """One run's persistent worlds, one per vLLM release, each started by that release's first load
     check (with its environment: the release's LD_PRELOAD and quirks must be there when vLLM is
     imported) and ended by close(). A world serves one check at a time; checks of different
-    releases may run at once."""
+    releases may run at once. `make(python, env, directory)` builds a world: a World here (the
+    default), or one with World's interface elsewhere (run/ray_tasks.py's RayWorld, a Ray actor)."""
 
-    def __init__(self, directory: Path, script: Path = ZYGOTE):
+    def __init__(self, directory: Path, script: Path = ZYGOTE, make=None):
         self.directory, self.script = Path(directory), script
+        self.make = make or (lambda python, env, d: World(python, env, d, self.script))
         self._worlds: dict[str, tuple[World, threading.Lock]] = {}
         self._lock = threading.Lock()
 
@@ -123,11 +125,18 @@ class Worlds:
         a rank adds its own spec.env over it, it cannot take a variable away)."""
         with self._lock:
             if release not in self._worlds:
-                world = World(spec.argv[0], env, self.directory / release, self.script)
+                world = self.make(spec.argv[0], env, self.directory / release)
                 self._worlds[release] = (world, threading.Lock())
             world, busy = self._worlds[release]
         with busy:
             return run_check(world, spec, check)
+
+    def close_others(self, keep: str) -> None:
+        """End every world but `keep`'s: a run whose releases come one after another frees a
+        finished release's memory (and its Ray slot) before the next one's checks."""
+        with self._lock:
+            for release in [r for r in self._worlds if r != keep]:
+                self._worlds.pop(release)[0].close()
 
     def close(self) -> None:
         with self._lock:

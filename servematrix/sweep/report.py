@@ -100,14 +100,17 @@ def _served_unmarked(summary: RunSummary) -> RunSummary:
     return summary.model_copy(update={"scenarios": rows})
 
 
-def write_reports(summary: RunSummary, coverage: Iterable[Coverage], trend: dict | None = None) -> None:
+def write_reports(summary: RunSummary, coverage: Iterable[Coverage], trend: dict | None = None,
+                  pages_of: Iterable[str] | None = None) -> None:
+    """run's reports (pages_of: the ids whose scenario page changed; None: all), then the coverage
+    and, with two or more releases, the regression list."""
     from servematrix.report import markdown, write_all
-    from servematrix.report.files import atomic_write
+    from servematrix.files import atomic_write
 
     from servematrix.sweep.regressions import pairs, regressions_md
 
     covs = list(coverage)
-    write_all(summary, trend)
+    write_all(summary, trend, pages_of)
     out = Path(summary.run_dir)
     text = coverage_md(covs)
     if len(covs) > 1:  # two or more --vllm: the regression list, between each release and the next

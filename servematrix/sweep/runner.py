@@ -2,27 +2,34 @@
 a load check of a mirrored twin (vLLM's own model construction and load_weights under the layout),
 recorded as pass, fail with its signature, or not checkable here with the reason.
 
-The run directory is `run`'s: summary.json of ScenarioRecords (scenario = the architecture's key,
-tp/pp/quant/vllm the cell's axes, so the reports' grid is the heatmap, and `gate`, `history` and
-`diff` read it), reports rewritten after every checked cell, a history row at the end; the
-coverage counts head load-success.md (sweep/report.py).
+The sweep owns no run of its own: run/lifecycle.py (the lifecycle `servematrix run` has) claims
+the directory, points `latest`, turns Ctrl-C / SIGTERM into "interrupted", writes each cell's
+record.json the moment it ends, counts the verdicts, appends the history row and writes the
+reports; each cell goes through the pipeline's phases (run/pipeline.py: typed Parts, the retry
+rule, the load-check phase in the persistent world of the pool serve/world.py keeps, the serve
+phase at `--depth serve`). The run directory is `run`'s: summary.json of ScenarioRecords (scenario
+= the architecture's key, tp/pp/quant/vllm the cell's axes, so the reports' grid is the heatmap,
+and `gate`, `history` and `diff` read it); the coverage counts head load-success.md (sweep/report.py).
+What stays here: which cells there are (registry, cells, twins) and what a cell's result means
+(not checkable here, twin-incomplete, the depth reached).
 """
 
 from __future__ import annotations
 
-import platform
 import sys
 import time
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict
 
-from servematrix import __version__
-from servematrix.check.verdict import exit_code, judge
+from servematrix.check.verdict import judge
 from servematrix.config.devices import device_profile
 from servematrix.errors import ArgumentError
 from servematrix.paths import cache_dir
-from servematrix.record import EntryOutcome, Expected, RunSummary, ScenarioRecord, StageFailed
+from servematrix.record import EntryOutcome, Expected, Failure, RunSummary, ScenarioRecord, StageFailed
+from servematrix.run import rundir
+from servematrix.run.lifecycle import RunLifecycle
+from servematrix.run.pipeline import Parts, load_check_phase, now_iso, with_retries
 from servematrix.sweep import cells as cellmod
 from servematrix.sweep import registry, serve, twins
 from servematrix.sweep.quant import refused_on_cpu
@@ -42,30 +49,31 @@ class SweepOptions(BaseModel):
     out: Path
     overwrite: bool = False
     isolated: bool = False  # one process per check (loadcheck.run) instead of a persistent worker
+    retries: int = 1  # extra attempts after an infrastructure failure (OOM, timeout), as `run --retries`
     timeout: float = 300.0  # s per cell (the load check; the server's start-up, when served)
     depth: str = "load"  # load: construct + load_weights; serve: then a real server and one completion
-    backend: str = "local"  # local: the persistent worlds are children here; ray: Ray actors (sweep/ray_worlds.py)
+    backend: str = "local"  # local: the persistent worlds are children here; ray: Ray actors (run/ray_tasks.py's RayWorld)
     ray_address: str | None = None  # --backend ray: the cluster to join (None: start a one-node cluster here)
     twin_dir: Path | None = None  # default: the user cache (twins are rebuilt from the forge cache)
 
 
-def _now() -> str:
-    from servematrix.run.pipeline import now_iso
-
-    return now_iso()
+# Reports are rewritten as cells finish, but a rewrite costs more the more records there are: at
+# most this share of the sweep's time goes to it (run/lifecycle.py's throttle; a cell's record.json
+# and log are on disk the moment it ends).
+REWRITE_SHARE = 0.2
 
 
 def run(opts: SweepOptions, log=sys.stderr) -> RunSummary:
-    from servematrix.report import history
-    from servematrix.report.files import point_latest
-    from servematrix.run import rundir
+    """The sweep as one run of run/lifecycle.py (the lifecycle `servematrix run` has): the
+    directory claimed, `latest`, interrupts, each cell's record published as it ends, the history
+    row and the reports (with the sweep's coverage) at the end."""
     from servematrix.serve import envs
 
     for rel in opts.releases:
         if rel != envs.CURRENT:
             envs.declared(rel, "--vllm")
     rundir.check(opts.out, opts.overwrite)  # refused before a registry is asked (and claimed below)
-    started = _now()
+    started = now_iso()
     pythons = {rel: _python(rel) for rel in opts.releases}
     versions = envs.versions(opts.releases[0], pythons[opts.releases[0]])
     coverage: dict[str, Coverage] = {}
@@ -79,68 +87,31 @@ def run(opts: SweepOptions, log=sys.stderr) -> RunSummary:
     if not selected:
         raise ArgumentError("-k", f"no cell matches {opts.k!r} (ids: <model_type or architecture>/<layout>-<quant>, "
                                   "e.g. llama/tp2-none; tags: forgeable, multimodal, the model_type, ...)")
-    rundir.claim(opts.out, opts.overwrite)
-    summary = RunSummary(matrix="sweep", run_dir=str(opts.out), host=platform.node(), vllm_version=versions["vllm"],
-                         torch_version=versions["torch"], servematrix_version=__version__, started_at=started,
-                         selected=[c.id for c in selected])
+
+    def write(summary: RunSummary, trend: dict | None, pages_of) -> None:
+        write_reports(summary, coverage.values(), trend, pages_of)
+
+    lifecycle = RunLifecycle(opts.out, opts.overwrite, write=write, throttle=REWRITE_SHARE)
+    lifecycle.claim()
+    summary = lifecycle.start("sweep", versions, [c.id for c in selected], started_at=started)
     print(f"sweep: {len(selected)} cells ({sum(c.arch.forgeable for c in selected)} forgeable) in "
           f"{len(opts.releases)} release(s)", file=log, flush=True)
     twin_cache: dict[str, twins.Twin] = {}
-    worlds: dict[str, object] = {}
-    point_latest(opts.out)
-    from servematrix.run.signals import interrupts
-
-    try:
-        with interrupts():  # SIGTERM too ends the sweep as "interrupted", its workers stopped
-            _cells(selected, opts, pythons, versions, summary, coverage, twin_cache, worlds, log)
-        summary.status = "complete"
-    except KeyboardInterrupt:
-        summary.status = "interrupted"
-    finally:
-        for world in worlds.values():
-            world.close()
-        _counts(summary)
-        summary.ended_at = _now()
-        verdicts = [r.verdict for r in summary.scenarios]
-        summary.exit_code = 2 if summary.status != "complete" and exit_code(verdicts) == 0 else exit_code(verdicts)
-        write_reports(summary, coverage.values())
-        db = history.append(summary)
-        write_reports(summary, coverage.values(), history.trend(db))
+    pool = _worlds(opts)
+    with lifecycle.running(cleanup=pool.close):  # SIGTERM too ends it "interrupted"; no worker outlives it
+        _cells(selected, opts, pythons, versions, lifecycle, coverage, twin_cache, pool, log)
     return summary
 
 
-# Reports are rewritten as cells finish, but a rewrite costs more the more records there are (2.3 s
-# at 2 000 records, measured on the 0.20.2 zoo): at most REWRITE_SHARE of the sweep's time goes to it,
-# so late in a big sweep the reports lag by a few cells (a cell's log is on disk the moment it ends).
-REWRITE_SHARE = 0.2
-
-
-class _Rewriter:
-    def __init__(self) -> None:
-        self.cost, self.at = 0.0, 0.0
-
-    def maybe(self, summary, coverage) -> None:
-        now = time.monotonic()
-        if now - self.at < self.cost / REWRITE_SHARE:
-            return
-        write_reports(summary, coverage.values())
-        self.at = time.monotonic()
-        self.cost = self.at - now
-
-
-def _cells(selected, opts, pythons, versions, summary, coverage, twin_cache, worlds, log) -> None:
-    rewrite = _Rewriter()
+def _cells(selected, opts, pythons, versions, lifecycle, coverage, twin_cache, worlds, log) -> None:
     for i, cell in enumerate(selected, 1):
-        for done in [rel for rel in worlds if rel != cell.release]:  # releases run one after another:
-            worlds.pop(done).close()  # a finished one's world frees its memory (and its Ray slot)
-        record = _cell(cell, opts, pythons[cell.release], twin_cache, worlds, versions)
-        summary.scenarios.append(record)
+        worlds.close_others(cell.release)  # releases run one after another: a finished one's world goes
+        record = _cell(cell, opts, pythons[cell.release], twin_cache, worlds, versions, log)
         coverage[cell.release].count(record, twin_cache.get(cell.arch.model_type or ""))
+        lifecycle.publish(record, rewrite=record.verdict != "skipped")  # a not-checkable cell costs no rewrite
         if record.verdict != "skipped":
             print(f"[{i}/{len(selected)}] {cell.id}: {record.verdict} ({record.seconds:.1f} s)"
                   + (f" {record.failure.signature[:160]}" if record.failure else ""), file=log, flush=True)
-            _counts(summary)
-            rewrite.maybe(summary, coverage)
 
 
 def _python(release: str) -> str:
@@ -165,21 +136,59 @@ def _limited(chosen: list[cellmod.Cell], limit: int | None) -> list[cellmod.Cell
     return out
 
 
-def _counts(summary: RunSummary) -> None:
-    counts: dict[str, int] = {}
-    for r in summary.scenarios:
-        counts[r.verdict] = counts.get(r.verdict, 0) + 1
-    summary.counts = counts
+def _cell(cell: cellmod.Cell, opts: SweepOptions, python: str, twin_cache: dict, worlds,
+          versions: dict, log=sys.stderr) -> ScenarioRecord:
+    """One cell through the pipeline's phases (run/pipeline.py's typed Parts, its load-check pool
+    of persistent worlds): twin, load check, then at `--depth serve` the serve phase."""
+    started, t0 = now_iso(), time.monotonic()
+    identity = dict(id=cell.id, scenario=cell.arch.key, tp=cell.tp, pp=cell.pp, quant=cell.quant, vllm=cell.release,
+                    device="cpu", tags=cell.tags, expect=Expected(), started_at=started)
+    parts = Parts(model=cell.arch.arch, vllm_version=versions["vllm"], torch_version=versions["torch"])
 
+    def outcome(failure=None, skipped=None, attempts=1) -> EntryOutcome:
+        seconds = round(time.monotonic() - t0, 2) if cell.arch.forgeable else 0.0
+        return EntryOutcome(**identity, **vars(parts), failure=failure, skipped=skipped, seconds=seconds,
+                            attempts=attempts)
 
-def _cell(cell: cellmod.Cell, opts: SweepOptions, python: str, twin_cache: dict, worlds: dict,
-          versions: dict) -> ScenarioRecord:
-    started, t0 = _now(), time.monotonic()
-    base = dict(id=cell.id, scenario=cell.arch.key, model=cell.arch.arch, tp=cell.tp, pp=cell.pp, quant=cell.quant,
-                vllm=cell.release, device="cpu", tags=cell.tags, expect=Expected(), started_at=started,
-                vllm_version=versions["vllm"], torch_version=versions["torch"])
     if not cell.arch.forgeable:
-        return judge(EntryOutcome(**base, seconds=0.0, skipped=f"not checkable here: {cell.arch.reason}"))
+        return judge(outcome(skipped=f"not checkable here: {cell.arch.reason}"))
+    twin = _twin(cell, opts, twin_cache)
+    if not twin.ok:
+        return judge(outcome(skipped=f"not checkable here: {twin.reason} [{twin.origin}]"))
+    depth: str | None = None
+
+    def attempt(n: int) -> EntryOutcome:  # the load check, then (--depth serve) the serve phase
+        nonlocal parts, depth
+        parts = Parts(model=cell.arch.arch, vllm_version=versions["vllm"], torch_version=versions["torch"])
+        failure = _load_check(cell, opts, python, twin, worlds, parts)
+        why_skip = _not_checkable(cell, failure)
+        if why_skip:  # the load check's results say nothing about vLLM here: only its command line stays
+            parts = Parts(model=parts.model, node=parts.node, vllm_version=parts.vllm_version,
+                          torch_version=parts.torch_version, server_command=parts.server_command)
+            return outcome(skipped=why_skip, attempts=n)
+        from servematrix.serve.envs import not_served
+
+        # a release this host can only load-check (the CUDA wheel on a CPU host) says so on every cell
+        why_not = not_served(cell.release)
+        depth = f"depth: load (not served: {why_not})" if why_not else None
+        if opts.depth == "serve" and not why_not and failure is None:
+            failure, depth = _serve_step(cell, opts, python, twin, parts)
+        return outcome(failure=failure, attempts=n)
+
+    def retrying(f: Failure) -> None:
+        print(f"{cell.id}: infrastructure failure ({f.kind}: {f.signature[:160]}), retrying", file=log, flush=True)
+
+    record = judge(with_retries(attempt, opts.retries, retrying=retrying))
+    if record.verdict in ("pass", "fail"):
+        record = _twin_incomplete(record, cell, opts, twin)
+    if record.verdict != "skipped":  # the depth reached, the quantized layout in words (block size, family rule)
+        record = record.model_copy(update={"note": "; ".join(filter(None, [record.note, depth, twin.note,
+                                                                            twin.origin])) or None})
+    return record
+
+
+def _twin(cell: cellmod.Cell, opts: SweepOptions, twin_cache: dict) -> twins.Twin:
+    """The cell's twin, built once per model_type (and per quantization and TP) for the whole sweep."""
     mt = cell.arch.model_type
     if mt not in twin_cache:
         tps = sorted({lay.tp for lay in opts.layouts})
@@ -189,32 +198,17 @@ def _cell(cell: cellmod.Cell, opts: SweepOptions, python: str, twin_cache: dict,
         if (mt, cell.quant, cell.tp) not in twin_cache:
             twin_cache[(mt, cell.quant, cell.tp)] = twins.quantize(twin, cell.quant, [cell.tp])
         twin = twin_cache[(mt, cell.quant, cell.tp)]
-    if not twin.ok:
-        return judge(EntryOutcome(**base, seconds=round(time.monotonic() - t0, 2),
-                                  skipped=f"not checkable here: {twin.reason} [{twin.origin}]"))
-    parts = _load_check(cell, opts, python, twin, worlds)
-    failure = parts.get("failure")
-    if failure is not None and serve.gpu_only(failure):  # data/sweep-quants.yaml `gpu_only`
-        parts = {"skipped": f"not checkable here: needs a GPU-only library ({failure.signature[:200]})",
-                 "server_command": parts.get("server_command")}
-    elif failure is not None and cell.quant != "none" and refused_on_cpu(cell.quant, failure.signature):
-        parts = {"skipped": f"not checkable here: the CPU build has no kernel for this twin's {cell.quant} layout "
-                            f"({failure.signature[:200]}; the reasons are in its server.log)",
-                 "server_command": parts.get("server_command")}
-    from servematrix.serve.envs import not_served
+    return twin
 
-    # a release this host can only load-check (the CUDA wheel on a CPU host) says so on every cell
-    why_not = not_served(cell.release)
-    depth = f"depth: load (not served: {why_not})" if why_not else None
-    if opts.depth == "serve" and not why_not and "skipped" not in parts and parts.get("failure") is None:
-        parts, depth = _serve_step(cell, opts, python, twin, parts)
-    record = judge(EntryOutcome(**base, **parts, seconds=round(time.monotonic() - t0, 2)))
-    if record.verdict in ("pass", "fail"):
-        record = _twin_incomplete(record, cell, opts, twin)
-    if record.verdict != "skipped":  # the depth reached, the quantized layout in words (block size, family rule)
-        record = record.model_copy(update={"note": "; ".join(filter(None, [record.note, depth, twin.note,
-                                                                            twin.origin])) or None})
-    return record
+
+def _not_checkable(cell: cellmod.Cell, failure: Failure | None) -> str | None:
+    """Why a load check's failure is no verdict on vLLM here (None: it is one)."""
+    if failure is not None and serve.gpu_only(failure):  # data/sweep-quants.yaml `gpu_only`
+        return f"not checkable here: needs a GPU-only library ({failure.signature[:200]})"
+    if failure is not None and cell.quant != "none" and refused_on_cpu(cell.quant, failure.signature):
+        return (f"not checkable here: the CPU build has no kernel for this twin's {cell.quant} layout "
+                f"({failure.signature[:200]}; the reasons are in its server.log)")
+    return None
 
 
 def _twin_incomplete(record, cell: cellmod.Cell, opts: SweepOptions, twin: twins.Twin):
@@ -238,19 +232,23 @@ def _twin_incomplete(record, cell: cellmod.Cell, opts: SweepOptions, twin: twins
                                      "note": f"twin-incomplete: the twin lacks {'; '.join(lacks)}{was}"})
 
 
-def _serve_step(cell: cellmod.Cell, opts: SweepOptions, python: str, twin: twins.Twin, parts: dict) -> tuple[dict, str]:
-    """`--depth serve` after a passing load check: the parts with the server's, and the depth in words."""
+def _serve_step(cell: cellmod.Cell, opts: SweepOptions, python: str, twin: twins.Twin,
+                parts) -> tuple[Failure | None, str]:
+    """`--depth serve` after a passing load check: the server's results into `parts` (its failure
+    returned), and the depth in words."""
     why = serve.rules().unservable(cell.arch.model_type, cell.quant, twin.load_only)
     if why:
-        return parts, f"depth: load (not served: {why})"
-    served = _serve(cell, opts, python, twin)
-    failure = served.get("failure")
+        return None, f"depth: load (not served: {why})"
+    served, failure = _serve(cell, opts, python, twin)
     if failure is not None and serve.gpu_only(failure):
-        return parts, f"depth: load (the server needs a GPU-only library: {failure.signature[:200]})"
-    return {**parts, **served}, "depth: serve (construct, load, then a server and one greedy completion)"
+        return None, f"depth: load (the server needs a GPU-only library: {failure.signature[:200]})"
+    for name in ("load", "smoke"):  # the server's start-up time replaces the load check's
+        if getattr(served, name) is not None:
+            setattr(parts, name, getattr(served, name))
+    return failure, "depth: serve (construct, load, then a server and one greedy completion)"
 
 
-def _serve(cell: cellmod.Cell, opts: SweepOptions, python: str, twin: twins.Twin) -> dict:
+def _serve(cell: cellmod.Cell, opts: SweepOptions, python: str, twin: twins.Twin):
     cell_dir = opts.out / cell.id
     return serve.serve(_spec(cell, python, twin, cell_dir, opts.timeout), cell_dir / "serve.log", opts.timeout)
 
@@ -267,37 +265,33 @@ def _spec(cell: cellmod.Cell, python: str, twin: twins.Twin, cell_dir: Path, tim
     return LaunchSpec(argv=argv, env=env, port=0, log_path=cell_dir / "server.log", startup_timeout=timeout)
 
 
-def _world(opts: SweepOptions, python: str, env: dict, directory: Path):
-    """A release's persistent world: a child of this process, or a Ray actor (`--backend ray`)."""
+def _worlds(opts: SweepOptions):
+    """The sweep's pool of persistent worlds, one per release: children of this process, or Ray
+    actors (`--backend ray`, run/ray_tasks.py), the pool the pipeline's load checks use."""
+    directory = opts.out / ".workers"
     if opts.backend == "ray":
-        from servematrix.sweep.ray_worlds import RayWorld
+        from servematrix.run.ray_tasks import ray_worlds
 
-        return RayWorld(python, env, directory, opts.ray_address)
-    from servematrix.serve.world import World
+        return ray_worlds(directory, opts.ray_address)
+    from servematrix.serve.world import Worlds
 
-    return World(python, env, directory)
+    return Worlds(directory)
 
 
-def _load_check(cell: cellmod.Cell, opts: SweepOptions, python: str, twin: twins.Twin, worlds: dict) -> dict:
-    from servematrix.record import LoadResult
+def _load_check(cell: cellmod.Cell, opts: SweepOptions, python: str, twin: twins.Twin, worlds, parts) -> Failure | None:
+    """The pipeline's load-check phase into `parts`: its failure, or None when it passed."""
     from servematrix.serve import loadcheck
-    from servematrix.serve.world import run_check
 
     cell_dir = opts.out / cell.id
     cell_dir.mkdir(parents=True, exist_ok=True)
     spec = _spec(cell, python, twin, cell_dir, opts.timeout)
     attention = (device_profile("cpu").get("load_check") or {}).get("attention", {})
     check = loadcheck.Check(attention=attention, out=cell_dir / "loadcheck", record_misses=True)
-    parts: dict = {"server_command": loadcheck.shell(spec, check)}
+    world_env = {**device_profile("cpu").get("env", {}), **spec.env}
     try:
-        if opts.isolated:
-            result = loadcheck.run(spec, check)
-        else:
-            if cell.release not in worlds:
-                env = {**device_profile("cpu").get("env", {}), **spec.env}
-                worlds[cell.release] = _world(opts, python, env, opts.out / ".workers" / cell.release)
-            result = run_check(worlds[cell.release], spec, check)
-        parts.update(load_check=result, load=LoadResult(ok=True, seconds=result.seconds))
+        load_check_phase(None if opts.isolated else worlds, cell.release, spec, check, world_env, parts)
     except StageFailed as exc:
-        parts.update(failure=exc.failure, **exc.recorded)
-    return parts
+        for name, value in exc.recorded.items():
+            setattr(parts, name, value)
+        return exc.failure
+    return None

@@ -1,7 +1,8 @@
-"""The sweep's serve step (`--depth serve`): after a cell's load check passes, a real vLLM server on
-the same command line (serve/server.py's LocalServer: spawn, wait for /health while watching the
-process, stop the tree on every path) and one greedy completion (check/smoke.py's run_smoke), so
-forward-time bugs (#38191: loads, then crashes or answers nothing) show too.
+"""The sweep's serve step (`--depth serve`): after a cell's load check passes, the pipeline's serve
+phase (run/pipeline.py's `started` and `smoke_phase`, the ones a matrix entry's server goes through:
+spawn, wait for /health while watching the process, stop the tree on every path) on the same
+command line, with one greedy completion, so forward-time bugs (#38191: loads, then crashes or
+answers nothing) show too. What stays here is the sweep's data: which cells are served and why not.
 
 Which cells are served is data: the twin's own scenario (the mirror writes `load_check:` for
 families with no CPU attention kernel, MLA) and the `serve:` section of data/sweep-quants.yaml (per
@@ -55,12 +56,12 @@ def serve_argv(load_argv: list[str], port: int) -> list[str]:
     return [*load_argv, "--host", "127.0.0.1", "--port", str(port), "--served-model-name", SERVED_NAME]
 
 
-def serve(load_spec, log_path: Path, timeout: float, make_server=None) -> dict:
-    """Start the cell's server, send one greedy completion, stop it. The record parts: `smoke`, and
-    `failure` (+ `load`) when it did not start or did not answer. `make_server`: a LaunchSpec ->
-    Server factory (default: serve/server.py's local kind)."""
-    from servematrix.check.smoke import run_smoke, smoke_failure
-    from servematrix.record import LoadResult
+def serve(load_spec, log_path: Path, timeout: float, make_server=None):
+    """The pipeline's serve phase (run/pipeline.py: `started`, then `smoke_phase`) on the cell's
+    load-check command line, with one greedy completion. The typed Parts it filled (`load`, `smoke`)
+    and its failure (phase `serve`), or None when the server started and answered. `make_server`:
+    a LaunchSpec -> Server factory (default: serve/server.py's local kind)."""
+    from servematrix.run.pipeline import Parts, smoke_phase, started
     from servematrix.serve import process
     from servematrix.serve.server import LaunchSpec, server_factory
 
@@ -69,20 +70,15 @@ def serve(load_spec, log_path: Path, timeout: float, make_server=None) -> dict:
                       startup_timeout=timeout)
     r = rules()
     smoke_spec = SmokeSpec(prompts=[r.prompt], parity={"enabled": False}, request_timeout=r.request_timeout)
-    parts: dict = {}  # the command line heads the log (LocalServer writes it first)
+    parts = Parts(model=SERVED_NAME)  # the command line heads the log (LocalServer writes it first)
     try:
-        with (make_server or server_factory("local"))(spec) as server:
-            healthy = round(server.healthy_at - server.started_at, 2) if server.healthy_at else None
-            parts["load"] = LoadResult(ok=True, seconds=healthy)
-            parts["smoke"] = smoke = run_smoke(spec.base_url, SERVED_NAME, smoke_spec)
-            failed = smoke_failure(smoke)
-            if failed is not None:  # a transport error: did the server die under the request?
-                died = None if server.alive() else server.death("smoke")
-                parts["failure"] = _phase(died or failed)
+        with started(make_server or server_factory("local"), spec, parts) as server:
+            smoke_phase(server, spec, SERVED_NAME, smoke_spec, parts)
     except StageFailed as exc:
-        parts.update(exc.recorded)
-        parts["failure"] = _phase(exc.failure)
-    return parts
+        for name, value in exc.recorded.items():
+            setattr(parts, name, value)
+        return parts, _phase(exc.failure)
+    return parts, None
 
 
 def _phase(failure: Failure) -> Failure:

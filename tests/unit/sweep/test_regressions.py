@@ -78,13 +78,15 @@ def test_a_two_release_quantized_sweep_end_to_end_with_doubles(tmp_path, monkeyp
     monkeypatch.setattr(runner.twins, "quantize", lambda base, q, tps: quantized.append((base.path, q, tps)) or
                         twins.Twin(model_type=base.model_type, quant=q, path="/q", note="the DSA indexer's wk in FP8"))
 
-    def load_check(cell, opts, python, twin, worlds):
+    def load_check(cell, opts, python, twin, worlds, parts):
         assert twin.path == "/q"
         if cell.release == "cpu-0.20.2":
             f = Failure.of("exception", KEYERROR)
-            return {"failure": f, "load": LoadResult(ok=False, error=f)}
-        return {"load_check": LoadCheckResult(ok=True, seconds=0.1, ranks=[RankResult(rank=0, ok=True, parameters=3)]),
-                "load": LoadResult(ok=True, seconds=0.1)}
+            parts.load = LoadResult(ok=False, error=f)
+            return f
+        parts.load_check = LoadCheckResult(ok=True, seconds=0.1, ranks=[RankResult(rank=0, ok=True, parameters=3)])
+        parts.load = LoadResult(ok=True, seconds=0.1)
+        return None
 
     monkeypatch.setattr(runner, "_load_check", load_check)
     from servematrix.cli import main

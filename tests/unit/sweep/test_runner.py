@@ -10,6 +10,7 @@ import pytest
 from servematrix.cli import main
 from servematrix.record import (Failure, LoadCheckResult, LoadResult, PromptResult, RankResult, RunSummary,
                                 SmokeResult)
+from servematrix.run.pipeline import Parts
 from servematrix.sweep import cells, runner, twins
 
 REGISTRY = {"LlamaForCausalLM": {"kind": "text"}, "Qwen3MoeForCausalLM": {"kind": "text"},
@@ -27,18 +28,29 @@ def doubles(monkeypatch, tmp_path):
             return twins.Twin(model_type=model_type, reason="mirror: no attention heads to plan")
         return twins.Twin(model_type=model_type, path=str(tmp_path / model_type), server_args=["--dtype", "float32"])
 
-    def load_check(cell, opts, python, twin, worlds):
+    def load_check(cell, opts, python, twin, worlds, parts):
         checked.append(cell.id)
         if cell.id == "qwen3_moe/pp2-none":
-            f = Failure.of("exception", "KeyError: 'layers.1.mlp.experts.w2_weight'")
-            return {"failure": f, "load": LoadResult(ok=False, error=f)}
-        result = LoadCheckResult(ok=True, seconds=0.1, ranks=[RankResult(rank=0, ok=True, parameters=3)])
-        return {"load_check": result, "load": LoadResult(ok=True, seconds=0.1)}
+            return failed(parts, "KeyError: 'layers.1.mlp.experts.w2_weight'")
+        return passed(parts)
 
     monkeypatch.setattr(runner.registry, "probe", lambda python, env=None: REGISTRY)
     monkeypatch.setattr(runner.twins, "build", build)
     monkeypatch.setattr(runner, "_load_check", load_check)
     return checked
+
+
+def passed(parts):
+    """A load check that passed, into the pipeline's Parts as the real phase fills them."""
+    parts.load_check = LoadCheckResult(ok=True, seconds=0.1, ranks=[RankResult(rank=0, ok=True, parameters=3)])
+    parts.load = LoadResult(ok=True, seconds=0.1)
+    return None
+
+
+def failed(parts, signature, phase="load"):
+    f = Failure.of("exception", signature, phase)
+    parts.load = LoadResult(ok=False, error=f)
+    return f
 
 
 def options(tmp_path, **kw):
@@ -104,11 +116,10 @@ def test_the_summary_is_json_with_the_cells_axes(tmp_path, doubles):
 
 def test_a_construction_stopped_by_a_gpu_only_library_is_not_checkable_any_other_exception_fails(
         tmp_path, doubles, monkeypatch):
-    def load_check(cell, opts, python, twin, worlds):
+    def load_check(cell, opts, python, twin, worlds, parts):
         sig = "ModuleNotFoundError: No module named 'cutlass'" if cell.tp == 1 and cell.pp == 1 else \
             "ModuleNotFoundError: No module named 'cutlass_helpers'"
-        f = Failure.of("exception", sig)
-        return {"failure": f, "load": LoadResult(ok=False, error=f)}
+        return failed(parts, sig)
 
     monkeypatch.setattr(runner, "_load_check", load_check)
     by_id = {r.id: r for r in runner.run(options(tmp_path, k="llama/*")).scenarios}
@@ -135,12 +146,11 @@ def test_two_releases_have_their_own_cells_coverage_rows_and_worker_key(tmp_path
 
 def test_no_cpu_kernel_for_a_quantized_layout_is_not_checkable_a_shard_smaller_than_a_block_fails(
         tmp_path, doubles, monkeypatch):
-    def load_check(cell, opts, python, twin, worlds):
-        f = Failure.of("exception", "ValueError: Failed to find a kernel that can implement the ScaledMM linear "
-                                    "layer. Reasons:" if cell.layout.name == "pp2" else
-                                    "ValueError: Weight input_size_per_partition = 64 is not divisible by weight "
-                                    "quantization block_k = 128.")
-        return {"failure": f, "load": LoadResult(ok=False, error=f)}
+    def load_check(cell, opts, python, twin, worlds, parts):
+        return failed(parts, "ValueError: Failed to find a kernel that can implement the ScaledMM linear "
+                             "layer. Reasons:" if cell.layout.name == "pp2" else
+                             "ValueError: Weight input_size_per_partition = 64 is not divisible by weight "
+                             "quantization block_k = 128.")
 
     monkeypatch.setattr(runner, "_load_check", load_check)
     monkeypatch.setattr(runner.twins, "quantize", lambda base, q, tps: base.model_copy(update={"quant": q}))
@@ -158,11 +168,12 @@ def served(doubles, monkeypatch):
 
     def serve_double(cell, opts, python, twin):
         calls.append(cell.id)
+        parts = Parts(model="sweep-twin")
         if cell.pp == 2:
-            f = Failure.of("exception", "RuntimeError: shape '[1, 4, 64]' is invalid", "serve")
-            return {"failure": f, "load": LoadResult(ok=False, error=f)}
+            return parts, failed(parts, "RuntimeError: shape '[1, 4, 64]' is invalid", "serve")
         prompt = PromptResult(name="completion", endpoint="completions", ok=True, text=" 72")
-        return {"smoke": SmokeResult(ok=True, prompts=[prompt]), "load": LoadResult(ok=True, seconds=20.0)}
+        parts.smoke, parts.load = SmokeResult(ok=True, prompts=[prompt]), LoadResult(ok=True, seconds=20.0)
+        return parts, None
 
     monkeypatch.setattr(runner, "_serve", serve_double)
     return calls
@@ -198,33 +209,71 @@ def test_a_cell_the_data_says_cannot_be_served_stops_at_its_load_check_with_the_
 
 def test_a_server_stopped_by_a_gpu_only_library_leaves_the_load_checks_pass(tmp_path, doubles, monkeypatch):
     f = Failure.of("exception", "ModuleNotFoundError: No module named 'flash_attn'", "serve")
-    monkeypatch.setattr(runner, "_serve", lambda cell, opts, python, twin: {"failure": f,
-                                                                          "load": LoadResult(ok=False, error=f)})
+    monkeypatch.setattr(runner, "_serve", lambda cell, opts, python, twin: (Parts(model="m", load=LoadResult(
+        ok=False, error=f)), f))
     (r, _) = runner.run(options(tmp_path, k="llama/*", depth="serve")).scenarios
     assert r.verdict == "pass" and r.failure is None and "depth: load (the server needs a GPU-only library" in r.note
 
 
-def test_report_rewrites_take_at_most_their_share_of_the_sweeps_time(monkeypatch):
-    """A rewrite that costs 1 s is not repeated within the next 1 / REWRITE_SHARE s; a cheap one
-    is repeated after every cell."""
-    clock = {"t": 0.0}
-    writes = []
+def test_each_cell_is_on_disk_the_moment_it_ends_and_latest_points_at_the_sweep(tmp_path, doubles, monkeypatch):
+    """run's lifecycle: the cell's record.json is written before the next cell starts."""
+    from servematrix.run import records
 
-    def write(summary, coverage):
-        writes.append(clock["t"])
-        clock["t"] += cost["s"]  # the rewrite itself takes this long
+    seen = []
+    real = runner._load_check
 
-    cost = {"s": 1.0}
-    monkeypatch.setattr(runner.time, "monotonic", lambda: clock["t"])
-    monkeypatch.setattr(runner, "write_reports", write)
-    rewrite = runner._Rewriter()
-    for _ in range(12):  # a cell every second
-        rewrite.maybe(None, {})
-        clock["t"] += 1.0
-    assert writes == [0.0, 6.0, 12.0]  # each 1-s rewrite followed by >= 1 / REWRITE_SHARE s of cells
-    cost["s"], writes[:] = 0.0, []
-    rewrite = runner._Rewriter()
-    for _ in range(5):
-        rewrite.maybe(None, {})
-        clock["t"] += 1.0
-    assert len(writes) == 5
+    def load_check(cell, opts, python, twin, worlds, parts):
+        seen.append([r.id for r in records.recover(opts.out)])
+        return real(cell, opts, python, twin, worlds, parts)
+
+    monkeypatch.setattr(runner, "_load_check", load_check)
+    runner.run(options(tmp_path, k="llama/*"))
+    assert seen == [[], ["llama/tp1-none"]]
+    assert (tmp_path / "latest").resolve() == (tmp_path / "run").resolve()
+
+
+def test_an_interrupted_sweep_closes_its_workers_keeps_what_ended_and_exits_2(tmp_path, doubles, monkeypatch):
+    closed = []
+
+    class Pool:
+        def close_others(self, keep):
+            pass
+
+        def close(self):
+            closed.append(True)
+
+    def load_check(cell, opts, python, twin, worlds, parts):
+        if cell.pp == 2:
+            raise KeyboardInterrupt("signal 15")
+        return passed(parts)
+
+    monkeypatch.setattr(runner, "_load_check", load_check)
+    monkeypatch.setattr(runner, "_worlds", lambda opts: Pool())
+    summary = runner.run(options(tmp_path, k="llama/*"))
+    assert summary.status == "interrupted" and summary.exit_code == 2 and closed == [True]
+    assert [r.id for r in summary.scenarios] == ["llama/tp1-none"]
+    on_disk = RunSummary.model_validate_json((tmp_path / "run" / "summary.json").read_text())
+    assert on_disk.status == "interrupted" and on_disk.counts == {"pass": 1}
+
+
+def test_a_cell_that_met_an_infrastructure_failure_is_retried_as_a_matrix_entry_is(tmp_path, doubles, monkeypatch):
+    """The pipeline's retry rule (run/pipeline.py with_retries): an OOM-killed check runs again once;
+    a check that failed on its own (a KeyError) is not retried."""
+    calls = []
+
+    def load_check(cell, opts, python, twin, worlds, parts):
+        calls.append(cell.id)
+        if cell.id == "llama/tp1-none" and calls.count(cell.id) == 1:
+            f = Failure.of("oom", "killed by SIGKILL (OOM killer or operator)")
+            parts.load = LoadResult(ok=False, error=f)
+            return f
+        return failed(parts, "KeyError: 'x'") if cell.pp == 2 else passed(parts)
+
+    monkeypatch.setattr(runner, "_load_check", load_check)
+    by_id = {r.id: r for r in runner.run(options(tmp_path, k="llama/*")).scenarios}
+    assert calls == ["llama/tp1-none", "llama/tp1-none", "llama/pp2-none"]
+    assert by_id["llama/tp1-none"].verdict == "pass" and by_id["llama/tp1-none"].attempts == 2
+    assert by_id["llama/pp2-none"].verdict == "fail" and by_id["llama/pp2-none"].attempts == 1
+    calls.clear()
+    by_id = {r.id: r for r in runner.run(options(tmp_path / "none", k="llama/tp1*", retries=0)).scenarios}
+    assert calls == ["llama/tp1-none"] and by_id["llama/tp1-none"].verdict == "error"

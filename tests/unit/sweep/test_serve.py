@@ -1,4 +1,4 @@
-"""The serve step's own contract, with a scripted server double (serve/server.py's Server lifecycle
+"""The serve step's own contract (the pipeline's serve phase on the twin's command line), with a scripted server double (serve/server.py's Server lifecycle
 hooks) and run_smoke scripted: the load check's command line plus a port and one model name, one
 greedy completion, and a server that does not start or dies under the request failing that cell with
 the server's signature at phase `serve`. Which cells are served is the data file's and the twin's."""
@@ -55,25 +55,25 @@ def smoke(ok=True, error=None):
 def test_a_served_cell_runs_the_load_checks_command_on_a_port_and_sends_one_greedy_completion(
         load_spec, tmp_path, monkeypatch):
     sent = []
-    monkeypatch.setattr("servematrix.check.smoke.run_smoke", lambda url, model, spec: sent.append((url, model, spec))
+    monkeypatch.setattr("servematrix.run.pipeline.run_smoke", lambda url, model, spec: sent.append((url, model, spec))
                         or smoke())
     ScriptedServer.started = []
-    parts = serve.serve(load_spec, tmp_path / "serve.log", 300, make_server=ScriptedServer)
+    parts, failure = serve.serve(load_spec, tmp_path / "serve.log", 300, make_server=ScriptedServer)
     (spec,) = ScriptedServer.started
     assert spec.argv[:6] == load_spec.argv[:6] and spec.env == load_spec.env and spec.log_path.name == "serve.log"
     assert spec.argv[-6:] == ["--host", "127.0.0.1", "--port", str(spec.port), "--served-model-name", "sweep-twin"]
     ((url, model, smoke_spec),) = sent
     assert url == spec.base_url and model == "sweep-twin" and len(smoke_spec.prompts) == 1
     assert not smoke_spec.parity.enabled and smoke_spec.prompts[0].expect.min_tokens == 1
-    assert "failure" not in parts and parts["smoke"].ok and parts["load"].ok and parts["load"].seconds == 2.5
+    assert failure is None and parts.smoke.ok and parts.load.ok and parts.load.seconds == 2.5
 
 
 def test_a_server_that_does_not_start_fails_the_cell_with_its_signature_at_phase_serve(load_spec, tmp_path):
     crash = Failure.of("exception", "RuntimeError: CPU attention does not support sliding window")
-    parts = serve.serve(load_spec, tmp_path / "serve.log", 300,
-                        make_server=lambda spec: ScriptedServer(spec, start_failure=crash))
-    assert parts["failure"].signature == crash.signature and parts["failure"].phase == "serve"
-    assert parts["load"].ok is False and "smoke" not in parts
+    parts, failure = serve.serve(load_spec, tmp_path / "serve.log", 300,
+                                 make_server=lambda spec: ScriptedServer(spec, start_failure=crash))
+    assert failure.signature == crash.signature and failure.phase == "serve"
+    assert parts.load.ok is False and parts.smoke is None
 
 
 def test_a_server_that_dies_under_the_request_fails_with_the_servers_own_signature(load_spec, tmp_path, monkeypatch):
@@ -88,15 +88,15 @@ def test_a_server_that_dies_under_the_request_fails_with_the_servers_own_signatu
         server = ScriptedServer(spec, dies=True)
         return server
 
-    monkeypatch.setattr("servematrix.check.smoke.run_smoke", dying)
-    parts = serve.serve(load_spec, tmp_path / "serve.log", 300, make_server=make)
-    assert parts["failure"].phase == "serve" and parts["failure"].signature.startswith("RuntimeError: shape")
+    monkeypatch.setattr("servematrix.run.pipeline.run_smoke", dying)
+    _, failure = serve.serve(load_spec, tmp_path / "serve.log", 300, make_server=make)
+    assert failure.phase == "serve" and failure.signature.startswith("RuntimeError: shape")
 
 
 def test_an_empty_completion_from_a_live_server_is_a_check_failure(load_spec, tmp_path, monkeypatch):
-    monkeypatch.setattr("servematrix.check.smoke.run_smoke", lambda url, model, spec: smoke(ok=False))
-    parts = serve.serve(load_spec, tmp_path / "serve.log", 300, make_server=ScriptedServer)
-    assert parts["failure"].kind == "check" and parts["failure"].signature == "empty completion"
+    monkeypatch.setattr("servematrix.run.pipeline.run_smoke", lambda url, model, spec: smoke(ok=False))
+    parts, failure = serve.serve(load_spec, tmp_path / "serve.log", 300, make_server=ScriptedServer)
+    assert failure.kind == "check" and failure.signature == "empty completion" and parts.smoke.ok is False
 
 
 def test_which_cells_are_served_is_data_the_twins_load_only_reason_first():

@@ -1,13 +1,15 @@
 """`--backend ray`'s orchestration with Ray scripted (an actor handle whose calls run the real actor
 body in this process) and the persistent World scripted: one actor per release fed check after
 check, a worker that cannot start is WorkerDied at the driver as it is locally, a lost actor is that
-check's failure and the next check starts a new one, and the runner picks the backend's world."""
+check's failure and the next check starts a new one, and the sweep's pool (serve/world.py's Worlds,
+the pipeline's) holds Ray actors only for the Ray backend."""
 
 from pathlib import Path
 
 import pytest
 
-from servematrix.sweep import cells, ray_worlds, runner
+from servematrix.run import ray_tasks as ray_worlds
+from servematrix.sweep import cells, runner
 from servematrix.serve.world import WorkerDied
 
 
@@ -90,14 +92,29 @@ def test_a_lost_actor_is_that_checks_failure_and_the_next_check_starts_a_new_act
     assert world.starts == 2 and state["actors"][-1].endswith("actor-2")
 
 
-def test_the_runner_makes_ray_worlds_only_for_the_ray_backend(monkeypatch, tmp_path):
+def test_the_sweeps_pool_makes_ray_worlds_only_for_the_ray_backend(monkeypatch, tmp_path):
     made = []
     monkeypatch.setattr(ray_worlds, "RayWorld", lambda python, env, d, address: made.append((d, address)) or "ray")
     opts = runner.SweepOptions(releases=["current"], layouts=cells.layouts("tp1"), quants=["none"], out=tmp_path,
                                backend="ray", ray_address="10.0.0.1:6379")
-    assert runner._world(opts, "/py", {}, tmp_path / "w") == "ray" and made == [(tmp_path / "w", "10.0.0.1:6379")]
-    local = runner._world(opts.model_copy(update={"backend": "local"}), "/py", {}, tmp_path / "w")
+    pool = runner._worlds(opts)
+    assert pool.make("/py", {}, tmp_path / "w") == "ray" and made == [(tmp_path / "w", "10.0.0.1:6379")]
+    assert pool.directory == tmp_path / ".workers"
+    local = runner._worlds(opts.model_copy(update={"backend": "local"})).make("/py", {}, tmp_path / "w")
     assert type(local).__name__ == "World" and local.proc is None  # nothing started until its first check
+
+
+def test_a_finished_releases_world_is_closed_before_the_next_releases_checks(tmp_path):
+    from servematrix.serve.world import Worlds
+
+    pool = Worlds(tmp_path, make=lambda python, env, d: ScriptedWorld(python, env, d))
+    ScriptedWorld.made = []
+    for release in ("cpu-0.20.2", "current"):
+        pool._worlds[release] = (pool.make("/py", {}, tmp_path / release), None)
+    pool.close_others("current")
+    assert [w.closed for w in ScriptedWorld.made] == [True, False] and list(pool._worlds) == ["current"]
+    pool.close()
+    assert ScriptedWorld.made[1].closed and not pool._worlds
 
 
 def test_isolated_and_ray_together_or_an_address_without_ray_is_one_argument_error(tmp_path, capsys):
