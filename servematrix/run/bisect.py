@@ -22,7 +22,8 @@ from servematrix.config.matrix import Entry, Matrix
 from servematrix.config.matrix_spec import entry_id
 from servematrix.record import ScenarioRecord
 from servematrix.run import rundir
-from servematrix.serve import envs, releases
+from servematrix.config import releases
+from servematrix.serve import envs
 from servematrix.versions import version_key  # noqa: F401 - the one release order, importable from here as before
 
 Outcome = Literal["good", "bad", "other"]
@@ -117,30 +118,55 @@ def search(releases: list[str], probe) -> tuple[list[Probe], tuple[Probe, Probe]
     return list(done.values()), (done[alive[lo]], done[alive[hi]])
 
 
-def bisect(matrix: Matrix, entry, low: str, high: str, out: Path, signature: str | None,
-           python: str | None = None, overwrite: bool = False) -> BisectResult:
-    from servematrix.run.options import RunOptions
-    from servematrix.run.session import Session
+def probe_of(release: str, rec: ScenarioRecord, run_dir: Path, signature: str | None) -> Probe:
+    """A probe from the record a release's run gave: a record that was not run there (skipped: not
+    checkable, no slot) cannot be judged, like an infrastructure error; the rest by `classify`."""
+    if rec.verdict == "skipped":
+        return Probe(release=release, outcome="other", verdict=rec.verdict, signature=rec.note,
+                     vllm_version=rec.vllm_version)
+    log = run_dir / rec.id / "server.log"
+    return Probe(release=release, outcome=classify(rec, signature), verdict=rec.verdict,
+                 signature=rec.failure.signature if rec.failure else None,
+                 log=str(log) if log.exists() else None, vllm_version=rec.vllm_version)
 
+
+def run_bisect(name: str, low: str, high: str, out: Path, signature: str | None, run_one,
+               python: str | None = None, overwrite: bool = False) -> BisectResult:
+    """The one bisect, for a matrix entry and a sweep cell alike: every run directory checked
+    first, then the search, each probe one run of the release (`run_one(release_name, run_dir) ->
+    the record`, where release_name is `current` for the vLLM this interpreter runs), judged by
+    `probe_of`."""
     check_out(out, overwrite)
     releases = candidates(low, high)
     for release in releases:
         rundir.check(out / release, overwrite)
     current = (envs.probe(python or sys.executable).get("vllm") or "").split("+")[0]
-    signature = signature or (entry.expectation.signature if entry.expectation.expect == "xfail" else None)
 
     def probe(release: str) -> Probe:
-        e = retarget(entry, run_as(release, current))
-        opts = RunOptions.of((out / release).resolve(), python=python, gsm8k=False, retries=0, overwrite=overwrite)
-        summary = Session(matrix, [e], opts).run()
-        (rec,) = summary.scenarios
-        log = out / release / e.id / "server.log"
-        return Probe(release=release, outcome=classify(rec, signature), verdict=rec.verdict,
-                     signature=rec.failure.signature if rec.failure else None,
-                     log=str(log) if log.exists() else None, vllm_version=rec.vllm_version)
+        run_dir = (out / release).resolve()
+        # resolved (and its environment built by the run) only when the search reaches it
+        return probe_of(release, run_one(run_as(release, current), run_dir), out / release, signature)
 
     probes, pair = search(releases, probe)
     change = "none"
     if pair is not None:
         change = "regression" if pair[0].outcome == "good" else "fix"
-    return BisectResult(scenario=entry.id, releases=releases, probes=probes, pair=pair, change=change)
+    return BisectResult(scenario=name, releases=releases, probes=probes, pair=pair, change=change)
+
+
+def bisect(matrix: Matrix, entry, low: str, high: str, out: Path, signature: str | None,
+           python: str | None = None, overwrite: bool = False) -> BisectResult:
+    """A matrix entry: each probe a one-entry Session run of the same entry on the release."""
+    from servematrix.run.options import RunOptions
+    from servematrix.run.session import Session
+
+    signature = signature or (entry.expectation.signature if entry is not None and entry.expectation.expect == "xfail"
+                              else None)
+
+    def run_one(release: str, run_dir: Path) -> ScenarioRecord:
+        e = retarget(entry, release)
+        opts = RunOptions.of(run_dir, python=python, gsm8k=False, retries=0, overwrite=overwrite)
+        (rec,) = Session(matrix, [e], opts).run().scenarios
+        return rec
+
+    return run_bisect(entry.id if entry is not None else "", low, high, out, signature, run_one, python, overwrite)

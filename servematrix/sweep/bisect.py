@@ -1,6 +1,6 @@
 """`servematrix bisect CELL --between LOW HIGH` for a sweep cell id (`glm_moe_dsa/pp2-fp8-block`):
-run/bisect.py's search, each probe a one-cell sweep of that release (its own run directory under
-the bisect's, the same twin and load check the sweep runs), judged by run/bisect.py's classify.
+run/bisect.py's bisect (the one a matrix entry takes), each probe a one-cell sweep of that release
+(its own run directory under the bisect's, the same twin and load check the sweep runs).
 
 A sweep cell id is told from a matrix entry id by its form: `<key>/<layout>-<quant>[-<release>]`
 with a layout of tp<T>, pp<P> or tp<T>pp<P> and a quant the sweep knows; an entry id is always
@@ -10,7 +10,6 @@ with a layout of tp<T>, pp<P> or tp<T>pp<P> and a quant the sweep knows; an entr
 from __future__ import annotations
 
 import re
-import sys
 from pathlib import Path
 
 from pydantic import BaseModel
@@ -54,33 +53,16 @@ def parse(cell_id: str) -> CellId | None:
 
 def bisect_cell(cell: CellId, low: str, high: str, out: Path, signature: str | None, overwrite: bool = False,
                 timeout: float = 300.0, sweep=None) -> rb.BisectResult:
-    from servematrix.run import rundir
+    """run/bisect.py's bisect (`run_bisect`), each probe a one-cell sweep of the release."""
     from servematrix.sweep.runner import SweepOptions, run
 
     sweep = sweep or run
-    rb.check_out(out, overwrite)
-    releases = rb.candidates(low, high)
-    for release in releases:
-        rundir.check(out / release, overwrite)
-    current = (envs.probe(sys.executable).get("vllm") or "").split("+")[0]
 
-    def probe(release: str) -> rb.Probe:
-        name = rb.run_as(release, current)  # resolved (and its environment built by the sweep) only when reached
-        cell_id = cell.on(name)
+    def run_one(release: str, run_dir: Path):
+        cell_id = cell.on(release)
         # `-k` takes a substring (llama/… is in codellama/…): a glob of the id's own first letter is exact
-        opts = SweepOptions(releases=[name], layouts=[cell.layout], quants=[cell.quant],
-                            k=f"[{cell_id[0]}]{cell_id[1:]}",
-                            out=(out / release).resolve(), overwrite=overwrite, timeout=timeout)
-        summary = sweep(opts)
-        rec = next(r for r in summary.scenarios if r.id == cell_id)
-        if rec.verdict == "skipped":  # not checkable there (no twin, not registered): no verdict on vLLM
-            return rb.Probe(release=release, outcome="other", verdict=rec.verdict, signature=rec.note,
-                            vllm_version=rec.vllm_version)
-        log = out / release / cell_id / "server.log"
-        return rb.Probe(release=release, outcome=rb.classify(rec, signature), verdict=rec.verdict,
-                        signature=rec.failure.signature if rec.failure else None,
-                        log=str(log) if log.exists() else None, vllm_version=rec.vllm_version)
+        opts = SweepOptions(releases=[release], layouts=[cell.layout], quants=[cell.quant],
+                            k=f"[{cell_id[0]}]{cell_id[1:]}", out=run_dir, overwrite=overwrite, timeout=timeout)
+        return next(r for r in sweep(opts).scenarios if r.id == cell_id)
 
-    probes, pair = rb.search(releases, probe)
-    change = "none" if pair is None else ("regression" if pair[0].outcome == "good" else "fix")
-    return rb.BisectResult(scenario=cell.on(envs.CURRENT), releases=releases, probes=probes, pair=pair, change=change)
+    return rb.run_bisect(cell.on(envs.CURRENT), low, high, out, signature, run_one, overwrite=overwrite)

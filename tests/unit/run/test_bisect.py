@@ -59,3 +59,21 @@ def test_every_run_directory_the_search_may_reach_is_checked_before_any_probe(tm
     with pytest.raises(StateError, match="cpu-0.21.0: already holds a run"):
         bisect(None, None, "0.20.2", "0.21.0", tmp_path, None)
     assert probed == []
+
+
+def test_one_probe_rule_for_entries_and_cells_a_record_not_run_there_cannot_be_judged(tmp_path):
+    from servematrix.record import Expected, Failure, ScenarioRecord
+    from servematrix.run.bisect import probe_of
+
+    def rec(verdict, failure=None, note=None):
+        return ScenarioRecord(id="s/tp1-pp1-bf16", scenario="s", model="m", tp=1, pp=1, quant="bf16", vllm="current",
+                              device="cpu", expect=Expected(), started_at="t", seconds=1.0, verdict=verdict,
+                              failure=failure, note=note)
+
+    skipped = probe_of("cpu-0.20.2", rec("skipped", note="needs 2 GPUs; this host has 0"), tmp_path, None)
+    assert skipped.outcome == "other" and skipped.signature == "needs 2 GPUs; this host has 0"
+    assert probe_of("cpu-0.20.2", rec("pass"), tmp_path, None).outcome == "good"
+    bad = probe_of("cpu-0.20.2", rec("fail", Failure.of("exception", "KeyError: 'w'")), tmp_path, "KeyError")
+    assert bad.outcome == "bad" and bad.signature == "KeyError: 'w'" and bad.log is None
+    other = probe_of("cpu-0.20.2", rec("fail", Failure.of("exception", "ValueError: x")), tmp_path, "KeyError")
+    assert other.outcome == "other"
