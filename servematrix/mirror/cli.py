@@ -15,13 +15,21 @@ import yaml
 
 from servematrix.errors import ArgumentError, StateError, UserError
 from servematrix.mirror.diff import diff
-from servematrix.mirror.layout import SourceLayout, rules
+from servematrix.mirror.layout import SourceLayout, field_value, rules
 from servematrix.mirror.plan import plan_twin
 from servematrix.mirror.plan_models import Plan
 from servematrix.mirror.source import check_twin_target, read_local, read_source
 from servematrix.mirror.twin import build_twin
 
 __all__ = ["cli_diff", "cli_mirror", "describe", "render_plan", "scenario_dict", "scenario_yaml"]
+
+
+def max_model_len(plan: Plan, layout: SourceLayout) -> int:
+    """The scenario's --max-model-len: the target, or the twin's absolute position table where that
+    is shorter (GPT-2's n_positions 1024: vLLM refuses a longer max_model_len than the model derives)."""
+    _, positions = field_value({**layout.config, **plan.spec.config}, "positions")
+    target = rules()["targets"]["max_model_len"]
+    return min(target, positions) if isinstance(positions, int) and positions > 0 else target
 
 
 def scenario_dict(plan: Plan, name: str, layout: SourceLayout) -> dict:
@@ -37,7 +45,7 @@ def scenario_dict(plan: Plan, name: str, layout: SourceLayout) -> dict:
     quant_name = "-".join(s.replace("_", "-") for s in schemes) or {"float32": "fp32", "bfloat16": "bf16",
                                                                   "float16": "fp16"}[serve_dtype]
     server_args = (["--trust-remote-code"] if plan.spec.remote_code else []) + [
-        "--enforce-eager", "--max-model-len", str(rules()["targets"]["max_model_len"]), "--max-num-seqs", "8"]
+        "--enforce-eager", "--max-model-len", str(max_model_len(plan, layout)), "--max-num-seqs", "8"]
     prompts = [{"name": "completion", "prompt": "Question: Natalia sold clips to 48 of her friends in April. How "
                 "many clips did she sell?\nAnswer:", "max_tokens": 16, "expect": {"min_tokens": 1}}]
     if plan.spec.tokenizer.chat_template:

@@ -217,7 +217,7 @@ def _first_weights_group(qc: dict) -> dict:
 
 
 def detect_structure(config: dict, tensors: dict[str, TensorMeta]) -> Structure:
-    num_layers = int(config.get("num_hidden_layers") or 0)
+    num_layers = int(field_value(config, "layers")[1] or 0)
     stems: dict[str, int] = {}
     layer_ids: set[int] = set()
     indexer: set[str] = set()

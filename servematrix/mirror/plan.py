@@ -62,7 +62,9 @@ def plan_twin(layout: SourceLayout, max_pp: int, tp_values: list[int], kv_policy
     config, device_notes = cpu_overrides(model_type, config)
     dtype = _dominant_dtype(layout, groups)
     vocab = rules()["targets"]["vocab_size"]
-    ids = {"bos_token_id": None, "eos_token_id": None, "pad_token_id": None}  # the forge sets its tokenizer's
+    # the forge sets its tokenizer's ids; here any ids inside the twin's vocab (they shape no tensor), as
+    # ints: a strict configuration class refuses None (CwmConfig: "Field 'bos_token_id' expected int")
+    ids = {"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0}
     try:
         base = meta_layout(class_type, {**config, **ids, "vocab_size": vocab, "architectures": [arch]}, TORCH_DTYPE[dtype])
     except Exception as exc:  # noqa: BLE001 - the shrunk config is refused by the class: say which, no traceback

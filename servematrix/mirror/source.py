@@ -137,15 +137,18 @@ def read_config_only(config_path: Path, index: Path | None, source: str | None =
 
 
 def config_layout(config: dict[str, Any], source: str, where: Path | str | None = None,
-                  tokenizer: TokenizerInfo | None = None) -> SourceLayout:
+                  tokenizer: TokenizerInfo | None = None, drop: tuple[str, ...] = ()) -> SourceLayout:
     """The SourceLayout of a checkpoint known by its config.json alone (a dict, typed here as
     config.json is): the tensors transformers' class for its model_type writes at the config's
     full size on the meta device — the path a model_type:NAME source takes, with the config's
-    values instead of the class's defaults. `where` names the config in every refusal."""
+    values instead of the class's defaults. `where` names the config in every refusal. `drop`:
+    config fields left out (the sweep's unquantized twins of a published config drop
+    `quantization_config`: a config alone has no quantized tensors). The CLI's config.json source
+    and the sweep's published-config corpus (sweep/corpus.py) both come through here."""
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
     where = where or source
-    config = validate_config(config, where)
+    config = validate_config({k: v for k, v in config.items() if k not in drop}, where)
     require_roles(where, config)
     model_type = config["model_type"]
     if model_type not in CONFIG_MAPPING:
@@ -166,11 +169,24 @@ def class_layout(model_type: str, config: dict[str, Any], arch: str, dtype: str,
     device): a model_type:NAME source's (the class's defaults) and a config-only source's."""
     build = {k: v for k, v in config.items() if k not in ("architectures", "model_type", "auto_map",
                                                           "quantization_config", "torch_dtype", "dtype")}
+    # the class's own defaults are left to it: a strict configuration class refuses some keys its
+    # own to_dict() writes (DBRX: `Found unknown kwargs={'_name_or_path': '', 'output_attentions': False}`)
+    defaults = _class_defaults(model_type)
+    build = {k: v for k, v in build.items() if k not in defaults or defaults[k] != v}
     try:
         return meta_layout(model_type, {**build, "architectures": [arch]}, dtype)
     except Exception as exc:  # noqa: BLE001 - the class refuses the values: the user's to know, in one line
         raise ConfigError(where, None, None, f"transformers' {arch} cannot be built on the meta device from "
                                              f"{what}: {type(exc).__name__}: {_one(exc)}") from None
+
+
+def _class_defaults(model_type: str) -> dict[str, Any]:
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.for_model(model_type).to_dict()
+    except Exception:  # noqa: BLE001 - a class without usable defaults: every given key is passed
+        return {}
 
 
 def _bounded_build(config: dict[str, Any], path: Path | str) -> None:

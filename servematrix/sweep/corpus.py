@@ -5,11 +5,9 @@ drop or never had some that vLLM reads: afmoe score_func, glm4_moe head_dim, dee
 num_hash_layers, ...), and falls back to the class's defaults only where no published config is known.
 
 A config.json alone has no tensor headers: the source layout is the one transformers' class writes
-for that config, built on the meta device (mirror.source.meta_layout), exactly as a `model_type:`
-source is built from the class's defaults. This module builds it through the mirror's public
-functions (meta_layout, assemble); mirror/source.py has since gained config_layout, the CLI's
-config.json-only path, which also refuses configs without the roles it reads by name (falcon-mamba's
-heads): moving the corpus onto it is left until that refusal and the planner agree.
+for that config, built on the meta device, exactly as a `model_type:` source is built from the
+class's defaults: the mirror's config-only path (mirror.source.config_layout, the CLI's config.json
+source), which this module calls (`layout`).
 """
 
 from __future__ import annotations
@@ -72,26 +70,16 @@ def published(model_type: str) -> PublishedConfig | None:
     return next((e for e in entries() if e.model_type == model_type), None)
 
 
-def layout_from_config(config: dict[str, Any], source: str, drop: tuple[str, ...] = ()):
-    """The SourceLayout of a checkpoint whose config.json is `config` (its tensors: what transformers'
-    class writes for it, full size, on the meta device). `drop`: config fields left out (the sweep's
-    unquantized cells drop `quantization_config`: a config-only source has no quantized tensors)."""
-    from servematrix.mirror.layout import assemble
-    from servematrix.mirror.source import causal_lm_class, meta_layout
+def layout(entry: PublishedConfig):
+    """The SourceLayout of `entry`'s checkpoint, unquantized (the mirror's config-only path,
+    mirror.source.config_layout: a config alone has no quantized tensors, so its
+    `quantization_config` is dropped). A published checkpoint ships a chat template (its
+    tokenizer files are not in the corpus): the twin gets the forge's, as a model_type twin does."""
+    from servematrix.mirror.layout import TokenizerInfo
+    from servematrix.mirror.source import config_layout
 
-    config = {k: v for k, v in config.items() if k not in drop}
-    model_type = config["model_type"]
-    arch = (config.get("architectures") or [causal_lm_class(model_type)])[0]
-    config = {**config, "architectures": [arch]}
-    dtype = str(config.get("dtype") or config.get("torch_dtype") or "bfloat16")
-    given = {k: v for k, v in config.items() if k not in ("architectures", "model_type", "auto_map",
-                                                            "quantization_config")}
-    try:
-        tensors = meta_layout(model_type, {**given, "architectures": [arch]}, dtype)
-    except Exception as exc:  # noqa: BLE001 - a class that cannot be built from the config is the caller's to know
-        raise ConfigError(source, None, None, f"transformers' {arch} cannot be built on the meta device from this "
-                                              f"config: {type(exc).__name__}: {' '.join(str(exc).split())[:300]}") from None
-    return assemble(source=source, kind="model_type", config=config, tensors=tensors)
+    return config_layout(entry.config(), f"config:{entry.hub}", where=data_file("configs") / entry.file,
+                         tokenizer=TokenizerInfo(chat_template=True), drop=("quantization_config",))
 
 
 def checkpoint_names(model_type: str, directory: Path) -> list[str]:

@@ -99,6 +99,28 @@ def probe(python: str, env: dict[str, str] | None = None) -> dict[str, dict]:
 def transformers_classes() -> tuple[dict[str, list[str]], dict[str, str], frozenset[str], str]:
     """From this transformers: class name -> the model_types whose auto maps list it, model_type
     -> its causal-LM class, the model_types with a configuration class, and the version."""
+    by_class, causal, configs, version = _auto_maps()
+    return by_class, causal, configs, version
+
+
+@lru_cache(maxsize=1)
+def composite_types() -> frozenset[str]:
+    """The model_types whose configuration class wraps a text sub-config (`text_config`): Llama 4's,
+    Qwen3.5's. Their causal-LM class is also their `*_text` model_type's, and the text one is what a
+    text-only checkpoint of that class carries."""
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    out = set()
+    for model_type in CONFIG_MAPPING.keys():
+        try:
+            if "text_config" in (getattr(CONFIG_MAPPING[model_type], "sub_configs", None) or {}):
+                out.add(model_type)
+        except Exception:  # noqa: BLE001 - a configuration module that does not import here is no composite we use
+            continue
+    return frozenset(out)
+
+
+def _auto_maps() -> tuple[dict[str, list[str]], dict[str, str], frozenset[str], str]:
     import transformers
     from transformers.models.auto import modeling_auto
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
@@ -131,8 +153,11 @@ def classify(arch: str, kind: str) -> Arch:
         other = ", ".join(f"{t}: {causal.get(t) or 'none'}" for t in types)
         return Arch(arch=arch, kind=kind, model_type=types[0],
                     reason=f"the mirror forges a model_type's causal-LM class, and that is another class here ({other})")
-    # GPT2LMHeadModel is gpt2's and gpt-sw3's: the model_type the class is named after first
-    exact.sort(key=lambda t: (not arch.lower().startswith(t.replace("_", "").replace("-", "")), t))
+    # a composite wrapper's causal-LM class is its text model_type's too (Llama4ForCausalLM: llama4 and
+    # llama4_text): the text one first. GPT2LMHeadModel is gpt2's and gpt-sw3's: then the model_type
+    # the class is named after
+    composite = composite_types() if len(exact) > 1 else frozenset()
+    exact.sort(key=lambda t: (t in composite, not arch.lower().startswith(t.replace("_", "").replace("-", "")), t))
     return Arch(arch=arch, kind=kind, model_type=exact[0], forgeable=True)
 
 

@@ -51,7 +51,7 @@ def build(model_type: str, directory: Path, max_pp: int, tps: list[int]) -> Twin
     try:
         if real is not None:
             # an unquantized twin: the published quantization_config names tensors a config alone does not give
-            layout = corpus.layout_from_config(real.config(), f"config:{real.hub}", drop=("quantization_config",))
+            layout = corpus.layout(real)
         else:
             layout = mirror.read_source(f"model_type:{model_type}")
         plan = mirror.plan_twin(layout, max_pp, tps)

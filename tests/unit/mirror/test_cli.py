@@ -55,3 +55,15 @@ def test_mirror_cli_writes_the_scenario_once_and_refuses_to_replace_it(tmp_path,
     assert len(err) == 1 and str(out) in err[0] and "--overwrite" in err[0]
     assert out.read_bytes() == written
     assert main(["mirror", "model_type:llama", "--out", str(out), "--tp", "0"]) == 2  # TP out of range
+
+
+def test_the_scenarios_max_model_len_is_the_twins_position_table_where_that_is_shorter():
+    # GPT-2 has an absolute position table of n_positions 1024 (GPT2Config's default, the published
+    # openai-community/gpt2's); vLLM refuses a --max-model-len above what the model derives
+    from servematrix.mirror.cli import max_model_len
+    from servematrix.mirror.layout import rules
+
+    gpt2 = read_source("model_type:gpt2")
+    assert max_model_len(plan_twin(gpt2, 2, [1, 2]), gpt2) == 1024
+    llama = read_source("model_type:llama")  # 2048 positions: the target stands
+    assert max_model_len(plan_twin(llama, 2, [1, 2]), llama) == rules()["targets"]["max_model_len"]

@@ -37,3 +37,12 @@ def test_the_cpu_router_takes_softmax_and_says_so_while_a_softmax_source_is_left
     assert len(notes) == 1 and "'sigmoid' -> 'softmax'" in notes[0] and "CPU MoE router" in notes[0]
     assert cpu_overrides("minimax_m2", {"scoring_func": "softmax"}) == ({"scoring_func": "softmax"}, [])
     assert cpu_overrides("deepseek_v3", {"scoring_func": "sigmoid"}) == ({"scoring_func": "sigmoid"}, [])
+
+
+def test_longcat_flash_gets_the_fields_every_published_config_carries_and_vllm_reads():
+    # vLLM's longcat_flash.py reads config.mla_scale_q_lora / mla_scale_kv_lora / zero_expert_type;
+    # transformers' LongcatFlashConfig has none, the published LongCat-Flash configs carry all three
+    from transformers import AutoConfig
+
+    filled = missing_fields("longcat_flash", AutoConfig.for_model("longcat_flash").to_dict())
+    assert filled == {"mla_scale_q_lora": True, "mla_scale_kv_lora": True, "zero_expert_type": "identity"}

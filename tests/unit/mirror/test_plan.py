@@ -149,3 +149,10 @@ def test_a_full_size_kv_scale_source_gives_a_twin_whose_scenario_forges_its_scal
     assert len(ignored) == 10 and {m.split(".")[2] for m in ignored} == {"0", "1"}
     assert plan.twin["model.layers.1.self_attn.k_proj.k_scale"].dtype == "F32"
     assert plan.spec.dtype == "bfloat16" and plan.spec.config["num_key_value_heads"] == 1
+
+
+def test_a_configuration_class_that_types_its_token_ids_strictly_is_planned():
+    # CwmConfig refuses bos_token_id None ("Field 'bos_token_id' expected int"); the plan builds the
+    # shrunk class with ids inside the twin's vocab, the forge then writes its tokenizer's
+    plan = plan_twin(read_source("model_type:cwm"), 2, [1, 2])
+    assert plan.ok, [f"{i.name}: {i.detail}" for i in plan.invariants if not i.holds]

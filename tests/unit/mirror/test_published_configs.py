@@ -10,14 +10,15 @@ import pytest
 
 from servematrix import mirror
 from servematrix.mirror.family_config import missing_fields
+from servematrix.mirror.source import config_layout
 from servematrix.sweep import corpus
 
 
 def _plan(model_type: str, **override):
     entry = corpus.published(model_type)
     assert entry is not None, f"the corpus lists no published {model_type} config"
-    layout = corpus.layout_from_config({**entry.config(), **override}, f"config:{entry.hub}",
-                                       drop=("quantization_config",))
+    layout = config_layout({**entry.config(), **override}, f"config:{entry.hub}",
+                           drop=("quantization_config",))
     return mirror.plan_twin(layout, 2, [1, 2])
 
 
@@ -40,7 +41,7 @@ def test_a_refusal_names_the_field_its_value_and_what_would_be_accepted():
 @pytest.mark.parametrize("entry", corpus.entries(), ids=lambda e: e.file)
 def test_every_published_config_in_the_corpus_is_planned_within_the_invariants(entry):
     # issue 25's bar is 95 % of the corpus configs transformers can build: every one of these is
-    layout = corpus.layout_from_config(entry.config(), f"config:{entry.hub}", drop=("quantization_config",))
+    layout = corpus.layout(entry)
     plan = mirror.plan_twin(layout, 2, [1, 2])
     assert plan.ok, [f"{i.name}: {i.detail}" for i in plan.invariants if not i.holds]
 
@@ -82,3 +83,23 @@ def test_each_pp_rank_of_the_twin_holds_a_layer_past_the_first_dense_ones_where_
     assert plan.spec.config["num_dense_layers"] == 2 and per_rank > 2
     # a family without first-dense layers keeps the plain bound (layers >= PP)
     assert len(_plan("llama").kept_layers) == 2
+
+
+def test_a_published_configs_quantization_config_is_dropped_for_the_unquantized_twin():
+    # MiniMax-M2 is published in FP8 (its config.json's quantization_config): a config alone has no
+    # quantized tensors, so the corpus's twin is the unquantized one, built by the mirror's config-only path
+    entry = corpus.published("minimax_m2")
+    assert "quantization_config" in entry.config()
+    layout = corpus.layout(entry)
+    assert "quantization_config" not in layout.config and layout.quant.method is None
+    assert layout.tokenizer.chat_template  # the published checkpoint ships one; the twin gets the forge's
+
+
+@pytest.mark.parametrize("model_type, layers, stem", [("bloom", 70, "transformer.h."), ("nemotron", 32, "model.layers.")])
+def test_a_published_config_the_class_defaults_could_not_stand_for_is_planned_from_its_own_values(model_type, layers, stem):
+    # bloom's class defaults are a toy (hidden 64 over 8 heads: head_dim 8, which vLLM's CPU attention
+    # refuses); nemotron's leave num_key_value_heads null. The published configs are planned instead
+    layout = corpus.layout(corpus.published(model_type))
+    assert layout.structure.num_layers == layers and layout.structure.layer_stem == stem
+    plan = mirror.plan_twin(layout, 2, [1, 2])
+    assert plan.ok, [f"{i.name}: {i.detail}" for i in plan.invariants if not i.holds]

@@ -174,10 +174,18 @@ def test_config_bytes_python_json_chokes_on_are_a_located_line(tmp_path, raw, sa
     assert str(exc.value).startswith(str(ck / "config.json") + said)
 
 
-def test_a_family_that_spells_the_roles_otherwise_is_refused_naming_them_not_crashing_the_plan():
-    # gpt2's config spells the layers / width / heads n_layer / n_embd / n_head
-    with pytest.raises(ConfigError, match=r"^model_type:gpt2: num_hidden_layers: missing: .* spells it n_layer"):
-        read_source("model_type:gpt2")
+def test_gpt2_style_spellings_of_the_roles_are_read_as_the_roles():
+    # gpt2's config spells the layers / width / heads n_layer / n_embd / n_head (GPT2Config's defaults:
+    # 12 layers of 768 wide, the published openai-community/gpt2); its layers sit in transformer.h.N
+    layout = read_source("model_type:gpt2")
+    assert layout.structure.num_layers == 12 and layout.structure.layer_stem == "transformer.h."
+
+
+def test_a_family_without_any_layer_count_field_is_refused_naming_the_spellings_not_crashing_the_plan():
+    # nemotron_h's configuration class states its layers only as the length of layers_block_type
+    with pytest.raises(ConfigError, match=r"^model_type:nemotron_h: num_hidden_layers/n_layer/n_layers/num_layers: "
+                                          r"missing: the mirror reads the layers as num_hidden_layers or n_layer"):
+        read_source("model_type:nemotron_h")
 
 
 def test_a_config_only_source_bounds_layers_times_experts(tmp_path):
@@ -225,3 +233,12 @@ def test_every_published_config_of_the_corpus_passes_the_boundary_as_a_config_on
     # laid out by the class, not refused by the boundary's ranges or required fields
     layout = read_source(str(path))
     assert layout.files == [] and layout.tensors and layout.model_type == path.parent.name
+
+
+def test_a_class_that_cannot_be_built_from_its_own_defaults_is_refused_quoting_transformers():
+    # transformers' DbrxConfig() defaults leave attn_config without rope_theta, which DbrxForCausalLM
+    # reads; the refusal is transformers' own error, not a kwarg the mirror passed back to the class
+    with pytest.raises(ConfigError, match=r"^model_type:dbrx: transformers' DbrxForCausalLM cannot be built on the "
+                                          r"meta device from its defaults: AttributeError: 'DbrxAttentionConfig' "
+                                          r"object has no attribute 'rope_theta'"):
+        read_source("model_type:dbrx")

@@ -19,6 +19,16 @@ def test_a_class_shared_by_two_model_types_goes_to_the_one_it_is_named_after():
     assert registry.classify("GPT2LMHeadModel", "text").model_type == "gpt2"
 
 
+@pytest.mark.parametrize("arch, text_type", [("Llama4ForCausalLM", "llama4_text"), ("Qwen3_5ForCausalLM", "qwen3_5_text"),
+                                              ("Qwen3_5MoeForCausalLM", "qwen3_5_moe_text")])
+def test_a_class_shared_by_a_composite_config_and_its_text_config_goes_to_the_text_one(arch, text_type):
+    # transformers lists Llama4ForCausalLM as the causal-LM class of llama4 (a config wrapping text_config
+    # and vision_config) and of llama4_text: a text-only checkpoint of the class carries the text one
+    a = registry.classify(arch, "text")
+    assert a.forgeable and a.model_type == text_type
+    assert text_type.removesuffix("_text") in registry.composite_types()
+
+
 @pytest.mark.parametrize("kind, words", [("multimodal", "image"), ("speculative", "draft"),
                                          ("embedding", "pooling"), ("transformers-backend", "wrapper"),
                                          ("other", "no registry table")])
