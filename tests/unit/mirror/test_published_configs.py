@@ -103,3 +103,12 @@ def test_a_published_config_the_class_defaults_could_not_stand_for_is_planned_fr
     assert layout.structure.num_layers == layers and layout.structure.layer_stem == stem
     plan = mirror.plan_twin(layout, 2, [1, 2])
     assert plan.ok, [f"{i.name}: {i.detail}" for i in plan.invariants if not i.holds]
+
+
+def test_falcons_mlp_width_follows_the_hidden_size_as_vllm_builds_it():
+    # tiiuae/falcon-rw-1b states no ffn_hidden_size: transformers' FalconConfig derives 4 x hidden_size,
+    # and vLLM's falcon.py builds its MLP as 4 x hidden_size whatever the config says, so the twin
+    # leaves the field to the class (a shrunk ffn_hidden_size made vLLM's dense_4h_to_h 4x wider than the twin's)
+    plan = _plan("falcon")
+    assert plan.ok and "ffn_hidden_size" not in plan.spec.config
+    assert plan.spec.config["hidden_size"] == 128 and plan.spec.config["num_kv_heads"] == 2
