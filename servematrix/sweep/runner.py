@@ -29,7 +29,7 @@ from servematrix.paths import cache_dir
 from servematrix.record import EntryOutcome, Expected, Failure, RunSummary, ScenarioRecord, StageFailed
 from servematrix.run import rundir
 from servematrix.run.lifecycle import RunLifecycle
-from servematrix.run.pipeline import Parts, load_check_phase, now_iso, with_retries
+from servematrix.run.pipeline import Parts, interrupted, load_check_phase, now_iso, with_retries
 from servematrix.sweep import cells as cellmod
 from servematrix.sweep import registry, serve, twins
 from servematrix.sweep.quant import refused_on_cpu
@@ -112,6 +112,9 @@ def _cells(selected, opts, pythons, versions, lifecycle, coverage, twin_cache, w
         if record.verdict != "skipped":
             print(f"[{i}/{len(selected)}] {cell.id}: {record.verdict} ({record.seconds:.1f} s)"
                   + (f" {record.failure.signature[:160]}" if record.failure else ""), file=log, flush=True)
+        if record.failure is not None and record.failure.kind == "interrupted":
+            lifecycle.summary.status = "interrupted"  # as a matrix run: the cell is recorded, nothing more starts
+            return
 
 
 def _python(release: str) -> str:
@@ -160,6 +163,13 @@ def _cell(cell: cellmod.Cell, opts: SweepOptions, python: str, twin_cache: dict,
     def attempt(n: int) -> EntryOutcome:  # the load check, then (--depth serve) the serve phase
         nonlocal parts, depth
         parts = Parts(model=cell.arch.arch, vllm_version=versions["vllm"], torch_version=versions["torch"])
+        try:
+            return checked(n)
+        except KeyboardInterrupt:  # as the pipeline records an entry it was running: interrupted
+            return outcome(failure=interrupted(), attempts=n)
+
+    def checked(n: int) -> EntryOutcome:
+        nonlocal parts, depth
         failure = _load_check(cell, opts, python, twin, worlds, parts)
         why_skip = _not_checkable(cell, failure)
         if why_skip:  # the load check's results say nothing about vLLM here: only its command line stays

@@ -232,7 +232,7 @@ def test_each_cell_is_on_disk_the_moment_it_ends_and_latest_points_at_the_sweep(
     assert (tmp_path / "latest").resolve() == (tmp_path / "run").resolve()
 
 
-def test_an_interrupted_sweep_closes_its_workers_keeps_what_ended_and_exits_2(tmp_path, doubles, monkeypatch):
+def test_an_interrupted_sweep_records_the_cell_it_cut_closes_its_workers_and_starts_nothing_more(tmp_path, doubles, monkeypatch):
     closed = []
 
     class Pool:
@@ -243,17 +243,20 @@ def test_an_interrupted_sweep_closes_its_workers_keeps_what_ended_and_exits_2(tm
             closed.append(True)
 
     def load_check(cell, opts, python, twin, worlds, parts):
+        assert cell.arch.model_type == "llama", "a cell started after the interrupt"
         if cell.pp == 2:
             raise KeyboardInterrupt("signal 15")
         return passed(parts)
 
     monkeypatch.setattr(runner, "_load_check", load_check)
     monkeypatch.setattr(runner, "_worlds", lambda opts: Pool())
-    summary = runner.run(options(tmp_path, k="llama/*"))
+    summary = runner.run(options(tmp_path, k="llama/*,qwen3_moe/*"))
     assert summary.status == "interrupted" and summary.exit_code == 2 and closed == [True]
-    assert [r.id for r in summary.scenarios] == ["llama/tp1-none"]
+    (done, cut) = summary.scenarios  # the cell the signal cut is recorded as a matrix entry is: interrupted
+    assert done.verdict == "pass" and cut.id == "llama/pp2-none" and cut.failure.kind == "interrupted"
+    assert cut.verdict == "error" and cut.attempts == 1  # an interrupt is never retried
     on_disk = RunSummary.model_validate_json((tmp_path / "run" / "summary.json").read_text())
-    assert on_disk.status == "interrupted" and on_disk.counts == {"pass": 1}
+    assert on_disk.status == "interrupted" and on_disk.counts == {"pass": 1, "error": 1}
 
 
 def test_a_cell_that_met_an_infrastructure_failure_is_retried_as_a_matrix_entry_is(tmp_path, doubles, monkeypatch):
