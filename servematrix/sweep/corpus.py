@@ -93,15 +93,21 @@ def checkpoint_names(model_type: str, directory: Path) -> list[str]:
 
     from servematrix.mirror.layout import rules
 
-    renames = (rules().get("checkpoint_names") or {}).get(model_type) or []
+    rules_ = (rules().get("checkpoint_names") or {}).get(model_type) or []
+    renames = [r for r in rules_ if "name" in r]
+    drops = [r for r in rules_ if "drop_from" in r]
     leaves = (rules().get("every_layer") or {}).get(model_type) or []
-    if not renames and not leaves:
+    if not rules_ and not leaves:
         return []
-    changed, added = 0, []
+    twin_config = json.loads((Path(directory) / "config.json").read_text()) if drops else {}
+    changed, added, dropped = 0, [], 0
     for path in sorted(Path(directory).glob("*.safetensors")):
         tensors = load_file(path)
         out = {}
         for name, tensor in tensors.items():
+            if _dropped(name, drops, twin_config):
+                dropped += 1
+                continue
             new = name
             for rule in renames:
                 new = re.sub(rule["pattern"], rule["name"], new)
@@ -112,14 +118,31 @@ def checkpoint_names(model_type: str, directory: Path) -> list[str]:
     index = Path(directory) / "model.safetensors.index.json"
     if index.is_file():
         data = json.loads(index.read_text())
-        data["weight_map"] = {_renamed(n, renames): f for n, f in data.get("weight_map", {}).items()}
+        data["weight_map"] = {_renamed(n, renames): f for n, f in data.get("weight_map", {}).items()
+                              if not _dropped(n, drops, twin_config)}
         index.write_text(json.dumps(data, indent=2))
     notes = [f"{changed} tensors renamed to the released checkpoint's names (mirror-families.yaml "
              "checkpoint_names: transformers renames them on load and cannot restore them on save)"] if changed else []
     if added:
         notes.append(f"added {', '.join(added)} (mirror-families.yaml every_layer: the released checkpoint has it on "
                      "every layer, transformers' class only on some)")
+    if dropped:
+        notes.append(f"{dropped} tensors transformers' class writes and the released checkpoint does not hold left out "
+                     "(mirror-families.yaml checkpoint_names drop_from)")
     return notes
+
+
+def _dropped(name: str, drops: list[dict], config: dict) -> bool:
+    """Whether a drop rule takes `name`: its pattern's first group, a number, is at least the twin's
+    config field `drop_from` (LongCat-Flash: experts numbered from n_routed_experts up are its
+    identity "zero experts", which hold no weights in the released checkpoint)."""
+    import re
+
+    for rule in drops:
+        m = re.search(rule["pattern"], name)
+        if m and isinstance(config.get(rule["drop_from"]), int) and int(m.group(1)) >= config[rule["drop_from"]]:
+            return True
+    return False
 
 
 def _every_layer(tensors: dict, leaves: list[str]) -> list[str]:

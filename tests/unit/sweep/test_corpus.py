@@ -1,0 +1,29 @@
+"""The sweep's twins carry the released checkpoint's tensors, not every tensor transformers' class
+saves: a drop rule (mirror-families.yaml checkpoint_names drop_from) leaves out the weights the class
+allocates for LongCat-Flash's identity "zero experts", which no released checkpoint holds."""
+
+from __future__ import annotations
+
+import json
+import re
+
+from safetensors import safe_open
+
+from servematrix.sweep import twins
+
+
+def test_longcat_flash_twin_holds_weights_for_its_routed_experts_only(tmp_path):
+    twin = twins.build("longcat_flash", tmp_path, 2, [1, 2])
+    assert twin.ok, twin.reason
+    config = json.loads((tmp_path / "longcat_flash" / "config.json").read_text())
+    names = []
+    for shard in (tmp_path / "longcat_flash").glob("*.safetensors"):
+        with safe_open(str(shard), "pt") as f:
+            names += list(f.keys())
+    experts = {int(m.group(1)) for n in names if (m := re.search(r"\.mlp\.experts\.(\d+)\.", n))}
+    # gate/up/down for each routed expert, none for the zero experts the router also scores
+    assert experts == set(range(config["n_routed_experts"])) and config["zero_expert_num"] > 0
+    for leaf in ("gate_proj", "up_proj", "down_proj"):
+        assert sum(1 for n in names if "layers.0.mlp.experts." in n and n.endswith(f".{leaf}.weight")) \
+            == config["n_routed_experts"]
+    assert "drop_from" in twin.origin
