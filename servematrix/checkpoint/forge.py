@@ -24,10 +24,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from servematrix.checkpoint.forge_spec import ForgeSpec, TokenizerSpec
+from servematrix.config.forge_spec import ForgeSpec, TokenizerSpec
 from servematrix.checkpoint.forge_tensors import (add_tensors, mutate, quantize_fp8_blocks, quantize_weights,
                                                   rename_tensors, save_tensors)
-from servematrix.checkpoint.quantize import quantization_config
+from servematrix.config.quantize import quantization_config
 from servematrix.paths import build_cached, cache_dir, code_digest, gsm8k_test_jsonl
 
 CHATML_TEMPLATE = (
@@ -41,7 +41,7 @@ SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 
 # What a forged checkpoint's bytes depend on besides its spec: the modules that write it and the
 # libraries they call (transformers' classes, the trained tokenizer, torch's RNG and serializer).
-WRITERS = ("checkpoint/forge.py", "checkpoint/forge_tensors.py", "checkpoint/quantize.py", "checkpoint/quant_pack.py")
+WRITERS = ("checkpoint/forge.py", "checkpoint/forge_tensors.py", "config/quantize.py", "checkpoint/quant_pack.py")
 LIBRARIES = ("transformers", "tokenizers", "torch", "safetensors")
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from servematrix.checkpoint.forge_spec import ForgeSpec, Mutation
+from servematrix.config.forge_spec import ForgeSpec, Mutation
 from servematrix.checkpoint.quant_pack import fp8_block_quantize, quantize_linear
 
 
@@ -80,7 +80,7 @@ def quantize_weights(out: Path, spec: ForgeSpec) -> None:
     import torch
     from safetensors.torch import load_file
 
-    from servematrix.checkpoint.quantize import KvCacheScales
+    from servematrix.config.quantize import KvCacheScales
 
     methods = [(i, q) for i, q in enumerate(spec.quantize) if not isinstance(q, KvCacheScales)]
     hit: set[int] = set()

@@ -11,7 +11,7 @@ first in the low nibble (vLLM's nvfp4 emulation's break_fp4_bytes), with sign in
 
 from __future__ import annotations
 
-from servematrix.checkpoint.quantize import Awq, Fp8Block, Fp8Tensor, Gptq, Nvfp4
+from servematrix.config.quantize import Awq, Fp8Block, Fp8Tensor, Gptq, Nvfp4
 
 AWQ_ORDER = [0, 2, 4, 6, 1, 3, 5, 7]
 E2M1 = [0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0]

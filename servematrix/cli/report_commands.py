@@ -101,7 +101,7 @@ def add_reference(sub) -> None:
 def cmd_reference_record(args) -> int:
     from servematrix.config import references
     from servematrix.report import gate
-    from servematrix.report.files import atomic_write, writable_target
+    from servematrix.files import atomic_write, writable_target
 
     run = gate.load_summary(Path(args.run_dir))
     out = Path(args.out)
@@ -230,7 +230,7 @@ def add_gsm8k_task(sub) -> None:
 
 def cmd_gsm8k_task(args) -> int:
     from servematrix.check import gsm8k
-    from servematrix.report.files import check_dir
+    from servematrix.files import check_dir
 
     shipped = len(gsm8k.exemplars())
     if args.num_fewshot > shipped:  # lm-eval would fail only once the server is up

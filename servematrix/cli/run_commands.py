@@ -206,7 +206,7 @@ def add_bisect(sub) -> None:
 
 
 def cmd_bisect(args) -> int:
-    from servematrix.report.files import atomic_write
+    from servematrix.files import atomic_write
     from servematrix.run.bisect import bisect
     from servematrix.sweep.bisect import bisect_cell, parse
 

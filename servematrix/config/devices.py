@@ -1,32 +1,66 @@
 """Device profiles (servematrix/data/devices.yaml): how a server runs on each kind of device
 (environment, thread binding, whether it takes GPUs, what a load check builds with). Data, read in
-this one place, by the scenario validator, the launcher and the session."""
+this one place (config/packaged.py: a damaged file stops at its line), by the scenario validator,
+the launcher and the session."""
 
 from __future__ import annotations
 
-import functools
+from typing import Annotated, Literal
 
-from servematrix.config.yamlio import load_yaml
-from servematrix.paths import data_file
+from pydantic import BaseModel, ConfigDict, Field, RootModel, StringConstraints
+
+from servematrix.config import packaged
+from servematrix.config.fields import EnvName
+
+DEVICES = "devices.yaml"
+DeviceKey = Annotated[str, StringConstraints(pattern=r"^[a-z0-9][a-z0-9._-]*$", max_length=64)]
 
 
-@functools.lru_cache(maxsize=1)
-def _profiles() -> dict[str, dict]:
-    # the one loader (bounded, YAML 1.1 numbers refused), like every file servematrix reads
-    return load_yaml(data_file("devices.yaml")).data
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+
+class LoadCheckProfile(_Strict):
+    # the attention backend a load check builds each kind of layer with where this device's
+    # platform has no kernel for it (the names are vLLM's AttentionBackendEnum members)
+    attention: dict[Literal["mla", "sparse"], Annotated[str, StringConstraints(pattern=r"^[A-Z][A-Z0-9_]*$")]] = \
+        Field(default_factory=dict)
+
+
+class DeviceProfile(_Strict):
+    env: dict[EnvName, str] = Field(default_factory=dict)  # set in every server's environment
+    bind_threads: bool = False  # give each TP/PP rank its own cores (VLLM_CPU_OMP_THREADS_BIND)
+    uses_gpus: bool = False  # the server takes TP×PP GPUs, handed out as CUDA_VISIBLE_DEVICES
+    load_check: LoadCheckProfile | None = None
+
+
+class DevicesFile(RootModel[dict[DeviceKey, DeviceProfile]]):
+    model_config = ConfigDict(frozen=True)
+
+
+def profiles() -> dict[str, DeviceProfile]:
+    return packaged.load(DEVICES, DevicesFile).root
 
 
 def device_names() -> tuple[str, ...]:
     """The devices an entry may name (the launcher needs a profile for every server it starts)."""
-    return tuple(_profiles())
+    return tuple(profiles())
 
 
-def device_profile(device: str) -> dict:
-    profiles = _profiles()
-    if device not in profiles:
-        raise KeyError(f"unknown device {device!r} (known: {', '.join(profiles)})")
-    return profiles[device]
+def device(name: str) -> DeviceProfile:
+    """The profile of device `name`; an unknown one is a KeyError naming the known ones (a scenario
+    naming it was refused at its line before this is asked)."""
+    known = profiles()
+    if name not in known:
+        raise KeyError(f"unknown device {name!r} (known: {', '.join(known)})")
+    return known[name]
 
 
-def uses_gpus(device: str) -> bool:
-    return bool(device_profile(device).get("uses_gpus"))
+def device_profile(name: str) -> dict:
+    """The profile as a plain dict: the form run/pipeline.py, sweep/runner.py and serve/server.py
+    read by key (`profile.get("env", {})`) until they ask device() for the model."""
+    return device(name).model_dump()
+
+
+def uses_gpus(name: str) -> bool:
+    return device(name).uses_gpus

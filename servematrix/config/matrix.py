@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from servematrix.check.accuracy import detectable, needed_n, paired_mde, uninformative
+from servematrix.config.power import detectable, needed_n, paired_mde, uninformative
 from servematrix.config.references import References
 from servematrix.config import plan
 from servematrix.config.expand import expand

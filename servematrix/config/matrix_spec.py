@@ -28,13 +28,13 @@ MAX_ENTRIES = 10_000  # expanded entries of one file: each starts a server; more
 def _known_vllm(v: str) -> str:
     """A known release's name, or any published version X.Y.Z (resolved from the registry, cached)
     as the name of the release it resolves to."""
+    from servematrix.config import releases
     from servematrix.errors import ArgumentError
-    from servematrix.serve import envs
 
     if v == DEFAULT_VLLM:
         return v
     try:
-        return envs.canonical(v, "vllm")
+        return releases.canonical(v, "vllm")
     except ArgumentError as exc:
         raise ValueError(f"unknown vLLM release {v!r}: {exc.message}") from None
 
@@ -60,9 +60,9 @@ def _until(v: object) -> str:
     end = versions.parse_until(v)  # a VersionError is a ValueError: reported at this field's line
     if isinstance(end, datetime.date):
         return end.isoformat()
-    from servematrix.serve import envs
+    from servematrix.config import releases
 
-    families = sorted({name.split("-", 1)[0] for name in envs.releases() if "-" in name})
+    families = sorted({name.split("-", 1)[0] for name in releases.all_releases() if "-" in name})
     if end[0] not in families:
         raise ValueError(f"expected a date (YYYY-MM-DD) or a release <family>-<version> of a declared family "
                          f"({', '.join(f + '-X.Y.Z' for f in families)}; servematrix/data/vllm-releases.yaml), "
@@ -72,7 +72,7 @@ def _until(v: object) -> str:
 
 # When a waiver (xfail) stops being trusted: a date, or a release at/after which it has expired.
 Until = Annotated[str, BeforeValidator(_until)]
-# A known vLLM release (serve/releases.py), a published version X.Y.Z, or "current".
+# A known vLLM release (config/releases.py), a published version X.Y.Z, or "current".
 VllmName = Annotated[str, AfterValidator(_known_vllm)]
 # Fix modules of the servematrix_fixes registry (checked as a list: the error names the list).
 Fixes = Annotated[list[Name], AfterValidator(_known_fixes)]

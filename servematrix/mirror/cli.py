@@ -129,7 +129,7 @@ def cli_mirror(source: str, out_scenario: str | Path, checkpoint_dir: str | Path
         raise ArgumentError("--out", f"the scenario file must be named {name}.yaml: scenarios are looked up by file name")
     # every place this run writes is checked before anything is read, planned or written: a
     # mirror that fails leaves both as they were
-    from servematrix.report.files import atomic_write, check_dir, writable_target
+    from servematrix.files import atomic_write, check_dir, writable_target
 
     writable_target(out)  # a directory, FIFO or dangling link there: refused whatever --overwrite says
     if out.exists() and not overwrite:  # someone's scenario: never replaced unasked

@@ -11,11 +11,10 @@ import re
 from functools import lru_cache
 from typing import Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field
 
+from servematrix.config import mirror_families, packaged
 from servematrix.errors import ConfigError
-from servematrix.paths import data_file
 
 FLOAT_DTYPES = {"F32", "F16", "BF16", "F64"}
 HF_QUANT_FILE = "hf_quant_config.json"
@@ -107,7 +106,7 @@ class SourceLayout(_Model):
 
 @lru_cache(maxsize=1)
 def rules() -> dict[str, Any]:
-    return yaml.safe_load(data_file("mirror-families.yaml").read_text())
+    return packaged.load_raw(mirror_families.FILE, mirror_families.MirrorFamilies)
 
 
 @lru_cache(maxsize=1)

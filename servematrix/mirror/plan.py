@@ -19,7 +19,7 @@ from collections import Counter
 
 from pydantic import ValidationError
 
-from servematrix.checkpoint.forge_spec import ForgeSpec, TokenizerSpec
+from servematrix.config.forge_spec import ForgeSpec, TokenizerSpec
 from servematrix.errors import ArgumentError, ConfigError
 from servematrix.mirror.checks import invariants
 from servematrix.mirror.dims import KV_POLICIES, choose_dims

@@ -11,7 +11,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SkipValidation
 
-from servematrix.checkpoint.forge_spec import ForgeSpec
+from servematrix.config.forge_spec import ForgeSpec
 from servematrix.mirror.layout import TensorMeta
 
 TORCH_DTYPE = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}

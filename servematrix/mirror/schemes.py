@@ -8,7 +8,7 @@ import ast
 import itertools
 from typing import Any
 
-from servematrix.checkpoint.quantize import NotWhole, evaluate
+from servematrix.config.quantize import NotWhole, evaluate
 from servematrix.errors import ConfigError
 from servematrix.mirror.layout import TensorMeta, rules
 

@@ -11,8 +11,8 @@ import fnmatch
 import re
 from collections import Counter
 
-from servematrix.checkpoint.forge_spec import ExtraTensor, Fp8Blocks
-from servematrix.checkpoint.quantize import loads_kv_scales
+from servematrix.config.forge_spec import ExtraTensor, Fp8Blocks
+from servematrix.config.quantize import loads_kv_scales
 from servematrix.mirror.layout import TensorMeta, layer_re, rules
 from servematrix.mirror.plan_models import TORCH_DTYPE, PostStep
 from servematrix.mirror.tensors import Builder

@@ -10,7 +10,7 @@ from collections import Counter
 
 from pydantic import ValidationError
 
-from servematrix.checkpoint.quantize import BY_SCHEME, tag
+from servematrix.config.quantize import BY_SCHEME, tag
 from servematrix.mirror.layout import FLOAT_DTYPES, SourceLayout, TensorMeta, rules, split_name
 from servematrix.mirror.plan_models import TORCH_DTYPE, NotMirrored, QuantTarget
 from servematrix.mirror.schemes import NotWhole, infer_params, scheme_shapes

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from servematrix.record import RunSummary
 from servematrix.report import html, junit, markdown, pages
-from servematrix.report.files import atomic_write
+from servematrix.files import atomic_write
 
 
 def write_all(summary: RunSummary, trend: dict | None = None, pages_of: Iterable[str] | None = None) -> None:

@@ -281,7 +281,7 @@ class Standing(BaseModel):
 def standing(verdicts: list[str], start: Literal["ok", "broken"] = "ok") -> Standing:
     """The standing after `verdicts` (oldest first), from `start` (the state assumed at the window's
     beginning: vLLM's rule assumes a test healthy until it fails twice)."""
-    from servematrix.check.stats import wilson
+    from servematrix.stats import wilson
 
     judged = [v for v in verdicts if v in MET or v in MISSED]
     state, streak, flips, prev = start, 0, 0, None

@@ -10,7 +10,7 @@ import html
 
 from servematrix.report import trends as charts
 from servematrix.report.grid import grid
-from servematrix.report.files import page_name
+from servematrix.files import page_name
 from servematrix.record import RunSummary, ScenarioRecord
 
 COLOURS = {"pass": "#2e7d32", "fail": "#c62828", "xfail": "#ef6c00", "xpass": "#6a1b9a",

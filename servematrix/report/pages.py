@@ -13,7 +13,7 @@ from pydantic import BaseModel, Field
 
 from servematrix.record import RunSummary, ScenarioRecord
 from servematrix.report import trends
-from servematrix.report.files import atomic_write, page_name
+from servematrix.files import atomic_write, page_name
 from servematrix.serve.failure import http_status, is_problem, logged_at, shutting_down
 
 CONTEXT = 12  # log lines shown either side of the failure's line

@@ -19,7 +19,7 @@ from pydantic import ValidationError
 
 from servematrix.check.verdict import decide
 from servematrix.record import EntryOutcome, Failure, ScenarioRecord
-from servematrix.report.files import atomic_write
+from servematrix.files import atomic_write
 
 OUTCOME, RECORD = "outcome.json", "record.json"
 

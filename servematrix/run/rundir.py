@@ -7,7 +7,7 @@ from pathlib import Path
 
 from servematrix.errors import StateError
 from servematrix.report import history
-from servematrix.report.files import RUN_MARKER, check_dir, require_writable
+from servematrix.files import RUN_MARKER, check_dir, require_writable
 
 
 def check(out: Path, overwrite: bool = False, marker: str = RUN_MARKER) -> None:

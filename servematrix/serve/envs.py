@@ -1,4 +1,4 @@
-"""Per-release vLLM environments: one venv per release (serve/releases.py: declared in the
+"""Per-release vLLM environments: one venv per release (config/releases.py: declared in the
 project's releases file or data/vllm-releases.yaml, or resolved from the registry), built on
 demand in the user cache (never in the repo) and reused while its recipe is the same (the marker
 holds the recipe's hash). Each release's quirks are data; nothing here branches on a version.
@@ -19,7 +19,7 @@ from pathlib import Path
 
 from servematrix.errors import ArgumentError, StateError, UserError
 from servematrix.paths import cache_dir
-from servematrix.serve import releases as rl
+from servematrix.config import releases as rl
 
 REPO = Path(__file__).resolve().parents[2]
 MARKER = "servematrix-env.json"

@@ -1,49 +1,12 @@
-"""Hardware: the GPUs a host has, and whether an entry fits them. Conditions are data: a scenario
-or quantization says what it needs (`requires:`), the entry's TP×PP says how many GPUs."""
+"""Hardware: whether an entry fits the GPUs a host has (servematrix/gpus.py probes them).
+Conditions are data: a scenario or quantization says what it needs (`requires:`), the entry's TP×PP says how many GPUs."""
 
 from __future__ import annotations
 
 import math
-import os
-import shutil
-import subprocess
-
-from pydantic import BaseModel
 
 from servematrix.config.scenario import Requires
-
-
-class Gpu(BaseModel):
-    index: int
-    name: str
-    memory_gb: float
-    capability: float  # CUDA compute capability, e.g. 9.0 for Hopper
-
-
-def parse_nvidia_smi(text: str) -> list[Gpu]:
-    """`nvidia-smi --query-gpu=index,name,memory.total,compute_cap --format=csv,noheader,nounits`"""
-    gpus = []
-    for line in text.strip().splitlines():
-        index, name, mem, cap = (f.strip() for f in line.split(","))
-        gpus.append(Gpu(index=int(index), name=name, memory_gb=round(float(mem) / 1024, 1), capability=float(cap)))
-    return gpus
-
-
-def probe_gpus() -> list[Gpu]:
-    """This host's GPUs, limited to CUDA_VISIBLE_DEVICES when set; [] without an NVIDIA driver."""
-    if not shutil.which("nvidia-smi"):
-        return []
-    try:
-        out = subprocess.run(["nvidia-smi", "--query-gpu=index,name,memory.total,compute_cap",
-                              "--format=csv,noheader,nounits"], capture_output=True, text=True, timeout=30, check=True)
-    except (subprocess.SubprocessError, OSError):
-        return []
-    gpus = parse_nvidia_smi(out.stdout)
-    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-    if visible is not None:
-        keep = {int(i) for i in visible.split(",") if i.strip().isdigit()}
-        gpus = [g for g in gpus if g.index in keep]
-    return gpus
+from servematrix.gpus import Gpu, probe_gpus
 
 
 def host_gpus(ids: list[int] | None) -> list[Gpu]:

@@ -17,9 +17,9 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-import yaml
 from pydantic import BaseModel, ConfigDict
 
+from servematrix.config import packaged
 from servematrix.errors import ConfigError
 from servematrix.paths import data_file
 
@@ -62,7 +62,7 @@ class _Index(BaseModel):
 @lru_cache(maxsize=1)
 def entries() -> tuple[PublishedConfig, ...]:
     path = data_file(INDEX)
-    return tuple(_Index.model_validate(yaml.safe_load(path.read_text())).configs)
+    return tuple(packaged.load(path, _Index).configs)
 
 
 def published(model_type: str) -> PublishedConfig | None:

@@ -12,11 +12,11 @@ from __future__ import annotations
 from functools import lru_cache
 from typing import Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from servematrix.checkpoint.forge_spec import ForgeSpec
-from servematrix.checkpoint.quantize import BY_SCHEME, Fp8Block, tag
+from servematrix.config.forge_spec import ForgeSpec
+from servematrix.config import packaged
+from servematrix.config.quantize import BY_SCHEME, Fp8Block, tag
 from servematrix.paths import data_file
 
 RULES = data_file("sweep-quants.yaml")  # package data, so a wheel install carries it
@@ -55,7 +55,7 @@ class QuantSpec(BaseModel):
 @lru_cache(maxsize=1)
 def data() -> dict[str, Any]:
     """sweep-quants.yaml, parsed once: its `quants` here, its `serve` and `gpu_only` in serve.py."""
-    return yaml.safe_load(RULES.read_text())
+    return packaged.load_raw(RULES, None)  # YAML checked at its line; typed by rules()
 
 
 @lru_cache(maxsize=1)

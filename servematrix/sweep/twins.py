@@ -87,7 +87,7 @@ def quantize(base: Twin, quant: str, tps: list[int]) -> Twin:
     q = quantized(base.model_type, base.spec, base.shapes, quant, tps)
     if q.spec is None:
         return Twin(model_type=base.model_type, quant=quant, reason=q.reason, origin=base.origin)
-    from servematrix.checkpoint.forge_spec import ForgeSpec
+    from servematrix.config.forge_spec import ForgeSpec
 
     try:
         path = forge(f"sweep-{base.model_type.replace('_', '-')}-{quant}", ForgeSpec.model_validate(q.spec))

@@ -4,7 +4,8 @@ import textwrap
 
 import pytest
 
-from servematrix.check.accuracy import judge, needed_n
+from servematrix.check.accuracy import judge
+from servematrix.config.power import needed_n
 from servematrix.config.references import Check, References
 from servematrix.record import MetricValue
 from servematrix.config.matrix import load_matrix
@@ -68,7 +69,8 @@ def test_a_limit_too_small_for_the_claimed_effect_is_rejected_with_the_n_it_need
 # --- informative checks only --------------------------------------------------------------------
 from pathlib import Path  # noqa: E402
 
-from servematrix.check.accuracy import paired, uninformative, with_paired  # noqa: E402
+from servematrix.check.accuracy import paired, with_paired  # noqa: E402
+from servematrix.config.power import uninformative  # noqa: E402
 from servematrix.config.references import RefKey, Reference  # noqa: E402
 from servematrix.record import METRIC_DEFS, Protocol, QuestionResult  # noqa: E402
 

@@ -49,7 +49,7 @@ def test_agreement_is_judged_per_question_over_the_questions_both_answered():
 
 def test_per_token_nll_divides_by_the_answer_tokens_as_lm_eval_split_them(tmp_path):
     from servematrix.checkpoint.forge import _train_tokenizer
-    from servematrix.checkpoint.forge_spec import TokenizerSpec
+    from servematrix.config.forge_spec import TokenizerSpec
 
     tok = _train_tokenizer(TokenizerSpec(vocab_size=400))
     tok.save_pretrained(tmp_path / "tok")

@@ -10,7 +10,7 @@ from pydantic import ValidationError
 from safetensors import safe_open
 
 from servematrix.checkpoint.forge import check_config, forge
-from servematrix.checkpoint.forge_spec import MAX_FORGE_PARAMS, ExtraTensor, ForgeSpec, model_params
+from servematrix.config.forge_spec import MAX_FORGE_PARAMS, ExtraTensor, ForgeSpec, model_params
 
 TINY = {"hidden_size": 64, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
         "num_key_value_heads": 1, "head_dim": 32, "max_position_embeddings": 256}
@@ -275,7 +275,7 @@ def test_an_int64_extra_must_be_an_index_buffer():
 def test_extras_without_arange_keep_the_cache_key_they_had_before_the_field_existed():
     import hashlib
 
-    from servematrix.checkpoint.forge_spec import FORGE_VERSION
+    from servematrix.config.forge_spec import FORGE_VERSION
 
     s = spec(extra_tensors=[ExtraTensor(name="model.layers.{layer}.self_attn.k_proj.k_scale", value=0.5)])
     dump = s.model_dump()

@@ -15,7 +15,7 @@ from pydantic import ValidationError
 from safetensors.torch import load_file
 
 from servematrix.checkpoint.forge import forge
-from servematrix.checkpoint.forge_spec import ForgeSpec
+from servematrix.config.forge_spec import ForgeSpec
 from servematrix.checkpoint.quant_pack import AWQ_ORDER, _unpack, dequantize
 from servematrix.config.scenario import ScenarioStore
 from servematrix.errors import ConfigError

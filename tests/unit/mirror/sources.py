@@ -15,7 +15,7 @@ from pathlib import Path
 import yaml
 
 from servematrix.checkpoint.forge import forge
-from servematrix.checkpoint.forge_spec import ForgeSpec
+from servematrix.config.forge_spec import ForgeSpec
 
 
 REPO = Path(__file__).resolve().parents[3]

@@ -12,7 +12,7 @@ import json
 import pytest
 
 from servematrix.checkpoint.forge import forge
-from servematrix.checkpoint.forge_spec import ForgeSpec
+from servematrix.config.forge_spec import ForgeSpec
 from servematrix.config.scenario import ScenarioStore
 from servematrix.mirror.cli import cli_diff, cli_mirror, scenario_dict, scenario_yaml
 from servematrix.mirror.diff import diff

@@ -55,7 +55,8 @@ from servematrix import report  # noqa: E402
 from servematrix.check.accuracy import judge  # noqa: E402
 from servematrix.config.references import Check, RefKey, Reference  # noqa: E402
 from servematrix.record import MetricValue  # noqa: E402
-from servematrix.report import files, pages, trends  # noqa: E402
+from servematrix import files  # noqa: E402
+from servematrix.report import pages, trends  # noqa: E402
 
 NLL_REF = Reference(key=RefKey(scenario="a", quant="fp32"), metric="gsm8k.nll", mean=1.41, sigma=0.32, n=24)
 

@@ -9,7 +9,8 @@ import xml.etree.ElementTree as ET
 import pytest
 
 from servematrix import report
-from servematrix.report import files, junit, markdown
+from servematrix import files
+from servematrix.report import junit, markdown
 from servematrix.run import rundir
 from servematrix.errors import StateError
 from servematrix.check.accuracy import gsm8k_metrics

@@ -8,7 +8,8 @@ import subprocess
 import pytest
 
 from servematrix.errors import ArgumentError, ConfigError, StateError
-from servematrix.serve import envs, releases
+from servematrix.config import releases
+from servematrix.serve import envs
 
 TORCH_LISTING = ["2.14.0", "2.13.0+cpu", "2.13.0", "2.11.0"]
 

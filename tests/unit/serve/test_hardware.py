@@ -4,7 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from servematrix.serve.hardware import Gpu, parse_nvidia_smi, unmet
+from servematrix.gpus import Gpu, parse_nvidia_smi
+from servematrix.serve.hardware import unmet
 from servematrix.config.matrix import load_matrix
 from servematrix.config.scenario import Requires
 from servematrix.check.verdict import exit_code

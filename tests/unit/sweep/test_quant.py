@@ -4,7 +4,7 @@ indexer-wk layout, and a reason (never a silent drop) where a twin cannot take t
 
 import pytest
 
-from servematrix.checkpoint.forge_spec import ForgeSpec
+from servematrix.config.forge_spec import ForgeSpec
 from servematrix.sweep import quant, twins
 
 CONFIG = {"hidden_size": 128, "intermediate_size": 256, "num_hidden_layers": 2, "num_attention_heads": 2,

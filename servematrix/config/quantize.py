@@ -15,11 +15,10 @@ import re
 from functools import lru_cache
 from typing import Annotated, Any, ClassVar, Literal, Union
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field
 
 from servematrix.config.fields import OneLine
-from servematrix.paths import data_file
+from servematrix.config import mirror_families, packaged
 
 Glob = Annotated[OneLine, Field(min_length=1, max_length=256)]
 FloatDtype = Literal["float32", "bfloat16", "float16"]
@@ -32,7 +31,7 @@ class NotWhole(ValueError):
 
 @lru_cache(maxsize=1)
 def schemes() -> dict[str, Any]:
-    return yaml.safe_load(data_file("mirror-families.yaml").read_text())["schemes"]
+    return packaged.load_raw(mirror_families.FILE, mirror_families.MirrorFamilies)["schemes"]
 
 
 def evaluate(expr: Any, env: dict[str, int]) -> int:

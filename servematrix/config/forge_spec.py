@@ -16,7 +16,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, JsonValue, StringConstraints, model_validator
 
-from servematrix.checkpoint.quantize import QuantizeSpec, spec_problems
+from servematrix.config.quantize import QuantizeSpec, spec_problems
 from servematrix.config.fields import OneLine
 from servematrix.config.yamlio import field_error
 
@@ -216,7 +216,7 @@ class ForgeSpec(_Strict):
     extra_tensors: list[ExtraTensor] = Field(default_factory=list)
     fp8_blocks: list[Fp8Blocks] = Field(default_factory=list)
     # AWQ / GPTQ / NVFP4 / FP8 layouts really quantized from the forged weights, KV-cache scales, and
-    # the quantization_config they imply (checkpoint/quantize.py; config_json's, if any, wins)
+    # the quantization_config they imply (config/quantize.py; config_json's, if any, wins)
     quantize: list[QuantizeSpec] = Field(default_factory=list, max_length=4)
     # composite checkpoints (model_type only the remote code knows, e.g. minicpmv): the text model
     # is `text_model_type` written under `text_prefix`, the components beside it

@@ -5,6 +5,9 @@ manner of TensorRT-LLM's accuracy_core: both means come from n samples with per-
 deviation σ, so their difference has standard error sqrt(2σ²/n). With significance α and power
 1-β that gives a threshold, a minimum detectable effect and a p-value; the Wilson interval is
 reported beside it for proportions.
+
+A base module (arithmetic only, no stage imported): config asks it whether a check can fail at all
+(config/power.py) and check judges measured runs with it (check/accuracy.py).
 """
 
 from __future__ import annotations

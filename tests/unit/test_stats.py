@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from servematrix.check.stats import OneSidedTest, bernoulli_sigma, mean_sigma_stderr, required_n, wilson
+from servematrix.stats import OneSidedTest, bernoulli_sigma, mean_sigma_stderr, required_n, wilson
 
 
 def test_threshold_and_mde_follow_the_two_sample_standard_error():
@@ -53,7 +53,7 @@ def test_bernoulli_sigma_and_sample_moments():
 
 # --- paired tests ----------------------------------------------------------------------------------
 def test_mcnemar_exact_matches_the_binomial_tail_of_the_discordant_pairs():
-    from servematrix.check.stats import mcnemar
+    from servematrix.stats import mcnemar
 
     # 8 of 10 discordant pairs against the layout: P(X >= 8 | Bin(10, 1/2)) = (45 + 10 + 1) / 1024
     assert mcnemar(8, 2) == pytest.approx(56 / 1024)
@@ -64,7 +64,7 @@ def test_mcnemar_exact_matches_the_binomial_tail_of_the_discordant_pairs():
 
 
 def test_a_paired_test_detects_a_shift_the_unpaired_test_misses():
-    from servematrix.check.stats import paired_shift_p
+    from servematrix.stats import paired_shift_p
 
     # 24 questions whose NLL spreads 0.3 around 1.4; the layout adds 0.05 nats/token to every one
     base = [1.4 + 0.3 * math.sin(i * 1.7) for i in range(24)]
@@ -82,7 +82,7 @@ def test_a_paired_test_detects_a_shift_the_unpaired_test_misses():
 def test_paired_t_test_is_scipys_ttest_rel_shifted_by_the_tolerance():
     from scipy.stats import ttest_rel
 
-    from servematrix.check.stats import paired_shift_p
+    from servematrix.stats import paired_shift_p
 
     a, b = [2.0, 2.3, 1.9, 2.6, 2.2], [1.9, 2.0, 2.0, 2.1, 2.0]
     expected = ttest_rel([x - 0.05 for x in a], b, alternative="greater").pvalue
@@ -90,7 +90,7 @@ def test_paired_t_test_is_scipys_ttest_rel_shifted_by_the_tolerance():
 
 
 def test_paired_n_is_far_below_the_unpaired_n_when_the_differences_spread_less():
-    from servematrix.check.stats import mcnemar_required_n, paired_mde, paired_required_n
+    from servematrix.stats import mcnemar_required_n, paired_mde, paired_required_n
 
     unpaired = required_n(0.32, 0.05)  # two independent samples of σ 0.32
     paired = paired_required_n(0.02, 0.05)  # differences of σ 0.02

@@ -13,6 +13,10 @@ the wheel's own Requires-Dist gives the torch pin; an `==` pin the registry cann
 reported in the recipe's notes and worked around by installing vLLM --no-deps with the rest of its
 requirements (a "+local" pin at its public version, a version the registry lacks left out). No
 code here branches on a version.
+
+In config (the first stage) because a matrix file's `vllm:` axis and a waiver's `until:` are
+validated against this catalog at their line; it asks servematrix/gpus.py (a base module) which
+kind of host this is. Building an environment for a release is the serve stage's (serve/envs.py).
 """
 
 from __future__ import annotations
@@ -34,9 +38,10 @@ from packaging.requirements import InvalidRequirement, Requirement
 from packaging.version import InvalidVersion, Version
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
+from servematrix.config import packaged
 from servematrix.config.yamlio import load_yaml, validate
 from servematrix.errors import ArgumentError, UserError
-from servematrix.paths import cache_dir, data_file
+from servematrix.paths import cache_dir
 
 CURRENT = "current"
 # The user's release settings, looked for in the working directory in this order (the first found
@@ -175,7 +180,7 @@ def files() -> list[tuple[str, ReleasesFile]]:
     proj = project_file()
     if proj is not None:
         out.append((f"project {proj}", read_file(proj)))
-    out.append(("packaged", read_file(data_file(PACKAGED))))
+    out.append(("packaged", packaged.load(PACKAGED, ReleasesFile)))
     return out
 
 
@@ -210,7 +215,7 @@ def host_kind() -> str:
     forced = os.environ.get("SERVEMATRIX_HOST")
     if forced in ("cpu", "gpu"):
         return forced
-    from servematrix.serve.hardware import probe_gpus
+    from servematrix.gpus import probe_gpus
 
     try:
         return "gpu" if probe_gpus() else "cpu"

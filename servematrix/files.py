@@ -1,6 +1,10 @@
 """Files of a run directory: every report is written atomically (a killed run keeps the last
 complete version of each), with the mode a new file would get; a place is checked before anything
-is written to it; `latest` points at the newest run."""
+is written to it; `latest` points at the newest run.
+
+A base module, below every stage (like paths.py and versions.py): the run, the reports, the sweep,
+the mirror and the CLI all write through it, so it imports no stage; parked in report/ it made the
+mirror depend on the report stage for a file write."""
 
 from __future__ import annotations
 
