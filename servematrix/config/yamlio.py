@@ -116,7 +116,7 @@ _SURROGATE = re.compile("[\ud800-\udfff]")
 def _yaml11_number(loader: _LineLoader, node: yaml.ScalarNode):
     """An int or float PyYAML resolved by YAML 1.1's rules, refused where those rules read it as
     another number than it shows: 010 is octal 8, 1:30 is sexagesimal 90, 0b11 is 3, 1_000 is 1000
-    (YAML 1.2, and every reader of the README's "strict integers", reads 10, text, text, text).
+    (YAML 1.2, and every reader of docs/boundary.md's "strict integers", reads 10, text, text, text).
     Decimal, 0x.. and the usual float forms are read as they are."""
     text = node.value.strip()
     body = text.lstrip("+-")

@@ -1,6 +1,6 @@
 """The shape expressions of mirror-families.yaml's quantization schemes: a quantized linear's
 tensors for given widths, and a scheme's parameters solved from a source linear's tensors. The
-expressions are evaluated by checkpoint/quantize.py, which writes the same layouts in the forge."""
+expressions are evaluated by config/quantize.py, which writes the same layouts in the forge."""
 
 from __future__ import annotations
 

@@ -48,7 +48,7 @@ class BisectResult(BaseModel):
 
 def candidates(low: str, high: str) -> list[str]:
     """Every release from `low` to `high` (names or bare versions), oldest first: each version the
-    package registry publishes in between, not only the declared ones (serve/releases.py names
+    package registry publishes in between, not only the declared ones (config/releases.py names
     them; an undeclared one is resolved, and its environment built, only when the search reaches it)."""
     return releases.between(low, high, "--between")
 

@@ -221,7 +221,7 @@ def runner_tag(base: str) -> str:
 @pytest.fixture(scope="module")
 def runner_image(cpu_image, podman_engine, tmp_path_factory):
     """`docker compose --profile runner build` FROM the CPU image's `vllm` stage, once per tag; an edit
-    of servematrix rebuilds only its last layers (measured: see README)."""
+    of servematrix rebuilds only its last layers (measured: docs/backends.md)."""
     env, _ = podman_engine
     image = cpu_image
     deps = build_cpu(env, str(tmp_path_factory.mktemp("cpu-build-stage")), STAGE="vllm")  # cached with cpu_image

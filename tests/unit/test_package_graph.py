@@ -24,11 +24,10 @@ PACKAGE_DIR = Path(__file__).resolve().parents[2] / ROOT
 BASE = {"errors", "redact", "paths", "files", "versions", "stats", "gpus", "record", "record_gsm8k"}
 
 # The stages, first to last: a stage imports only the base and the stages before it. This is the
-# code's order, written down as data. The README's table puts `run` before `report`; the code has
-# report before run (run's session appends the history row and writes the reports through
-# report/, while report only reads summaries and never starts anything), so report comes first here.
-# `sweep` is not in the README's table: it generates entries from mirror's twins and runs them
-# through run/, so it sits after both; the CLI is last.
+# code's order, written down as data (README "Layout", docs/design.md). report comes before run:
+# run's session appends the history row and writes the reports through report/, while report only
+# reads summaries and never starts anything. sweep generates entries from mirror's twins and runs
+# them through run/, so it sits after both; the CLI is last.
 STAGES = ["config", "checkpoint", "mirror", "serve", "check", "report", "run", "sweep", "cli"]
 
 

@@ -206,7 +206,7 @@ def minimax_kvscale_source(directory: Path) -> Path:
     MiniMaxM2ForCausalLM layout for its defaults (62 layers, 256 experts, 8 KV heads) in BF16, plus
     F32 k_proj.k_scale / v_proj.v_scale per layer, an fp8 quantization_config that ignores every
     attention projection and the experts, and the real config.json's auto_map and router fields
-    (as evidence/mirror-minimax-37214/write_source.py writes it for the served run)."""
+    (as benchmarks/minimax_kvscale_source.py writes it for the served run)."""
     from servematrix.mirror.source import read_source
 
     layout = read_source("model_type:minimax_m2")
