@@ -214,7 +214,7 @@ def _twin(cell: cellmod.Cell, opts: SweepOptions, twin_cache: dict) -> twins.Twi
 def _not_checkable(cell: cellmod.Cell, failure: Failure | None) -> str | None:
     """Why a load check's failure is no verdict on vLLM here (None: it is one)."""
     if failure is not None and serve.gpu_only(failure):  # data/sweep-quants.yaml `gpu_only`
-        return f"not checkable here: needs a GPU-only library ({failure.signature[:200]})"
+        return f"not checkable here: needs a library this CPU install lacks ({failure.signature[:200]})"
     if failure is not None and cell.quant != "none" and refused_on_cpu(cell.quant, failure.signature):
         return (f"not checkable here: the CPU build has no kernel for this twin's {cell.quant} layout "
                 f"({failure.signature[:200]}; the reasons are in its server.log)")
@@ -251,7 +251,7 @@ def _serve_step(cell: cellmod.Cell, opts: SweepOptions, python: str, twin: twins
         return None, f"depth: load (not served: {why})"
     served, failure = _serve(cell, opts, python, twin)
     if failure is not None and serve.gpu_only(failure):
-        return None, f"depth: load (the server needs a GPU-only library: {failure.signature[:200]})"
+        return None, f"depth: load (the server needs a library this CPU install lacks: {failure.signature[:200]})"
     for name in ("load", "smoke"):  # the server's start-up time replaces the load check's
         if getattr(served, name) is not None:
             setattr(parts, name, getattr(served, name))

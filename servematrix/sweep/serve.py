@@ -47,7 +47,7 @@ def rules() -> ServeRules:
 
 
 def gpu_only(failure: Failure) -> bool:
-    """Whether `failure` stopped at a library the CPU build lacks (data/sweep-quants.yaml `gpu_only`)."""
+    """Whether `failure` stopped at a library the CPU install lacks (GPU-only ones, torchvision) (data/sweep-quants.yaml `gpu_only`)."""
     return any(re.search(p, failure.signature) for p in quant.data()["gpu_only"])
 
 

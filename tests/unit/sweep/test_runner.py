@@ -123,7 +123,7 @@ def test_a_construction_stopped_by_a_gpu_only_library_is_not_checkable_any_other
 
     monkeypatch.setattr(runner, "_load_check", load_check)
     by_id = {r.id: r for r in runner.run(options(tmp_path, k="llama/*")).scenarios}
-    assert by_id["llama/tp1-none"].verdict == "skipped" and "GPU-only library" in by_id["llama/tp1-none"].note
+    assert by_id["llama/tp1-none"].verdict == "skipped" and "library this CPU install lacks" in by_id["llama/tp1-none"].note
     assert by_id["llama/pp2-none"].verdict == "fail"
 
 
@@ -212,7 +212,7 @@ def test_a_server_stopped_by_a_gpu_only_library_leaves_the_load_checks_pass(tmp_
     monkeypatch.setattr(runner, "_serve", lambda cell, opts, python, twin: (Parts(model="m", load=LoadResult(
         ok=False, error=f)), f))
     (r, _) = runner.run(options(tmp_path, k="llama/*", depth="serve")).scenarios
-    assert r.verdict == "pass" and r.failure is None and "depth: load (the server needs a GPU-only library" in r.note
+    assert r.verdict == "pass" and r.failure is None and "depth: load (the server needs a library this CPU install lacks" in r.note
 
 
 def test_each_cell_is_on_disk_the_moment_it_ends_and_latest_points_at_the_sweep(tmp_path, doubles, monkeypatch):
