@@ -31,11 +31,10 @@ _WRAPPERS = (
     "Worker failed with error",
     "WorkerProc initialization failed",
     # vLLM inspects a model class in a subprocess (model_executor/models/registry.py) and re-raises
-    # whatever stopped it as these two, then as ModelConfig's "failed to be inspected": the cause
-    # is the subprocess's own exception, logged between them
+    # whatever stopped it as these two (then as ModelConfig's ValidationError, which comes after the
+    # cause): the cause is the subprocess's own exception, logged between them
     "'vllm.model_executor.models.registry']' returned non-zero exit status",
     "RuntimeError: Error raised in subprocess",
-    "failed to be inspected. Please check the logs",
 )
 # when a line was logged, as "MM-DD HH:MM:SS" (orders within a year): vLLM's logger, torch's c10
 # warnings ("[W1201 17:23:39.88 utils.cpp:68]") and lm-eval's ("2026-12-01:17:24:14 INFO")
