@@ -56,11 +56,5 @@ def device(name: str) -> DeviceProfile:
     return known[name]
 
 
-def device_profile(name: str) -> dict:
-    """The profile as a plain dict: the form run/pipeline.py, sweep/runner.py and serve/server.py
-    read by key (`profile.get("env", {})`) until they ask device() for the model."""
-    return device(name).model_dump()
-
-
 def uses_gpus(name: str) -> bool:
     return device(name).uses_gpus

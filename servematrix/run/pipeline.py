@@ -24,7 +24,7 @@ from servematrix.check.embedding import embedding_failure, run_embedding_smoke
 from servematrix.check.smoke import run_smoke, smoke_failure
 from servematrix.checkpoint.resolve import ModelUnavailable, resolve
 from servematrix.config import plan
-from servematrix.config.devices import device_profile
+from servematrix.config.devices import device
 from servematrix.config.matrix import Entry, Matrix
 from servematrix.config.scenario import Scenario, SmokeSpec
 from servematrix.record import (CheckResult, EmbeddingResult, EntryOutcome, Expected, Failure, FixRecord, Gsm8kResult,
@@ -200,13 +200,13 @@ class Pipeline:
         """Always on this host in the entry's vLLM environment, whatever the server kind: in the
         release's persistent world (vLLM imported once per run and release, each check's ranks
         forked from it), the same result a process of its own would give (serve/world.py)."""
-        profile = device_profile(entry.device)
-        attention = (profile.get("load_check") or {}).get("attention", {})
+        profile = device(entry.device)
+        attention = dict(profile.load_check.attention) if profile.load_check else {}
         loads = scenario.load_check.loads_weights if scenario.load_check is not None else True
         check = loadcheck.Check(attention=attention, load_weights=loads, out=entry_dir / "loadcheck")
         # the world starts with what every check of the release shares (vLLM reads it at import);
         # each check's own variables (its fixes, thread binding) reach only its forked ranks
-        world_env = {**profile.get("env", {}), **envs.launch_env(entry.vllm)}
+        world_env = {**profile.env, **envs.launch_env(entry.vllm)}
         try:
             result = load_check_phase(self.worlds, f"{entry.vllm}-{entry.device}", spec, check, world_env, parts)
         except StageFailed as exc:

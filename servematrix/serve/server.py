@@ -21,7 +21,7 @@ import httpx
 from pydantic import BaseModel, ConfigDict, Field
 
 from servematrix import redact
-from servematrix.config.devices import device_profile
+from servematrix.config.devices import device
 from servematrix.config.matrix import Entry
 from servematrix.config.scenario import Scenario
 from servematrix.record import Failure, LoadResult, StageFailed
@@ -99,11 +99,11 @@ def build_spec(entry: Entry, scenario: Scenario, model_path: str, port: int, log
     ]
     from servematrix.serve import envs
 
-    profile = device_profile(entry.device)
-    env = {**profile.get("env", {}), **envs.launch_env(entry.vllm), **scenario.server.env, **quant.env}
-    if profile.get("bind_threads") and "VLLM_CPU_OMP_THREADS_BIND" not in env:
+    profile = device(entry.device)
+    env = {**profile.env, **envs.launch_env(entry.vllm), **scenario.server.env, **quant.env}
+    if profile.bind_threads and "VLLM_CPU_OMP_THREADS_BIND" not in env:
         env["VLLM_CPU_OMP_THREADS_BIND"] = cpu_bind(entry.tp * entry.pp) if entry.tp * entry.pp > 1 else "auto"
-    if profile.get("uses_gpus") and gpu_ids:
+    if profile.uses_gpus and gpu_ids:
         env["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, gpu_ids))  # this entry's share of the host
     fixes = tuple(dict.fromkeys([*entry.fixes, *extra_fixes]))
     if fixes:

@@ -23,7 +23,7 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict
 
 from servematrix.check.verdict import judge
-from servematrix.config.devices import device_profile
+from servematrix.config.devices import device
 from servematrix.errors import ArgumentError
 from servematrix.paths import cache_dir
 from servematrix.record import EntryOutcome, Expected, Failure, RunSummary, ScenarioRecord, StageFailed
@@ -270,7 +270,7 @@ def _spec(cell: cellmod.Cell, python: str, twin: twins.Twin, cell_dir: Path, tim
     argv = [python, "-m", SERVER_MODULE, "--model", twin.path, "--tensor-parallel-size", str(cell.tp),
             "--pipeline-parallel-size", str(cell.pp), *twin.server_args]
     world = cell.tp * cell.pp
-    env = {**device_profile("cpu").get("env", {}), **envs.launch_env(cell.release),
+    env = {**device("cpu").env, **envs.launch_env(cell.release),
            "VLLM_CPU_OMP_THREADS_BIND": cpu_bind(world) if world > 1 else "auto"}
     return LaunchSpec(argv=argv, env=env, port=0, log_path=cell_dir / "server.log", startup_timeout=timeout)
 
@@ -295,9 +295,10 @@ def _load_check(cell: cellmod.Cell, opts: SweepOptions, python: str, twin: twins
     cell_dir = opts.out / cell.id
     cell_dir.mkdir(parents=True, exist_ok=True)
     spec = _spec(cell, python, twin, cell_dir, opts.timeout)
-    attention = (device_profile("cpu").get("load_check") or {}).get("attention", {})
+    cpu = device("cpu")
+    attention = dict(cpu.load_check.attention) if cpu.load_check else {}
     check = loadcheck.Check(attention=attention, out=cell_dir / "loadcheck", record_misses=True)
-    world_env = {**device_profile("cpu").get("env", {}), **spec.env}
+    world_env = {**cpu.env, **spec.env}
     try:
         load_check_phase(None if opts.isolated else worlds, cell.release, spec, check, world_env, parts)
     except StageFailed as exc:
