@@ -201,24 +201,26 @@ def hf_cache_layout(cache_root: Path, repo: str, checkpoint: Path) -> Path:
     return root / "snapshots" / rev
 
 
-def minimax_kvscale_source(directory: Path) -> Path:
+def minimax_kvscale_source(directory: Path, shards: int = 4) -> Path:
     """A full-size MiniMax-M2.5-style checkpoint with KV-cache scales, header only: transformers'
     MiniMaxM2ForCausalLM layout for its defaults (62 layers, 256 experts, 8 KV heads) in BF16, plus
     F32 k_proj.k_scale / v_proj.v_scale per layer, an fp8 quantization_config that ignores every
-    attention projection and the experts, and the real config.json's auto_map and router fields
-    (as benchmarks/minimax_kvscale_source.py writes it for the served run)."""
+    attention projection and the experts, and the real config.json's auto_map and router fields.
+    benchmarks/minimax_kvscale_source.py writes the same source (8 shards) for the served run."""
     from servematrix.mirror.source import read_source
 
-    layout = read_source("model_type:minimax_m2")
+    layout = read_source("model_type:minimax_m2")  # the class's defaults + mirror-families.yaml's fields
     n = layout.config["num_hidden_layers"]
-    tensors = {name: ("BF16", list(m.shape)) for name, m in layout.tensors.items()}
+    tensors = {name: ("BF16" if m.dtype == "F32" else m.dtype, list(m.shape)) for name, m in layout.tensors.items()}
     for i in range(n):
         tensors[f"model.layers.{i}.self_attn.k_proj.k_scale"] = ("F32", [])
         tensors[f"model.layers.{i}.self_attn.v_proj.v_scale"] = ("F32", [])
     ignored = [f"model.layers.{i}.self_attn.{p}" for i in range(n) for p in ("q_proj", "k_proj", "v_proj", "o_proj")]
+    ignored += [f"model.layers.{i}.mlp.experts" for i in range(n)]  # vLLM's name for block_sparse_moe.experts
     config = {**{k: v for k, v in layout.config.items() if k not in ("dtype", "id2label", "label2id")},
               "torch_dtype": "bfloat16",
-              "auto_map": {"AutoConfig": "configuration_minimax_m2.MiniMaxM2Config"},
-              "quantization_config": {"quant_method": "fp8", "activation_scheme": "dynamic",
-                                      "ignored_layers": ignored + [f"model.layers.{i}.mlp.experts" for i in range(n)]}}
-    return write_checkpoint(directory, config, tensors, shards=4)
+              # the checkpoint ships its configuration module: 0.18.1's transformers 4.57 needs it
+              "auto_map": {"AutoConfig": "configuration_minimax_m2.MiniMaxM2Config",
+                           "AutoModelForCausalLM": "modeling_minimax_m2.MiniMaxM2ForCausalLM"},
+              "quantization_config": {"quant_method": "fp8", "activation_scheme": "dynamic", "ignored_layers": ignored}}
+    return write_checkpoint(directory, config, {k: tensors[k] for k in sorted(tensors)}, shards=shards)
