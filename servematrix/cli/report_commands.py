@@ -102,6 +102,7 @@ def cmd_reference_record(args) -> int:
     from servematrix.config import references
     from servematrix.report import gate
     from servematrix.files import atomic_write, writable_target
+    from servematrix.redact import terminal
 
     run = gate.load_summary(Path(args.run_dir))
     out = Path(args.out)
@@ -109,14 +110,14 @@ def cmd_reference_record(args) -> int:
     existing, header = _existing_references(out)
     new = _new_references(run, args.any_vllm, Path(args.run_dir) / "summary.json")
     if not new:  # the references file is left exactly as it was
-        print(f"{args.run_dir}: no passing scenario with metrics; nothing recorded", file=sys.stderr)
+        print(f"{terminal(args.run_dir, None)}: no passing scenario with metrics; nothing recorded", file=sys.stderr)
         return 1
     replaced = {(n.key, n.metric) for n in new}
     kept = [e for e in existing if (e.key, e.metric) not in replaced]
     atomic_write(out, references.dump_references(kept + new, header))
-    for n in new:
-        print(f"{out}: {n.key.scenario}/tp{n.key.tp}-pp{n.key.pp}-{n.key.quant} {n.metric} = {n.mean:.4f} "
-              f"(sigma {n.sigma:.4f}, n {n.n})")
+    for n in new:  # ids and metric names come from the summary: printed through redact.terminal
+        print(f"{terminal(out, None)}: {terminal(f'{n.key.scenario}/tp{n.key.tp}-pp{n.key.pp}-{n.key.quant}')} "
+              f"{terminal(n.metric)} = {n.mean:.4f} (sigma {n.sigma:.4f}, n {n.n})")
     return 0
 
 

@@ -12,6 +12,7 @@ from servematrix.cli.args import finite_positive_float, gpu_ids, interpreter, no
 from servematrix.errors import ArgumentError, ConfigError
 
 DEFAULT_MATRIX = Path("matrix/cpu-smoke.yaml")
+LOG_LINE = 2_000  # characters of one printed log line: a traceback's fit, a runaway line is cut
 _FILTER_HELP = "filter: substring or glob of the id, tag:NAME; comma = or"
 
 
@@ -75,7 +76,8 @@ def cmd_list(args) -> int:
             exp = e.expectation
             # the reason is the user's free text: a scenario's credential written there is masked
             extra = f"  [xfail: {terminal(exp.reason, None)}]" if exp.expect == "xfail" else ""
-            print(f"{e.id}{extra}" if not args.verbose else f"{e.id}\t{','.join(e.tags)}\t{terminal(e.origin, None)}{extra}")
+            print(f"{e.id}{extra}" if not args.verbose
+                  else f"{e.id}\t{terminal(','.join(e.tags), None)}\t{terminal(e.origin, None)}{extra}")
     return 0
 
 
@@ -207,6 +209,7 @@ def add_bisect(sub) -> None:
 
 def cmd_bisect(args) -> int:
     from servematrix.files import atomic_write
+    from servematrix.redact import terminal
     from servematrix.run.bisect import bisect
     from servematrix.sweep.bisect import bisect_cell, parse
 
@@ -220,27 +223,33 @@ def cmd_bisect(args) -> int:
         matrix, entry = _entry(args)
         result = bisect(matrix, entry, args.between[0], args.between[1], out, args.signature, args.python,
                         args.overwrite)
-    print(f"\nbisect {entry.id} over {', '.join(result.releases)}")
+    # ids, releases, signatures and log lines come from files and the server's output: every one
+    # goes through redact.terminal (escaped, masked, bounded) before it reaches the terminal
+    print(f"\nbisect {terminal(entry.id)} over {', '.join(terminal(r) for r in result.releases)}")
     for p in sorted(result.probes, key=lambda p: result.releases.index(p.release)):
-        print(f"  {p.release:<12} {p.outcome:<5} {p.verdict:<6} {p.signature or ''}")
+        print(f"  {terminal(p.release, 40):<12} {p.outcome:<5} {terminal(p.verdict, 20):<6} {terminal(p.signature or '')}")
     atomic_write(out / "bisect.json", result.model_dump_json(indent=2))
     if result.pair is None:
         print("no change of outcome between the releases that could be judged")
         return 1
     _print_change(result, args.log_lines)
-    print(f"\n{out / 'bisect.json'}")
+    print(f"\n{terminal(out / 'bisect.json', None)}")
     return 0
 
 
 def _print_change(result, log_lines: int) -> None:
     """The adjacent pair where the outcome changes, each with its failure and the tail of its log."""
+    from servematrix.redact import terminal
+
     a, b = result.pair
     what = "regression: last good / first bad" if result.change == "regression" else "fix: last bad / first good"
-    print(f"\n{what}: {a.release} -> {b.release}")
+    print(f"\n{what}: {terminal(a.release, 40)} -> {terminal(b.release, 40)}")
     for p in (a, b):
-        print(f"\n--- {p.release} ({p.outcome}, vLLM {p.vllm_version}): {p.log}")
+        print(f"\n--- {terminal(p.release, 40)} ({p.outcome}, vLLM {terminal(p.vllm_version, 40)}): "
+              f"{terminal(p.log, None)}")
         if p.signature:
-            print(f"failure: {p.signature}")
+            print(f"failure: {terminal(p.signature)}")
         if p.log:
             lines = Path(p.log).read_text(errors="replace").splitlines()
-            print("\n".join(lines[-log_lines:]))
+            # a log line is the server's: as long as it is (a traceback's), but escaped and masked
+            print("\n".join(terminal(line, LOG_LINE) for line in lines[-log_lines:]))

@@ -29,6 +29,10 @@ def cmd_env(args) -> int:
     from servematrix.serve import envs
 
     if args.env_cmd == "list":
+        from servematrix.redact import terminal
+
+        # a name is a directory's under the cache, and the state quotes its marker file: both are
+        # read from disk, so both are printed through redact.terminal (escaped, masked, bounded)
         for name, rel, info in envs.catalog():
             if rel is None:
                 state = "built, no longer declared or resolved (env remove refuses it: remove the directory by hand)"
@@ -37,17 +41,17 @@ def cmd_env(args) -> int:
                 state = {"missing": "not built", "stale": "built from another recipe: rebuilt by env ensure",
                          "damaged": f"{info and info.get('damaged')}: rebuilt by env ensure",
                          "built": f"vllm {info and info.get('vllm')}, torch {info and info.get('torch')}"}[st]
-            print(f"{name:<14} {state:<40} {envs.root(name)}")
+            print(f"{terminal(name):<14} {terminal(state):<40} {terminal(envs.root(name), None)}")
             if rel is not None:
                 deps = " --no-deps" if rel.no_deps else ""
-                print(f"{'':<14} recipe {rel.recipe_hash()}: {rel.vllm}{deps}, {rel.torch}"
-                      + (f", without {', '.join(rel.skip)}" if rel.skip else "") + f" ({rel.origin})")
+                print(terminal(f"{'':<14} recipe {rel.recipe_hash()}: {rel.vllm}{deps}, {rel.torch}"
+                               + (f", without {', '.join(rel.skip)}" if rel.skip else "") + f" ({rel.origin})", None))
                 for key, value in sorted(rel.env.items()):
-                    print(f"{'':<14} env {key}={value!r}")
+                    print(terminal(f"{'':<14} env {key}={value!r}", None))  # a secret-named one masked
                 if rel.not_served:
-                    print(f"{'':<14} load-checked only here: {rel.not_served}")
+                    print(terminal(f"{'':<14} load-checked only here: {rel.not_served}", None))
                 for note in rel.notes:
-                    print(f"{'':<14} note: {note}")
+                    print(terminal(f"{'':<14} note: {note}", None))
         return 0
     # every name is checked (and a bare version resolved) before the first environment is built or removed
     if args.env_cmd == "ensure":

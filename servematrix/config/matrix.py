@@ -8,6 +8,7 @@ Expectation are importable from here, where most code meets them.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from servematrix.config.power import detectable, needed_n, paired_mde, uninformative
@@ -15,8 +16,9 @@ from servematrix.config.references import References
 from servematrix.config import plan
 from servematrix.config.expand import expand
 from servematrix.config.matrix_spec import Entry, Expectation, MatrixFile
-from servematrix.config.scenario import Scenario, ScenarioStore
+from servematrix.config.scenario import MAX_NAME, NAME_RE, Scenario, ScenarioStore
 from servematrix.config.yamlio import ConfigError, Located, is_file, load_yaml, not_a_file, validate
+from servematrix.errors import UserError
 from servematrix.paths import GSM8K_TEST_ROWS
 
 __all__ = ["Entry", "Expectation", "Matrix", "load_matrix", "validate_files"]
@@ -88,7 +90,11 @@ class Matrix:
 
 def load_matrix(path: Path | str) -> Matrix:
     located = load_yaml(path)
-    spec = validate(located, MatrixFile)
+    try:
+        spec = validate(located, MatrixFile)
+    except ConfigError:
+        _remember_named_credentials(located)
+        raise
     store = ScenarioStore((located.path.parent / spec.scenario_dir).resolve())
     for i, name in enumerate(spec.scenarios):
         _require_scenario(located, store, name, ("scenarios", i))
@@ -99,6 +105,30 @@ def load_matrix(path: Path | str) -> Matrix:
     matrix = Matrix(located.path, spec, store, entries, references, located)
     matrix.check_power()
     return matrix
+
+
+def _remember_named_credentials(located: Located) -> None:
+    """Before a matrix's own error is printed: the credentials of the scenarios it names, registered
+    with redact as reading them would (config/scenario.py), so that one of them the error quotes (a
+    token pasted into a wrong field, `got '...'`, or as a key) is masked like everywhere else. The
+    names come from the raw data, since the file did not validate; whatever cannot be read is left."""
+    data = located.data if isinstance(located.data, dict) else {}
+    directory = data.get("scenario_dir", MatrixFile.model_fields["scenario_dir"].default)
+    names = [*(data.get("scenarios") or [])] if isinstance(data.get("scenarios"), list) else []
+    names += [i.get("scenario") for i in data.get("include") or [] if isinstance(i, dict)] \
+        if isinstance(data.get("include"), list) else []
+    if not isinstance(directory, str):
+        return
+    try:
+        store = ScenarioStore((located.path.parent / directory).resolve())
+    except (OSError, ValueError):
+        return
+    for name in names:
+        if isinstance(name, str) and len(name) <= MAX_NAME and re.fullmatch(NAME_RE, name):  # never a path
+            try:
+                store.get(name)  # registers its credentials as it reads them
+            except (KeyError, UserError, OSError, ValueError):
+                continue
 
 
 def _require_scenario(located: Located, store: ScenarioStore, name: str, loc) -> Scenario:

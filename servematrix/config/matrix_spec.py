@@ -26,15 +26,15 @@ MAX_ENTRIES = 10_000  # expanded entries of one file: each starts a server; more
 
 
 def _known_vllm(v: str) -> str:
-    """A known release's name, or any published version X.Y.Z (resolved from the registry, cached)
-    as the name of the release it resolves to."""
+    """A known release's name, or any published version X.Y.Z (resolved from the registry, not
+    cached: the run caches it when it builds the release) as the name of the release it resolves to."""
     from servematrix.config import releases
     from servematrix.errors import ArgumentError
 
     if v == DEFAULT_VLLM:
         return v
     try:
-        return releases.canonical(v, "vllm")
+        return releases.canonical(v, "vllm", save=False)  # validating a file writes nothing
     except ArgumentError as exc:
         raise ValueError(f"unknown vLLM release {v!r}: {exc.message}") from None
 

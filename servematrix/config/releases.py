@@ -223,6 +223,11 @@ def host_kind() -> str:
         return "cpu"
 
 
+# pip's own self-check writes a state file into the user's cache: asking the registry (which
+# `validate` may do for a release nobody declared) must leave no trace there either
+QUIET_PIP = ("--disable-pip-version-check",)
+
+
 class Registry:
     """The package registry as pip sees it (pip's own configuration: indexes, find-links, proxy),
     asked through pip itself. Tests replace it with a scripted double."""
@@ -232,7 +237,7 @@ class Registry:
 
     def versions(self, name: str) -> list[str]:
         """Versions of `name` installable here, newest first ([] if the registry has none)."""
-        done = subprocess.run([self.python, "-m", "pip", "index", "versions", name, "--json"],
+        done = subprocess.run([self.python, "-m", "pip", "index", "versions", name, "--json", *QUIET_PIP],
                               capture_output=True, text=True, timeout=300)
         if done.returncode != 0:
             if "No matching distribution" in done.stderr:
@@ -247,7 +252,7 @@ class Registry:
         with tempfile.TemporaryDirectory() as tmp:
             report = Path(tmp) / "report.json"
             done = subprocess.run([self.python, "-m", "pip", "install", "--dry-run", "--no-deps", "--ignore-installed",
-                                   "--quiet", "--report", str(report), f"{distribution}=={version}"],
+                                   "--quiet", *QUIET_PIP, "--report", str(report), f"{distribution}=={version}"],
                                   capture_output=True, text=True, timeout=600)
             if done.returncode != 0 or not report.is_file():
                 raise ReleaseError(f"reading {distribution}=={version}'s metadata (pip install --dry-run) failed "
@@ -329,9 +334,11 @@ def sources_here() -> list[Source]:
 
 
 def resolve(version: str, registry: Registry | None = None, prefix: str | None = None,
-            argument: str = "--vllm") -> Release:
+            argument: str = "--vllm", save: bool = True) -> Release:
     """The recipe of vLLM `version` from the first of this host's sources that publishes it (only
-    the source named `prefix`, if given), from the wheel's own metadata; cached."""
+    the source named `prefix`, if given), from the wheel's own metadata; cached with `save` (the
+    listings it read and the recipe), else nothing is written: a command that only checks
+    (`validate`, `list`, `repro`) resolves to refuse what cannot be built, and leaves no trace."""
     registry = registry or Registry()
     srcs = [s for s in sources_here() if prefix is None or s.prefix == prefix]
     for src in srcs:
@@ -339,8 +346,10 @@ def resolve(version: str, registry: Registry | None = None, prefix: str | None =
         if version not in have:  # published since the listing was taken?
             have = published(src.distribution, registry, MISS_REFRESH_S, save=False)
         if version in have:
+            rel = _recipe(src, version, registry, save)
+            if not save:
+                return rel
             save_listing(src.distribution, have)
-            rel = _recipe(src, version, registry)
             _write_json(_releases_dir() / host_kind() / f"{rel.name}.json", json.loads(rel.model_dump_json()))
             return rel
     dists = " or ".join(f"{s.distribution}=={version}" for s in srcs) or f"a {prefix}- source on a {host_kind()} host"
@@ -348,7 +357,7 @@ def resolve(version: str, registry: Registry | None = None, prefix: str | None =
                                   f"index versions; declare a recipe in {PROJECT_FILES[0]} for anything else)")
 
 
-def _recipe(src: Source, version: str, registry: Registry) -> Release:
+def _recipe(src: Source, version: str, registry: Registry, save: bool = True) -> Release:
     quirks = src.cpu if host_kind() == "cpu" else src.gpu
     notes: list[str] = []
     torch_spec: str | None = None
@@ -368,7 +377,7 @@ def _recipe(src: Source, version: str, registry: Registry) -> Release:
         elif req.name == "torch":
             raise ReleaseError(f"{src.distribution}=={version} requires {line!r}, not one torch version: declare its "
                                f"recipe in {PROJECT_FILES[0]}")
-    have = _listings([r.name for r in pins], registry)
+    have = _listings([r.name for r in pins], registry, save)
     for req in pins:
         pinned = next(s.version for s in req.specifier if s.operator == "==")
         public = pinned.split("+", 1)[0]
@@ -400,20 +409,22 @@ def _recipe(src: Source, version: str, registry: Registry) -> Release:
                           f"{src.distribution} {version} metadata ({host_kind()} host)")
 
 
-def _listings(names: list[str], registry: Registry) -> dict[str, list[str]]:
+def _listings(names: list[str], registry: Registry, save: bool = True) -> dict[str, list[str]]:
     """Each pinned requirement's published versions, asked in parallel (one pip call each)."""
     names = list(dict.fromkeys(names))
     with ThreadPoolExecutor(max_workers=8) as pool:
-        return dict(zip(names, pool.map(lambda n: published(n, registry), names)))
+        return dict(zip(names, pool.map(lambda n: published(n, registry, save=save), names)))
 
 
 # ------------------------------------------------------------------------------------------------
 # Names
 
 
-def canonical(value: str, argument: str | None = None, registry: Registry | None = None) -> str:
+def canonical(value: str, argument: str | None = None, registry: Registry | None = None, save: bool = True) -> str:
     """The release `value` names: `current`, a known release's name, a bare version (a known release
-    of that version, else resolved from the registry) or <prefix>-<version> of a source (resolved).
+    of that version, else resolved from the registry) or <prefix>-<version> of a source (resolved;
+    its recipe cached only with `save`: a matrix file's `vllm:` is checked without it, so
+    validating a file writes nothing, and the run caches the recipe when it builds the release).
     Anything else (a path, '', a typo) is refused before it is ever joined to a path."""
     if value == CURRENT:
         return value
@@ -437,7 +448,7 @@ def canonical(value: str, argument: str | None = None, registry: Registry | None
         raise ArgumentError(arg, refusal(value, known, f"{version} is older than the oldest release servematrix "
                                                        f"resolves, {rules().oldest}"))
     try:
-        return resolve(version, registry, prefix, arg).name
+        return resolve(version, registry, prefix, arg, save).name
     except ReleaseError as exc:
         raise ArgumentError(arg, str(exc)) from None
 

@@ -133,6 +133,21 @@ def _yaml11_number(loader: _LineLoader, node: yaml.ScalarNode):
     return ctor(loader, node)
 
 
+# YAML 1.2's booleans (its core schema); YAML 1.1 also reads yes/no/on/off (any case) as booleans
+_BOOLEANS = {"true", "True", "TRUE", "false", "False", "FALSE"}
+
+
+def _yaml11_boolean(loader: _LineLoader, node: yaml.ScalarNode):
+    """A boolean PyYAML resolved by YAML 1.1's rules, refused where it is written as yes/no/on/off:
+    a field that wants text (a name, a quant, a release) would get True instead of the word, and a
+    switch written `off` reads as a word to everyone but YAML 1.1 (Norway's `no` is the classic).
+    The same rule as _yaml11_number: only what YAML 1.2 reads the same way is accepted."""
+    if node.value not in _BOOLEANS:
+        raise _Refused(f"{node.value!r} is a YAML 1.1 boolean (read as {str(node.value.lower() in {'yes', 'on'}).lower()}): "
+                       "write true or false, or quote it if it is text", node.start_mark)
+    return yaml.SafeLoader.construct_yaml_bool(loader, node)
+
+
 def _construct_mapping(loader: _LineLoader, node: yaml.MappingNode, deep: bool = False):
     seen: dict[Any, int] = {}
     for key_node, _ in node.value:
@@ -154,20 +169,33 @@ def _construct_mapping(loader: _LineLoader, node: yaml.MappingNode, deep: bool =
 _LineLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
 _LineLoader.add_constructor("tag:yaml.org,2002:int", _yaml11_number)
 _LineLoader.add_constructor("tag:yaml.org,2002:float", _yaml11_number)
+_LineLoader.add_constructor("tag:yaml.org,2002:bool", _yaml11_boolean)
 
 
-def _index_lines(node: yaml.Node, loc: Loc, out: dict[Loc, int]) -> None:
+def _index_lines(node: yaml.Node, loc: Loc, out: dict[Loc, int], loader: _LineLoader | None = None) -> None:
     out[loc] = node.start_mark.line + 1
     if isinstance(node, yaml.MappingNode):
         for key_node, value_node in node.value:
-            key = key_node.value
+            key = _key(key_node, loader)
             # the key's own line, so "unknown field" points at the key
             out[loc + (key,)] = key_node.start_mark.line + 1
-            _index_lines(value_node, loc + (key,), out)
+            _index_lines(value_node, loc + (key,), out, loader)
             out[loc + (key,)] = key_node.start_mark.line + 1
     elif isinstance(node, yaml.SequenceNode):
         for i, item in enumerate(node.value):
-            _index_lines(item, loc + (i,), out)
+            _index_lines(item, loc + (i,), out, loader)
+
+
+def _key(key_node: yaml.Node, loader: _LineLoader | None):
+    """A key as the data holds it (`~` is None, `1` is 1), so a location pydantic reports for a key
+    that is not text finds its line; a plain text key is its own value."""
+    if loader is None or not isinstance(key_node, yaml.ScalarNode) or key_node.tag.endswith(":str"):
+        return key_node.value
+    try:
+        key = loader.construct_object(key_node)
+    except yaml.YAMLError:
+        return key_node.value
+    return key if isinstance(key, (str, int, float, bool, type(None))) else key_node.value
 
 
 class Located:
@@ -199,7 +227,7 @@ def load_yaml(path: Path | str) -> Located:
         data = None if node is None else loader.construct_document(node)
         lines: dict[Loc, int] = {}
         if node is not None:
-            _index_lines(node, (), lines)
+            _index_lines(node, (), lines, loader)
     except _Refused as exc:
         raise ConfigError(path, exc.problem_mark.line + 1, None, exc.problem) from exc
     except yaml.MarkedYAMLError as exc:
@@ -293,7 +321,7 @@ def validate(located: Located, model: type[M], data: Any = None, loc_prefix: Loc
     except ValidationError as exc:
         # an unknown key is usually a typo of a missing one: report it first
         err = sorted(exc.errors(), key=lambda e: e["type"] != "extra_forbidden")[0]
-        loc = loc_prefix + tuple(p for p in err["loc"] if not _is_union_tag(p)) + (err.get("ctx") or {}).get("at", ())
+        loc = loc_prefix + _data_loc(payload, err["loc"]) + (err.get("ctx") or {}).get("at", ())
         msg = "unknown field" if err["type"] == "extra_forbidden" else _message(err)
         extra = f" ({len(exc.errors()) - 1} more error(s))" if len(exc.errors()) > 1 else ""
         raise located.error(loc, msg + extra) from None
@@ -313,6 +341,35 @@ def _message(err: dict) -> str:
     # masked before it is cut: a secret cut in half would no longer be recognised
     shown = repr(redact_text(value) if isinstance(value, str) else value)
     return f"{err['msg']} (got {shown[:60] + '...' if len(shown) > 60 else shown})"
+
+
+def _data_loc(data: Any, loc: Loc) -> Loc:
+    """pydantic's location of an error as a path through `data`: a part that is a key or index of
+    the data there is kept whatever it looks like (a key may hold '[' or an escape), and only a part
+    the data does not hold is judged as pydantic's union tag (dropped) or a missing field (kept)."""
+    out: list = []
+    here, inside = data, True
+    for part in loc:
+        if inside and isinstance(here, dict) and not _has(here, part):
+            # a key that is not text is named by its str() in pydantic's "Keys should be strings"
+            part = next((k for k in here if not isinstance(k, str) and str(k) == part), part)
+        if inside and isinstance(here, dict) and _has(here, part):
+            out.append(part)
+            here = here[part]
+        elif inside and isinstance(here, list) and isinstance(part, int) and 0 <= part < len(here):
+            out.append(part)
+            here = here[part]
+        elif not _is_union_tag(part):
+            out.append(part)
+            inside = False
+    return tuple(out)
+
+
+def _has(mapping: dict, key: Any) -> bool:
+    try:
+        return key in mapping
+    except TypeError:  # an unhashable part
+        return False
 
 
 def _is_union_tag(part: Any) -> bool:

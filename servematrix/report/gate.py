@@ -21,6 +21,7 @@ from pydantic import BaseModel, Field, ValidationError
 
 from servematrix.errors import StateError
 from servematrix.redact import column_width, terminal
+from servematrix.report import jsonio
 from servematrix.report.comparison import compare_runs
 from servematrix.report.history import Standing, standing
 from servematrix.record import KNOWN_SCHEMA_VERSIONS, NO_FINGERPRINT, RunSummary, ScenarioRecord
@@ -65,7 +66,9 @@ def load_summary(run_dir: Path) -> RunSummary:
             raise StateError(run_dir, f"{what}; expected a run directory holding summary.json")
         if not path.is_file():
             raise StateError(path, "missing or not a file (not a servematrix run directory?)")
-        data = json.loads(path.read_text())
+        data = jsonio.loads(jsonio.read_text(path))
+    except jsonio.JSONRefused as exc:
+        raise StateError(path, f"{exc}; not a servematrix summary") from None
     except OSError as exc:
         raise StateError(path, f"cannot read: {exc.strerror or exc}") from exc
     except UnicodeDecodeError as exc:

@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from servematrix.errors import StateError
 from servematrix.redact import redact_text, terminal
 from servematrix.record import RunSummary, Verdict
+from servematrix.report import jsonio
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs (
@@ -207,7 +208,7 @@ def _list(path: Path, text: str | None, keys: tuple[str, ...]) -> list[dict]:
     """A row's JSON list of objects (accuracy checks, fix reports) as append wrote it: each with the
     text `keys` its readers (waivers, trends) take for granted."""
     try:
-        items = json.loads(text or "[]")
+        items = jsonio.loads(text or "[]")
     except ValueError:
         items = None
     if not (isinstance(items, list) and all(isinstance(i, dict) and all(type(i.get(k)) is str for k in keys)
@@ -220,7 +221,7 @@ def _list(path: Path, text: str | None, keys: tuple[str, ...]) -> list[dict]:
 def _metrics(path: Path, text: str | None) -> dict:
     """A row's metrics as append wrote them ({name: {mean, ...}}); anything else is damage."""
     try:
-        metrics = json.loads(text or "{}")
+        metrics = jsonio.loads(text or "{}")
     except ValueError:
         metrics = None
     ok = isinstance(metrics, dict) and all(isinstance(v, dict) and _number(v.get("mean")) for v in metrics.values())

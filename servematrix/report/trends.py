@@ -26,6 +26,7 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from servematrix.record import METRICS, CheckResult, Protocol
+from servematrix.report import jsonio
 
 W, H = 380, 150  # the chart's size in CSS pixels (a legend adds LEGEND_LINE per protocol)
 LEFT, RIGHT, TOP, BOTTOM = 52, 12, 22, 26  # margins: y labels left, dates under
@@ -84,7 +85,7 @@ def _fingerprints(path: str, mtime_ns: int, size: int) -> dict[str, Protocol | N
     """Each record's fingerprint in one summary.json; cached by the file's state, since every
     scenario's charts on every page look up the same few runs."""
     try:
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
+        data = jsonio.loads(jsonio.read_text(Path(path)))
     except (OSError, ValueError):
         return {}
     out: dict[str, Protocol | None] = {}
