@@ -15,13 +15,8 @@ STAMP       := $(VENV)/.servematrix-installed-$(VLLM_CPU)
 run: $(STAMP)
 	$(VENV)/bin/servematrix run $(MATRIX)
 
-# Two pytest workers (pytest-xdist): the integration tests run as two streams side by side and the
-# unit tests fill in (tests/integration/conftest.py: STREAMS says which stream a module is in and why
-# that pays on a 2-core host).
-TEST_WORKERS ?= 2
-
 test: $(STAMP) chromium
-	$(PY) -m pytest -ra -n $(TEST_WORKERS) --dist loadgroup --durations=15 --timeout=1800 tests
+	$(PY) -m pytest -ra --durations=15 --timeout=1800 tests
 
 # Debian's Chromium renders the HTML report in the tests (skipped, with the reason, where it cannot
 # be installed: not root, no apt).

@@ -18,26 +18,12 @@ def _have_vllm() -> bool:
     return probe.stdout.strip() == "True"
 
 
-# `make test` runs two pytest workers (--dist loadgroup): each integration module belongs to one of
-# two streams, which run side by side, and the unit tests fill in around them. Why it pays on a 2-core
-# host: a vLLM server starts by importing vLLM in three processes one after the other (~7 s each, one
-# core busy), a TP=1 server computes on one core, image builds and container starts wait on I/O, so
-# one stream alone leaves a core idle much of the time. What must share a stream is what shares a
-# session fixture: `default_run` (the default matrix, its Ray comparison, the compose repro's local
-# tokens). Every other module goes to the second stream; the two streams' durations are in
-# docs/testing.md.
-STREAMS = {"test_default_matrix.py": "default-run", "test_containers.py": "default-run"}
-OTHER_STREAM = "served"
-
-
 def pytest_collection_modifyitems(config, items):
-    have_vllm = _have_vllm()
+    if _have_vllm():
+        return
     skip = pytest.mark.skip(reason="vLLM is not installed in this interpreter (run `make test`)")
     for item in items:
-        if "integration" not in str(item.fspath):
-            continue
-        item.add_marker(pytest.mark.xdist_group(STREAMS.get(item.fspath.basename, OTHER_STREAM)))
-        if not have_vllm:
+        if "integration" in str(item.fspath):
             item.add_marker(skip)
 
 

@@ -25,11 +25,9 @@ def docker_args(image: str) -> list[str]:
     return args
 
 
-def leftover_containers(env: dict, image: str) -> list[str]:
-    """Server containers of `image` still there. Only this module's image: the other test stream
-    (tests/integration/conftest.py: STREAMS) may be running the real CPU image's containers now."""
-    out = subprocess.run(["podman", "ps", "-a", "--filter", "label=servematrix=server", "--filter", f"ancestor={image}",
-                          "--format", "{{.Names}}"], capture_output=True, text=True, env=env)
+def leftover_containers(env: dict) -> list[str]:
+    out = subprocess.run(["podman", "ps", "-a", "--filter", "label=servematrix=server", "--format", "{{.Names}}"],
+                         capture_output=True, text=True, env=env)
     return out.stdout.split()
 
 
@@ -48,7 +46,7 @@ def test_docker_backend_serves_tp1_and_tp2_in_containers_with_parity_and_removes
     log = (out / "tiny-llama/tp2-pp1-fp32/server.log").read_text()
     assert "# servematrix (docker localhost/servematrix-hostroot:test)" in log
     assert "vllm" in log.lower() and "tensor_parallel_size=2" in log.replace(" ", "")
-    assert leftover_containers(env, image) == []
+    assert leftover_containers(env) == []
 
 
 def test_a_server_dying_in_its_container_is_a_load_failure_with_its_signature(tmp_path, shared_cache,
@@ -61,4 +59,4 @@ def test_a_server_dying_in_its_container_is_a_load_failure_with_its_signature(tm
     (r,) = json.loads((out / "summary.json").read_text())["scenarios"]
     assert r["verdict"] == "xfail" and r["load"]["ok"] is False
     assert "exceeds dimension size" in r["failure"]["signature"]
-    assert leftover_containers(env, image) == []
+    assert leftover_containers(env) == []
