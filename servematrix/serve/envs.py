@@ -19,6 +19,7 @@ from pathlib import Path
 
 from servematrix.errors import ArgumentError, StateError, UserError
 from servematrix.paths import cache_dir
+from servematrix.redact import terminal
 from servematrix.config import releases as rl
 
 REPO = Path(__file__).resolve().parents[2]
@@ -205,7 +206,7 @@ def ensure(name: str, log=sys.stderr) -> Path:
         raise StateError(path, f"is a symlink without a {MARKER} marker, not an environment servematrix "
                                "built; not replaced")
     if st == "damaged":
-        print(f"[env {name}] {built['damaged']}: rebuilding", file=log, flush=True)
+        print(f"[env {name}] {terminal(built['damaged'])}: rebuilding", file=log, flush=True)  # a marker's own text
     if st == "stale":
         print(f"[env {name}] built from recipe {built.get('recipe')}, the recipe is now {rel.recipe_hash()} "
               f"({rel.vllm}, {rel.torch}): rebuilding", file=log, flush=True)

@@ -26,6 +26,7 @@ from servematrix.check.verdict import judge
 from servematrix.config.devices import device
 from servematrix.errors import ArgumentError
 from servematrix.paths import cache_dir
+from servematrix.redact import terminal
 from servematrix.record import EntryOutcome, Expected, Failure, RunSummary, ScenarioRecord, StageFailed
 from servematrix.run import rundir
 from servematrix.run.lifecycle import RunLifecycle
@@ -110,8 +111,8 @@ def _cells(selected, opts, pythons, versions, lifecycle, coverage, twin_cache, w
         coverage[cell.release].count(record, twin_cache.get(cell.arch.model_type or ""))
         lifecycle.publish(record, rewrite=record.verdict != "skipped")  # a not-checkable cell costs no rewrite
         if record.verdict != "skipped":
-            print(f"[{i}/{len(selected)}] {cell.id}: {record.verdict} ({record.seconds:.1f} s)"
-                  + (f" {record.failure.signature[:160]}" if record.failure else ""), file=log, flush=True)
+            print(f"[{i}/{len(selected)}] {terminal(cell.id)}: {record.verdict} ({record.seconds:.1f} s)"
+                  + (f" {terminal(record.failure.signature, 160)}" if record.failure else ""), file=log, flush=True)
         if record.failure is not None and record.failure.kind == "interrupted":
             lifecycle.summary.status = "interrupted"  # as a matrix run: the cell is recorded, nothing more starts
             return
@@ -186,7 +187,8 @@ def _cell(cell: cellmod.Cell, opts: SweepOptions, python: str, twin_cache: dict,
         return outcome(failure=failure, attempts=n)
 
     def retrying(f: Failure) -> None:
-        print(f"{cell.id}: infrastructure failure ({f.kind}: {f.signature[:160]}), retrying", file=log, flush=True)
+        print(f"{terminal(cell.id)}: infrastructure failure ({f.kind}: {terminal(f.signature, 160)}), retrying",
+              file=log, flush=True)
 
     record = judge(with_retries(attempt, opts.retries, retrying=retrying))
     if record.verdict in ("pass", "fail"):

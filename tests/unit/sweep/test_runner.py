@@ -280,3 +280,22 @@ def test_a_cell_that_met_an_infrastructure_failure_is_retried_as_a_matrix_entry_
     calls.clear()
     by_id = {r.id: r for r in runner.run(options(tmp_path / "none", k="llama/tp1*", retries=0)).scenarios}
     assert calls == ["llama/tp1-none"] and by_id["llama/tp1-none"].verdict == "error"
+
+
+def test_the_sweeps_lines_print_a_signature_escaped_masked_and_bounded(tmp_path, doubles, monkeypatch):
+    """A failure's signature is a line of vLLM's output: printed through redact.terminal, it can
+    neither redraw the terminal nor forge a line, and a secret in it is masked (as `run` prints)."""
+    import io
+
+    monkeypatch.setenv("HF_TOKEN", "hf_sweep_secret_value")
+    hostile = "KeyError: '\x1b[2J\nFAKE: all pass' hf_sweep_secret_value " + "x" * 5000
+
+    def load_check(cell, opts, python, twin, worlds, parts):
+        return failed(parts, hostile)
+
+    monkeypatch.setattr(runner, "_load_check", load_check)
+    log = io.StringIO()
+    runner.run(options(tmp_path, k="llama/tp1*"), log=log)
+    (line,) = [x for x in log.getvalue().splitlines() if x.startswith("[1/")]
+    assert "\x1b" not in line and "\\x1b" in line and "\\n" in line and "FAKE" in line
+    assert "hf_sweep_secret_value" not in log.getvalue() and len(line) < 400
