@@ -167,5 +167,8 @@ def cli_mirror(source: str, out_scenario: str | Path, checkpoint_dir: str | Path
 def cli_diff(source: str, twin: str) -> tuple[str, bool]:
     """`mirror --diff SOURCE TWIN`: what to print, and whether the names, dtypes and quantization
     config are equal (the CLI's exit status)."""
-    report = diff(read_source(source), read_source(twin, argument="--diff"))
+    # TWIN first: a mistyped --diff is refused at once, not after SOURCE's model is built (a
+    # `model_type:` source imports transformers and builds the model on the meta device: 30-80 s)
+    twin_layout = read_source(twin, argument="--diff")
+    report = diff(read_source(source), twin_layout)
     return report.render(), report.equal

@@ -71,6 +71,6 @@ def regressions_md(found: list[ReleasePair]) -> str:
             lines.append("- no cell changed between meeting and missing its expectation")
         if p.only_before or p.only_after:
             lines.append(f"- only on {p.before}: {len(p.only_before)} cells; only on {p.after}: {len(p.only_after)} "
-                         "(registered by one release only)")
+                         "(registered by one release only, or not run on the other: an interrupted sweep)")
         lines.append("")
     return "\n".join(lines)

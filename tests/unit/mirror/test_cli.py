@@ -67,3 +67,21 @@ def test_the_scenarios_max_model_len_is_the_twins_position_table_where_that_is_s
     assert max_model_len(plan_twin(gpt2, 2, [1, 2]), gpt2) == 1024
     llama = read_source("model_type:llama")  # 2048 positions: the target stands
     assert max_model_len(plan_twin(llama, 2, [1, 2]), llama) == rules()["targets"]["max_model_len"]
+
+
+def test_a_missing_diff_twin_is_refused_before_the_source_is_read(tmp_path, monkeypatch):
+    """`mirror model_type:llama --diff nowhere`: the mistyped TWIN is refused at once, before
+    SOURCE's model is built on the meta device (the probe of #29 waited 28-83 s for it)."""
+    from servematrix.mirror import cli
+
+    read = []
+    real = cli.read_source
+
+    def recording(source, *args, **kw):
+        read.append(source)
+        return real(source, *args, **kw)
+
+    monkeypatch.setattr(cli, "read_source", recording)
+    with pytest.raises(UserError, match="--diff"):
+        cli.cli_diff("model_type:llama", str(tmp_path / "nowhere"))
+    assert read == [str(tmp_path / "nowhere")]
