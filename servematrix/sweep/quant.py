@@ -9,40 +9,13 @@ here", never dropped.
 
 from __future__ import annotations
 
-from functools import lru_cache
-from typing import Any, Literal
+from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ValidationError
 
 from servematrix.config.forge_spec import ForgeSpec
-from servematrix.config import packaged
 from servematrix.config.quantize import BY_SCHEME, Fp8Block, tag
-from servematrix.paths import data_file
-
-RULES = data_file("sweep-quants.yaml")  # package data, so a wheel install carries it
-
-
-class Family(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    fp8_blocks: list[dict[str, Any]] = Field(default_factory=list)
-    why: str
-
-
-class QuantRule(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    description: str
-    quantize: dict[str, Any]
-    block_k: int | None = None  # fp8-block: the input block, the CPU kernel's only one
-    blocks: list[int] = Field(default_factory=list)  # fp8-block: output blocks, tried in order
-    groups: list[int] = Field(default_factory=list)  # awq / gptq: group sizes, tried in order
-    dtype: Literal["float32", "bfloat16", "float16"] | None = None  # forged and served in (None: the twin's)
-    kv_scales: dict[str, str] | None = None
-    families: dict[str, Family] = Field(default_factory=dict)
-    # vLLM's own refusal of this layout on the CPU build (no kernel): such a cell is "not checkable here"
-    cpu_refuses: list[str] = Field(default_factory=list)
-
+from servematrix.sweep.rules import QuantRule, load
 
 class QuantSpec(BaseModel):
     """What a quantized twin is forged from, or why there is none."""
@@ -52,15 +25,8 @@ class QuantSpec(BaseModel):
     reason: str | None = None
 
 
-@lru_cache(maxsize=1)
-def data() -> dict[str, Any]:
-    """sweep-quants.yaml, parsed once: its `quants` here, its `serve` and `gpu_only` in serve.py."""
-    return packaged.load_raw(RULES, None)  # YAML checked at its line; typed by rules()
-
-
-@lru_cache(maxsize=1)
 def rules() -> dict[str, QuantRule]:
-    return {name: QuantRule.model_validate(rule) for name, rule in data()["quants"].items()}
+    return load().quants
 
 
 def names() -> tuple[str, ...]:

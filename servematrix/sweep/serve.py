@@ -14,41 +14,24 @@ answers nothing fails with the server's own signature, phase `serve`: that cell 
 from __future__ import annotations
 
 import re
-from functools import lru_cache
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field
-
-from servematrix.config.scenario import SmokePrompt, SmokeSpec
+from servematrix.config.scenario import SmokeSpec
 from servematrix.record import Failure, StageFailed
-from servematrix.sweep import quant
+from servematrix.sweep.rules import FILE, ServeRules, load
 
 DEPTHS = ("load", "serve")  # `--depth`: load (construct + load_weights) is the default, serve adds a server
-RULES = quant.RULES  # the serve rules sit in the quantizations' data file (parsed once, by quant.data)
+RULES = FILE  # the serve rules sit in the quantizations' data file (sweep/rules.py)
 SERVED_NAME = "sweep-twin"  # --served-model-name: every twin answers to one name
 
 
-class ServeRules(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    prompt: SmokePrompt
-    request_timeout: float = Field(120.0, gt=0)
-    quants: dict[str, str] = Field(default_factory=dict)  # --quant name -> why its cells stop at the load check
-    model_types: dict[str, str] = Field(default_factory=dict)  # model_type -> why
-
-    def unservable(self, model_type: str | None, quant: str, twin_reason: str | None) -> str | None:
-        """Why a cell is not served (None: it is)."""
-        return twin_reason or self.quants.get(quant) or self.model_types.get(model_type or "")
-
-
-@lru_cache(maxsize=1)
 def rules() -> ServeRules:
-    return ServeRules.model_validate(quant.data()["serve"])
+    return load().serve
 
 
 def gpu_only(failure: Failure) -> bool:
     """Whether `failure` stopped at a library the CPU install lacks (GPU-only ones, torchvision) (data/sweep-quants.yaml `gpu_only`)."""
-    return any(re.search(p, failure.signature) for p in quant.data()["gpu_only"])
+    return any(re.search(p, failure.signature) for p in load().gpu_only)
 
 
 def serve_argv(load_argv: list[str], port: int) -> list[str]:

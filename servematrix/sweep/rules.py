@@ -1,0 +1,72 @@
+"""data/sweep-quants.yaml, typed: how each `--quant` name re-forges a twin (`quants`, read by
+quant.py), which cells are served at `--depth serve` (`serve`, serve.py), and which failures stop at
+a library this CPU install lacks (`gpu_only`). Read once through config/packaged.py, so a damaged
+file stops at its line as user YAML does."""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from servematrix.config import packaged
+from servematrix.config.scenario import SmokePrompt
+from servematrix.paths import data_file
+
+FILE = data_file("sweep-quants.yaml")  # package data, so a wheel install carries it
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Family(_Strict):
+    fp8_blocks: list[dict[str, Any]] = Field(default_factory=list)
+    why: str
+
+
+class QuantRule(_Strict):
+    description: str
+    quantize: dict[str, Any]
+    block_k: int | None = None  # fp8-block: the input block, the CPU kernel's only one
+    blocks: list[int] = Field(default_factory=list)  # fp8-block: output blocks, tried in order
+    groups: list[int] = Field(default_factory=list)  # awq / gptq: group sizes, tried in order
+    dtype: Literal["float32", "bfloat16", "float16"] | None = None  # forged and served in (None: the twin's)
+    kv_scales: dict[str, str] | None = None
+    families: dict[str, Family] = Field(default_factory=dict)
+    # vLLM's own refusal of this layout on the CPU build (no kernel): such a cell is "not checkable here"
+    cpu_refuses: list[str] = Field(default_factory=list)
+
+
+class ServeRules(_Strict):
+    prompt: SmokePrompt
+    request_timeout: float = Field(120.0, gt=0)
+    quants: dict[str, str] = Field(default_factory=dict)  # --quant name -> why its cells stop at the load check
+    model_types: dict[str, str] = Field(default_factory=dict)  # model_type -> why
+
+    def unservable(self, model_type: str | None, quant: str, twin_reason: str | None) -> str | None:
+        """Why a cell is not served (None: it is)."""
+        return twin_reason or self.quants.get(quant) or self.model_types.get(model_type or "")
+
+
+class SweepRules(_Strict):
+    quants: dict[str, QuantRule]
+    serve: ServeRules
+    # regular expressions over a failure's signature: a library the CPU install lacks (GPU-only
+    # ones, torchvision), so the cell is "not checkable here", not a verdict on vLLM
+    gpu_only: list[str] = Field(default_factory=list)
+
+    @field_validator("gpu_only")
+    @classmethod
+    def _compiles(cls, patterns: list[str]) -> list[str]:
+        for p in patterns:
+            try:
+                re.compile(p)
+            except re.error as exc:
+                raise ValueError(f"{p!r} is not a regular expression ({exc})") from None
+        return patterns
+
+
+def load() -> SweepRules:
+    return packaged.load(FILE, SweepRules)
