@@ -17,6 +17,7 @@ from servematrix.config.forge_spec import ForgeSpec
 from servematrix.config.quantize import BY_SCHEME, Fp8Block, tag
 from servematrix.sweep.rules import QuantRule, load
 
+
 class QuantSpec(BaseModel):
     """What a quantized twin is forged from, or why there is none."""
 

@@ -18,10 +18,9 @@ from pathlib import Path
 
 from servematrix.config.scenario import SmokeSpec
 from servematrix.record import Failure, StageFailed
-from servematrix.sweep.rules import FILE, ServeRules, load
+from servematrix.sweep.rules import ServeRules, load
 
 DEPTHS = ("load", "serve")  # `--depth`: load (construct + load_weights) is the default, serve adds a server
-RULES = FILE  # the serve rules sit in the quantizations' data file (sweep/rules.py)
 SERVED_NAME = "sweep-twin"  # --served-model-name: every twin answers to one name
 
 

@@ -9,7 +9,7 @@ import pytest
 
 from servematrix.record import Failure, PromptResult, SmokeResult
 from servematrix.serve.server import LaunchSpec, Server, ServerFailed
-from servematrix.sweep import serve
+from servematrix.sweep import rules, serve
 
 
 class ScriptedServer(Server):
@@ -117,4 +117,4 @@ def test_the_data_files_rules_validate_and_name_the_gpu_only_libraries():
     assert serve.gpu_only(Failure.of("exception", "ModuleNotFoundError: No module named 'torchvision'"))
     assert not serve.gpu_only(Failure.of("exception", "ModuleNotFoundError: No module named 'cutlass_helpers'"))
     assert not serve.gpu_only(Failure.of("exception", "KeyError: 'layers.1.mlp.gate.weight'"))
-    assert Path(serve.RULES).name == "sweep-quants.yaml"
+    assert Path(rules.FILE).name == "sweep-quants.yaml"
