@@ -33,6 +33,10 @@ class DeviceProfile(_Strict):
     uses_gpus: bool = False  # the server takes TP×PP GPUs, handed out as CUDA_VISIBLE_DEVICES
     load_check: LoadCheckProfile | None = None
 
+    def attention(self) -> dict[str, str]:
+        """The attention backend a load check builds each kind of layer with here ({}: vLLM's own choice)."""
+        return dict(self.load_check.attention) if self.load_check else {}
+
 
 class DevicesFile(RootModel[dict[DeviceKey, DeviceProfile]]):
     model_config = ConfigDict(frozen=True)

@@ -201,7 +201,7 @@ class Pipeline:
         release's persistent world (vLLM imported once per run and release, each check's ranks
         forked from it), the same result a process of its own would give (serve/world.py)."""
         profile = device(entry.device)
-        attention = dict(profile.load_check.attention) if profile.load_check else {}
+        attention = profile.attention()
         loads = scenario.load_check.loads_weights if scenario.load_check is not None else True
         check = loadcheck.Check(attention=attention, load_weights=loads, out=entry_dir / "loadcheck")
         # the world starts with what every check of the release shares (vLLM reads it at import);

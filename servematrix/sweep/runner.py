@@ -298,7 +298,7 @@ def _load_check(cell: cellmod.Cell, opts: SweepOptions, python: str, twin: twins
     cell_dir.mkdir(parents=True, exist_ok=True)
     spec = _spec(cell, python, twin, cell_dir, opts.timeout)
     cpu = device("cpu")
-    attention = dict(cpu.load_check.attention) if cpu.load_check else {}
+    attention = cpu.attention()
     check = loadcheck.Check(attention=attention, out=cell_dir / "loadcheck", record_misses=True)
     world_env = {**cpu.env, **spec.env}
     try:
