@@ -6,13 +6,9 @@ the node's cores). Start worker nodes with `ray start --address HEAD --resources
 '{"servematrix_cpu_server": 1}'`; without --ray-address the driver starts a one-node cluster here.
 Every node needs servematrix and the vLLM build installed at the same paths as the driver.
 
-Load checks (a `run` entry's, a `sweep` cell's) go through a release's persistent world
-(serve/world.py); on Ray that world is an actor (`RayWorld`, World's interface) placed where the
-cluster has a CPU-server slot, one per release, fed one check after another. A check that crashes
-or hangs the worker is handled inside the actor as World handles it (kill, restart next time); an
-actor that is itself lost (its node gone, killed) is that check's failure, and the next check
-starts a new actor. The ranks write their logs and results into the run directory by its path (a
-one-node cluster, or nodes sharing that filesystem).
+A `run` entry's load check runs inside its task (a world of its own, closed with the task). The
+sweep's load checks go to worlds that outlive a cell: run/ray_worlds.py, one actor per CPU-server
+slot, results shipped home the same way (tar.gz bytes unpacked into the driver's run directory).
 """
 
 from __future__ import annotations
@@ -30,7 +26,6 @@ from servematrix.run.dispatch import CPU_SERVER, RayPool
 from servematrix.run.options import EntryOptions, RunOptions
 from servematrix.run.pipeline import Pipeline
 from servematrix.run.progress import Progress
-from servematrix.serve.world import World, WorkerDied
 
 
 def connect(address: str | None) -> None:
@@ -92,71 +87,3 @@ def _pack(root: Path, entry_id: str) -> bytes:
     return buf.getvalue()
 
 
-class WorldActor:
-    """The actor's body (wrapped by ray.remote in `_remote`): a World on its node."""
-
-    def __init__(self, python: str, env: dict[str, str], directory: str):
-        import platform
-
-        self.world, self.node = World(python, env, Path(directory)), platform.node()
-
-    def check(self, argv: list[str], env: dict[str, str], log: str, timeout: float) -> tuple[int | None, str | None]:
-        try:
-            return self.world.check(argv, env, Path(log), timeout), None
-        except WorkerDied as exc:  # sent back as data: the driver raises it as World would
-            return None, str(exc)
-
-    def where(self) -> str:
-        return self.node
-
-    def close(self) -> None:
-        self.world.close()
-
-
-def _remote(address: str | None):
-    import ray
-
-    connect(address)  # joins `address`, or starts a one-node cluster here with one CPU-server slot
-    return ray.remote(num_cpus=0, resources={CPU_SERVER: 1}, max_restarts=0)(WorldActor).remote, ray.get
-
-
-class RayWorld:
-    """World's interface over a Ray actor. `remote(python, env, dir)` makes an actor handle and
-    `get` resolves its calls (ray.remote / ray.get by default; scripted in the unit tests)."""
-
-    def __init__(self, python: str, env: dict[str, str], directory: Path, address: str | None = None,
-                 remote=None, get=None):
-        self.python, self.env, self.root = python, env, Path(directory)
-        self._make, self._get = (remote, get) if remote is not None else _remote(address)
-        self.actor = None
-        self.starts = 0
-        self.node: str | None = None
-
-    def check(self, argv: list[str], env: dict[str, str], log: Path, timeout: float) -> int | None:
-        if self.actor is None:
-            self.starts += 1
-            self.actor = self._make(self.python, self.env, str(self.root / f"actor-{self.starts}"))
-            self.node = self._get(self.actor.where.remote())
-        try:
-            code, died = self._get(self.actor.check.remote(argv, env, str(log), timeout))
-        except Exception:  # noqa: BLE001 - ray.exceptions.RayActorError & co: the actor is gone, not the run
-            self.actor = None
-            return None
-        if died is not None:
-            raise WorkerDied(died)
-        return code
-
-    def close(self) -> None:
-        if self.actor is not None:
-            try:
-                self._get(self.actor.close.remote())
-            except Exception:  # noqa: BLE001 - closing a lost actor: nothing left to stop
-                pass
-            self.actor = None
-
-
-def ray_worlds(directory: Path, address: str | None):
-    """A Worlds pool whose worlds are Ray actors (the sweep's `--backend ray`)."""
-    from servematrix.serve.world import Worlds
-
-    return Worlds(directory, make=lambda python, env, d: RayWorld(python, env, d, address))

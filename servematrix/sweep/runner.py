@@ -53,7 +53,7 @@ class SweepOptions(BaseModel):
     retries: int = 1  # extra attempts after an infrastructure failure (OOM, timeout), as `run --retries`
     timeout: float = 300.0  # s per cell (the load check; the server's start-up, when served)
     depth: str = "load"  # load: construct + load_weights; serve: then a real server and one completion
-    backend: str = "local"  # local: the persistent worlds are children here; ray: Ray actors (run/ray_tasks.py's RayWorld)
+    backend: str = "local"  # local: the persistent worlds are children here; ray: Ray actors, several at once (run/ray_worlds.py)
     ray_address: str | None = None  # --backend ray: the cluster to join (None: start a one-node cluster here)
     twin_dir: Path | None = None  # default: the user cache (twins are rebuilt from the forge cache)
 
@@ -105,6 +105,8 @@ def run(opts: SweepOptions, log=sys.stderr) -> RunSummary:
 
 
 def _cells(selected, opts, pythons, versions, lifecycle, coverage, twin_cache, worlds, log) -> None:
+    if opts.backend == "ray":  # several worlds at once (sweep/spread.py); the local order stays as it is
+        return _spread_cells(selected, opts, pythons, versions, lifecycle, coverage, twin_cache, worlds, log)
     for i, cell in enumerate(selected, 1):
         worlds.close_others(cell.release)  # releases run one after another: a finished one's world goes
         record = _cell(cell, opts, pythons[cell.release], twin_cache, worlds, versions, log)
@@ -116,6 +118,65 @@ def _cells(selected, opts, pythons, versions, lifecycle, coverage, twin_cache, w
         if record.failure is not None and record.failure.kind == "interrupted":
             lifecycle.summary.status = "interrupted"  # as a matrix run: the cell is recorded, nothing more starts
             return
+
+
+def _spread_cells(selected, opts, pythons, versions, lifecycle, coverage, twin_cache, fleet, log) -> None:
+    """`--backend ray`: the twins built here first (once each; run/ray_worlds.py ships them to the
+    nodes), the cells that need no world recorded at once, the rest spread over the fleet's worlds
+    (sweep/spread.py), each record published the moment its cell ends."""
+    from servematrix.sweep import spread
+
+    ended = 0
+    why_retried: dict[str, str] = {}
+
+    def publish(cell: cellmod.Cell, record: ScenarioRecord) -> bool:
+        nonlocal ended
+        ended += 1
+        coverage[cell.release].count(record, twin_cache.get(cell.arch.model_type or ""))
+        lifecycle.publish(record, rewrite=record.verdict != "skipped")
+        if record.verdict != "skipped":
+            print(f"[{ended}/{len(selected)}] {terminal(cell.id)}: {record.verdict} ({record.seconds:.1f} s) on "
+                  f"{record.node}" + (f" {terminal(record.failure.signature, 160)}" if record.failure else ""),
+                  file=log, flush=True)
+        if record.failure is not None and record.failure.kind == "interrupted":
+            lifecycle.summary.status = "interrupted"
+            return False
+        return True
+
+    def run_cell(cell: cellmod.Cell, world, attempt: int) -> ScenarioRecord:
+        record = _cell(cell, opts, pythons[cell.release], twin_cache, world, versions, log)
+        if attempt == 1:
+            return record
+        return record.model_copy(update={"attempts": record.attempts + 1, "note": "; ".join(filter(None, [
+            record.note, f"retried on another world: {why_retried.get(cell.id, 'its first world was lost')}"]))})
+
+    def retried(cell: cellmod.Cell, why: str) -> None:
+        why_retried[cell.id] = why
+        print(f"{terminal(cell.id)}: {terminal(why, 300)}; retrying on another world", file=log, flush=True)
+
+    remote = []
+    for cell in selected:
+        if cell.arch.forgeable and _twin(cell, opts, twin_cache).ok:
+            remote.append(cell)
+        elif not publish(cell, _cell(cell, opts, pythons[cell.release], twin_cache, None, versions, log)):
+            return
+    if not remote:
+        return
+    worlds = fleet.start()
+    print(f"sweep: {len(worlds)} world(s) on {len({w.node for w in worlds})} Ray node(s)", file=log, flush=True)
+    spread.spread(spread.by_cost(remote, opts.releases), worlds, run_cell, publish,
+                  lost=lambda cell, world, why: _unrun(cell, versions, world.node if world else "none", Failure(
+                      kind="signal", signature=f"servematrix: {why}", infra=True, phase="load"), attempts=2),
+                  interrupted=lambda cell, world: _unrun(cell, versions, world.node, interrupted()),
+                  replace=fleet.replace, retried=retried)
+
+
+def _unrun(cell: cellmod.Cell, versions: dict, node: str, failure: Failure, attempts: int = 1) -> ScenarioRecord:
+    """The record of a cell whose world never gave it a result (lost twice, or interrupted)."""
+    return judge(EntryOutcome(id=cell.id, scenario=cell.arch.key, tp=cell.tp, pp=cell.pp, quant=cell.quant,
+                              vllm=cell.release, device="cpu", tags=cell.tags, expect=Expected(), started_at=now_iso(),
+                              model=cell.arch.arch, node=node, vllm_version=versions["vllm"],
+                              torch_version=versions["torch"], failure=failure, attempts=attempts))
 
 
 def _python(release: str) -> str:
@@ -278,16 +339,16 @@ def _spec(cell: cellmod.Cell, python: str, twin: twins.Twin, cell_dir: Path, tim
 
 
 def _worlds(opts: SweepOptions):
-    """The sweep's pool of persistent worlds, one per release: children of this process, or Ray
-    actors (`--backend ray`, run/ray_tasks.py), the pool the pipeline's load checks use."""
-    directory = opts.out / ".workers"
+    """The sweep's pool of persistent worlds: one per release, children of this process (the pool
+    the pipeline's load checks use), or with `--backend ray` a fleet of Ray actors, one per
+    CPU-server slot of the cluster (run/ray_worlds.py; started by the first cell that needs one)."""
     if opts.backend == "ray":
-        from servematrix.run.ray_tasks import ray_worlds
+        from servematrix.run.ray_worlds import RayFleet
 
-        return ray_worlds(directory, opts.ray_address)
+        return RayFleet(opts.ray_address)
     from servematrix.serve.world import Worlds
 
-    return Worlds(directory)
+    return Worlds(opts.out / ".workers")
 
 
 def _load_check(cell: cellmod.Cell, opts: SweepOptions, python: str, twin: twins.Twin, worlds, parts) -> Failure | None:
@@ -301,6 +362,8 @@ def _load_check(cell: cellmod.Cell, opts: SweepOptions, python: str, twin: twins
     attention = cpu.attention()
     check = loadcheck.Check(attention=attention, out=cell_dir / "loadcheck", record_misses=True)
     world_env = {**cpu.env, **spec.env}
+    # a Ray world names the node it ran on (run/ray_worlds.py); a local one runs here
+    parts.node = getattr(worlds, "node", None) or parts.node
     try:
         load_check_phase(None if opts.isolated else worlds, cell.release, spec, check, world_env, parts)
     except StageFailed as exc:
