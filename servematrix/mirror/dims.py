@@ -101,7 +101,9 @@ def choose_dims(cfg: dict, tps: list[int], group_info: dict, params: dict, kv_po
     # every feed-forward width is split over TP ranks: whole units per rank at every TP
     ffn = math.lcm(*[tp * math.lcm(t["ffn_unit"], units["ffn"]) for tp in tps])
     for key in rules()["fields"]["ffn"]:
-        if cfg.get(key):
+        if isinstance(cfg.get(key), list):  # one width per layer (Gemma 3n): each shrinks alike
+            dims.key(key, [min(v, ffn) for v in cfg[key]])
+        elif cfg.get(key):
             dims.key(key, min(cfg[key], ffn))
     hidden_unit = math.lcm(t["hidden"], units["all"])  # hidden is every linear's in or out: aligned to all
     _, q_lora = field_value(cfg, "q_lora")
@@ -131,7 +133,24 @@ def choose_dims(cfg: dict, tps: list[int], group_info: dict, params: dict, kv_po
             if isinstance(own, int) and isinstance(value, int) and value and (own * twin_value) % value == 0:
                 dims.key(key, own * twin_value // value)
     _experts(cfg, tps, dims)
+    notes += _ties(cfg, tps, dims)
     return dims.changed, rule, notes
+
+
+def _ties(cfg: dict, tps: list[int], dims: _Dims) -> list[str]:
+    """A count the family's class ties to other fields (`fields.ties`: field = a x b / c; Mamba-2's
+    num_heads = hidden_size x expand / head_dim, which its configuration refuses otherwise), set
+    from the twin's values of those fields where the result is a whole count every TP divides."""
+    notes = []
+    for key, (a, b, c) in (rules()["fields"].get("ties") or {}).items():
+        twin = {f: dims.changed.get(f, (cfg.get(f), cfg.get(f)))[1] for f in (key, a, b, c)}
+        if not all(isinstance(twin[f], int) and twin[f] > 0 for f in (a, b, c)) or not isinstance(cfg.get(key), int):
+            continue
+        value, rest = divmod(twin[a] * twin[b], twin[c])
+        if rest == 0 and value and all(value % tp == 0 for tp in tps):
+            dims.key(key, value)
+            notes.append(f"{key} = {a} x {b} / {c} = {value} (the family ties it to them)")
+    return notes
 
 
 def _mla_heads(cfg: dict, tps: list[int], units: dict[str, int], dims: _Dims) -> str:

@@ -119,10 +119,17 @@ def layer_re() -> re.Pattern:
 
 
 def field_value(config: dict, role: str) -> tuple[str | None, Any]:
-    """The first spelling of `role` the config carries, and its value."""
+    """The first spelling of `role` the config carries, and its value. A layer count no count
+    field states is the length of a per-layer list (`fields.layer_lists`): such a family derives
+    its count from the list, so the key is None (the twin's count field is the class's default
+    spelling, and its list is subsampled onto the kept layers)."""
     for key in rules()["fields"][role]:
         if config.get(key) is not None:
             return key, config[key]
+    if role == "layers":
+        for key in rules()["fields"].get("layer_lists") or []:
+            if isinstance(config.get(key), list) and config[key]:
+                return None, len(config[key])
     return None, None
 
 

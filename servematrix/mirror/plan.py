@@ -25,7 +25,8 @@ from servematrix.mirror.checks import invariants
 from servematrix.mirror.dims import KV_POLICIES, choose_dims
 from servematrix.mirror.family_config import cpu_overrides, missing_fields
 from servematrix.mirror.layout import SourceLayout, TensorMeta, field_value, layer_signatures, quant_groups, rules
-from servematrix.mirror.plan_config import dim_map, effective_config, twin_config, twin_config_json, unmirrored_config
+from servematrix.mirror.plan_config import (dim_map, effective_config, saved_away, twin_config, twin_config_json,
+                                            unmirrored_config)
 from servematrix.mirror.plan_models import TORCH_DTYPE, Invariant, NotMirrored, Plan, PostStep
 from servematrix.mirror.schemes import infer_params
 from servematrix.mirror.source import causal_lm_class, meta_layout
@@ -84,7 +85,7 @@ def plan_twin(layout: SourceLayout, max_pp: int, tp_values: list[int], kv_policy
         tokenizer=TokenizerSpec(vocab_size=vocab, chat_template=layout.tokenizer.chat_template or layout.kind == "model_type"),
         extra_tensors=extra_tensors(built), fp8_blocks=fp8_blocks(built), quantize=quantize(built),
         text_model_type=text_model_type,
-        config_json=twin_config_json(layout, layer_map, experts),
+        config_json={**saved_away(layout, config, class_type, kept), **twin_config_json(layout, layer_map, experts)},
         remote_code=bool(layout.auto_map) or text_model_type is not None)
     try:
         spec, refused = ForgeSpec(**fields), None
@@ -161,8 +162,10 @@ def select_layers(layout: SourceLayout, max_pp: int) -> tuple[list[int], dict[in
     """Kept source layers (sorted), the map of every source layer onto a twin layer, and the number
     of main layers. Kept: the first-dense layers, the first layer of every kind (signature: leaves
     and dtypes), then the lowest others until there are max_pp (max_pp x (first-dense + 1) where
-    the source's first PP rank holds more than its first-dense layers); every source layer maps onto the
-    nearest kept layer of its kind at or below it. MTP layers (past num_hidden_layers) follow."""
+    the source's first PP rank holds more than its first-dense layers); all layers up to the last of
+    those where the family's layer kinds follow from the index (`fields.index_rule`); every source
+    layer maps onto the nearest kept layer of its kind at or below it. MTP layers (past
+    num_hidden_layers) follow."""
     st = layout.structure
     n = st.num_layers
     sigs = layer_signatures(layout.tensors)
@@ -180,6 +183,10 @@ def select_layers(layout: SourceLayout, max_pp: int) -> tuple[list[int], dict[in
         if len(kept) >= min(want, n):
             break
         kept.add(i)
+    if any(layout.config.get(k) is not None for k in rules()["fields"].get("index_rule") or []):
+        # the class gives layer i its kind by i itself (a period and offset): only a prefix of the
+        # source's layers has the kinds the same fields give the twin's layers
+        kept = set(range(max(kept) + 1))
     order = sorted(kept)
     layer_map: dict[int, int] = {}
     for i in range(n):

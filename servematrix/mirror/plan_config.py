@@ -59,11 +59,18 @@ def twin_config(layout: SourceLayout, effective: dict, class_type: str, dims: di
                 and all(isinstance(v, str) for v in value):
             config[key] = [value[s] for s in kept]
             changed.add(key)
+    for key in rules()["fields"].get("layer_strings") or []:
+        if isinstance(config.get(key), str) and len(config[key]) == n and n > 1:
+            config[key] = "".join(config[key][s] for s in kept)
+            changed.add(key)
     for key in rules()["fields"]["layer_index_lists"]:
         if isinstance(config.get(key), list):
             config[key] = [j for j, s in enumerate(kept) if s in set(config[key])]
             changed.add(key)
     config.update({k: v[1] for k, v in dims.items()})
+    for key, (_, value) in dims.items():  # a per-layer width list, shrunk whole: onto the kept layers too
+        if isinstance(value, list) and len(value) == n and n > 1:
+            config[key] = [value[s] for s in kept]
     config[field_value(effective, "layers")[0] or "num_hidden_layers"] = len(kept)
     changed.add("num_hidden_layers")
     defaults = AutoConfig.for_model(class_type).to_dict()
@@ -95,6 +102,30 @@ def twin_config(layout: SourceLayout, effective: dict, class_type: str, dims: di
         if still:
             notes.append(f"config fields {still} do not survive transformers' {class_type} config: left out")
     return config, notes
+
+
+def saved_away(layout: SourceLayout, config: dict, class_type: str, kept: list[int]) -> dict[str, Any]:
+    """The source's layer count and per-layer strings (`fields.layer_strings`, one character a layer)
+    as the twin's config.json must state them where transformers' class does not save them (it
+    derives them from a list instead: NemotronH's num_hidden_layers and hybrid_override_pattern).
+    A checkpoint that ships its own configuration module (auto_map) is read through that module,
+    which reads config.json as it is: vLLM builds NemotronH's layers from hybrid_override_pattern."""
+    from transformers import AutoConfig
+
+    n = layout.structure.num_layers
+    want: dict[str, Any] = {}
+    layers_key = field_value(layout.config, "layers")[0]
+    if layers_key:
+        want[layers_key] = len(kept)
+    for key in rules()["fields"].get("layer_strings") or []:
+        value = layout.config.get(key)
+        if isinstance(value, str) and len(value) == n:
+            want[key] = "".join(value[s] for s in kept)
+    try:
+        saved = AutoConfig.for_model(class_type, **config).to_dict()
+    except Exception:  # noqa: BLE001 - twin_config has refused such a config already, with its reason
+        return {}
+    return {k: v for k, v in want.items() if k not in saved}
 
 
 def same_value(got: Any, want: Any) -> bool:

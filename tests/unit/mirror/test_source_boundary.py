@@ -181,11 +181,11 @@ def test_gpt2_style_spellings_of_the_roles_are_read_as_the_roles():
     assert layout.structure.num_layers == 12 and layout.structure.layer_stem == "transformer.h."
 
 
-def test_a_family_without_any_layer_count_field_is_refused_naming_the_spellings_not_crashing_the_plan():
-    # nemotron_h's configuration class states its layers only as the length of layers_block_type
-    with pytest.raises(ConfigError, match=r"^model_type:nemotron_h: num_hidden_layers/n_layer/n_layers/num_layers: "
-                                          r"missing: the mirror reads the layers as num_hidden_layers or n_layer"):
-        read_source("model_type:nemotron_h")
+def test_a_family_that_states_its_layer_count_only_as_a_lists_length_is_read_from_the_list():
+    # nemotron_h's configuration class (transformers 5) states its layers only as the length of
+    # layers_block_type (mirror-families.yaml fields.layer_lists); its default is a 4-layer list
+    layout = read_source("model_type:nemotron_h")
+    assert layout.structure.num_layers == 4
 
 
 def test_a_config_only_source_bounds_layers_times_experts(tmp_path):

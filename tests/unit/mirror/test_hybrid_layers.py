@@ -1,0 +1,65 @@
+"""Hybrid and SSM families (issue 26, "every mirror refusal goes"): a twin's layer kinds must be the
+source's where the class derives them from the index (Jamba's period/offset), from a per-layer string
+(NemotronH's hybrid_override_pattern) or states the layer count only as a list's length; counts the
+class ties together (Mamba-2's num_heads x head_dim = hidden_size x expand) stay tied. Inputs are the
+published configs of the corpus (servematrix/data/configs/) or the class's defaults."""
+
+from __future__ import annotations
+
+from servematrix import mirror
+from servematrix.mirror.layout import field_value
+from servematrix.mirror.source import config_layout
+from servematrix.sweep import corpus
+
+
+def _plan(model_type: str):
+    entry = corpus.published(model_type)
+    assert entry is not None, f"the corpus lists no published {model_type} config"
+    return mirror.plan_twin(corpus.layout(entry), 2, [1, 2]), entry.config()
+
+
+def _broken(plan):
+    return [f"{i.name}: {i.detail}" for i in plan.invariants if not i.holds]
+
+
+def test_jamba_twin_keeps_a_prefix_so_its_period_and_offset_give_the_sources_layer_kinds():
+    plan, published = _plan("jamba")
+    assert plan.ok, _broken(plan)
+    # AI21-Jamba-1.5-Mini: attention at i % 8 == 4, MoE at i % 2 == 1; the first attention layer is 4
+    assert plan.kept_layers == [0, 1, 2, 3, 4]
+    for key in ("attn_layer_period", "attn_layer_offset", "expert_layer_period", "expert_layer_offset"):
+        assert plan.spec.config.get(key, published[key]) == published[key]  # the rule is the source's
+    # every source attention layer maps onto the twin's attention layer, every MoE one onto a MoE one
+    for i in range(published["num_hidden_layers"]):
+        j = plan.layer_map[i]
+        assert (i % 8 == 4) == (j % 8 == 4) and (i % 2 == 1) == (j % 2 == 1), (i, j)
+
+
+def test_nemotron_h_pattern_is_subsampled_and_stated_in_config_json_with_the_layer_count():
+    plan, published = _plan("nemotron_h")
+    assert plan.ok, _broken(plan)
+    pattern = published["hybrid_override_pattern"]  # "M-M-M-M*-...": 52 layers, one character each
+    twin_pattern = "".join(pattern[s] for s in plan.kept_layers)
+    assert set(twin_pattern) == set(pattern)  # mamba, MLP and attention layers all present
+    # the class saves only layers_block_type; vLLM (through the checkpoint's own configuration
+    # module) reads the string and the count from config.json as published
+    assert plan.spec.config_json["hybrid_override_pattern"] == twin_pattern
+    assert plan.spec.config_json["num_hidden_layers"] == len(plan.kept_layers)
+
+
+def test_a_layer_count_stated_only_as_a_per_layer_lists_length_is_read_from_it():
+    config = {"model_type": "nemotron_h", "layers_block_type": ["linear_attention", "mlp", "full_attention"] * 2}
+    assert field_value(config, "layers") == (None, 6)
+    layout = config_layout({**corpus.published("nemotron_h").config(), "num_hidden_layers": None,
+                            "hybrid_override_pattern": None,
+                            "layers_block_type": config["layers_block_type"]}, "config:nemotron_h-list")
+    assert layout.structure.num_layers == 6
+
+
+def test_mamba2_twin_keeps_num_heads_times_head_dim_equal_to_hidden_size_times_expand():
+    plan = mirror.plan_twin(mirror.read_source("model_type:mamba2"), 2, [1, 2])
+    assert plan.ok, _broken(plan)
+    cfg = plan.spec.config
+    head_dim, expand = cfg.get("head_dim", 64), cfg.get("expand", 2)  # the class's defaults where not stated
+    assert cfg["num_heads"] * head_dim == cfg["hidden_size"] * expand
+    assert all(cfg["num_heads"] % tp == 0 for tp in (1, 2))
