@@ -38,6 +38,11 @@ from servematrix.sweep.spread import ActorLost
 
 PLACE_TIMEOUT = 120.0  # s for a new actor to be placed and answer (a fresh Ray worker imports servematrix)
 CLOSE_GRACE = 10.0  # s for the actors to stop their worlds and remove their scratch before ray.kill
+# A Ray worker that exits SIGKILLs its direct children: here that is serve/process.py's reaper,
+# which alone can end the world's tree (the world runs in the reaper's own session), so a world
+# whose node or actor was lost would be orphaned. Left alone, the reaper sees its owner gone and
+# kills the whole tree itself.
+LEAVE_CHILDREN = {"RAY_kill_child_processes_on_worker_exit": "0"}
 
 
 def pack(root: Path) -> bytes:
@@ -200,7 +205,8 @@ class RayFleet:
             self._own_cluster = address is None and not ray.is_initialized()
             connect(address)
             signals.reinstall()  # ray.init installed its own handlers: Ctrl-C must reach the sweep
-            remote = ray.remote(num_cpus=0, resources={CPU_SERVER: 1}, max_restarts=0)(CellWorld).remote
+            remote = ray.remote(num_cpus=0, resources={CPU_SERVER: 1}, max_restarts=0,
+                                runtime_env={"env_vars": LEAVE_CHILDREN})(CellWorld).remote
             get, kill = ray.get, ray.kill
             slots = slots or (lambda total: int((ray.cluster_resources() if total else ray.available_resources())
                                                 .get(CPU_SERVER, 0)))
@@ -218,18 +224,18 @@ class RayFleet:
 
     def replace(self, lost: RemoteWorld) -> RemoteWorld | None:
         """A new world for a lost one while the cluster still has a free slot (its node may be gone
-        with it: then None, and the other worlds carry on)."""
+        with it: then None, and the other worlds carry on). Called on a thread of its own
+        (spread.py): placing an actor may wait up to PLACE_TIMEOUT."""
         self._end(lost)
         if self._slots(False) < 1:
             return None
-        actor = self._remote()
+        world = RemoteWorld(self._remote(), "?", self.twins, self._get)
+        self.worlds.append(world)  # close() ends it even while it waits to be placed
         try:
-            node = self._get(actor.where.remote(), timeout=PLACE_TIMEOUT)
+            world.node = self._get(world.actor.where.remote(), timeout=PLACE_TIMEOUT)
         except Exception:  # noqa: BLE001 - not placed in time (the slot went with its node): none
-            self._end(RemoteWorld(actor, "?", self.twins, self._get))
+            self._end(world)
             return None
-        world = RemoteWorld(actor, node, self.twins, self._get)
-        self.worlds.append(world)
         return world
 
     def _end(self, world: RemoteWorld) -> None:

@@ -17,6 +17,7 @@ from collections.abc import Callable
 from typing import Any
 
 POLL = 0.2  # s between looks for a finished cell (the main thread stays where Ctrl-C lands)
+_REPLACED = object()  # what a replacement thread hands back in place of a record
 
 
 class ActorLost(Exception):
@@ -47,12 +48,19 @@ def spread(cells: list, worlds: list, run: Callable[[Any, Any, int], Any],
     first_loss: dict[int, str] = {}  # id(cell) -> why its first world was lost
     done: queue.Queue = queue.Queue()
     stop = False
+    replacing = 0  # replacements being placed (a new actor may wait for its slot: never in this thread)
 
     def work(world, cell, attempt: int) -> None:
         try:
             done.put((world, run(cell, world, attempt), None))
         except BaseException as exc:  # noqa: BLE001 - handed to the main thread, which decides
             done.put((world, None, exc))
+
+    def renew(world) -> None:
+        try:
+            done.put((replace(world), _REPLACED, None))
+        except Exception:  # noqa: BLE001 - no replacement: the other worlds carry on
+            done.put((None, _REPLACED, None))
 
     try:
         while True:
@@ -62,17 +70,21 @@ def spread(cells: list, worlds: list, run: Callable[[Any, Any, int], Any],
                 running[id(world)] = (world, cell, attempt)
                 threading.Thread(target=work, args=(world, cell, attempt), daemon=True,
                                  name=f"cell {getattr(cell, 'id', cell)}").start()
-            if not running:
+            if not running and not (replacing and pending and not stop):
                 break
             try:
                 world, record, exc = done.get(timeout=POLL)
             except queue.Empty:
                 continue
+            if record is _REPLACED:
+                replacing -= 1
+                if world is not None:
+                    free.append(world)
+                continue
             _, cell, attempt = running.pop(id(world))
             if isinstance(exc, ActorLost):
-                again = replace(world)
-                if again is not None:
-                    free.append(again)
+                replacing += 1
+                threading.Thread(target=renew, args=(world,), daemon=True, name="replace a lost world").start()
                 if attempt == 1:
                     first_loss[id(cell)] = str(exc)
                     retried(cell, str(exc))
