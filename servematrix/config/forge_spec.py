@@ -123,8 +123,9 @@ def _numel(shape: list[int] | None) -> int:
     return math.prod(shape or [1])
 
 
-# transformers' model_type: also the name of the configuration module the forge may ship
-ModelType = Annotated[str, StringConstraints(pattern=r"^[a-z][a-z0-9_]*$", max_length=64)]
+# transformers' model_type: also the name of the configuration module the forge may ship. Some are
+# spelled with hyphens (xlm-roberta, gpt-sw3): allowed between segments, never a path separator or dot
+ModelType = Annotated[str, StringConstraints(pattern=r"^[a-z][a-z0-9_]*(?:-[a-z0-9_]+)*$", max_length=64)]
 Identifier = Annotated[str, StringConstraints(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$", max_length=128)]
 TensorName = Annotated[OneLine, StringConstraints(min_length=1)]
 Shape = Annotated[list[Annotated[int, Field(strict=True, ge=1, le=MAX_TENSOR_DIM)]], Field(max_length=8)]

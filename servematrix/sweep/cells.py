@@ -1,5 +1,6 @@
 """Sweep cells: one architecture under one layout and quantization on one release, with an id that
-reads like a run id, `<model_type>/<layout>-<quant>[-<release>]`, and `-k` selection exactly as
+reads like a run id, `<key>/<layout>-<quant>[-<release>]` (the key: a generative architecture's
+model_type, else the architecture's name, pooling ones included: registry.Arch.key), and `-k` selection exactly as
 `run -k` selects entries (config.expand.select: substring, glob, `tag:NAME`, comma = or)."""
 
 from __future__ import annotations
@@ -81,7 +82,7 @@ def cells(archs: list[Arch], lays: list[Layout], qs: list[str], releases: list[s
     out = []
     for rel in releases:
         for a in archs:
-            tags = [a.kind, a.arch] + ([a.model_type] if a.model_type else []) + \
+            tags = [a.kind, a.arch] + ([a.model_type] if a.model_type else []) + (["pooling"] if a.pooling else []) + \
                    (["forgeable"] if a.forgeable else ["not-checkable"])
             out += [Cell(arch=a, layout=lay, quant=q, release=rel, tags=tags) for q in qs for lay in lays]
     return out

@@ -70,15 +70,19 @@ def published(model_type: str) -> PublishedConfig | None:
     return next((e for e in entries() if e.model_type == model_type), None)
 
 
-def layout(entry: PublishedConfig):
+def layout(entry: PublishedConfig | None, config: dict[str, Any] | None = None):
     """The SourceLayout of `entry`'s checkpoint, unquantized (the mirror's config-only path,
     mirror.source.config_layout: a config alone has no quantized tensors, so its
     `quantization_config` is dropped). A published checkpoint ships a chat template (its
-    tokenizer files are not in the corpus): the twin gets the forge's, as a model_type twin does."""
+    tokenizer files are not in the corpus): the twin gets the forge's, as a model_type twin does.
+    `config`: the config to read instead of the entry's own (a pooling twin's: the entry's, or the
+    class's defaults where `entry` is None, with the pooling class as its architecture)."""
     from servematrix.mirror.layout import TokenizerInfo
     from servematrix.mirror.source import config_layout
 
-    return config_layout(entry.config(), f"config:{entry.hub}", where=data_file("configs") / entry.file,
+    config = entry.config() if config is None else config
+    source = f"config:{entry.hub}" if entry else f"model_type:{config.get('model_type')}"
+    return config_layout(config, source, where=data_file("configs") / entry.file if entry else source,
                          tokenizer=TokenizerInfo(chat_template=True), drop=("quantization_config",))
 
 

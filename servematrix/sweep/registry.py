@@ -8,8 +8,9 @@ the registry per architecture (`is_multimodal_model`, …) would inspect each in
 
 Each architecture is then matched, in this process, to the transformers model_type whose
 configuration class exists (CONFIG_MAPPING) and whose auto maps list a class of that name, and
-classified: forgeable (the mirror forges a model_type's causal-LM class), or not checkable here
-with the reason. Nothing is dropped: every registered architecture gets one Arch.
+classified: forgeable (the mirror forges a model_type's causal-LM class; for a pooling
+architecture, transformers' class of its own name: sweep/pooling.py), or not checkable here with
+the reason. Nothing is dropped: every registered architecture gets one Arch.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from functools import lru_cache
 from pydantic import BaseModel
 
 from servematrix.errors import StateError
+from servematrix.sweep import pooling
 
 # Run in the release's interpreter: stdlib and vLLM only; one JSON line on stdout.
 PROBE = r"""
@@ -49,11 +51,6 @@ KIND_REASONS = {
                   "models only (composite sources are refused)",
     "speculative": "speculative-decoding draft: loads only beside a target model",
     "transformers-backend": "vLLM's Transformers-backend wrapper, not an architecture of its own",
-    "embedding": "pooling (embedding) model: the mirror forges a model_type's causal-LM class only",
-    "classification": "pooling (sequence classification) model: the mirror forges causal-LM classes only",
-    "token-classification": "pooling (token classification) model: the mirror forges causal-LM classes only",
-    "reward": "pooling (reward) model: the mirror forges causal-LM classes only",
-    "late-interaction": "pooling (late-interaction) model: the mirror forges causal-LM classes only",
     "other": "in no registry table the sweep knows (out-of-tree or previously supported)",
 }
 
@@ -73,10 +70,16 @@ class Arch(BaseModel):
     reason: str | None = None  # why not, when not forgeable
 
     @property
+    def pooling(self) -> bool:
+        return pooling.is_pooling(self.kind)
+
+    @property
     def key(self) -> str:
-        """The cell ids' first part: the model_type of a forgeable architecture, else its name
-        (model_types are lower snake case, class names CamelCase: the two never collide)."""
-        return self.model_type if self.forgeable and self.model_type else self.arch
+        """The cell ids' first part: the model_type of a forgeable generative architecture, else
+        its name (model_types are lower snake case, class names CamelCase: the two never collide).
+        A pooling architecture shares its model_type with the family's generative one (Qwen2Model,
+        Qwen2ForCausalLM: qwen2), so its cells and its twin go by its own name."""
+        return self.model_type if self.forgeable and self.model_type and not self.pooling else self.arch
 
 
 def probe(python: str, env: dict[str, str] | None = None) -> dict[str, dict]:
@@ -141,6 +144,9 @@ def _auto_maps() -> tuple[dict[str, list[str]], dict[str, str], frozenset[str], 
 
 def classify(arch: str, kind: str) -> Arch:
     """Forgeable, or not checkable here with the reason (first rule that applies)."""
+    if pooling.is_pooling(kind):
+        model_type, why = pooling.match(arch)
+        return Arch(arch=arch, kind=kind, model_type=model_type, forgeable=why is None, reason=why)
     if kind not in GENERATIVE:
         return Arch(arch=arch, kind=kind, reason=KIND_REASONS.get(kind, KIND_REASONS["other"]))
     by_class, causal, configs, version = transformers_classes()
@@ -162,16 +168,17 @@ def classify(arch: str, kind: str) -> Arch:
 
 
 def architectures(registered: dict[str, dict]) -> list[Arch]:
-    """Every registered architecture, classified, in name order. Of several forgeable
-    architectures with one model_type (vLLM aliases) the first keeps it; the others say so."""
+    """Every registered architecture, classified, in name order. Of several forgeable generative
+    architectures with one model_type (vLLM aliases) the first keeps it; the others say so. A
+    pooling architecture is its own cell (its key is its name), whatever its model_type."""
     out: list[Arch] = []
     taken: dict[str, str] = {}
     for arch in sorted(registered):
         a = classify(arch, registered[arch].get("kind", "other"))
-        if a.forgeable and a.model_type in taken:
+        if a.forgeable and not a.pooling and a.model_type in taken:
             a = a.model_copy(update={"forgeable": False, "reason": f"the same model_type ({a.model_type}) as "
                                                                     f"{taken[a.model_type]}, which is swept"})
-        elif a.forgeable:
+        elif a.forgeable and not a.pooling:
             taken[a.model_type] = arch
         out.append(a)
     return out

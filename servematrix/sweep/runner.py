@@ -262,7 +262,7 @@ def _cell(cell: cellmod.Cell, opts: SweepOptions, python: str, twin_cache: dict,
 
 def _twin(cell: cellmod.Cell, opts: SweepOptions, twin_cache: dict) -> twins.Twin:
     """The cell's twin, built once per model_type (and per quantization and TP) for the whole sweep."""
-    mt = cell.arch.model_type
+    mt = cell.arch.key  # the model_type; a pooling architecture's own name (its twin is its class)
     if mt not in twin_cache:
         tps = sorted({lay.tp for lay in opts.layouts})
         twin_cache[mt] = twins.build(mt, opts.twin_dir or cache_dir() / "sweep-twins", max(lay.pp for lay in opts.layouts), tps)

@@ -4,6 +4,10 @@ twin says which: Twin.origin, in each cell's note), planned for every layout of 
 (layers >= the largest PP; KV heads that every TP either divides or is a multiple of: the mirror's
 own invariants), built by the mirror's public functions.
 
+A pooling architecture's twin (sweep/pooling.py) is built the same way, one per architecture (its
+cells' key is its name): transformers' class of that name, from the same published config or
+defaults with `architectures` set to it, so the twin holds the head (classifier, score) vLLM loads.
+
 A twin the mirror cannot plan or build makes that architecture's cells "not checkable here" with
 the mirror's one-line reason: it is servematrix that cannot forge it, not vLLM that failed.
 """
@@ -19,6 +23,7 @@ from servematrix.errors import UserError
 
 class Twin(BaseModel):
     model_type: str
+    architecture: str | None = None  # a pooling twin's class (its cells' key); None: the model_type's causal LM
     path: str | None = None  # the checkpoint directory, when built
     server_args: list[str] = []  # the mirror's scenario server args and its one quant's args
     reason: str | None = None  # why there is no twin
@@ -34,22 +39,33 @@ class Twin(BaseModel):
         return self.path is not None
 
 
-def build(model_type: str, directory: Path, max_pp: int, tps: list[int]) -> Twin:
-    """The twin of `model_type` in `directory`, or the reason there is none."""
+def build(key: str, directory: Path, max_pp: int, tps: list[int]) -> Twin:
+    """The twin of a cell key in `directory`, or the reason there is none: a model_type's (its
+    causal-LM class), or a pooling architecture's (key: the class's name, never a model_type)."""
     from servematrix import mirror
     from servematrix.mirror.cli import scenario_dict
 
-    from servematrix.sweep import corpus
+    from servematrix.sweep import corpus, pooling
 
-    name = f"sweep-{model_type.replace('_', '-')}"
+    arch = key if key[:1].isupper() else None  # model_types are lower case, class names CamelCase
+    model_type = pooling.model_type_of(key) if arch else key
+    if model_type is None:
+        return Twin(model_type=key, architecture=arch, origin="no twin",
+                    reason=f"transformers has no class {key} to forge")
+    name = f"sweep-{(arch or model_type).replace('_', '-').lower()}"
     why = corpus.unmirrorable(model_type)
     if why:
-        return Twin(model_type=model_type, reason=f"mirror-families.yaml unmirrorable: {why}", origin="no twin")
+        return Twin(model_type=model_type, architecture=arch, reason=f"mirror-families.yaml unmirrorable: {why}",
+                    origin="no twin")
     real = corpus.published(model_type)
     origin = (f"twin from the {real.label}" if real else
               "twin from transformers' configuration defaults (no published config in data/configs)")
+    if arch:
+        origin += f", as transformers' {arch}"
     try:
-        if real is not None:
+        if arch:
+            layout = corpus.layout(real, pooling.source_config(model_type, arch, real.config() if real else None))
+        elif real is not None:
             # an unquantized twin: the published quantization_config names tensors a config alone does not give
             layout = corpus.layout(real)
         else:
@@ -57,19 +73,22 @@ def build(model_type: str, directory: Path, max_pp: int, tps: list[int]) -> Twin
         plan = mirror.plan_twin(layout, max_pp, tps)
         if not plan.ok:
             broken = "; ".join(f"{i.name} ({i.detail})" for i in plan.invariants if not i.holds)
-            return Twin(model_type=model_type, origin=origin,
+            return Twin(model_type=model_type, architecture=arch, origin=origin,
                         reason=f"mirror: the twin would break its invariants: {broken}"[:500])
         scenario = scenario_dict(plan, name, layout)
-        path = mirror.build_twin(plan, name, directory / model_type)
+        path = mirror.build_twin(plan, name, directory / (arch or model_type))
         origin = "; ".join([origin, *corpus.checkpoint_names(model_type, path),
                             *corpus.checkpoint_config(model_type, path, layout.config, layout.structure.num_layers)])
     except UserError as exc:
-        return Twin(model_type=model_type, origin=origin, reason=f"mirror: {_line(exc)}")
+        return Twin(model_type=model_type, architecture=arch, origin=origin, reason=f"mirror: {_line(exc)}")
     except Exception as exc:  # noqa: BLE001 - a class the mirror cannot handle costs its cells, not the sweep
-        return Twin(model_type=model_type, origin=origin, reason=f"mirror: {type(exc).__name__}: {_line(exc)}")
+        return Twin(model_type=model_type, architecture=arch, origin=origin,
+                    reason=f"mirror: {type(exc).__name__}: {_line(exc)}")
     (quant,) = scenario["quants"].values()
-    return Twin(model_type=model_type, path=str(path), server_args=[*scenario["server"]["args"], *quant["args"]],
-                load_only=(scenario.get("load_check") or {}).get("reason"), origin=origin,
+    load_only = (scenario.get("load_check") or {}).get("reason") or (pooling.NOT_SERVED if arch else None)
+    return Twin(model_type=model_type, architecture=arch, path=str(path),
+                server_args=[*scenario["server"]["args"], *quant["args"], *(pooling.SERVER_ARGS if arch else [])],
+                load_only=load_only, origin=origin,
                 spec=plan.spec.model_dump(mode="json"), shapes={n: tuple(t.shape) for n, t in plan.forged.items()})
 
 
@@ -81,20 +100,23 @@ def quantize(base: Twin, quant: str, tps: list[int]) -> Twin:
     from servematrix.checkpoint.forge import forge
     from servematrix.sweep.quant import quantized
 
+    name = f"sweep-{(base.architecture or base.model_type).replace('_', '-').lower()}-{quant}"
     if not base.ok or base.spec is None:
         return base.model_copy(update={"quant": quant, "path": None,
                                        "reason": base.reason or "no forge spec recorded for the twin"})
     q = quantized(base.model_type, base.spec, base.shapes, quant, tps)
     if q.spec is None:
-        return Twin(model_type=base.model_type, quant=quant, reason=q.reason, origin=base.origin)
+        return Twin(model_type=base.model_type, architecture=base.architecture, quant=quant, reason=q.reason,
+                    origin=base.origin)
     from servematrix.config.forge_spec import ForgeSpec
 
     try:
-        path = forge(f"sweep-{base.model_type.replace('_', '-')}-{quant}", ForgeSpec.model_validate(q.spec))
+        path = forge(name, ForgeSpec.model_validate(q.spec))
     except (ValueError, KeyError, RuntimeError, UserError) as exc:
-        return Twin(model_type=base.model_type, quant=quant, origin=base.origin,
+        return Twin(model_type=base.model_type, architecture=base.architecture, quant=quant, origin=base.origin,
                     reason=f"forge ({quant}): {type(exc).__name__}: {_line(exc)}")
-    return Twin(model_type=base.model_type, quant=quant, path=str(path), note=q.note, load_only=base.load_only,
+    return Twin(model_type=base.model_type, architecture=base.architecture, quant=quant, path=str(path), note=q.note,
+                load_only=base.load_only,
                 origin=base.origin,
                 server_args=_dtype(base.server_args, "bfloat16" if q.spec["dtype"] == "float32" else q.spec["dtype"]))
 

@@ -50,3 +50,12 @@ def test_k_selects_like_run_k(pattern, want):
     llava = LLAVA.model_copy(update={"arch": "Llava"})
     all_cells = cells.cells([LLAMA, llava], cells.layouts(",".join(cells.LAYOUTS)), ["none"], ["current"])
     assert [c.id for c in cells.select(all_cells, pattern)] == want
+
+
+def test_a_pooling_cell_is_keyed_by_its_architecture_and_tagged_pooling_beside_its_generative_sibling():
+    qwen2 = Arch(arch="Qwen2ForCausalLM", kind="text", model_type="qwen2", forgeable=True)
+    embed = Arch(arch="Qwen2Model", kind="embedding", model_type="qwen2", forgeable=True)
+    got = cells.cells([qwen2, embed], cells.layouts("tp1"), ["none"], ["current"])
+    assert [c.id for c in got] == ["qwen2/tp1-none", "Qwen2Model/tp1-none"]
+    assert "pooling" in got[1].tags and "qwen2" in got[1].tags and "pooling" not in got[0].tags
+    assert [c.id for c in cells.select(got, "tag:pooling")] == ["Qwen2Model/tp1-none"]

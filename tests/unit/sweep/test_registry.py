@@ -30,11 +30,23 @@ def test_a_class_shared_by_a_composite_config_and_its_text_config_goes_to_the_te
 
 
 @pytest.mark.parametrize("kind, words", [("multimodal", "image"), ("speculative", "draft"),
-                                         ("embedding", "pooling"), ("transformers-backend", "wrapper"),
-                                         ("other", "no registry table")])
+                                         ("transformers-backend", "wrapper"), ("other", "no registry table")])
 def test_every_non_generative_table_has_its_reason(kind, words):
     a = registry.classify("LlamaForCausalLM", kind)
     assert not a.forgeable and words in a.reason and a.key == "LlamaForCausalLM"
+
+
+def test_a_pooling_table_s_architecture_is_classified_by_its_own_class_not_its_table():
+    # pooling kinds are sweep/pooling.py's (tests/unit/sweep/test_pooling.py): the class decides
+    assert registry.classify("BertForSequenceClassification", "classification").forgeable
+    a = registry.classify("Qwen2ForRewardModel", "reward")
+    assert not a.forgeable and "has no class Qwen2ForRewardModel" in a.reason and a.key == "Qwen2ForRewardModel"
+
+
+def test_pooling_architectures_of_one_model_type_are_each_their_own_cells_not_aliases():
+    archs = registry.architectures({"BertModel": {"kind": "embedding"}, "BertForMaskedLM": {"kind": "embedding"},
+                                    "BertForSequenceClassification": {"kind": "classification"}})
+    assert all(a.forgeable for a in archs) and sorted(a.key for a in archs) == sorted(a.arch for a in archs)
 
 
 def test_a_class_transformers_lacks_is_not_checkable_and_says_why():

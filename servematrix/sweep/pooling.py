@@ -1,0 +1,145 @@
+"""Pooling architectures (vLLM's embedding, sequence/token classification, reward and
+late-interaction tables) as sweep cells.
+
+A pooling architecture names a transformers class of its own (BertModel,
+RobertaForSequenceClassification, GPT2ForSequenceClassification, ...), not its family's causal-LM
+class, and shares its model_type with the family's generative architecture (Qwen2Model and
+Qwen2ForCausalLM are both qwen2): so its cells are keyed by the architecture's name and its twin is
+transformers' class of that name, forged by the mirror from the family's published config (or the
+class's defaults) with `architectures` set to it (checkpoint.forge.model_class forges a class of the
+config's model_type by its name). What decides the model_type is transformers itself: the class's
+own configuration class, where the auto maps list the class under that model_type.
+
+The check that the head is really loaded (`head_loaded`) compares the parameter digests the load
+check records per rank with the same digest of the twin's own tensors: a head vLLM built but did
+not read from the checkpoint holds other bytes.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from pydantic import BaseModel
+
+# vLLM's pooling registry tables, as sweep/registry.py's PROBE names their kinds
+KINDS = ("embedding", "classification", "token-classification", "reward", "late-interaction")
+
+# a configuration class holding one of these sub-configs is a composite with a vision or audio tower
+TOWERS = ("vision_config", "audio_config", "vlm_config")
+
+MULTIMODAL = ("multimodal pooling model: its configuration class holds a vision or audio tower; the mirror "
+              "forges text models only (composite sources are refused)")
+
+# vLLM's runner for a pooling checkpoint, as its docs tell users to pass it: without it vLLM picks
+# the runner from the architecture, and for the `*Model` names its embedding table maps onto a causal
+# LM (LlamaModel, Qwen2Model, MistralModel, Gemma2Model) it picks `generate` unless the checkpoint
+# carries a Sentence Transformers pooling config (modules.json), which the twin does not
+SERVER_ARGS = ["--runner", "pooling"]
+
+# the pooling twin's serve step: the sweep's serve phase asks for a completion, which a pooling
+# model does not answer (it serves /v1/embeddings, /classify, /score)
+NOT_SERVED = "a pooling model: the sweep's serve step asks for a completion; pooling endpoints are not called yet"
+
+
+def is_pooling(kind: str) -> bool:
+    return kind in KINDS
+
+
+def match(arch: str) -> tuple[str | None, str | None]:
+    """(model_type, None) where this transformers has the class `arch` and forges it for that
+    model_type, else (model_type or None, the one-line reason it is not checkable here)."""
+    import transformers
+
+    from servematrix.sweep.registry import transformers_classes
+
+    by_class, _causal, configs, version = transformers_classes()
+    types = [t for t in by_class.get(arch, []) if t in configs]
+    cls = getattr(transformers, arch, None) if types else None
+    if cls is None:
+        return None, f"transformers {version} has no class {arch} (remote code only, or a name only vLLM uses)"
+    own = getattr(getattr(cls, "config_class", None), "model_type", None)
+    if own not in types:  # an auto map lists it, but its configuration class is another model_type's
+        return types[0], (f"transformers' {arch} is configured as {own!r}, which its auto maps do not list it "
+                          f"under ({', '.join(types)})")
+    if _towers(own):
+        return own, MULTIMODAL
+    return own, None
+
+
+def model_type_of(key: str) -> str | None:
+    """The model_type of a pooling cell's key (an architecture's name: CamelCase, never a
+    model_type), or None where `key` is no transformers class."""
+    model_type, _ = match(key)
+    return model_type
+
+
+def _towers(model_type: str) -> bool:
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    try:
+        subs = getattr(CONFIG_MAPPING[model_type], "sub_configs", None) or {}
+    except Exception:  # noqa: BLE001 - a configuration module that does not import here has no towers we build
+        return False
+    return any(t in subs for t in TOWERS)
+
+
+def source_config(model_type: str, arch: str, published: dict | None) -> dict:
+    """The config.json the twin's source layout is read from: the family's published one where the
+    corpus has it, else the configuration class's defaults; `architectures` the pooling class's,
+    so transformers' class of that name writes the tensors (a head included)."""
+    from transformers import AutoConfig
+
+    from servematrix.mirror.family_config import missing_fields
+
+    if published is not None:
+        config = dict(published)
+    else:
+        config = AutoConfig.for_model(model_type).to_dict()
+        config.update(missing_fields(model_type, config))
+    config.update(architectures=[arch], model_type=model_type)
+    return config
+
+
+class HeadTensor(BaseModel):
+    """One tensor of the twin outside its base model (the pooling head), and what rank 0 of the
+    load check holds for it."""
+
+    name: str  # the twin's tensor name
+    param: str | None = None  # vLLM's parameter of that name (None: vLLM has none)
+    loaded: bool = False  # vLLM's parameter holds exactly the twin's bytes
+
+
+def head_tensors(twin: Path) -> dict[str, str]:
+    """The twin's head tensors (outside the base model's prefix, e.g. `bert.`), name -> digest as
+    the load check writes it (serve/loadcheck_worker._digest)."""
+    import transformers
+    from safetensors import safe_open
+
+    from servematrix.serve.loadcheck_worker import _digest
+
+    config = json.loads((twin / "config.json").read_text())
+    cls = getattr(transformers, (config.get("architectures") or [""])[0], None)
+    prefix = getattr(cls, "base_model_prefix", "") or ""
+    tensors: dict[str, str] = {}
+    for path in sorted(twin.glob("*.safetensors")):
+        with safe_open(path, "pt") as f:
+            tensors.update({name: _digest(f.get_tensor(name)) for name in f.keys()})
+    # a base model saved alone (BertModel, Qwen2Model) holds no tensor under its prefix: it has no head
+    if not prefix or not any(n.startswith(f"{prefix}.") for n in tensors):
+        return {}
+    return {n: d for n, d in tensors.items() if not n.startswith(f"{prefix}.")}
+
+
+def head_loaded(twin: Path, check_dir: Path) -> list[HeadTensor]:
+    """Every head tensor of the twin against the load check's rank results: loaded where some
+    rank's parameter of the same name (after vLLM's prefix, e.g. `model.`) has the twin's digest.
+    At TP>1 a sharded head holds a slice: only whole-tensor equality counts as loaded."""
+    ranks = [json.loads(p.read_text()) for p in sorted(Path(check_dir).glob("rank*.json"))]
+    digests = {n: d for r in ranks for n, d in (r.get("digests") or {}).items()}
+    out = []
+    for name, want in head_tensors(twin).items():
+        params = [p for p in digests if p == name or p.endswith(f".{name}")]
+        out.append(HeadTensor(name=name, param=params[0] if params else None,
+                              loaded=any(digests[p] == want for p in params)))
+    return out
