@@ -25,6 +25,7 @@ REGISTRY: dict[str, str] = {
     "cpu-moe-silu": "servematrix_fixes.cpu_moe_silu:FIX",
     "dsa-indexer-fp8-38870": "servematrix_fixes.dsa_indexer_fp8:FIX",
     "dsa-indexer-pp-42944": "servematrix_fixes.dsa_indexer_pp:FIX",
+    "ernie45-moe-pp-tied": "servematrix_fixes.ernie45_moe_pp_tied:FIX",
     "granitemoehybrid-pp-50962": "servematrix_fixes.granitemoehybrid_pp:FIX",
     "inject-scale": "servematrix_fixes.inject_scale:FIX",
     "minicpmv-resampler-39862": "servematrix_fixes.minicpmv_resampler:FIX",

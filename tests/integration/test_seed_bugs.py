@@ -37,7 +37,7 @@ def statuses(record):
 def test_seed_matrix_meets_every_expectation(seed_run):
     proc, _, by_id = seed_run
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert len(by_id) == 21
+    assert len(by_id) == 25
 
 
 def test_38191_reproduced_on_0_20_2_without_the_fix(seed_run):
@@ -157,6 +157,30 @@ def test_50961_reproduced_on_0_32_0_at_pp2_and_repaired_with_pp1s_parameters(see
     assert len({f["pid"] for f in r["fixes"]}) == 2  # applied in each PP rank's process
     assert r["load_check"]["parity"] == {"baseline": base["id"], "ok": True, "details": []}
     assert [x["ok"] for x in r["load_check"]["ranks"]] == [True, True]
+
+
+ERNIE = "tiny-ernie45-moe"
+TIE = r"AttributeError: 'PPMissingLayer' object has no attribute '(tie_weights|weight)'"
+
+
+def test_ernie45_moe_tied_embeddings_fail_at_pp2_for_the_tie_and_load_pp1s_parameters_when_repaired(seed_run):
+    """Found by the sweep, no upstream issue: each stage dies on the half of the tie it lacks; the
+    same twin untied builds at PP=2 (the tie is the cause); servematrix's fix, applied in each rank's
+    process, builds the last stage's embedding, and the stages together load exactly PP=1 (the last
+    stage's embedding included, so it holds the checkpoint's weights, not fresh ones)."""
+    import re
+
+    _, _, by_id = seed_run
+    bad = by_id[f"{ERNIE}/tp1-pp2-fp32"]
+    assert bad["verdict"] == "xfail"
+    assert [re.fullmatch(TIE, x["error"]).group(1) for x in bad["load_check"]["ranks"]] == ["tie_weights", "weight"]
+    assert by_id[f"{ERNIE}-untied/tp1-pp2-fp32"]["verdict"] == "pass"
+    base = by_id[f"{ERNIE}/tp1-pp1-fp32"]
+    r = by_id[f"{ERNIE}/tp1-pp2-fp32+ernie45-moe-pp-tied"]
+    assert r["verdict"] == "pass" and statuses(r) == {("ernie45-moe-pp-tied", "applied")}
+    assert len({f["pid"] for f in r["fixes"]}) == 2
+    assert r["load_check"]["parity"] == {"baseline": base["id"], "ok": True, "details": []}
+    assert [x["parameters"] for x in r["load_check"]["ranks"]][1] > base["load_check"]["ranks"][0]["parameters"] // 2
 
 
 DETECT = "import json, servematrix_fixes as f; s, why = f.load('dsa-indexer-fp8-38870').detect(); print(json.dumps([s, why]))"
