@@ -176,7 +176,7 @@ def _unrun(cell: cellmod.Cell, versions: dict, node: str, failure: Failure, atte
     return judge(EntryOutcome(id=cell.id, scenario=cell.arch.key, tp=cell.tp, pp=cell.pp, quant=cell.quant,
                               vllm=cell.release, device="cpu", tags=cell.tags, expect=Expected(), started_at=now_iso(),
                               model=cell.arch.arch, node=node, vllm_version=versions["vllm"],
-                              torch_version=versions["torch"], failure=failure, attempts=attempts))
+                              torch_version=versions["torch"], failure=failure, seconds=0.0, attempts=attempts))
 
 
 def _python(release: str) -> str:

@@ -134,3 +134,15 @@ def test_ctrl_c_publishes_the_cells_in_flight_as_interrupted_and_goes_on_up():
                lost=lambda c, w, why: ("lost", c.id), interrupted=lambda c, w: ("interrupted", c.id, w.name))
     release.set()
     assert s.published == [("interrupted", "m1", "b")]
+
+
+def test_a_cell_without_a_result_is_recorded_as_an_infrastructure_error_naming_its_node():
+    from servematrix.record import Failure
+    from servematrix.sweep import cells, registry, runner
+
+    cell = cells.Cell(arch=registry.Arch(arch="LlamaForCausalLM", kind="text", model_type="llama", forgeable=True),
+                      layout=cells.layouts("tp1")[0], quant="none")
+    lost = Failure(kind="signal", signature="servematrix: its world was lost twice", infra=True, phase="load")
+    record = runner._unrun(cell, {"vllm": "0.32.0", "torch": "2.9"}, "host/abc", lost, attempts=2)
+    assert (record.id, record.verdict, record.node, record.attempts) == ("llama/tp1-none", "error", "host/abc", 2)
+    assert record.failure.infra and "lost twice" in record.failure.signature
