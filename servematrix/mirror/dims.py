@@ -101,8 +101,9 @@ def choose_dims(cfg: dict, tps: list[int], group_info: dict, params: dict, kv_po
     # every feed-forward width is split over TP ranks: whole units per rank at every TP
     ffn = math.lcm(*[tp * math.lcm(t["ffn_unit"], units["ffn"]) for tp in tps])
     for key in rules()["fields"]["ffn"]:
-        if isinstance(cfg.get(key), list):  # one width per layer (Gemma 3n): each shrinks alike
-            dims.key(key, [min(v, ffn) for v in cfg[key]])
+        if isinstance(cfg.get(key), list):  # one width per layer (Gemma 3n): each shrinks alike, one
+            widths = [min(v, ffn) for v in cfg[key]]  # number where they are all equal (the class expands it)
+            dims.key(key, widths[0] if len(set(widths)) == 1 else widths)
         elif cfg.get(key):
             dims.key(key, min(cfg[key], ffn))
     hidden_unit = math.lcm(t["hidden"], units["all"])  # hidden is every linear's in or out: aligned to all
@@ -132,6 +133,9 @@ def choose_dims(cfg: dict, tps: list[int], group_info: dict, params: dict, kv_po
             own = cfg.get(key)
             if isinstance(own, int) and isinstance(value, int) and value and (own * twin_value) % value == 0:
                 dims.key(key, own * twin_value // value)
+    for key in rules()["fields"].get("vocab") or []:  # a second vocabulary (Gemma 3n's per-layer inputs): the twin's
+        if isinstance(cfg.get(key), int):
+            dims.key(key, min(cfg[key], t["vocab_size"]))
     _experts(cfg, tps, dims)
     notes += _ties(cfg, tps, dims)
     return dims.changed, rule, notes

@@ -51,6 +51,7 @@ ROLE_RANGES: dict[str, tuple[int, int]] = {
     "dsa": (0, 2**24), "kept": (0, WIDTH_MAX), "index_heads": (0, COUNT_MAX), "positions": (1, 2**31 - 1),
     "scaled_with_head_dim": (0, COUNT_MAX)}
 VOCAB_RANGE = (1, 2**24)
+PER_LAYER_ROLES = ("ffn",)  # roles a config may state per layer, as a list
 MODEL_TYPE_RE = r"^[A-Za-z0-9_.\-]{1,100}$"
 
 
@@ -213,8 +214,9 @@ def config_model() -> type[BaseModel]:
         if role in ROLE_RANGES:
             lo, hi = ROLE_RANGES[role]
             # one number each: the plan (dims.py, layout.Structure) reads every role as a scalar;
-            # a per-layer list (Hunyuan's moe_topk) is refused here by name, not met by a crash there
-            kind = _int(lo, hi)
+            # a per-layer list (Hunyuan's moe_topk) is refused here by name, not met by a crash there.
+            # Feed-forward widths may be one per layer (Gemma 3n): dims.py shrinks each alike
+            kind = _int(lo, hi) | list[_int(lo, hi)] if role in PER_LAYER_ROLES else _int(lo, hi)
             for key in keys:
                 fields.setdefault(key, (kind | None, None))
     for key in rules()["fields"]["layer_index_lists"]:
@@ -232,7 +234,7 @@ def config_accepted() -> dict[str, str]:
     for role, keys in rules()["fields"].items():
         if role in ROLE_RANGES:
             lo, hi = ROLE_RANGES[role]
-            rng = f"a whole number in {lo}..{hi}"
+            rng = f"a whole number in {lo}..{hi}" + (" (or a list of them, one per layer)" if role in PER_LAYER_ROLES else "")
             for key in keys:
                 out.setdefault(key, rng + " or null")
     for key in rules()["fields"]["layer_index_lists"]:

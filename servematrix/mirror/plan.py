@@ -168,7 +168,7 @@ def select_layers(layout: SourceLayout, max_pp: int) -> tuple[list[int], dict[in
     num_hidden_layers) follow."""
     st = layout.structure
     n = st.num_layers
-    sigs = layer_signatures(layout.tensors)
+    sigs = _layer_kinds(layout, layer_signatures(layout.tensors))
     kept = set(range(min(int(st.first_dense or 0), n)))
     first_of: dict[frozenset, int] = {}
     for i in range(n):
@@ -195,6 +195,25 @@ def select_layers(layout: SourceLayout, max_pp: int) -> tuple[list[int], dict[in
     for k, i in enumerate(st.mtp_layer_indices):
         layer_map[i] = len(order) + k
     return order, layer_map, len(order)
+
+
+def _layer_kinds(layout: SourceLayout, sigs: dict[int, frozenset]) -> dict[int, frozenset]:
+    """Each layer's kind: its tensors' signature, plus what the config says of it alone where its
+    tensors do not show it (`fields.kind_lists`: per-layer lists of words, Gemma's sliding or full
+    attention; `fields.tail_counts`: the last N layers, Gemma 3n's KV-sharing layers), so the twin
+    keeps a layer of each."""
+    n = layout.structure.num_layers
+    f = rules()["fields"]
+    lists = [(k, v) for k in f.get("kind_lists") or [] if isinstance(v := layout.config.get(k), list) and len(v) == n
+             and all(isinstance(x, str) for x in v)]
+    tails = [(k, v) for k in f.get("tail_counts") or [] if isinstance(v := layout.config.get(k), int) and 0 < v < n]
+    if not lists and not tails:
+        return sigs
+    out = {}
+    for i in range(n):
+        extra = {(f"{k}=", str(v[i])) for k, v in lists} | {(f"{k}>", str(i >= n - v)) for k, v in tails}
+        out[i] = sigs.get(i, frozenset()) | extra
+    return {**sigs, **out}
 
 
 def _group_params(layout: SourceLayout, groups: dict[str, str], not_mirrored: list[NotMirrored]):

@@ -47,17 +47,23 @@ def twin_config(layout: SourceLayout, effective: dict, class_type: str, dims: di
     n = layout.structure.num_layers
     config = {k: v for k, v in layout.config.items() if k not in owned}
     changed = set(dims)
+    index_lists = set(rules()["fields"]["layer_index_lists"])  # remapped below, whatever their length
     for key, value in list(config.items()):
-        if isinstance(value, list) and len(value) == n and n > 1:
+        if isinstance(value, list) and len(value) == n and n > 1 and key not in index_lists:
             config[key] = [value[s] for s in kept]
             changed.add(key)
     # per-layer lists the class derives from the source's own fields (MiMo-V2-Flash's layer_types
     # from its hybrid pattern rule): subsampled onto the kept layers too, else the class derives
     # them afresh for the twin's layer count and they no longer say what the kept layers are
     for key, value in effective.items():
-        if key not in config and key not in owned and isinstance(value, list) and len(value) == n and n > 1 \
+        if key not in config and key not in owned and key not in index_lists and isinstance(value, list) \
+                and len(value) == n and n > 1 \
                 and all(isinstance(v, str) for v in value):
             config[key] = [value[s] for s in kept]
+            changed.add(key)
+    for key in rules()["fields"].get("tail_counts") or []:  # the last N layers: as many as the twin kept of them
+        if isinstance(config.get(key), int) and 0 < config[key] < n:
+            config[key] = sum(1 for s in kept if s >= n - config[key])
             changed.add(key)
     for key in rules()["fields"].get("layer_strings") or []:
         if isinstance(config.get(key), str) and len(config[key]) == n and n > 1:
@@ -129,7 +135,9 @@ def saved_away(layout: SourceLayout, config: dict, class_type: str, kept: list[i
 
 
 def same_value(got: Any, want: Any) -> bool:
-    return got == want or (isinstance(want, list) and isinstance(got, (list, tuple)) and list(got) == want)
+    # a class that expands one value to one per layer (Gemma 3n's intermediate_size) reads it back unchanged
+    per_layer = isinstance(want, int) and isinstance(got, (list, tuple)) and bool(got) and all(g == want for g in got)
+    return got == want or per_layer or (isinstance(want, list) and isinstance(got, (list, tuple)) and list(got) == want)
 
 
 def dim_map(layout: SourceLayout, cfg: dict, dims: dict, vocab: int) -> dict[int, int]:

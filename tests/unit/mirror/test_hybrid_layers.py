@@ -63,3 +63,27 @@ def test_mamba2_twin_keeps_num_heads_times_head_dim_equal_to_hidden_size_times_e
     head_dim, expand = cfg.get("head_dim", 64), cfg.get("expand", 2)  # the class's defaults where not stated
     assert cfg["num_heads"] * head_dim == cfg["hidden_size"] * expand
     assert all(cfg["num_heads"] % tp == 0 for tp in (1, 2))
+
+
+def test_gemma3n_twin_keeps_sliding_and_full_layers_on_both_sides_of_the_kv_sharing_boundary():
+    layout = mirror.read_source("model_type:gemma3n_text")
+    n, shared = layout.structure.num_layers, layout.config["num_kv_shared_layers"]  # 35 layers, the last 15 share KV
+    plan = mirror.plan_twin(layout, 2, [1, 2])
+    assert plan.ok, _broken(plan)
+    cfg = plan.spec.config
+    kinds = {(layout.config["layer_types"][s], s >= n - shared) for s in plan.kept_layers}
+    assert kinds == {(t, tail) for t in ("sliding_attention", "full_attention") for tail in (False, True)}
+    # vLLM's Gemma 3n takes a shared layer's KV from the last layer of its type before the boundary
+    first_shared = len(plan.kept_layers) - cfg["num_kv_shared_layers"]
+    assert cfg["layer_types"][first_shared - 1] == "full_attention"
+    assert cfg["layer_types"][first_shared - 2] == "sliding_attention"
+    # one FFN width per layer in the source, all equal: one number the class expands again
+    assert cfg["intermediate_size"] == 128 and cfg["vocab_size_per_layer_input"] <= 1024
+
+
+def test_a_layer_index_list_as_long_as_the_layer_count_is_remapped_not_subsampled():
+    # Llama 4's moe_layers lists MoE layer indices (all 48 of them by default): subsampling it as a
+    # per-layer list would name source indices the twin does not have
+    plan = mirror.plan_twin(mirror.read_source("model_type:llama4_text"), 2, [1, 2])
+    assert plan.ok, _broken(plan)
+    assert plan.spec.config["moe_layers"] == list(range(len(plan.kept_layers)))
