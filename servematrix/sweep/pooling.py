@@ -102,17 +102,27 @@ def source_config(model_type: str, arch: str, published: dict | None) -> dict:
 
 
 class HeadTensor(BaseModel):
-    """One tensor of the twin outside its base model (the pooling head), and what rank 0 of the
-    load check holds for it."""
+    """One tensor of the twin outside its base model (the pooling head), and what the load check's
+    ranks hold for it."""
 
     name: str  # the twin's tensor name
-    param: str | None = None  # vLLM's parameter of that name (None: vLLM has none)
-    loaded: bool = False  # vLLM's parameter holds exactly the twin's bytes
+    param: str | None = None  # vLLM's parameter holding its bytes (vLLM may rename: ModernBERT's head -> pooling)
+    loaded: bool = False  # some rank's parameter holds exactly the twin's values
+    # False where every element is equal (a LayerNorm's ones, a zero bias): any parameter of that
+    # shape matches, so only a parameter of the same name counts, and the match proves less
+    distinctive: bool = True
 
 
-def head_tensors(twin: Path) -> dict[str, str]:
-    """The twin's head tensors (outside the base model's prefix, e.g. `bert.`), name -> digest as
-    the load check writes it (serve/loadcheck_worker._digest)."""
+# vLLM may keep a head in another dtype than the checkpoint's (Jamba's score in float32 under a
+# bfloat16 model): the twin's values are compared in each, as vLLM's copy_ would cast them
+_DTYPES = ("float32", "bfloat16", "float16")
+
+
+def head_tensors(twin: Path) -> dict[str, tuple[frozenset[str], bool]]:
+    """The twin's head tensors (outside the base model's prefix, e.g. `bert.`): name -> (its
+    digests as the load check writes them, serve/loadcheck_worker._digest, in each of _DTYPES;
+    whether it is distinctive, i.e. not one value repeated)."""
+    import torch
     import transformers
     from safetensors import safe_open
 
@@ -121,25 +131,37 @@ def head_tensors(twin: Path) -> dict[str, str]:
     config = json.loads((twin / "config.json").read_text())
     cls = getattr(transformers, (config.get("architectures") or [""])[0], None)
     prefix = getattr(cls, "base_model_prefix", "") or ""
-    tensors: dict[str, str] = {}
+    names: dict[str, Path] = {}
     for path in sorted(twin.glob("*.safetensors")):
         with safe_open(path, "pt") as f:
-            tensors.update({name: _digest(f.get_tensor(name)) for name in f.keys()})
+            names.update({name: path for name in f.keys()})
     # a base model saved alone (BertModel, Qwen2Model) holds no tensor under its prefix: it has no head
-    if not prefix or not any(n.startswith(f"{prefix}.") for n in tensors):
+    if not prefix or not any(n.startswith(f"{prefix}.") for n in names):
         return {}
-    return {n: d for n, d in tensors.items() if not n.startswith(f"{prefix}.")}
+    out = {}
+    for name, path in names.items():
+        if name.startswith(f"{prefix}."):
+            continue
+        with safe_open(path, "pt") as f:
+            t = f.get_tensor(name)
+        out[name] = (frozenset(_digest(t.to(getattr(torch, d))) for d in _DTYPES),
+                     t.numel() > 1 and bool((t != t.reshape(-1)[0]).any()))
+    return out
 
 
 def head_loaded(twin: Path, check_dir: Path) -> list[HeadTensor]:
-    """Every head tensor of the twin against the load check's rank results: loaded where some
-    rank's parameter of the same name (after vLLM's prefix, e.g. `model.`) has the twin's digest.
-    At TP>1 a sharded head holds a slice: only whole-tensor equality counts as loaded."""
+    """Every head tensor of the twin against the load check's rank results: loaded where a rank's
+    parameter holds its values, the parameter of the same name (after vLLM's prefix, e.g.
+    `model.`) first, else, for a distinctive tensor, any parameter (vLLM renamed it). At TP>1 a
+    sharded head holds a slice: only whole-tensor equality counts as loaded."""
     ranks = [json.loads(p.read_text()) for p in sorted(Path(check_dir).glob("rank*.json"))]
     digests = {n: d for r in ranks for n, d in (r.get("digests") or {}).items()}
     out = []
-    for name, want in head_tensors(twin).items():
-        params = [p for p in digests if p == name or p.endswith(f".{name}")]
-        out.append(HeadTensor(name=name, param=params[0] if params else None,
-                              loaded=any(digests[p] == want for p in params)))
+    for name, (want, distinctive) in head_tensors(twin).items():
+        same = [p for p in digests if p == name or p.endswith(f".{name}")]
+        hit = next((p for p in same if digests[p] in want), None)
+        if hit is None and distinctive:
+            hit = next((p for p, d in digests.items() if d in want), None)
+        out.append(HeadTensor(name=name, param=hit or (same[0] if same else None), loaded=hit is not None,
+                              distinctive=distinctive))
     return out

@@ -99,14 +99,29 @@ def test_a_pooling_twin_is_its_class_with_the_head_and_runs_vllm_s_pooling_runne
     assert set(pooling.head_tensors(Path(t.path))) == {"classifier.weight", "classifier.bias"}
 
 
-def test_the_head_counts_as_loaded_only_where_a_rank_holds_the_twin_s_bytes(seq_cls_twin, tmp_path):
+def _f32(digests):
+    return next(d for d in digests if d.startswith("torch.float32:"))
+
+
+def test_the_head_counts_as_loaded_only_where_a_rank_holds_the_twin_s_values(seq_cls_twin, tmp_path):
     heads = pooling.head_tensors(Path(seq_cls_twin.path))
+    weight, weight_distinctive = heads["classifier.weight"]
+    assert weight_distinctive and len(weight) == 3  # compared in float32, bfloat16 and float16
     rank = {"rank": 0, "ok": True, "digests": {"bert.embeddings.word_embeddings.weight": "x",
-                                               "classifier.weight": heads["classifier.weight"],
+                                               "classifier.weight": _f32(weight),
                                                "classifier.bias": "torch.float32:[2]:0000000000000000"}}
     (tmp_path / "rank0.json").write_text(json.dumps(rank))
     got = {h.name: (h.param, h.loaded) for h in pooling.head_loaded(Path(seq_cls_twin.path), tmp_path)}
     assert got == {"classifier.weight": ("classifier.weight", True), "classifier.bias": ("classifier.bias", False)}
+
+
+def test_a_head_vllm_renames_is_found_by_its_values_where_they_are_distinctive(seq_cls_twin, tmp_path):
+    # vLLM's ModernBertForSequenceClassification holds the checkpoint's head.dense as pooling.dense
+    heads = pooling.head_tensors(Path(seq_cls_twin.path))
+    rank = {"rank": 1, "ok": True, "digests": {"score_renamed.weight": _f32(heads["classifier.weight"][0])}}
+    (tmp_path / "rank1.json").write_text(json.dumps(rank))
+    got = {h.name: (h.param, h.loaded) for h in pooling.head_loaded(Path(seq_cls_twin.path), tmp_path)}
+    assert got["classifier.weight"] == ("score_renamed.weight", True) and got["classifier.bias"] == (None, False)
 
 
 def test_a_base_model_saved_alone_has_no_head(tmp_path):
