@@ -110,7 +110,7 @@ def _cells(selected, opts, pythons, versions, lifecycle, coverage, twin_cache, w
     for i, cell in enumerate(selected, 1):
         worlds.close_others(cell.release)  # releases run one after another: a finished one's world goes
         record = _cell(cell, opts, pythons[cell.release], twin_cache, worlds, versions, log)
-        coverage[cell.release].count(record, twin_cache.get(cell.arch.model_type or ""))
+        coverage[cell.release].count(record, twin_cache.get(cell.arch.key))
         lifecycle.publish(record, rewrite=record.verdict != "skipped")  # a not-checkable cell costs no rewrite
         if record.verdict != "skipped":
             print(f"[{i}/{len(selected)}] {terminal(cell.id)}: {record.verdict} ({record.seconds:.1f} s)"
@@ -132,7 +132,7 @@ def _spread_cells(selected, opts, pythons, versions, lifecycle, coverage, twin_c
     def publish(cell: cellmod.Cell, record: ScenarioRecord) -> bool:
         nonlocal ended
         ended += 1
-        coverage[cell.release].count(record, twin_cache.get(cell.arch.model_type or ""))
+        coverage[cell.release].count(record, twin_cache.get(cell.arch.key))
         lifecycle.publish(record, rewrite=record.verdict != "skipped")
         if record.verdict != "skipped":
             print(f"[{ended}/{len(selected)}] {terminal(cell.id)}: {record.verdict} ({record.seconds:.1f} s) on "

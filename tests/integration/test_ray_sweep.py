@@ -1,9 +1,10 @@
-"""`servematrix sweep --backend ray` on a real local multi-node Ray cluster (ray.cluster_utils:
-a head and a worker node, each with one servematrix_cpu_server slot, one core and a temp directory
-of its own) with real vLLM load checks: the cells land on both nodes and come home as data into
-the driver's run directory, their verdicts equal a local sweep's of the same cells, and the worker
-node removed while its second cell is in flight loses none of its finished cells; the cell it was
-running is retried on the head and passes; no world's process outlives the sweep."""
+"""`servematrix sweep --backend ray` on a real local multi-node Ray cluster (ray.cluster_utils: a
+head and a worker node, each with one servematrix_cpu_server slot, num_cpus=1 and a TMPDIR of its
+own; both share this host's cores) with real vLLM load checks: the cells land on both nodes and
+come home as data into the driver's run directory, their verdicts equal a local sweep's of the same
+cells, and the worker node removed while its second cell is in flight loses none of its finished
+cells; the cell it was running is retried on the head and passes; no world's process outlives the
+sweep."""
 
 import json
 import os
