@@ -4,10 +4,12 @@ own; both share this host's cores) with real vLLM load checks: the cells land on
 come home as data into the driver's run directory, their verdicts equal a local sweep's of the same
 cells, and the worker node removed while its second cell is in flight loses none of its finished
 cells; the cell it was running is retried on the head and passes; no world's process outlives the
-sweep."""
+sweep; Ctrl-C on the driver records its cell in flight as interrupted and leaves no actor or
+world process."""
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -47,42 +49,56 @@ def node_processes(tmps: list[Path]) -> list[str]:
     return found
 
 
+def sweep(address: str, out: Path, cache: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "servematrix.cli", "sweep", "--backend", "ray", "--ray-address",
+                             address, "--layouts", "tp1", "-k", CELLS, "--out", str(out), "--timeout", "150"],
+                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "SERVEMATRIX_CACHE": cache})
+
+
+def finish(proc: subprocess.Popen, t0: float) -> str:
+    try:
+        return proc.communicate(timeout=max(1, SWEEP_TIMEOUT - (time.monotonic() - t0)))[0]
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        return proc.communicate()[0]
+
+
 @pytest.fixture(scope="module")
-def spread_sweep(tmp_path_factory, shared_cache):
+def cluster(tmp_path_factory):
     from ray.cluster_utils import Cluster
 
     base = tmp_path_factory.mktemp("ray-sweep")
     head_tmp, worker_tmp = base / "head-tmp", base / "worker-tmp"
     head_tmp.mkdir()
     worker_tmp.mkdir()
-    cluster = Cluster(initialize_head=True, head_node_args={
+    c = Cluster(initialize_head=True, head_node_args={
         "num_cpus": 1, "resources": {CPU_SERVER: 1}, "include_dashboard": False, "env_vars": {"TMPDIR": str(head_tmp)}})
     try:
-        worker = cluster.add_node(num_cpus=1, resources={CPU_SERVER: 1}, env_vars={"TMPDIR": str(worker_tmp)})
-        out = base / "run"
-        t0 = time.monotonic()
-        proc = subprocess.Popen([sys.executable, "-m", "servematrix.cli", "sweep", "--backend", "ray", "--ray-address",
-                                 cluster.address, "--layouts", "tp1", "-k", CELLS, "--out", str(out), "--timeout", "150"],
-                                cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                env={**os.environ, "SERVEMATRIX_CACHE": shared_cache})
-        removed_after: dict[str, dict] = {}  # the records published before the worker went
-        while proc.poll() is None and time.monotonic() - t0 < SWEEP_TIMEOUT:
-            if in_flight(worker_tmp, 2):  # its first cell finished, the second one running
-                removed_after = {f"{p.parent.parent.name}/{p.parent.name}": json.loads(p.read_text())
-                                 for p in out.glob("*/*/record.json")}
-                cluster.remove_node(worker, allow_graceful=False)
-                break
-            time.sleep(0.02)
-        try:
-            stdout, _ = proc.communicate(timeout=max(1, SWEEP_TIMEOUT - (time.monotonic() - t0)))
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            stdout, _ = proc.communicate()
-        seconds = time.monotonic() - t0
-        left = node_processes([head_tmp, worker_tmp])
-        yield proc.returncode, stdout, out, worker.node_id[:12], cluster.head_node.node_id[:12], removed_after, left, seconds
+        worker = c.add_node(num_cpus=1, resources={CPU_SERVER: 1}, env_vars={"TMPDIR": str(worker_tmp)})
+        yield c, worker, base, head_tmp, worker_tmp
     finally:
-        cluster.shutdown()
+        c.shutdown()
+
+
+@pytest.fixture(scope="module")
+def spread_sweep(cluster, shared_cache):
+    c, worker, base, head_tmp, worker_tmp = cluster
+    out = base / "run"
+    t0 = time.monotonic()
+    proc = sweep(c.address, out, shared_cache)
+    removed_after: dict[str, dict] = {}  # the records published before the worker went
+    while proc.poll() is None and time.monotonic() - t0 < SWEEP_TIMEOUT:
+        if in_flight(worker_tmp, 2):  # its first cell finished, the second one running
+            removed_after = {f"{p.parent.parent.name}/{p.parent.name}": json.loads(p.read_text())
+                             for p in out.glob("*/*/record.json")}
+            c.remove_node(worker, allow_graceful=False)
+            break
+        time.sleep(0.02)
+    stdout = finish(proc, t0)
+    seconds = time.monotonic() - t0
+    left = node_processes([head_tmp, worker_tmp])
+    return proc.returncode, stdout, out, worker.node_id[:12], c.head_node.node_id[:12], removed_after, left, seconds
 
 
 def test_the_cells_ran_on_both_nodes_and_came_home_as_data(spread_sweep):
@@ -123,3 +139,32 @@ def test_the_verdicts_equal_a_local_sweeps_of_the_same_cells(spread_sweep, tmp_p
     assert {i: r["verdict"] for i, r in spread.items()} == {i: r["verdict"] for i, r in local.items()}
     for i, r in local.items():  # the same parameters loaded, wherever the world ran
         assert r["load_check"]["digests"] and spread[i]["load_check"]["digests"] == r["load_check"]["digests"], i
+
+
+def test_ctrl_c_on_the_driver_records_the_cell_in_flight_as_interrupted_and_leaves_no_process(cluster, spread_sweep,
+                                                                                              tmp_path, shared_cache):
+    c, _, _, head_tmp, _ = cluster  # the head alone now: the worker was removed by the sweep above
+    before = set(head_tmp.glob("servematrix-world-*"))
+    out = tmp_path / "run"
+    t0 = time.monotonic()
+    proc = sweep(c.address, out, shared_cache)
+    while proc.poll() is None and time.monotonic() - t0 < SWEEP_TIMEOUT:
+        if any(d not in before and (d / "cells" / "1" / "loadcheck").exists() for d in head_tmp.glob("servematrix-world-*")):
+            break  # the new world's first check is running (its vLLM import, seconds on this host)
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGINT)
+    stdout = finish(proc, t0)
+    summary = json.loads((out / "summary.json").read_text())
+    assert proc.returncode == 2 and summary["status"] == "interrupted", stdout[-3000:]
+    (cut,) = [r for r in summary["scenarios"] if r["failure"]]
+    assert cut["failure"]["kind"] == "interrupted" and cut["node"].endswith(c.head_node.node_id[:12])
+    deadline = time.monotonic() + 20
+    while (node_processes([head_tmp]) or actor_processes()) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert node_processes([head_tmp]) == [] and actor_processes() == []
+
+
+def actor_processes() -> list[str]:
+    """Ray workers still holding a world actor (their title is ray::CellWorld...)."""
+    return [" ".join(p.info["cmdline"] or [])[:120] for p in psutil.process_iter(["cmdline"])
+            if "CellWorld" in " ".join(p.info["cmdline"] or [])]
