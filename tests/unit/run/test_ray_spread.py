@@ -3,7 +3,9 @@ place of the Ray actors: each cell goes to a free world and no world holds two a
 layouts first; a world lost mid-cell costs only that cell, retried once on another world, and
 recorded as an infrastructure failure when its second world is lost too; finished cells stay
 published; every world gone records the rest; an interrupted cell starts nothing more; Ctrl-C
-publishes the cells in flight as interrupted."""
+publishes the cells in flight as interrupted; and the runner's Ray path around it (sweep/runner.py
+_spread_cells): cells that need no world are recorded before any world starts, a retried cell's
+record says so."""
 
 import threading
 import time
@@ -146,3 +148,57 @@ def test_a_cell_without_a_result_is_recorded_as_an_infrastructure_error_naming_i
     record = runner._unrun(cell, {"vllm": "0.32.0", "torch": "2.9"}, "host/abc", lost, attempts=2)
     assert (record.id, record.verdict, record.node, record.attempts) == ("llama/tp1-none", "error", "host/abc", 2)
     assert record.failure.infra and "lost twice" in record.failure.signature
+
+
+class Fleet:
+    """The runner's view of run/ray_worlds.py's RayFleet: worlds that lose the cells named."""
+
+    def __init__(self, *worlds):
+        self.worlds, self.started = list(worlds), False
+
+    def start(self):
+        self.started = True
+        return self.worlds
+
+    def replace(self, world):
+        return None
+
+
+def test_the_ray_sweep_records_cells_needing_no_world_first_and_a_retried_cell_says_so(monkeypatch, tmp_path):
+    import io
+    from types import SimpleNamespace
+
+    from servematrix.sweep import cells, registry, report, runner, twins
+
+    def arch(name, mt, forgeable=True):
+        return registry.Arch(arch=name, kind="text", model_type=mt, forgeable=forgeable, reason=None if forgeable else "x")
+
+    tp1 = cells.layouts("tp1")[0]
+    chosen = [cells.Cell(arch=arch("LlamaForCausalLM", "llama"), layout=tp1, quant="none"),
+              cells.Cell(arch=arch("Remote", None, forgeable=False), layout=tp1, quant="none"),
+              cells.Cell(arch=arch("OPTForCausalLM", "opt"), layout=tp1, quant="none")]
+    versions = {"vllm": "0.32.0", "torch": "2.9"}
+    fleet = Fleet(SimpleNamespace(node="host/aaa", lose={"llama/tp1-none"}), SimpleNamespace(node="host/bbb", lose=set()))
+    published = []
+
+    def cell_run(cell, opts, python, twin_cache, world, versions, log):
+        if world is None:  # not forgeable: recorded without a world, before any world starts
+            assert not fleet.started
+            return runner._unrun(cell, versions, "-", None).model_copy(update={"verdict": "skipped", "note": "x"})
+        if cell.id in world.lose:
+            raise ActorLost(f"the world on {world.node} was lost")
+        return runner._unrun(cell, versions, world.node, None)
+
+    monkeypatch.setattr(runner, "_cell", cell_run)
+    monkeypatch.setattr(runner, "_twin", lambda cell, opts, cache: twins.Twin(model_type=cell.arch.model_type, path="/t"))
+    lifecycle = SimpleNamespace(publish=lambda rec, rewrite: published.append(rec), summary=SimpleNamespace(status="running"))
+    coverage = {"current": report.Coverage(release="current", registered=3, forgeable=2)}
+    opts = runner.SweepOptions(releases=["current"], layouts=[tp1], quants=["none"], out=tmp_path, backend="ray")
+    runner._spread_cells(chosen, opts, {"current": "/py"}, versions, lifecycle, coverage, {}, fleet, io.StringIO())
+    by_id = {r.id: r for r in published}
+    assert published[0].id == "Remote/tp1-none" and published[0].verdict == "skipped"
+    llama = by_id["llama/tp1-none"]
+    assert (llama.verdict, llama.node, llama.attempts) == ("pass", "host/bbb", 2)
+    assert "retried on another world: the world on host/aaa was lost" in llama.note
+    assert (by_id["opt/tp1-none"].verdict, by_id["opt/tp1-none"].attempts) == ("pass", 1)
+    assert coverage["current"].checked == 2 and coverage["current"].passing == 2
