@@ -26,12 +26,28 @@ class ReleasePair(BaseModel):
     newly_passing: list[str] = Field(default_factory=list)
     only_before: list[str] = Field(default_factory=list)
     only_after: list[str] = Field(default_factory=list)
+    # of the cells only one release has: those the other release was asked to run too, and has no
+    # record of (the sweep stopped before them); the rest that release never selected (not in its
+    # registry, or past --limit)
+    not_run_before: list[str] = Field(default_factory=list)
+    not_run_after: list[str] = Field(default_factory=list)
 
 
 def cell_key(record: ScenarioRecord) -> str:
     """The id less its `-<release>` suffix (current's ids have none)."""
     suffix = "" if record.vllm == CURRENT else f"-{record.vllm}"
     return record.id[: len(record.id) - len(suffix)] if suffix and record.id.endswith(suffix) else record.id
+
+
+def _selected(summary: RunSummary, release: str, releases: list[str]) -> set[str]:
+    """The cell keys `release` was asked to run (the run's `selected` ids carry the same suffixes)."""
+    suffixes = [r for r in releases if r != CURRENT]
+    out = set()
+    for rid in summary.selected:
+        owner = next((r for r in suffixes if rid.endswith(f"-{r}")), CURRENT)
+        if owner == release:
+            out.add(rid if owner == CURRENT else rid[: -len(owner) - 1])
+    return out
 
 
 def _view(summary: RunSummary, release: str) -> RunSummary:
@@ -53,7 +69,9 @@ def pairs(summary: RunSummary, releases: list[str], versions: dict[str, str | No
                                after_vllm=versions.get(after),
                                compared=len({r.id for r in a.scenarios} & {r.id for r in b.scenarios}),
                                newly_failing=changes.newly_failing, newly_passing=fixed,
-                               only_before=changes.only_in_a, only_after=changes.only_in_b))
+                               only_before=changes.only_in_a, only_after=changes.only_in_b,
+                               not_run_before=sorted(set(changes.only_in_b) & _selected(summary, before, releases)),
+                               not_run_after=sorted(set(changes.only_in_a) & _selected(summary, after, releases))))
     return out
 
 
@@ -69,8 +87,11 @@ def regressions_md(found: list[ReleasePair]) -> str:
         lines += [f"- newly passing: {x}".replace("|", "\\|") for x in p.newly_passing]
         if not (p.newly_failing or p.newly_passing):
             lines.append("- no cell changed between meeting and missing its expectation")
-        if p.only_before or p.only_after:
-            lines.append(f"- only on {p.before}: {len(p.only_before)} cells; only on {p.after}: {len(p.only_after)} "
-                         "(registered by one release only, or not run on the other: an interrupted sweep)")
+        for here, there, only, not_run in ((p.before, p.after, p.only_before, p.not_run_after),
+                                           (p.after, p.before, p.only_after, p.not_run_before)):
+            if only:
+                lines.append(f"- only on {here}: {len(only)} cells: {len(not_run)} selected on {there} too and not "
+                             f"run there (the sweep stopped before them), {len(only) - len(not_run)} not selected on "
+                             f"{there} (not in its registry, or past --limit)")
         lines.append("")
     return "\n".join(lines)

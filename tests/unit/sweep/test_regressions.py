@@ -43,6 +43,22 @@ def test_newly_failing_and_passing_follow_the_comparison_rule_skips_are_neither(
     assert "- newly failing: llama/pp2-none: pass → fail (ValueError: x)" in md
 
 
+def test_a_cell_only_one_release_has_is_told_apart_not_run_there_from_not_selected_there(tmp_path):
+    """An interrupted two-release sweep: current was asked for llama and mamba and recorded only
+    llama; 0.20.2 ran qwen3/tp2 too, which current was never asked for."""
+    rows = [rec("llama/pp2-none", "cpu-0.20.2", "pass"), rec("qwen3/tp2-none", "cpu-0.20.2", "pass"),
+            rec("mamba/pp2-none", "cpu-0.20.2", "pass"), rec("llama/pp2-none", "current", "pass")]
+    s = summary(tmp_path, rows).model_copy(update={"status": "interrupted", "selected": [
+        "llama/pp2-none-cpu-0.20.2", "qwen3/tp2-none-cpu-0.20.2", "mamba/pp2-none-cpu-0.20.2",
+        "llama/pp2-none", "mamba/pp2-none"]})
+    (p,) = regressions.pairs(s, ["cpu-0.20.2", "current"])
+    assert sorted(p.only_before) == ["mamba/pp2-none", "qwen3/tp2-none"]
+    assert p.not_run_after == ["mamba/pp2-none"] and p.not_run_before == []
+    md = regressions.regressions_md([p])
+    assert ("- only on cpu-0.20.2: 2 cells: 1 selected on current too and not run there (the sweep stopped before "
+            "them), 1 not selected on current (not in its registry, or past --limit)") in md
+
+
 def test_three_releases_give_consecutive_pairs_in_the_order_given(tmp_path):
     got = regressions.pairs(summary(tmp_path), ["cpu-0.18.1", "cpu-0.20.2", "current"])
     assert [(p.before, p.after) for p in got] == [("cpu-0.18.1", "cpu-0.20.2"), ("cpu-0.20.2", "current")]
