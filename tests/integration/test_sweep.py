@@ -18,6 +18,8 @@ from .conftest import servematrix
 
 pytestmark = pytest.mark.integration
 ARCHS = "llama/*,qwen3_moe/*,deepseek_v3/*,LlavaForConditionalGeneration/*,InternLM2ForCausalLM/*"
+# pooling cells (sweep/pooling.py), at TP=1 only: a BERT embedding model and a decoder's sequence classifier
+POOLING = {"BertModel/tp1-none": "BertEmbeddingModel", "GPT2ForSequenceClassification/tp1-none": "GPT2ForSequenceClassification"}
 
 
 def records(out):
@@ -28,7 +30,8 @@ def records(out):
 def sweep(tmp_path_factory, shared_cache):
     out = tmp_path_factory.mktemp("sweep") / "run"
     t0 = time.monotonic()
-    proc = servematrix("sweep", "--layouts", "tp1,pp2", "-k", ARCHS, "--out", str(out), "--timeout", "150",
+    pooling = ",".join(i.replace("-none", "-*") for i in POOLING)
+    proc = servematrix("sweep", "--layouts", "tp1,pp2", "-k", f"{ARCHS},{pooling}", "--out", str(out), "--timeout", "150",
                        timeout=600, env={"SERVEMATRIX_CACHE": shared_cache})
     return proc, out, records(out), time.monotonic() - t0
 
@@ -37,7 +40,7 @@ def test_the_sweep_checks_each_forgeable_cell_and_says_why_the_others_are_not(sw
     proc, out, by_id, seconds = sweep
     assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
     checked = {f"{m}/{lay}-none" for m in ("llama", "qwen3_moe", "deepseek_v3") for lay in ("tp1", "pp2")}
-    assert {i for i, r in by_id.items() if r["verdict"] == "pass"} == checked
+    assert {i for i, r in by_id.items() if r["verdict"] == "pass"} == checked | set(POOLING)
     for i in checked:
         ranks = by_id[i]["load_check"]["ranks"]
         assert len(ranks) == by_id[i]["pp"] and all(r["ok"] and r["steps"] == ["construct", "load"] for r in ranks)
@@ -47,6 +50,21 @@ def test_the_sweep_checks_each_forgeable_cell_and_says_why_the_others_are_not(sw
     # each checked cell's mark carries its note's number ([n]: what its twin was built from)
     assert "## Coverage" in md and re.search(r"\| llama \| ✓ ᴸ( \[\d+\])? \| ✓ ᴸ( \[\d+\])? \|", md), md
     print(f"sweep of {len(by_id)} cells: {seconds:.0f} s")
+
+
+def test_pooling_cells_build_vllm_s_pooling_model_and_load_the_twin_s_head(sweep, shared_cache):
+    from pathlib import Path
+
+    from servematrix.sweep import pooling
+
+    _, out, by_id, _ = sweep
+    for i, model in POOLING.items():
+        (rank,) = by_id[i]["load_check"]["ranks"]
+        assert rank["ok"] and rank["model"] == model, (i, rank)
+    # the classifier's head: rank 0 holds exactly the twin's bytes for each of its tensors
+    arch = "GPT2ForSequenceClassification"
+    heads = pooling.head_loaded(Path(shared_cache) / "sweep-twins" / arch, out / f"{arch}/tp1-none" / "loadcheck")
+    assert [h.name for h in heads] == ["score.weight"] and all(h.loaded for h in heads), heads
 
 
 def test_pp2_ranks_load_exactly_the_tp1_parameters(sweep):
