@@ -7,7 +7,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from servematrix.mirror.layout import field_value, rules
+from servematrix.mirror.layout import field_value, get_path, rules
 from servematrix.mirror.schemes import evaluate
 
 
@@ -83,8 +83,8 @@ class _Dims:
         self.cfg, self.changed = cfg, {}
 
     def key(self, key: str | None, value: Any) -> None:
-        if key is not None and self.cfg.get(key) != value:
-            self.changed[key] = (self.cfg.get(key), value)
+        if key is not None and get_path(self.cfg, key) != value:
+            self.changed[key] = (get_path(self.cfg, key), value)
 
     def role(self, role: str, value: Any) -> None:
         self.key(field_value(self.cfg, role)[0], value)
@@ -101,11 +101,12 @@ def choose_dims(cfg: dict, tps: list[int], group_info: dict, params: dict, kv_po
     # every feed-forward width is split over TP ranks: whole units per rank at every TP
     ffn = math.lcm(*[tp * math.lcm(t["ffn_unit"], units["ffn"]) for tp in tps])
     for key in rules()["fields"]["ffn"]:
-        if isinstance(cfg.get(key), list):  # one width per layer (Gemma 3n): each shrinks alike, one
-            widths = [min(v, ffn) for v in cfg[key]]  # number where they are all equal (the class expands it)
+        value = get_path(cfg, key)
+        if isinstance(value, list):  # one width per layer (Gemma 3n): each shrinks alike, one
+            widths = [min(v, ffn) for v in value]  # number where they are all equal (the class expands it)
             dims.key(key, widths[0] if len(set(widths)) == 1 else widths)
-        elif cfg.get(key):
-            dims.key(key, min(cfg[key], ffn))
+        elif value:
+            dims.key(key, min(value, ffn))
     hidden_unit = math.lcm(t["hidden"], units["all"])  # hidden is every linear's in or out: aligned to all
     _, q_lora = field_value(cfg, "q_lora")
     if q_lora:
@@ -130,7 +131,7 @@ def choose_dims(cfg: dict, tps: list[int], group_info: dict, params: dict, kv_po
         role_key, value = field_value(cfg, role)
         twin_value = dims.changed.get(role_key, (value, value))[1]
         for key in keys:
-            own = cfg.get(key)
+            own = get_path(cfg, key)
             if isinstance(own, int) and isinstance(value, int) and value and (own * twin_value) % value == 0:
                 dims.key(key, own * twin_value // value)
     for key in rules()["fields"].get("vocab") or []:  # a second vocabulary (Gemma 3n's per-layer inputs): the twin's

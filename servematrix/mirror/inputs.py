@@ -217,7 +217,7 @@ def config_model() -> type[BaseModel]:
             # a per-layer list (Hunyuan's moe_topk) is refused here by name, not met by a crash there.
             # Feed-forward widths may be one per layer (Gemma 3n): dims.py shrinks each alike
             kind = _int(lo, hi) | list[_int(lo, hi)] if role in PER_LAYER_ROLES else _int(lo, hi)
-            for key in keys:
+            for key in (k for k in keys if "." not in k):  # a sub-config's field is read inside its object
                 fields.setdefault(key, (kind | None, None))
     for key in rules()["fields"]["layer_index_lists"]:
         fields.setdefault(key, (list[_int(0, LAYERS_MAX)] | None, None))
@@ -235,7 +235,7 @@ def config_accepted() -> dict[str, str]:
         if role in ROLE_RANGES:
             lo, hi = ROLE_RANGES[role]
             rng = f"a whole number in {lo}..{hi}" + (" (or a list of them, one per layer)" if role in PER_LAYER_ROLES else "")
-            for key in keys:
+            for key in (k for k in keys if "." not in k):
                 out.setdefault(key, rng + " or null")
     for key in rules()["fields"]["layer_index_lists"]:
         out.setdefault(key, f"a list of layer indices in 0..{LAYERS_MAX}, or null")

@@ -118,14 +118,34 @@ def layer_re() -> re.Pattern:
     return re.compile(rf"^((?:.*?\.)?(?:{'|'.join(words)})\.)(\d+)\.")
 
 
+def get_path(config: dict, key: str) -> Any:
+    """config[key], where a dotted key names a field of a sub-config (DBRX's `ffn_config.ffn_hidden_size`)."""
+    value: Any = config
+    for part in key.split("."):
+        if not isinstance(value, dict):
+            return None
+        value = value.get(part)
+    return value
+
+
+def set_path(config: dict, key: str, value: Any) -> None:
+    """config[key] = value, copying each sub-config a dotted key passes through (the source's stay as read)."""
+    *parents, last = key.split(".")
+    node = config
+    for part in parents:
+        node[part] = dict(node.get(part) or {})
+        node = node[part]
+    node[last] = value
+
+
 def field_value(config: dict, role: str) -> tuple[str | None, Any]:
     """The first spelling of `role` the config carries, and its value. A layer count no count
     field states is the length of a per-layer list (`fields.layer_lists`): such a family derives
     its count from the list, so the key is None (the twin's count field is the class's default
     spelling, and its list is subsampled onto the kept layers)."""
     for key in rules()["fields"][role]:
-        if config.get(key) is not None:
-            return key, config[key]
+        if get_path(config, key) is not None:
+            return key, get_path(config, key)
     if role == "layers":
         for key in rules()["fields"].get("layer_lists") or []:
             if isinstance(config.get(key), list) and config[key]:

@@ -14,7 +14,7 @@ import re
 from typing import Any
 
 from servematrix.errors import ConfigError
-from servematrix.mirror.layout import SourceLayout, field_value, layer_re, rules
+from servematrix.mirror.layout import SourceLayout, field_value, layer_re, rules, set_path
 from servematrix.mirror.plan_models import NotMirrored
 
 _EXPERT_IN_MODULE = re.compile(r"\.experts\.(\d+)(?=\.|$)")
@@ -73,7 +73,9 @@ def twin_config(layout: SourceLayout, effective: dict, class_type: str, dims: di
         if isinstance(config.get(key), list):
             config[key] = [j for j, s in enumerate(kept) if s in set(config[key])]
             changed.add(key)
-    config.update({k: v[1] for k, v in dims.items()})
+    for key, (_, value) in dims.items():
+        set_path(config, key, value)
+        changed.add(key.split(".", 1)[0])
     for key, (_, value) in dims.items():  # a per-layer width list, shrunk whole: onto the kept layers too
         if isinstance(value, list) and len(value) == n and n > 1:
             config[key] = [value[s] for s in kept]
@@ -135,6 +137,11 @@ def saved_away(layout: SourceLayout, config: dict, class_type: str, kept: list[i
 
 
 def same_value(got: Any, want: Any) -> bool:
+    # a sub-config the class reads into an object of its own (DBRX's ffn_config) reads back unchanged
+    # where every field given reads back so
+    if isinstance(want, dict) and hasattr(got, "to_dict"):
+        read = got.to_dict()
+        return all(same_value(read.get(k, _MISSING), v) for k, v in want.items())
     # a class that expands one value to one per layer (Gemma 3n's intermediate_size) reads it back unchanged
     per_layer = isinstance(want, int) and isinstance(got, (list, tuple)) and bool(got) and all(g == want for g in got)
     return got == want or per_layer or (isinstance(want, list) and isinstance(got, (list, tuple)) and list(got) == want)

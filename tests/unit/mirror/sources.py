@@ -224,3 +224,9 @@ def minimax_kvscale_source(directory: Path, shards: int = 4) -> Path:
                            "AutoModelForCausalLM": "modeling_minimax_m2.MiniMaxM2ForCausalLM"},
               "quantization_config": {"quant_method": "fp8", "activation_scheme": "dynamic", "ignored_layers": ignored}}
     return write_checkpoint(directory, config, {k: tensors[k] for k in sorted(tensors)}, shards=shards)
+
+
+# published configs of the corpus (servematrix/data/configs/) that transformers itself refuses as
+# published, with the field its refusal names (vLLM's get_config refuses them the same way,
+# docs/sweep-triage.md): DBRX's int moe_normalize_expert_weights against transformers 5's strict float
+REFUSED_BY_TRANSFORMERS = {"dbrx": "moe_normalize_expert_weights"}

@@ -87,3 +87,32 @@ def test_a_layer_index_list_as_long_as_the_layer_count_is_remapped_not_subsample
     plan = mirror.plan_twin(mirror.read_source("model_type:llama4_text"), 2, [1, 2])
     assert plan.ok, _broken(plan)
     assert plan.spec.config["moe_layers"] == list(range(len(plan.kept_layers)))
+
+
+def test_dbrx_widths_in_its_sub_configs_shrink_and_the_class_reads_them_back():
+    # the published dbrx-instruct config, less what transformers 5 refuses or drops in it as published
+    # (the int moe_normalize_expert_weights; sub-config keys its strict classes do not declare: the
+    # ffn_config's uniform_expert_assignment, the saved PretrainedConfig clutter):
+    # its widths sit in attn_config / ffn_config
+    import dataclasses
+
+    from transformers.models.dbrx.configuration_dbrx import DbrxAttentionConfig, DbrxFFNConfig
+
+    published = corpus.published("dbrx").config()
+
+    def declared(sub: dict, cls) -> dict:  # the sub-config class's own fields (not PretrainedConfig's)
+        from transformers import PretrainedConfig
+
+        base = {f.name for f in dataclasses.fields(PretrainedConfig)}
+        own = {f.name for f in dataclasses.fields(cls)} - base | {"rope_theta"}  # DBRX's attention reads rope_theta
+        return {k: v for k, v in sub.items() if k in own}
+
+    config = {**published, "attn_config": declared(published["attn_config"], DbrxAttentionConfig),
+              "ffn_config": {**declared(published["ffn_config"], DbrxFFNConfig), "moe_normalize_expert_weights": 1.0}}
+    plan = mirror.plan_twin(config_layout(config, "config:dbrx"), 2, [1, 2])
+    assert plan.ok, _broken(plan)
+    ffn, attn = plan.spec.config["ffn_config"], plan.spec.config["attn_config"]
+    assert ffn["ffn_hidden_size"] < published["ffn_config"]["ffn_hidden_size"] and ffn["ffn_hidden_size"] % 2 == 0
+    assert ffn["moe_num_experts"] == 4 and ffn["moe_top_k"] == 2  # >= 2 x top-k, split by TP 2
+    assert attn["kv_n_heads"] == 2 and plan.spec.config["n_heads"] % 2 == 0
+    assert attn["clip_qkv"] == published["attn_config"]["clip_qkv"]  # what is no width stays the source's
