@@ -1,7 +1,8 @@
 """`servematrix sweep` on real vLLM (the CPU build): a handful of architectures from the release's
 own registry, mirrored from transformers' defaults, load-checked at TP=1 and PP=2 through the
 persistent worker; a multimodal and a remote-code-only architecture recorded as not checkable with
-their reasons; PP=2's ranks together load exactly TP=1's parameters; the same cells in a process
+their reasons; two pooling cells at TP=1 (BertModel, GPT2ForSequenceClassification) build vLLM's pooling models
+and load the classifier's head bit for bit; PP=2's ranks together load exactly TP=1's parameters; the same cells in a process
 of their own (--isolated) load the same parameters; `gate` judges the run; a quantized cell (the
 DSA indexer's FP8 wk at PP=2) loads on this release, and where cpu-0.20.2 is already built (the
 seed-bug test builds it; this file never does) shows #42944's KeyError there and the regression
