@@ -138,6 +138,15 @@ def set_path(config: dict, key: str, value: Any) -> None:
     node[last] = value
 
 
+@lru_cache(maxsize=1)
+def module_list_re() -> re.Pattern:
+    """`.<list>.<i>.` for the module lists of `fields.module_lists`: one entry per layer of a kind,
+    held outside the layer container (Zamba2's shared block holds an adapter per hybrid layer), whose
+    index the twin's count replaces as it replaces the experts'."""
+    words = sorted(map(re.escape, rules()["fields"].get("module_lists") or []), key=len, reverse=True)
+    return re.compile(rf"\.({'|'.join(words)})\.(\d+)\.")
+
+
 def field_value(config: dict, role: str) -> tuple[str | None, Any]:
     """The first spelling of `role` the config carries, and its value. A layer count no count
     field states is the length of a per-layer list (`fields.layer_lists`): such a family derives
@@ -159,6 +168,8 @@ def split_name(name: str) -> tuple[int | None, str]:
     """(decoder layer index, key): the key has `{L}` for the layer index and `*` for the expert, so
     names equal up to the layer and expert count share a key."""
     key = EXPERT_RE.sub(".experts.*.", name)
+    if rules()["fields"].get("module_lists"):
+        key = module_list_re().sub(lambda m: f".{m.group(1)}.*.", key)
     m = layer_re().match(key)
     if not m:
         return None, key

@@ -116,3 +116,17 @@ def test_dbrx_widths_in_its_sub_configs_shrink_and_the_class_reads_them_back():
     assert ffn["moe_num_experts"] == 4 and ffn["moe_top_k"] == 2  # >= 2 x top-k, split by TP 2
     assert attn["kv_n_heads"] == 2 and plan.spec.config["n_heads"] % 2 == 0
     assert attn["clip_qkv"] == published["attn_config"]["clip_qkv"]  # what is no width stays the source's
+
+
+def test_zamba2_adapter_lists_are_counted_like_experts_and_the_twin_keeps_mamba_and_both_hybrid_kinds():
+    # Zamba2's shared transformer block holds one LoRA adapter per hybrid layer, saved under the first
+    # hybrid layer's name (gate_up_proj_adapter_list.0..8 for the 9 hybrid layers of the defaults)
+    layout = mirror.read_source("model_type:zamba2")
+    plan = mirror.plan_twin(layout, 2, [1, 2])
+    assert plan.ok, _broken(plan)
+    kinds = layout.config["layers_block_type"]
+    assert [kinds[s] for s in plan.kept_layers] == ["linear_attention", "hybrid", "hybrid"]
+    hybrids = plan.spec.config["hybrid_layer_ids"] if "hybrid_layer_ids" in plan.spec.config else None
+    adapters = {n.split("adapter_list.")[1].split(".")[0] for n in plan.twin if "gate_up_proj_adapter_list" in n}
+    assert adapters == {"0", "1"}  # one per twin hybrid layer
+    assert hybrids in (None, [1, 2])
