@@ -76,7 +76,7 @@ def build(key: str, directory: Path, max_pp: int, tps: list[int]) -> Twin:
             return Twin(model_type=model_type, architecture=arch, origin=origin,
                         reason=f"mirror: the twin would break its invariants: {broken}"[:500])
         scenario = scenario_dict(plan, name, layout)
-        path = mirror.build_twin(plan, name, directory / (arch or model_type))
+        path = _built(plan, name, directory, arch or model_type)
         origin = "; ".join([origin, *corpus.checkpoint_names(model_type, path),
                             *corpus.checkpoint_config(model_type, path, layout.config, layout.structure.num_layers)])
     except UserError as exc:
@@ -90,6 +90,32 @@ def build(key: str, directory: Path, max_pp: int, tps: list[int]) -> Twin:
                 server_args=[*scenario["server"]["args"], *quant["args"], *(pooling.SERVER_ARGS if arch else [])],
                 load_only=load_only, origin=origin,
                 spec=plan.spec.model_dump(mode="json"), shapes={n: tuple(t.shape) for n, t in plan.forged.items()})
+
+
+def _built(plan, name: str, directory: Path, key: str) -> Path:
+    """The twin's directory, named by what decides its bytes (the forge's content-addressed entry,
+    which carries the spec and the forge's code, and the mirror's post-processing): a sweep of
+    other layouts, or a second sweep at the same time, never rewrites a twin another is loading
+    (was: one directory per model_type, replaced by whichever sweep came last). build_twin renames
+    a finished directory into place, so one that exists is complete and is reused (its mirror.json
+    touched: the test cache prunes twins by it)."""
+    import hashlib
+    import json
+
+    from servematrix import mirror
+    from servematrix.checkpoint.forge import checkpoint_dir
+    from servematrix.mirror.source import ORIGIN_FILE
+    from servematrix.paths import code_digest
+
+    h = hashlib.sha256(checkpoint_dir(name, plan.spec).name.encode())
+    h.update(json.dumps([s.detail for s in plan.post]).encode())
+    h.update(code_digest(("mirror/twin.py",), ()).encode())
+    target = directory / f"{key}-{h.hexdigest()[:12]}"
+    origin = target / ORIGIN_FILE
+    if origin.is_file():
+        origin.touch()
+        return target
+    return mirror.build_twin(plan, name, target)
 
 
 def quantize(base: Twin, quant: str, tps: list[int]) -> Twin:

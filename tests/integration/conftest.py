@@ -38,7 +38,7 @@ def servematrix(*args: str, timeout: float = 1500, **kw) -> subprocess.Completed
 # built). Safe to share: every entry is content-addressed (forge/convert paths carry their spec and
 # the code that wrote them, paths.code_digest; environments their recipe). Kept apart from the
 # user's own cache.
-STALE_DAYS = 14  # a forged/converted entry no session has written since is removed (code moved on)
+STALE_DAYS = 14  # a forged/converted entry or sweep twin no session has used since is removed (code moved on)
 
 
 def _prune(cache: Path) -> None:
@@ -46,9 +46,10 @@ def _prune(cache: Path) -> None:
     import time
 
     horizon = time.time() - STALE_DAYS * 86400
-    for kind in ("forged", "converted"):
+    for kind in ("forged", "converted", "sweep-twins"):
         for entry in (cache / kind).glob("*") if (cache / kind).is_dir() else ():
-            marker = next((m for m in (entry / "forge.json", entry / "convert.json") if m.exists()), None)
+            marker = next((m for m in (entry / "forge.json", entry / "convert.json", entry / "mirror.json")
+                           if m.exists()), None)
             if marker is not None and marker.stat().st_mtime < horizon:
                 shutil.rmtree(entry, ignore_errors=True)
 

@@ -54,6 +54,7 @@ def test_the_sweep_checks_each_forgeable_cell_and_says_why_the_others_are_not(sw
 
 
 def test_pooling_cells_build_vllm_s_pooling_model_and_load_the_twin_s_head(sweep, shared_cache):
+    import shlex
     from pathlib import Path
 
     from servematrix.sweep import pooling
@@ -64,7 +65,10 @@ def test_pooling_cells_build_vllm_s_pooling_model_and_load_the_twin_s_head(sweep
         assert rank["ok"] and rank["model"] == model, (i, rank)
     # the classifier's head: rank 0 holds exactly the twin's bytes for each of its tensors
     arch = "GPT2ForSequenceClassification"
-    heads = pooling.head_loaded(Path(shared_cache) / "sweep-twins" / arch, out / f"{arch}/tp1-none" / "loadcheck")
+    argv = shlex.split(by_id[f"{arch}/tp1-none"]["server_command"])
+    twin = Path(argv[argv.index("--model") + 1])  # the twin the cell loaded, where the sweep built it
+    assert twin.parent == Path(shared_cache) / "sweep-twins" and twin.name.startswith(f"{arch}-")
+    heads = pooling.head_loaded(twin, out / f"{arch}/tp1-none" / "loadcheck")
     assert [h.name for h in heads] == ["score.weight"] and all(h.loaded for h in heads), heads
 
 

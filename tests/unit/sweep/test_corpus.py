@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import re
+from pathlib import Path
 
 from safetensors import safe_open
 
@@ -15,9 +16,9 @@ from servematrix.sweep import twins
 def test_longcat_flash_twin_holds_weights_for_its_routed_experts_only(tmp_path):
     twin = twins.build("longcat_flash", tmp_path, 2, [1, 2])
     assert twin.ok, twin.reason
-    config = json.loads((tmp_path / "longcat_flash" / "config.json").read_text())
+    config = json.loads((Path(twin.path) / "config.json").read_text())
     names = []
-    for shard in (tmp_path / "longcat_flash").glob("*.safetensors"):
+    for shard in Path(twin.path).glob("*.safetensors"):
         with safe_open(str(shard), "pt") as f:
             names += list(f.keys())
     experts = {int(m.group(1)) for n in names if (m := re.search(r"\.mlp\.experts\.(\d+)\.", n))}
