@@ -112,7 +112,8 @@ class Worlds:
     check (with its environment: the release's LD_PRELOAD and quirks must be there when vLLM is
     imported) and ended by close(). A world serves one check at a time; checks of different
     releases may run at once. `make(python, env, directory)` builds a world: a World here (the
-    default), or one with World's interface elsewhere (run/ray_tasks.py's RayWorld, a Ray actor)."""
+    default; a Ray actor holds a Worlds of its own, run/ray_worlds.py), or a scripted one in the
+    unit tests."""
 
     def __init__(self, directory: Path, script: Path = ZYGOTE, make=None):
         self.directory, self.script = Path(directory), script
