@@ -79,7 +79,8 @@ def twin_config(layout: SourceLayout, effective: dict, class_type: str, dims: di
     for key, (_, value) in dims.items():  # a per-layer width list, shrunk whole: onto the kept layers too
         if isinstance(value, list) and len(value) == n and n > 1:
             config[key] = [value[s] for s in kept]
-    config[field_value(effective, "layers")[0] or "num_hidden_layers"] = len(kept)
+    layers_key = field_value(effective, "layers")[0] or "num_hidden_layers"
+    config[layers_key] = len(kept)
     changed.add("num_hidden_layers")
     defaults = AutoConfig.for_model(class_type).to_dict()
     explicit = {k for role in rules()["fields"]["explicit"] for k in rules()["fields"][role]}
@@ -87,6 +88,10 @@ def twin_config(layout: SourceLayout, effective: dict, class_type: str, dims: di
         if key not in config and effective.get(key) is not None:
             config[key] = effective[key]
     config = {k: v for k, v in config.items() if k in changed or k in explicit or defaults.get(k, _MISSING) != v}
+    restated = (rules()["fields"].get("restated_layers") or {}).get(layers_key)
+    if restated:  # the class derives this count from the one it reads (HRM): stated its way, left to the class
+        config.pop(layers_key)
+        config.update({key: len(kept) for key in restated})
     config = json.loads(json.dumps(config))  # a JSON object, as config.json and the spec's hash hold it
     notes = []
     try:

@@ -130,3 +130,17 @@ def test_zamba2_adapter_lists_are_counted_like_experts_and_the_twin_keeps_mamba_
     adapters = {n.split("adapter_list.")[1].split(".")[0] for n in plan.twin if "gate_up_proj_adapter_list" in n}
     assert adapters == {"0", "1"}  # one per twin hybrid layer
     assert hybrids in (None, [1, 2])
+
+
+def test_hrm_twin_keeps_layers_per_stack_and_lets_the_class_derive_its_inflated_layer_count():
+    # HRM's class states num_hidden_layers as num_layers_per_stack x H_cycles x (L_cycles + 1) (128 for
+    # its 16 layers a stack); the twin's stacks are what shrink, and the class derives the rest from them
+    from transformers import AutoConfig
+
+    layout = mirror.read_source("model_type:hrm_text")
+    assert layout.structure.num_layers == layout.config["num_layers_per_stack"] == 16
+    plan = mirror.plan_twin(layout, 2, [1, 2])
+    assert plan.ok, _broken(plan)
+    built = AutoConfig.for_model("hrm_text", **plan.spec.config)
+    assert built.num_layers_per_stack == len(plan.kept_layers)
+    assert built.num_hidden_layers == len(plan.kept_layers) * built.H_cycles * (built.L_cycles + 1)
