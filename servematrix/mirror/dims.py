@@ -90,12 +90,18 @@ class _Dims:
         self.key(field_value(self.cfg, role)[0], value)
 
 
-def choose_dims(cfg: dict, tps: list[int], group_info: dict, params: dict, kv_policy: str) -> tuple[dict[str, tuple[Any, Any]], str, list[str]]:
+def choose_dims(cfg: dict, tps: list[int], group_info: dict, params: dict, kv_policy: str,
+                align: dict[str, int] | None = None) -> tuple[dict[str, tuple[Any, Any]], str, list[str]]:
     """The twin's widths, (source, twin) per changed config field; the KV rule applied; notes.
     A width only ever shrinks: where the source's is already below the target it is kept (and if
-    it is then misaligned, so is the source's, and the quantized-dims invariant says so)."""
+    it is then misaligned, so is the source's, and the quantized-dims invariant says so). `align`
+    adds units (the keys of _units) the twin's widths must also be whole multiples of per TP rank:
+    a quantized layout the twin will be forged in though its source is not quantized (the sweep's
+    quantized cells, widened to a real checkpoint's blocks)."""
     t = rules()["targets"]
     units = _units(group_info, params)
+    for kind, unit in (align or {}).items():
+        units[kind] = math.lcm(units[kind], unit)
     dims = _Dims(cfg)
     notes: list[str] = []
     # every feed-forward width is split over TP ranks: whole units per rank at every TP

@@ -34,7 +34,8 @@ from servematrix.mirror.spec_parts import extra_tensors, fp8_blocks, post_steps,
 from servematrix.mirror.tensors import Builder, MappedSource
 
 
-def plan_twin(layout: SourceLayout, max_pp: int, tp_values: list[int], kv_policy: str = "cover") -> Plan:
+def plan_twin(layout: SourceLayout, max_pp: int, tp_values: list[int], kv_policy: str = "cover",
+              align: dict[str, int] | None = None) -> Plan:
     if max_pp < 1 or not tp_values or min(tp_values) < 1:
         raise ArgumentError("--pp/--tp", "max PP and every TP value must be >= 1")
     if kv_policy not in KV_POLICIES:
@@ -56,7 +57,7 @@ def plan_twin(layout: SourceLayout, max_pp: int, tp_values: list[int], kv_policy
     kept, layer_map, k_main = select_layers(layout, max_pp)
     groups = quant_groups(layout.tensors, layout.quant.method)
     params, group_info = _group_params(layout, groups, not_mirrored)
-    dims, kv_rule, dim_notes = choose_dims(effective, tps, group_info, params, kv_policy)
+    dims, kv_rule, dim_notes = choose_dims(effective, tps, group_info, params, kv_policy, align)
     notes += dim_notes
     config, moved = twin_config(layout, effective, class_type, dims, kept)
     notes += moved

@@ -24,6 +24,7 @@ class QuantSpec(BaseModel):
     spec: dict[str, Any] | None = None  # the ForgeSpec, dumped
     note: str = ""  # the layout in words (block size, family rule), recorded on the cell
     reason: str | None = None
+    narrow: bool = False  # no spec because the twin's linears are narrower than every block/group
 
 
 def rules() -> dict[str, QuantRule]:
@@ -85,13 +86,28 @@ def _grouped(quant: str, rule: QuantRule, shapes: dict[str, tuple[int, ...]], tp
         method = _method(rule, group_size=group)
         selected = {n: s for n, s in shapes.items() if method.selects(n) and len(s) == 2}
         if not selected:
-            return None, f"{quant}: the twin has no linear matching {method.tensors}"
+            return None, f"{quant}: the twin has no linear matching {method.tensors}", False
         bad = next(((n, w) for n, s in selected.items() for tp in tps if (w := _misfit(method, n, s, tp))), None)
         if bad is None:
-            return {**rule.quantize, "group_size": group}, f"{quant}: every decoder linear {method.bits}-bit, group {group}"
+            return ({**rule.quantize, "group_size": group}, f"{quant}: every decoder linear {method.bits}-bit, "
+                    f"group {group}", False)
         why = f"{bad[0].split('.')[-2]} {bad[1]}"
     return None, (f"{quant}: no group size of {rule.groups} makes every linear's TP shard whole groups and packs "
-                  f"(group {rule.groups[-1]}: {why}): a twin this small cannot hold the layout")
+                  f"(group {rule.groups[-1]}: {why}): a twin this small cannot hold the layout"), True
+
+
+def widen_units(quant: str, shapes: dict[str, tuple[int, ...]]) -> tuple[dict[str, int], str] | str | None:
+    """The alignment a twin (forged as `shapes`) too narrow for `quant` is re-planned with (data:
+    `widen`), and why; or why it is not (a fused projection the plan cannot align section by
+    section); None where `quant` has no widening."""
+    rule = rules().get(quant)
+    if rule is None or rule.widen is None:
+        return None
+    fused = sorted({n.split(".")[-2] for n in shapes if n.split(".")[-2:-1] and n.split(".")[-2] in rule.widen.unaligned})
+    if fused:
+        return (f"not widened: a fused {', '.join(fused)} would need each section whole blocks per TP rank, "
+                "which the mirror does not plan")
+    return rule.widen.units(), rule.widen.why
 
 
 def refused_on_cpu(quant: str, signature: str) -> bool:
@@ -110,9 +126,9 @@ def quantized(model_type: str, spec: dict[str, Any], shapes: dict[str, tuple[int
         update: dict[str, Any] = {"fp8_blocks": family.fp8_blocks}
         note = family.why
     elif rule.groups:
-        entry, note = _grouped(quant, rule, shapes, tps)
+        entry, note, narrow = _grouped(quant, rule, shapes, tps)
         if entry is None:
-            return QuantSpec(reason=note)
+            return QuantSpec(reason=note, narrow=narrow)
         update = {"quantize": [entry]}
     else:
         probe = Fp8Block.model_validate(rule.quantize)
@@ -123,7 +139,7 @@ def quantized(model_type: str, spec: dict[str, Any], shapes: dict[str, tuple[int
             return QuantSpec(reason=f"{quant}: the CPU FP8 block kernel takes K blocks of {rule.block_k} only, and the "
                                     f"twin's linears are narrower at TP={','.join(map(str, tps))} "
                                     f"({'; '.join(bad[:4])}): a twin this small cannot hold the layout" if bad else
-                                    f"{quant}: the twin has no linear matching {probe.tensors}")
+                                    f"{quant}: the twin has no linear matching {probe.tensors}", narrow=bool(bad))
         entries: list[dict[str, Any]] = [{**rule.quantize, "block": [block, rule.block_k]}]
         note = f"{quant}: every decoder linear FP8 e4m3 in {block}x{rule.block_k} blocks"
         if rule.kv_scales:

@@ -26,6 +26,27 @@ class Family(_Strict):
     why: str
 
 
+class Widen(_Strict):
+    """The block (fp8: n x k) or group and pack (awq/gptq: pack values per int32 along n, group
+    along k) of a real checkpoint: a twin too narrow for the layout is re-planned with every
+    width whole multiples of these per TP rank (mirror/dims.py `align`)."""
+
+    n: int = Field(gt=0)
+    k: int = Field(gt=0)
+    why: str
+    # fused projections whose sections (q, k, v) the widened plan does not align one by one: a twin
+    # with one stays not checkable (its sections would straddle blocks, which no real checkpoint does)
+    unaligned: list[str] = Field(default_factory=list)
+
+    def units(self) -> dict[str, int]:
+        """mirror/dims.py's alignment units: outputs by n, inputs by k, a width that is both
+        (the hidden size, a feed-forward width split either way) by both."""
+        import math
+
+        both = math.lcm(self.n, self.k)
+        return {"all": both, "ffn": both, "kv_out": self.n, "attn_out": self.n, "attn_in": self.k}
+
+
 class QuantRule(_Strict):
     description: str
     quantize: dict[str, Any]
@@ -34,6 +55,7 @@ class QuantRule(_Strict):
     groups: list[int] = Field(default_factory=list)  # awq / gptq: group sizes, tried in order
     dtype: Literal["float32", "bfloat16", "float16"] | None = None  # forged and served in (None: the twin's)
     kv_scales: dict[str, str] | None = None
+    widen: Widen | None = None  # a twin too narrow for every block/group: re-planned this wide
     families: dict[str, Family] = Field(default_factory=dict)
     # vLLM's own refusal of this layout on the CPU build (no kernel): such a cell is "not checkable here"
     cpu_refuses: list[str] = Field(default_factory=list)

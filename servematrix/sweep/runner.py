@@ -263,13 +263,20 @@ def _cell(cell: cellmod.Cell, opts: SweepOptions, python: str, twin_cache: dict,
 def _twin(cell: cellmod.Cell, opts: SweepOptions, twin_cache: dict) -> twins.Twin:
     """The cell's twin, built once per model_type (and per quantization and TP) for the whole sweep."""
     mt = cell.arch.key  # the model_type; a pooling architecture's own name (its twin is its class)
+    where, tps = opts.twin_dir or cache_dir() / "sweep-twins", sorted({lay.tp for lay in opts.layouts})
+    max_pp = max(lay.pp for lay in opts.layouts)
     if mt not in twin_cache:
-        tps = sorted({lay.tp for lay in opts.layouts})
-        twin_cache[mt] = twins.build(mt, opts.twin_dir or cache_dir() / "sweep-twins", max(lay.pp for lay in opts.layouts), tps)
+        twin_cache[mt] = twins.build(mt, where, max_pp, tps)
     twin = twin_cache[mt]
     if cell.quant != "none":  # per TP: whether a tiny twin's shards hold whole FP8 blocks depends on it
+        def wide(units: dict[str, int]) -> twins.Twin:  # too narrow for the layout: as wide as real checkpoints
+            key = (mt, "wide", tuple(sorted(units.items())))
+            if key not in twin_cache:
+                twin_cache[key] = twins.build(mt, where, max_pp, tps, align=units)
+            return twin_cache[key]
+
         if (mt, cell.quant, cell.tp) not in twin_cache:
-            twin_cache[(mt, cell.quant, cell.tp)] = twins.quantize(twin, cell.quant, [cell.tp])
+            twin_cache[(mt, cell.quant, cell.tp)] = twins.quantize(twin, cell.quant, [cell.tp], wide)
         twin = twin_cache[(mt, cell.quant, cell.tp)]
     return twin
 

@@ -39,9 +39,11 @@ class Twin(BaseModel):
         return self.path is not None
 
 
-def build(key: str, directory: Path, max_pp: int, tps: list[int]) -> Twin:
+def build(key: str, directory: Path, max_pp: int, tps: list[int], align: dict[str, int] | None = None) -> Twin:
     """The twin of a cell key in `directory`, or the reason there is none: a model_type's (its
-    causal-LM class), or a pooling architecture's (key: the class's name, never a model_type)."""
+    causal-LM class), or a pooling architecture's (key: the class's name, never a model_type).
+    `align`: widths whole multiples of these units per TP rank (mirror/dims.py), for a quantized
+    layout the smallest twin cannot hold."""
     from servematrix import mirror
     from servematrix.mirror.cli import scenario_dict
 
@@ -70,7 +72,7 @@ def build(key: str, directory: Path, max_pp: int, tps: list[int]) -> Twin:
             layout = corpus.layout(real)
         else:
             layout = mirror.read_source(f"model_type:{model_type}")
-        plan = mirror.plan_twin(layout, max_pp, tps)
+        plan = mirror.plan_twin(layout, max_pp, tps, align=align)
         if not plan.ok:
             broken = "; ".join(f"{i.name} ({i.detail})" for i in plan.invariants if not i.holds)
             return Twin(model_type=model_type, architecture=arch, origin=origin,
@@ -118,19 +120,32 @@ def _built(plan, name: str, directory: Path, key: str) -> Path:
     return mirror.build_twin(plan, name, target)
 
 
-def quantize(base: Twin, quant: str, tps: list[int]) -> Twin:
+def quantize(base: Twin, quant: str, tps: list[int], wide=None) -> Twin:
     """`base` re-forged under `quant` (sweep/quant.py, data/sweep-quants.yaml), or the reason it cannot be.
     A mirror twin is exactly forge(plan.spec) (the mirror's post-processing steps are for sources
     with layouts the forge cannot write; a model_type source has none), so the quantized twin is
-    forge(its spec plus the quantized option), in the forge's cache."""
+    forge(its spec plus the quantized option), in the forge's cache. Where `base` is narrower than
+    every block or group of `quant`, `wide(units)` gives the same twin re-planned that wide (as real
+    checkpoints are), and that one is quantized instead."""
     from servematrix.checkpoint.forge import forge
-    from servematrix.sweep.quant import quantized
+    from servematrix.sweep.quant import quantized, widen_units
 
     name = f"sweep-{(base.architecture or base.model_type).replace('_', '-').lower()}-{quant}"
     if not base.ok or base.spec is None:
         return base.model_copy(update={"quant": quant, "path": None,
                                        "reason": base.reason or "no forge spec recorded for the twin"})
     q = quantized(base.model_type, base.spec, base.shapes, quant, tps)
+    widen = widen_units(quant, base.shapes) if q.narrow and wide is not None else None
+    if isinstance(widen, str):
+        return Twin(model_type=base.model_type, architecture=base.architecture, quant=quant, origin=base.origin,
+                    reason=f"{q.reason}; {widen}")
+    if widen is not None:
+        wider = wide(widen[0])
+        if not wider.ok:
+            return Twin(model_type=base.model_type, architecture=base.architecture, quant=quant, origin=base.origin,
+                        reason=f"{q.reason}; {widen[1]}: {wider.reason}")
+        base, q = wider, quantized(wider.model_type, wider.spec, wider.shapes, quant, tps)
+        q = q.model_copy(update={"note": f"{q.note} ({widen[1]})"}) if q.spec is not None else q
     if q.spec is None:
         return Twin(model_type=base.model_type, architecture=base.architecture, quant=quant, reason=q.reason,
                     origin=base.origin)

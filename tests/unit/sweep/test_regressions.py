@@ -91,7 +91,7 @@ def test_a_two_release_quantized_sweep_end_to_end_with_doubles(tmp_path, monkeyp
     monkeypatch.setattr(runner, "_python", lambda release: f"/envs/{release}/bin/python")
     monkeypatch.setattr("servematrix.serve.envs.versions", lambda name, python: {"vllm": name, "torch": "t"})
     monkeypatch.setattr(runner.twins, "build", lambda mt, d, pp, tps: twins.Twin(model_type=mt, path="/base"))
-    monkeypatch.setattr(runner.twins, "quantize", lambda base, q, tps: quantized.append((base.path, q, tps)) or
+    monkeypatch.setattr(runner.twins, "quantize", lambda base, q, tps, wide=None: quantized.append((base.path, q, tps)) or
                         twins.Twin(model_type=base.model_type, quant=q, path="/q", note="the DSA indexer's wk in FP8"))
 
     def load_check(cell, opts, python, twin, worlds, parts):

@@ -153,7 +153,7 @@ def test_no_cpu_kernel_for_a_quantized_layout_is_not_checkable_a_shard_smaller_t
                              "quantization block_k = 128.")
 
     monkeypatch.setattr(runner, "_load_check", load_check)
-    monkeypatch.setattr(runner.twins, "quantize", lambda base, q, tps: base.model_copy(update={"quant": q}))
+    monkeypatch.setattr(runner.twins, "quantize", lambda base, q, tps, wide=None: base.model_copy(update={"quant": q}))
     by_id = {r.id: r for r in runner.run(options(tmp_path, k="llama/*", quants=["none", "fp8-block"])).scenarios}
     assert by_id["llama/pp2-fp8-block"].verdict == "skipped"
     assert "the CPU build has no kernel for this twin's fp8-block layout" in by_id["llama/pp2-fp8-block"].note

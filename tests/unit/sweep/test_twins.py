@@ -3,6 +3,8 @@ other layouts (or a second sweep at the same time) builds beside a twin another 
 instead of replacing it, and a twin that exists is reused, not rewritten. Real mirror and forge
 (transformers' llama class from its defaults), into a temporary cache."""
 
+from pathlib import Path
+
 from servematrix.sweep import twins
 
 
@@ -18,3 +20,37 @@ def test_twins_of_other_layouts_live_apart_and_an_existing_one_is_reused(tmp_pat
     again = twins.build("llama", where, 1, [1])
     assert again.path == tp1.path
     assert (weights.stat().st_mtime_ns, weights.stat().st_ino) == before  # reused, not rebuilt in place
+
+
+def test_a_twin_too_narrow_for_fp8_blocks_is_quantized_re_planned_as_wide_as_real_checkpoints(tmp_path, monkeypatch):
+    """llama's twin (hidden 128, o_proj 128 inputs) cannot hold 128-wide K blocks at TP=2 (64 a rank):
+    the quantized cell's twin is the same model_type re-planned with every width whole 128x128 blocks
+    per rank (sweep-quants.yaml `widen`), and says so; without a way to widen it stays not checkable."""
+    from safetensors import safe_open
+
+    monkeypatch.setenv("SERVEMATRIX_CACHE", str(tmp_path / "cache"))
+    where = tmp_path / "sweep-twins"
+    base = twins.build("llama", where, 2, [1, 2])
+    narrow = twins.quantize(base, "fp8-block", [2])
+    assert not narrow.ok and "cannot hold the layout" in narrow.reason
+    built = []
+    wide = twins.quantize(base, "fp8-block", [2],
+                          lambda units: built.append(units) or twins.build("llama", where, 2, [1, 2], align=units))
+    assert wide.ok and "128x128 blocks" in wide.note and "widened" in wide.note
+    assert built == [{"all": 128, "ffn": 128, "kv_out": 128, "attn_out": 128, "attn_in": 128}]
+    shapes = {}
+    for shard in Path(wide.path).glob("*.safetensors"):
+        with safe_open(str(shard), "pt") as f:
+            shapes |= {n: f.get_slice(n).get_shape() for n in f.keys()}
+    o_proj = shapes["model.layers.0.self_attn.o_proj.weight"]
+    assert o_proj[1] % (2 * 128) == 0  # row-parallel: each of 2 ranks holds whole 128-wide K blocks
+
+
+def test_a_fused_qkv_twin_is_not_widened_its_sections_would_straddle_blocks():
+    from servematrix.sweep.quant import widen_units
+
+    why = widen_units("fp8-block", {"model.layers.0.self_attn.qkv_proj.weight": (384, 128)})
+    assert isinstance(why, str) and "qkv_proj" in why
+    units, _ = widen_units("awq", {"model.layers.0.self_attn.q_proj.weight": (128, 128)})
+    assert units["attn_in"] == 128 and units["kv_out"] == 8
+    assert widen_units("none", {}) is None
