@@ -254,8 +254,9 @@ def _cell(cell: cellmod.Cell, opts: SweepOptions, python: str, twin_cache: dict,
     record = judge(with_retries(attempt, opts.retries, retrying=retrying))
     if record.verdict in ("pass", "fail"):
         record = _twin_incomplete(record, cell, opts, twin)
+    head = _head_note(cell, opts, twin) if record.verdict == "pass" else None
     if record.verdict != "skipped":  # the depth reached, the quantized layout in words (block size, family rule)
-        record = record.model_copy(update={"note": "; ".join(filter(None, [record.note, depth, twin.note,
+        record = record.model_copy(update={"note": "; ".join(filter(None, [record.note, depth, head, twin.note,
                                                                             twin.origin])) or None})
     return record
 
@@ -289,6 +290,23 @@ def _not_checkable(cell: cellmod.Cell, failure: Failure | None) -> str | None:
         return (f"not checkable here: the CPU build has no kernel for this twin's {cell.quant} layout "
                 f"({failure.signature[:200]}; the reasons are in its server.log)")
     return None
+
+
+def _head_note(cell: cellmod.Cell, opts: SweepOptions, twin: twins.Twin) -> str | None:
+    """A pooling cell's head (classifier, score, projection) in words: which of the twin's head
+    tensors a rank holds bit for bit (sweep/pooling.py). A pass says vLLM built and loaded the
+    model; this says whether the head came from the checkpoint. At TP > 1 a split head holds slices,
+    which whole-tensor digests cannot match: not compared."""
+    if twin.architecture is None or twin.path is None or cell.tp > 1:
+        return None
+    from servematrix.sweep import pooling
+
+    heads = [h for h in pooling.head_loaded(Path(twin.path), opts.out / cell.id / "loadcheck") if h.distinctive]
+    if not heads:
+        return None
+    missing = [h.name for h in heads if not h.loaded]
+    return (f"head: {len(heads) - len(missing)} of {len(heads)} tensors loaded bit for bit"
+            + (f", not found on any rank: {', '.join(missing)}" if missing else ""))
 
 
 def _twin_incomplete(record, cell: cellmod.Cell, opts: SweepOptions, twin: twins.Twin):

@@ -69,6 +69,7 @@ def test_pooling_cells_build_vllm_s_pooling_model_and_load_the_twin_s_head(sweep
     twin = Path(argv[argv.index("--model") + 1])  # the twin the cell loaded, where the sweep built it
     assert twin.parent == Path(shared_cache) / "sweep-twins" and twin.name.startswith(f"{arch}-")
     heads = pooling.head_loaded(twin, out / f"{arch}/tp1-none" / "loadcheck")
+    assert "head: 1 of 1 tensors loaded bit for bit" in by_id[f"{arch}/tp1-none"]["note"]  # the record says so too
     assert [h.name for h in heads] == ["score.weight"] and all(h.loaded for h in heads), heads
 
 
