@@ -34,7 +34,7 @@ from pathlib import Path
 from servematrix.errors import ArgumentError
 from servematrix.record import StageFailed
 from servematrix.run.dispatch import CPU_SERVER
-from servematrix.sweep.spread import ActorLost
+from servematrix.serve.world import ActorLost
 
 PLACE_TIMEOUT = 120.0  # s for a new actor to be placed and answer (a fresh Ray worker imports servematrix)
 CLOSE_GRACE = 10.0  # s for the actors to stop their worlds and remove their scratch before ray.kill

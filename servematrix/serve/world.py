@@ -31,6 +31,12 @@ class WorkerDied(Exception):
     """The persistent worker itself is gone (or never became ready): the check could not run."""
 
 
+class ActorLost(Exception):
+    """A world held elsewhere (a Ray actor, run/ray_worlds.py) is gone mid-check with its actor or
+    its node: the cell reached no verdict, and the sweep's scheduler (sweep/spread.py) retries it on
+    another world. Here, beside WorkerDied, so both stages that meet it import it from below them."""
+
+
 class World:
     """A persistent worker: one process that imported vLLM, forking a world of ranks per check."""
 

@@ -16,12 +16,11 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
+from servematrix.serve.world import ActorLost
+
 POLL = 0.2  # s between looks for a finished cell (the main thread stays where Ctrl-C lands)
 _REPLACED = object()  # what a replacement thread hands back in place of a record
 
-
-class ActorLost(Exception):
-    """The world's actor (or its whole node) is gone mid-cell: the cell reached no verdict."""
 
 
 def by_cost(cells: list, releases: list[str]) -> list:

@@ -13,7 +13,8 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from servematrix.sweep.spread import ActorLost, by_cost, spread
+from servematrix.serve.world import ActorLost
+from servematrix.sweep.spread import by_cost, spread
 
 
 @dataclass(frozen=True)

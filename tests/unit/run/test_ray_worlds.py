@@ -15,7 +15,7 @@ from servematrix.run import ray_worlds
 from servematrix.serve import loadcheck, world
 from servematrix.serve.server import LaunchSpec
 from servematrix.sweep import cells, runner
-from servematrix.sweep.spread import ActorLost
+from servematrix.serve.world import ActorLost
 
 
 class NodeWorlds:
