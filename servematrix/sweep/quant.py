@@ -103,7 +103,8 @@ def widen_units(quant: str, shapes: dict[str, tuple[int, ...]]) -> tuple[dict[st
     rule = rules().get(quant)
     if rule is None or rule.widen is None:
         return None
-    fused = sorted({n.split(".")[-2] for n in shapes if n.split(".")[-2:-1] and n.split(".")[-2] in rule.widen.unaligned})
+    modules = {n.split(".")[-2] for n in shapes if "." in n}  # model.layers.0.self_attn.qkv_proj.weight -> qkv_proj
+    fused = sorted(modules & set(rule.widen.unaligned))
     if fused:
         return (f"not widened: a fused {', '.join(fused)} would need each section whole blocks per TP rank, "
                 "which the mirror does not plan")

@@ -110,14 +110,23 @@ def _cells(selected, opts, pythons, versions, lifecycle, coverage, twin_cache, w
     for i, cell in enumerate(selected, 1):
         worlds.close_others(cell.release)  # releases run one after another: a finished one's world goes
         record = _cell(cell, opts, pythons[cell.release], twin_cache, worlds, versions, log)
-        coverage[cell.release].count(record, twin_cache.get(cell.arch.key))
-        lifecycle.publish(record, rewrite=record.verdict != "skipped")  # a not-checkable cell costs no rewrite
-        if record.verdict != "skipped":
-            print(f"[{i}/{len(selected)}] {terminal(cell.id)}: {record.verdict} ({record.seconds:.1f} s)"
-                  + (f" {terminal(record.failure.signature, 160)}" if record.failure else ""), file=log, flush=True)
-        if record.failure is not None and record.failure.kind == "interrupted":
-            lifecycle.summary.status = "interrupted"  # as a matrix run: the cell is recorded, nothing more starts
+        if not _publish(cell, record, f"{i}/{len(selected)}", lifecycle, coverage, twin_cache, log):
             return
+
+
+def _publish(cell: cellmod.Cell, record: ScenarioRecord, progress: str, lifecycle, coverage, twin_cache, log,
+             where: str = "") -> bool:
+    """A finished cell counted, its record published and its line printed; False where it was
+    interrupted (as a matrix run: the cell is recorded, nothing more starts)."""
+    coverage[cell.release].count(record, twin_cache.get(cell.arch.key))
+    lifecycle.publish(record, rewrite=record.verdict != "skipped")  # a not-checkable cell costs no rewrite
+    if record.verdict != "skipped":
+        print(f"[{progress}] {terminal(cell.id)}: {record.verdict} ({record.seconds:.1f} s){where}"
+              + (f" {terminal(record.failure.signature, 160)}" if record.failure else ""), file=log, flush=True)
+    if record.failure is not None and record.failure.kind == "interrupted":
+        lifecycle.summary.status = "interrupted"
+        return False
+    return True
 
 
 def _spread_cells(selected, opts, pythons, versions, lifecycle, coverage, twin_cache, fleet, log) -> None:
@@ -132,16 +141,8 @@ def _spread_cells(selected, opts, pythons, versions, lifecycle, coverage, twin_c
     def publish(cell: cellmod.Cell, record: ScenarioRecord) -> bool:
         nonlocal ended
         ended += 1
-        coverage[cell.release].count(record, twin_cache.get(cell.arch.key))
-        lifecycle.publish(record, rewrite=record.verdict != "skipped")
-        if record.verdict != "skipped":
-            print(f"[{ended}/{len(selected)}] {terminal(cell.id)}: {record.verdict} ({record.seconds:.1f} s) on "
-                  f"{record.node}" + (f" {terminal(record.failure.signature, 160)}" if record.failure else ""),
-                  file=log, flush=True)
-        if record.failure is not None and record.failure.kind == "interrupted":
-            lifecycle.summary.status = "interrupted"
-            return False
-        return True
+        return _publish(cell, record, f"{ended}/{len(selected)}", lifecycle, coverage, twin_cache, log,
+                        where=f" on {record.node}")
 
     def run_cell(cell: cellmod.Cell, world, attempt: int) -> ScenarioRecord:
         record = _cell(cell, opts, pythons[cell.release], twin_cache, world, versions, log)

@@ -22,7 +22,6 @@ POLL = 0.2  # s between looks for a finished cell (the main thread stays where C
 _REPLACED = object()  # what a replacement thread hands back in place of a record
 
 
-
 def by_cost(cells: list, releases: list[str]) -> list:
     """Release by release (a world that changes release restarts vLLM's import), and within one the
     widest layout first (TP×PP ranks: the cheap estimate of a load check's time we have)."""
