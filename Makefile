@@ -15,8 +15,12 @@ STAMP       := $(VENV)/.servematrix-installed-$(VLLM_CPU)
 run: $(STAMP)
 	$(VENV)/bin/servematrix run $(MATRIX)
 
+# The unit tests are pure Python and independent: two pytest-xdist workers use both cores. The
+# integration tests stay serial: each server's vLLM pins its workers to cores (measured: two
+# streams of servers side by side were not faster and broke tests that time a server, docs/testing.md).
 test: $(STAMP) chromium
-	$(PY) -m pytest -ra --durations=15 --timeout=1800 tests
+	$(PY) -m pytest -ra -n 2 tests/unit
+	$(PY) -m pytest -ra --durations=15 --timeout=1800 tests/integration
 
 # Debian's Chromium renders the HTML report in the tests (skipped, with the reason, where it cannot
 # be installed: not root, no apt).
@@ -26,7 +30,7 @@ chromium:
 		echo "chromium not installed: the HTML report screenshot tests will be skipped"
 
 unit: $(STAMP)
-	$(PY) -m pytest -ra tests/unit
+	$(PY) -m pytest -ra -n 2 tests/unit
 
 install: $(STAMP)
 
