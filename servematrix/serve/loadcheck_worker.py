@@ -178,10 +178,24 @@ def _rank(rank: int, args: argparse.Namespace, server_argv: list[str], port: int
         json.dump(result, f)
     print(f"{MARK} rank {rank}: {'ok' if result['ok'] else 'FAILED'} in {result['seconds']} s", flush=True)
     sys.stderr.flush()
+    if result["ok"]:
+        _wait_for_peers(args.loadcheck_out, result["tp"] * result["pp"])
     # the result is on disk: leave now. An orderly interpreter exit can wait minutes on the gloo
     # group and vLLM's helper threads (seen: 5 min after a 26 s check), and a failed rank's peers
     # may wait on it forever
     os._exit(0 if result["ok"] else 1)
+
+
+def _wait_for_peers(out: str, world: int, timeout: float = 300.0) -> None:
+    """Rank 0 hosts the TCP store the other ranks still use while they build their groups, so a rank
+    that is done leaves only once every rank has written its result (seen: a PP=2 rank 0 done in 2.6 s
+    left while rank 1 was in initialize_model_parallel, which failed `DistNetworkError: Broken pipe`).
+    A rank that dies without a result is the runner's to kill; the wait is bounded anyway."""
+    deadline = time.monotonic() + timeout
+    while not all(os.path.exists(os.path.join(out, f"rank{r}.json")) for r in range(world)):
+        if time.monotonic() > deadline:
+            return
+        time.sleep(0.05)
 
 
 def _workspace(torch) -> None:

@@ -82,3 +82,26 @@ def test_a_checks_shared_memory_segments_are_removed_and_no_one_elses(tmp_path):
     assert loadcheck_worker.remove_shm("servematrix-sweep-7-3", str(tmp_path)) == 2
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(others)
     assert loadcheck_worker.remove_shm("servematrix-sweep-7-3", str(tmp_path / "gone")) == 0
+
+
+def test_a_finished_rank_stays_until_every_peer_has_its_result(tmp_path):
+    """Rank 0 hosts the group's TCP store: leaving before a peer is done broke that peer (Broken pipe)."""
+    import threading
+
+    from servematrix.serve import loadcheck_worker
+
+    (tmp_path / "rank0.json").write_text("{}")
+    late = threading.Timer(0.3, lambda: (tmp_path / "rank1.json").write_text("{}"))
+    late.start()
+    loadcheck_worker._wait_for_peers(str(tmp_path), 2, timeout=30)
+    peer_done = (tmp_path / "rank1.json").exists()  # before join(): the wait, not the join, saw it
+    late.join()
+    assert peer_done
+
+
+def test_a_peer_that_never_reports_does_not_hold_a_rank_forever(tmp_path):
+    from servematrix.serve import loadcheck_worker
+
+    (tmp_path / "rank0.json").write_text("{}")
+    loadcheck_worker._wait_for_peers(str(tmp_path), 2, timeout=0.2)
+    assert not (tmp_path / "rank1.json").exists()
