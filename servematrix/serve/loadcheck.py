@@ -36,6 +36,9 @@ class Check(BaseModel):
     # rank<N>.json lists the config attributes the model asked for and the config lacked (the
     # sweep's twin-incomplete rule reads it)
     record_misses: bool = False
+    # then build and load the speculative draft the command line's --speculative-config names, as the
+    # spec-decode proposer does (rank<N>.json: draft_model, draft_parameters, draft_digests)
+    draft: bool = False
 
 
 def command(spec: LaunchSpec, check: Check) -> list[str]:
@@ -49,6 +52,8 @@ def command(spec: LaunchSpec, check: Check) -> list[str]:
         flags.append("--loadcheck-construct-only")
     if check.record_misses:
         flags.append("--loadcheck-record-misses")
+    if check.draft:
+        flags.append("--loadcheck-draft")
     # -P: the worker's folder (servematrix/) must not shadow stdlib modules (secrets, ...)
     return [argv[0], "-P", str(WORKER), f"--loadcheck-out={check.out}", *flags, *argv[i + 1:]]
 

@@ -40,6 +40,8 @@ def _args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     p.add_argument("--loadcheck-construct-only", action="store_true", help="build the model, load no weights")
     p.add_argument("--loadcheck-record-misses", action="store_true",
                    help="list every config attribute the model asked for and the config lacked")
+    p.add_argument("--loadcheck-draft", action="store_true",
+                   help="then build and load the speculative draft the command line's --speculative-config names")
     return p.parse_known_args(argv)
 
 
@@ -167,6 +169,8 @@ def _rank(rank: int, args: argparse.Namespace, server_argv: list[str], port: int
                       numel=int(sum(p.numel() for p in params.values())))
         if not args.loadcheck_construct_only:  # unloaded parameters hold whatever memory held
             result["digests"] = {n: _digest(p) for n, p in params.items()}
+        if args.loadcheck_draft:
+            _draft(config, args, result)
         result["ok"] = True  # only once everything the check reports is in: never ok beside an error
     except BaseException as exc:  # noqa: BLE001 - reported, then the rank exits non-zero
         traceback.print_exc()
@@ -198,6 +202,28 @@ def _wait_for_peers(out: str, world: int, timeout: float = 300.0) -> None:
         time.sleep(0.05)
 
 
+def _draft(config, args: argparse.Namespace, result: dict) -> None:
+    """The draft beside the target, where and as the model runner loads it: on the last PP rank
+    only (vLLM puts the whole draft there), through the spec-decode proposer's `_get_model`
+    steps. Into `result`: the draft architecture vLLM resolved, its class, parameter count and
+    (loaded) digests."""
+    from vllm.config import set_current_vllm_config
+    from vllm.distributed import get_pp_group
+
+    spec = config.speculative_config
+    if spec is not None and spec.draft_model_config is not None:
+        result["draft_architecture"] = (spec.draft_model_config.architectures or [None])[0]
+    if not get_pp_group().is_last_rank:
+        result["draft"] = "not on this rank: vLLM builds the whole draft on the last PP rank"
+        return
+    with set_current_vllm_config(config):
+        draft = _load_draft(config, not args.loadcheck_construct_only)
+    params = dict(draft.named_parameters())
+    result.update(draft_model=type(draft).__name__, draft_parameters=len(params))
+    if not args.loadcheck_construct_only:
+        result["draft_digests"] = {n: _digest(p) for n, p in params.items()}
+
+
 def _workspace(torch) -> None:
     """Sparse MLA layers take scratch buffers from the worker's workspace (vLLM 0.20+), which a GPU
     worker sets up; here it lives on the CPU. Resizing it calls torch.accelerator.empty_cache(),
@@ -213,24 +239,57 @@ def _workspace(torch) -> None:
     init_workspace_manager(torch.device("cpu"))
 
 
-def _load(config, load_weights: bool = True):
+def _load(config, load_weights: bool = True, model_config=None, load_config=None):
     """The first two steps of vLLM's BaseModelLoader.load_model, as it runs them: build the model
     (PP-missing layers included) under the model dtype on the load device, then the loader's
     load_weights, which also refuses parameters the checkpoint left uninitialised. The third step,
-    process_weights_after_loading, prepares kernels (and needs them): it is not run."""
+    process_weights_after_loading, prepares kernels (and needs them): it is not run.
+    `model_config`/`load_config`: another model's (a speculative draft's); default the engine's."""
     import torch
     from vllm.model_executor.model_loader import get_model_loader
     from vllm.model_executor.model_loader.utils import initialize_model
     from vllm.utils.torch_utils import set_default_torch_dtype
 
-    loader = get_model_loader(config.load_config)
-    device = torch.device(config.load_config.device or config.device_config.device)
-    with set_default_torch_dtype(config.model_config.dtype):
+    model_config = model_config or config.model_config
+    load_config = load_config or config.load_config
+    loader = get_model_loader(load_config)
+    device = torch.device(load_config.device or config.device_config.device)
+    with set_default_torch_dtype(model_config.dtype):
         with device:
-            model = initialize_model(vllm_config=config, model_config=config.model_config)
+            model = initialize_model(vllm_config=config, model_config=model_config)
         if load_weights:
-            loader.load_weights(model, config.model_config)
+            loader.load_weights(model, model_config)
     return model
+
+
+def _load_draft(config, load_weights: bool = True):
+    """The speculative draft as vLLM's spec-decode proposer gets it (v1/spec_decode's
+    `_get_model`: the engine config with the speculative config's own attention backend, the
+    draft's model config that SpeculativeConfig derived from the target's (an MTP draft: the
+    target's checkpoint and config, its architecture rewritten to the draft's), the draft's load
+    config, the `eagle_head` model tag), built and loaded by `_load`'s two steps. Sharing the
+    target's embedding and head afterwards (the proposer's load_model) copies no checkpoint tensor
+    and is not done. A config without a speculative config is this check's misuse: it says so."""
+    from dataclasses import replace
+
+    spec = config.speculative_config
+    if spec is None or spec.draft_model_config is None:
+        raise ValueError("servematrix load check: --loadcheck-draft without a --speculative-config naming a draft")
+    draft_config = replace(config, attention_config=replace(config.attention_config, backend=spec.attention_backend))
+    try:
+        from vllm.model_executor.model_loader.utils import get_draft_load_config
+
+        load_config = get_draft_load_config(draft_config)
+    except ImportError:  # releases before the draft load config: the engine's
+        load_config = config.load_config
+    try:
+        from vllm.compilation.backends import set_model_tag
+    except ImportError:
+        import contextlib
+
+        set_model_tag = lambda tag: contextlib.nullcontext()  # noqa: E731 - the tag only names compile caches
+    with set_model_tag("eagle_head"):
+        return _load(draft_config, load_weights, spec.draft_model_config, load_config)
 
 
 def _digest(tensor) -> str:

@@ -22,7 +22,7 @@ from functools import lru_cache
 from pydantic import BaseModel
 
 from servematrix.errors import StateError
-from servematrix.sweep import pooling
+from servematrix.sweep import drafts, pooling
 
 # Run in the release's interpreter: stdlib and vLLM only; one JSON line on stdout.
 PROBE = r"""
@@ -74,12 +74,18 @@ class Arch(BaseModel):
         return pooling.is_pooling(self.kind)
 
     @property
+    def draft(self) -> bool:
+        """A speculative-decoding draft the sweep checks beside its target (sweep/drafts.py)."""
+        return self.kind == "speculative" and self.forgeable
+
+    @property
     def key(self) -> str:
         """The cell ids' first part: the model_type of a forgeable generative architecture, else
         its name (model_types are lower snake case, class names CamelCase: the two never collide).
         A pooling architecture shares its model_type with the family's generative one (Qwen2Model,
-        Qwen2ForCausalLM: qwen2), so its cells and its twin go by its own name."""
-        return self.model_type if self.forgeable and self.model_type and not self.pooling else self.arch
+        Qwen2ForCausalLM: qwen2), so its cells and its twin go by its own name; so do a draft's
+        (DeepSeekMTPModel: its target's model_type is deepseek_v3)."""
+        return self.model_type if self.forgeable and self.model_type and not (self.pooling or self.draft) else self.arch
 
 
 def probe(python: str, env: dict[str, str] | None = None) -> dict[str, dict]:
@@ -147,6 +153,9 @@ def classify(arch: str, kind: str) -> Arch:
     if pooling.is_pooling(kind):
         model_type, why = pooling.match(arch)
         return Arch(arch=arch, kind=kind, model_type=model_type, forgeable=why is None, reason=why)
+    if kind == "speculative":  # an MTP draft the data describes: checked beside its target's twin
+        target, why = drafts.match(arch)
+        return Arch(arch=arch, kind=kind, model_type=target, forgeable=why is None, reason=why)
     if kind not in GENERATIVE:
         return Arch(arch=arch, kind=kind, reason=KIND_REASONS.get(kind, KIND_REASONS["other"]))
     by_class, causal, configs, version = transformers_classes()
@@ -175,10 +184,10 @@ def architectures(registered: dict[str, dict]) -> list[Arch]:
     taken: dict[str, str] = {}
     for arch in sorted(registered):
         a = classify(arch, registered[arch].get("kind", "other"))
-        if a.forgeable and not a.pooling and a.model_type in taken:
+        if a.forgeable and a.key == a.model_type and a.model_type in taken:
             a = a.model_copy(update={"forgeable": False, "reason": f"the same model_type ({a.model_type}) as "
                                                                     f"{taken[a.model_type]}, which is swept"})
-        elif a.forgeable and not a.pooling:
+        elif a.forgeable and a.key == a.model_type:  # pooling and draft architectures are keyed by name
             taken[a.model_type] = arch
         out.append(a)
     return out

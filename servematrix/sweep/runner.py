@@ -298,6 +298,10 @@ def _head_note(cell: cellmod.Cell, opts: SweepOptions, twin: twins.Twin) -> str 
     tensors a rank holds bit for bit (sweep/pooling.py). A pass says vLLM built and loaded the
     model; this says whether the head came from the checkpoint. At TP > 1 a split head holds slices,
     which whole-tensor digests cannot match: not compared."""
+    if twin.draft is not None and twin.path is not None:  # a draft's: what vLLM built and loaded of it
+        from servematrix.sweep import drafts
+
+        return drafts.note(cell.arch.key, Path(twin.path), opts.out / cell.id / "loadcheck", cell.tp)
     if twin.architecture is None or twin.path is None or cell.tp > 1:
         return None
     from servematrix.sweep import pooling
@@ -386,7 +390,8 @@ def _load_check(cell: cellmod.Cell, opts: SweepOptions, python: str, twin: twins
     spec = _spec(cell, python, twin, cell_dir, opts.timeout)
     cpu = device("cpu")
     attention = cpu.attention()
-    check = loadcheck.Check(attention=attention, out=cell_dir / "loadcheck", record_misses=True)
+    check = loadcheck.Check(attention=attention, out=cell_dir / "loadcheck", record_misses=True,
+                            draft=twin.draft is not None)
     world_env = {**cpu.env, **spec.env}
     # a Ray world names the node it ran on (run/ray_worlds.py); a local one runs here
     parts.node = getattr(worlds, "node", None) or parts.node

@@ -33,6 +33,7 @@ class Twin(BaseModel):
     spec: dict | None = None  # the ForgeSpec it was forged from (dumped), for its quantized variants
     shapes: dict[str, tuple[int, ...]] = {}  # what that spec forged: tensor name -> shape
     origin: str = ""  # what the twin was built from: a published config (with its source) or transformers' defaults
+    draft: str | None = None  # a speculative draft's twin (sweep/drafts.py): its --speculative-config method
 
     @property
     def ok(self) -> bool:
@@ -47,8 +48,10 @@ def build(key: str, directory: Path, max_pp: int, tps: list[int], align: dict[st
     from servematrix import mirror
     from servematrix.mirror.cli import scenario_dict
 
-    from servematrix.sweep import corpus, pooling
+    from servematrix.sweep import corpus, drafts, pooling
 
+    if drafts.is_draft(key):  # its target's twin with the draft layers added
+        return drafts.build(key, directory, max_pp, tps, align)
     arch = key if key[:1].isupper() else None  # model_types are lower case, class names CamelCase
     model_type = pooling.model_type_of(key) if arch else key
     if model_type is None:
@@ -132,8 +135,9 @@ def quantize(base: Twin, quant: str, tps: list[int], wide=None) -> Twin:
 
     name = f"sweep-{(base.architecture or base.model_type).replace('_', '-').lower()}-{quant}"
     if not base.ok or base.spec is None:
-        return base.model_copy(update={"quant": quant, "path": None,
-                                       "reason": base.reason or "no forge spec recorded for the twin"})
+        return base.model_copy(update={"quant": quant, "path": None, "reason": base.reason or (
+            "a draft's cells are unquantized only (its target's quantized layouts are the target's cells)"
+            if base.draft else "no forge spec recorded for the twin")})
     q = quantized(base.model_type, base.spec, base.shapes, quant, tps)
     widen = widen_units(quant, base.shapes) if q.narrow and wide is not None else None
     if isinstance(widen, str):

@@ -33,6 +33,16 @@ def test_a_construct_only_check_says_so_to_the_worker(tmp_path):
     assert "--loadcheck-construct-only" in argv
 
 
+def test_a_draft_check_asks_the_worker_to_load_the_speculative_draft_too(tmp_path):
+    from servematrix.serve import loadcheck_worker
+
+    argv = loadcheck.command(spec(), loadcheck.Check(out=tmp_path, draft=True))
+    assert "--loadcheck-draft" in argv
+    args, server_argv = loadcheck_worker._args(argv[3:])
+    assert args.loadcheck_draft and "--loadcheck-draft" not in server_argv
+    assert "--loadcheck-draft" not in loadcheck.command(spec(), loadcheck.Check(out=tmp_path))
+
+
 def test_the_recorded_command_carries_the_environment_the_fix_modules_read(tmp_path):
     text = loadcheck.shell(spec(), loadcheck.Check(out=tmp_path))
     assert text.startswith("SERVEMATRIX_FIXES=dsa-indexer-pp-42944 ") and "loadcheck_worker.py" in text

@@ -1,0 +1,361 @@
+"""Speculative-decoding drafts of the MTP kind as sweep cells.
+
+An MTP draft (DeepSeekMTPModel, Glm4MoeMTPModel, ...) has no checkpoint of its own: its weights are
+extra layers of its target's checkpoint, and vLLM builds it from the target's config when the
+server is asked for `--speculative-config '{"method": "mtp", ...}'`. So a draft cell is keyed by
+the draft architecture's name (as a pooling cell is), its twin is the target's twin with the draft
+layers added under the names the family's published checkpoints use (data/sweep-drafts.yaml, each
+family with where its names were read), and its load check builds and loads the target and then
+the draft, as vLLM's spec-decode proposer does (serve/loadcheck_worker.py `--loadcheck-draft`).
+
+`draft_loaded` then tells from the load check's per-rank digests whether the draft's parameters
+hold the twin's draft tensors bit for bit: a draft vLLM built but did not fill from the checkpoint
+holds other bytes.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from servematrix.config import packaged
+from servematrix.paths import data_file
+
+FILE = data_file("sweep-drafts.yaml")  # package data, so a wheel install carries it
+
+# a shape entry: an int, a target config field, or K*field
+_DIM = re.compile(r"^(?:(?P<k>[1-9]\d*)\*)?(?P<field>[a-z_][a-z0-9_]*)$")
+
+# the draft's tensors are written to this file of the twin, beside the target's
+DRAFT_FILE = "draft.safetensors"
+INDEX = "model.safetensors.index.json"
+
+# a draft cell's twin is not served: serving a draft means a speculative server's forward passes
+NOT_SERVED = "a speculative draft: the sweep's serve step does not run speculative decoding yet"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Layout(_Strict):
+    """How a family lays its draft layers out in the checkpoint."""
+
+    description: str
+    first_index: str  # the target config field whose value is the first draft layer's index
+    decoder: str = "last"  # the target twin's decoder layer the draft's decoder layer is shaped as
+    tensors: dict[str, list[int | str]]  # name under `model.layers.{index}.` -> shape
+    shared: dict[str, str] = Field(default_factory=dict)  # one of `tensors` -> the target tensor it copies
+
+    @field_validator("tensors")
+    @classmethod
+    def _dims(cls, tensors: dict[str, list[int | str]]) -> dict[str, list[int | str]]:
+        for name, shape in tensors.items():
+            bad = [d for d in shape if isinstance(d, str) and not _DIM.match(d.replace(" ", ""))]
+            if bad or not shape:
+                raise ValueError(f"{name}: each dimension is an int, a config field or K*field, not {bad or shape}")
+        return tensors
+
+
+class Draft(_Strict):
+    target: str  # the target's model_type
+    method: str  # --speculative-config method
+    layers_field: str  # the target config field that counts the draft layers
+    layout: str
+    names_from: str
+    layers: int = Field(1, ge=1)  # draft layers the twin carries (published DeepSeek-V3 / GLM-4.5: 1)
+
+
+class NotDescribed(_Strict):
+    pattern: str
+    reason: str
+
+    @field_validator("pattern")
+    @classmethod
+    def _compiles(cls, p: str) -> str:
+        try:
+            re.compile(p)
+        except re.error as exc:
+            raise ValueError(f"{p!r} is not a regular expression ({exc})") from None
+        return p
+
+
+class DraftRules(_Strict):
+    layouts: dict[str, Layout]
+    drafts: dict[str, Draft]
+    not_described: list[NotDescribed]
+
+    @field_validator("drafts")
+    @classmethod
+    def _layouts_known(cls, drafts: dict[str, Draft], info) -> dict[str, Draft]:
+        known = set((info.data or {}).get("layouts") or {})
+        for arch, d in drafts.items():
+            if d.layout not in known:
+                raise ValueError(f"{arch}: layout {d.layout!r} is not one of {', '.join(sorted(known))}")
+        return drafts
+
+
+def rules() -> DraftRules:
+    return packaged.load(FILE, DraftRules)
+
+
+def is_draft(key: str) -> bool:
+    """Whether a cell key names a draft described in the data (its cells and twin are a draft's)."""
+    return key in rules().drafts
+
+
+def match(arch: str) -> tuple[str | None, str | None]:
+    """(target model_type, None) for a draft the data describes, else (None, why it is not
+    checkable here: the first `not_described` pattern that matches)."""
+    r = rules()
+    if arch in r.drafts:
+        return r.drafts[arch].target, None
+    why = next((n.reason for n in r.not_described if re.search(n.pattern, arch)), None)
+    return None, f"speculative-decoding draft: {why or 'not described in data/sweep-drafts.yaml'}"
+
+
+def speculative_args(draft: Draft) -> list[str]:
+    """The server arguments that make vLLM build `draft` beside its target."""
+    return ["--speculative-config", json.dumps({"method": draft.method, "num_speculative_tokens": draft.layers})]
+
+
+def shape(dims: list[int | str], config: dict) -> tuple[int, ...]:
+    """A data shape in the target twin's config's numbers."""
+    out = []
+    for d in dims:
+        if isinstance(d, int):
+            out.append(d)
+            continue
+        m = _DIM.match(d.replace(" ", ""))
+        value = config.get(m["field"]) if m else None
+        if not isinstance(value, int):
+            raise ValueError(f"the target's config has no integer {m['field'] if m else d!r}")
+        out.append(int(m["k"] or 1) * value)
+    return tuple(out)
+
+
+def draft_tensors(target: Path, draft: Draft, layout: Layout, seed: int = 0) -> dict:
+    """The draft layers' tensors for the target twin at `target`: per draft layer, a copy of the
+    shapes and dtypes of the target's `layout.decoder` layer under the draft's index, plus the
+    layout's own tensors, in the twin's dtype, with fresh random values (so a draft parameter
+    holding one of them can only have read it from this file)."""
+    import torch
+    from safetensors import safe_open
+
+    config = json.loads((target / "config.json").read_text())
+    first = config.get(layout.first_index)
+    if not isinstance(first, int):
+        raise ValueError(f"the target's config has no integer {layout.first_index!r}")
+    source = first - 1 if layout.decoder == "last" else int(layout.decoder)
+    prefix = f"model.layers.{source}."
+    shapes: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
+    for path in sorted(target.glob("*.safetensors")):
+        with safe_open(path, "pt") as f:
+            for name in f.keys():
+                if name.startswith(prefix):
+                    t = f.get_slice(name)
+                    shapes[name[len(prefix):]] = (tuple(t.get_shape()), _dtype(t.get_dtype()))
+    if not shapes:
+        raise ValueError(f"the target twin has no decoder layer {source} to shape the draft layer as")
+    dtype = shapes.get("input_layernorm.weight", next(iter(shapes.values())))[1]
+    gen = torch.Generator().manual_seed(seed)
+    copies = _target_tensors(target, set(layout.shared.values()))
+    out = {}
+    for i in range(draft.layers):
+        at = f"model.layers.{first + i}."
+        own = {n: (shape(dims, config), dtype) for n, dims in layout.tensors.items()}
+        for leaf, (dims, dt) in {**shapes, **own}.items():
+            if leaf in layout.shared:
+                out[at + leaf] = copies[layout.shared[leaf]].clone()
+                if tuple(out[at + leaf].shape) != dims:
+                    raise ValueError(f"{layout.shared[leaf]} is {tuple(out[at + leaf].shape)}, the layout says {dims}")
+                continue
+            out[at + leaf] = (torch.randn(dims, generator=gen) * 0.02).to(dt)
+    return out
+
+
+def _target_tensors(target: Path, names: set[str]) -> dict:
+    from safetensors import safe_open
+
+    out = {}
+    for path in sorted(target.glob("*.safetensors")):
+        with safe_open(path, "pt") as f:
+            out.update({n: f.get_tensor(n) for n in f.keys() if n in names})
+    missing = names - set(out)
+    if missing:
+        raise ValueError(f"the target twin has no {', '.join(sorted(missing))} to copy")
+    return out
+
+
+def _dtype(name: str):
+    import torch
+
+    return {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}.get(name, torch.float32)
+
+
+def build(key: str, directory: Path, max_pp: int, tps: list[int], align: dict[str, int] | None = None):
+    """The draft `key`'s twin: its target's twin (sweep/twins.py, the same as the target's cells
+    load) copied with the draft layers added (DRAFT_FILE, the index naming every tensor's file) and
+    the layer count set in its config; or the reason there is none."""
+    import hashlib
+
+    from servematrix.paths import code_digest
+    from servematrix.sweep import twins
+
+    r = rules()
+    draft = r.drafts[key]
+    layout = r.layouts[draft.layout]
+    base = twins.build(draft.target, directory, max_pp, tps, align=align)
+    origin = (f"draft {key} (--speculative-config method {draft.method}) beside its target {draft.target}'s twin; "
+              f"draft layer names from {draft.names_from}")
+    if not base.ok:
+        return base.model_copy(update={"architecture": key, "origin": f"{origin}; target: {base.origin}",
+                                       "reason": f"its target {draft.target} has no twin: {base.reason}"})
+    h = hashlib.sha256(Path(base.path).name.encode())
+    h.update(draft.model_dump_json().encode() + layout.model_dump_json().encode())
+    h.update(code_digest(("sweep/drafts.py",), ()).encode())
+    target = directory / f"{key}-{h.hexdigest()[:12]}"
+    try:
+        if not (target / INDEX).is_file():  # the index is written last: one that exists is complete
+            _write(Path(base.path), target, draft, layout)
+    except (ValueError, OSError, RuntimeError) as exc:
+        return base.model_copy(update={"architecture": key, "path": None, "origin": f"{origin}; target: {base.origin}",
+                                       "reason": f"draft layers: {type(exc).__name__}: {' '.join(str(exc).split())[:300]}"})
+    return base.model_copy(update={
+        "architecture": key, "path": str(target), "draft": draft.method, "spec": None, "shapes": {},
+        "server_args": [*base.server_args, *speculative_args(draft)],
+        "load_only": base.load_only or NOT_SERVED,
+        "origin": f"{origin}; target: {base.origin}"})
+
+
+def _write(base: Path, target: Path, draft: Draft, layout: Layout) -> None:
+    """The target twin's files copied into a fresh directory, the draft tensors beside them, the
+    config's draft layer count, then the index, renamed into place whole."""
+    import tempfile
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    try:
+        for f in base.iterdir():
+            if f.is_file() and f.name != INDEX:
+                shutil.copy2(f, tmp / f.name)
+        tensors = draft_tensors(base, draft, layout)
+        save_file({n: t.contiguous() for n, t in tensors.items()}, str(tmp / DRAFT_FILE), metadata={"format": "pt"})
+        config = json.loads((tmp / "config.json").read_text())
+        config[draft.layers_field] = draft.layers
+        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        weight_map = {}
+        for path in sorted(tmp.glob("*.safetensors")):
+            with safe_open(path, "pt") as f:
+                weight_map.update({n: path.name for n in f.keys()})
+        (tmp / INDEX).write_text(json.dumps({"metadata": {}, "weight_map": weight_map}, indent=2) + "\n")
+        if target.exists():
+            shutil.rmtree(target)
+        tmp.rename(target)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+_DTYPES = ("bfloat16", "float32", "float16")
+
+
+class DraftTensor(BaseModel):
+    """One of the twin's draft tensors and whether a draft parameter holds it."""
+
+    name: str
+    param: str | None = None  # the draft parameter holding its values
+    loaded: bool = False
+    # not loaded: the target tensor whose values the draft parameter of its name holds instead (vLLM's
+    # GLM-4.5 and Hy3 MTP loaders fill the draft's shared head from the target's lm_head)
+    instead: str | None = None
+
+
+def _ranks(check_dir: Path) -> list[dict]:
+    return [json.loads(p.read_text()) for p in sorted(Path(check_dir).glob("rank*.json"))]
+
+
+def _file_digests(twin: Path, skip: str | None = None) -> dict[str, list[str]]:
+    """Every tensor of the twin (less the file `skip`) -> its digests in each of _DTYPES."""
+    import torch
+    from safetensors import safe_open
+
+    from servematrix.serve.loadcheck_worker import _digest
+
+    out = {}
+    for path in sorted(Path(twin).glob("*.safetensors")):
+        if path.name == skip:
+            continue
+        with safe_open(str(path), "pt") as f:
+            for name in f.keys():
+                t = f.get_tensor(name)
+                out[name] = [_digest(t.to(getattr(torch, d))) for d in _DTYPES]
+    return out
+
+
+def draft_loaded(twin: Path, check_dir: Path) -> list[DraftTensor]:
+    """Each distinctive tensor of the twin's DRAFT_FILE against the draft parameters the load
+    check's ranks recorded (`draft_digests`): loaded where a draft parameter holds exactly its
+    values (vLLM may hold it in the model's dtype: compared in each of _DTYPES), the parameter of
+    the same name first, else any (vLLM renames the decoder layer's tensors into `mtp_block.` and
+    fuses some: a fused or TP-split tensor matches none, so callers compare the whole-tensor ones,
+    at TP=1)."""
+    import torch
+    from safetensors import safe_open
+
+    from servematrix.serve.loadcheck_worker import _digest
+
+    digests = {n: d for r in _ranks(check_dir) for n, d in (r.get("draft_digests") or {}).items()}
+    by_digest = {d: n for n, d in digests.items()}
+    target: dict[str, list[str]] | None = None
+    out = []
+    with safe_open(str(Path(twin) / DRAFT_FILE), "pt") as f:
+        for name in f.keys():
+            t = f.get_tensor(name)
+            if t.numel() <= 1 or not bool((t != t.reshape(-1)[0]).any()):
+                continue  # one value repeated: any parameter of its shape would match
+            want = [_digest(t.to(getattr(torch, d))) for d in _DTYPES]
+            hit = name if digests.get(name) in want else next((by_digest[w] for w in want if w in by_digest), None)
+            instead = None
+            if hit is None and name in digests:
+                target = target if target is not None else _file_digests(twin, skip=DRAFT_FILE)
+                instead = next((n for n, ds in target.items() if digests[name] in ds), None)
+            out.append(DraftTensor(name=name, param=hit, loaded=hit is not None, instead=instead))
+    return out
+
+
+def layout_of(key: str) -> Layout:
+    r = rules()
+    return r.layouts[r.drafts[key].layout]
+
+
+def note(key: str, twin: Path, check_dir: Path, tp: int) -> str:
+    """A draft cell's record in words: the draft architecture vLLM resolved from the twin's config
+    (it must be the cell's: else the data names the wrong target or method), the class it built and
+    its parameter count on the last PP rank, and at TP=1 how many of the draft's own tensors (the
+    layout's, not the decoder layer's, which vLLM fuses) its parameters hold bit for bit, and what
+    the others hold instead."""
+    ranks = _ranks(check_dir)
+    built = next((r for r in ranks if r.get("draft_model")), None)
+    if built is None:
+        return "draft: no rank recorded a draft model"
+    resolved = built.get("draft_architecture")
+    words = (f"draft: vLLM resolved {resolved}" + ("" if resolved == key else f", NOT {key}: the data's target or "
+                                                   "method is wrong for this cell")
+             + f", built {built['draft_model']} on rank {built.get('rank')} ({built.get('draft_parameters')} parameters)")
+    if tp > 1:
+        return words
+    own = tuple(layout_of(key).tensors)
+    found = draft_loaded(twin, check_dir)
+    checked = [t for t in found if t.name.endswith(own)]
+    missing = [t.name + (f" (holds the target's {t.instead})" if t.instead else "") for t in checked if not t.loaded]
+    return (f"{words}; its own tensors: {len(checked) - len(missing)} of {len(checked)} loaded bit for bit"
+            + (f", not: {', '.join(missing)}" if missing else "")
+            + f"; {sum(t.loaded for t in found)} of the twin's {len(found)} draft tensors found in its parameters")
