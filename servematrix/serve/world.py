@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import threading
 import time
 from pathlib import Path
@@ -50,7 +51,13 @@ class World:
     def _start(self) -> None:
         self.starts += 1
         self.dir = self.root / f"worker-{self.starts}"
-        self.dir.mkdir(parents=True, exist_ok=True)
+        # A run directory reused with --overwrite still holds an earlier run's world here: its
+        # ready.json and response-<n>.json would answer this world's checks before it ran them
+        # (seen: a second sweep into one directory got the first one's exit codes in 0.0 s), and
+        # its request-<n>.json files would be run again. A world starts from an empty directory.
+        if self.dir.exists():
+            shutil.rmtree(self.dir)
+        self.dir.mkdir(parents=True)
         self._log = open(self.dir / "worker.log", "wb", buffering=0)
         self.proc = spawn([self.python, "-P", str(self.script), str(self.dir)], self.env, self._log)
         self.n = 0

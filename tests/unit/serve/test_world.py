@@ -157,3 +157,22 @@ def test_a_runs_worlds_are_one_per_release_and_close_ends_them(tmp_path):
     worlds.close()
     time.sleep(0.2)
     assert not _alive(a1) and not _alive(b)
+
+
+def test_a_world_in_a_reused_run_directory_answers_from_its_own_checks_not_the_earlier_runs(tmp_path):
+    """`--overwrite` keeps the run directory: an earlier world's ready.json, requests and responses
+    must not answer (or be run by) the new world's checks."""
+    script = tmp_path / "double.py"
+    script.write_text(DOUBLE)
+    first = persistent.World(sys.executable, {}, tmp_path / "workers", script=script)
+    with pytest.raises(StageFailed):
+        check(tmp_path, first, "fail", name="first")
+    first.close()
+    stale = tmp_path / "workers" / "worker-1"
+    assert (stale / "response-0.json").exists() and (stale / "request-0.json").exists()
+    second = persistent.World(sys.executable, {}, tmp_path / "workers", script=script)
+    try:
+        assert check(tmp_path, second, "ok", name="second").ok  # the stale response said code 1
+        assert "KeyError" not in (tmp_path / "second" / "server.log").read_text()
+    finally:
+        second.close()

@@ -115,3 +115,25 @@ def test_vllms_cpu_refusal_of_a_layout_is_data_per_quant():
     assert quant.refused_on_cpu("fp8-block", refusal) and quant.refused_on_cpu("fp8-kv", refusal)
     assert not quant.refused_on_cpu("fp8-block", "ValueError: Weight input_size_per_partition = 64 is not divisible")
     assert not quant.refused_on_cpu("none", refusal)
+
+
+# Names from the published layouts: Mixtral-8x7B's experts and router, DeepSeek-V3's MLA projections
+# and router. AutoAWQ (awq/models/mixtral.py, deepseek_v3.py) and AutoGPTQ (modeling/mixtral.py)
+# quantize each expert's w1/w3/w2 and kv_a_proj_with_mqa beside q_a_proj; routers and norms stay.
+QUANTIZED_IN_REAL_4BIT = ["model.layers.0.block_sparse_moe.experts.3.w1.weight",
+                          "model.layers.1.block_sparse_moe.experts.0.w2.weight",
+                          "model.layers.1.block_sparse_moe.experts.7.w3.weight",
+                          "model.layers.0.self_attn.q_a_proj.weight",
+                          "model.layers.0.self_attn.kv_a_proj_with_mqa.weight",
+                          "model.layers.3.mlp.experts.12.down_proj.weight"]
+KEPT_IN_REAL_4BIT = ["model.layers.0.block_sparse_moe.gate.weight", "model.layers.3.mlp.gate.weight",
+                     "model.layers.0.self_attn.kv_a_layernorm.weight", "model.embed_tokens.weight",
+                     "lm_head.weight"]
+
+
+@pytest.mark.parametrize("method", ["awq", "gptq"])
+def test_4bit_twins_quantize_the_experts_and_mla_projections_real_checkpoints_quantize(method):
+    rule = quant.rules()[method]
+    selects = quant._method(rule, group_size=128).selects
+    assert [n for n in QUANTIZED_IN_REAL_4BIT if not selects(n)] == []
+    assert [n for n in KEPT_IN_REAL_4BIT if selects(n)] == []
