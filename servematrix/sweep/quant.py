@@ -35,10 +35,11 @@ def names() -> tuple[str, ...]:
     return ("none", *rules())
 
 
-def _shards(name: str, shape: tuple[int, ...], tp: int) -> list[tuple[int, int]]:
+def _shards(name: str, shape: tuple[int, ...], tp: int, kv_heads: int | None = None) -> list[tuple[int, int]]:
     """The [n, k] a rank holds at `tp`, by the linear's TP role (mirror-families.yaml's tp_roles):
-    column-parallel splits outputs, row-parallel inputs; KV projections split or, with fewer KV
-    heads than ranks, replicate (either is accepted)."""
+    column-parallel splits outputs, row-parallel inputs; KV projections split when there are at
+    least as many KV heads as ranks and replicate when there are fewer (vLLM's QKVParallelLinear);
+    with the KV heads unknown, either is accepted."""
     from servematrix.mirror.dims import tp_role
 
     n, k = shape
@@ -48,37 +49,48 @@ def _shards(name: str, shape: tuple[int, ...], tp: int) -> list[tuple[int, int]]
     if role == "row":
         return [(n, k // tp)] if k % tp == 0 else []
     if role == "kv":
+        if kv_heads is not None:  # measured: mixtral's 2 KV heads at TP=2 split, a 64-row shard of a 128 block
+            return [(n, k)] if kv_heads < tp else ([(n // tp, k)] if n % tp == 0 else [])
         return [(n // tp, k), (n, k)] if n % tp == 0 else [(n, k)]
     return [(n, k)]
 
 
-def _fits(name: str, shape: tuple[int, ...], bn: int, bk: int, tps: list[int]) -> bool:
-    return len(shape) == 2 and all(any(n % bn == 0 and k % bk == 0 for n, k in _shards(name, shape, tp))
+def _fits(name: str, shape: tuple[int, ...], bn: int, bk: int, tps: list[int], kv_heads: int | None = None) -> bool:
+    return len(shape) == 2 and all(any(n % bn == 0 and k % bk == 0 for n, k in _shards(name, shape, tp, kv_heads))
                                    for tp in tps)
 
 
-def _block(method: Fp8Block, shapes: dict[str, tuple[int, ...]], rule: QuantRule, tps: list[int]) -> int | None:
+def _block(method: Fp8Block, shapes: dict[str, tuple[int, ...]], rule: QuantRule, tps: list[int],
+           kv_heads: int | None = None) -> int | None:
     selected = {n: s for n, s in shapes.items() if method.selects(n)}
     if not selected:
         return None
-    return next((b for b in rule.blocks if all(_fits(n, s, b, rule.block_k, tps) for n, s in selected.items())),
-                None)
+    return next((b for b in rule.blocks
+                 if all(_fits(n, s, b, rule.block_k, tps, kv_heads) for n, s in selected.items())), None)
+
+
+def _kv_heads(spec: dict[str, Any]) -> int | None:
+    """The twin's KV heads (its config's GQA field, else its attention heads), None if it has neither."""
+    config = spec.get("config") or {}
+    heads = config.get("num_key_value_heads") or config.get("num_attention_heads")
+    return heads if isinstance(heads, int) and heads > 0 else None
 
 
 def _method(rule: QuantRule, **fields):
     return {tag(c): c for c in BY_SCHEME.values()}[rule.quantize["method"]].model_validate({**rule.quantize, **fields})
 
 
-def _misfit(method, name: str, shape: tuple[int, ...], tp: int) -> str | None:
+def _misfit(method, name: str, shape: tuple[int, ...], tp: int, kv_heads: int | None = None) -> str | None:
     """Why no TP shard of `name` at `tp` can be written in `method`'s layout, or None."""
-    shards = _shards(name, shape, tp)
+    shards = _shards(name, shape, tp, kv_heads)
     if not shards:
         return f"{list(shape)} does not split over TP={tp}"
     problems = [method.misaligned(n, k) for n, k in shards]
     return None if None in problems else f"{list(shards[0])} at TP={tp}: {problems[0]}"
 
 
-def _grouped(quant: str, rule: QuantRule, shapes: dict[str, tuple[int, ...]], tps: list[int]):
+def _grouped(quant: str, rule: QuantRule, shapes: dict[str, tuple[int, ...]], tps: list[int],
+             kv_heads: int | None = None):
     """(the quantize entry, its note) with the first group size for which every selected linear's
     TP shard holds whole groups and packs (the method's own alignment rule), or (None, the reason)."""
     why = ""
@@ -87,7 +99,8 @@ def _grouped(quant: str, rule: QuantRule, shapes: dict[str, tuple[int, ...]], tp
         selected = {n: s for n, s in shapes.items() if method.selects(n) and len(s) == 2}
         if not selected:
             return None, f"{quant}: the twin has no linear matching {method.tensors}", False
-        bad = next(((n, w) for n, s in selected.items() for tp in tps if (w := _misfit(method, n, s, tp))), None)
+        bad = next(((n, w) for n, s in selected.items() for tp in tps
+                    if (w := _misfit(method, n, s, tp, kv_heads))), None)
         if bad is None:
             return ({**rule.quantize, "group_size": group}, f"{quant}: every decoder linear {method.bits}-bit, "
                     f"group {group}", False)
@@ -127,16 +140,16 @@ def quantized(model_type: str, spec: dict[str, Any], shapes: dict[str, tuple[int
         update: dict[str, Any] = {"fp8_blocks": family.fp8_blocks}
         note = family.why
     elif rule.groups:
-        entry, note, narrow = _grouped(quant, rule, shapes, tps)
+        entry, note, narrow = _grouped(quant, rule, shapes, tps, _kv_heads(spec))
         if entry is None:
             return QuantSpec(reason=note, narrow=narrow)
         update = {"quantize": [entry]}
     else:
         probe = Fp8Block.model_validate(rule.quantize)
-        block = _block(probe, shapes, rule, tps)
+        block = _block(probe, shapes, rule, tps, _kv_heads(spec))
         if block is None:
             bad = sorted({f"{n.split('.')[-2]} {list(s)}" for n, s in shapes.items() if probe.selects(n)
-                          and not _fits(n, s, rule.blocks[-1], rule.block_k, tps)})
+                          and not _fits(n, s, rule.blocks[-1], rule.block_k, tps, _kv_heads(spec))})
             return QuantSpec(reason=f"{quant}: the CPU FP8 block kernel takes K blocks of {rule.block_k} only, and the "
                                     f"twin's linears are narrower at TP={','.join(map(str, tps))} "
                                     f"({'; '.join(bad[:4])}): a twin this small cannot hold the layout" if bad else

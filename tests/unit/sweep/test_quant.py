@@ -137,3 +137,18 @@ def test_4bit_twins_quantize_the_experts_and_mla_projections_real_checkpoints_qu
     selects = quant._method(rule, group_size=128).selects
     assert [n for n in QUANTIZED_IN_REAL_4BIT if not selects(n)] == []
     assert [n for n in KEPT_IN_REAL_4BIT if selects(n)] == []
+
+
+def test_kv_projections_split_when_there_are_as_many_kv_heads_as_ranks_so_the_block_fits_the_shard():
+    """mixtral's twin (2 KV heads of 64, k_proj [128, 256]) at TP=2: vLLM splits the KV heads, each
+    rank holds 64 rows, so a 128 block would straddle ranks (measured: `start (1) + length (1) exceeds
+    dimension size (1)` in load_qkv_weight); block 64 fits every shard. With 1 KV head the rows replicate."""
+    config = {**CONFIG, "hidden_size": 256, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 64}
+    spec = {**SPEC, "config": config}
+    shapes = {"model.layers.0.self_attn.q_proj.weight": (256, 256), "model.layers.0.self_attn.k_proj.weight": (128, 256),
+              "model.layers.0.self_attn.v_proj.weight": (128, 256), "model.layers.0.self_attn.o_proj.weight": (256, 256)}
+    assert quant.quantized("llama", spec, shapes, "fp8-block", [1, 2]).spec["quantize"][0]["block"] == [64, 128]
+    assert quant.quantized("llama", spec, shapes, "fp8-block", [1]).spec["quantize"][0]["block"] == [128, 128]
+    # one KV head of 128 (k_proj [128, 256]): every rank holds all 128 rows, a whole block
+    one_kv = {**spec, "config": {**config, "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 128}}
+    assert quant.quantized("llama", one_kv, shapes, "fp8-block", [2]).spec["quantize"][0]["block"] == [128, 128]
