@@ -20,9 +20,12 @@ import re
 import shutil
 from pathlib import Path
 
+from typing import Literal
+
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from servematrix.config import packaged
+from servematrix.mirror.source import INDEX_FILE, ORIGIN_FILE
 from servematrix.paths import data_file
 
 FILE = data_file("sweep-drafts.yaml")  # package data, so a wheel install carries it
@@ -32,7 +35,8 @@ _DIM = re.compile(r"^(?:(?P<k>[1-9]\d*)\*)?(?P<field>[a-z_][a-z0-9_]*)$")
 
 # the draft's tensors are written to this file of the twin, beside the target's
 DRAFT_FILE = "draft.safetensors"
-INDEX = "model.safetensors.index.json"
+INDEX = INDEX_FILE
+ORIGIN = ORIGIN_FILE  # the mirror's record of a twin's source, copied from the target's
 
 # a draft cell's twin is not served: serving a draft means a speculative server's forward passes
 NOT_SERVED = "a speculative draft: the sweep's serve step does not run speculative decoding yet"
@@ -42,13 +46,24 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+class Decoder(_Strict):
+    """The draft layer's decoder block: the target twin's decoder layer `like` (last, first or an
+    index: DeepSeek-V3's MTP layer is a MoE layer like its last ones, ERNIE-4.5's a dense one like
+    its first) under the name prefix `prefix`."""
+
+    prefix: str  # e.g. "model.layers.{index}." (index: first_index + i) or "mtp.layers.{i}."
+    like: Literal["last", "first"] | int = "last"
+
+
 class Layout(_Strict):
-    """How a family lays its draft layers out in the checkpoint."""
+    """How a family lays its draft layers out in the checkpoint. Names are templates: `{i}` the
+    draft layer (0, 1, ...), `{index}` the target config's `first_index` plus i; a name with neither
+    is one tensor for all draft layers."""
 
     description: str
-    first_index: str  # the target config field whose value is the first draft layer's index
-    decoder: str = "last"  # the target twin's decoder layer the draft's decoder layer is shaped as
-    tensors: dict[str, list[int | str]]  # name under `model.layers.{index}.` -> shape
+    first_index: str | None = None  # the target config field whose value is draft layer 0's {index}
+    decoder: Decoder
+    tensors: dict[str, list[int | str]]  # name template -> shape
     shared: dict[str, str] = Field(default_factory=dict)  # one of `tensors` -> the target tensor it copies
 
     @field_validator("tensors")
@@ -59,6 +74,12 @@ class Layout(_Strict):
             if bad or not shape:
                 raise ValueError(f"{name}: each dimension is an int, a config field or K*field, not {bad or shape}")
         return tensors
+
+    def names(self, template: str, layers: int, first: int | None) -> list[str]:
+        """A template's names over the draft layers (once, where it names no layer)."""
+        if "{i}" not in template and "{index}" not in template:
+            return [template]
+        return [template.format(i=i, index=(first or 0) + i) for i in range(layers)]
 
 
 class Draft(_Strict):
@@ -139,18 +160,20 @@ def shape(dims: list[int | str], config: dict) -> tuple[int, ...]:
 
 
 def draft_tensors(target: Path, draft: Draft, layout: Layout, seed: int = 0) -> dict:
-    """The draft layers' tensors for the target twin at `target`: per draft layer, a copy of the
-    shapes and dtypes of the target's `layout.decoder` layer under the draft's index, plus the
-    layout's own tensors, in the twin's dtype, with fresh random values (so a draft parameter
-    holding one of them can only have read it from this file)."""
+    """The draft layers' tensors for the target twin at `target`: per draft layer, the shapes and
+    dtypes of the target's `layout.decoder.like` layer under the decoder prefix, plus the layout's
+    own tensors, in the twin's dtype, with fresh random values (so a draft parameter holding one of
+    them can only have read it from this file), or copies of the target's where `shared` says so."""
     import torch
     from safetensors import safe_open
 
     config = json.loads((target / "config.json").read_text())
-    first = config.get(layout.first_index)
-    if not isinstance(first, int):
+    first = config.get(layout.first_index) if layout.first_index else None
+    if layout.first_index and not isinstance(first, int):
         raise ValueError(f"the target's config has no integer {layout.first_index!r}")
-    source = first - 1 if layout.decoder == "last" else int(layout.decoder)
+    layers = config.get("num_hidden_layers")
+    like = layout.decoder.like
+    source = like if isinstance(like, int) else (0 if like == "first" else (layers or 0) - 1)
     prefix = f"model.layers.{source}."
     shapes: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
     for path in sorted(target.glob("*.safetensors")):
@@ -166,16 +189,27 @@ def draft_tensors(target: Path, draft: Draft, layout: Layout, seed: int = 0) -> 
     copies = _target_tensors(target, set(layout.shared.values()))
     out = {}
     for i in range(draft.layers):
-        at = f"model.layers.{first + i}."
-        own = {n: (shape(dims, config), dtype) for n, dims in layout.tensors.items()}
-        for leaf, (dims, dt) in {**shapes, **own}.items():
-            if leaf in layout.shared:
-                out[at + leaf] = copies[layout.shared[leaf]].clone()
-                if tuple(out[at + leaf].shape) != dims:
-                    raise ValueError(f"{layout.shared[leaf]} is {tuple(out[at + leaf].shape)}, the layout says {dims}")
-                continue
+        at = layout.decoder.prefix.format(i=i, index=(first or 0) + i)
+        for leaf, (dims, dt) in shapes.items():
             out[at + leaf] = (torch.randn(dims, generator=gen) * 0.02).to(dt)
+    for template, dims in layout.tensors.items():
+        want = shape(dims, config)
+        for name in layout.names(template, draft.layers, first):
+            if template in layout.shared:
+                out[name] = copies[layout.shared[template]].clone()
+                if tuple(out[name].shape) != want:
+                    raise ValueError(f"{layout.shared[template]} is {tuple(out[name].shape)}, the layout says {want}")
+                continue
+            out[name] = (torch.randn(want, generator=gen) * 0.02).to(dtype)
     return out
+
+
+def own_names(key: str, twin: Path) -> set[str]:
+    """The names of the draft's own tensors (the layout's, not its decoder layer's) in `twin`."""
+    draft, layout = rules().drafts[key], layout_of(key)
+    config = json.loads((Path(twin) / "config.json").read_text())
+    first = config.get(layout.first_index) if layout.first_index else None
+    return {n for t in layout.tensors for n in layout.names(t, draft.layers, first)}
 
 
 def _target_tensors(target: Path, names: set[str]) -> dict:
@@ -222,6 +256,8 @@ def build(key: str, directory: Path, max_pp: int, tps: list[int], align: dict[st
     try:
         if not (target / INDEX).is_file():  # the index is written last: one that exists is complete
             _write(Path(base.path), target, draft, layout)
+        elif (target / ORIGIN).is_file():  # reused: the test cache prunes twins by this file's age
+            (target / ORIGIN).touch()
     except (ValueError, OSError, RuntimeError) as exc:
         return base.model_copy(update={"architecture": key, "path": None, "origin": f"{origin}; target: {base.origin}",
                                        "reason": f"draft layers: {type(exc).__name__}: {' '.join(str(exc).split())[:300]}"})
@@ -245,7 +281,7 @@ def _write(base: Path, target: Path, draft: Draft, layout: Layout) -> None:
     try:
         for f in base.iterdir():
             if f.is_file() and f.name != INDEX:
-                shutil.copy2(f, tmp / f.name)
+                shutil.copy(f, tmp / f.name)  # not copy2: the copy's age is its own (the cache prunes by it)
         tensors = draft_tensors(base, draft, layout)
         save_file({n: t.contiguous() for n, t in tensors.items()}, str(tmp / DRAFT_FILE), metadata={"format": "pt"})
         config = json.loads((tmp / "config.json").read_text())
@@ -352,9 +388,9 @@ def note(key: str, twin: Path, check_dir: Path, tp: int) -> str:
              + f", built {built['draft_model']} on rank {built.get('rank')} ({built.get('draft_parameters')} parameters)")
     if tp > 1:
         return words
-    own = tuple(layout_of(key).tensors)
+    own = own_names(key, twin)
     found = draft_loaded(twin, check_dir)
-    checked = [t for t in found if t.name.endswith(own)]
+    checked = [t for t in found if t.name in own]
     missing = [t.name + (f" (holds the target's {t.instead})" if t.instead else "") for t in checked if not t.loaded]
     return (f"{words}; its own tensors: {len(checked) - len(missing)} of {len(checked)} loaded bit for bit"
             + (f", not: {', '.join(missing)}" if missing else "")

@@ -46,7 +46,7 @@ def test_a_described_draft_is_forgeable_keyed_by_its_name_and_tagged_draft_with_
 
 @pytest.mark.parametrize("arch, words", [("EagleLlamaForCausalLM", "EAGLE draft"), ("Eagle3Qwen3ForCausalLM", "EAGLE draft"),
                                          ("DFlashDraftModel", "DFlash/DSpark"), ("MedusaModel", "Medusa"),
-                                         ("Qwen3NextMTP", "not described in data/sweep-drafts.yaml")])
+                                         ("Step3p5MTP", "not described in data/sweep-drafts.yaml")])
 def test_a_draft_the_data_does_not_describe_is_not_checkable_with_its_kind_s_reason(arch, words):
     a = registry.classify(arch, "speculative")
     assert not a.forgeable and not a.draft and a.key == arch
@@ -115,6 +115,23 @@ def test_the_draft_layer_is_the_target_s_last_layer_plus_the_layout_s_tensors_at
     with safe_open(str(base / "model.safetensors"), "pt") as f:
         assert torch.equal(out["model.layers.2.embed_tokens.weight"], f.get_tensor("model.embed_tokens.weight"))
         assert not torch.equal(out["model.layers.2.shared_head.head.weight"], f.get_tensor("lm_head.weight"))
+
+
+def test_a_layout_without_a_layer_in_its_names_writes_one_tensor_and_a_decoder_like_first_is_layer_0(tmp_path):
+    base = _target_twin(tmp_path / "t")
+    rules = drafts.rules()
+    # Qwen3-Next: the decoder under mtp.layers.{i}, one mtp.fc for all draft layers
+    out = drafts.draft_tensors(base, rules.drafts["Qwen3NextMTP"], rules.layouts["qwen3-next-mtp"])
+    assert {"mtp.fc.weight", "mtp.norm.weight", "mtp.layers.0.mlp.experts.0.up_proj.weight"} <= set(out)
+    assert not any(n.startswith("model.layers.") for n in out)
+    # ERNIE-4.5: a dense block shaped as the target's first layer (no experts), per-layer own tensors
+    out = drafts.draft_tensors(base, rules.drafts["ErnieMTPModel"], rules.layouts["ernie-mtp"])
+    assert set(out) == {"model.mtp_block.0.input_layernorm.weight", "model.mtp_block.0.self_attn.q_proj.weight",
+                        "model.mtp_emb_norm.0.weight", "model.mtp_hidden_norm.0.weight", "model.mtp_linear_proj.0.weight"}
+    layout = rules.layouts["ernie-mtp"]
+    assert layout.names("model.mtp_emb_norm.{i}.weight", 2, None) == ["model.mtp_emb_norm.0.weight",
+                                                                       "model.mtp_emb_norm.1.weight"]
+    assert layout.names("mtp.fc.weight", 2, None) == ["mtp.fc.weight"]
 
 
 @pytest.fixture()
