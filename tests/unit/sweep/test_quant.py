@@ -119,7 +119,8 @@ def test_vllms_cpu_refusal_of_a_layout_is_data_per_quant():
 
 # Names from the published layouts: Mixtral-8x7B's experts and router, DeepSeek-V3's MLA projections
 # and router. AutoAWQ (awq/models/mixtral.py, deepseek_v3.py) and AutoGPTQ (modeling/mixtral.py)
-# quantize each expert's w1/w3/w2 and kv_a_proj_with_mqa beside q_a_proj; routers and norms stay.
+# quantize each expert's w1/w3/w2 and kv_a_proj_with_mqa beside q_a_proj, as DeepSeek-V3's FP8
+# checkpoint does (kv_a_proj_with_mqa.weight F8_E4M3 with its weight_scale_inv); routers and norms stay.
 QUANTIZED_IN_REAL_4BIT = ["model.layers.0.block_sparse_moe.experts.3.w1.weight",
                           "model.layers.1.block_sparse_moe.experts.0.w2.weight",
                           "model.layers.1.block_sparse_moe.experts.7.w3.weight",
@@ -131,10 +132,11 @@ KEPT_IN_REAL_4BIT = ["model.layers.0.block_sparse_moe.gate.weight", "model.layer
                      "lm_head.weight"]
 
 
-@pytest.mark.parametrize("method", ["awq", "gptq"])
-def test_4bit_twins_quantize_the_experts_and_mla_projections_real_checkpoints_quantize(method):
+@pytest.mark.parametrize("method, fields", [("awq", {"group_size": 128}), ("gptq", {"group_size": 128}),
+                                            ("fp8-block", {"block": [128, 128]}), ("fp8-kv", {"block": [128, 128]})])
+def test_quantized_twins_quantize_the_experts_and_mla_projections_real_checkpoints_quantize(method, fields):
     rule = quant.rules()[method]
-    selects = quant._method(rule, group_size=128).selects
+    selects = quant._method(rule, **fields).selects
     assert [n for n in QUANTIZED_IN_REAL_4BIT if not selects(n)] == []
     assert [n for n in KEPT_IN_REAL_4BIT if selects(n)] == []
 
