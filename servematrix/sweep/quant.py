@@ -164,8 +164,8 @@ def quantized(model_type: str, spec: dict[str, Any], shapes: dict[str, tuple[int
             entries.append({"method": "kv_cache_scales", **rule.kv_scales})
             note += ", k_scale / v_scale per layer"
         update = {"quantize": entries}
-    if rule.dtype:
-        update["dtype"] = rule.dtype
+    if dtype := rule.dtype_for.get(model_type, rule.dtype):
+        update["dtype"] = dtype
     try:
         forged = ForgeSpec.model_validate({**spec, **update})
     except ValidationError as exc:  # the forge's own check of the layout: its first message is the reason

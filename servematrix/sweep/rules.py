@@ -54,6 +54,8 @@ class QuantRule(_Strict):
     blocks: list[int] = Field(default_factory=list)  # fp8-block: output blocks, tried in order
     groups: list[int] = Field(default_factory=list)  # awq / gptq: group sizes, tried in order
     dtype: Literal["float32", "bfloat16", "float16"] | None = None  # forged and served in (None: the twin's)
+    # model_type -> the dtype it takes instead (one vLLM refuses `dtype` for)
+    dtype_for: dict[str, Literal["float32", "bfloat16", "float16"]] = Field(default_factory=dict)
     kv_scales: dict[str, str] | None = None
     widen: Widen | None = None  # a twin too narrow for every block/group: re-planned this wide
     families: dict[str, Family] = Field(default_factory=dict)

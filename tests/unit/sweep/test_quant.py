@@ -154,3 +154,11 @@ def test_kv_projections_split_when_there_are_as_many_kv_heads_as_ranks_so_the_bl
     # one KV head of 128 (k_proj [128, 256]): every rank holds all 128 rows, a whole block
     one_kv = {**spec, "config": {**config, "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 128}}
     assert quant.quantized("llama", one_kv, shapes, "fp8-block", [2]).spec["quantize"][0]["block"] == [128, 128]
+
+
+@pytest.mark.parametrize("method", ["awq", "gptq"])
+def test_a_4bit_twin_of_a_type_vllm_refuses_float16_for_is_forged_in_bfloat16(method):
+    """vLLM refuses float16 for gemma2 (vllm/config/model.py: numerical instability); its AWQ/GPTQ
+    configs take bfloat16 on 0.32, so gemma2's twin is bfloat16, llama's stays float16."""
+    assert quant.quantized("gemma2", {**SPEC, "model_type": "gemma2"}, SHAPES, method, [1]).spec["dtype"] == "bfloat16"
+    assert quant.quantized("llama", SPEC, SHAPES, method, [1]).spec["dtype"] == "float16"
