@@ -12,7 +12,7 @@ from __future__ import annotations
 from pydantic import BaseModel, Field
 
 from servematrix.record import RunSummary, ScenarioRecord
-from servematrix.report.comparison import compare_runs
+from servematrix.report.comparison import MET, MISSED, compare_runs
 from servematrix.serve.envs import CURRENT
 
 
@@ -22,6 +22,9 @@ class ReleasePair(BaseModel):
     before_vllm: str | None = None
     after_vllm: str | None = None
     compared: int = 0  # cells present on both
+    # of those, the cells with a verdict on vLLM on both (a cell skipped or not checkable on either release, as every
+    # fp8-block cell of the CUDA wheel on a CPU host, is on both and says nothing): what the list really compared
+    judged: int = 0
     newly_failing: list[str] = Field(default_factory=list)  # "<cell>: pass → fail (signature)"
     newly_passing: list[str] = Field(default_factory=list)
     only_before: list[str] = Field(default_factory=list)
@@ -60,6 +63,7 @@ def pairs(summary: RunSummary, releases: list[str], versions: dict[str, str | No
     out = []
     for before, after in zip(releases, releases[1:]):
         a, b = _view(summary, before), _view(summary, after)
+        verdict = {r.id: r.verdict for r in a.scenarios}
         changes = compare_runs(a, b, refuse=False)  # a sweep measures no gsm8k: nothing to refuse
         was = {r.id: r.failure.signature for r in a.scenarios if r.failure is not None}
         # a fixed cell says what it failed with before (the comparison names the new signature only)
@@ -68,6 +72,8 @@ def pairs(summary: RunSummary, releases: list[str], versions: dict[str, str | No
         out.append(ReleasePair(before=before, after=after, before_vllm=versions.get(before),
                                after_vllm=versions.get(after),
                                compared=len({r.id for r in a.scenarios} & {r.id for r in b.scenarios}),
+                               judged=sum(1 for r in b.scenarios if r.verdict in MET | MISSED
+                                          and verdict.get(r.id) in MET | MISSED),
                                newly_failing=changes.newly_failing, newly_passing=fixed,
                                only_before=changes.only_in_a, only_after=changes.only_in_b,
                                not_run_before=sorted(set(changes.only_in_b) & _selected(summary, before, releases)),
@@ -82,7 +88,9 @@ def regressions_md(found: list[ReleasePair]) -> str:
     for p in found:
         name = lambda rel, v: f"{rel}" + (f" ({v})" if v else "")  # noqa: E731 - two uses, one line
         lines += [f"### {name(p.before, p.before_vllm)} → {name(p.after, p.after_vllm)}: {p.compared} cells on both, "
-                  f"{len(p.newly_failing)} newly failing, {len(p.newly_passing)} newly passing", ""]
+                  f"{len(p.newly_failing)} newly failing, {len(p.newly_passing)} newly passing", "",
+                  f"- {p.judged} of the {p.compared} with a verdict on both (the rest skipped or not checkable on "
+                  f"one release or both)"]
         lines += [f"- newly failing: {x}".replace("|", "\\|") for x in p.newly_failing]
         lines += [f"- newly passing: {x}".replace("|", "\\|") for x in p.newly_passing]
         if not (p.newly_failing or p.newly_passing):

@@ -43,6 +43,14 @@ def test_newly_failing_and_passing_follow_the_comparison_rule_skips_are_neither(
     assert "- newly failing: llama/pp2-none: pass → fail (ValueError: x)" in md
 
 
+def test_a_cell_skipped_on_either_release_is_on_both_but_not_judged(tmp_path):
+    """As every fp8-block cell of the CUDA wheel on a CPU host (no CPU FP8 kernel): present on both
+    releases, no verdict on one, so the list says how many it really compared."""
+    (p,) = regressions.pairs(summary(tmp_path), ["cpu-0.20.2", "current"])
+    assert p.compared == 3 and p.judged == 2  # mamba/pp2-none: skipped on 0.20.2
+    assert "- 2 of the 3 with a verdict on both (the rest skipped or not checkable" in regressions.regressions_md([p])
+
+
 def test_a_cell_only_one_release_has_is_told_apart_not_run_there_from_not_selected_there(tmp_path):
     """An interrupted two-release sweep: current was asked for llama and mamba and recorded only
     llama; 0.20.2 ran qwen3/tp2 too, which current was never asked for."""
