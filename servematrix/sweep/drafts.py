@@ -109,6 +109,7 @@ class DraftRules(_Strict):
     layouts: dict[str, Layout]
     drafts: dict[str, Draft]
     not_described: list[NotDescribed]
+    fused: list[str] = Field(default_factory=list)  # substrings of vLLM's stacked/fused draft parameter names
 
     @field_validator("drafts")
     @classmethod
@@ -392,6 +393,18 @@ def note(key: str, twin: Path, check_dir: Path, tp: int) -> str:
     found = draft_loaded(twin, check_dir)
     checked = [t for t in found if t.name in own]
     missing = [t.name + (f" (holds the target's {t.instead})" if t.instead else "") for t in checked if not t.loaded]
+    unread = unread_params(twin, check_dir)
     return (f"{words}; its own tensors: {len(checked) - len(missing)} of {len(checked)} loaded bit for bit"
             + (f", not: {', '.join(missing)}" if missing else "")
-            + f"; {sum(t.loaded for t in found)} of the twin's {len(found)} draft tensors found in its parameters")
+            + f"; {sum(t.loaded for t in found)} of the twin's {len(found)} draft tensors found in its parameters"
+            + (f"; draft parameters holding no tensor of the twin: {', '.join(unread)}" if unread else ""))
+
+
+def unread_params(twin: Path, check_dir: Path) -> list[str]:
+    """The draft's parameters (outside vLLM's fused ones, data `fused`) whose values are no tensor of
+    the twin in any of _DTYPES: vLLM built them but did not fill them from the checkpoint (at TP=1,
+    where every such parameter is whole)."""
+    fused = rules().fused
+    held = {d for ds in _file_digests(twin).values() for d in ds}
+    digests = {n: d for r in _ranks(check_dir) for n, d in (r.get("draft_digests") or {}).items()}
+    return sorted(n for n, d in digests.items() if d not in held and not any(f in n for f in fused))

@@ -214,3 +214,21 @@ def test_a_draft_vllm_resolved_as_another_architecture_says_so(draft_twin, tmp_p
     assert "NOT DeepSeekMTPModel" in drafts.note("DeepSeekMTPModel", Path(twin.path), check, tp=2)
     _rank(check, draft="not on this rank")
     assert drafts.note("DeepSeekMTPModel", Path(twin.path), check, tp=1) == "draft: no rank recorded a draft model"
+
+
+def test_a_draft_parameter_holding_no_tensor_of_the_twin_is_named_unless_vllm_fuses_it(draft_twin, tmp_path):
+    from safetensors import safe_open
+
+    twin, _ = draft_twin
+    path = Path(twin.path)
+    with safe_open(str(path / drafts.DRAFT_FILE), "pt") as f:
+        eh = _digest(f.get_tensor("model.layers.2.eh_proj.weight"))
+    check = tmp_path / "u"
+    # final_layernorm built but never read (vLLM's HYV3MTP.load_weights returns no names, so the loader's
+    # strict check does not run); w13_weight stacks experts: no whole tensor of the twin, and not named
+    _rank(check, draft_model="X", draft_architecture="DeepSeekMTPModel", draft_parameters=3,
+          draft_digests={"model.layers.2.eh_proj.weight": eh, "model.layers.2.final_layernorm.weight": "torch.float32:[8]:1",
+                         "model.layers.2.mtp_block.mlp.experts.w13_weight": "torch.bfloat16:[1,8,8]:2"})
+    assert drafts.unread_params(path, check) == ["model.layers.2.final_layernorm.weight"]
+    assert "holding no tensor of the twin: model.layers.2.final_layernorm.weight" in drafts.note(
+        "DeepSeekMTPModel", path, check, tp=1)
