@@ -139,6 +139,7 @@ def _docker_config(args):
 
 
 def cmd_run(args) -> int:
+    from servematrix.redact import terminal
     from servematrix.run.options import RunOptions
     from servematrix.run.session import Session
 
@@ -154,7 +155,7 @@ def cmd_run(args) -> int:
                          retries=args.retries, inject=tuple(args.inject or ()))
     summary = Session(matrix, entries, opts).run()
     print(f"\n{summary.status}: " + ", ".join(f"{k} {v}" for k, v in summary.counts.items()))
-    print(f"reports: {out}/summary.json, load-success.md, accuracy.md, junit.xml")
+    print(f"reports: {terminal(out, None)}/summary.json, load-success.md, accuracy.md, junit.xml")
     return summary.exit_code if summary.exit_code is not None else 2
 
 

@@ -39,6 +39,8 @@ def cmd_sweep(args) -> int:
     from datetime import datetime
 
     from servematrix.errors import ArgumentError
+    from servematrix.redact import terminal
+    from servematrix.run import rundir
     from servematrix.serve.envs import CURRENT, canonical
     from servematrix.sweep import cells
     from servematrix.sweep.runner import SweepOptions, run
@@ -48,11 +50,13 @@ def cmd_sweep(args) -> int:
                                           "persistent workers as Ray actors: give one of them")
     if args.ray_address and args.backend != "ray":
         raise ArgumentError("--ray-address", "only with --backend ray")
+    out = Path(args.out) if args.out else Path("reports") / f"sweep-{datetime.now():%Y%m%d-%H%M%S}"
+    # --out first: resolving an undeclared --vllm caches its recipe, and a refused sweep writes nothing
+    rundir.check(out, args.overwrite)
     # a bare version X.Y.Z becomes the release it resolves to (cpu-X.Y.Z, or cuda-X.Y.Z where no CPU wheel exists)
     releases = [canonical(v, "--vllm") for v in args.vllm or [CURRENT]]
     opts = SweepOptions(releases=list(dict.fromkeys(releases)), layouts=cells.layouts(args.layouts),
-                        quants=cells.quants(args.quant), k=args.k, limit=args.limit,
-                        out=Path(args.out) if args.out else Path("reports") / f"sweep-{datetime.now():%Y%m%d-%H%M%S}",
+                        quants=cells.quants(args.quant), k=args.k, limit=args.limit, out=out,
                         overwrite=args.overwrite, isolated=args.isolated, timeout=args.timeout, retries=args.retries,
                         depth=args.depth, backend=args.backend, ray_address=args.ray_address)
     summary = run(opts)
@@ -60,10 +64,12 @@ def cmd_sweep(args) -> int:
     if len(opts.releases) > 1 and regressions.is_file():  # the regression list, between each release and the next
         import json
 
+        # cell ids and failure signatures (vLLM's own error text): shown escaped and bounded, never obeyed
         for p in json.loads(regressions.read_text()):
-            print(f"{p['before']} -> {p['after']}: {p['compared']} cells on both")
+            print(f"{terminal(p['before'], 80)} -> {terminal(p['after'], 80)}: {terminal(p['compared'])} cells on both")
             for what in ("newly_failing", "newly_passing"):
                 for line in p[what]:
-                    print(f"  {what.replace('_', ' ')}: {line}")
-    print(f"{summary.run_dir}: {', '.join(f'{k}: {v}' for k, v in summary.counts.items())} -> exit {summary.exit_code}")
+                    print(f"  {what.replace('_', ' ')}: {terminal(line)}")
+    print(f"{terminal(summary.run_dir, None)}: {', '.join(f'{k}: {v}' for k, v in summary.counts.items())} "
+          f"-> exit {summary.exit_code}")
     return summary.exit_code or 0

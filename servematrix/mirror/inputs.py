@@ -53,6 +53,10 @@ ROLE_RANGES: dict[str, tuple[int, int]] = {
 VOCAB_RANGE = (1, 2**24)
 PER_LAYER_ROLES = ("ffn",)  # roles a config may state per layer, as a list
 MODEL_TYPE_RE = r"^[A-Za-z0-9_.\-]{1,100}$"
+TENSOR_NAME_MAX = 1000  # characters; real names are under 200 (a spec's names are one line of text too)
+# Unicode's control characters (Cc) and line/paragraph separators: a regex, as a 100k-tensor header
+# has millions of name characters
+_LINE_BREAKING = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 
 
 def _int(lo: int, hi: int) -> Any:
@@ -316,6 +320,8 @@ def read_header(path: Path) -> dict[str, TensorMeta]:
                                f"{' ' + part if part else ''}: {said}; accepted: {want}") from None
     out: dict[str, TensorMeta] = {}
     for name, e in entries.items():
+        if (why := _bad_tensor_name(name)) is not None:
+            raise StateError(path, f"corrupt safetensors header: tensor name {name!r}: {why}")
         start, end = e["data_offsets"]
         dtype, shape = e["dtype"], e["shape"]
         bits = DTYPE_BITS.get(dtype)
@@ -324,6 +330,15 @@ def read_header(path: Path) -> dict[str, TensorMeta]:
                                    f"{end - start} bytes")
         out[name] = TensorMeta.model_construct(dtype=dtype, shape=tuple(shape))  # validated just above
     return out
+
+
+def _bad_tensor_name(name: str) -> str | None:
+    """Why `name` is no tensor name a checkpoint holds (it would become a scenario's extra tensor,
+    a printed line and a dict key of the twin), or None: one line of text, as a spec's names are."""
+    if not name or len(name) > TENSOR_NAME_MAX:
+        return f"accepted: 1 to {TENSOR_NAME_MAX} characters"
+    bad = _LINE_BREAKING.search(name)
+    return None if bad is None else f"holds the control character U+{ord(bad[0]):04X}; accepted: one line of text"
 
 
 # ---- index weight map ----
@@ -358,6 +373,8 @@ def read_index(path: Path) -> IndexJson:
         raise _refuse(path, exc, {"weight_map": "an object of tensor name -> shard file name",
                                   "metadata": "an object"}) from None
     for tensor, shard in index.weight_map.items():
+        if (why := _bad_tensor_name(tensor)) is not None:
+            raise ConfigError(path, line_of(_text(path), tensor), "weight_map", f"tensor name {tensor!r}: {why}")
         try:
             _shard_name(shard)
         except ValueError as exc:
