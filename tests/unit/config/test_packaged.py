@@ -15,6 +15,7 @@ from servematrix.config.devices import DeviceProfile, DevicesFile
 from servematrix.config.mirror_families import MirrorFamilies
 from servematrix.config.releases import ReleasesFile
 from servematrix.errors import ConfigError
+from servematrix.sweep.drafts import DraftRules
 from servematrix.sweep.rules import SweepRules
 from servematrix.paths import data_file
 
@@ -26,6 +27,7 @@ MODELS = {
     "mirror-families.yaml": MirrorFamilies,
     "vllm-releases.yaml": ReleasesFile,
     "sweep-quants.yaml": SweepRules,
+    "sweep-drafts.yaml": DraftRules,
 }
 
 
