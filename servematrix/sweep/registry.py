@@ -45,11 +45,11 @@ print("SERVEMATRIX_REGISTRY " + json.dumps(out))
 
 PROBE_TIMEOUT = 600.0  # s: vLLM's imports alone are ~7 s here, minutes on a loaded host
 
-# Why a registered architecture is not a sweep cell, by the registry table vLLM lists it in.
+# Why a registered architecture is not a sweep cell, by the registry table vLLM lists it in (a
+# speculative draft's reason is sweep/drafts.py's, per draft: data/sweep-drafts.yaml).
 KIND_REASONS = {
     "multimodal": "multimodal: needs an image/audio processor and a vision or audio tower; the mirror forges text "
                   "models only (composite sources are refused)",
-    "speculative": "speculative-decoding draft: loads only beside a target model",
     "transformers-backend": "vLLM's Transformers-backend wrapper, not an architecture of its own",
     "other": "in no registry table the sweep knows (out-of-tree or previously supported)",
 }
