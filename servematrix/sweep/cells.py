@@ -14,7 +14,8 @@ from servematrix.serve.envs import CURRENT
 from servematrix.sweep.registry import Arch
 
 LAYOUTS = ("tp1", "tp2", "pp2", "tp2pp2")
-_LAYOUT = re.compile(r"^(?:tp(?P<tp>[1-9]\d?))?(?:pp(?P<pp>[1-9]\d?))?$")
+# ASCII digits, the whole name: \d also takes '٢' (which int() reads as 2), and $ a trailing newline
+_LAYOUT = re.compile(r"(?:tp(?P<tp>[1-9][0-9]?))?(?:pp(?P<pp>[1-9][0-9]?))?")
 
 
 class Layout(BaseModel):
@@ -27,7 +28,7 @@ class Layout(BaseModel):
 
 def layout(name: str) -> Layout:
     """`tp2`, `pp2`, `tp2pp2`, … (TP and PP up to 99; an absent one is 1)."""
-    m = _LAYOUT.match(name)
+    m = _LAYOUT.fullmatch(name)
     if not name or not m:
         raise ArgumentError("--layouts", f"{name!r} is not a layout: tp<T>, pp<P> or tp<T>pp<P> (e.g. {','.join(LAYOUTS)})")
     return Layout(name=name, tp=int(m["tp"] or 1), pp=int(m["pp"] or 1))

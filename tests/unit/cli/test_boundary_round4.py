@@ -14,6 +14,7 @@ from types import SimpleNamespace
 import pytest
 
 from servematrix.cli import main
+from servematrix.errors import ArgumentError
 
 from .test_boundary_cases import _never_serve, check, snapshot, work  # noqa: F401
 from .test_boundary_round3_leftovers import ScriptedRegistry, assert_terminal_safe, registry  # noqa: F401
@@ -30,6 +31,15 @@ def test_a_sweep_refused_for_its_out_resolves_and_caches_no_release_first(work, 
           ["notes.txt", "not a directory"])
     assert snapshot(work.tmp) == before  # no cache/releases/cpu/cpu-0.33.0.json, no listings
     assert registry.asked == []  # refused before the registry was asked at all
+
+
+@pytest.mark.parametrize("text", ["tp1\u0662", "tp2pp1\uff12", "tp2,pp\u0663"])
+def test_a_layout_with_a_digit_of_another_script_is_refused_not_read_as_tp12(text):
+    from servematrix.sweep.cells import layouts
+
+    with pytest.raises(ArgumentError, match="--layouts: .* is not a layout"):
+        layouts(text)  # int('1\u0662') is 12: the cell id would hold a name no other command reads
+    assert [(lay.name, lay.tp, lay.pp) for lay in layouts(" tp12 ,pp2")] == [("tp12", 12, 1), ("pp2", 1, 2)]
 
 
 # --- sweep and run: what they print at the end is escaped --------------------------------------
