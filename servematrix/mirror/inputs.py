@@ -65,9 +65,10 @@ def _int(lo: int, hi: int) -> Any:
 
 # ---- one reader ----
 
-def read_json(path: Path, what: str = "") -> Any:
-    """The JSON value of `path`: bounded in size, strict UTF-8, no NaN/Infinity, no number longer
-    than Python converts, nesting bounded; any of these is a ConfigError at its line."""
+def read_json(path: Path, what: str = "", infinity: bool = False) -> Any:
+    """The JSON value of `path`: bounded in size, strict UTF-8, no NaN (nor Infinity unless
+    `infinity`), no number longer than Python converts, nesting bounded; any of these is a
+    ConfigError at its line."""
     path = Path(path)
     try:
         if not path.is_file():
@@ -79,10 +80,10 @@ def read_json(path: Path, what: str = "") -> Any:
         raw = path.read_bytes()
     except OSError as exc:
         raise StateError(path, f"cannot read: {exc.strerror or exc}") from None
-    return loads(raw, path)
+    return loads(raw, path, infinity)
 
 
-def loads(raw: bytes, path: Path | str) -> Any:
+def loads(raw: bytes, path: Path | str, infinity: bool = False) -> Any:
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -90,7 +91,10 @@ def loads(raw: bytes, path: Path | str) -> Any:
         raise ConfigError(path, line, None, f"not UTF-8: byte 0x{raw[exc.start]:02x} at offset {exc.start}") from None
 
     def no_constant(name: str):
-        raise ValueError(f"{name} is not a JSON number (accepted: finite numbers)")
+        if infinity and name in ("Infinity", "-Infinity"):
+            return float(name.replace("Infinity", "inf"))
+        raise ValueError(f"{name} is not a JSON number (accepted: finite numbers"
+                         f"{', Infinity and -Infinity' if infinity else ''})")
 
     try:
         return json.loads(text, parse_constant=no_constant)
@@ -260,7 +264,9 @@ def validate_config(data: Any, path: Path | str, text: str | None = None) -> dic
 
 
 def read_config(path: Path) -> dict[str, Any]:
-    return validate_config(read_json(path, "config.json"), path)
+    # Infinity is a value published configs carry (Mamba-Codestral-7B's time_step_limit
+    # [0.0, Infinity], as transformers' json.dumps writes float("inf")); NaN is not
+    return validate_config(read_json(path, "config.json", infinity=True), path)
 
 
 # ---- safetensors headers ----

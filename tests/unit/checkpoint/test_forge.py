@@ -309,3 +309,11 @@ def test_the_forged_path_changes_with_the_code_that_writes_it(tmp_path, monkeypa
         assert forge.checkpoint_dir("t", s) != before
     finally:
         paths.code_digest.cache_clear()
+
+
+def test_an_expert_count_of_zero_is_given_a_dense_model_of_a_moe_family():
+    """granite-4.0-h-1b's published config is dense with `num_local_experts: 0` beside MoE fields:
+    0 is a count the config gives, not one it leaves to the (full-size) family default."""
+    spec = ForgeSpec(model_type="llama", architecture="LlamaForCausalLM",
+                     config={**TINY, "num_local_experts": 0, "num_experts_per_tok": 0})
+    assert spec.config["num_local_experts"] == 0

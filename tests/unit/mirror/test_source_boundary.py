@@ -248,3 +248,14 @@ def test_a_class_that_cannot_be_built_from_its_own_defaults_is_refused_quoting_t
                                           r"meta device from its defaults: AttributeError: 'DbrxAttentionConfig' "
                                           r"object has no attribute 'rope_theta'"):
         read_source("model_type:dbrx")
+
+
+def test_a_published_infinity_in_a_config_is_read_as_a_float_and_nan_stays_refused(tmp_path):
+    """Mamba-Codestral-7B's config.json carries time_step_limit [0.0, Infinity] (transformers writes
+    float('inf') so); NaN is no value a published config carries (the case above)."""
+    from servematrix.mirror.inputs import read_config
+
+    path = tmp_path / "config.json"
+    path.write_bytes(b'{"model_type": "mamba2",\n "time_step_limit": [0.0, Infinity], "x": -Infinity}')
+    data = read_config(path)
+    assert data["time_step_limit"] == [0.0, float("inf")] and data["x"] == float("-inf")
