@@ -115,6 +115,8 @@ def test_the_data_files_rules_validate_and_name_the_gpu_only_libraries():
     assert serve.gpu_only(Failure.of("exception", "RuntimeError: MLA attention requires FlashAttention but it is not "
                                                   "available. Please install flash_attn or use --attention-backend X"))
     assert serve.gpu_only(Failure.of("exception", "ModuleNotFoundError: No module named 'torchvision'"))
+    assert serve.gpu_only(Failure.of("exception", "AttributeError: '_OpNamespace' '_C' object has no attribute 'gelu_new'"))
+    assert not serve.gpu_only(Failure.of("exception", "AttributeError: 'LlamaModel' object has no attribute 'norm'"))
     assert not serve.gpu_only(Failure.of("exception", "ModuleNotFoundError: No module named 'cutlass_helpers'"))
     assert not serve.gpu_only(Failure.of("exception", "KeyError: 'layers.1.mlp.gate.weight'"))
     assert Path(rules.FILE).name == "sweep-quants.yaml"
