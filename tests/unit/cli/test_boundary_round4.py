@@ -7,7 +7,6 @@ control character reached the twin's spec as an internal error."""
 from __future__ import annotations
 
 import json
-import struct
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -16,6 +15,7 @@ import pytest
 from servematrix.cli import main
 from servematrix.errors import ArgumentError
 
+from ..mirror.sources import header_only
 from .test_boundary_cases import _never_serve, check, snapshot, work  # noqa: F401
 from .test_boundary_round3_leftovers import ScriptedRegistry, assert_terminal_safe, registry  # noqa: F401
 
@@ -93,12 +93,7 @@ def test_the_run_prints_its_reports_path_escaped(work, capsys, monkeypatch):
 # --- mirror: a tensor name is one line of text, refused where the header or index is read -------
 
 def _header(path: Path, names: list[str]) -> None:
-    header, offset = {}, 0
-    for name in names:
-        header[name] = {"dtype": "BF16", "shape": [4], "data_offsets": [offset, offset + 8]}
-        offset += 8
-    blob = json.dumps(header).encode()
-    path.write_bytes(struct.pack("<Q", len(blob)) + blob + b"\0" * offset)
+    header_only(path, {name: ("BF16", [4]) for name in names})
 
 
 @pytest.mark.parametrize("name", [f"model.extra{ESC}.weight", "model.norm\n.weight", "a\u2028b", "", "x" * 1001])

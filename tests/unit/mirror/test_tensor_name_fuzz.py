@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import struct
 from pathlib import Path
 
 from hypothesis import HealthCheck, given, settings
@@ -19,6 +18,8 @@ from hypothesis import strategies as st
 
 from servematrix.errors import ConfigError, StateError
 from servematrix.mirror.inputs import read_header, read_index
+
+from .sources import header_only
 
 EXAMPLES = int(os.environ.get("SERVEMATRIX_MIRROR_FUZZ_EXAMPLES", "30"))
 FUZZ = settings(max_examples=EXAMPLES * 4, deadline=None, derandomize=EXAMPLES <= 30, database=None,
@@ -34,12 +35,7 @@ _ONE_LINE = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 
 
 def _write_header(path: Path, names: list[str]) -> None:
-    header, offset = {}, 0
-    for name in names:
-        header[name] = {"dtype": "F32", "shape": [2], "data_offsets": [offset, offset + 8]}
-        offset += 8
-    blob = json.dumps(header).encode()
-    path.write_bytes(struct.pack("<Q", len(blob)) + blob + b"\0" * offset)
+    header_only(path, {name: ("F32", [2]) for name in names})
 
 
 @FUZZ
