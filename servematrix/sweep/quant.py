@@ -37,10 +37,10 @@ def names() -> tuple[str, ...]:
 
 def _shards(name: str, shape: tuple[int, ...], tp: int, kv_heads: int | None = None) -> list[tuple[int, int]]:
     """The [n, k] a rank holds at `tp`, by the linear's TP role (mirror-families.yaml's tp_roles):
-    column-parallel splits outputs, row-parallel inputs; KV projections split when there are at
-    least as many KV heads as ranks and replicate when there are fewer (vLLM's QKVParallelLinear);
+    column-parallel splits outputs, row-parallel inputs; KV projections split or replicate by the
+    twin's KV heads as the mirror plans them (mirror/dims.py kv_class, vLLM's QKVParallelLinear);
     with the KV heads unknown, either is accepted."""
-    from servematrix.mirror.dims import tp_role
+    from servematrix.mirror.dims import kv_class, tp_role
 
     n, k = shape
     role = tp_role(name.removesuffix(".weight"))
@@ -50,7 +50,8 @@ def _shards(name: str, shape: tuple[int, ...], tp: int, kv_heads: int | None = N
         return [(n, k // tp)] if k % tp == 0 else []
     if role == "kv":
         if kv_heads is not None:  # measured: mixtral's 2 KV heads at TP=2 split, a 64-row shard of a 128 block
-            return [(n, k)] if kv_heads < tp else ([(n // tp, k)] if n % tp == 0 else [])
+            how = kv_class(kv_heads, tp)
+            return [(n // tp, k)] if how == "split" and n % tp == 0 else [(n, k)] if how == "replicated" else []
         return [(n // tp, k), (n, k)] if n % tp == 0 else [(n, k)]
     return [(n, k)]
 
@@ -135,21 +136,22 @@ def quantized(model_type: str, spec: dict[str, Any], shapes: dict[str, tuple[int
               tps: list[int]) -> QuantSpec:
     """The ForgeSpec of `model_type`'s twin (`spec`, whose forged tensors are `shapes`) under `quant`."""
     rule = rules()[quant]
+    kv_heads = _kv_heads(spec)
     family = rule.families.get(model_type)
     if family is not None:
         update: dict[str, Any] = {"fp8_blocks": family.fp8_blocks}
         note = family.why
     elif rule.groups:
-        entry, note, narrow = _grouped(quant, rule, shapes, tps, _kv_heads(spec))
+        entry, note, narrow = _grouped(quant, rule, shapes, tps, kv_heads)
         if entry is None:
             return QuantSpec(reason=note, narrow=narrow)
         update = {"quantize": [entry]}
     else:
         probe = Fp8Block.model_validate(rule.quantize)
-        block = _block(probe, shapes, rule, tps, _kv_heads(spec))
+        block = _block(probe, shapes, rule, tps, kv_heads)
         if block is None:
             bad = sorted({f"{n.split('.')[-2]} {list(s)}" for n, s in shapes.items() if probe.selects(n)
-                          and not _fits(n, s, rule.blocks[-1], rule.block_k, tps, _kv_heads(spec))})
+                          and not _fits(n, s, rule.blocks[-1], rule.block_k, tps, kv_heads)})
             return QuantSpec(reason=f"{quant}: the CPU FP8 block kernel takes K blocks of {rule.block_k} only, and the "
                                     f"twin's linears are narrower at TP={','.join(map(str, tps))} "
                                     f"({'; '.join(bad[:4])}): a twin this small cannot hold the layout" if bad else
