@@ -27,6 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from servematrix.config import packaged
 from servematrix.mirror.source import INDEX_FILE, ORIGIN_FILE
 from servematrix.paths import data_file
+from servematrix.sweep import digests
 
 FILE = data_file("sweep-drafts.yaml")  # package data, so a wheel install carries it
 
@@ -301,9 +302,6 @@ def _write(base: Path, target: Path, draft: Draft, layout: Layout) -> None:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-_DTYPES = ("bfloat16", "float32", "float16")
-
-
 class DraftTensor(BaseModel):
     """One of the twin's draft tensors and whether a draft parameter holds it."""
 
@@ -315,16 +313,9 @@ class DraftTensor(BaseModel):
     instead: str | None = None
 
 
-def _ranks(check_dir: Path) -> list[dict]:
-    return [json.loads(p.read_text()) for p in sorted(Path(check_dir).glob("rank*.json"))]
-
-
-def _file_digests(twin: Path, skip: str | None = None) -> dict[str, list[str]]:
-    """Every tensor of the twin (less the file `skip`) -> its digests in each of _DTYPES."""
-    import torch
+def _file_digests(twin: Path, skip: str | None = None) -> dict[str, tuple[str, ...]]:
+    """Every tensor of the twin (less the file `skip`) -> its digests in each dtype (sweep/digests.py)."""
     from safetensors import safe_open
-
-    from servematrix.serve.loadcheck_worker import _digest
 
     out = {}
     for path in sorted(Path(twin).glob("*.safetensors")):
@@ -332,38 +323,34 @@ def _file_digests(twin: Path, skip: str | None = None) -> dict[str, list[str]]:
             continue
         with safe_open(str(path), "pt") as f:
             for name in f.keys():
-                t = f.get_tensor(name)
-                out[name] = [_digest(t.to(getattr(torch, d))) for d in _DTYPES]
+                out[name] = digests.of(f.get_tensor(name))
     return out
 
 
 def draft_loaded(twin: Path, check_dir: Path) -> list[DraftTensor]:
     """Each distinctive tensor of the twin's DRAFT_FILE against the draft parameters the load
     check's ranks recorded (`draft_digests`): loaded where a draft parameter holds exactly its
-    values (vLLM may hold it in the model's dtype: compared in each of _DTYPES), the parameter of
+    values (vLLM may hold it in the model's dtype: compared in each of digests.DTYPES), the parameter of
     the same name first, else any (vLLM renames the decoder layer's tensors into `mtp_block.` and
     fuses some: a fused or TP-split tensor matches none, so callers compare the whole-tensor ones,
     at TP=1)."""
-    import torch
     from safetensors import safe_open
 
-    from servematrix.serve.loadcheck_worker import _digest
-
-    digests = {n: d for r in _ranks(check_dir) for n, d in (r.get("draft_digests") or {}).items()}
-    by_digest = {d: n for n, d in digests.items()}
+    held = digests.recorded(check_dir, "draft_digests")
+    by_digest = {d: n for n, d in held.items()}
     target: dict[str, list[str]] | None = None
     out = []
     with safe_open(str(Path(twin) / DRAFT_FILE), "pt") as f:
         for name in f.keys():
             t = f.get_tensor(name)
-            if t.numel() <= 1 or not bool((t != t.reshape(-1)[0]).any()):
+            if not digests.distinctive(t):
                 continue  # one value repeated: any parameter of its shape would match
-            want = [_digest(t.to(getattr(torch, d))) for d in _DTYPES]
-            hit = name if digests.get(name) in want else next((by_digest[w] for w in want if w in by_digest), None)
+            want = digests.of(t)
+            hit = name if held.get(name) in want else next((by_digest[w] for w in want if w in by_digest), None)
             instead = None
-            if hit is None and name in digests:
+            if hit is None and name in held:
                 target = target if target is not None else _file_digests(twin, skip=DRAFT_FILE)
-                instead = next((n for n, ds in target.items() if digests[name] in ds), None)
+                instead = next((n for n, ds in target.items() if held[name] in ds), None)
             out.append(DraftTensor(name=name, param=hit, loaded=hit is not None, instead=instead))
     return out
 
@@ -379,8 +366,7 @@ def note(key: str, twin: Path, check_dir: Path, tp: int) -> str:
     its parameter count on the last PP rank, and at TP=1 how many of the draft's own tensors (the
     layout's, not the decoder layer's, which vLLM fuses) its parameters hold bit for bit, and what
     the others hold instead."""
-    ranks = _ranks(check_dir)
-    built = next((r for r in ranks if r.get("draft_model")), None)
+    built = next((r for r in digests.ranks(check_dir) if r.get("draft_model")), None)
     if built is None:
         return "draft: no rank recorded a draft model"
     resolved = built.get("draft_architecture")
@@ -402,9 +388,9 @@ def note(key: str, twin: Path, check_dir: Path, tp: int) -> str:
 
 def unread_params(twin: Path, check_dir: Path) -> list[str]:
     """The draft's parameters (outside vLLM's fused ones, data `fused`) whose values are no tensor of
-    the twin in any of _DTYPES: vLLM built them but did not fill them from the checkpoint (at TP=1,
+    the twin in any of digests.DTYPES: vLLM built them but did not fill them from the checkpoint (at TP=1,
     where every such parameter is whole)."""
     fused = rules().fused
-    held = {d for ds in _file_digests(twin).values() for d in ds}
-    digests = {n: d for r in _ranks(check_dir) for n, d in (r.get("draft_digests") or {}).items()}
-    return sorted(n for n, d in digests.items() if d not in held and not any(f in n for f in fused))
+    in_twin = {d for ds in _file_digests(twin).values() for d in ds}
+    return sorted(n for n, d in digests.recorded(check_dir, "draft_digests").items()
+                  if d not in in_twin and not any(f in n for f in fused))

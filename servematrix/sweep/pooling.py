@@ -113,20 +113,14 @@ class HeadTensor(BaseModel):
     distinctive: bool = True
 
 
-# vLLM may keep a head in another dtype than the checkpoint's (Jamba's score in float32 under a
-# bfloat16 model): the twin's values are compared in each, as vLLM's copy_ would cast them
-_DTYPES = ("float32", "bfloat16", "float16")
-
-
-def head_tensors(twin: Path) -> dict[str, tuple[frozenset[str], bool]]:
+def head_tensors(twin: Path) -> dict[str, tuple[tuple[str, ...], bool]]:
     """The twin's head tensors (outside the base model's prefix, e.g. `bert.`): name -> (its
-    digests as the load check writes them, serve/loadcheck_worker._digest, in each of _DTYPES;
+    digests as the load check writes them, in each dtype vLLM may keep it in (sweep/digests.py);
     whether it is distinctive, i.e. not one value repeated)."""
-    import torch
     import transformers
     from safetensors import safe_open
 
-    from servematrix.serve.loadcheck_worker import _digest
+    from servematrix.sweep import digests
 
     config = json.loads((twin / "config.json").read_text())
     cls = getattr(transformers, (config.get("architectures") or [""])[0], None)
@@ -144,8 +138,7 @@ def head_tensors(twin: Path) -> dict[str, tuple[frozenset[str], bool]]:
             continue
         with safe_open(path, "pt") as f:
             t = f.get_tensor(name)
-        out[name] = (frozenset(_digest(t.to(getattr(torch, d))) for d in _DTYPES),
-                     t.numel() > 1 and bool((t != t.reshape(-1)[0]).any()))
+        out[name] = (digests.of(t), digests.distinctive(t))
     return out
 
 
@@ -154,8 +147,9 @@ def head_loaded(twin: Path, check_dir: Path) -> list[HeadTensor]:
     parameter holds its values, the parameter of the same name (after vLLM's prefix, e.g.
     `model.`) first, else, for a distinctive tensor, any parameter (vLLM renamed it). At TP>1 a
     sharded head holds a slice: only whole-tensor equality counts as loaded."""
-    ranks = [json.loads(p.read_text()) for p in sorted(Path(check_dir).glob("rank*.json"))]
-    digests = {n: d for r in ranks for n, d in (r.get("digests") or {}).items()}
+    from servematrix.sweep.digests import recorded
+
+    digests = recorded(check_dir)
     out = []
     for name, (want, distinctive) in head_tensors(twin).items():
         same = [p for p in digests if p == name or p.endswith(f".{name}")]
