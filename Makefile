@@ -16,11 +16,12 @@ run: $(STAMP)
 	$(VENV)/bin/servematrix run $(MATRIX)
 
 # The unit tests are pure Python and independent: two pytest-xdist workers use both cores. The
-# integration tests stay serial: each server's vLLM pins its workers to cores (measured: two
-# streams of servers side by side were not faster and broke tests that time a server, docs/testing.md).
+# integration tests run as two streams too, each confined to its own core (tests/integration/
+# conftest.py: a module or a group of modules per stream, vLLM's workers bound inside the stream's
+# core); unconfined, two streams pinned their servers to the same core (docs/testing.md).
 test: $(STAMP) chromium
 	$(PY) -m pytest -ra -n 2 tests/unit
-	$(PY) -m pytest -ra --durations=15 --timeout=1800 tests/integration
+	$(PY) -m pytest -ra -n 2 --dist loadgroup --durations=15 --timeout=1800 tests/integration
 
 # Debian's Chromium renders the HTML report in the tests (skipped, with the reason, where it cannot
 # be installed: not root, no apt).

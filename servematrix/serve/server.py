@@ -80,6 +80,17 @@ def cpu_bind(ranks: int, cpus: list[int] | None = None) -> str:
     return "|".join(_ranges(g) for g in groups)
 
 
+def omp_bind(ranks: int) -> str:
+    """VLLM_CPU_OMP_THREADS_BIND for a server or load check of `ranks` workers. One rank in a
+    process that may use every core of the host: vLLM's own "auto" (it keeps a core for the front
+    end, measured faster here than binding the rank to both). Several ranks, or a process confined
+    to some cores (taskset, a cgroup, one CI stream's share of the host): the allowed cores split
+    explicitly, so every rank stays inside them — two servers confined to different cores then
+    never bind their workers to the same one."""
+    confined = len(os.sched_getaffinity(0)) < (os.cpu_count() or 1)
+    return cpu_bind(ranks) if ranks > 1 or confined else "auto"
+
+
 def _ranges(cores: list[int]) -> str:
     return str(cores[0]) if len(cores) == 1 else f"{cores[0]}-{cores[-1]}"
 
@@ -102,7 +113,7 @@ def build_spec(entry: Entry, scenario: Scenario, model_path: str, port: int, log
     profile = device(entry.device)
     env = {**profile.env, **envs.launch_env(entry.vllm), **scenario.server.env, **quant.env}
     if profile.bind_threads and "VLLM_CPU_OMP_THREADS_BIND" not in env:
-        env["VLLM_CPU_OMP_THREADS_BIND"] = cpu_bind(entry.tp * entry.pp) if entry.tp * entry.pp > 1 else "auto"
+        env["VLLM_CPU_OMP_THREADS_BIND"] = omp_bind(entry.tp * entry.pp)
     if profile.uses_gpus and gpu_ids:
         env["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, gpu_ids))  # this entry's share of the host
     fixes = tuple(dict.fromkeys([*entry.fixes, *extra_fixes]))

@@ -358,13 +358,13 @@ def _serve(cell: cellmod.Cell, opts: SweepOptions, python: str, twin: twins.Twin
 
 def _spec(cell: cellmod.Cell, python: str, twin: twins.Twin, cell_dir: Path, timeout: float):
     from servematrix.serve import envs
-    from servematrix.serve.server import LaunchSpec, cpu_bind
+    from servematrix.serve.server import LaunchSpec, omp_bind
 
     argv = [python, "-m", SERVER_MODULE, "--model", twin.path, "--tensor-parallel-size", str(cell.tp),
             "--pipeline-parallel-size", str(cell.pp), *twin.server_args]
     world = cell.tp * cell.pp
     env = {**device("cpu").env, **envs.launch_env(cell.release),
-           "VLLM_CPU_OMP_THREADS_BIND": cpu_bind(world) if world > 1 else "auto"}
+           "VLLM_CPU_OMP_THREADS_BIND": omp_bind(world)}
     return LaunchSpec(argv=argv, env=env, port=0, log_path=cell_dir / "server.log", startup_timeout=timeout)
 
 

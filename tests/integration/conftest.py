@@ -18,13 +18,53 @@ def _have_vllm() -> bool:
     return probe.stdout.strip() == "True"
 
 
+# `make test` runs these modules as two pytest-xdist streams (`--dist loadgroup`), each confined to
+# its own share of the host's cores (pytest_configure below). A module is the unit a stream takes,
+# so its module-scoped runs are made once; modules that must not overlap with each other share a
+# group, so one stream runs them one after another.
+GROUPS = {
+    # the session's one default-matrix run is read by every test of test_default_matrix.py; its Ray
+    # comparison starts a Ray cluster, and only one may live on this host at a time (test_ray_sweep.py
+    # looks for leftover world actors among all processes)
+    "test_default_matrix.py": "default-run-and-ray",
+    "test_ray_dispatch.py": "default-run-and-ray",
+    "test_ray_sweep.py": "default-run-and-ray",
+    # one Podman service, one image store and one compose project (the checkout's) at a time
+    "test_containers.py": "podman",
+    "test_docker_backend.py": "podman",
+}
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist turns the groups into node ids
 def pytest_collection_modifyitems(config, items):
+    for item in items:
+        module = item.path.name
+        item.add_marker(pytest.mark.xdist_group(GROUPS.get(module, module)))
     if _have_vllm():
         return
     skip = pytest.mark.skip(reason="vLLM is not installed in this interpreter (run `make test`)")
     for item in items:
         if "integration" in str(item.fspath):
             item.add_marker(skip)
+
+
+def pytest_configure(config):
+    """An xdist worker confines itself (every thread, so every child it starts: the CLI, vLLM's
+    servers, Ray, Podman's service) to its share of the cores: two streams of CPU servers side by
+    side then never pin their workers to the same core (serve/server.py omp_bind binds inside the
+    allowed cores), which is what made an unconfined two-stream run slower than one stream
+    (docs/testing.md). Without xdist, or with fewer cores than workers, nothing changes."""
+    worker, count = os.environ.get("PYTEST_XDIST_WORKER"), os.environ.get("PYTEST_XDIST_WORKER_COUNT")
+    if not worker or not count:
+        return
+    cores = sorted(os.sched_getaffinity(0))
+    n, count = int(worker.removeprefix("gw")), int(count)
+    if len(cores) < count:
+        return
+    per = len(cores) // count
+    share = set(cores[n * per:(n + 1) * per])
+    for tid in os.listdir("/proc/self/task"):
+        os.sched_setaffinity(int(tid), share)
 
 
 def servematrix(*args: str, timeout: float = 1500, **kw) -> subprocess.CompletedProcess:
@@ -64,21 +104,6 @@ def shared_cache():
     _prune(Path(path))
     os.environ["SERVEMATRIX_TEST_CACHE"] = path
     return path
-
-
-@pytest.fixture(scope="session")
-def default_run(tmp_path_factory, shared_cache):
-    """The default matrix run once per session, exactly as `make run` runs it (a secret in its
-    environment), shared by every test that reads a run of it: test_default_matrix.py's reports,
-    gate and Ray comparison, and test_containers.py's local greedy tokens.
-    (proc, out, summary, records by id)."""
-    import json
-
-    out = tmp_path_factory.mktemp("reports") / "run"
-    proc = servematrix("run", "matrix/cpu-smoke.yaml", "--out", str(out), timeout=3000,
-                       env={"SERVEMATRIX_CACHE": shared_cache, "HF_TOKEN": "hf_do_not_leak_this_token"})
-    summary = json.loads((out / "summary.json").read_text())
-    return proc, out, summary, {r["id"]: r for r in summary["scenarios"]}
 
 
 CONTAINERS_CONF = """\

@@ -19,8 +19,14 @@ LIMIT = 8  # tiny-llama's gsm8k limit (scenarios/tiny-llama.yaml)
 
 
 @pytest.fixture(scope="module")
-def run(default_run):
-    return default_run  # the session's one run of the default matrix (conftest.py)
+def run(tmp_path_factory, shared_cache):
+    """The default matrix run once, exactly as `make run` runs it (a secret in its environment),
+    read by every test here and by the Ray comparison. (proc, out, summary, records by id)."""
+    out = tmp_path_factory.mktemp("reports") / "run"
+    proc = servematrix("run", "matrix/cpu-smoke.yaml", "--out", str(out), timeout=3000,
+                       env={"SERVEMATRIX_CACHE": shared_cache, "HF_TOKEN": "hf_do_not_leak_this_token"})
+    summary = json.loads((out / "summary.json").read_text())
+    return proc, out, summary, {r["id"]: r for r in summary["scenarios"]}
 
 
 def test_default_matrix_meets_every_expectation_and_exits_0(run):

@@ -9,7 +9,7 @@ import time
 import psutil
 import pytest
 
-from servematrix.serve.server import LaunchSpec, LocalServer, ServerFailed, build_spec, cpu_bind
+from servematrix.serve.server import LaunchSpec, LocalServer, ServerFailed, build_spec, cpu_bind, omp_bind
 
 
 def spec(tmp_path, code, timeout=30.0, port=None):
@@ -72,6 +72,15 @@ def test_cpu_bind_splits_cores_evenly_between_ranks():
     assert cpu_bind(2, [0, 1]) == "0|1"
     assert cpu_bind(2, [0, 1, 2, 3]) == "0-1|2-3"
     assert cpu_bind(3, [0, 1]) == "0|1|0"  # oversubscribed round-robin
+
+
+@pytest.mark.parametrize("allowed, one, two", [({0, 1}, "auto", "0|1"), ({1}, "1", "1|1"), ({0}, "0", "0|0")])
+def test_one_rank_keeps_vllms_auto_binding_unless_the_process_is_confined_to_some_cores(monkeypatch, allowed, one,
+                                                                                        two):
+    # a runner pinned to one core (a CI stream's share) binds every rank inside it, never on the other's core
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: allowed)
+    monkeypatch.setattr("os.cpu_count", lambda: 2)
+    assert (omp_bind(1), omp_bind(2)) == (one, two)
 
 
 def test_server_command_carries_layout_quant_and_device_env():
