@@ -285,6 +285,9 @@ def _twin(cell: cellmod.Cell, opts: SweepOptions, twin_cache: dict) -> twins.Twi
 
 def _not_checkable(cell: cellmod.Cell, failure: Failure | None) -> str | None:
     """Why a load check's failure is no verdict on vLLM here (None: it is one)."""
+    declared = serve.declared_limit(failure, cell.arch.arch) if failure is not None else None
+    if declared:  # vLLM's own refusal of the layout for this class: what every user gets, not a defect
+        return declared
     if failure is not None and serve.gpu_only(failure):  # data/sweep-quants.yaml `gpu_only`
         return f"not checkable here: needs a library this CPU install lacks ({failure.signature[:200]})"
     if failure is not None and cell.quant != "none" and refused_on_cpu(cell.quant, failure.signature):

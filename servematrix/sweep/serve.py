@@ -33,6 +33,12 @@ def gpu_only(failure: Failure) -> bool:
     return any(re.search(p, failure.signature) for p in load().gpu_only)
 
 
+def declared_limit(failure: Failure, arch: str) -> str | None:
+    """Why vLLM itself declares the cell's layout unsupported for `arch` (data/sweep-quants.yaml
+    `declared_limits`; None: the failure is no such refusal)."""
+    return load().declared(failure.signature, arch)
+
+
 def serve_argv(load_argv: list[str], port: int) -> list[str]:
     """The load check's server command line, listening on `port` under one model name."""
     return [*load_argv, "--host", "127.0.0.1", "--port", str(port), "--served-model-name", SERVED_NAME]

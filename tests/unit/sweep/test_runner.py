@@ -13,6 +13,8 @@ from servematrix.record import (Failure, LoadCheckResult, LoadResult, PromptResu
 from servematrix.run.pipeline import Parts
 from servematrix.sweep import cells, runner, twins
 
+REPO = Path(__file__).resolve().parents[3]
+
 REGISTRY = {"LlamaForCausalLM": {"kind": "text"}, "Qwen3MoeForCausalLM": {"kind": "text"},
             "MambaForCausalLM": {"kind": "text"}, "LlavaForConditionalGeneration": {"kind": "multimodal"},
             "InternLM2ForCausalLM": {"kind": "text"}}
@@ -125,6 +127,24 @@ def test_a_construction_stopped_by_a_gpu_only_library_is_not_checkable_any_other
     by_id = {r.id: r for r in runner.run(options(tmp_path, k="llama/*")).scenarios}
     assert by_id["llama/tp1-none"].verdict == "skipped" and "library this CPU install lacks" in by_id["llama/tp1-none"].note
     assert by_id["llama/pp2-none"].verdict == "fail"
+
+
+def test_vllms_declared_refusal_of_pp_is_not_supported_a_real_pp_defect_still_fails(tmp_path, doubles, monkeypatch):
+    # zamba2's pp2 refusal as the 0.32.0 sweep recorded it; granitemoehybrid's pp2 KeyError is upstream #50961
+    refusal = json.loads((REPO / "evidence/sweep-refusals-0.32.0/zamba2-cells.json").read_text())["cells"]
+    refusal = next(c["signature"] for c in refusal if c["id"] == "zamba2/pp2-none")
+
+    def load_check(cell, opts, python, twin, worlds, parts):
+        if cell.pp == 1:
+            return passed(parts)
+        return failed(parts, refusal if cell.arch.key == "llama" else "KeyError: 'layers.1.block_sparse_moe.gate.weight'")
+
+    monkeypatch.setattr(runner, "_load_check", load_check)
+    by_id = {r.id: r for r in runner.run(options(tmp_path, k="llama/*,qwen3_moe/*")).scenarios}
+    assert by_id["llama/pp2-none"].verdict == "skipped"
+    assert by_id["llama/pp2-none"].note.startswith("not supported by vLLM: LlamaForCausalLM declares no pipeline")
+    assert by_id["qwen3_moe/pp2-none"].verdict == "fail"
+    assert by_id["llama/tp1-none"].verdict == by_id["qwen3_moe/tp1-none"].verdict == "pass"
 
 
 def test_a_k_that_matches_no_cell_is_one_argument_error_and_nothing_is_written(tmp_path, doubles, capsys):
