@@ -11,11 +11,11 @@ import re
 import unicodedata
 from typing import Annotated
 
-from pydantic import AfterValidator, Field, StringConstraints
+from pydantic import AfterValidator, Field, HttpUrl, StringConstraints, TypeAdapter
 
 from servematrix.redact import ENV_NAME
 
-__all__ = ["Seconds", "OneLine", "PathText", "Word", "Regex", "EnvName"]
+__all__ = ["Seconds", "OneLine", "PathText", "Word", "Regex", "EnvName", "BugLink"]
 
 MAX_SECONDS = 86_400.0  # a timeout beyond a day is a hang, not a wait
 MAX_LINE = 1_000  # characters of a one-line text (a reason, a title, a glob)
@@ -70,3 +70,42 @@ Word = Annotated[str, StringConstraints(max_length=MAX_WORD), AfterValidator(_wo
 Regex = Annotated[str, StringConstraints(max_length=MAX_REGEX), AfterValidator(_compiles)]
 # An environment variable name: what a shell and `env` accept.
 EnvName = Annotated[str, StringConstraints(pattern=ENV_NAME, max_length=256)]
+
+
+# A waiver's bug: an upstream issue or PR (an http(s) URL), or, where upstream has none, servematrix's
+# own write-up of it with a repro, as `docs/<page>.md#<heading anchor>` in this repository (the
+# heading must exist, so a renamed section fails the matrix, not a reader following the link).
+_WRITE_UP = re.compile(r"docs/[\w.-]+\.md#[\w-]+")
+
+
+def _bug_link(v: str) -> str:
+    if not v.startswith(("http://", "https://")):
+        return _write_up(v)
+    try:
+        return str(TypeAdapter(HttpUrl).validate_python(v))
+    except ValueError:
+        raise ValueError(f"{v!r} is not a URL") from None
+
+
+def _write_up(v: str) -> str:
+    from pathlib import Path
+
+    if not _WRITE_UP.fullmatch(v):
+        raise ValueError(f"{v!r} is neither an http(s) URL of the upstream bug nor a write-up docs/<page>.md#<anchor>")
+    page, _, anchor = v.partition("#")
+    doc = Path(__file__).resolve().parents[2] / page  # the repository holding this package
+    try:
+        headings = [line.lstrip("#").strip() for line in doc.read_text().splitlines() if line.startswith("#")]
+    except OSError:
+        raise ValueError(f"no write-up {page} in this repository") from None
+    if anchor not in {heading_anchor(h) for h in headings}:
+        raise ValueError(f"{page} has no heading whose anchor is #{anchor}")
+    return v
+
+
+def heading_anchor(heading: str) -> str:
+    """The anchor a Markdown heading gets on GitHub: lower case, punctuation dropped, spaces as hyphens."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+BugLink = Annotated[OneLine, AfterValidator(_bug_link)]

@@ -13,10 +13,10 @@ import fnmatch
 import math
 from typing import Annotated, Literal
 
-from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, HttpUrl, model_validator
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 
 from servematrix import versions
-from servematrix.config.fields import OneLine, PathText, Regex, Seconds
+from servematrix.config.fields import BugLink, OneLine, PathText, Regex, Seconds
 from servematrix.config.scenario import DeviceName, Gsm8kLimit, Name, Parallel
 from servematrix.config.yamlio import field_error
 
@@ -87,7 +87,7 @@ class _Strict(BaseModel):
 class Expectation(_Strict):
     expect: Literal["pass", "xfail"] = "pass"
     reason: OneLine | None = None  # printed after the id in `list` and in every report line
-    bug: HttpUrl | None = None
+    bug: BugLink | None = None  # the upstream issue/PR, or servematrix's write-up where upstream has none
     # regex the failure signature must match for the xfail to count (a different failure is a fail)
     signature: Regex | None = None
     # strict: an xfail entry that passes is reported as xpass and fails the run (drop the waiver)
@@ -98,7 +98,7 @@ class Expectation(_Strict):
     @model_validator(mode="after")
     def _xfail_needs_why(self) -> "Expectation":
         if self.expect == "xfail" and (not self.reason or not self.bug):
-            raise ValueError("expect: xfail needs a reason and a bug URL")
+            raise ValueError("expect: xfail needs a reason and a bug (upstream URL or docs/ write-up)")
         if self.expect == "pass" and (self.signature or self.reason or self.until):
             raise ValueError("reason/signature/until only make sense with expect: xfail")
         return self

@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, HttpUrl, StringConstraints,
+from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, StringConstraints,
                       model_validator, with_config)
 from typing_extensions import TypedDict
 
@@ -20,7 +20,7 @@ from servematrix.config.embedding_spec import EmbeddingSmoke, first_duplicate
 from servematrix.config.forge_spec import ForgeSpec
 from servematrix.config.devices import device_names
 from servematrix.paths import GSM8K_TEST_ROWS
-from servematrix.config.fields import EnvName, OneLine, PathText, Regex, Seconds, Word
+from servematrix.config.fields import BugLink, EnvName, OneLine, PathText, Regex, Seconds, Word
 from servematrix.config.yamlio import ConfigError, field_error, is_file, load_yaml, not_a_file, validate
 
 NAME_RE = r"^[a-z0-9][a-z0-9._-]*$"
@@ -260,7 +260,7 @@ class LoadCheckSpec(_Strict):
 
 
 class BugRef(_Strict):
-    url: HttpUrl
+    url: BugLink  # the upstream issue/PR, or servematrix's write-up where upstream has none
     title: OneLine | None = None
 
 

@@ -238,7 +238,9 @@ def render(summary: RunSummary, r: ScenarioRecord, rows: list[dict] | None = Non
 
     by_id = {x.id: x for x in summary.scenarios}
     exp = r.expect
-    waiver = (f" · waiver: {_e(exp.reason)} (<a href=\"{_e(exp.bug)}\">bug</a>"
+    # an upstream URL is a link; servematrix's own write-up (docs/…md#…) is named, as the report has no repository to link into
+    bug = f"<a href=\"{_e(exp.bug)}\">bug</a>" if (exp.bug or "").startswith("http") else f"bug: <code>{_e(exp.bug)}</code>"
+    waiver = (f" · waiver: {_e(exp.reason)} ({bug}"
               f"{', until ' + _e(exp.until) if exp.until else ''})" if exp.expect == "xfail" else "")
     failure = (f"<p>failure: <b>{_e(r.failure.phase)}/{_e(r.failure.kind)}</b> <code>{_e(r.failure.signature)}</code></p>"
                if r.failure else "")

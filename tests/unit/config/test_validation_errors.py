@@ -62,7 +62,39 @@ def test_xfail_without_reason_or_bug_is_rejected(repo):
             expect: xfail
     """)))
     assert err.line == 3 and err.field == "include.0"
-    assert "reason and a bug URL" in err.message
+    assert "reason and a bug (upstream URL or docs/ write-up)" in err.message
+
+
+@pytest.mark.parametrize("bug, words", [
+    ("docs/sweep-triage.md#no-such-heading", "docs/sweep-triage.md has no heading whose anchor is #no-such-heading"),
+    ("docs/nowhere.md#a", "no write-up docs/nowhere.md in this repository"),
+    ("../docs/sweep-triage.md", "neither an http(s) URL of the upstream bug nor a write-up"),
+    ("https://", "is not a URL"),
+])
+def test_a_waivers_bug_is_an_upstream_url_or_a_write_up_whose_heading_exists(repo, bug, words):
+    err = error_of(repo("matrix/m.yaml", textwrap.dedent(f"""\
+        name: m
+        include:
+          - scenario: alpha
+            expect: xfail
+            reason: why
+            bug: "{bug}"
+    """)))
+    assert err.line == 6 and err.field == "include.0.bug" and words in err.message
+
+
+def test_every_waiver_in_the_shipped_matrices_links_an_upstream_issue_or_pr_or_a_write_up():
+    # a source file is not a bug report: it says where, never whether upstream knows (issue #25)
+    import re
+
+    import yaml
+
+    root = Path(__file__).resolve().parents[3]
+    bugs = [(m.name, e["bug"]) for m in sorted((root / "matrix").glob("*.yaml"))
+            for e in (yaml.safe_load(m.read_text()).get("include") or []) if isinstance(e, dict) and e.get("bug")]
+    assert len(bugs) >= 8  # every seed bug, the PP=2 and broken-checkpoint waivers
+    upstream = re.compile(r"https://github\.com/[\w.-]+/[\w.-]+/(issues|pull)/\d+")
+    assert [(m, b) for m, b in bugs if not (upstream.fullmatch(b) or b.startswith("docs/"))] == []
 
 
 def test_quant_the_scenario_does_not_define_is_rejected(repo):

@@ -151,3 +151,15 @@ def test_the_failures_table_lists_every_failed_checks_figures(tmp_path):
                    servematrix_version="0", started_at="t", scenarios=[r])
     table = report_html.failures(s)
     assert "gsm8k.nll: 1.7420 (n=24)" in table and "gsm8k.agreement: 0.1250 (n=24)" in table
+
+
+def test_a_waivers_upstream_bug_is_a_link_and_a_write_up_is_named_not_linked_into_the_void(tmp_path):
+    from servematrix.record import Expected
+
+    def waiver(bug):
+        return page(tmp_path, rec(SID, verdict="xfail", expect=Expected(expect="xfail", reason="r", bug=bug)))
+
+    assert '<a href="https://github.com/vllm-project/vllm/issues/50961">bug</a>' in waiver(
+        "https://github.com/vllm-project/vllm/issues/50961")
+    text = waiver("docs/sweep-triage.md#x")  # relative to the repository, which a report's folder is not in
+    assert "bug: <code>docs/sweep-triage.md#x</code>" in text and 'href="docs/' not in text
