@@ -30,8 +30,14 @@ class Coverage(BaseModel):
     # cell id -> what the twin lacks that vLLM read (sweep/incomplete.py): checked, neither passing nor failing
     twin_incomplete: dict[str, str] = Field(default_factory=dict)
     not_checkable: dict[str, int] = Field(default_factory=dict)  # reason -> cells
+    # the registry table (text, multimodal, pooling kinds, speculative, ...) -> architectures it lists,
+    # and those with at least one checked cell: coverage split by group, as the registry splits it
+    kinds: dict[str, int] = Field(default_factory=dict)
+    kinds_checked: dict[str, set[str]] = Field(default_factory=dict)
 
     def count(self, record: ScenarioRecord, twin) -> None:
+        if record.verdict != "skipped" and record.tags:  # a cell's first tag is its registry table (cells.py)
+            self.kinds_checked.setdefault(record.tags[0], set()).add(record.model)
         if record.verdict == "skipped":
             reason = _reason(record.note or "")
             self.not_checkable[reason] = self.not_checkable.get(reason, 0) + 1
@@ -77,6 +83,14 @@ def coverage_md(coverage: Iterable[Coverage]) -> str:
                   "cells where vLLM read a field or tensor the twin lacks and the family's published checkpoints carry "
                   "(neither passing nor failing: they say nothing about vLLM); served: cells whose real "
                   "server started and answered one greedy completion (`--depth serve`).", ""]
+    for c in covs:
+        if c.kinds:
+            lines += [f"### By registry table ({c.release}): architectures with a checked cell", "",
+                      "| table | registered | checked | share |", "|---|---|---|---|"]
+            for kind, n in sorted(c.kinds.items(), key=lambda kv: (-kv[1], kv[0])):
+                done = len(c.kinds_checked.get(kind, ()))
+                lines.append(f"| {kind} | {n} | {done} | {done / n:.0%} |")
+            lines.append("")
     for c in covs:
         if c.twin_incomplete:
             lines += [f"### Twin-incomplete ({c.release}): {len(c.twin_incomplete)} cells", ""]

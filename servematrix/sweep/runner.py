@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict
@@ -82,7 +83,7 @@ def run(opts: SweepOptions, log=sys.stderr) -> RunSummary:
     for rel in opts.releases:
         archs = registry.architectures(registry.probe(pythons[rel], envs.launch_env(rel)))
         coverage[rel] = Coverage(release=rel, vllm=envs.versions(rel, pythons[rel])["vllm"], registered=len(archs),
-                                 forgeable=sum(a.forgeable for a in archs))
+                                 forgeable=sum(a.forgeable for a in archs), kinds=dict(Counter(a.kind for a in archs)))
         chosen = cellmod.select(cellmod.cells(archs, opts.layouts, opts.quants, [rel]), opts.k)
         selected += _limited(chosen, opts.limit)
     if not selected:
@@ -305,6 +306,10 @@ def _head_note(cell: cellmod.Cell, opts: SweepOptions, twin: twins.Twin) -> str 
         from servematrix.sweep import drafts
 
         return drafts.note(cell.arch.key, Path(twin.path), opts.out / cell.id / "loadcheck", cell.tp)
+    if twin.spec and twin.spec.get("components") and twin.path is not None:  # a multimodal composite's
+        from servematrix.sweep import multimodal
+
+        return multimodal.note(Path(twin.path), opts.out / cell.id / "loadcheck", cell.tp)
     if twin.architecture is None or twin.path is None or cell.tp > 1:
         return None
     from servematrix.sweep import pooling
