@@ -166,15 +166,26 @@ def _write_model(spec: ForgeSpec, vocab_size: int, tokenizer, out: Path) -> None
     model.save_pretrained(out, safe_serialization=True)
     if spec.text_prefix:
         rename_tensors(out, lambda name: spec.text_prefix + name)
-    if spec.text_model_type:  # the top config names the composite; the text model's fields stay
+    if spec.text_model_type and spec.text_config_key:  # the text model's config nested, as its own
+        from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+        path = out / "config.json"
+        saved = json.loads(path.read_text())
+        text = {**{k: v for k, v in saved.items() if k != "transformers_version"},
+                "architectures": [MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[spec.text_model_type]]}
+        top = {k: saved[k] for k in ("dtype", "transformers_version") if k in saved}
+        path.write_text(json.dumps({**top, "model_type": spec.model_type, "architectures": [spec.architecture],
+                                    spec.text_config_key: text}, indent=2))
+    elif spec.text_model_type:  # the top config names the composite; the text model's fields stay
         path = out / "config.json"
         path.write_text(json.dumps({**json.loads(path.read_text()), "model_type": spec.model_type,
                                     "architectures": [spec.architecture]}, indent=2))
 
 
 def _write_components(spec: ForgeSpec, out: Path) -> None:
-    """Each component by its own transformers class, re-drawn like the text model, its tensors
-    renamed into the checkpoint and its config stored in the top config."""
+    """Each component by its own transformers class, re-drawn like the text model (norms near 1, every
+    other float tensor random), its tensors renamed into the checkpoint and its config stored in the
+    top config (nested as save_pretrained writes a config where the text model is nested too)."""
     import torch
     from safetensors.torch import load_file
     from transformers import AutoConfig, AutoModel
@@ -191,9 +202,19 @@ def _write_components(spec: ForgeSpec, out: Path) -> None:
         for name, tensor in model.state_dict().items():
             if comp.strip and name.startswith(comp.strip):
                 name = name[len(comp.strip):]
-            drawn = torch.randn(tensor.shape, generator=gen) * spec.init_std if tensor.dim() >= 2 else tensor
+            if tensor.dim() >= 2:
+                drawn = torch.randn(tensor.shape, generator=gen) * spec.init_std
+            elif tensor.is_floating_point() and tensor.numel() > 1:
+                # norms and biases too, as the text model's norms are: the class's ones and zeros would
+                # match any parameter of their shape, so a load check could not tell them read
+                noise = torch.randn(tensor.shape, generator=gen)
+                drawn = 1.0 + 0.1 * noise if "norm" in name and name.endswith("weight") else noise * spec.init_std
+            else:
+                drawn = tensor
             tensors[comp.prefix + name] = drawn.to(tensor.dtype).contiguous()
-        top[comp.config_key] = config.to_dict()
+        # nested as a published composite's (Llava's vision_config): the fields that differ from the class's
+        # defaults, as save_pretrained writes a config; the flat composite's (MiniCPM-V's) stays whole
+        top[comp.config_key] = config.to_diff_dict() if spec.text_config_key else config.to_dict()
     save_tensors(out, path, tensors)
     (out / "config.json").write_text(json.dumps(top, indent=2))
 
@@ -256,16 +277,25 @@ def check_config(out: Path, spec: ForgeSpec) -> list[str]:
     import inspect
 
     from transformers import AutoConfig
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
     data = json.loads((out / "config.json").read_text())
     problems = []
     if spec.text_model_type:
         parts = {c.config_key for c in spec.components} | {"model_type", "auto_map", "architectures"}
-        config = AutoConfig.for_model(spec.text_model_type, **{k: v for k, v in data.items() if k not in parts})
+        if spec.text_config_key:  # nested (Llava's text_config): read as its own config
+            text = {k: v for k, v in (data.get(spec.text_config_key) or {}).items() if k not in parts}
+        else:
+            text = {k: v for k, v in data.items() if k not in parts}
+        config = AutoConfig.for_model(spec.text_model_type, **text)
         checks = [(config, spec.config, "")]
         checks += [(AutoConfig.for_model(c.model_type, **{k: v for k, v in data[c.config_key].items()
                                                           if k != "model_type"}), c.config, f"{c.config_key}.")
                    for c in spec.components]
+        if spec.text_config_key and spec.model_type in CONFIG_MAPPING:  # transformers' own composite reads it too
+            whole = AutoConfig.from_pretrained(out, trust_remote_code=False)
+            checks += [(getattr(whole, spec.text_config_key, None), spec.config, f"{spec.text_config_key}.")]
+            checks += [(getattr(whole, c.config_key, None), c.config, f"{c.config_key}.") for c in spec.components]
         model_type, architectures = data.get("model_type"), data.get("architectures")
     else:
         config = AutoConfig.from_pretrained(out, trust_remote_code=False)

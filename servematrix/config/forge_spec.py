@@ -225,6 +225,10 @@ class ForgeSpec(_Strict):
     # is `text_model_type` written under `text_prefix`, the components beside it
     text_model_type: ModelType | None = None
     text_prefix: OneLine = ""
+    # where the text model's config goes in config.json: None, at the top beside the components
+    # (MiniCPM-V's); a key, nested under it as its own config with its causal-LM architecture (Llava's
+    # text_config, which vLLM builds the language model from)
+    text_config_key: Identifier | None = None
     components: list[Component] = Field(default_factory=list)
     config_json: JsonObject = Field(default_factory=dict)  # merged into config.json after saving
     remote_code: bool = False  # ship configuration_<model_type>.py + auto_map (--trust-remote-code)
@@ -270,6 +274,8 @@ class ForgeSpec(_Strict):
         dump = self.model_dump()
         if not dump["quantize"]:  # specs from before `quantize:` (and extras' `arange`) keep their cache keys
             dump.pop("quantize")
+        if dump["text_config_key"] is None:  # and those from before `text_config_key:`
+            dump.pop("text_config_key")
         dump["extra_tensors"] = [{k: v for k, v in e.items() if k != "arange" or v} for e in dump["extra_tensors"]]
         blob = json.dumps({"v": FORGE_VERSION, **dump}, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]

@@ -12,16 +12,18 @@ checks.py states and verifies; twin.py writes the twin; diff.py compares it with
 (`--diff`); cli.py describes it as a scenario YAML and renders what the CLI prints.
 
 API, re-exported here: read_source(source) -> SourceLayout; plan_twin(layout, max_pp, tp_values)
--> Plan; build_twin(plan, name, directory) -> Path; diff(source_layout, twin_layout) -> DiffReport;
+-> Plan; plan_composite(config, parts, max_pp, tp_values, source) -> Plan (a multimodal composite:
+composite.py); build_twin(plan, name, directory) -> Path; diff(source_layout, twin_layout) -> DiffReport;
 scenario_yaml(plan, name, layout) -> str; cli_mirror(...) -> str and cli_diff(source, twin) ->
 (str, equal) for the CLI to print.
 """
 
 from servematrix.mirror.cli import cli_diff, cli_mirror, scenario_yaml
+from servematrix.mirror.composite import plan_composite
 from servematrix.mirror.diff import DiffReport, diff, infer_layer_map
 from servematrix.mirror.plan import plan_twin
 from servematrix.mirror.source import read_source
 from servematrix.mirror.twin import build_twin, post_process
 
-__all__ = ["DiffReport", "build_twin", "cli_diff", "cli_mirror", "diff", "infer_layer_map", "plan_twin",
-           "post_process", "read_source", "scenario_yaml"]
+__all__ = ["DiffReport", "build_twin", "cli_diff", "cli_mirror", "diff", "infer_layer_map", "plan_composite",
+           "plan_twin", "post_process", "read_source", "scenario_yaml"]

@@ -9,7 +9,8 @@ the registry per architecture (`is_multimodal_model`, …) would inspect each in
 Each architecture is then matched, in this process, to the transformers model_type whose
 configuration class exists (CONFIG_MAPPING) and whose auto maps list a class of that name, and
 classified: forgeable (the mirror forges a model_type's causal-LM class; for a pooling
-architecture, transformers' class of its own name: sweep/pooling.py), or not checkable here with
+architecture, transformers' class of its own name: sweep/pooling.py; for a multimodal one, the
+composite data/sweep-multimodal.yaml describes: sweep/multimodal.py), or not checkable here with
 the reason. Nothing is dropped: every registered architecture gets one Arch.
 """
 
@@ -22,7 +23,7 @@ from functools import lru_cache
 from pydantic import BaseModel
 
 from servematrix.errors import StateError
-from servematrix.sweep import drafts, pooling
+from servematrix.sweep import drafts, multimodal, pooling
 
 # Run in the release's interpreter: stdlib and vLLM only; one JSON line on stdout.
 PROBE = r"""
@@ -48,8 +49,10 @@ PROBE_TIMEOUT = 600.0  # s: vLLM's imports alone are ~7 s here, minutes on a loa
 # Why a registered architecture is not a sweep cell, by the registry table vLLM lists it in (a
 # speculative draft's reason is sweep/drafts.py's, per draft: data/sweep-drafts.yaml).
 KIND_REASONS = {
-    "multimodal": "multimodal: needs an image/audio processor and a vision or audio tower; the mirror forges text "
-                  "models only (composite sources are refused)",
+    # a multimodal architecture's reason is sweep/multimodal.py's (data/sweep-multimodal.yaml describes the
+    # composites it forges); this one stands where that module is not asked
+    "multimodal": "multimodal: needs an image/audio processor and a vision or audio tower forged as "
+                  "data/sweep-multimodal.yaml describes",
     "transformers-backend": "vLLM's Transformers-backend wrapper, not an architecture of its own",
     "other": "in no registry table the sweep knows (out-of-tree or previously supported)",
 }
@@ -156,6 +159,9 @@ def classify(arch: str, kind: str) -> Arch:
     if kind == "speculative":  # an MTP draft the data describes: checked beside its target's twin
         target, why = drafts.match(arch)
         return Arch(arch=arch, kind=kind, model_type=target, forgeable=why is None, reason=why)
+    if kind == "multimodal":  # a composite the data describes (sweep/multimodal.py): keyed by its model_type
+        model_type, why = multimodal.match(arch)
+        return Arch(arch=arch, kind=kind, model_type=model_type, forgeable=why is None, reason=why)
     if kind not in GENERATIVE:
         return Arch(arch=arch, kind=kind, reason=KIND_REASONS.get(kind, KIND_REASONS["other"]))
     by_class, causal, configs, version = transformers_classes()

@@ -48,10 +48,14 @@ def build(key: str, directory: Path, max_pp: int, tps: list[int], align: dict[st
     from servematrix import mirror
     from servematrix.mirror.cli import scenario_dict
 
-    from servematrix.sweep import corpus, drafts, pooling
+    from servematrix.sweep import corpus, drafts, multimodal, pooling
 
     if drafts.is_draft(key):  # its target's twin with the draft layers added
         return drafts.build(key, directory, max_pp, tps, align)
+    if multimodal.is_composite(key):  # text model, towers and connector (data/sweep-multimodal.yaml)
+        if align:
+            return Twin(model_type=key, origin="no twin", reason="a composite twin is not widened for quantized layouts yet")
+        return multimodal.build(key, directory, max_pp, tps)
     arch = key if key[:1].isupper() else None  # model_types are lower case, class names CamelCase
     model_type = pooling.model_type_of(key) if arch else key
     if model_type is None:
@@ -138,6 +142,9 @@ def quantize(base: Twin, quant: str, tps: list[int], wide=None) -> Twin:
         return base.model_copy(update={"quant": quant, "path": None, "reason": base.reason or (
             "a draft's cells are unquantized only (its target's quantized layouts are the target's cells)"
             if base.draft else "no forge spec recorded for the twin")})
+    if base.spec.get("components"):  # a composite (sweep/multimodal.py): its towers have no quantized layout here
+        return base.model_copy(update={"quant": quant, "path": None, "reason": "a multimodal composite's cells are "
+                                       "unquantized only (no quantized layout of its towers and connector is forged yet)"})
     q = quantized(base.model_type, base.spec, base.shapes, quant, tps)
     widen = widen_units(quant, base.shapes) if q.narrow and wide is not None else None
     if isinstance(widen, str):

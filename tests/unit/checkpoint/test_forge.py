@@ -280,6 +280,7 @@ def test_extras_without_arange_keep_the_cache_key_they_had_before_the_field_exis
     s = spec(extra_tensors=[ExtraTensor(name="model.layers.{layer}.self_attn.k_proj.k_scale", value=0.5)])
     dump = s.model_dump()
     dump.pop("quantize")
+    dump.pop("text_config_key")  # nor the nested composites' text_config_key
     for extra in dump["extra_tensors"]:
         extra.pop("arange")
     old = hashlib.sha256(json.dumps({"v": FORGE_VERSION, **dump}, sort_keys=True).encode()).hexdigest()[:16]
@@ -317,3 +318,34 @@ def test_an_expert_count_of_zero_is_given_a_dense_model_of_a_moe_family():
     spec = ForgeSpec(model_type="llama", architecture="LlamaForCausalLM",
                      config={**TINY, "num_local_experts": 0, "num_experts_per_tok": 0})
     assert spec.config["num_local_experts"] == 0
+
+
+def test_a_nested_composite_holds_its_text_config_under_its_key_with_the_causal_lm_class_and_random_tower_norms():
+    """Llava's shape: the text model's config under text_config naming LlamaForCausalLM (vLLM builds the
+    language model from it), the tower's under vision_config as save_pretrained writes one (its non-default
+    fields), read back by transformers' own LlavaConfig; the tower's norms and biases drawn, not the class's
+    ones and zeros (a load check could not tell those read)."""
+    import torch
+
+    s = ForgeSpec(model_type="llava", architecture="LlavaForConditionalGeneration", config=TINY,
+                  tokenizer={"vocab_size": 300, "chat_template": False}, text_model_type="llama",
+                  text_prefix="language_model.", text_config_key="text_config",
+                  components=[{"model_type": "clip_vision_model", "prefix": "vision_tower.vision_model.",
+                               "config_key": "vision_config",
+                               "config": {"hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 2,
+                                          "num_hidden_layers": 1, "image_size": 28, "patch_size": 14}}],
+                  config_json={"image_token_index": 299, "vision_feature_layer": -1})
+    out = forge("unit-llava-nested", s)
+    config = json.loads((out / "config.json").read_text())
+    assert config["model_type"] == "llava" and config["architectures"] == ["LlavaForConditionalGeneration"]
+    assert config["text_config"]["architectures"] == ["LlamaForCausalLM"]
+    assert config["text_config"]["hidden_size"] == TINY["hidden_size"] and "hidden_size" not in config
+    assert config["vision_config"]["model_type"] == "clip_vision_model" and "id2label" not in config["vision_config"]
+    assert config["image_token_index"] == 299
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        names = set(f.keys())
+        norm = f.get_tensor("vision_tower.vision_model.pre_layrnorm.weight")
+        bias = f.get_tensor("vision_tower.vision_model.encoder.layers.0.mlp.fc1.bias")
+    assert "language_model.model.embed_tokens.weight" in names
+    assert not torch.all(norm == 1) and not torch.all(bias == 0)
+    assert s.key() != spec().key()
