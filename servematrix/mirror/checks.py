@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 
-from servematrix.mirror.dims import kv_class, tp_role
+from servematrix.mirror.dims import is_qkv, kv_class, qkv_sections, tp_role
 from servematrix.mirror.layout import SourceLayout, TensorMeta, field_value, rules, split_name
 from servematrix.mirror.plan_config import same_value
 from servematrix.mirror.plan_models import Invariant, Plan
@@ -178,7 +178,11 @@ def _quantized_dims(plan: Plan, cfg: dict) -> Invariant:
                 out = t.out // tp if t.out % tp == 0 else -1
             if split_in:
                 in_ = t.in_ // tp if t.in_ % tp == 0 else -1
-            for dim, size, unit, split in (("out", out, u_out, split_out), ("in", in_, u_in, split_in)):
+            checks = [("out", out, u_out, split_out), ("in", in_, u_in, split_in)]
+            sections = qkv_sections(cfg, tp) if is_qkv(t.prefix) else None
+            if sections:  # a fused q/k/v: vLLM cuts it into its sections, each whole units (also at TP=1)
+                checks[:1] = [(f"out {s}", size, u_out, True) for s, size in zip("qkv", sections)]
+            for dim, size, unit, split in checks:
                 if size < 0 or size % unit:
                     (partial if ceil_ok and not split and size > 0 else bad).append(
                         f"{t.prefix} {dim} {size} per rank at TP={tp} (unit {unit})")
@@ -187,7 +191,8 @@ def _quantized_dims(plan: Plan, cfg: dict) -> Invariant:
     if partial:
         detail += f"; partial blocks on unsplit dims, as the source's: {len(partial)} (e.g. {partial[0]})"
     return Invariant(name="quantized dims", rule="every quantized linear's dims are whole blocks/groups/packs per TP "
-                                                 "rank where TP splits them (fp8 block: block_n x block_k; awq/gptq: "
+                                                 "rank where TP splits them, each q/k/v section of a fused projection "
+                                                 "at every TP (fp8 block: block_n x block_k; awq/gptq: "
                                                  "group_size divides in_features, the pack factor out_features; nvfp4: "
                                                  "group 16)", holds=not bad, detail=detail)
 

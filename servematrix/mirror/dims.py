@@ -21,6 +21,31 @@ def _is_ffn(prefix: str) -> bool:
     return prefix.rsplit(".", 1)[-1] in rules()["tp_roles"]["ffn"]
 
 
+def is_qkv(prefix: str) -> bool:
+    """A fused q/k/v projection (mirror-families.yaml `tp_roles.qkv_sections`)."""
+    return prefix.rsplit(".", 1)[-1] in rules()["tp_roles"].get("qkv_sections", [])
+
+
+def qkv_sections(cfg: dict, tp: int) -> list[int] | None:
+    """The output rows a rank holds of each section (q, k, v) of a fused q/k/v projection at `tp`,
+    from the config's head fields, as vLLM's QKVParallelLinear loads them: q's heads split over
+    the ranks, the KV heads split where TP divides them and one replicated per rank where they are
+    fewer (kv_class). None where the config does not give them, or TP cannot split the heads."""
+    _, heads = field_value(cfg, "heads")
+    _, kv = field_value(cfg, "kv_heads")
+    _, hd = field_value(cfg, "head_dim")
+    _, hidden = field_value(cfg, "hidden")
+    if not isinstance(heads, int) or heads <= 0 or heads % tp:
+        return None
+    kv = kv or heads
+    hd = hd or (hidden // heads if isinstance(hidden, int) and hidden % heads == 0 else None)
+    how = kv_class(kv, tp)
+    if not hd or how == "invalid":
+        return None
+    per_rank = kv // tp if how == "split" else 1
+    return [heads // tp * hd, per_rank * hd, per_rank * hd]
+
+
 def _units(group_info: dict[str, dict], params: dict[str, dict[str, int]]) -> dict[str, int]:
     """The alignment unit each kind of linear needs (lcm over the quantized ones of that kind)."""
     units = {"all": 1, "ffn": 1, "attn_out": 1, "attn_in": 1, "kv_out": 1}
@@ -36,6 +61,8 @@ def _units(group_info: dict[str, dict], params: dict[str, dict[str, int]]) -> di
             units["kv_out"] = math.lcm(units["kv_out"], u_out)
         elif role == "column":
             units["attn_out"] = math.lcm(units["attn_out"], u_out)
+            if is_qkv(prefix):  # its k and v sections are the KV heads' rows, as a separate k_proj's
+                units["kv_out"] = math.lcm(units["kv_out"], u_out)
         elif role == "row":
             units["attn_in"] = math.lcm(units["attn_in"], u_in)
     return units
@@ -198,9 +225,19 @@ def _gqa_heads(cfg: dict, tps: list[int], units: dict[str, int], dims: _Dims, kv
     hd_src = cfg.get("head_dim") or hidden // heads
     # vLLM's CPU attention takes head sizes in steps of 32 (and 80/96/112): a multiple of 32
     hd = hd_src if hd_src < t["min_head_dim"] else min(hd_src, t["head_dim"]) // 32 * 32
-    if units["kv_out"] > 1 and hd % units["kv_out"]:  # one KV head per rank must be whole blocks
-        hd = min(hd_src, math.lcm(hd, units["kv_out"]))
+    if units["kv_out"] > 1 and hd % units["kv_out"]:  # one KV head per rank whole blocks, where the source's
+        wider = min(hd_src, math.lcm(hd, units["kv_out"]))  # head is that wide (else the source's, if a size the
+        hd = wider if wider % 32 == 0 else hd  # CPU kernels take: Phi-3's 96; phi-2's 80 keeps 64)
     kv = choose_kv(src_kv, tps, kv_policy)
+    notes = []
+    if hd % units["kv_out"]:  # the source's head is narrower than the unit (Phi-3's 96 rows, blocks of 128):
+        whole = _kv_whole(src_kv, hd, tps, units["kv_out"])  # several KV heads a rank make whole units together
+        if whole is not None and whole != kv:
+            kv = whole
+            rows = ", ".join(f"TP={t}: {kv // t * hd}" for t in tps)
+            notes.append(f"{kv} KV heads: head_dim {hd} is not whole units of {units['kv_out']} rows, so every TP "
+                         f"splits the KV heads and each rank's k/v rows ({rows}) are whole units, as real "
+                         "checkpoints' are (none replicated: one head a rank would straddle)")
 
     def fits(h: int) -> bool:
         per_rank = all(h % tp == 0 and (h // tp * hd) % math.lcm(units["attn_out"], units["attn_in"]) == 0 for tp in tps)
@@ -210,7 +247,6 @@ def _gqa_heads(cfg: dict, tps: list[int], units: dict[str, int], dims: _Dims, kv
     h = next((kv * g for g in range(g_min, 257) if fits(kv * g)), kv * g_min)
     dims.role("heads", h)
     dims.role("kv_heads", kv)
-    notes = []
     if derived:
         dims.role("hidden", h * hd)
         notes.append(f"head_dim is derived (hidden_size / num_attention_heads) in this family: hidden_size = {h} x {hd}")
@@ -220,6 +256,15 @@ def _gqa_heads(cfg: dict, tps: list[int], units: dict[str, int], dims: _Dims, kv
         if cfg.get(key):
             dims.key(key, max(2, cfg[key] * hd // hd_src // 2 * 2))
     return notes
+
+
+def _kv_whole(src_kv: int, hd: int, tps: list[int], unit: int) -> int | None:
+    """The fewest KV heads, at most the source's, that every TP splits (a rank of a replicated KV head
+    holds one head, `hd` rows, less than whole units) with each rank's `kv / tp x hd` rows whole
+    `unit`s (Phi-3-mini: 32 KV heads of 96 rows are 1536 rows a rank at TP=2, 12 blocks of 128); None
+    where the source has too few."""
+    return next((k for k in range(1, src_kv + 1) if all(k % tp == 0 and (k // tp * hd) % unit == 0 for tp in tps)),
+                None)
 
 
 def _experts(cfg: dict, tps: list[int], dims: _Dims) -> None:

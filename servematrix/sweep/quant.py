@@ -35,45 +35,57 @@ def names() -> tuple[str, ...]:
     return ("none", *rules())
 
 
-def _shards(name: str, shape: tuple[int, ...], tp: int, kv_heads: int | None = None) -> list[tuple[int, int]]:
-    """The [n, k] a rank holds at `tp`, by the linear's TP role (mirror-families.yaml's tp_roles):
-    column-parallel splits outputs, row-parallel inputs; KV projections split or replicate by the
-    twin's KV heads as the mirror plans them (mirror/dims.py kv_class, vLLM's QKVParallelLinear);
-    with the KV heads unknown, either is accepted."""
-    from servematrix.mirror.dims import kv_class, tp_role
+def _shards(name: str, shape: tuple[int, ...], tp: int,
+            config: dict[str, Any] | None = None) -> list[list[tuple[int, int]]]:
+    """The ways a rank at `tp` may hold the linear, each as the [n, k] pieces it loads, by the linear's
+    TP role (mirror-families.yaml's tp_roles): column-parallel splits outputs, row-parallel inputs; KV
+    projections split or replicate by the twin's KV heads as the mirror plans them (mirror/dims.py
+    kv_class, vLLM's QKVParallelLinear), with the KV heads unknown either is accepted; a fused q/k/v
+    projection is its q, k and v sections per rank (mirror/dims.py qkv_sections), each loaded as its own
+    projection, so each must hold whole blocks (measured: phi3's 96-row k/v sections at TP=2 in 128-row
+    blocks, `start (8) + length (2) exceeds dimension size (9)` in load_qkv_weight)."""
+    from servematrix.mirror.dims import is_qkv, kv_class, qkv_sections, tp_role
 
     n, k = shape
-    role = tp_role(name.removesuffix(".weight"))
+    kv_heads = _kv_heads(config)
+    prefix = name.removesuffix(".weight")
+    role = tp_role(prefix)
+    sections = qkv_sections(config, tp) if is_qkv(prefix) and config else None
+    if sections and sum(qkv_sections(config, 1) or []) == n:  # the config's heads make up this tensor's rows
+        return [[(s, k) for s in sections]]
     if role == "column":
-        return [(n // tp, k)] if n % tp == 0 else []
+        return [[(n // tp, k)]] if n % tp == 0 else []
     if role == "row":
-        return [(n, k // tp)] if k % tp == 0 else []
+        return [[(n, k // tp)]] if k % tp == 0 else []
     if role == "kv":
         if kv_heads is not None:  # measured: mixtral's 2 KV heads at TP=2 split, a 64-row shard of a 128 block
             how = kv_class(kv_heads, tp)
-            return [(n // tp, k)] if how == "split" and n % tp == 0 else [(n, k)] if how == "replicated" else []
-        return [(n // tp, k), (n, k)] if n % tp == 0 else [(n, k)]
-    return [(n, k)]
+            return [[(n // tp, k)]] if how == "split" and n % tp == 0 else [[(n, k)]] if how == "replicated" else []
+        return [[(n // tp, k)], [(n, k)]] if n % tp == 0 else [[(n, k)]]
+    return [[(n, k)]]
 
 
-def _fits(name: str, shape: tuple[int, ...], bn: int, bk: int, tps: list[int], kv_heads: int | None = None) -> bool:
-    return len(shape) == 2 and all(any(n % bn == 0 and k % bk == 0 for n, k in _shards(name, shape, tp, kv_heads))
-                                   for tp in tps)
+def _fits(name: str, shape: tuple[int, ...], bn: int, bk: int, tps: list[int],
+          config: dict[str, Any] | None = None) -> bool:
+    return len(shape) == 2 and all(any(all(n % bn == 0 and k % bk == 0 for n, k in way)
+                                       for way in _shards(name, shape, tp, config)) for tp in tps)
 
 
 def _block(method: Fp8Block, shapes: dict[str, tuple[int, ...]], rule: QuantRule, tps: list[int],
-           kv_heads: int | None = None) -> int | None:
+           config: dict[str, Any] | None = None) -> int | None:
     selected = {n: s for n, s in shapes.items() if method.selects(n)}
     if not selected:
         return None
     return next((b for b in rule.blocks
-                 if all(_fits(n, s, b, rule.block_k, tps, kv_heads) for n, s in selected.items())), None)
+                 if all(_fits(n, s, b, rule.block_k, tps, config) for n, s in selected.items())), None)
 
 
-def _kv_heads(spec: dict[str, Any]) -> int | None:
+def _kv_heads(config: dict[str, Any] | None) -> int | None:
     """The twin's KV heads (its config's GQA field, else its attention heads), None if it has neither."""
-    config = spec.get("config") or {}
-    heads = config.get("num_key_value_heads") or config.get("num_attention_heads")
+    from servematrix.mirror.layout import field_value
+
+    config = config or {}
+    heads = field_value(config, "kv_heads")[1] or field_value(config, "heads")[1]
     return heads if isinstance(heads, int) and heads > 0 else None
 
 
@@ -81,17 +93,17 @@ def _method(rule: QuantRule, **fields):
     return {tag(c): c for c in BY_SCHEME.values()}[rule.quantize["method"]].model_validate({**rule.quantize, **fields})
 
 
-def _misfit(method, name: str, shape: tuple[int, ...], tp: int, kv_heads: int | None = None) -> str | None:
+def _misfit(method, name: str, shape: tuple[int, ...], tp: int, config: dict[str, Any] | None = None) -> str | None:
     """Why no TP shard of `name` at `tp` can be written in `method`'s layout, or None."""
-    shards = _shards(name, shape, tp, kv_heads)
-    if not shards:
+    ways = _shards(name, shape, tp, config)
+    if not ways:
         return f"{list(shape)} does not split over TP={tp}"
-    problems = [method.misaligned(n, k) for n, k in shards]
-    return None if None in problems else f"{list(shards[0])} at TP={tp}: {problems[0]}"
+    problems = [next((f"{list(p)} at TP={tp}: {w}" for p in way if (w := method.misaligned(*p))), None) for way in ways]
+    return None if None in problems else problems[0]
 
 
 def _grouped(quant: str, rule: QuantRule, shapes: dict[str, tuple[int, ...]], tps: list[int],
-             kv_heads: int | None = None):
+             config: dict[str, Any] | None = None):
     """(the quantize entry, its note) with the first group size for which every selected linear's
     TP shard holds whole groups and packs (the method's own alignment rule), or (None, the reason)."""
     why = ""
@@ -101,7 +113,7 @@ def _grouped(quant: str, rule: QuantRule, shapes: dict[str, tuple[int, ...]], tp
         if not selected:
             return None, f"{quant}: the twin has no linear matching {method.tensors}", False
         bad = next(((n, w) for n, s in selected.items() for tp in tps
-                    if (w := _misfit(method, n, s, tp, kv_heads))), None)
+                    if (w := _misfit(method, n, s, tp, config))), None)
         if bad is None:
             return ({**rule.quantize, "group_size": group}, f"{quant}: every decoder linear {method.bits}-bit, "
                     f"group {group}", False)
@@ -112,8 +124,9 @@ def _grouped(quant: str, rule: QuantRule, shapes: dict[str, tuple[int, ...]], tp
 
 def widen_units(quant: str, shapes: dict[str, tuple[int, ...]]) -> tuple[dict[str, int], str] | str | None:
     """The alignment a twin (forged as `shapes`) too narrow for `quant` is re-planned with (data:
-    `widen`), and why; or why it is not (a fused projection the plan cannot align section by
-    section); None where `quant` has no widening."""
+    `widen`), and why; or why it is not (a fused projection listed `unaligned`, which the plan cannot
+    align section by section; the fused q/k/v projections of mirror-families.yaml it does); None where
+    `quant` has no widening."""
     rule = rules().get(quant)
     if rule is None or rule.widen is None:
         return None
@@ -121,7 +134,7 @@ def widen_units(quant: str, shapes: dict[str, tuple[int, ...]]) -> tuple[dict[st
     fused = sorted(modules & set(rule.widen.unaligned))
     if fused:
         return (f"not widened: a fused {', '.join(fused)} would need each section whole blocks per TP rank, "
-                "which the mirror does not plan")
+                "which the mirror does not plan for it")
     return rule.widen.units(), rule.widen.why
 
 
@@ -136,22 +149,22 @@ def quantized(model_type: str, spec: dict[str, Any], shapes: dict[str, tuple[int
               tps: list[int]) -> QuantSpec:
     """The ForgeSpec of `model_type`'s twin (`spec`, whose forged tensors are `shapes`) under `quant`."""
     rule = rules()[quant]
-    kv_heads = _kv_heads(spec)
+    config = spec.get("config") or {}
     family = rule.families.get(model_type)
     if family is not None:
         update: dict[str, Any] = {"fp8_blocks": family.fp8_blocks}
         note = family.why
     elif rule.groups:
-        entry, note, narrow = _grouped(quant, rule, shapes, tps, kv_heads)
+        entry, note, narrow = _grouped(quant, rule, shapes, tps, config)
         if entry is None:
             return QuantSpec(reason=note, narrow=narrow)
         update = {"quantize": [entry]}
     else:
         probe = Fp8Block.model_validate(rule.quantize)
-        block = _block(probe, shapes, rule, tps, kv_heads)
+        block = _block(probe, shapes, rule, tps, config)
         if block is None:
             bad = sorted({f"{n.split('.')[-2]} {list(s)}" for n, s in shapes.items() if probe.selects(n)
-                          and not _fits(n, s, rule.blocks[-1], rule.block_k, tps, kv_heads)})
+                          and not _fits(n, s, rule.blocks[-1], rule.block_k, tps, config)})
             return QuantSpec(reason=f"{quant}: the CPU FP8 block kernel takes K blocks of {rule.block_k} only, and the "
                                     f"twin's linears are narrower at TP={','.join(map(str, tps))} "
                                     f"({'; '.join(bad[:4])}): a twin this small cannot hold the layout" if bad else

@@ -34,8 +34,9 @@ class Widen(_Strict):
     n: int = Field(gt=0)
     k: int = Field(gt=0)
     why: str
-    # fused projections whose sections (q, k, v) the widened plan does not align one by one: a twin
-    # with one stays not checkable (its sections would straddle blocks, which no real checkpoint does)
+    # fused projections whose sections the widened plan does not align one by one: a twin with one
+    # stays not checkable (its sections would straddle blocks, which no real checkpoint does). A fused
+    # q/k/v the mirror knows (mirror-families.yaml tp_roles.qkv_sections) is aligned section by section
     unaligned: list[str] = Field(default_factory=list)
 
     def units(self) -> dict[str, int]:

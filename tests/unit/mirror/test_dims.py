@@ -4,6 +4,8 @@ count valid at every TP), and under "faithful" they follow the source."""
 
 from __future__ import annotations
 
+import pytest
+
 from servematrix.mirror.dims import choose_kv, kv_class
 
 
@@ -40,3 +42,92 @@ def test_the_replicate_policy_gives_fewer_kv_heads_than_every_tp_above_one():
     # the most KV heads that every TP > 1 still replicates: 2 at TP 4 and 8
     assert choose_kv(8, [1, 4, 8], "replicate") == 2
     assert choose_kv(1, [1, 2], "replicate") == 1
+
+
+# microsoft/Phi-3-mini-4k-instruct's published config (servematrix/data/configs, with its source): a fused
+# qkv_proj of 32 heads and 32 KV heads of 96 (hidden_size 3072 / 32 heads; the family derives head_dim)
+def _phi3_mini() -> dict:
+    import json
+
+    from servematrix.paths import data_file
+
+    return json.loads((data_file("configs") / "phi3" / "microsoft--Phi-3-mini-4k-instruct.json").read_text())
+
+
+# the sweep's widening units (data/sweep-quants.yaml `widen`, sweep/rules.py Widen.units), written out:
+# fp8 128x128 blocks; awq/gptq packs of 8 outputs and groups of 128 inputs
+FP8_128 = {"all": 128, "ffn": 128, "kv_out": 128, "attn_out": 128, "attn_in": 128}
+PACK_8_GROUP_128 = {"all": 128, "ffn": 128, "kv_out": 8, "attn_out": 8, "attn_in": 128}
+
+
+def test_a_fused_qkv_projections_sections_per_rank_come_from_the_configs_head_fields():
+    from servematrix.mirror.dims import is_qkv, qkv_sections
+
+    cfg = _phi3_mini()
+    assert is_qkv("model.layers.0.self_attn.qkv_proj") and not is_qkv("model.layers.0.self_attn.q_proj")
+    assert qkv_sections(cfg, 1) == [3072, 3072, 3072]  # q, k, v: 24 blocks of 128 each, as published
+    assert qkv_sections(cfg, 2) == [1536, 1536, 1536]
+    # fewer KV heads than ranks: one head replicated on each rank, as vLLM's QKVParallelLinear holds it
+    assert qkv_sections({**cfg, "num_key_value_heads": 1}, 2) == [1536, 96, 96]
+    assert qkv_sections({**cfg, "num_key_value_heads": 3}, 2) is None  # 3 KV heads do not meet TP=2
+    assert qkv_sections({**cfg, "head_dim": 128}, 2) == [2048, 2048, 2048]  # an explicit head_dim wins
+
+
+@pytest.mark.parametrize("tps", [[1, 2], [1, 2, 4]])
+def test_a_twin_widened_for_fp8_blocks_holds_whole_blocks_in_every_qkv_section_per_rank(tps):
+    """Phi-3-mini's twin widened for 128x128 blocks keeps the source's head_dim 96 (below a block), so its
+    KV heads are split at every TP with enough a rank for whole blocks: at TP 1/2, 8 heads and 8 KV heads,
+    each section 384 rows a rank at TP=2. The plan before (8 heads, 2 KV heads) gave each rank 96-row k/v
+    sections, which vLLM's load_qkv_weight cut across blocks ("start (8) + length (2) exceeds dimension
+    size (9)", phi3 fp8-block tp2)."""
+    from servematrix.mirror.dims import choose_dims, kv_class, qkv_sections
+
+    cfg = _phi3_mini()
+    dims, _, notes = choose_dims(cfg, tps, {}, {}, "cover", align=FP8_128)
+    twin = {**cfg, **{k: v[1] for k, v in dims.items()}}
+    heads, kv, hidden = twin["num_attention_heads"], twin["num_key_value_heads"], twin["hidden_size"]
+    assert hidden // heads == 96 and "head_dim" not in twin  # the family's derived head_dim, kept
+    assert (heads, kv) == ((8, 8) if tps == [1, 2] else (16, 16))  # the fewest, MHA as the source
+    for tp in tps:
+        assert kv_class(kv, tp) == "split"  # a replicated rank would hold one 96-row head
+        assert all(rows % 128 == 0 for rows in qkv_sections(twin, tp)), (tp, qkv_sections(twin, tp))
+    assert hidden % (max(tps) * 128) == 0  # o_proj's inputs: whole K blocks a rank
+    assert any("KV heads" in n and "96" in n for n in notes)
+
+
+def test_a_twin_widened_for_awq_groups_keeps_its_kv_heads_where_the_head_is_whole_packs():
+    from servematrix.mirror.dims import choose_dims, qkv_sections
+
+    cfg = _phi3_mini()
+    dims, _, notes = choose_dims(cfg, [1, 2], {}, {}, "cover", align=PACK_8_GROUP_128)
+    twin = {**cfg, **{k: v[1] for k, v in dims.items()}}
+    assert twin["num_key_value_heads"] == 2  # the KV rule's own: a 64-wide head is 8 packs already
+    assert all(rows % 8 == 0 for tp in (1, 2) for rows in qkv_sections(twin, tp))
+    assert all(twin["hidden_size"] // tp % 128 == 0 for tp in (1, 2))
+    assert not any("KV heads" in n for n in notes)
+
+
+def test_an_unwidened_twin_is_planned_as_before():
+    from servematrix.mirror.dims import choose_dims
+
+    dims, _, _ = choose_dims(_phi3_mini(), [1, 2], {}, {}, "cover")
+    assert {k: v[1] for k, v in dims.items() if k in ("hidden_size", "num_attention_heads", "num_key_value_heads")} == \
+        {"hidden_size": 128, "num_attention_heads": 2, "num_key_value_heads": 2}
+
+
+def test_a_head_no_block_fits_and_no_cpu_kernel_takes_at_the_sources_width_keeps_64_with_kv_heads_making_blocks():
+    """microsoft/phi-2's published config (data/configs): 32 heads of 80 (2560 / 32). Widened for 128x128
+    blocks, a head of 80 is neither a block nor a size the twin's head_dim invariant takes (multiples of 32),
+    so the twin keeps head_dim 64 and splits 4 KV heads, 128 rows a rank at TP=2. Before, the plan raised
+    head_dim to the source's 80 and broke that invariant, so phi's fp8-block tp2 cells had no twin."""
+    import json
+
+    from servematrix.mirror.dims import choose_dims
+    from servematrix.paths import data_file
+
+    cfg = json.loads((data_file("configs") / "phi" / "microsoft--phi-2.json").read_text())
+    dims, _, _ = choose_dims(cfg, [1, 2], {}, {}, "cover", align=FP8_128)
+    twin = {**cfg, **{k: v[1] for k, v in dims.items()}}
+    heads, kv = twin["num_attention_heads"], twin["num_key_value_heads"]
+    assert twin["hidden_size"] // heads == 64 and (heads, kv) == (4, 4)
+    assert all((kv // tp * 64) % 128 == 0 and (heads // tp * 64) % 128 == 0 for tp in (1, 2))

@@ -156,3 +156,51 @@ def test_a_configuration_class_that_types_its_token_ids_strictly_is_planned():
     # shrunk class with ids inside the twin's vocab, the forge then writes its tokenizer's
     plan = plan_twin(read_source("model_type:cwm"), 2, [1, 2])
     assert plan.ok, [f"{i.name}: {i.detail}" for i in plan.invariants if not i.holds]
+
+
+def test_a_fused_qkv_proj_in_fp8_blocks_is_planned_whole_blocks_per_section_and_rank(tmp_path):
+    """A checkpoint of Phi-3-mini's shape (its published config, data/configs) in 128x128 FP8 blocks, as
+    DeepSeek-V3-FP8 lays them out: the fused qkv_proj's q, k and v sections (3072 rows each) are 24 blocks
+    each. The twin keeps head_dim 96 and gets 8 KV heads, so at TP 1 and 2 every section a rank loads is
+    whole blocks (768 / 384 rows); the quantized-dims invariant checks the sections, not the fused width
+    (which was whole blocks at TP=2 also for the 2-KV-head twin planned before, whose 96-row k/v
+    sections vLLM's load_qkv_weight cuts across blocks)."""
+    from servematrix.mirror.dims import qkv_sections
+    from servematrix.paths import data_file
+    from tests.unit.mirror.sources import add_embeddings, quantized, write_checkpoint
+
+    cfg = json.loads((data_file("configs") / "phi3" / "microsoft--Phi-3-mini-4k-instruct.json").read_text())
+    cfg["quantization_config"] = {"quant_method": "fp8", "activation_scheme": "dynamic", "fmt": "e4m3",
+                                  "weight_block_size": [128, 128]}
+    modules = {}
+    for i in range(cfg["num_hidden_layers"]):
+        p = f"model.layers.{i}."
+        modules |= {p + "self_attn.qkv_proj": ("linear", [3 * 3072, 3072]),
+                    p + "self_attn.o_proj": ("linear", [3072, 3072]),
+                    p + "mlp.gate_up_proj": ("linear", [2 * 8192, 3072]), p + "mlp.down_proj": ("linear", [3072, 8192]),
+                    p + "input_layernorm": ("norm", [3072]), p + "post_attention_layernorm": ("norm", [3072])}
+    tensors = add_embeddings(quantized(modules, "fp8_block", "BF16"), 32064, 3072, "BF16", False)
+    plan = plan_twin(read_source(str(write_checkpoint(tmp_path / "phi3-fp8", cfg, tensors, shards=2))), 1, [1, 2])
+    assert plan.ok, [f"{i.name}: {i.detail}" for i in plan.invariants if not i.holds]
+    twin = plan.spec.config
+    assert (twin["num_attention_heads"], twin["num_key_value_heads"], twin["hidden_size"]) == (8, 8, 768)
+    assert [qkv_sections(twin, tp) for tp in (1, 2)] == [[768] * 3, [384] * 3]
+    assert plan.twin["model.layers.0.self_attn.qkv_proj.weight_scale_inv"].shape == (18, 6)  # 3 x 6 blocks of rows
+
+
+def test_the_quantized_dims_invariant_fails_a_fused_qkv_proj_whose_sections_straddle_blocks():
+    """The twin planned before for phi3 (8 heads, 2 KV heads of 96): its qkv_proj [1152, 768] is 9 whole
+    128-row blocks at TP=1, but its k section starts at row 768 and is 192 rows, 1.5 blocks, which
+    vLLM's fused loader reads as ceil(192 / 128) = 2 scale rows from row 6 (and v from row 8 of 9)."""
+    from servematrix.mirror.checks import _quantized_dims
+    from servematrix.mirror.plan_models import Plan, QuantTarget
+
+    def plan(out: int) -> Plan:
+        target = QuantTarget(prefix="model.layers.0.self_attn.qkv_proj", scheme="fp8_block", forge=True, out=out,
+                             in_=768, params={"block_n": 128, "block_k": 128}, leaves={})
+        return Plan.model_construct(tp=[1], quant=[target], not_mirrored=[])
+
+    cfg = {"hidden_size": 768, "num_attention_heads": 8, "num_key_value_heads": 2}
+    before = _quantized_dims(plan(1152), cfg)
+    assert not before.holds and "out k 192 per rank at TP=1" in before.detail
+    assert _quantized_dims(plan(2304), {**cfg, "num_key_value_heads": 8}).holds  # 768 rows a section

@@ -162,3 +162,64 @@ def test_a_4bit_twin_of_a_type_vllm_refuses_float16_for_is_forged_in_bfloat16(me
     configs take bfloat16 on 0.32, so gemma2's twin is bfloat16, llama's stays float16."""
     assert quant.quantized("gemma2", {**SPEC, "model_type": "gemma2"}, SHAPES, method, [1]).spec["dtype"] == "bfloat16"
     assert quant.quantized("llama", SPEC, SHAPES, method, [1]).spec["dtype"] == "float16"
+
+
+def _phi3(heads: int, kv: int, hd: int = 96, ffn: int = 256) -> tuple[dict, dict]:
+    """A phi3 twin's spec and shapes: one fused qkv_proj of heads + 2 x kv heads of `hd` rows (the family derives
+    head_dim as hidden_size / heads), a fused gate_up_proj."""
+    hidden = heads * hd
+    config = {"hidden_size": hidden, "intermediate_size": ffn, "num_hidden_layers": 1, "num_attention_heads": heads,
+              "num_key_value_heads": kv, "max_position_embeddings": 4096, "tie_word_embeddings": False}
+    spec = ForgeSpec(model_type="phi3", architecture="Phi3ForCausalLM", config=config).model_dump(mode="json")
+    p = "model.layers.0."
+    shapes = {p + "self_attn.qkv_proj.weight": ((heads + 2 * kv) * hd, hidden),
+              p + "self_attn.o_proj.weight": (hidden, hidden),
+              p + "mlp.gate_up_proj.weight": (2 * ffn, hidden), p + "mlp.down_proj.weight": (hidden, ffn)}
+    return spec, shapes
+
+
+def test_a_fused_qkv_projs_block_is_the_first_that_every_section_of_every_rank_holds():
+    """vLLM's QKVParallelLinear loads a fused qkv_proj section by section (q, then k, then v, each split
+    over the ranks), and each section's block-scale rows are ceil(rows / block_n): a block must divide
+    each section a rank holds, not only the fused width. phi3's twin widened before (8 heads, 2 KV heads
+    of 96) is 576 rows a rank at TP=2, which 64 divides, but its k/v sections are 96 rows a rank."""
+    spec, shapes = _phi3(8, 2)
+    q = quant.quantized("phi3", spec, shapes, "fp8-block", [2])
+    assert q.spec["quantize"][0]["block"] == [32, 128]  # 384 / 96 / 96 rows: 32 is the first that fits all
+    spec, shapes = _phi3(8, 8)  # as the mirror widens it now: 384 rows a section a rank
+    assert quant.quantized("phi3", spec, shapes, "fp8-block", [1, 2]).spec["quantize"][0]["block"] == [128, 128]
+    # 4-bit: every section whole packs of 8 (hd 96: 12 packs a head)
+    assert quant.quantized("phi3", spec, shapes, "awq", [1, 2]).spec["quantize"][0]["group_size"] == 128
+
+
+def test_a_fused_qkv_section_no_block_fits_is_the_reason():
+    # 16 heads and 1 KV head of 24: qkv_proj [432, 384] is 27 blocks of 16, but its k and v sections are
+    # 24 rows, no block of the list; every other linear takes 128
+    spec, shapes = _phi3(16, 1, hd=24, ffn=256)
+    q = quant.quantized("phi3", spec, shapes, "fp8-block", [1])
+    assert q.spec is None and q.narrow and "qkv_proj [432, 384]" in q.reason and "o_proj" not in q.reason
+
+
+def test_phi3s_published_config_widened_for_fp8_blocks_takes_128x128_blocks_at_tp1_and_tp2():
+    """The sweep's phi3 twin (microsoft/Phi-3-mini-4k-instruct's published config, data/configs) re-planned
+    with the fp8-block widening (data/sweep-quants.yaml `widen`): 8 heads and 8 KV heads of 96, each qkv
+    section 384 rows a rank at TP=2, so the cell takes the 128x128 blocks real FP8 checkpoints use (the plan
+    before gave 2 KV heads, 96-row k/v sections a rank: no 128 block)."""
+    from servematrix import mirror
+    from servematrix.sweep import corpus
+    from servematrix.sweep.quant import widen_units
+
+    base = mirror.plan_twin(corpus.layout(corpus.published("phi3")), 2, [1, 2])
+    shapes = {n: tuple(t.shape) for n, t in base.forged.items()}
+    narrow = quant.quantized("phi3", base.spec.model_dump(mode="json"), shapes, "fp8-block", [2])
+    assert narrow.narrow  # the base twin (hidden 128) is 64 K a rank at TP=2
+    units, why = widen_units("fp8-block", shapes)  # a fused qkv_proj is widened now
+    wide = mirror.plan_twin(corpus.layout(corpus.published("phi3")), 2, [1, 2], align=units)
+    assert wide.ok
+    config = wide.spec.config
+    assert (config["num_attention_heads"], config["num_key_value_heads"], config["hidden_size"]) == (8, 8, 768)
+    wide_shapes = {n: tuple(t.shape) for n, t in wide.forged.items()}
+    assert wide_shapes["model.layers.0.self_attn.qkv_proj.weight"] == (2304, 768)
+    for tp in (1, 2):
+        q = quant.quantized("phi3", wide.spec.model_dump(mode="json"), wide_shapes, "fp8-block", [tp])
+        assert q.spec["quantize"][0]["block"] == [128, 128], (tp, q.reason)

@@ -46,11 +46,28 @@ def test_a_twin_too_narrow_for_fp8_blocks_is_quantized_re_planned_as_wide_as_rea
     assert o_proj[1] % (2 * 128) == 0  # row-parallel: each of 2 ranks holds whole 128-wide K blocks
 
 
-def test_a_fused_qkv_twin_is_not_widened_its_sections_would_straddle_blocks():
+def test_a_fused_qkv_twin_is_widened_with_whole_blocks_in_each_section_per_rank(tmp_path, monkeypatch):
+    """phi3's twin (microsoft/Phi-3-mini-4k-instruct's published config; fused qkv_proj, 64 K a rank at TP=2)
+    is widened for fp8-block at TP=2 too: 8 heads and 8 KV heads of 96, its qkv_proj [2304, 768] written in
+    128x128 blocks whose 18 scale rows are 3 per section a rank (q, k, v of 384 rows), as vLLM's fused loader
+    reads them. Widened as before (2 KV heads) the k/v sections straddled blocks and vLLM's load_qkv_weight
+    failed ("start (8) + length (2) exceeds dimension size (9)")."""
+    from safetensors import safe_open
+
     from servematrix.sweep.quant import widen_units
 
-    why = widen_units("fp8-block", {"model.layers.0.self_attn.qkv_proj.weight": (384, 128)})
-    assert isinstance(why, str) and "qkv_proj" in why
     units, _ = widen_units("awq", {"model.layers.0.self_attn.q_proj.weight": (128, 128)})
     assert units["attn_in"] == 128 and units["kv_out"] == 8
     assert widen_units("none", {}) is None
+    monkeypatch.setenv("SERVEMATRIX_CACHE", str(tmp_path / "cache"))
+    where = tmp_path / "sweep-twins"
+    base = twins.build("phi3", where, 2, [1, 2])
+    assert base.ok and not twins.quantize(base, "fp8-block", [2]).ok  # too narrow, nothing to widen it with
+    wide = twins.quantize(base, "fp8-block", [2], lambda units: twins.build("phi3", where, 2, [1, 2], align=units))
+    assert wide.ok and "128x128 blocks" in wide.note and "widened" in wide.note, wide.reason
+    shapes = {}
+    for shard in Path(wide.path).glob("*.safetensors"):
+        with safe_open(str(shard), "pt") as f:
+            shapes |= {n: f.get_slice(n).get_shape() for n in f.keys()}
+    assert shapes["model.layers.0.self_attn.qkv_proj.weight"] == [2304, 768]
+    assert shapes["model.layers.0.self_attn.qkv_proj.weight_scale_inv"] == [18, 6]
