@@ -77,6 +77,17 @@ class Composite(_Strict):
     tensors: dict[str, list[int | str]] = Field(default_factory=dict)  # connector: name -> shape
     token_ids: list[str] = Field(default_factory=list)  # top-level ids counted from the end of the text vocabulary
     vocab: list[str] = Field(default_factory=list)  # top-level copies of the text vocabulary size
+    # a tower field that must equal another part's twin field (PaliGemma's vision_config.projection_dim is its
+    # text model's hidden size): "<tower config key>.<field>": "<config key>.<field>"
+    ties: dict[str, str] = Field(default_factory=dict)
+
+    @field_validator("ties")
+    @classmethod
+    def _tied(cls, ties: dict[str, str]) -> dict[str, str]:
+        bad = [f"{k}: {v}" for k, v in ties.items() if not (_DIM.match(k) and _DIM.match(v)) or "*" in k + v]
+        if bad:
+            raise ValueError(f"ties are <config key>.<field>: <config key>.<field>, not {bad}")
+        return ties
 
     @field_validator("tensors")
     @classmethod
@@ -214,8 +225,16 @@ def plan_composite(config: dict[str, Any], parts: Composite, max_pp: int, tp_val
         dims.update({f"{tower.config_key}.{k}": v for k, v in changed.items()})
         components.append(dict(model_type=published["model_type"], config=tcfg, prefix=tower.prefix,
                                strip=tower.strip, config_key=tower.config_key))
-        towers.update(_tower_layout(published["model_type"], tcfg, tower, dtype))
-        checks += _tower_invariants(tower, tcfg, tps, published)
+    for target, source_field in parts.ties.items():  # after every part is shrunk: the twin's own values
+        key, field = target.split(".", 1)
+        if key not in {t.config_key for t in parts.towers}:
+            raise ConfigError(where or source, None, target, "a tie sets a tower's field (the text model is planned)")
+        value = _shape([source_field], twin_configs)[0]
+        twin_configs[key][field] = value  # the tower's component config is this same dict
+        dims[target] = [(config.get(key) or {}).get(field), value]
+    for tower, comp in zip(parts.towers, components):  # each tower's tensors once its config is final
+        towers.update(_tower_layout(comp["model_type"], comp["config"], tower, dtype))
+        checks += _tower_invariants(tower, comp["config"], tps, config[tower.config_key])
     extras, connector = [], {}
     for name, dims_ in parts.tensors.items():
         shape = _shape(dims_, twin_configs)

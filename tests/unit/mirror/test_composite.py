@@ -74,3 +74,18 @@ def test_a_connector_shape_must_name_a_twin_config_field():
         Composite.model_validate({**data, "tensors": {"proj.weight": ["hidden_size"]}})
     with pytest.raises(ValidationError, match="hidden, ffn, heads, layers"):
         Composite.model_validate({**data, "towers": [{**data["towers"][0], "fields": {"hidden": "hidden_size"}}]})
+
+
+def test_a_tie_sets_a_tower_field_to_another_part_s_twin_value():
+    # PaliGemma's shape: the vision tower's projection_dim is its text model's hidden size
+    tied = PARTS.model_copy(update={"ties": {"vision_config.projection_dim": "text_config.hidden_size"}})
+    plan = mirror.plan_composite(_published(), tied, 2, [1, 2], source="config:llava")
+    assert plan.ok
+    (tower,) = plan.spec.components
+    assert tower.config["projection_dim"] == plan.spec.config["hidden_size"]
+    assert plan.dims["vision_config.projection_dim"] == [768, plan.spec.config["hidden_size"]]
+    with pytest.raises(ValidationError, match="ties are"):
+        Composite.model_validate({**PARTS.model_dump(), "ties": {"projection_dim": "text_config.hidden_size"}})
+    with pytest.raises(ConfigError, match="a tie sets a tower's field"):
+        mirror.plan_composite(_published(), PARTS.model_copy(update={"ties": {"text_config.x": "vision_config.hidden_size"}}),
+                              2, [1, 2], source="config:llava")
