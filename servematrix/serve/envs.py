@@ -8,6 +8,7 @@ plugin entry point exists there too; that copy is refreshed whenever the fix mod
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -188,6 +189,25 @@ def ensure(name: str, log=sys.stderr) -> Path:
     if name == CURRENT:
         return Path(sys.prefix)
     rel = release(name)
+    with _building(rel.name):
+        return _ensure(rel, log)
+
+
+@contextlib.contextmanager
+def _building(name: str):
+    """One process at a time checks or builds an environment: two runs on one host (two CI streams,
+    two users of one cache) would otherwise both build it, or one would remove the half-built tree
+    the other is filling or a server is importing from. The other waits, then finds it built."""
+    import fcntl
+
+    lock_dir = cache_dir(create=True) / "envs"
+    lock_dir.mkdir(exist_ok=True)
+    with open(lock_dir / f".{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        yield
+
+
+def _ensure(rel: Release, log) -> Path:
     name = rel.name
     built, fixes = info(name), fixes_hash()
     st = state(rel, built)
@@ -215,7 +235,7 @@ def ensure(name: str, log=sys.stderr) -> Path:
     shutil.rmtree(path, ignore_errors=True)  # a build that died half-way, or another recipe's
     missing = [lib for lib in rel.ld_preload if "{env}" not in lib and not Path(lib).exists()]
     if missing and rel.apt:
-        _apt_install(rel.apt, log)
+        apt_install(rel.apt, log)
         missing = [lib for lib in missing if not Path(lib).exists()]
     if missing:
         raise EnvError(f"{name} needs {', '.join(missing)}: apt-get install {' '.join(rel.apt)}")
@@ -267,16 +287,29 @@ def _install_servematrix(py: str, log) -> None:
         raise EnvError(f"pip install --no-deps {REPO} failed (exit {done.returncode})")
 
 
-def _apt_install(packages: list[str], log) -> None:
-    """The Debian packages a release's quirks need, where this process may install them (root)."""
+def apt_install(packages: list[str], log=None) -> tuple[bool, str]:
+    """Debian packages installed where this process may (root, apt-get): (ok, the output's tail).
+    One install at a time on this host: two of servematrix's processes installing at once (a release
+    environment's build beside a test fixture's Podman) find apt's lock held and fail, so each waits
+    for the others under one file lock; apt-get itself waits for dpkg's lock too."""
+    import fcntl
+    import tempfile
+
     if os.geteuid() != 0 or shutil.which("apt-get") is None:
-        return
-    print(f"[env] apt-get install {' '.join(packages)}", file=log, flush=True)
+        return False, "apt-get cannot install here (needs root and apt-get)"
+    if log is not None:
+        print(f"[env] apt-get install {' '.join(packages)}", file=log, flush=True)
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    if subprocess.run(["apt-get", "install", "-y", "-qq", *packages], stdout=log, stderr=subprocess.STDOUT,
-                      env=env).returncode != 0:
-        subprocess.run(["apt-get", "update", "-qq"], stdout=log, stderr=subprocess.STDOUT, env=env)
-        subprocess.run(["apt-get", "install", "-y", "-qq", *packages], stdout=log, stderr=subprocess.STDOUT, env=env)
+    install = ["apt-get", "-o", "DPkg::Lock::Timeout=600", "install", "-y", "-qq", *packages]
+    with open(Path(tempfile.gettempdir()) / "servematrix-apt.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        done = subprocess.run(install, capture_output=True, text=True, env=env)
+        if done.returncode != 0:  # the package lists may be stale or absent on a new machine
+            subprocess.run(["apt-get", "update", "-qq"], capture_output=True, text=True, env=env)
+            done = subprocess.run(install, capture_output=True, text=True, env=env)
+    if log is not None:
+        print(done.stdout + done.stderr, file=log, end="", flush=True)
+    return done.returncode == 0, (done.stdout + done.stderr)[-400:]
 
 
 def _other_requirements(py: str, rel: Release) -> list[str]:

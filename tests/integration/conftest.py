@@ -54,6 +54,11 @@ def pytest_configure(config):
     side then never pin their workers to the same core (serve/server.py omp_bind binds inside the
     allowed cores), which is what made an unconfined two-stream run slower than one stream
     (docs/testing.md). Without xdist, or with fewer cores than workers, nothing changes."""
+    if config.getoption("dist", "no") == "loadgroup" and pytest.version_tuple[:2] >= (9, 2):
+        # xdist's groups never reach its scheduler there (pytest-xdist #1386): a module's tests would be
+        # spread over both streams, each building the module's runs again, two Ray clusters side by side
+        raise pytest.UsageError("--dist loadgroup does not group on pytest >= 9.2 (pytest-xdist #1386): "
+                                "install pytest<9.2, as pyproject.toml's test extra pins it")
     worker, count = os.environ.get("PYTEST_XDIST_WORKER"), os.environ.get("PYTEST_XDIST_WORKER_COUNT")
     if not worker or not count:
         return
@@ -130,10 +135,11 @@ def podman_engine(tmp_path_factory):
     if shutil.which("podman") is None or shutil.which("runc") is None:
         if os.geteuid() != 0 or shutil.which("apt-get") is None:
             pytest.skip("podman/runc are not installed and cannot be here (needs root and apt-get)")
-        r = subprocess.run("apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq podman runc",
-                           shell=True, capture_output=True, text=True, timeout=1200)
-        if r.returncode != 0:
-            pytest.skip(f"apt-get install podman runc failed: {r.stderr[-400:]}")
+        from servematrix.serve.envs import apt_install
+
+        ok, tail = apt_install(["podman", "runc"])  # one apt at a time: the other stream may be installing
+        if not ok:
+            pytest.skip(f"apt-get install podman runc failed: {tail}")
     tmp = tmp_path_factory.mktemp("podman")
     (tmp / "containers.conf").write_text(CONTAINERS_CONF)
     env = {**os.environ, "CONTAINERS_CONF": str(tmp / "containers.conf")}

@@ -49,10 +49,11 @@ def cpu_image(podman_engine, tmp_path_factory):
 
     env, _ = podman_engine
     if shutil.which("debootstrap") is None:
-        r = subprocess.run("DEBIAN_FRONTEND=noninteractive apt-get install -y -qq debootstrap", shell=True,
-                           capture_output=True, text=True, timeout=600)
-        if r.returncode != 0:
-            pytest.skip(f"debootstrap cannot be installed: {r.stderr[-300:]}")
+        from servematrix.serve.envs import apt_install
+
+        ok, tail = apt_install(["debootstrap"])
+        if not ok:
+            pytest.skip(f"debootstrap cannot be installed: {tail}")
     build = os.environ.get("SERVEMATRIX_BUILD_DIR") or str(tmp_path_factory.mktemp("cpu-build"))
     return build_cpu(env, build)
 

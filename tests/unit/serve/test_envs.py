@@ -1,5 +1,7 @@
 """Per-release vLLM environments: quirks come from data, never from version branches."""
 
+import os
+
 import pytest
 
 from servematrix.serve import envs
@@ -87,3 +89,24 @@ def test_a_damaged_marker_is_listed_as_damaged_and_rebuilt_not_an_internal_error
     line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("cpu-0.20.2 "))
     assert "is not a JSON object: rebuilt by env ensure" in line
     assert envs.remove("cpu-0.20.2") is True  # still servematrix's: it carries the marker file
+
+
+def test_a_second_process_checking_one_release_waits_until_the_first_is_done(tmp_path, monkeypatch):
+    # two CI streams (or two runs) ensuring cpu-0.20.2 at once: one builds, the other must not remove or
+    # rebuild the tree under it, so it waits for the first to leave
+    import subprocess
+    import sys
+
+    monkeypatch.setenv("SERVEMATRIX_CACHE", str(tmp_path))
+    done = tmp_path / "released"
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time\nfrom pathlib import Path\n"
+                               "from servematrix.serve.envs import _building\n"
+                               "with _building('cpu-0.20.2'):\n    print('held', flush=True)\n    time.sleep(1)\n"
+                               "    Path(sys.argv[1]).touch()", str(done)],
+                              stdout=subprocess.PIPE, text=True, env={**os.environ, "SERVEMATRIX_CACHE": str(tmp_path)})
+    assert holder.stdout.readline().strip() == "held"
+    with envs._building("cpu-0.20.2"):
+        assert done.exists()  # we got in only once the holder had finished with it
+    holder.wait(timeout=60)
+    with envs._building("cpu-0.18.1"):  # another release's lock is another lock
+        pass
