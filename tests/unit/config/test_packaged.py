@@ -16,6 +16,7 @@ from servematrix.config.mirror_families import MirrorFamilies
 from servematrix.config.releases import ReleasesFile
 from servematrix.errors import ConfigError
 from servematrix.sweep.drafts import DraftRules
+from servematrix.sweep.multimodal import MultimodalRules
 from servematrix.sweep.rules import SweepRules
 from servematrix.paths import data_file
 
@@ -28,6 +29,7 @@ MODELS = {
     "vllm-releases.yaml": ReleasesFile,
     "sweep-quants.yaml": SweepRules,
     "sweep-drafts.yaml": DraftRules,
+    "sweep-multimodal.yaml": MultimodalRules,
 }
 
 

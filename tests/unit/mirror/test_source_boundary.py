@@ -237,6 +237,17 @@ def test_every_published_config_of_the_corpus_passes_the_boundary_as_a_config_on
         with pytest.raises(ConfigError, match=f"cannot be built on the meta device.*{REFUSED_BY_TRANSFORMERS[path.parent.name]}"):
             read_source(str(path))
         return
+    from servematrix.sweep import multimodal
+
+    if multimodal.is_composite(path.parent.name):  # a composite's text model, through the composite's parts
+        import json
+
+        from servematrix.mirror.composite import text_layout
+
+        parts = multimodal.rules().composites[path.parent.name]
+        layout = text_layout(json.loads(path.read_text()), parts, str(path))
+        assert layout.files == [] and layout.tensors
+        return
     layout = read_source(str(path))
     assert layout.files == [] and layout.tensors and layout.model_type == path.parent.name
 
