@@ -27,6 +27,9 @@ from servematrix.paths import data_file
 
 FILE = data_file("sweep-multimodal.yaml")  # package data, so a wheel install carries it
 
+# the note's words for parameters vLLM built and did not fill (runner: such a cell is no pass)
+UNREAD = "parameters holding no tensor of the twin (never read from the checkpoint)"
+
 # a composite twin is not served: serving it needs a processor (image processor, <image> token) the twin lacks
 NOT_SERVED = "a multimodal twin: no image processor or image token is forged, so the sweep's serve step is not run"
 
@@ -157,6 +160,29 @@ def loaded(twin: Path, check_dir: Path) -> list[Held]:
     return out
 
 
+# vLLM's stacked parameters: each holds several checkpoint tensors, none of them whole
+FUSED = (".qkv_proj.", ".gate_up_proj.")
+
+
+def unread_params(twin: Path, check_dir: Path) -> list[str]:
+    """vLLM's parameters (outside its fused ones) whose values are no tensor of the twin in any of
+    digests.DTYPES: built but never filled from the checkpoint (at TP=1 and PP, where each is whole).
+    vLLM 0.32.0's own "not initialized from checkpoint" check exempts every module whose quant method
+    has process_weights_after_loading (an unquantized linear's does), so a linear tensor missing from a
+    checkpoint passes its load unseen; this finds it."""
+    from safetensors import safe_open
+
+    from servematrix.sweep import digests
+
+    in_twin = set()
+    for path in sorted(Path(twin).glob("*.safetensors")):
+        with safe_open(str(path), "pt") as f:
+            for name in f.keys():
+                in_twin.update(digests.of(f.get_tensor(name)))
+    return sorted(n for n, d in digests.recorded(check_dir).items()
+                  if d not in in_twin and not any(f in f".{n}" for f in FUSED))
+
+
 def note(twin: Path, check_dir: Path, tp: int) -> str | None:
     """A composite cell's load in words: at TP=1 (whole tensors), how many of the twin's distinctive
     tensors vLLM's parameters hold bit for bit per part (text model, each tower, connector), and which
@@ -180,6 +206,9 @@ def note(twin: Path, check_dir: Path, tp: int) -> str | None:
         key = m.group(1) if m else n.rpartition(".")[0]
         modules[key] = modules.get(key, 0) + 1
     families = [f"{k} ({v})" for k, v in sorted(modules.items())]
+    unfilled = unread_params(twin, check_dir)
     return (f"{words}; {len(found) - len(missing)} of the twin's {len(found)} distinctive tensors held bit for bit"
             + (f"; {len(fused)} q/k/v, gate/up tensors in vLLM's fused parameters (not comparable whole)" if fused else "")
-            + (f"; held by no parameter: {', '.join(families)}" if families else ""))
+            + (f"; held by no parameter: {', '.join(families)}" if families else "")
+            + (f"; {UNREAD}: {', '.join(unfilled)}" if unfilled else f"; every parameter outside the fused ones holds "
+               "a tensor of the twin"))

@@ -257,6 +257,13 @@ def _cell(cell: cellmod.Cell, opts: SweepOptions, python: str, twin_cache: dict,
     if record.verdict in ("pass", "fail"):
         record = _twin_incomplete(record, cell, opts, twin)
     head = _head_note(cell, opts, twin) if record.verdict == "pass" else None
+    if head and twin.spec and twin.spec.get("components"):  # a composite: a parameter never filled is no pass
+        from servematrix.sweep import multimodal
+
+        if multimodal.UNREAD in head:  # vLLM's own check exempts every unquantized linear (sweep/multimodal.py)
+            unfilled = head.split(f"{multimodal.UNREAD}: ", 1)[1].split(";")[0]
+            record = record.model_copy(update={"verdict": "fail", "failure": Failure.of(
+                "check", f"servematrix: vLLM built and never filled from the checkpoint: {unfilled}"[:500])})
     if record.verdict != "skipped":  # the depth reached, the quantized layout in words (block size, family rule)
         record = record.model_copy(update={"note": "; ".join(filter(None, [record.note, depth, head, twin.note,
                                                                             twin.origin])) or None})

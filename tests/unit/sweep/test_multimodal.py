@@ -154,5 +154,8 @@ def test_a_tensor_counts_as_loaded_only_where_a_rank_s_parameter_holds_its_value
     assert "held by no parameter" in note and "multi_modal_projector.linear_2 (1)" in note
     assert "vision_tower.vision_model.encoder.layers.1 (" in note and "vision_tower.vision_model.post_layernorm (" in note
     assert "q/k/v, gate/up tensors in vLLM's fused parameters" in note
+    # the bias vLLM built and left unfilled holds no tensor of the twin: the note says so, and names it
+    assert multimodal.unread_params(twin, tmp_path) == ["multi_modal_projector.linear_2.bias"]
+    assert f"{multimodal.UNREAD}: multi_modal_projector.linear_2.bias" in note
     # at TP>1 a split parameter holds a slice: only what was built is said
     assert multimodal.note(twin, tmp_path, 2).startswith("composite: vLLM built LlavaForConditionalGeneration")
