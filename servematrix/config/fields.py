@@ -93,9 +93,11 @@ def _write_up(v: str) -> str:
     if not _WRITE_UP.fullmatch(v):
         raise ValueError(f"{v!r} is neither an http(s) URL of the upstream bug nor a write-up docs/<page>.md#<anchor>")
     page, _, anchor = v.partition("#")
-    doc = Path(__file__).resolve().parents[2] / page  # the repository holding this package
+    repo = Path(__file__).resolve().parents[2]  # the repository holding this package
+    if not (repo / "docs").is_dir():  # an installed copy (a wheel, the runner image): no docs to hold it to
+        return v
     try:
-        headings = [line.lstrip("#").strip() for line in doc.read_text().splitlines() if line.startswith("#")]
+        headings = [line.lstrip("#").strip() for line in (repo / page).read_text().splitlines() if line.startswith("#")]
     except OSError:
         raise ValueError(f"no write-up {page} in this repository") from None
     if anchor not in {heading_anchor(h) for h in headings}:
