@@ -25,6 +25,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from servematrix.config import packaged
+from servematrix.config.fields import Regex
 from servematrix.mirror.source import INDEX_FILE, ORIGIN_FILE
 from servematrix.paths import data_file
 from servematrix.sweep import digests
@@ -93,17 +94,8 @@ class Draft(_Strict):
 
 
 class NotDescribed(_Strict):
-    pattern: str
+    pattern: Regex
     reason: str
-
-    @field_validator("pattern")
-    @classmethod
-    def _compiles(cls, p: str) -> str:
-        try:
-            re.compile(p)
-        except re.error as exc:
-            raise ValueError(f"{p!r} is not a regular expression ({exc})") from None
-        return p
 
 
 class DraftRules(_Strict):

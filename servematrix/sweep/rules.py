@@ -8,9 +8,10 @@ from __future__ import annotations
 import re
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field
 
 from servematrix.config import packaged
+from servematrix.config.fields import Regex
 from servematrix.config.scenario import SmokePrompt
 from servematrix.paths import data_file
 
@@ -75,25 +76,12 @@ class ServeRules(_Strict):
         return twin_reason or self.quants.get(quant) or self.model_types.get(model_type or "")
 
 
-def _regex(pattern: str) -> str:
-    try:
-        re.compile(pattern)
-    except re.error as exc:
-        raise ValueError(f"{pattern!r} is not a regular expression ({exc})") from None
-    return pattern
-
-
 class DeclaredLimit(_Strict):
     """A layout vLLM itself declares an architecture does not support (an interface its class does
     not implement), recognised by the refusal's signature."""
 
-    signature: str  # a regular expression over the failure's signature
+    signature: Regex  # over the failure's signature
     why: str  # the reason a cell shows; `{arch}` becomes the architecture's name
-
-    @field_validator("signature")
-    @classmethod
-    def _compiles(cls, pattern: str) -> str:
-        return _regex(pattern)
 
 
 class SweepRules(_Strict):
@@ -101,14 +89,9 @@ class SweepRules(_Strict):
     serve: ServeRules
     # regular expressions over a failure's signature: a library the CPU install lacks (GPU-only
     # ones, torchvision), so the cell is "not checkable here", not a verdict on vLLM
-    gpu_only: list[str] = Field(default_factory=list)
+    gpu_only: list[Regex] = Field(default_factory=list)
     # vLLM's own declared limits: such a cell is "not supported by vLLM", neither pass nor fail
     declared_limits: list[DeclaredLimit] = Field(default_factory=list)
-
-    @field_validator("gpu_only")
-    @classmethod
-    def _compiles(cls, patterns: list[str]) -> list[str]:
-        return [_regex(p) for p in patterns]
 
     def declared(self, signature: str, arch: str) -> str | None:
         """Why vLLM declares the cell's layout unsupported for `arch` (None: it does not)."""

@@ -86,6 +86,24 @@ def servematrix(*args: str, timeout: float = 1500, **kw) -> subprocess.Completed
 STALE_DAYS = 14  # a forged/converted entry or sweep twin no session has used since is removed (code moved on)
 
 
+def sweep(out: Path, layouts: str, k: str, cache: str, *extra: str):
+    """`servematrix sweep` of the cells `k` selects at `layouts` into `out`, as a user runs it:
+    (the process, its records by cell id)."""
+    import json
+
+    proc = servematrix("sweep", "--layouts", layouts, "-k", k, *extra, "--out", str(out), "--timeout", "150",
+                       timeout=600, env={"SERVEMATRIX_CACHE": cache})
+    return proc, {r["id"]: r for r in json.loads((out / "summary.json").read_text())["scenarios"]}
+
+
+def twin_of(record: dict) -> Path:
+    """The twin checkpoint a sweep cell's record loaded (its command line's --model)."""
+    import shlex
+
+    argv = shlex.split(record["server_command"])
+    return Path(argv[argv.index("--model") + 1])
+
+
 def _prune(cache: Path) -> None:
     import shutil
     import time

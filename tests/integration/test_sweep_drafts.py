@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import servematrix
+from .conftest import servematrix, sweep, twin_of
 
 pytestmark = pytest.mark.integration
 ARCH = "DeepSeekMTPModel"
@@ -27,15 +27,8 @@ REPLICATED = {f"model.layers.4.{n}" for n in ("eh_proj.weight", "enorm.weight", 
 @pytest.fixture(scope="module")
 def drafted(tmp_path_factory, shared_cache):
     out = tmp_path_factory.mktemp("drafts") / "run"
-    proc = servematrix("sweep", "--layouts", "tp1,tp2", "-k", f"{ARCH}/*", "--out", str(out), "--timeout", "150",
-                       timeout=600, env={"SERVEMATRIX_CACHE": shared_cache})
-    by_id = {r["id"]: r for r in json.loads((out / "summary.json").read_text())["scenarios"]}
+    proc, by_id = sweep(out, "tp1,tp2", f"{ARCH}/*", shared_cache)
     return proc, out, by_id
-
-
-def _twin(record) -> Path:
-    argv = shlex.split(record["server_command"])
-    return Path(argv[argv.index("--model") + 1])
 
 
 def _ranks(out: Path, cell: str) -> list[dict]:
@@ -59,7 +52,7 @@ def test_the_draft_s_parameters_hold_the_twin_s_draft_tensors_bit_for_bit(drafte
 
     _, out, by_id = drafted
     tp1 = by_id[f"{ARCH}/tp1-none"]
-    twin = _twin(tp1)
+    twin = twin_of(tp1)
     assert twin.name.startswith(f"{ARCH}-") and (twin / drafts.DRAFT_FILE).is_file()
     found = {t.name: t for t in drafts.draft_loaded(twin, out / f"{ARCH}/tp1-none" / "loadcheck")}
     assert OWN <= set(found) and all(found[n].loaded for n in OWN), {n: found.get(n) for n in OWN}
@@ -82,7 +75,7 @@ def test_the_same_twin_without_its_draft_layer_fails_with_vllm_s_own_refusal(dra
     _, out, by_id = drafted
     record = by_id[f"{ARCH}/tp1-none"]
     bare = tmp_path / "no-draft"
-    shutil.copytree(_twin(record), bare)
+    shutil.copytree(twin_of(record), bare)
     (bare / drafts.DRAFT_FILE).unlink()
     (bare / drafts.INDEX).unlink()
     argv = shlex.split(record["server_command"])

@@ -11,11 +11,10 @@ import re
 import shlex
 import shutil
 import sys
-from pathlib import Path
 
 import pytest
 
-from .conftest import servematrix
+from .conftest import servematrix, sweep, twin_of
 
 pytestmark = pytest.mark.integration
 # vLLM 0.32.0's llava.py imports pixtral.py, which imports transformers' Pixtral image processor, which imports
@@ -31,15 +30,8 @@ NOT_WHOLE = re.compile(r"\.(q|k|v|gate|up)_proj\.|vision_model\.encoder\.layers\
 @pytest.fixture(scope="module")
 def swept(tmp_path_factory, shared_cache):
     out = tmp_path_factory.mktemp("multimodal") / "run"
-    proc = servematrix("sweep", "--layouts", "tp1,pp2", "-k", "llava/*", "--out", str(out), "--timeout", "150",
-                       timeout=600, env={"SERVEMATRIX_CACHE": shared_cache})
-    by_id = {r["id"]: r for r in json.loads((out / "summary.json").read_text())["scenarios"]}
+    proc, by_id = sweep(out, "tp1,pp2", "llava/*", shared_cache)
     return proc, out, by_id
-
-
-def _twin(record) -> Path:
-    argv = shlex.split(record["server_command"])
-    return Path(argv[argv.index("--model") + 1])
 
 
 def test_the_llava_cells_pass_with_vllm_s_llava_built(swept):
@@ -58,7 +50,7 @@ def test_every_tensor_vllm_keeps_whole_is_in_its_parameters_bit_for_bit(swept, c
     from servematrix.sweep import multimodal
 
     _, out, by_id = swept
-    found = multimodal.loaded(_twin(by_id[cell]), out / cell / "loadcheck")
+    found = multimodal.loaded(twin_of(by_id[cell]), out / cell / "loadcheck")
     whole = [t for t in found if not NOT_WHOLE.search(t.name)]
     assert len(whole) >= 30 and [t.name for t in whole if not t.loaded] == []
     for part in ("language_model.", "vision_tower.vision_model.", "multi_modal_projector."):
@@ -81,7 +73,7 @@ def test_a_twin_without_a_projector_tensor_loads_in_vllm_and_the_sweep_finds_the
     _, _, by_id = swept
     record = by_id["llava/tp1-none"]
     bare = tmp_path / "no-projector-bias"
-    shutil.copytree(_twin(record), bare)
+    shutil.copytree(twin_of(record), bare)
     tensors = load_file(bare / "model.safetensors")
     tensors.pop("multi_modal_projector.linear_2.bias")
     save_file(tensors, bare / "model.safetensors", metadata={"format": "pt"})
