@@ -15,7 +15,7 @@ from pydantic import AfterValidator, Field, HttpUrl, StringConstraints, TypeAdap
 
 from servematrix.redact import ENV_NAME
 
-__all__ = ["Seconds", "OneLine", "PathText", "Word", "Regex", "EnvName", "BugLink"]
+__all__ = ["Seconds", "OneLine", "PathText", "Word", "Regex", "EnvName", "BugLink", "shape_templates"]
 
 MAX_SECONDS = 86_400.0  # a timeout beyond a day is a hang, not a wait
 MAX_LINE = 1_000  # characters of a one-line text (a reason, a title, a glob)
@@ -111,3 +111,18 @@ def heading_anchor(heading: str) -> str:
 
 
 BugLink = Annotated[OneLine, AfterValidator(_bug_link)]
+
+
+def shape_templates(dim: re.Pattern, words: str):
+    """{tensor name: shape} in packaged data, each dimension an int or a template `dim` matches
+    (spaces ignored; `words` says what a template is in the refusal): the connector tensors of a
+    composite twin (mirror/composite.py) and a speculative draft's own tensors (sweep/drafts.py)."""
+
+    def check(tensors: dict[str, list[int | str]]) -> dict[str, list[int | str]]:
+        for name, shape in tensors.items():
+            bad = [d for d in shape if isinstance(d, str) and not dim.match(d.replace(" ", ""))]
+            if bad or not shape:
+                raise ValueError(f"{name}: each dimension is an int or {words}, not {bad or shape}")
+        return tensors
+
+    return Annotated[dict[str, list[int | str]], AfterValidator(check)]

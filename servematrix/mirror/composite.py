@@ -19,12 +19,14 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from servematrix.config.fields import shape_templates
 from servematrix.errors import ConfigError
 
 __all__ = ["Composite", "TextPart", "Tower", "plan_composite", "text_layout", "tower_config"]
 
 # a shape entry: an int, or `<config key>.<field>` of the twin (text_config.hidden_size), or K*that
 _DIM = re.compile(r"^(?:(?P<k>[1-9]\d*)\*)?(?P<key>[a-z_][a-z0-9_]*)\.(?P<field>[a-z_][a-z0-9_]*)$")
+Shapes = shape_templates(_DIM, "<config key>.<field> (K* allowed)")
 # what the forge writes at the top of config.json itself (or what a copy of the twin must not carry)
 _TOP_OWNED = ("architectures", "model_type", "torch_dtype", "dtype", "transformers_version", "auto_map",
               "quantization_config")
@@ -74,7 +76,7 @@ class Composite(_Strict):
     names_from: str  # where the tensor names below were read
     text: TextPart
     towers: list[Tower]
-    tensors: dict[str, list[int | str]] = Field(default_factory=dict)  # connector: name -> shape
+    tensors: Shapes = Field(default_factory=dict)  # connector: name -> shape
     token_ids: list[str] = Field(default_factory=list)  # top-level ids counted from the end of the text vocabulary
     vocab: list[str] = Field(default_factory=list)  # top-level copies of the text vocabulary size
     # a tower field that must equal another part's twin field (PaliGemma's vision_config.projection_dim is its
@@ -89,15 +91,6 @@ class Composite(_Strict):
             raise ValueError(f"ties are <config key>.<field>: <config key>.<field>, not {bad}")
         return ties
 
-    @field_validator("tensors")
-    @classmethod
-    def _dims(cls, tensors: dict[str, list[int | str]]) -> dict[str, list[int | str]]:
-        for name, shape in tensors.items():
-            bad = [d for d in shape if isinstance(d, str) and not _DIM.match(d.replace(" ", ""))]
-            if bad or not shape:
-                raise ValueError(f"{name}: each dimension is an int or <config key>.<field> (K* allowed), "
-                                 f"not {bad or shape}")
-        return tensors
 
 
 def text_layout(config: dict[str, Any], parts: Composite, source: str, where=None):

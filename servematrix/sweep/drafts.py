@@ -25,7 +25,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from servematrix.config import packaged
-from servematrix.config.fields import Regex
+from servematrix.config.fields import Regex, shape_templates
 from servematrix.mirror.source import INDEX_FILE, ORIGIN_FILE
 from servematrix.paths import data_file
 from servematrix.sweep import digests
@@ -34,6 +34,7 @@ FILE = data_file("sweep-drafts.yaml")  # package data, so a wheel install carrie
 
 # a shape entry: an int, a target config field, or K*field
 _DIM = re.compile(r"^(?:(?P<k>[1-9]\d*)\*)?(?P<field>[a-z_][a-z0-9_]*)$")
+Shapes = shape_templates(_DIM, "a target config field (K* allowed)")
 
 # the draft's tensors are written to this file of the twin, beside the target's
 DRAFT_FILE = "draft.safetensors"
@@ -65,17 +66,8 @@ class Layout(_Strict):
     description: str
     first_index: str | None = None  # the target config field whose value is draft layer 0's {index}
     decoder: Decoder
-    tensors: dict[str, list[int | str]]  # name template -> shape
+    tensors: Shapes  # name template -> shape
     shared: dict[str, str] = Field(default_factory=dict)  # one of `tensors` -> the target tensor it copies
-
-    @field_validator("tensors")
-    @classmethod
-    def _dims(cls, tensors: dict[str, list[int | str]]) -> dict[str, list[int | str]]:
-        for name, shape in tensors.items():
-            bad = [d for d in shape if isinstance(d, str) and not _DIM.match(d.replace(" ", ""))]
-            if bad or not shape:
-                raise ValueError(f"{name}: each dimension is an int, a config field or K*field, not {bad or shape}")
-        return tensors
 
     def names(self, template: str, layers: int, first: int | None) -> list[str]:
         """A template's names over the draft layers (once, where it names no layer)."""

@@ -183,10 +183,11 @@ def unread_params(twin: Path, check_dir: Path) -> list[str]:
                   if d not in in_twin and not any(f in f".{n}" for f in FUSED))
 
 
-def note(twin: Path, check_dir: Path, tp: int) -> str | None:
+def note(twin: Path, check_dir: Path, tp: int, unfilled: list[str]) -> str | None:
     """A composite cell's load in words: at TP=1 (whole tensors), how many of the twin's distinctive
     tensors vLLM's parameters hold bit for bit per part (text model, each tower, connector), and which
-    are not held, in families of names (fused q/k/v and gate/up are vLLM's own stacking, not a miss)."""
+    are not held, in families of names (fused q/k/v and gate/up are vLLM's own stacking, not a miss);
+    `unfilled` is unread_params' finding, which the caller judges (sweep/runner.py)."""
     from servematrix.sweep import digests
 
     ranks = digests.ranks(check_dir)
@@ -206,7 +207,6 @@ def note(twin: Path, check_dir: Path, tp: int) -> str | None:
         key = m.group(1) if m else n.rpartition(".")[0]
         modules[key] = modules.get(key, 0) + 1
     families = [f"{k} ({v})" for k, v in sorted(modules.items())]
-    unfilled = unread_params(twin, check_dir)
     return (f"{words}; {len(found) - len(missing)} of the twin's {len(found)} distinctive tensors held bit for bit"
             + (f"; {len(fused)} q/k/v, gate/up tensors in vLLM's fused parameters (not comparable whole)" if fused else "")
             + (f"; held by no parameter: {', '.join(families)}" if families else "")

@@ -256,14 +256,11 @@ def _cell(cell: cellmod.Cell, opts: SweepOptions, python: str, twin_cache: dict,
     record = judge(with_retries(attempt, opts.retries, retrying=retrying))
     if record.verdict in ("pass", "fail"):
         record = _twin_incomplete(record, cell, opts, twin)
-    head = _head_note(cell, opts, twin) if record.verdict == "pass" else None
-    if head and twin.spec and twin.spec.get("components"):  # a composite: a parameter never filled is no pass
-        from servematrix.sweep import multimodal
-
-        if multimodal.UNREAD in head:  # vLLM's own check exempts every unquantized linear (sweep/multimodal.py)
-            unfilled = head.split(f"{multimodal.UNREAD}: ", 1)[1].split(";")[0]
-            record = record.model_copy(update={"verdict": "fail", "failure": Failure.of(
-                "check", f"servematrix: vLLM built and never filled from the checkpoint: {unfilled}"[:500])})
+    unfilled = _unfilled(cell, opts, twin) if record.verdict == "pass" else []
+    head = _head_note(cell, opts, twin, unfilled) if record.verdict == "pass" else None
+    if unfilled:  # a composite's parameter never filled is no pass: vLLM's own check exempts every unquantized linear
+        record = record.model_copy(update={"verdict": "fail", "failure": Failure.of(
+            "check", f"servematrix: vLLM built and never filled from the checkpoint: {', '.join(unfilled)}"[:500])})
     if record.verdict != "skipped":  # the depth reached, the quantized layout in words (block size, family rule)
         record = record.model_copy(update={"note": "; ".join(filter(None, [record.note, depth, head, twin.note,
                                                                             twin.origin])) or None})
@@ -304,7 +301,21 @@ def _not_checkable(cell: cellmod.Cell, failure: Failure | None) -> str | None:
     return None
 
 
-def _head_note(cell: cellmod.Cell, opts: SweepOptions, twin: twins.Twin) -> str | None:
+def _composite(twin: twins.Twin) -> bool:
+    return bool(twin.spec and twin.spec.get("components") and twin.path is not None)
+
+
+def _unfilled(cell: cellmod.Cell, opts: SweepOptions, twin: twins.Twin) -> list[str]:
+    """A composite's parameters vLLM built and never filled from the twin (sweep/multimodal.py's
+    unread_params), at TP=1 where every parameter is whole; [] for any other cell."""
+    if not _composite(twin) or cell.tp > 1:
+        return []
+    from servematrix.sweep import multimodal
+
+    return multimodal.unread_params(Path(twin.path), opts.out / cell.id / "loadcheck")
+
+
+def _head_note(cell: cellmod.Cell, opts: SweepOptions, twin: twins.Twin, unfilled: list[str]) -> str | None:
     """A pooling cell's head (classifier, score, projection) in words: which of the twin's head
     tensors a rank holds bit for bit (sweep/pooling.py). A pass says vLLM built and loaded the
     model; this says whether the head came from the checkpoint. At TP > 1 a split head holds slices,
@@ -313,10 +324,10 @@ def _head_note(cell: cellmod.Cell, opts: SweepOptions, twin: twins.Twin) -> str 
         from servematrix.sweep import drafts
 
         return drafts.note(cell.arch.key, Path(twin.path), opts.out / cell.id / "loadcheck", cell.tp)
-    if twin.spec and twin.spec.get("components") and twin.path is not None:  # a multimodal composite's
+    if _composite(twin):  # a multimodal composite's
         from servematrix.sweep import multimodal
 
-        return multimodal.note(Path(twin.path), opts.out / cell.id / "loadcheck", cell.tp)
+        return multimodal.note(Path(twin.path), opts.out / cell.id / "loadcheck", cell.tp, unfilled)
     if twin.architecture is None or twin.path is None or cell.tp > 1:
         return None
     from servematrix.sweep import pooling

@@ -150,12 +150,14 @@ def test_a_tensor_counts_as_loaded_only_where_a_rank_s_parameter_holds_its_value
     assert found["vision_tower.vision_model.embeddings.patch_embedding.weight"].param == \
         "vision_tower.vision_model.embeddings.patch_embedding.weight"
     assert not found["multi_modal_projector.linear_2.bias"].loaded
-    note = multimodal.note(twin, tmp_path, 1)
+    # the bias vLLM built and left unfilled holds no tensor of the twin: found, and the note names it
+    unfilled = multimodal.unread_params(twin, tmp_path)
+    assert unfilled == ["multi_modal_projector.linear_2.bias"]
+    note = multimodal.note(twin, tmp_path, 1, unfilled)
     assert "held by no parameter" in note and "multi_modal_projector.linear_2 (1)" in note
     assert "vision_tower.vision_model.encoder.layers.1 (" in note and "vision_tower.vision_model.post_layernorm (" in note
     assert "q/k/v, gate/up tensors in vLLM's fused parameters" in note
-    # the bias vLLM built and left unfilled holds no tensor of the twin: the note says so, and names it
-    assert multimodal.unread_params(twin, tmp_path) == ["multi_modal_projector.linear_2.bias"]
     assert f"{multimodal.UNREAD}: multi_modal_projector.linear_2.bias" in note
+    assert "every parameter outside the fused ones holds" in multimodal.note(twin, tmp_path, 1, [])
     # at TP>1 a split parameter holds a slice: only what was built is said
-    assert multimodal.note(twin, tmp_path, 2).startswith("composite: vLLM built LlavaForConditionalGeneration")
+    assert multimodal.note(twin, tmp_path, 2, []).startswith("composite: vLLM built LlavaForConditionalGeneration")

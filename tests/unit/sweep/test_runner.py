@@ -147,6 +147,31 @@ def test_vllms_declared_refusal_of_pp_is_not_supported_a_real_pp_defect_still_fa
     assert by_id["llama/tp1-none"].verdict == by_id["qwen3_moe/tp1-none"].verdict == "pass"
 
 
+def test_a_composite_parameter_vllm_built_and_never_filled_fails_the_cell_at_tp1_and_is_named(
+        tmp_path, doubles, monkeypatch):
+    from servematrix.sweep import multimodal
+
+    def build(model_type, directory, max_pp, tps):  # llama's cells stand for a composite's here
+        return twins.Twin(model_type=model_type, path=str(tmp_path / model_type), spec={"components": {"vision": {}}})
+
+    asked, described = [], []
+    monkeypatch.setattr(runner.twins, "build", build)
+    monkeypatch.setattr(multimodal, "unread_params", lambda twin, check_dir: asked.append(check_dir.parent.name)
+                        or ["multi_modal_projector.linear_2.bias"])
+    monkeypatch.setattr(multimodal, "note", lambda twin, check_dir, tp, unfilled: described.append((tp, unfilled))
+                        or f"composite at tp{tp}")
+    opts = runner.SweepOptions(releases=["current"], layouts=cells.layouts("tp1,tp2"), quants=["none"],
+                               out=tmp_path / "run", k="llama/*")
+    by_id = {r.id: r for r in runner.run(opts).scenarios}
+    tp1, tp2 = by_id["llama/tp1-none"], by_id["llama/tp2-none"]
+    assert tp1.verdict == "fail" and tp1.failure.signature == (
+        "servematrix: vLLM built and never filled from the checkpoint: multi_modal_projector.linear_2.bias")
+    # found once, at TP=1 where every parameter is whole; the note is told what was found, not asked again
+    assert asked == ["tp1-none"]
+    assert described == [(1, ["multi_modal_projector.linear_2.bias"]), (2, [])]
+    assert tp2.verdict == "pass" and "composite at tp2" in tp2.note
+
+
 def test_a_k_that_matches_no_cell_is_one_argument_error_and_nothing_is_written(tmp_path, doubles, capsys):
     assert main(["sweep", "--out", str(tmp_path / "run"), "-k", "nosuchmodel/*"]) == 2
     err = capsys.readouterr().err
