@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 from servematrix.config.forge_spec import ForgeSpec, TokenizerSpec
 from servematrix.checkpoint.forge_tensors import (add_tensors, mutate, quantize_fp8_blocks, quantize_weights,
@@ -254,6 +255,30 @@ def _patch_config(out: Path, spec: ForgeSpec) -> None:
     path.write_text(json.dumps(config, indent=2))
 
 
+HETEROGENEOUS = "per_layer_config"  # transformers' per-layer overrides of a heterogeneous config
+
+
+def read_field(config: Any, key: str, default: Any = None) -> Any:
+    """A config field as the class reads it. In a heterogeneous config (transformers' per_layer_config:
+    Gemma 4's full-attention layers with a head_dim of their own) a per-layer field is ambiguous on
+    the whole config and transformers refuses the plain read; its global value is what config.json
+    states, and the per-layer overrides refine it. The overrides themselves the class holds as a view
+    of per-layer configs: read as it saves them ({layer index: {field: value}})."""
+    if key == HETEROGENEOUS:
+        return config.to_dict().get(key, default)
+    try:
+        return getattr(config, key, default)
+    except RuntimeError as exc:  # transformers' AmbiguousGlobalPerLayerAttributeError
+        if type(exc).__name__ != "AmbiguousGlobalPerLayerAttributeError":
+            raise
+    # the opt-in transformers' refusal names, on this read only: set as an attribute it would be saved
+    config.__dict__["allow_global_per_layer_attribute_access"] = True
+    try:
+        return getattr(config, key, default)
+    finally:
+        config.__dict__.pop("allow_global_per_layer_attribute_access", None)
+
+
 def _reads_back(want, got) -> bool:
     """Whether the configuration class read the forged value `want` back as `got` unchanged: equal,
     a list as a tuple or list, one value a class expands per layer (Gemma 3n's intermediate_size),
@@ -308,7 +333,7 @@ def check_config(out: Path, spec: ForgeSpec) -> list[str]:
     unknown = []
     for cls_config, wanted, where in checks:
         for key, want in wanted.items():
-            got = getattr(cls_config, key, None)
+            got = read_field(cls_config, key)
             if not _reads_back(want, got):
                 problems.append(f"{where}{key}: {want!r} became {got!r}")
         declared = set(inspect.signature(type(cls_config).__init__).parameters) | set(dir(type(cls_config)))

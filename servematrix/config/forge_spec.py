@@ -86,9 +86,10 @@ def _missing_field_error(config: dict[str, Any]) -> str | None:
         if not any(config.get(n) is not None for n in _ROLES[role][0]):
             return (f"set {' or '.join(_ROLES[role][0][:2])}: the family's default is a full-size model "
                     f"(the forge refuses more than {MAX_FORGE_PARAMS} parameters)")
-    # an expert count of 0 is given (a dense model of a MoE family: granite-4.0-h-1b's num_local_experts 0)
-    if any("expert" in k or "moe" in k for k in config) and not any(config.get(n) is not None
-                                                                    for n in _ROLES["experts"][0]):
+    # an expert count of 0 is given (a dense model of a MoE family: granite-4.0-h-1b's num_local_experts 0);
+    # an expert field stated as null says no MoE block (Gemma 4's dense sizes: num_experts null)
+    moe = any(("expert" in k or "moe" in k) and v is not None for k, v in config.items())
+    if moe and not any(config.get(n) is not None for n in _ROLES["experts"][0]):
         return (f"set the expert count ({' / '.join(_ROLES['experts'][0])}): a mixture-of-experts family's "
                 "default is a full-size model")
     return None

@@ -239,9 +239,11 @@ def _vocab(plan: Plan) -> Invariant:
 def _config_read_back(config: dict, class_type: str) -> Invariant:
     from transformers import AutoConfig
 
+    from servematrix.checkpoint.forge import read_field
+
     built = AutoConfig.for_model(class_type, **config)
-    drift = [f"{k}: {v!r} became {getattr(built, k, None)!r}" for k, v in config.items()
-             if not same_value(getattr(built, k, None), v)]
+    drift = [f"{k}: {v!r} became {read_field(built, k)!r}" for k, v in config.items()
+             if not same_value(read_field(built, k), v)]
     return Invariant(name="config read back", rule="transformers' AutoConfig reads every twin field back unchanged "
                                                    "(the forge's check_config)", holds=not drift,
                      detail="; ".join(drift[:3]) or f"{len(config)} fields via {class_type}")

@@ -54,7 +54,7 @@ def plan_twin(layout: SourceLayout, max_pp: int, tp_values: list[int], kv_policy
                      "(vLLM reads them: the source's config as it is would not build there)")
     not_mirrored: list[NotMirrored] = []
 
-    kept, layer_map, k_main = select_layers(layout, max_pp)
+    kept, layer_map, k_main = select_layers(layout, max_pp, effective)
     groups = quant_groups(layout.tensors, layout.quant.method)
     params, group_info = _group_params(layout, groups, not_mirrored)
     dims, kv_rule, dim_notes = choose_dims(effective, tps, group_info, params, kv_policy, align)
@@ -159,17 +159,18 @@ def _architecture_step(forge_arch: str, arch: str) -> list[PostStep]:
                                                               "family's causal-LM class)")]
 
 
-def select_layers(layout: SourceLayout, max_pp: int) -> tuple[list[int], dict[int, int], int]:
+def select_layers(layout: SourceLayout, max_pp: int, effective: dict | None = None) -> tuple[list[int], dict[int, int], int]:
     """Kept source layers (sorted), the map of every source layer onto a twin layer, and the number
     of main layers. Kept: the first-dense layers, the first layer of every kind (signature: leaves
     and dtypes), then the lowest others until there are max_pp (max_pp x (first-dense + 1) where
     the source's first PP rank holds more than its first-dense layers); all layers up to the last of
     those where the family's layer kinds follow from the index (`fields.index_rule`); every source
     layer maps onto the nearest kept layer of its kind at or below it. MTP layers (past
-    num_hidden_layers) follow."""
+    num_hidden_layers) follow. `effective`: the config as the class reads it (per-layer lists a
+    config.json leaves to the class, as Gemma 4's layer_types), else the source's own."""
     st = layout.structure
     n = st.num_layers
-    sigs = _layer_kinds(layout, layer_signatures(layout.tensors))
+    sigs = _layer_kinds(layout, layer_signatures(layout.tensors), effective or layout.config)
     kept = set(range(min(int(st.first_dense or 0), n)))
     first_of: dict[frozenset, int] = {}
     for i in range(n):
@@ -198,16 +199,16 @@ def select_layers(layout: SourceLayout, max_pp: int) -> tuple[list[int], dict[in
     return order, layer_map, len(order)
 
 
-def _layer_kinds(layout: SourceLayout, sigs: dict[int, frozenset]) -> dict[int, frozenset]:
+def _layer_kinds(layout: SourceLayout, sigs: dict[int, frozenset], config: dict) -> dict[int, frozenset]:
     """Each layer's kind: its tensors' signature, plus what the config says of it alone where its
     tensors do not show it (`fields.kind_lists`: per-layer lists of words, Gemma's sliding or full
     attention; `fields.tail_counts`: the last N layers, Gemma 3n's KV-sharing layers), so the twin
     keeps a layer of each."""
     n = layout.structure.num_layers
     f = rules()["fields"]
-    lists = [(k, v) for k in f.get("kind_lists") or [] if isinstance(v := layout.config.get(k), list) and len(v) == n
+    lists = [(k, v) for k in f.get("kind_lists") or [] if isinstance(v := config.get(k), list) and len(v) == n
              and all(isinstance(x, str) for x in v)]
-    tails = [(k, v) for k in f.get("tail_counts") or [] if isinstance(v := layout.config.get(k), int) and 0 < v < n]
+    tails = [(k, v) for k in f.get("tail_counts") or [] if isinstance(v := config.get(k), int) and 0 < v < n]
     if not lists and not tails:
         return sigs
     out = {}

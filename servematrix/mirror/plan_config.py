@@ -13,6 +13,7 @@ import json
 import re
 from typing import Any
 
+from servematrix.checkpoint.forge import read_field
 from servematrix.errors import ConfigError
 from servematrix.mirror.layout import SourceLayout, field_value, layer_re, rules, set_path
 from servematrix.mirror.plan_models import NotMirrored
@@ -70,8 +71,16 @@ def twin_config(layout: SourceLayout, effective: dict, class_type: str, dims: di
             config[key] = "".join(config[key][s] for s in kept)
             changed.add(key)
     for key in rules()["fields"]["layer_index_lists"]:
-        if isinstance(config.get(key), list):
-            config[key] = [j for j, s in enumerate(kept) if s in set(config[key])]
+        # stated, or derived by the class from a rule of its own (Llama 4's moe_layers from its
+        # interleave step): the kept layers' indices, else the class derives them afresh for the twin
+        # and a kept MoE layer may become dense
+        source = config.get(key) if key in config else effective.get(key)
+        if isinstance(source, list):
+            config[key] = [j for j, s in enumerate(kept) if s in set(source)]
+            changed.add(key)
+    for key in rules()["fields"].get("layer_overrides") or []:
+        if isinstance(config.get(key), dict):
+            config[key] = layer_overrides(config[key], kept, dims)
             changed.add(key)
     for key, (_, value) in dims.items():
         set_path(config, key, value)
@@ -99,7 +108,7 @@ def twin_config(layout: SourceLayout, effective: dict, class_type: str, dims: di
     except Exception as exc:  # noqa: BLE001 - the class refuses the shrunk widths: one line, no traceback
         raise ConfigError(layout.source, None, "twin config", f"transformers' {class_type} config refuses the "
                                                               f"shrunk config {config}: {type(exc).__name__}: {exc}") from None
-    moved = [k for k, v in config.items() if not same_value(getattr(built, k, _MISSING), v)]
+    moved = [k for k, v in config.items() if not same_value(read_field(built, k, _MISSING), v)]
     if moved:
         for k in moved:
             config.pop(k)
@@ -109,12 +118,34 @@ def twin_config(layout: SourceLayout, effective: dict, class_type: str, dims: di
         notes.append(f"config fields {moved} are rewritten by transformers' {class_type} config; the twin "
                      f"carries them as the class reads them back: {sorted(derived)}")
         built = AutoConfig.for_model(class_type, **config)
-        still = [k for k, v in config.items() if not same_value(getattr(built, k, _MISSING), v)]
+        still = [k for k, v in config.items() if not same_value(read_field(built, k, _MISSING), v)]
         for k in still:
             config.pop(k)
         if still:
             notes.append(f"config fields {still} do not survive transformers' {class_type} config: left out")
     return config, notes
+
+
+def layer_overrides(source: dict, kept: list[int], dims: dict) -> dict[str, dict]:
+    """A heterogeneous config's per-layer overrides ({layer index: {field: value}}, index keys as
+    JSON strings, zero-padded or not) onto the kept layers: the twin's layer j has source layer
+    kept[j]'s overrides, each width scaled as its role's field was (Gemma 4's full-attention
+    head_dim 512 over head_dim 256 stays twice the twin's head_dim), else the role's twin value."""
+    fields = rules()["fields"]
+    by_index = {int(k): v for k, v in source.items()}
+    out = {}
+    for j, s in enumerate(kept):
+        if not by_index.get(s):
+            continue
+        scaled = {}
+        for key, value in by_index[s].items():
+            role = next((r for r in ("head_dim", "kv_heads", "heads", "hidden", "ffn") if key in fields[r]), None)
+            src, twin = dims.get(key, (None, None)) if role else (None, None)
+            if isinstance(value, int) and isinstance(src, int) and isinstance(twin, int) and src:
+                value = value * twin // src if (value * twin) % src == 0 else twin
+            scaled[key] = value
+        out[str(j)] = scaled
+    return out
 
 
 def saved_away(layout: SourceLayout, config: dict, class_type: str, kept: list[int]) -> dict[str, Any]:

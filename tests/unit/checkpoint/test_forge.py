@@ -9,7 +9,7 @@ import yaml
 from pydantic import ValidationError
 from safetensors import safe_open
 
-from servematrix.checkpoint.forge import check_config, forge
+from servematrix.checkpoint.forge import check_config, forge, read_field
 from servematrix.config.forge_spec import MAX_FORGE_PARAMS, ExtraTensor, ForgeSpec, model_params
 
 TINY = {"hidden_size": 64, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
@@ -201,6 +201,29 @@ def test_a_config_that_could_not_be_forged_in_a_few_gb_is_refused_at_its_field(c
     assert where in _refused(config=config)
     if "the forged model" in where:  # the estimate and the limit are both in the message
         assert f"limit of {MAX_FORGE_PARAMS:,}" in _refused(config=config)
+
+
+def test_expert_fields_stated_as_null_are_a_dense_model_not_a_moe_left_at_its_full_size_default():
+    # Gemma 4's dense sizes state num_experts / moe_intermediate_size as null (enable_moe_block false)
+    spec = ForgeSpec(model_type="llama", architecture="LlamaForCausalLM",
+                     config={**TINY, "num_experts": None, "moe_intermediate_size": None})
+    assert spec.config["num_experts"] is None
+    assert "config: set the expert count" in _refused(config={**TINY, "num_experts": None, "num_experts_per_tok": 2})
+
+
+def test_a_per_layer_field_of_a_heterogeneous_config_reads_as_its_global_value_and_nothing_is_saved():
+    from transformers import AutoConfig
+
+    # transformers' Gemma 4 config: full-attention layers take global_head_dim, kept as per_layer_config
+    config = AutoConfig.for_model("gemma4_text", num_hidden_layers=2, head_dim=64, global_head_dim=128,
+                                  layer_types=["sliding_attention", "full_attention"])
+    with pytest.raises(RuntimeError, match="per-layer attribute"):
+        config.head_dim  # noqa: B018 - transformers refuses the plain read
+    assert read_field(config, "head_dim") == 64 and read_field(config, "no_such_field", "none") == "none"
+    assert read_field(config, "per_layer_config") == {"1": {"head_dim": 128}}
+    assert "allow_global_per_layer_attribute_access" not in config.to_dict()  # the opt-in is not saved
+    with pytest.raises(RuntimeError, match="per-layer attribute"):
+        config.head_dim  # noqa: B018 - and holds for this read only
 
 
 def test_extra_tensors_config_json_and_components_count_too():

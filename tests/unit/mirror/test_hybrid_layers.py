@@ -144,3 +144,77 @@ def test_hrm_twin_keeps_layers_per_stack_and_lets_the_class_derive_its_inflated_
     built = AutoConfig.for_model("hrm_text", **plan.spec.config)
     assert built.num_layers_per_stack == len(plan.kept_layers)
     assert built.num_hidden_layers == len(plan.kept_layers) * built.H_cycles * (built.L_cycles + 1)
+
+
+def _gemma4_heads(plan) -> tuple[dict[int, int], dict[int, int]]:
+    """(layer -> head_dim, layer -> KV heads) of the twin's config as transformers reads it per layer."""
+    from transformers import AutoConfig
+
+    built = AutoConfig.for_model("gemma4_text", **plan.spec.config)
+    layers = range(plan.spec.config["num_hidden_layers"])
+    return ({i: built.per_layer_config[i].head_dim for i in layers},
+            {i: built.per_layer_config[i].num_key_value_heads for i in layers})
+
+
+def test_gemma4_twin_keeps_its_full_attention_layers_head_dim_twice_the_sliding_ones():
+    # transformers' Gemma 4 config is heterogeneous: its full-attention layers take global_head_dim
+    # (512 over head_dim 256), saved as per_layer_config; vLLM's gemma4.py builds each layer from it
+    layout = mirror.read_source("model_type:gemma4_text")
+    plan = mirror.plan_twin(layout, 2, [1, 2])
+    assert plan.ok, _broken(plan)
+    cfg = plan.spec.config
+    head_dims, _ = _gemma4_heads(plan)
+    kinds = cfg["layer_types"]
+    assert set(kinds) == {"sliding_attention", "full_attention"}
+    assert all(head_dims[i] == 2 * cfg["head_dim"] for i, k in enumerate(kinds) if k == "full_attention")
+    assert all(head_dims[i] == cfg["head_dim"] for i, k in enumerate(kinds) if k == "sliding_attention")
+    # keyed by the twin's own layer indices (the source's were 05, 11, ... of 30)
+    assert set(cfg["per_layer_config"]) == {str(i) for i, k in enumerate(kinds) if k == "full_attention"}
+
+
+# google/gemma-4-12B-it's text config as a public golden-value generator measured it (the public code
+# index's id 57886141452: "the measured google/gemma-4-12B-it text config"), the fields it lists
+GEMMA4_12B_TEXT = {"model_type": "gemma4_text", "architectures": ["Gemma4ForCausalLM"], "hidden_size": 3840,
+                   "intermediate_size": 15360, "num_hidden_layers": 48, "num_attention_heads": 16,
+                   "num_key_value_heads": 8, "num_global_key_value_heads": 1, "head_dim": 256,
+                   "global_head_dim": 512, "vocab_size": 262144, "sliding_window": 1024, "rms_norm_eps": 1e-6,
+                   "final_logit_softcapping": 30.0}
+
+
+def test_gemma4_layer_kinds_the_class_derives_pick_the_kept_layers_and_global_head_dim_shrinks_with_head_dim():
+    # the copy states no layer_types: the class derives them (every 6th layer full attention), and the
+    # twin keeps a layer of each kind from that list, as it would from a stated one
+    layout = config_layout(GEMMA4_12B_TEXT, "config:gemma-4-12B-it")
+    plan = mirror.plan_twin(layout, 2, [1, 2])
+    assert plan.ok, _broken(plan)
+    cfg = plan.spec.config
+    assert cfg["layer_types"][-1] == "full_attention" and "sliding_attention" in cfg["layer_types"]
+    assert all((s + 1) % 6 == 0 for s, k in zip(plan.kept_layers, cfg["layer_types"]) if k == "full_attention")
+    # global_head_dim shrunk with head_dim; the class saves it as the full layers' override, as the twin does
+    assert cfg["per_layer_config"] == {"1": {"head_dim": 2 * cfg["head_dim"]}}
+    head_dims, _ = _gemma4_heads(plan)
+    assert all(head_dims[i] == (2 if k == "full_attention" else 1) * cfg["head_dim"]
+               for i, k in enumerate(cfg["layer_types"]))
+
+
+def test_per_layer_overrides_follow_the_kept_layers_and_scale_with_their_roles():
+    from servematrix.mirror.plan_config import layer_overrides
+
+    # source layers 5 and 11 override head_dim (512 over 256) and KV heads (2 over 8); the twin keeps 0, 5, 6
+    source = {"05": {"head_dim": 512, "num_key_value_heads": 2}, "11": {"head_dim": 512}}
+    dims = {"head_dim": (256, 64), "num_key_value_heads": (8, 4)}
+    assert layer_overrides(source, [0, 5, 6], dims) == {"1": {"head_dim": 128, "num_key_value_heads": 1}}
+    # a width that is no whole share of the twin's takes the twin's own value
+    assert layer_overrides({"3": {"num_key_value_heads": 3}}, [3], dims) == {"0": {"num_key_value_heads": 4}}
+
+
+def test_llama4_twin_keeps_a_prefix_so_vllms_interleave_rule_gives_the_sources_moe_layers():
+    # vLLM's llama4.py: layer i is MoE where (i + 1) % interleave_moe_layer_step == 0 (moe_layers unread);
+    # the class derives layer_types (chunked, every 4th full attention): the twin keeps one of each too
+    layout = config_layout(corpus.published("llama4_text").config(), "config:Llama-4-Maverick")
+    plan = mirror.plan_twin(layout, 2, [1, 2])
+    assert plan.ok, _broken(plan)
+    cfg, step = plan.spec.config, layout.config["interleave_moe_layer_step"]
+    assert plan.kept_layers == list(range(len(plan.kept_layers)))
+    assert "full_attention" in cfg["layer_types"] and len(set(cfg["layer_types"])) == 2
+    assert cfg["moe_layers"] == [j for j in range(len(plan.kept_layers)) if (j + 1) % step == 0]
