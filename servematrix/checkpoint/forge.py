@@ -271,11 +271,18 @@ def read_field(config: Any, key: str, default: Any = None) -> Any:
     except RuntimeError as exc:  # transformers' AmbiguousGlobalPerLayerAttributeError
         if type(exc).__name__ != "AmbiguousGlobalPerLayerAttributeError":
             raise
-    # the opt-in transformers' refusal names, on this read only: set as an attribute it would be saved
+    import logging
+
+    # the opt-in transformers' refusal names, on this read only: set as an attribute it would be saved.
+    # Its warning ("only do this if the caller can safely handle heterogeneous configs") is for model
+    # code; a twin's plan reads the overrides as well, so it is not printed into the sweep's log
+    quiet = logging.getLogger("transformers.integrations.heterogeneity.configuration_utils")
     config.__dict__["allow_global_per_layer_attribute_access"] = True
+    quiet.disabled = True
     try:
         return getattr(config, key, default)
     finally:
+        quiet.disabled = False
         config.__dict__.pop("allow_global_per_layer_attribute_access", None)
 
 
