@@ -222,10 +222,7 @@ class Pipeline:
         cause), classified once it has finished dying."""
         if scenario.smoke.embedding is not None:  # a pooling model: vectors, and no text to grade
             self.phase(k, entry.id, "embedding smoke")
-            parts.embedding = run_embedding_smoke(spec.base_url, scenario.model_name, scenario.smoke)
-            failed = embedding_failure(parts.embedding)
-            if failed is not None:
-                raise StageFailed((parts.embedding.error and _died(server)) or failed)
+            embedding_phase(server, spec, scenario.model_name, scenario.smoke, parts)
             return
         self.phase(k, entry.id, "smoke")
         try:
@@ -300,6 +297,15 @@ def smoke_phase(server: Server, spec: LaunchSpec, model_name: str, smoke: SmokeS
     failed = smoke_failure(parts.smoke)
     if failed is not None:  # a request that failed in transport is most likely the server dying
         raise StageFailed((parts.smoke.error and _died(server)) or failed)
+
+
+def embedding_phase(server: Server, spec: LaunchSpec, model_name: str, smoke: SmokeSpec, parts: Parts) -> None:
+    """A pooling model's smoke phase (/v1/embeddings) against a healthy server, into
+    `parts.embedding`; StageFailed as smoke_phase. A matrix entry's and a sweep cell's."""
+    parts.embedding = run_embedding_smoke(spec.base_url, model_name, smoke)
+    failed = embedding_failure(parts.embedding)
+    if failed is not None:
+        raise StageFailed((parts.embedding.error and _died(server)) or failed)
 
 
 def _died(server: Server) -> Failure | None:

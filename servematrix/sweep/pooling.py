@@ -37,9 +37,18 @@ MULTIMODAL = ("multimodal pooling model: its configuration class holds a vision 
 # carries a Sentence Transformers pooling config (modules.json), which the twin does not
 SERVER_ARGS = ["--runner", "pooling"]
 
-# the pooling twin's serve step: the sweep's serve phase asks for a completion, which a pooling
-# model does not answer (it serves /v1/embeddings, /classify, /score)
-NOT_SERVED = "a pooling model: the sweep's serve step asks for a completion; pooling endpoints are not called yet"
+# the pooling tables whose models the serve step serves, and the endpoint it calls: an embedding
+# model answers /v1/embeddings (the pipeline's embedding smoke, data/sweep-quants.yaml `serve.embedding`);
+# the others answer /classify, /score or /pooling, which the serve step does not call yet
+SERVED = {"embedding": "/v1/embeddings"}
+
+
+def unserved(kind: str) -> str | None:
+    """Why a pooling cell of vLLM's `kind` table is not served (None: it is)."""
+    if kind in SERVED:
+        return None
+    return (f"a pooling model of vLLM's {kind} table: the serve step calls {', '.join(SERVED.values())} only "
+            "(its /classify, /score or /pooling endpoint is not called yet)")
 
 
 def is_pooling(kind: str) -> bool:

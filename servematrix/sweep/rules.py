@@ -12,6 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from servematrix.config import packaged
 from servematrix.config.fields import Regex
+from servematrix.config.embedding_spec import EmbeddingSmoke
 from servematrix.config.scenario import SmokePrompt
 from servematrix.paths import data_file
 
@@ -67,6 +68,7 @@ class QuantRule(_Strict):
 
 class ServeRules(_Strict):
     prompt: SmokePrompt
+    embedding: EmbeddingSmoke  # an embedding cell's request (its dimension is the twin's width, set per cell)
     request_timeout: float = Field(120.0, gt=0)
     quants: dict[str, str] = Field(default_factory=dict)  # --quant name -> why its cells stop at the load check
     model_types: dict[str, str] = Field(default_factory=dict)  # model_type -> why

@@ -33,7 +33,7 @@ from servematrix.run import rundir
 from servematrix.run.lifecycle import RunLifecycle
 from servematrix.run.pipeline import Parts, interrupted, load_check_phase, now_iso, with_retries
 from servematrix.sweep import cells as cellmod
-from servematrix.sweep import registry, serve, twins
+from servematrix.sweep import pooling, registry, serve, twins
 from servematrix.sweep.quant import refused_on_cpu
 from servematrix.sweep.report import Coverage, write_reports
 
@@ -330,8 +330,6 @@ def _head_note(cell: cellmod.Cell, opts: SweepOptions, twin: twins.Twin, unfille
         return multimodal.note(Path(twin.path), opts.out / cell.id / "loadcheck", cell.tp, unfilled)
     if twin.architecture is None or twin.path is None or cell.tp > 1:
         return None
-    from servematrix.sweep import pooling
-
     heads = [h for h in pooling.head_loaded(Path(twin.path), opts.out / cell.id / "loadcheck") if h.distinctive]
     if not heads:
         return None
@@ -365,21 +363,32 @@ def _serve_step(cell: cellmod.Cell, opts: SweepOptions, python: str, twin: twins
                 parts) -> tuple[Failure | None, str]:
     """`--depth serve` after a passing load check: the server's results into `parts` (its failure
     returned), and the depth in words."""
-    why = serve.rules().unservable(cell.arch.model_type, cell.quant, twin.load_only)
+    why = serve.rules().unservable(cell.arch.model_type, cell.quant, twin.load_only) or \
+        (pooling.unserved(cell.arch.kind) if cell.arch.pooling else None)
     if why:
         return None, f"depth: load (not served: {why})"
-    served, failure = _serve(cell, opts, python, twin)
+    embed_dim = _width(twin) if cell.arch.pooling else None  # an embedding model's vectors: the twin's width
+    served, failure = _serve(cell, opts, python, twin, embed_dim)
     if failure is not None and serve.gpu_only(failure):
         return None, f"depth: load (the server needs a library this CPU install lacks: {failure.signature[:200]})"
-    for name in ("load", "smoke"):  # the server's start-up time replaces the load check's
+    for name in ("load", "smoke", "embedding"):  # the server's start-up time replaces the load check's
         if getattr(served, name) is not None:
             setattr(parts, name, getattr(served, name))
-    return failure, "depth: serve (construct, load, then a server and one greedy completion)"
+    asked = "one /v1/embeddings request" if embed_dim is not None else "one greedy completion"
+    return failure, f"depth: serve (construct, load, then a server and {asked})"
 
 
-def _serve(cell: cellmod.Cell, opts: SweepOptions, python: str, twin: twins.Twin):
+def _width(twin: twins.Twin) -> int | None:
+    """The twin's hidden size (its config's `hidden` role): an embedding model's vector width."""
+    from servematrix.mirror.layout import field_value
+
+    return field_value((twin.spec or {}).get("config") or {}, "hidden")[1]
+
+
+def _serve(cell: cellmod.Cell, opts: SweepOptions, python: str, twin: twins.Twin, embed_dim: int | None = None):
     cell_dir = opts.out / cell.id
-    return serve.serve(_spec(cell, python, twin, cell_dir, opts.timeout), cell_dir / "serve.log", opts.timeout)
+    return serve.serve(_spec(cell, python, twin, cell_dir, opts.timeout), cell_dir / "serve.log", opts.timeout,
+                       embed_dim=embed_dim)
 
 
 def _spec(cell: cellmod.Cell, python: str, twin: twins.Twin, cell_dir: Path, timeout: float):

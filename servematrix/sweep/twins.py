@@ -94,7 +94,8 @@ def build(key: str, directory: Path, max_pp: int, tps: list[int], align: dict[st
         return Twin(model_type=model_type, architecture=arch, origin=origin,
                     reason=f"mirror: {type(exc).__name__}: {_line(exc)}")
     (quant,) = scenario["quants"].values()
-    load_only = (scenario.get("load_check") or {}).get("reason") or (pooling.NOT_SERVED if arch else None)
+    # a pooling twin's cells are served or not by their registry table (runner: pooling.unserved)
+    load_only = (scenario.get("load_check") or {}).get("reason")
     return Twin(model_type=model_type, architecture=arch, path=str(path),
                 server_args=[*scenario["server"]["args"], *quant["args"], *(pooling.SERVER_ARGS if arch else [])],
                 load_only=load_only, origin=origin,

@@ -95,7 +95,7 @@ def test_a_pooling_twin_is_its_class_with_the_head_and_runs_vllm_s_pooling_runne
     config = json.loads((Path(t.path) / "config.json").read_text())
     assert config["architectures"] == ["BertForSequenceClassification"] and config["model_type"] == "bert"
     assert t.server_args[-2:] == pooling.SERVER_ARGS
-    assert t.load_only == pooling.NOT_SERVED  # the serve step asks for a completion: not for a pooling model
+    assert t.load_only is None  # served or not by its cells' registry table (runner: pooling.unserved)
     assert set(pooling.head_tensors(Path(t.path))) == {"classifier.weight", "classifier.bias"}
 
 
@@ -128,3 +128,9 @@ def test_a_base_model_saved_alone_has_no_head(tmp_path):
     # BertModel's tensors carry no `bert.` prefix: nothing in it is a head over a base model
     t = twins.build("BertModel", tmp_path, 1, [1])
     assert t.ok and t.architecture == "BertModel" and pooling.head_tensors(Path(t.path)) == {}
+
+
+def test_an_embedding_model_is_served_through_v1_embeddings_other_pooling_tables_say_why_not():
+    assert pooling.unserved("embedding") is None
+    why = pooling.unserved("classification")
+    assert why.startswith("a pooling model of vLLM's classification table: the serve step calls /v1/embeddings only")

@@ -211,7 +211,7 @@ def served(doubles, monkeypatch):
     """`--depth serve` with the server scripted: llama answers at tp1, dies at pp2 (a forward-time bug)."""
     calls = []
 
-    def serve_double(cell, opts, python, twin):
+    def serve_double(cell, opts, python, twin, embed_dim=None):
         calls.append(cell.id)
         parts = Parts(model="sweep-twin")
         if cell.pp == 2:
@@ -245,17 +245,41 @@ def test_the_default_depth_never_starts_a_server(tmp_path, served):
 
 def test_a_cell_the_data_says_cannot_be_served_stops_at_its_load_check_with_the_reason(
         tmp_path, served, monkeypatch):
-    monkeypatch.setattr(runner.serve, "rules", lambda: runner.serve.ServeRules(
-        prompt={"name": "p", "prompt": "x"}, model_types={"llama": "no CPU kernel for its attention"}))
+    rules = runner.serve.rules().model_copy(update={"model_types": {"llama": "no CPU kernel for its attention"}})
+    monkeypatch.setattr(runner.serve, "rules", lambda: rules)
     by_id = {r.id: r for r in runner.run(options(tmp_path, k="llama/*", depth="serve")).scenarios}
     assert served == [] and by_id["llama/tp1-none"].verdict == "pass"
     assert by_id["llama/tp1-none"].note == "depth: load (not served: no CPU kernel for its attention)"
 
 
+def test_an_embedding_cell_is_served_for_vectors_as_wide_as_its_twin_a_classifier_says_why_it_is_not(
+        tmp_path, served, monkeypatch):
+    from servematrix.record import EmbeddingResult
+
+    monkeypatch.setattr(runner.registry, "probe", lambda python, env=None: {
+        "BertModel": {"kind": "embedding"}, "BertForSequenceClassification": {"kind": "classification"}})
+    monkeypatch.setattr(runner.twins, "build", lambda key, directory, max_pp, tps: twins.Twin(
+        model_type="bert", architecture=key, path=str(tmp_path / key), spec={"config": {"hidden_size": 96}}))
+    widths = []
+
+    def serve_double(cell, opts, python, twin, embed_dim=None):
+        widths.append((cell.id, embed_dim))
+        return Parts(model="sweep-twin", embedding=EmbeddingResult(ok=True), load=LoadResult(ok=True, seconds=9.0)), None
+
+    monkeypatch.setattr(runner, "_serve", serve_double)
+    monkeypatch.setattr(runner.pooling, "head_loaded", lambda twin, check_dir: [])  # no twin on disk to compare
+    by_id = {r.id: r for r in runner.run(options(tmp_path, k="Bert*/tp1-*", depth="serve")).scenarios}
+    assert widths == [("BertModel/tp1-none", 96)]
+    embed = by_id["BertModel/tp1-none"]
+    assert embed.verdict == "pass" and embed.embedding.ok and "one /v1/embeddings request" in embed.note
+    cls = by_id["BertForSequenceClassification/tp1-none"]
+    assert cls.verdict == "pass" and "not served: a pooling model of vLLM's classification table" in cls.note
+
+
 def test_a_server_stopped_by_a_gpu_only_library_leaves_the_load_checks_pass(tmp_path, doubles, monkeypatch):
     f = Failure.of("exception", "ModuleNotFoundError: No module named 'flash_attn'", "serve")
-    monkeypatch.setattr(runner, "_serve", lambda cell, opts, python, twin: (Parts(model="m", load=LoadResult(
-        ok=False, error=f)), f))
+    monkeypatch.setattr(runner, "_serve", lambda cell, opts, python, twin, embed_dim=None: (Parts(
+        model="m", load=LoadResult(ok=False, error=f)), f))
     (r, _) = runner.run(options(tmp_path, k="llama/*", depth="serve")).scenarios
     assert r.verdict == "pass" and r.failure is None and "depth: load (the server needs a library this CPU install lacks" in r.note
 

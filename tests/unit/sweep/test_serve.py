@@ -99,8 +99,26 @@ def test_an_empty_completion_from_a_live_server_is_a_check_failure(load_spec, tm
     assert failure.kind == "check" and failure.signature == "empty completion" and parts.smoke.ok is False
 
 
+def test_an_embedding_cell_sends_the_datas_inputs_to_v1_embeddings_and_wants_vectors_as_wide_as_the_twin(
+        load_spec, tmp_path, monkeypatch):
+    from servematrix.record import EmbeddingResult
+
+    sent = []
+    monkeypatch.setattr("servematrix.run.pipeline.run_embedding_smoke", lambda url, model, spec: sent.append(spec)
+                        or EmbeddingResult(ok=False, problems=["question: dimension 64, expected 128"]))
+    monkeypatch.setattr("servematrix.run.pipeline.run_smoke", lambda *a: pytest.fail("a completion was asked"))
+    parts, failure = serve.serve(load_spec, tmp_path / "serve.log", 300, make_server=ScriptedServer, embed_dim=128)
+    (spec,) = sent
+    assert spec.embedding.dimension == 128 and not spec.parity.enabled
+    assert [x.name for x in spec.embedding.inputs] == [x.name for x in serve.rules().embedding.inputs]
+    assert failure.kind == "check" and failure.phase == "serve" and failure.signature.startswith("question: dimension")
+    assert parts.embedding is not None and parts.smoke is None
+
+
 def test_which_cells_are_served_is_data_the_twins_load_only_reason_first():
-    rules = serve.ServeRules(prompt={"name": "p", "prompt": "x"}, quants={"nvfp4": "no NVFP4 kernel on CPU"},
+    rules = serve.ServeRules(prompt={"name": "p", "prompt": "x"},
+                             embedding={"inputs": [{"name": "a", "text": "x"}, {"name": "b", "text": "y"}]},
+                             quants={"nvfp4": "no NVFP4 kernel on CPU"},
                              model_types={"mamba": "no CPU selective-scan kernel"})
     assert rules.unservable("llama", "none", None) is None
     assert rules.unservable("llama", "nvfp4", None) == "no NVFP4 kernel on CPU"
