@@ -107,6 +107,14 @@ def probe(python: str, env: dict[str, str] | None = None) -> dict[str, dict]:
     raise StateError(python, f"its vLLM did not list its model registry (exit {out.returncode}): {tail[:300]}")
 
 
+def warm() -> None:
+    """This process's transformers maps the classification reads (importing transformers and
+    every configuration module: seconds), built ahead: run while the releases list their
+    registries in their own interpreters (sweep/runner.py), the two overlap."""
+    transformers_classes()
+    composite_types()
+
+
 @lru_cache(maxsize=1)
 def transformers_classes() -> tuple[dict[str, list[str]], dict[str, str], frozenset[str], str]:
     """From this transformers: class name -> the model_types whose auto maps list it, model_type
