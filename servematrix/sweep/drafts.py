@@ -1,4 +1,5 @@
-"""Speculative-decoding drafts of the MTP kind as sweep cells.
+"""Speculative-decoding drafts as sweep cells: the MTP kind (layers of the target's checkpoint) and
+the EAGLE kind (a checkpoint of its own beside the target's).
 
 An MTP draft (DeepSeekMTPModel, Glm4MoeMTPModel, ...) has no checkpoint of its own: its weights are
 extra layers of its target's checkpoint, and vLLM builds it from the target's config when the
@@ -7,6 +8,14 @@ the draft architecture's name (as a pooling cell is), its twin is the target's t
 layers added under the names the family's published checkpoints use (data/sweep-drafts.yaml, each
 family with where its names were read), and its load check builds and loads the target and then
 the draft, as vLLM's spec-decode proposer does (serve/loadcheck_worker.py `--loadcheck-draft`).
+
+An EAGLE draft (LlamaForCausalLMEagle3, EagleLlamaForCausalLM, ...) is a small checkpoint of its own
+(config.json and tensors) that vLLM loads from the directory `--speculative-config '{"method": "eagle3",
+"model": DIR, ...}'` names. A layout with `checkpoint: own` describes it: the draft config's fields as the
+family's published config has them (`config`), those shrunk to the target twin's numbers under the
+twin's own invariants (`from_target`), and its tensors with their shapes and dtypes. Its twin is the
+target's twin with that directory (DRAFT_DIR) inside it, so the twin travels whole (a Ray node gets
+one directory), and the server arguments name it.
 
 `draft_loaded` then tells from the load check's per-rank digests whether the draft's parameters
 hold the twin's draft tensors bit for bit: a draft vLLM built but did not fill from the checkpoint
@@ -20,9 +29,9 @@ import re
 import shutil
 from pathlib import Path
 
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from servematrix.config import packaged
 from servematrix.config.fields import Regex, shape_templates
@@ -32,12 +41,17 @@ from servematrix.sweep import digests
 
 FILE = data_file("sweep-drafts.yaml")  # package data, so a wheel install carries it
 
-# a shape entry: an int, a target config field, or K*field
-_DIM = re.compile(r"^(?:(?P<k>[1-9]\d*)\*)?(?P<field>[a-z_][a-z0-9_]*)$")
-Shapes = shape_templates(_DIM, "a target config field (K* allowed)")
+# a shape entry: an int, a target config field, or a product of ints and fields (K*field,
+# num_attention_heads*head_dim), optionally divided by an int (vocab_size/4)
+_FACTOR = r"(?:[1-9]\d*|[a-z_][a-z0-9_]*)"
+_DIM = re.compile(rf"^(?P<product>{_FACTOR}(?:\*{_FACTOR})*)(?:/(?P<div>[1-9]\d*))?$")
+Shapes = shape_templates(_DIM, "a target config field, a product of fields and ints, or that over an int")
 
 # the draft's tensors are written to this file of the twin, beside the target's
 DRAFT_FILE = "draft.safetensors"
+# a draft with a checkpoint of its own (EAGLE): its directory inside the twin, and its tensors' file
+DRAFT_DIR = "draft"
+OWN_FILE = "model.safetensors"
 INDEX = INDEX_FILE
 ORIGIN = ORIGIN_FILE  # the mirror's record of a twin's source, copied from the target's
 
@@ -58,16 +72,50 @@ class Decoder(_Strict):
     like: Literal["last", "first"] | int = "last"
 
 
+TensorDtype = Literal["float16", "bfloat16", "float32", "int64", "bool"]
+
+
 class Layout(_Strict):
-    """How a family lays its draft layers out in the checkpoint. Names are templates: `{i}` the
-    draft layer (0, 1, ...), `{index}` the target config's `first_index` plus i; a name with neither
-    is one tensor for all draft layers."""
+    """How a family lays its draft out. `checkpoint: target` (MTP): draft layers in the target's
+    checkpoint, a decoder block shaped as a target layer plus `tensors`; names are templates: `{i}`
+    the draft layer (0, 1, ...), `{index}` the target config's `first_index` plus i; a name with
+    neither is one tensor for all draft layers. `checkpoint: own` (EAGLE): a checkpoint directory of
+    its own, `config` and `from_target` its config.json, `tensors` every tensor it holds."""
 
     description: str
+    checkpoint: Literal["target", "own"] = "target"
     first_index: str | None = None  # the target config field whose value is draft layer 0's {index}
-    decoder: Decoder
+    decoder: Decoder | None = None  # checkpoint target only
     tensors: Shapes  # name template -> shape
     shared: dict[str, str] = Field(default_factory=dict)  # one of `tensors` -> the target tensor it copies
+    # checkpoint own: the draft's config.json, the published fields as published...
+    config: dict[str, Any] = Field(default_factory=dict)
+    # ... and the fields that take the target twin's numbers: draft field -> a target field (its value
+    # as is) or an integer expression of target fields (_DIM: a product, over an int)
+    from_target: dict[str, str] = Field(default_factory=dict)
+    # tensors whose published dtype is not the float one: name -> dtype (a draft's vocabulary map)
+    dtypes: dict[str, TensorDtype] = Field(default_factory=dict)
+    # the float tensors' published dtype; None: the target twin's
+    dtype: TensorDtype | None = None
+    # tensors vLLM's loader skips by design: name -> why (the note says so instead of "not loaded")
+    skipped: dict[str, str] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _kind_fields(self):
+        if self.checkpoint == "target" and self.decoder is None:
+            raise ValueError("a draft in the target's checkpoint (checkpoint: target) needs its `decoder`")
+        if self.checkpoint == "own" and (self.decoder is not None or self.shared or self.first_index):
+            raise ValueError("a checkpoint of its own (checkpoint: own) has no decoder, shared or first_index: "
+                             "every tensor is in `tensors`")
+        if self.checkpoint == "own" and not self.config.get("architectures"):
+            raise ValueError("a checkpoint of its own needs the published `architectures` in its config")
+        for field, template in self.from_target.items():
+            if not _DIM.match(template.replace(" ", "")):
+                raise ValueError(f"from_target {field}: {template!r} is no target field or integer expression")
+        unknown = (set(self.dtypes) | set(self.skipped)) - set(self.tensors)
+        if unknown:
+            raise ValueError(f"dtypes/skipped name tensors the layout does not hold: {', '.join(sorted(unknown))}")
+        return self
 
     def names(self, template: str, layers: int, first: int | None) -> list[str]:
         """A template's names over the draft layers (once, where it names no layer)."""
@@ -79,10 +127,12 @@ class Layout(_Strict):
 class Draft(_Strict):
     target: str  # the target's model_type
     method: str  # --speculative-config method
-    layers_field: str  # the target config field that counts the draft layers
+    layers_field: str | None = None  # the target config field that counts the draft layers (checkpoint target)
     layout: str
     names_from: str
     layers: int = Field(1, ge=1)  # draft layers the twin carries (published DeepSeek-V3 / GLM-4.5: 1)
+    # --speculative-config num_speculative_tokens; None: `layers` (an MTP draft runs each layer once)
+    tokens: int | None = Field(None, ge=1)
 
 
 class NotDescribed(_Strict):
@@ -95,14 +145,20 @@ class DraftRules(_Strict):
     drafts: dict[str, Draft]
     not_described: list[NotDescribed]
     fused: list[str] = Field(default_factory=list)  # substrings of vLLM's stacked/fused draft parameter names
+    # checkpoint tensors vLLM stacks into one parameter, in its order along the first dimension (q, k, v into
+    # qkv_proj; gate, up into gate_up_proj): name parts, the first naming the group. At TP=1 the stacked
+    # parameter is the group's tensors concatenated, so it is compared with that
+    stacked: list[list[str]] = Field(default_factory=list)
 
     @field_validator("drafts")
     @classmethod
     def _layouts_known(cls, drafts: dict[str, Draft], info) -> dict[str, Draft]:
-        known = set((info.data or {}).get("layouts") or {})
+        layouts = (info.data or {}).get("layouts") or {}
         for arch, d in drafts.items():
-            if d.layout not in known:
-                raise ValueError(f"{arch}: layout {d.layout!r} is not one of {', '.join(sorted(known))}")
+            if d.layout not in layouts:
+                raise ValueError(f"{arch}: layout {d.layout!r} is not one of {', '.join(sorted(layouts))}")
+            if layouts[d.layout].checkpoint == "target" and not d.layers_field:
+                raise ValueError(f"{arch}: a draft in the target's checkpoint needs `layers_field`")
         return drafts
 
 
@@ -125,24 +181,73 @@ def match(arch: str) -> tuple[str | None, str | None]:
     return None, f"speculative-decoding draft: {why or 'not described in data/sweep-drafts.yaml'}"
 
 
-def speculative_args(draft: Draft) -> list[str]:
-    """The server arguments that make vLLM build `draft` beside its target."""
-    return ["--speculative-config", json.dumps({"method": draft.method, "num_speculative_tokens": draft.layers})]
+def speculative_args(draft: Draft, model: Path | None = None) -> list[str]:
+    """The server arguments that make vLLM build `draft` beside its target; `model`: the draft's own
+    checkpoint directory (an EAGLE draft), named in the speculative config as a user names it."""
+    spec: dict[str, Any] = {"method": draft.method}
+    if model is not None:
+        spec["model"] = str(model)
+    spec["num_speculative_tokens"] = draft.tokens or draft.layers
+    return ["--speculative-config", json.dumps(spec)]
 
 
 def shape(dims: list[int | str], config: dict) -> tuple[int, ...]:
     """A data shape in the target twin's config's numbers."""
-    out = []
-    for d in dims:
-        if isinstance(d, int):
-            out.append(d)
-            continue
-        m = _DIM.match(d.replace(" ", ""))
-        value = config.get(m["field"]) if m else None
-        if not isinstance(value, int):
-            raise ValueError(f"the target's config has no integer {m['field'] if m else d!r}")
-        out.append(int(m["k"] or 1) * value)
-    return tuple(out)
+    return tuple(d if isinstance(d, int) else _number(d, config) for d in dims)
+
+
+def _number(template: str, config: dict) -> int:
+    """An integer expression (_DIM) in `config`'s numbers: a product of ints and fields, over an int."""
+    m = _DIM.match(template.replace(" ", ""))
+    if not m:
+        raise ValueError(f"{template!r} is no target config field or integer expression")
+    out = 1
+    for factor in m["product"].split("*"):
+        value = int(factor) if factor.isdigit() else config.get(factor)
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise ValueError(f"the target's config has no integer {factor!r}")
+        out *= value
+    div = int(m["div"] or 1)
+    if out % div:
+        raise ValueError(f"{template} is {out}/{div}: not whole")
+    return out // div
+
+
+def draft_config(layout: Layout, target_config: dict) -> dict:
+    """A checkpoint-of-its-own draft's config.json: the published fields, then the ones that take
+    the target twin's numbers (a bare field: its value as is, of any type; else an integer)."""
+    out = dict(layout.config)
+    for field, template in layout.from_target.items():
+        name = template.replace(" ", "")
+        if re.fullmatch(r"[a-z_][a-z0-9_]*", name):
+            if name not in target_config:
+                raise ValueError(f"the target's config has no {name!r} for the draft's {field}")
+            out[field] = target_config[name]
+        else:
+            out[field] = _number(name, target_config)
+    return out
+
+
+def own_tensors(layout: Layout, config: dict, float_dtype, seed: int = 0) -> dict:
+    """A checkpoint-of-its-own draft's tensors, shapes in the target twin's config's numbers: floats
+    with fresh random values in the published dtype (else `float_dtype`, the target twin's), integer
+    tensors random 0 and 1 (a vocabulary map's offsets: every draft id's target id stays in the
+    vocabulary), booleans random."""
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    floating = getattr(torch, layout.dtype) if layout.dtype else float_dtype
+    out = {}
+    for name, dims in layout.tensors.items():
+        want = shape(dims, config)
+        kind = layout.dtypes.get(name)
+        if kind == "bool":
+            out[name] = torch.randint(0, 2, want, generator=gen).bool()
+        elif kind == "int64":
+            out[name] = torch.randint(0, 2, want, generator=gen, dtype=torch.int64)
+        else:
+            out[name] = (torch.randn(want, generator=gen) * 0.02).to(getattr(torch, kind) if kind else floating)
+    return out
 
 
 def draft_tensors(target: Path, draft: Draft, layout: Layout, seed: int = 0) -> dict:
@@ -220,7 +325,8 @@ def _dtype(name: str):
 def build(key: str, directory: Path, max_pp: int, tps: list[int], align: dict[str, int] | None = None):
     """The draft `key`'s twin: its target's twin (sweep/twins.py, the same as the target's cells
     load) copied with the draft layers added (DRAFT_FILE, the index naming every tensor's file) and
-    the layer count set in its config; or the reason there is none."""
+    the layer count set in its config, or, for a checkpoint of its own, with the draft's directory
+    (DRAFT_DIR: config.json and OWN_FILE) inside it; or the reason there is none."""
     import hashlib
 
     from servematrix.paths import code_digest
@@ -231,7 +337,7 @@ def build(key: str, directory: Path, max_pp: int, tps: list[int], align: dict[st
     layout = r.layouts[draft.layout]
     base = twins.build(draft.target, directory, max_pp, tps, align=align)
     origin = (f"draft {key} (--speculative-config method {draft.method}) beside its target {draft.target}'s twin; "
-              f"draft layer names from {draft.names_from}")
+              f"draft names from {draft.names_from}")
     if not base.ok:
         return base.model_copy(update={"architecture": key, "origin": f"{origin}; target: {base.origin}",
                                        "reason": f"its target {draft.target} has no twin: {base.reason}"})
@@ -249,7 +355,8 @@ def build(key: str, directory: Path, max_pp: int, tps: list[int], align: dict[st
                                        "reason": f"draft layers: {type(exc).__name__}: {' '.join(str(exc).split())[:300]}"})
     return base.model_copy(update={
         "architecture": key, "path": str(target), "draft": draft.method, "spec": None, "shapes": {},
-        "server_args": [*base.server_args, *speculative_args(draft)],
+        "server_args": [*base.server_args,
+                        *speculative_args(draft, target / DRAFT_DIR if layout.checkpoint == "own" else None)],
         "load_only": base.load_only or NOT_SERVED,
         "origin": f"{origin}; target: {base.origin}"})
 
@@ -268,11 +375,14 @@ def _write(base: Path, target: Path, draft: Draft, layout: Layout) -> None:
         for f in base.iterdir():
             if f.is_file() and f.name != INDEX:
                 shutil.copy(f, tmp / f.name)  # not copy2: the copy's age is its own (the cache prunes by it)
-        tensors = draft_tensors(base, draft, layout)
-        save_file({n: t.contiguous() for n, t in tensors.items()}, str(tmp / DRAFT_FILE), metadata={"format": "pt"})
-        config = json.loads((tmp / "config.json").read_text())
-        config[draft.layers_field] = draft.layers
-        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        if layout.checkpoint == "own":  # the draft's own directory; the target's files as they are
+            _write_own(base, tmp / DRAFT_DIR, layout)
+        else:
+            tensors = draft_tensors(base, draft, layout)
+            save_file({n: t.contiguous() for n, t in tensors.items()}, str(tmp / DRAFT_FILE), metadata={"format": "pt"})
+            config = json.loads((tmp / "config.json").read_text())
+            config[draft.layers_field] = draft.layers
+            (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         weight_map = {}
         for path in sorted(tmp.glob("*.safetensors")):
             with safe_open(path, "pt") as f:
@@ -286,6 +396,37 @@ def _write(base: Path, target: Path, draft: Draft, layout: Layout) -> None:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
+def _write_own(base: Path, into: Path, layout: Layout) -> None:
+    """A checkpoint-of-its-own draft's directory: its config.json (published fields, the target
+    twin's numbers) and its tensors in OWN_FILE."""
+    from safetensors.torch import save_file
+
+    config = draft_config(layout, json.loads((base / "config.json").read_text()))
+    tensors = own_tensors(layout, config, _float_dtype(base))
+    into.mkdir()
+    (into / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    save_file({n: t.contiguous() for n, t in tensors.items()}, str(into / OWN_FILE), metadata={"format": "pt"})
+
+
+def _float_dtype(base: Path):
+    """The target twin's float dtype (its first floating tensor's)."""
+    from safetensors import safe_open
+
+    for path in sorted(base.glob("*.safetensors")):
+        with safe_open(path, "pt") as f:
+            for name in f.keys():
+                kind = f.get_slice(name).get_dtype()
+                if kind in ("BF16", "F16", "F32"):
+                    return _dtype(kind)
+    return _dtype("F32")
+
+
+def draft_file(twin: Path) -> Path:
+    """The file that holds the twin's draft tensors: its own checkpoint's (DRAFT_DIR), else DRAFT_FILE."""
+    own = Path(twin) / DRAFT_DIR / OWN_FILE
+    return own if own.is_file() else Path(twin) / DRAFT_FILE
+
+
 class DraftTensor(BaseModel):
     """One of the twin's draft tensors and whether a draft parameter holds it."""
 
@@ -297,46 +438,72 @@ class DraftTensor(BaseModel):
     instead: str | None = None
 
 
-def _file_digests(twin: Path, skip: str | None = None) -> dict[str, tuple[str, ...]]:
-    """Every tensor of the twin (less the file `skip`) -> its digests in each dtype (sweep/digests.py)."""
+def _file_digests(twin: Path, skip: Path | None = None) -> dict[str, tuple[str, ...]]:
+    """Every tensor of the twin, its own draft directory's too (less the file `skip`) -> its digests
+    (_digests)."""
     from safetensors import safe_open
 
     out = {}
-    for path in sorted(Path(twin).glob("*.safetensors")):
-        if path.name == skip:
+    for path in sorted(Path(twin).glob("*.safetensors")) + sorted((Path(twin) / DRAFT_DIR).glob("*.safetensors")):
+        if skip is not None and path == skip:
             continue
         with safe_open(str(path), "pt") as f:
             for name in f.keys():
-                out[name] = digests.of(f.get_tensor(name))
+                out[name] = _digests(f.get_tensor(name))
     return out
 
 
+def _digests(tensor) -> tuple[str, ...]:
+    """A tensor's digests in each dtype vLLM may keep it in (sweep/digests.py), and in its own where
+    that is none of them (a draft's int64 vocabulary map)."""
+    from servematrix.serve.loadcheck_worker import _digest
+
+    out = digests.of(tensor)
+    return out if tensor.is_floating_point() else (*out, _digest(tensor))
+
+
 def draft_loaded(twin: Path, check_dir: Path) -> list[DraftTensor]:
-    """Each distinctive tensor of the twin's DRAFT_FILE against the draft parameters the load
+    """Each distinctive tensor of the twin's draft_file against the draft parameters the load
     check's ranks recorded (`draft_digests`): loaded where a draft parameter holds exactly its
     values (vLLM may hold it in the model's dtype: compared in each of digests.DTYPES), the parameter of
     the same name first, else any (vLLM renames the decoder layer's tensors into `mtp_block.` and
     fuses some: a fused or TP-split tensor matches none, so callers compare the whole-tensor ones,
-    at TP=1)."""
+    at TP=1). A tensor vLLM stacks with others (data `stacked`: q, k, v into qkv_proj) is loaded
+    where a parameter holds its group concatenated."""
+    import torch
     from safetensors import safe_open
 
     held = digests.recorded(check_dir, "draft_digests")
     by_digest = {d: n for n, d in held.items()}
     target: dict[str, list[str]] | None = None
     out = []
-    with safe_open(str(Path(twin) / DRAFT_FILE), "pt") as f:
+    source = draft_file(twin)
+    with safe_open(str(source), "pt") as f:
         for name in f.keys():
             t = f.get_tensor(name)
             if not digests.distinctive(t):
                 continue  # one value repeated: any parameter of its shape would match
-            want = digests.of(t)
+            want = _digests(t)
             hit = name if held.get(name) in want else next((by_digest[w] for w in want if w in by_digest), None)
             instead = None
             if hit is None and name in held:
-                target = target if target is not None else _file_digests(twin, skip=DRAFT_FILE)
+                target = target if target is not None else _file_digests(twin, skip=source)
                 instead = next((n for n, ds in target.items() if held[name] in ds), None)
             out.append(DraftTensor(name=name, param=hit, loaded=hit is not None, instead=instead))
-    return out
+        names = set(f.keys())
+        stacked = {}
+        for group in rules().stacked:
+            for name in names:
+                if group[0] not in name:
+                    continue
+                members = [name.replace(group[0], part) for part in group]
+                if all(m in names for m in members):
+                    whole = torch.cat([f.get_tensor(m) for m in members])
+                    hit = next((by_digest[w] for w in _digests(whole) if w in by_digest), None)
+                    stacked.update({m: hit for m in members if hit is not None})
+    # a tensor vLLM holds stacked with its group: loaded where the stacked parameter is the group's bytes
+    return [t.model_copy(update={"param": stacked[t.name], "loaded": True}) if not t.loaded and t.name in stacked
+            else t for t in out]
 
 
 def layout_of(key: str) -> Layout:
@@ -359,13 +526,16 @@ def note(key: str, twin: Path, check_dir: Path, tp: int) -> str:
              + f", built {built['draft_model']} on rank {built.get('rank')} ({built.get('draft_parameters')} parameters)")
     if tp > 1:
         return words
-    own = own_names(key, twin)
+    own, skipped = own_names(key, twin), layout_of(key).skipped
     found = draft_loaded(twin, check_dir)
-    checked = [t for t in found if t.name in own]
+    checked = [t for t in found if t.name in own and t.name not in skipped]
     missing = [t.name + (f" (holds the target's {t.instead})" if t.instead else "") for t in checked if not t.loaded]
+    # a tensor vLLM's loader skips by design: said so, or named as loaded after all (the data is then wrong)
+    passed = [f"{t.name} ({'LOADED after all' if t.loaded else skipped[t.name]})" for t in found if t.name in skipped]
     unread = unread_params(twin, check_dir)
     return (f"{words}; its own tensors: {len(checked) - len(missing)} of {len(checked)} loaded bit for bit"
             + (f", not: {', '.join(missing)}" if missing else "")
+            + (f"; skipped by vLLM's loader by design: {', '.join(passed)}" if passed else "")
             + f"; {sum(t.loaded for t in found)} of the twin's {len(found)} draft tensors found in its parameters"
             + (f"; draft parameters holding no tensor of the twin: {', '.join(unread)}" if unread else ""))
 

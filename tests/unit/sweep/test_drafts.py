@@ -44,7 +44,8 @@ def test_a_described_draft_is_forgeable_keyed_by_its_name_and_tagged_draft_with_
     assert cell.id == "DeepSeekMTPModel/tp2-none" and {"draft", "deepseek_v3", "speculative"} <= set(cell.tags)
 
 
-@pytest.mark.parametrize("arch, words", [("EagleLlamaForCausalLM", "EAGLE draft"), ("Eagle3Qwen3ForCausalLM", "EAGLE draft"),
+@pytest.mark.parametrize("arch, words", [("EagleMistralForCausalLM", "EAGLE draft"), ("Eagle3Qwen3ForCausalLM", "EAGLE draft"),
+                                         ("Eagle3LlamaForCausalLM", "EAGLE draft"),
                                          ("DFlashDraftModel", "DFlash/DSpark"), ("MedusaModel", "Medusa"),
                                          ("Step3p5MTP", "not described in data/sweep-drafts.yaml")])
 def test_a_draft_the_data_does_not_describe_is_not_checkable_with_its_kind_s_reason(arch, words):
@@ -232,3 +233,139 @@ def test_a_draft_parameter_holding_no_tensor_of_the_twin_is_named_unless_vllm_fu
     assert drafts.unread_params(path, check) == ["model.layers.2.final_layernorm.weight"]
     assert "holding no tensor of the twin: model.layers.2.final_layernorm.weight" in drafts.note(
         "DeepSeekMTPModel", path, check, tp=1)
+
+
+# --- drafts with a checkpoint of their own (EAGLE) ---
+
+def _llama_twin(path: Path, hidden: int = 8, heads: int = 2, kv: int = 1, head_dim: int = 8, inter: int = 16,
+                vocab: int = 32) -> Path:
+    """A tiny llama target checkpoint whose head size is not hidden/heads, as the sweep's llama twin's."""
+    path.mkdir(parents=True)
+    g = torch.Generator().manual_seed(2)
+    save_file({"model.embed_tokens.weight": torch.randn(vocab, hidden, generator=g).bfloat16(),
+               "model.layers.0.self_attn.q_proj.weight": torch.randn(heads * head_dim, hidden, generator=g).bfloat16(),
+               "lm_head.weight": torch.randn(vocab, hidden, generator=g).bfloat16()}, str(path / "model.safetensors"))
+    (path / "config.json").write_text(json.dumps({
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "num_hidden_layers": 2, "hidden_size": hidden,
+        "intermediate_size": inter, "num_attention_heads": heads, "num_key_value_heads": kv, "head_dim": head_dim,
+        "vocab_size": vocab, "rms_norm_eps": 1e-5, "bos_token_id": 1, "eos_token_id": 2}))
+    return path
+
+
+def test_a_published_eagle3_draft_is_forgeable_keyed_by_its_name_beside_the_llama_target():
+    a = registry.classify("LlamaForCausalLMEagle3", "speculative")
+    assert a.forgeable and a.draft and a.model_type == "llama" and a.key == "LlamaForCausalLMEagle3"
+    (cell,) = cells.cells([a], cells.layouts("tp1"), ["none"], ["current"])
+    assert cell.id == "LlamaForCausalLMEagle3/tp1-none" and {"draft", "llama", "speculative"} <= set(cell.tags)
+    layout = drafts.layout_of("LlamaForCausalLMEagle3")
+    assert layout.checkpoint == "own" and layout.config["architectures"] == ["LlamaForCausalLMEagle3"]
+
+
+def test_a_shape_multiplies_fields_and_divides_by_a_whole_int():
+    config = {"num_attention_heads": 4, "head_dim": 64, "vocab_size": 512, "hidden_size": 128}
+    assert drafts.shape(["num_attention_heads*head_dim", "2*hidden_size"], config) == (256, 256)
+    assert drafts.shape(["vocab_size/4"], config) == (128,)
+    with pytest.raises(ValueError, match="not whole"):
+        drafts.shape(["vocab_size/3"], config)
+
+
+def test_the_eagle3_draft_holds_the_published_names_in_the_target_twin_s_numbers_and_published_dtypes(tmp_path):
+    base = _llama_twin(tmp_path / "t")
+    layout = drafts.layout_of("LlamaForCausalLMEagle3")
+    config = drafts.draft_config(layout, json.loads((base / "config.json").read_text()))
+    # the published fields as published, the shrunk ones the target's, the draft vocabulary a quarter of it
+    assert config["architectures"] == ["LlamaForCausalLMEagle3"] and config["num_hidden_layers"] == 1
+    assert (config["hidden_size"], config["head_dim"], config["vocab_size"], config["draft_vocab_size"]) == (8, 8, 32, 8)
+    out = drafts.own_tensors(layout, config, torch.bfloat16)
+    assert set(out) == set(layout.tensors)  # every published name, nothing else
+    assert "midlayer.self_attn.q_proj.weight" in out and "d2t" in out and "t2d" in out
+    assert out["midlayer.self_attn.q_proj.weight"].shape == (16, 16)  # heads*head_dim x [embedding; hidden]
+    assert out["midlayer.self_attn.k_proj.weight"].shape == (8, 16)
+    assert out["fc.weight"].shape == (8, 24) and out["lm_head.weight"].shape == (8, 8)
+    assert out["d2t"].dtype == torch.int64 and out["d2t"].shape == (8,)
+    assert out["t2d"].dtype == torch.bool and out["t2d"].shape == (32,)
+    assert out["fc.weight"].dtype == torch.float16  # the published torch_dtype, not the target twin's
+    # every draft id's target id stays in the target vocabulary
+    assert int((torch.arange(8) + out["d2t"]).max()) < 32
+
+
+def test_a_layout_of_its_own_checkpoint_refuses_target_layout_fields_and_unknown_dtype_names():
+    own = drafts.layout_of("LlamaForCausalLMEagle3").model_dump()
+    with pytest.raises(ValueError, match="no decoder"):
+        drafts.Layout.model_validate({**own, "decoder": {"prefix": "x."}})
+    with pytest.raises(ValueError, match="does not hold: nope"):
+        drafts.Layout.model_validate({**own, "dtypes": {"nope": "int64"}})
+    with pytest.raises(ValueError, match="needs its `decoder`"):
+        drafts.Layout.model_validate({"description": "x", "tensors": {"a": ["hidden_size"]}})
+
+
+@pytest.fixture()
+def eagle_twin(tmp_path, monkeypatch):
+    base = _llama_twin(tmp_path / "base")
+    monkeypatch.setattr(twins, "build", lambda key, directory, max_pp, tps, align=None: twins.Twin(
+        model_type=key, path=str(base), server_args=["--dtype", "bfloat16"], origin="twin from X", spec={"model_type": key}))
+    return drafts.build("LlamaForCausalLMEagle3", tmp_path / "twins", 2, [1, 2]), base
+
+
+def test_an_eagle_draft_twin_is_the_target_twin_with_the_draft_directory_the_speculative_config_names(eagle_twin):
+    twin, base = eagle_twin
+    path = Path(twin.path)
+    assert twin.ok and twin.draft == "eagle3" and twin.architecture == "LlamaForCausalLMEagle3"
+    i = twin.server_args.index("--speculative-config")
+    assert json.loads(twin.server_args[i + 1]) == {"method": "eagle3", "model": str(path / drafts.DRAFT_DIR),
+                                                   "num_speculative_tokens": 3}
+    draft_config = json.loads((path / drafts.DRAFT_DIR / "config.json").read_text())
+    assert draft_config["architectures"] == ["LlamaForCausalLMEagle3"] and draft_config["draft_vocab_size"] == 8
+    # the target's config and index are the target twin's: no draft layer in them
+    assert json.loads((path / "config.json").read_text()) == json.loads((base / "config.json").read_text())
+    index = json.loads((path / drafts.INDEX).read_text())["weight_map"]
+    assert set(index) == {"model.embed_tokens.weight", "model.layers.0.self_attn.q_proj.weight", "lm_head.weight"}
+    assert drafts.draft_file(path) == path / drafts.DRAFT_DIR / drafts.OWN_FILE
+    assert "SpecForge" in twin.origin and "target: twin from X" in twin.origin
+
+
+def test_an_eagle_draft_s_tensors_count_as_loaded_in_the_model_s_dtype_and_its_skipped_map_is_said(eagle_twin, tmp_path):
+    from safetensors import safe_open
+
+    twin, _ = eagle_twin
+    path = Path(twin.path)
+    with safe_open(str(drafts.draft_file(path)), "pt") as f:
+        tensors = {n: f.get_tensor(n) for n in f.keys()}
+    # vLLM holds the float16 tensors in the model's bfloat16, d2t as its int64 draft_id_to_target_id, skips t2d,
+    # fuses q/k/v, and builds an embedding the draft's checkpoint has none of
+    held = {f"model.{n.replace('midlayer.', 'layers.0.')}": _digest(t.bfloat16()) for n, t in tensors.items()
+            if t.is_floating_point() and "_proj" not in n}
+    held |= {"model.layers.0.self_attn.o_proj.weight": _digest(tensors["midlayer.self_attn.o_proj.weight"].bfloat16()),
+             # q, k and v stacked in that order, as QKVParallelLinear holds them at TP=1
+             "model.layers.0.self_attn.qkv_proj.weight": _digest(torch.cat(
+                 [tensors[f"midlayer.self_attn.{x}_proj.weight"] for x in "qkv"]).bfloat16()),
+             "draft_id_to_target_id": _digest(tensors["d2t"]),
+             "model.embed_tokens.weight": "torch.bfloat16:[32,8]:1"}
+    check = tmp_path / "check"
+    _rank(check, draft_model="Eagle3LlamaForCausalLM", draft_architecture="LlamaForCausalLMEagle3",
+          draft_parameters=len(held), draft_digests=held)
+    by_name = {t.name: t for t in drafts.draft_loaded(path, check)}
+    assert by_name["d2t"].loaded and by_name["d2t"].param == "draft_id_to_target_id"
+    assert by_name["fc.weight"].loaded and not by_name["t2d"].loaded
+    assert by_name["midlayer.self_attn.k_proj.weight"].param == "model.layers.0.self_attn.qkv_proj.weight"
+    note = drafts.note("LlamaForCausalLMEagle3", path, check, tp=1)
+    assert note.startswith("draft: vLLM resolved LlamaForCausalLMEagle3, built Eagle3LlamaForCausalLM on rank 0")
+    # fc, the three norms, norm, lm_head, q/k/v (stacked), o_proj, d2t; not gate/up/down (not recorded here)
+    assert ("its own tensors: 11 of 14 loaded bit for bit, not: midlayer.mlp.down_proj.weight, "
+            "midlayer.mlp.gate_proj.weight, midlayer.mlp.up_proj.weight;") in note
+    assert "skipped by vLLM's loader by design: t2d (vLLM 0.32.0's" in note
+    assert "draft parameters holding no tensor of the twin: model.embed_tokens.weight" in note
+
+
+def test_the_eagle1_draft_holds_its_own_embedding_and_one_layer_without_input_norm_and_no_head(tmp_path):
+    base = _llama_twin(tmp_path / "t")
+    layout = drafts.layout_of("EagleLlamaForCausalLM")
+    config = drafts.draft_config(layout, json.loads((base / "config.json").read_text()))
+    # the published config names the plain causal LM: vLLM's EAGLEConfig makes it EagleLlamaForCausalLM (method eagle)
+    assert config["architectures"] == ["LlamaForCausalLM"] and config["bias"] is False and config["head_dim"] == 8
+    out = drafts.own_tensors(layout, config, torch.bfloat16)
+    assert set(out) == set(layout.tensors)
+    assert out["embed_tokens.weight"].shape == (32, 8) and out["fc.weight"].shape == (8, 16)
+    assert out["layers.0.self_attn.q_proj.weight"].shape == (16, 8)
+    assert not any("input_layernorm" in n or "lm_head" in n or n == "fc.bias" for n in out)
+    assert drafts.rules().drafts["EagleLlamaForCausalLM"].method == "eagle"
