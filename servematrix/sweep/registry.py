@@ -23,7 +23,7 @@ from functools import lru_cache
 from pydantic import BaseModel
 
 from servematrix.errors import StateError
-from servematrix.sweep import drafts, multimodal, pooling
+from servematrix.sweep import drafts, multimodal, pooling, wrappers
 
 # Run in the release's interpreter: stdlib and vLLM only; one JSON line on stdout.
 PROBE = r"""
@@ -53,7 +53,6 @@ KIND_REASONS = {
     # composites it forges); this one stands where that module is not asked
     "multimodal": "multimodal: needs an image/audio processor and a vision or audio tower forged as "
                   "data/sweep-multimodal.yaml describes",
-    "transformers-backend": "vLLM's Transformers-backend wrapper, not an architecture of its own",
     "other": "in no registry table the sweep knows (out-of-tree or previously supported)",
 }
 
@@ -82,13 +81,19 @@ class Arch(BaseModel):
         return self.kind == "speculative" and self.forgeable
 
     @property
+    def wrapper(self) -> bool:
+        """A Transformers-backend wrapper checked through another architecture's twin (sweep/wrappers.py)."""
+        return self.kind == "transformers-backend" and self.forgeable
+
+    @property
     def key(self) -> str:
         """The cell ids' first part: the model_type of a forgeable generative architecture, else
         its name (model_types are lower snake case, class names CamelCase: the two never collide).
         A pooling architecture shares its model_type with the family's generative one (Qwen2Model,
         Qwen2ForCausalLM: qwen2), so its cells and its twin go by its own name; so do a draft's
         (DeepSeekMTPModel: its target's model_type is deepseek_v3)."""
-        return self.model_type if self.forgeable and self.model_type and not (self.pooling or self.draft) else self.arch
+        own = not (self.pooling or self.draft or self.wrapper)
+        return self.model_type if self.forgeable and self.model_type and own else self.arch
 
 
 def probe(python: str, env: dict[str, str] | None = None) -> dict[str, dict]:
@@ -167,6 +172,9 @@ def classify(arch: str, kind: str) -> Arch:
     if kind == "speculative":  # an MTP draft the data describes: checked beside its target's twin
         target, why = drafts.match(arch)
         return Arch(arch=arch, kind=kind, model_type=target, forgeable=why is None, reason=why)
+    if kind == "transformers-backend":  # checked through an architecture that uses it (data/sweep-wrappers.yaml)
+        through, why = wrappers.match(arch)
+        return Arch(arch=arch, kind=kind, model_type=through, forgeable=why is None, reason=why)
     if kind == "multimodal":  # a composite the data describes (sweep/multimodal.py): keyed by its model_type
         model_type, why = multimodal.match(arch)
         return Arch(arch=arch, kind=kind, model_type=model_type, forgeable=why is None, reason=why)

@@ -34,7 +34,7 @@ from servematrix.run import rundir
 from servematrix.run.lifecycle import RunLifecycle
 from servematrix.run.pipeline import Parts, interrupted, load_check_phase, now_iso, with_retries
 from servematrix.sweep import cells as cellmod
-from servematrix.sweep import pooling, registry, serve, twins
+from servematrix.sweep import pooling, registry, serve, twins, wrappers
 from servematrix.sweep.quant import refused_on_cpu
 from servematrix.sweep.report import Coverage, write_reports
 
@@ -268,6 +268,12 @@ def _cell(cell: cellmod.Cell, opts: SweepOptions, python: str, twin_cache: dict,
     if unfilled:  # a composite's parameter never filled is no pass: vLLM's own check exempts every unquantized linear
         record = record.model_copy(update={"verdict": "fail", "failure": Failure.of(
             "check", f"servematrix: vLLM built and never filled from the checkpoint: {', '.join(unfilled)}"[:500])})
+    if cell.arch.wrapper and record.verdict == "pass":  # the wrapper itself, or the cell checked another class
+        other = wrappers.built(cell.arch.arch, opts.out / cell.id / "loadcheck")
+        if other:
+            return record.model_copy(update={"verdict": "skipped", "failure": None, "note": (
+                f"not checkable here: with {' '.join(wrappers.ARGS)} vLLM built {other}, not {cell.arch.arch}")})
+        head = "; ".join(filter(None, [f"Transformers backend: vLLM built {cell.arch.arch}", head]))
     if record.verdict != "skipped":  # the depth reached, the quantized layout in words (block size, family rule)
         record = record.model_copy(update={"note": "; ".join(filter(None, [record.note, depth, head, twin.note,
                                                                             twin.origin])) or None})

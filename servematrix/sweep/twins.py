@@ -48,8 +48,10 @@ def build(key: str, directory: Path, max_pp: int, tps: list[int], align: dict[st
     from servematrix import mirror
     from servematrix.mirror.cli import scenario_dict
 
-    from servematrix.sweep import corpus, drafts, multimodal, pooling
+    from servematrix.sweep import corpus, drafts, multimodal, pooling, wrappers
 
+    if wrappers.is_wrapper(key):  # an architecture's twin that uses it, with --model-impl transformers
+        return wrappers.build(key, directory, max_pp, tps, align)
     if drafts.is_draft(key):  # its target's twin with the draft layers added
         return drafts.build(key, directory, max_pp, tps, align)
     if multimodal.is_composite(key):  # text model, towers and connector (data/sweep-multimodal.yaml)

@@ -1,6 +1,6 @@
 """`servematrix sweep` on real vLLM (the CPU build): a handful of architectures from the release's
 own registry, mirrored from transformers' defaults, load-checked at TP=1 and PP=2 through the
-persistent worker; a multimodal and a remote-code-only architecture recorded as not checkable with
+persistent worker (vLLM's Transformers-backend wrapper among them, through llama's twin); a multimodal and a remote-code-only architecture recorded as not checkable with
 their reasons; two pooling cells at TP=1 (BertModel, GPT2ForSequenceClassification) build vLLM's pooling models
 and load the classifier's head bit for bit; PP=2's ranks together load exactly TP=1's parameters; the same cells in a process
 of their own (--isolated) load the same parameters; `gate` judges the run; a quantized cell (the
@@ -19,7 +19,8 @@ from .conftest import servematrix
 
 pytestmark = pytest.mark.integration
 # Qwen2-VL: a multimodal architecture data/sweep-multimodal.yaml does not describe yet (llava it does)
-ARCHS = "llama/*,qwen3_moe/*,deepseek_v3/*,Qwen2VLForConditionalGeneration/*,InternLM2ForCausalLM/*"
+# TransformersForCausalLM: vLLM's Transformers-backend wrapper, checked through llama's twin (sweep/wrappers.py)
+ARCHS = "llama/*,qwen3_moe/*,deepseek_v3/*,TransformersForCausalLM/*,Qwen2VLForConditionalGeneration/*,InternLM2ForCausalLM/*"
 # pooling cells (sweep/pooling.py), at TP=1 only: a BERT embedding model and a decoder's sequence classifier
 POOLING = {"BertModel/tp1-none": "BertEmbeddingModel", "GPT2ForSequenceClassification/tp1-none": "GPT2ForSequenceClassification"}
 
@@ -41,11 +42,15 @@ def sweep(tmp_path_factory, shared_cache):
 def test_the_sweep_checks_each_forgeable_cell_and_says_why_the_others_are_not(sweep):
     proc, out, by_id, seconds = sweep
     assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
-    checked = {f"{m}/{lay}-none" for m in ("llama", "qwen3_moe", "deepseek_v3") for lay in ("tp1", "pp2")}
+    checked = {f"{m}/{lay}-none" for m in ("llama", "qwen3_moe", "deepseek_v3", "TransformersForCausalLM")
+               for lay in ("tp1", "pp2")}
     assert {i for i, r in by_id.items() if r["verdict"] == "pass"} == checked | set(POOLING)
     for i in checked:
         ranks = by_id[i]["load_check"]["ranks"]
         assert len(ranks) == by_id[i]["pp"] and all(r["ok"] and r["steps"] == ["construct", "load"] for r in ranks)
+    wrapper = by_id["TransformersForCausalLM/pp2-none"]  # --model-impl transformers: vLLM built the wrapper on both ranks
+    assert {r["model"] for r in wrapper["load_check"]["ranks"]} == {"TransformersForCausalLM"}
+    assert "Transformers backend: vLLM built TransformersForCausalLM" in wrapper["note"]
     assert "multimodal" in by_id["Qwen2VLForConditionalGeneration/tp1-none"]["note"]
     assert "has no class InternLM2ForCausalLM" in by_id["InternLM2ForCausalLM/pp2-none"]["note"]
     md = (out / "load-success.md").read_text()

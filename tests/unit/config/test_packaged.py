@@ -18,6 +18,7 @@ from servematrix.errors import ConfigError
 from servematrix.sweep.drafts import DraftRules
 from servematrix.sweep.multimodal import MultimodalRules
 from servematrix.sweep.rules import SweepRules
+from servematrix.sweep.wrappers import WrapperRules
 from servematrix.paths import data_file
 
 # every packaged YAML file and the model it is read as
@@ -30,6 +31,7 @@ MODELS = {
     "sweep-quants.yaml": SweepRules,
     "sweep-drafts.yaml": DraftRules,
     "sweep-multimodal.yaml": MultimodalRules,
+    "sweep-wrappers.yaml": WrapperRules,
 }
 
 

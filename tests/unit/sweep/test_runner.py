@@ -276,6 +276,27 @@ def test_an_embedding_cell_is_served_for_vectors_as_wide_as_its_twin_a_classifie
     assert cls.verdict == "pass" and "not served: a pooling model of vLLM's classification table" in cls.note
 
 
+def test_a_wrapper_cell_passes_only_where_vllm_built_the_wrapper_itself(tmp_path, doubles, monkeypatch):
+    monkeypatch.setattr(runner.registry, "probe", lambda python, env=None: {
+        "TransformersForCausalLM": {"kind": "transformers-backend"},
+        "TransformersMoEForCausalLM": {"kind": "transformers-backend"}})
+
+    def load_check(cell, opts, python, twin, worlds, parts):  # the rank record names the class vLLM built
+        check = opts.out / cell.id / "loadcheck"
+        check.mkdir(parents=True, exist_ok=True)
+        built = "Qwen3MoeForCausalLM" if cell.arch.arch == "TransformersMoEForCausalLM" else cell.arch.arch
+        (check / "rank0.json").write_text(json.dumps({"rank": 0, "ok": True, "model": built}))
+        return passed(parts)
+
+    monkeypatch.setattr(runner, "_load_check", load_check)
+    by_id = {r.id: r for r in runner.run(options(tmp_path, k="Transformers*/tp1-*")).scenarios}
+    ok = by_id["TransformersForCausalLM/tp1-none"]
+    assert ok.verdict == "pass" and "Transformers backend: vLLM built TransformersForCausalLM" in ok.note
+    other = by_id["TransformersMoEForCausalLM/tp1-none"]
+    assert other.verdict == "skipped" and other.note == ("not checkable here: with --model-impl transformers vLLM "
+                                                         "built Qwen3MoeForCausalLM, not TransformersMoEForCausalLM")
+
+
 def test_a_server_stopped_by_a_gpu_only_library_leaves_the_load_checks_pass(tmp_path, doubles, monkeypatch):
     f = Failure.of("exception", "ModuleNotFoundError: No module named 'flash_attn'", "serve")
     monkeypatch.setattr(runner, "_serve", lambda cell, opts, python, twin, embed_dim=None: (Parts(
