@@ -91,6 +91,10 @@ def twin_config(layout: SourceLayout, effective: dict, class_type: str, dims: di
     layers_key = field_value(effective, "layers")[0] or "num_hidden_layers"
     config[layers_key] = len(kept)
     changed.add("num_hidden_layers")
+    for key in rules()["fields"]["layers"]:  # a second spelling of the count (NomicBert's n_layer): the same
+        if key != layers_key and effective.get(key) == n and key in layout.config:
+            config[key] = len(kept)
+            changed.add(key)
     defaults = AutoConfig.for_model(class_type).to_dict()
     explicit = {k for role in rules()["fields"]["explicit"] for k in rules()["fields"][role]}
     for key in explicit:
