@@ -31,6 +31,7 @@ REGISTRY: dict[str, str] = {
     "minicpmv-resampler-39862": "servematrix_fixes.minicpmv_resampler:FIX",
     "minimax-k-norm-38191": "servematrix_fixes.minimax_k_norm:FIX",
     "minimax-kv-scale-37214": "servematrix_fixes.minimax_kv_scale:FIX",
+    "transformers-seqcls-score": "servematrix_fixes.transformers_seqcls_score:FIX",
 }
 
 
