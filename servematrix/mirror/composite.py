@@ -92,7 +92,6 @@ class Composite(_Strict):
         return ties
 
 
-
 def text_layout(config: dict[str, Any], parts: Composite, source: str, where=None):
     """The SourceLayout of the composite's text model: its sub-config as a config.json of its own
     (the mirror's config-only path, the class built on the meta device at full size), with its

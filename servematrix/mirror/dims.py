@@ -114,14 +114,7 @@ class _Dims:
             self.changed[key] = (get_path(self.cfg, key), value)
 
     def role(self, role: str, value: Any) -> None:
-        key, source = field_value(self.cfg, role)
-        self.key(key, value)
-        # a second spelling of the same size (NomicBert's published n_embd / n_head beside the
-        # hidden_size / num_attention_heads transformers' class states): shrunk alike, else vLLM
-        # reads the spelling left at full size (its NomicBertModelConfig takes n_embd)
-        for other in rules()["fields"][role]:
-            if other != key and "." not in other and source is not None and self.cfg.get(other) == source:
-                self.key(other, value)
+        self.key(field_value(self.cfg, role)[0], value)
 
 
 def choose_dims(cfg: dict, tps: list[int], group_info: dict, params: dict, kv_policy: str,

@@ -133,7 +133,7 @@ def test_a_head_no_block_fits_and_no_cpu_kernel_takes_at_the_sources_width_keeps
     assert all((kv // tp * 64) % 128 == 0 and (heads // tp * 64) % 128 == 0 for tp in (1, 2))
 
 
-def test_a_second_spelling_of_a_size_with_the_same_value_shrinks_alike_another_value_is_left():
+def test_a_second_spelling_of_a_width_shrinks_alike_a_copy_that_cannot_scale_whole_is_left():
     # nomic-ai/nomic-embed-text-v1.5 publishes n_embd / n_head / n_inner; transformers' NomicBertConfig
     # states hidden_size / num_attention_heads / intermediate_size beside them, and vLLM reads n_embd
     from servematrix.mirror.dims import choose_dims
@@ -144,6 +144,7 @@ def test_a_second_spelling_of_a_size_with_the_same_value_shrinks_alike_another_v
     assert dims["n_embd"][1] == dims["hidden_size"][1] < 768
     assert dims["n_head"][1] == dims["num_attention_heads"][1] < 12
     assert dims["n_inner"][1] == dims["intermediate_size"][1] < 3072
-    # a field of the role with another value is another size (left to its own rule)
+    # a copy with another value scales with its role only where that is whole (mirror-families.yaml
+    # `copies`): 1024 x 128 / 768 is not, so it is left
     dims, _, _ = choose_dims({**cfg, "n_embd": 1024}, [1, 2], {}, {}, "cover")
     assert "n_embd" not in dims
