@@ -15,12 +15,14 @@ DTYPES = ("float32", "bfloat16", "float16")
 
 
 def of(tensor) -> tuple[str, ...]:
-    """`tensor`'s digests in each of DTYPES, in that order."""
+    """`tensor`'s digests in each of DTYPES, in that order, and in its own dtype after them where
+    that is none of them (an integer tensor, a draft's vocabulary map: vLLM keeps it as it is)."""
     import torch
 
     from servematrix.serve.loadcheck_worker import _digest
 
-    return tuple(_digest(tensor.to(getattr(torch, d))) for d in DTYPES)
+    out = tuple(_digest(tensor.to(getattr(torch, d))) for d in DTYPES)
+    return out if tensor.is_floating_point() else (*out, _digest(tensor))
 
 
 def distinctive(tensor) -> bool:

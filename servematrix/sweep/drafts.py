@@ -440,7 +440,7 @@ class DraftTensor(BaseModel):
 
 def _file_digests(twin: Path, skip: Path | None = None) -> dict[str, tuple[str, ...]]:
     """Every tensor of the twin, its own draft directory's too (less the file `skip`) -> its digests
-    (_digests)."""
+    (digests.of)."""
     from safetensors import safe_open
 
     out = {}
@@ -449,17 +449,8 @@ def _file_digests(twin: Path, skip: Path | None = None) -> dict[str, tuple[str, 
             continue
         with safe_open(str(path), "pt") as f:
             for name in f.keys():
-                out[name] = _digests(f.get_tensor(name))
+                out[name] = digests.of(f.get_tensor(name))
     return out
-
-
-def _digests(tensor) -> tuple[str, ...]:
-    """A tensor's digests in each dtype vLLM may keep it in (sweep/digests.py), and in its own where
-    that is none of them (a draft's int64 vocabulary map)."""
-    from servematrix.serve.loadcheck_worker import _digest
-
-    out = digests.of(tensor)
-    return out if tensor.is_floating_point() else (*out, _digest(tensor))
 
 
 def draft_loaded(twin: Path, check_dir: Path) -> list[DraftTensor]:
@@ -483,7 +474,7 @@ def draft_loaded(twin: Path, check_dir: Path) -> list[DraftTensor]:
             t = f.get_tensor(name)
             if not digests.distinctive(t):
                 continue  # one value repeated: any parameter of its shape would match
-            want = _digests(t)
+            want = digests.of(t)
             hit = name if held.get(name) in want else next((by_digest[w] for w in want if w in by_digest), None)
             instead = None
             if hit is None and name in held:
@@ -499,7 +490,7 @@ def draft_loaded(twin: Path, check_dir: Path) -> list[DraftTensor]:
                 members = [name.replace(group[0], part) for part in group]
                 if all(m in names for m in members):
                     whole = torch.cat([f.get_tensor(m) for m in members])
-                    hit = next((by_digest[w] for w in _digests(whole) if w in by_digest), None)
+                    hit = next((by_digest[w] for w in digests.of(whole) if w in by_digest), None)
                     stacked.update({m: hit for m in members if hit is not None})
     # a tensor vLLM holds stacked with its group: loaded where the stacked parameter is the group's bytes
     return [t.model_copy(update={"param": stacked[t.name], "loaded": True}) if not t.loaded and t.name in stacked
