@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 from servematrix.checkpoint.forge import forge
@@ -23,10 +24,12 @@ from servematrix.mirror.source import ORIGIN_FILE, check_twin_target, read_heade
 __all__ = ["build_twin", "post_process"]
 
 
-def build_twin(plan: Plan, name: str, directory: Path | str) -> Path:
+def build_twin(plan: Plan, name: str, directory: Path | str, finish: Callable[[Path], None] | None = None) -> Path:
     """forge(name, plan.spec) into the cache, copied to `directory` and post-processed there (the
     cache entry stays what its spec says), with mirror.json; the written headers must be the plan's
-    twin exactly."""
+    twin exactly. `finish(dir)` rewrites the checked twin before it is put in place (the sweep's
+    released-checkpoint spellings): a twin in place is never rewritten, so a caller reusing it
+    reads it as it is."""
     target = Path(directory)
     check_twin_target(target)  # the one owner check (source.py): only a twin mirror wrote is replaced
     try:
@@ -44,6 +47,8 @@ def build_twin(plan: Plan, name: str, directory: Path | str) -> Path:
         written = _headers(tmp)
         if written != plan.twin:
             raise StateError(tmp, "post-processing wrote another layout than planned: " + _layout_delta(plan.twin, written))
+        if finish is not None:
+            finish(tmp)
         origin = MirrorOrigin(source=plan.source, layer_map=plan.layer_map, experts=plan.experts,
                               not_mirrored=[n.model_dump() for n in plan.not_mirrored],
                               post_processed=[s.detail for s in plan.post])

@@ -14,11 +14,15 @@ the mirror's one-line reason: it is servematrix that cannot forge it, not vLLM t
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from pydantic import BaseModel
 
 from servematrix.errors import UserError
+
+# what the rewrite into the released checkpoint's spellings changed, kept in the twin it rewrote
+REWRITES_FILE = "sweep-checkpoint.json"
 
 
 class Twin(BaseModel):
@@ -87,9 +91,8 @@ def build(key: str, directory: Path, max_pp: int, tps: list[int], align: dict[st
             return Twin(model_type=model_type, architecture=arch, origin=origin,
                         reason=f"mirror: the twin would break its invariants: {broken}"[:500])
         scenario = scenario_dict(plan, name, layout)
-        path = _built(plan, name, directory, arch or model_type)
-        origin = "; ".join([origin, *corpus.checkpoint_names(model_type, path),
-                            *corpus.checkpoint_config(model_type, path, layout.config, layout.structure.num_layers)])
+        path = _built(plan, name, directory, arch or model_type, _released_spelling(model_type, layout))
+        origin = "; ".join([origin, *json.loads((path / REWRITES_FILE).read_text())])
     except UserError as exc:
         return Twin(model_type=model_type, architecture=arch, origin=origin, reason=f"mirror: {_line(exc)}")
     except Exception as exc:  # noqa: BLE001 - a class the mirror cannot handle costs its cells, not the sweep
@@ -104,7 +107,22 @@ def build(key: str, directory: Path, max_pp: int, tps: list[int], align: dict[st
                 spec=plan.spec.model_dump(mode="json"), shapes={n: tuple(t.shape) for n, t in plan.forged.items()})
 
 
-def _built(plan, name: str, directory: Path, key: str) -> Path:
+def _released_spelling(model_type: str, layout):
+    """The rewrite of a built twin into the released checkpoint's spellings (sweep/corpus.py:
+    tensor names transformers saves otherwise, config fields the class folds), its notes kept in
+    the twin (REWRITES_FILE): run once, before the twin is in place, as it is not idempotent (a
+    config field it maps is gone after it)."""
+    from servematrix.sweep import corpus
+
+    def finish(path: Path) -> None:
+        notes = [*corpus.checkpoint_names(model_type, path),
+                 *corpus.checkpoint_config(model_type, path, layout.config, layout.structure.num_layers)]
+        (path / REWRITES_FILE).write_text(json.dumps(notes))
+
+    return finish
+
+
+def _built(plan, name: str, directory: Path, key: str, finish) -> Path:
     """The twin's directory, named by what decides its bytes (the forge's content-addressed entry,
     which carries the spec and the forge's code, and the mirror's post-processing): a sweep of
     other layouts, or a second sweep at the same time, never rewrites a twin another is loading
@@ -112,7 +130,6 @@ def _built(plan, name: str, directory: Path, key: str) -> Path:
     a finished directory into place, so one that exists is complete and is reused (its mirror.json
     touched: the test cache prunes twins by it)."""
     import hashlib
-    import json
 
     from servematrix import mirror
     from servematrix.checkpoint.forge import checkpoint_dir
@@ -121,13 +138,14 @@ def _built(plan, name: str, directory: Path, key: str) -> Path:
 
     h = hashlib.sha256(checkpoint_dir(name, plan.spec).name.encode())
     h.update(json.dumps([s.detail for s in plan.post]).encode())
-    h.update(code_digest(("mirror/twin.py",), ()).encode())
+    # the rewrite's code and rules too: a twin in place is reused as it is, never rewritten again
+    h.update(code_digest(("mirror/twin.py", "sweep/corpus.py", "data/mirror-families.yaml"), ()).encode())
     target = directory / f"{key}-{h.hexdigest()[:12]}"
     origin = target / ORIGIN_FILE
     if origin.is_file():
         origin.touch()
         return target
-    return mirror.build_twin(plan, name, target)
+    return mirror.build_twin(plan, name, target, finish)
 
 
 def quantize(base: Twin, quant: str, tps: list[int], wide=None) -> Twin:

@@ -71,3 +71,22 @@ def test_a_fused_qkv_twin_is_widened_with_whole_blocks_in_each_section_per_rank(
             shapes |= {n: f.get_slice(n).get_shape() for n in f.keys()}
     assert shapes["model.layers.0.self_attn.qkv_proj.weight"] == [2304, 768]
     assert shapes["model.layers.0.self_attn.qkv_proj.weight_scale_inv"] == [18, 6]
+
+
+def test_a_reused_twin_keeps_its_released_spellings_and_is_not_rewritten_again(tmp_path, monkeypatch):
+    """deepseek_v4's twin is rewritten into DeepSeek-V4-Flash's spelling (compress_ratios from the
+    class's layer_types, which the rewrite drops): a second sweep over the same twin reuses it as it
+    is and says the same, where re-applying the rewrite found no layer_types and refused the twin
+    (the 0.32.0 zoo of 2026-12-06, second session: every deepseek_v4 cell not checkable)."""
+    import json
+
+    monkeypatch.setenv("SERVEMATRIX_CACHE", str(tmp_path / "cache"))
+    where = tmp_path / "sweep-twins"
+    first = twins.build("deepseek_v4", where, 2, [1, 2])
+    assert first.ok, first.reason
+    config = (where / first.path / "config.json").read_text()
+    assert "compress_ratios" in json.loads(config) and "layer_types" not in json.loads(config)
+    again = twins.build("deepseek_v4", where, 2, [1, 2])
+    assert again.ok, again.reason
+    assert again.path == first.path and again.origin == first.origin and "compress_ratios" in again.origin
+    assert (where / again.path / "config.json").read_text() == config
