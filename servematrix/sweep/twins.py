@@ -127,8 +127,8 @@ def _built(plan, name: str, directory: Path, key: str, finish) -> Path:
     which carries the spec and the forge's code, and the mirror's post-processing): a sweep of
     other layouts, or a second sweep at the same time, never rewrites a twin another is loading
     (was: one directory per model_type, replaced by whichever sweep came last). build_twin renames
-    a finished directory into place, so one that exists is complete and is reused (its mirror.json
-    touched: the test cache prunes twins by it)."""
+    a finished directory, `finish` already applied, into place, so one that exists is complete and
+    is reused as it is (its mirror.json touched: the test cache prunes twins by it)."""
     import hashlib
 
     from servematrix import mirror
