@@ -6,6 +6,7 @@ import json
 import pytest
 
 import servematrix_fixes
+from servematrix_fixes import ernie45_moe_pp_tied, load, transformers_seqcls_score
 from servematrix.config.matrix import load_matrix
 from servematrix.config.yamlio import ConfigError
 
@@ -42,3 +43,13 @@ def test_enabled_fixes_are_part_of_the_id(write):
     write("scenarios/alpha.yaml", SCENARIO.format(name="alpha"))
     m = load_matrix(write("matrix/m.yaml", "name: m\ninclude:\n  - {scenario: alpha, fixes: [inject-scale]}\n"))
     assert [e.id for e in m.entries] == ["alpha/tp1-pp1-fp32+inject-scale"]
+
+
+@pytest.mark.parametrize("name, module", [("ernie45-moe-pp-tied", ernie45_moe_pp_tied),
+                                          ("transformers-seqcls-score", transformers_seqcls_score)])
+def test_a_fix_for_a_bug_of_this_vllm_is_registered_and_detects_the_bug(name, module):
+    """The fixes written for defects vLLM 0.32.0 has (the sweep found both): the registry names each
+    module's FIX, and detect() reads the bug in this vLLM."""
+    assert load(name) is module.FIX
+    state, why = module.FIX.detect()
+    assert state == "bug", why

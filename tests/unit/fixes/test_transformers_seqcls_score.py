@@ -1,23 +1,13 @@
 """transformers-seqcls-score: detect() reads this vLLM's Transformers-backend sequence classifier (it
 keeps a `score` head as `classifier`) and its weights mapper (which renames no `score.`): the bug is
-in 0.32.0; a mapper that names score reads as fixed; apply() is idempotent. The repair runs in real
+in 0.32.0 (registry and detection: test_registry.py); a mapper that names score reads as fixed; apply() is idempotent. The repair runs in real
 rank processes in tests/integration/test_sweep_wrappers.py."""
 
 import inspect
 
 from vllm.model_executor.models.transformers import base, pooling
 
-from servematrix_fixes import load
 from servematrix_fixes import transformers_seqcls_score as fix
-
-
-def test_the_registry_names_it():
-    assert load("transformers-seqcls-score") is fix.FIX
-
-
-def test_this_vllm_has_the_bug():
-    state, why = fix.FIX.detect()
-    assert state == "bug", why
 
 
 def test_a_mapper_that_renames_score_reads_as_fixed():
