@@ -133,6 +133,10 @@ class Draft(_Strict):
     layers: int = Field(1, ge=1)  # draft layers the twin carries (published DeepSeek-V3 / GLM-4.5: 1)
     # --speculative-config num_speculative_tokens; None: `layers` (an MTP draft runs each layer once)
     tokens: int | None = Field(None, ge=1)
+    # checkpoint own: published config fields of this draft that differ from its layout's `config` (EAGLE-3's
+    # official trainer names its draft `LlamaForCausalLM`, which vLLM's EAGLEConfig turns into
+    # Eagle3LlamaForCausalLM; SpecForge names it `LlamaForCausalLMEagle3`, kept as it is)
+    config: dict[str, Any] = Field(default_factory=dict)
 
 
 class NotDescribed(_Strict):
@@ -159,6 +163,9 @@ class DraftRules(_Strict):
                 raise ValueError(f"{arch}: layout {d.layout!r} is not one of {', '.join(sorted(layouts))}")
             if layouts[d.layout].checkpoint == "target" and not d.layers_field:
                 raise ValueError(f"{arch}: a draft in the target's checkpoint needs `layers_field`")
+            if layouts[d.layout].checkpoint == "target" and d.config:
+                raise ValueError(f"{arch}: `config` is a checkpoint of its own's (checkpoint: own); this draft's "
+                                 "layers are in the target's checkpoint, whose config is the target twin's")
         return drafts
 
 
@@ -213,10 +220,11 @@ def _number(template: str, config: dict) -> int:
     return out // div
 
 
-def draft_config(layout: Layout, target_config: dict) -> dict:
-    """A checkpoint-of-its-own draft's config.json: the published fields, then the ones that take
-    the target twin's numbers (a bare field: its value as is, of any type; else an integer)."""
-    out = dict(layout.config)
+def draft_config(layout: Layout, target_config: dict, published: dict | None = None) -> dict:
+    """A checkpoint-of-its-own draft's config.json: the published fields (the layout's, then the
+    draft's own `published` ones over them), then the ones that take the target twin's numbers (a
+    bare field: its value as is, of any type; else an integer)."""
+    out = {**layout.config, **(published or {})}
     for field, template in layout.from_target.items():
         name = template.replace(" ", "")
         if re.fullmatch(r"[a-z_][a-z0-9_]*", name):
@@ -376,7 +384,7 @@ def _write(base: Path, target: Path, draft: Draft, layout: Layout) -> None:
             if f.is_file() and f.name != INDEX:
                 shutil.copy(f, tmp / f.name)  # not copy2: the copy's age is its own (the cache prunes by it)
         if layout.checkpoint == "own":  # the draft's own directory; the target's files as they are
-            _write_own(base, tmp / DRAFT_DIR, layout)
+            _write_own(base, tmp / DRAFT_DIR, layout, draft)
         else:
             tensors = draft_tensors(base, draft, layout)
             save_file({n: t.contiguous() for n, t in tensors.items()}, str(tmp / DRAFT_FILE), metadata={"format": "pt"})
@@ -396,12 +404,12 @@ def _write(base: Path, target: Path, draft: Draft, layout: Layout) -> None:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _write_own(base: Path, into: Path, layout: Layout) -> None:
+def _write_own(base: Path, into: Path, layout: Layout, draft: Draft) -> None:
     """A checkpoint-of-its-own draft's directory: its config.json (published fields, the target
     twin's numbers) and its tensors in OWN_FILE."""
     from safetensors.torch import save_file
 
-    config = draft_config(layout, json.loads((base / "config.json").read_text()))
+    config = draft_config(layout, json.loads((base / "config.json").read_text()), draft.config)
     tensors = own_tensors(layout, config, _float_dtype(base))
     into.mkdir()
     (into / "config.json").write_text(json.dumps(config, indent=2) + "\n")

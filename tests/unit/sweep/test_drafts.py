@@ -45,7 +45,7 @@ def test_a_described_draft_is_forgeable_keyed_by_its_name_and_tagged_draft_with_
 
 
 @pytest.mark.parametrize("arch, words", [("EagleMistralForCausalLM", "EAGLE draft"), ("Eagle3Qwen3ForCausalLM", "EAGLE draft"),
-                                         ("Eagle3LlamaForCausalLM", "EAGLE draft"),
+                                         ("Eagle3MiniMaxM2ForCausalLM", "EAGLE draft"),
                                          ("DFlashDraftModel", "DFlash/DSpark"), ("MedusaModel", "Medusa"),
                                          ("Step3p5MTP", "not described in data/sweep-drafts.yaml")])
 def test_a_draft_the_data_does_not_describe_is_not_checkable_with_its_kind_s_reason(arch, words):
@@ -297,6 +297,20 @@ def test_a_layout_of_its_own_checkpoint_refuses_target_layout_fields_and_unknown
         drafts.Layout.model_validate({**own, "dtypes": {"nope": "int64"}})
     with pytest.raises(ValueError, match="needs its `decoder`"):
         drafts.Layout.model_validate({"description": "x", "tensors": {"a": ["hidden_size"]}})
+
+
+def test_a_draft_s_own_published_fields_override_its_layout_s_and_only_a_checkpoint_of_its_own_has_them(tmp_path):
+    base = _llama_twin(tmp_path / "t")
+    target = json.loads((base / "config.json").read_text())
+    layout = drafts.layout_of("Eagle3LlamaForCausalLM")
+    # the EAGLE authors' trainer names its draft LlamaForCausalLM (vLLM's EAGLEConfig makes it Eagle3LlamaForCausalLM)
+    config = drafts.draft_config(layout, target, drafts.rules().drafts["Eagle3LlamaForCausalLM"].config)
+    assert config["architectures"] == ["LlamaForCausalLM"] and config["draft_vocab_size"] == 8
+    assert drafts.draft_config(layout, target)["architectures"] == ["LlamaForCausalLMEagle3"]
+    mtp = drafts.rules().drafts["DeepSeekMTPModel"].model_dump()
+    with pytest.raises(ValueError, match="checkpoint of its own"):
+        drafts.DraftRules.model_validate({**drafts.rules().model_dump(), "drafts": {
+            "DeepSeekMTPModel": {**mtp, "config": {"architectures": ["X"]}}}})
 
 
 @pytest.fixture()
