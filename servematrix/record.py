@@ -282,14 +282,22 @@ class EntryOutcome(BaseModel):
     seconds: float
     attempts: int = 1
     skipped: str | None = None  # why no slot or host could run it (then nothing else is set)
+    # a sweep cell whose twin lacks a field or tensor vLLM read and the family's real checkpoints carry
+    # (sweep/incomplete.py): its verdict is twin-incomplete, whatever the failure, which the note keeps
+    incomplete: str | None = None
+    # what the run says of the entry beside its verdict's own note (a sweep cell's depth, head, twin)
+    remarks: list[str] = Field(default_factory=list)
 
 
 class ScenarioRecord(EntryOutcome):
     """An entry's outcome with its verdict: one row of summary.json."""
 
     verdict: Verdict
-    note: str | None = None  # why xfail/xpass/error/skipped
-    skipped: str | None = Field(default=None, exclude=True)  # said by verdict and note instead
+    note: str | None = None  # why xfail/xpass/error/skipped, then the remarks
+    # said by verdict and note instead
+    skipped: str | None = Field(default=None, exclude=True)
+    incomplete: str | None = Field(default=None, exclude=True)
+    remarks: list[str] = Field(default_factory=list, exclude=True)
 
 
 class RunSummary(BaseModel):

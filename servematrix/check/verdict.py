@@ -27,11 +27,19 @@ def decide(expect: Expected, failure: Failure | None) -> tuple[str, str | None]:
 
 
 def judge(outcome: EntryOutcome) -> ScenarioRecord:
-    """The one place a verdict is decided: on the final outcome, after compare."""
+    """The one place a verdict is decided: on the final outcome, after compare. A sweep cell whose
+    twin lacks what vLLM read is twin-incomplete, pass or fail: its note keeps what the check alone
+    said. The outcome's remarks follow the verdict's note."""
     if outcome.skipped is not None:
         verdict, note = "skipped", outcome.skipped
     else:
         verdict, note = decide(outcome.expect, outcome.failure)
+        if outcome.incomplete is not None and verdict in ("pass", "fail"):
+            f = outcome.failure
+            note = (f"twin-incomplete: the twin lacks {outcome.incomplete}; the load check alone said {verdict}"
+                    + (f": {f.signature[:200]}" if f else ""))
+            verdict = "twin-incomplete"
+    note = "; ".join(filter(None, [note, *outcome.remarks])) or None
     return ScenarioRecord.model_validate({**dict(outcome), "verdict": verdict, "note": note})
 
 

@@ -29,7 +29,7 @@ from servematrix.config.devices import device
 from servematrix.errors import ArgumentError
 from servematrix.paths import cache_dir
 from servematrix.redact import terminal
-from servematrix.record import EntryOutcome, Expected, Failure, RunSummary, ScenarioRecord, StageFailed
+from servematrix.record import EntryOutcome, Expected, Failure, RunSummary, StageFailed
 from servematrix.run import rundir
 from servematrix.run.lifecycle import RunLifecycle
 from servematrix.run.pipeline import Parts, interrupted, load_check_phase, now_iso, with_retries
@@ -117,15 +117,17 @@ def _cells(selected, opts, pythons, versions, lifecycle, coverage, twin_cache, w
         return _spread_cells(selected, opts, pythons, versions, lifecycle, coverage, twin_cache, worlds, log)
     for i, cell in enumerate(selected, 1):
         worlds.close_others(cell.release)  # releases run one after another: a finished one's world goes
-        record = _cell(cell, opts, pythons[cell.release], twin_cache, worlds, versions, log)
-        if not _publish(cell, record, f"{i}/{len(selected)}", lifecycle, coverage, twin_cache, log):
+        outcome = _cell(cell, opts, pythons[cell.release], twin_cache, worlds, versions, log)
+        if not _publish(cell, outcome, f"{i}/{len(selected)}", lifecycle, coverage, twin_cache, log):
             return
 
 
-def _publish(cell: cellmod.Cell, record: ScenarioRecord, progress: str, lifecycle, coverage, twin_cache, log,
+def _publish(cell: cellmod.Cell, outcome: EntryOutcome, progress: str, lifecycle, coverage, twin_cache, log,
              where: str = "") -> bool:
-    """A finished cell counted, its record published and its line printed; False where it was
-    interrupted (as a matrix run: the cell is recorded, nothing more starts)."""
+    """A finished cell judged (check.verdict.judge, as a matrix entry), counted, its record published
+    and its line printed; False where it was interrupted (as a matrix run: the cell is recorded,
+    nothing more starts)."""
+    record = judge(outcome)
     coverage[cell.release].count(record, twin_cache.get(cell.arch.key))
     lifecycle.publish(record, rewrite=record.verdict != "skipped")  # a not-checkable cell costs no rewrite
     if record.verdict != "skipped":
@@ -146,18 +148,18 @@ def _spread_cells(selected, opts, pythons, versions, lifecycle, coverage, twin_c
     ended = 0
     why_retried: dict[str, str] = {}
 
-    def publish(cell: cellmod.Cell, record: ScenarioRecord) -> bool:
+    def publish(cell: cellmod.Cell, outcome: EntryOutcome) -> bool:
         nonlocal ended
         ended += 1
-        return _publish(cell, record, f"{ended}/{len(selected)}", lifecycle, coverage, twin_cache, log,
-                        where=f" on {record.node}")
+        return _publish(cell, outcome, f"{ended}/{len(selected)}", lifecycle, coverage, twin_cache, log,
+                        where=f" on {outcome.node}")
 
-    def run_cell(cell: cellmod.Cell, world, attempt: int) -> ScenarioRecord:
-        record = _cell(cell, opts, pythons[cell.release], twin_cache, world, versions, log)
+    def run_cell(cell: cellmod.Cell, world, attempt: int) -> EntryOutcome:
+        outcome = _cell(cell, opts, pythons[cell.release], twin_cache, world, versions, log)
         if attempt == 1:
-            return record
-        return record.model_copy(update={"attempts": record.attempts + 1, "note": "; ".join(filter(None, [
-            record.note, f"retried on another world: {why_retried.get(cell.id, 'its first world was lost')}"]))})
+            return outcome
+        return outcome.model_copy(update={"attempts": outcome.attempts + 1, "remarks": [
+            *outcome.remarks, f"retried on another world: {why_retried.get(cell.id, 'its first world was lost')}"]})
 
     def retried(cell: cellmod.Cell, why: str) -> None:
         why_retried[cell.id] = why
@@ -180,12 +182,12 @@ def _spread_cells(selected, opts, pythons, versions, lifecycle, coverage, twin_c
                   replace=fleet.replace, retried=retried)
 
 
-def _unrun(cell: cellmod.Cell, versions: dict, node: str, failure: Failure, attempts: int = 1) -> ScenarioRecord:
-    """The record of a cell whose world never gave it a result (lost twice, or interrupted)."""
-    return judge(EntryOutcome(id=cell.id, scenario=cell.arch.key, tp=cell.tp, pp=cell.pp, quant=cell.quant,
-                              vllm=cell.release, device="cpu", tags=cell.tags, expect=Expected(), started_at=now_iso(),
-                              model=cell.arch.arch, node=node, vllm_version=versions["vllm"],
-                              torch_version=versions["torch"], failure=failure, seconds=0.0, attempts=attempts))
+def _unrun(cell: cellmod.Cell, versions: dict, node: str, failure: Failure, attempts: int = 1) -> EntryOutcome:
+    """The outcome of a cell whose world never gave it a result (lost twice, or interrupted)."""
+    return EntryOutcome(id=cell.id, scenario=cell.arch.key, tp=cell.tp, pp=cell.pp, quant=cell.quant,
+                        vllm=cell.release, device="cpu", tags=cell.tags, expect=Expected(), started_at=now_iso(),
+                        model=cell.arch.arch, node=node, vllm_version=versions["vllm"],
+                        torch_version=versions["torch"], failure=failure, seconds=0.0, attempts=attempts)
 
 
 def _python(release: str) -> str:
@@ -211,9 +213,11 @@ def _limited(chosen: list[cellmod.Cell], limit: int | None) -> list[cellmod.Cell
 
 
 def _cell(cell: cellmod.Cell, opts: SweepOptions, python: str, twin_cache: dict, worlds,
-          versions: dict, log=sys.stderr) -> ScenarioRecord:
+          versions: dict, log=sys.stderr) -> EntryOutcome:
     """One cell through the pipeline's phases (run/pipeline.py's typed Parts, its load-check pool
-    of persistent worlds): twin, load check, then at `--depth serve` the serve phase."""
+    of persistent worlds): twin, load check, then at `--depth serve` the serve phase; then what the
+    load check's files say of the twin (incomplete, never filled, the head, the class a wrapper
+    built) into the outcome, which check.verdict.judge turns into the record as a matrix entry's."""
     started, t0 = now_iso(), time.monotonic()
     identity = dict(id=cell.id, scenario=cell.arch.key, tp=cell.tp, pp=cell.pp, quant=cell.quant, vllm=cell.release,
                     device="cpu", tags=cell.tags, expect=Expected(), started_at=started)
@@ -225,10 +229,10 @@ def _cell(cell: cellmod.Cell, opts: SweepOptions, python: str, twin_cache: dict,
                             attempts=attempts)
 
     if not cell.arch.forgeable:
-        return judge(outcome(skipped=f"not checkable here: {cell.arch.reason}"))
+        return outcome(skipped=f"not checkable here: {cell.arch.reason}")
     twin = _twin(cell, opts, twin_cache)
     if not twin.ok:
-        return judge(outcome(skipped=f"not checkable here: {twin.reason} [{twin.origin}]"))
+        return outcome(skipped=f"not checkable here: {twin.reason} [{twin.origin}]")
     depth: str | None = None
 
     def attempt(n: int) -> EntryOutcome:  # the load check, then (--depth serve) the serve phase
@@ -260,24 +264,28 @@ def _cell(cell: cellmod.Cell, opts: SweepOptions, python: str, twin_cache: dict,
         print(f"{terminal(cell.id)}: infrastructure failure ({f.kind}: {terminal(f.signature, 160)}), retrying",
               file=log, flush=True)
 
-    record = judge(with_retries(attempt, opts.retries, retrying=retrying))
-    if record.verdict in ("pass", "fail"):
-        record = _twin_incomplete(record, cell, opts, twin)
-    unfilled = _unfilled(cell, opts, twin) if record.verdict == "pass" else []
-    head = _head_note(cell, opts, twin, unfilled) if record.verdict == "pass" else None
-    if unfilled:  # a composite's parameter never filled is no pass: vLLM's own check exempts every unquantized linear
-        record = record.model_copy(update={"verdict": "fail", "failure": Failure.of(
-            "check", f"servematrix: vLLM built and never filled from the checkpoint: {', '.join(unfilled)}"[:500])})
-    if cell.arch.wrapper and record.verdict == "pass":  # the wrapper itself, or the cell checked another class
-        other = wrappers.built(cell.arch.arch, opts.out / cell.id / "loadcheck")
-        if other:
-            return record.model_copy(update={"verdict": "skipped", "failure": None, "note": (
-                f"not checkable here: with {' '.join(wrappers.ARGS)} vLLM built {other}, not {cell.arch.arch}")})
-        head = "; ".join(filter(None, [f"Transformers backend: vLLM built {cell.arch.arch}", head]))
-    if record.verdict != "skipped":  # the depth reached, the quantized layout in words (block size, family rule)
-        record = record.model_copy(update={"note": "; ".join(filter(None, [record.note, depth, head, twin.note,
-                                                                            twin.origin])) or None})
-    return record
+    out = with_retries(attempt, opts.retries, retrying=retrying)
+    if out.skipped is not None:
+        return out
+    update: dict = {}
+    head = None
+    if out.failure is None or not out.failure.infra:  # checked: what the load check's files say of the twin
+        update["incomplete"] = _twin_incomplete(cell, opts, twin, out.failure)
+    if out.failure is None and update["incomplete"] is None:
+        unfilled = _unfilled(cell, opts, twin)
+        head = _head_note(cell, opts, twin, unfilled)
+        if unfilled:  # a composite's parameter never filled is no pass: vLLM's own check exempts every unquantized linear
+            update["failure"] = Failure.of(
+                "check", f"servematrix: vLLM built and never filled from the checkpoint: {', '.join(unfilled)}"[:500])
+        elif cell.arch.wrapper:  # the wrapper itself, or the cell checked another class
+            other = wrappers.built(cell.arch.arch, opts.out / cell.id / "loadcheck")
+            if other:
+                return out.model_copy(update={"skipped": (
+                    f"not checkable here: with {' '.join(wrappers.ARGS)} vLLM built {other}, not {cell.arch.arch}")})
+            head = "; ".join(filter(None, [f"Transformers backend: vLLM built {cell.arch.arch}", head]))
+    # the depth reached, the quantized layout in words (block size, family rule)
+    update["remarks"] = [r for r in (depth, head, twin.note, twin.origin) if r]
+    return out.model_copy(update=update)
 
 
 def _twin(cell: cellmod.Cell, opts: SweepOptions, twin_cache: dict) -> twins.Twin:
@@ -351,9 +359,9 @@ def _head_note(cell: cellmod.Cell, opts: SweepOptions, twin: twins.Twin, unfille
             + (f", not found on any rank: {', '.join(missing)}" if missing else ""))
 
 
-def _twin_incomplete(record, cell: cellmod.Cell, opts: SweepOptions, twin: twins.Twin):
-    """The record as `twin-incomplete` where vLLM read something the twin lacks and the family's
-    real checkpoints carry (sweep/incomplete.py): then it says nothing about vLLM, pass or fail."""
+def _twin_incomplete(cell: cellmod.Cell, opts: SweepOptions, twin: twins.Twin, failure: Failure | None) -> str | None:
+    """What the twin lacks that vLLM read and the family's real checkpoints carry (sweep/incomplete.py),
+    in words; None where it lacks nothing. Such a cell says nothing about vLLM, pass or fail."""
     import json
 
     from servematrix.sweep import incomplete
@@ -363,13 +371,9 @@ def _twin_incomplete(record, cell: cellmod.Cell, opts: SweepOptions, twin: twins
         twin_config = json.loads((Path(twin.path) / "config.json").read_text())
     except (OSError, ValueError):
         twin_config = {}
-    lacks = incomplete.missing(cell.arch.model_type, twin_config, incomplete.rank_misses(check_dir), record.failure,
+    lacks = incomplete.missing(cell.arch.model_type, twin_config, incomplete.rank_misses(check_dir), failure,
                                incomplete.rank_errors(check_dir), incomplete.config_class(check_dir))
-    if not lacks:
-        return record
-    was = f"; the load check alone said {record.verdict}" + (f": {record.failure.signature[:200]}" if record.failure else "")
-    return record.model_copy(update={"verdict": "twin-incomplete",
-                                     "note": f"twin-incomplete: the twin lacks {'; '.join(lacks)}{was}"})
+    return "; ".join(lacks) if lacks else None
 
 
 def _serve_step(cell: cellmod.Cell, opts: SweepOptions, python: str, twin: twins.Twin,

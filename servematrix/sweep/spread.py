@@ -1,5 +1,5 @@
 """The sweep over several worlds at once (`--backend ray`): cells handed to whichever world is free,
-the most expensive first, each record published the moment its cell ends; a world lost mid-cell
+the most expensive first, each outcome judged and published the moment its cell ends; a world lost mid-cell
 (its actor or node gone) costs only that cell, which is retried once on another world and recorded
 as an infrastructure failure if its second world is lost too.
 
@@ -19,7 +19,7 @@ from typing import Any
 from servematrix.serve.world import ActorLost
 
 POLL = 0.2  # s between looks for a finished cell (the main thread stays where Ctrl-C lands)
-_REPLACED = object()  # what a replacement thread hands back in place of a record
+_REPLACED = object()  # what a replacement thread hands back in place of an outcome
 
 
 def by_cost(cells: list, releases: list[str]) -> list:
@@ -35,10 +35,10 @@ def spread(cells: list, worlds: list, run: Callable[[Any, Any, int], Any],
            retried: Callable[[Any, str], None] = lambda cell, why: None) -> None:
     """Run `cells` (in the order given: by_cost's) over `worlds`, one cell per world at a time.
 
-    run(cell, world, attempt) -> record, or ActorLost; publish(cell, record) -> False to start
-    nothing more (the cell was interrupted); lost(cell, world, why) -> the record of a cell whose
+    run(cell, world, attempt) -> its outcome, or ActorLost; publish(cell, outcome) -> False to start
+    nothing more (the cell was interrupted); lost(cell, world, why) -> the outcome of a cell whose
     second world was lost too (world None: no world was left for it); interrupted(cell, world) ->
-    the record of a cell in flight at Ctrl-C; replace(world) -> a new world in place of a lost one, or None (its node is
+    the outcome of a cell in flight at Ctrl-C; replace(world) -> a new world in place of a lost one, or None (its node is
     gone: the others carry on); retried(cell, why) hears each retry. Ctrl-C: the cells in flight
     are published as interrupted and KeyboardInterrupt goes on up (the caller stops the worlds)."""
     pending, free = deque(cells), list(worlds)
@@ -71,10 +71,10 @@ def spread(cells: list, worlds: list, run: Callable[[Any, Any, int], Any],
             if not running and not (replacing and pending and not stop):
                 break
             try:
-                world, record, exc = done.get(timeout=POLL)
+                world, outcome, exc = done.get(timeout=POLL)
             except queue.Empty:
                 continue
-            if record is _REPLACED:
+            if outcome is _REPLACED:
                 replacing -= 1
                 if world is not None:
                     free.append(world)
@@ -93,7 +93,7 @@ def spread(cells: list, worlds: list, run: Callable[[Any, Any, int], Any],
             if exc is not None:
                 raise exc
             free.append(world)
-            if not publish(cell, record):
+            if not publish(cell, outcome):
                 stop = True
         for cell in pending if not stop else ():  # every world lost: the rest are recorded, never dropped
             publish(cell, lost(cell, None, "no world left on the cluster to run it"))

@@ -52,3 +52,33 @@ def test_infrastructure_failures_are_errors_never_regressions(kind):
 ])
 def test_exit_code(verdicts, code):
     assert exit_code(verdicts) == code
+
+
+def _outcome(**kw):
+    from servematrix.record import EntryOutcome, Expected
+
+    return EntryOutcome(id="llama/tp1-none", scenario="llama", model="LlamaForCausalLM", tp=1, pp=1, quant="none",
+                        vllm="current", device="cpu", expect=Expected(), started_at="t", seconds=1.0, **kw)
+
+
+def test_a_twin_that_lacks_what_vllm_read_is_twin_incomplete_pass_or_fail_and_says_what_the_check_alone_said():
+    from servematrix.check.verdict import judge
+
+    failed = judge(_outcome(incomplete="model.norm.bias", failure=Failure.of("exception", "KeyError: 'model.norm.bias'")))
+    assert failed.verdict == "twin-incomplete"
+    assert failed.note == ("twin-incomplete: the twin lacks model.norm.bias; the load check alone said fail: "
+                           "KeyError: 'model.norm.bias'")
+    assert judge(_outcome(incomplete="x")).note == "twin-incomplete: the twin lacks x; the load check alone said pass"
+    # an infrastructure failure says nothing about the twin either: it stays an error
+    infra = Failure(kind="timeout", signature="timed out", infra=True, phase="load")
+    assert judge(_outcome(incomplete="x", failure=infra)).verdict == "error"
+
+
+def test_the_remarks_follow_the_verdict_s_note_and_are_not_written_as_fields_of_the_record():
+    from servematrix.check.verdict import judge
+
+    rec = judge(_outcome(remarks=["depth: load", "twin from X"]))
+    assert (rec.verdict, rec.note) == ("pass", "depth: load; twin from X")
+    rec = judge(_outcome(skipped="not checkable here: y", remarks=["twin from X"]))
+    assert (rec.verdict, rec.note) == ("skipped", "not checkable here: y; twin from X")
+    assert {"remarks", "incomplete", "skipped"}.isdisjoint(rec.model_dump())

@@ -140,13 +140,14 @@ def test_ctrl_c_publishes_the_cells_in_flight_as_interrupted_and_goes_on_up():
 
 
 def test_a_cell_without_a_result_is_recorded_as_an_infrastructure_error_naming_its_node():
+    from servematrix.check.verdict import judge
     from servematrix.record import Failure
     from servematrix.sweep import cells, registry, runner
 
     cell = cells.Cell(arch=registry.Arch(arch="LlamaForCausalLM", kind="text", model_type="llama", forgeable=True),
                       layout=cells.layouts("tp1")[0], quant="none")
     lost = Failure(kind="signal", signature="servematrix: its world was lost twice", infra=True, phase="load")
-    record = runner._unrun(cell, {"vllm": "0.32.0", "torch": "2.9"}, "host/abc", lost, attempts=2)
+    record = judge(runner._unrun(cell, {"vllm": "0.32.0", "torch": "2.9"}, "host/abc", lost, attempts=2))
     assert (record.id, record.verdict, record.node, record.attempts) == ("llama/tp1-none", "error", "host/abc", 2)
     assert record.failure.infra and "lost twice" in record.failure.signature
 
@@ -185,7 +186,7 @@ def test_the_ray_sweep_records_cells_needing_no_world_first_and_a_retried_cell_s
     def cell_run(cell, opts, python, twin_cache, world, versions, log):
         if world is None:  # not forgeable: recorded without a world, before any world starts
             assert not fleet.started
-            return runner._unrun(cell, versions, "-", None).model_copy(update={"verdict": "skipped", "note": "x"})
+            return runner._unrun(cell, versions, "-", None).model_copy(update={"skipped": "x"})
         if cell.id in world.lose:
             raise ActorLost(f"the world on {world.node} was lost")
         return runner._unrun(cell, versions, world.node, None)
