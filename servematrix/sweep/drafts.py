@@ -64,12 +64,28 @@ class _Strict(BaseModel):
 
 
 class Decoder(_Strict):
-    """The draft layer's decoder block: the target twin's decoder layer `like` (last, first or an
-    index: DeepSeek-V3's MTP layer is a MoE layer like its last ones, ERNIE-4.5's a dense one like
-    its first) under the name prefix `prefix`."""
+    """The draft layer's decoder block under the name prefix `prefix`: the target twin's decoder
+    layer `like` (last, first or an index: DeepSeek-V3's MTP layer is a MoE layer like its last
+    ones, ERNIE-4.5's a dense one like its first), whole or only its `parts`; or, where the block is
+    shaped like no target layer, its own `tensors`."""
 
     prefix: str  # e.g. "model.layers.{index}." (index: first_index + i) or "mtp.layers.{i}."
-    like: Literal["last", "first"] | int = "last"
+    like: Literal["last", "first"] | int | None = None  # None: the last, unless the block lists its own tensors
+    # the `like` layer's tensor-name prefixes the block takes -> the draft's names for them; the layer's
+    # other tensors are left out. Empty: the whole layer under its own names. LongCat-Flash's target layer
+    # is a double one (self_attn.0/1, mlps.0/1, norms .0/.1, a MoE mlp), its MTP block one dense layer; Hy4's
+    # draft block has no iHC (hc_*) tensors
+    parts: dict[str, str] = Field(default_factory=dict)
+    # the block's own leaf names and shapes in target config fields, written in the twin's dtype: MiMo-V2-Flash's
+    # MTP block joins its target's sliding-window attention (swa_* fields, the sink) with a dense MLP, and names
+    # the norm between them pre_mlp_layernorm, so no target layer has its shapes
+    tensors: Shapes | None = None
+
+    @model_validator(mode="after")
+    def _one_source(self):
+        if self.tensors is not None and (self.like is not None or self.parts):
+            raise ValueError("a decoder block is (parts of) a target layer `like`, or lists its own `tensors`: not both")
+        return self
 
 
 TensorDtype = Literal["float16", "bfloat16", "float32", "int64", "bool"]
@@ -259,30 +275,17 @@ def own_tensors(layout: Layout, config: dict, float_dtype, seed: int = 0) -> dic
 
 
 def draft_tensors(target: Path, draft: Draft, layout: Layout, seed: int = 0) -> dict:
-    """The draft layers' tensors for the target twin at `target`: per draft layer, the shapes and
-    dtypes of the target's `layout.decoder.like` layer under the decoder prefix, plus the layout's
-    own tensors, in the twin's dtype, with fresh random values (so a draft parameter holding one of
-    them can only have read it from this file), or copies of the target's where `shared` says so."""
+    """The draft layers' tensors for the target twin at `target`: per draft layer, the decoder block
+    (_block) under the decoder prefix, plus the layout's own tensors, in the twin's dtype, with fresh
+    random values (so a draft parameter holding one of them can only have read it from this file),
+    or copies of the target's where `shared` says so."""
     import torch
-    from safetensors import safe_open
 
     config = json.loads((target / "config.json").read_text())
     first = config.get(layout.first_index) if layout.first_index else None
     if layout.first_index and not isinstance(first, int):
         raise ValueError(f"the target's config has no integer {layout.first_index!r}")
-    layers = config.get("num_hidden_layers")
-    like = layout.decoder.like
-    source = like if isinstance(like, int) else (0 if like == "first" else (layers or 0) - 1)
-    prefix = f"model.layers.{source}."
-    shapes: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
-    for path in sorted(target.glob("*.safetensors")):
-        with safe_open(path, "pt") as f:
-            for name in f.keys():
-                if name.startswith(prefix):
-                    t = f.get_slice(name)
-                    shapes[name[len(prefix):]] = (tuple(t.get_shape()), _dtype(t.get_dtype()))
-    if not shapes:
-        raise ValueError(f"the target twin has no decoder layer {source} to shape the draft layer as")
+    shapes = _block(target, layout.decoder, config)
     dtype = shapes.get("input_layernorm.weight", next(iter(shapes.values())))[1]
     gen = torch.Generator().manual_seed(seed)
     copies = _target_tensors(target, set(layout.shared.values()))
@@ -300,6 +303,39 @@ def draft_tensors(target: Path, draft: Draft, layout: Layout, seed: int = 0) -> 
                     raise ValueError(f"{layout.shared[template]} is {tuple(out[name].shape)}, the layout says {want}")
                 continue
             out[name] = (torch.randn(want, generator=gen) * 0.02).to(dtype)
+    return out
+
+
+def _block(target: Path, decoder: Decoder, config: dict) -> dict:
+    """The draft's decoder block, leaf name -> (shape, dtype): its own `tensors` in the twin's dtype,
+    or the target twin's layer `like` (its `parts` only, renamed, where the decoder names them)."""
+    if decoder.tensors is not None:
+        dtype = _float_dtype(target)
+        return {leaf: (shape(dims, config), dtype) for leaf, dims in decoder.tensors.items()}
+    from safetensors import safe_open
+
+    like, layers = "last" if decoder.like is None else decoder.like, config.get("num_hidden_layers")
+    source = like if isinstance(like, int) else (0 if like == "first" else (layers or 0) - 1)
+    prefix = f"model.layers.{source}."
+    shapes = {}
+    for path in sorted(target.glob("*.safetensors")):
+        with safe_open(path, "pt") as f:
+            for name in f.keys():
+                if name.startswith(prefix):
+                    t = f.get_slice(name)
+                    shapes[name[len(prefix):]] = (tuple(t.get_shape()), _dtype(t.get_dtype()))
+    if not shapes:
+        raise ValueError(f"the target twin has no decoder layer {source} to shape the draft layer as")
+    if not decoder.parts:
+        return shapes
+    missing = [p for p in decoder.parts if not any(leaf.startswith(p) for leaf in shapes)]
+    if missing:  # stale data, not an empty block
+        raise ValueError(f"the target twin's decoder layer {source} has no {', '.join(missing)}* tensor")
+    out = {}
+    for leaf, value in shapes.items():
+        part = next((p for p in decoder.parts if leaf.startswith(p)), None)
+        if part is not None:  # a tensor of the layer the draft's block has no counterpart of is left out
+            out[decoder.parts[part] + leaf[len(part):]] = value
     return out
 
 

@@ -135,6 +135,68 @@ def test_a_layout_without_a_layer_in_its_names_writes_one_tensor_and_a_decoder_l
     assert layout.names("mtp.fc.weight", 2, None) == ["mtp.fc.weight"]
 
 
+def test_a_decoder_with_parts_takes_those_of_the_target_layer_under_the_draft_s_names_and_leaves_the_rest(tmp_path):
+    # LongCat-Flash: the target layer is a double one (self_attn.0/1, mlps.0/1, norms .0/.1, a MoE mlp); the
+    # MTP block is one dense layer, its first half under model.mtp.layers.0.{self_attn, transformer_layer.mlp}
+    base = tmp_path / "t"
+    base.mkdir()
+    g = torch.Generator().manual_seed(1)
+    t = {"model.embed_tokens.weight": torch.randn(16, 8, generator=g), "lm_head.weight": torch.randn(16, 8, generator=g)}
+    for half in (0, 1):
+        t[f"model.layers.0.input_layernorm.{half}.weight"] = torch.randn(8, generator=g)
+        t[f"model.layers.0.post_attention_layernorm.{half}.weight"] = torch.randn(8, generator=g)
+        t[f"model.layers.0.self_attn.{half}.q_a_proj.weight"] = torch.randn(4, 8, generator=g)
+        t[f"model.layers.0.mlps.{half}.up_proj.weight"] = torch.randn(12, 8, generator=g)
+    t["model.layers.0.mlp.experts.0.up_proj.weight"] = torch.randn(2, 8, generator=g)
+    save_file(t, str(base / "model.safetensors"))
+    (base / "config.json").write_text(json.dumps({"num_layers": 1, "num_hidden_layers": 2, "hidden_size": 8,
+                                                  "vocab_size": 16}))
+    rules = drafts.rules()
+    draft, layout = rules.drafts["LongCatFlashMTPModel"], rules.layouts["longcat-flash-mtp"]
+    out = drafts.draft_tensors(base, draft, layout)
+    p = "model.mtp.layers.0."
+    assert set(out) == {p + "input_layernorm.weight", p + "post_attention_layernorm.weight",
+                        p + "self_attn.q_a_proj.weight", p + "transformer_layer.mlp.up_proj.weight", p + "eh_proj.weight",
+                        p + "enorm.m.weight", p + "hnorm.m.weight", "model.mtp.embed_tokens.weight", "model.mtp.norm.weight"}
+    assert out[p + "transformer_layer.mlp.up_proj.weight"].shape == (12, 8) and out[p + "eh_proj.weight"].shape == (8, 16)
+    # a part the target layer does not hold: stale data, said so, not an empty block
+    del t["model.layers.0.mlps.0.up_proj.weight"], t["model.layers.0.mlps.1.up_proj.weight"]
+    save_file(t, str(base / "model.safetensors"))
+    with pytest.raises(ValueError, match=r"layer 0 has no mlps\.0\.\* tensor"):
+        drafts.draft_tensors(base, draft, layout)
+
+
+def test_hy4_s_draft_block_is_its_like_layer_without_the_ihc_tensors():
+    decoder = drafts.rules().layouts["hy-v4-mtp-layers"].decoder
+    assert decoder.like == 1 and not any(p.startswith("hc_") for p in decoder.parts)
+    assert all(src == dst for src, dst in decoder.parts.items())  # the kept tensors keep their names
+
+
+def test_a_decoder_block_shaped_like_no_target_layer_is_its_listed_tensors_in_the_twin_s_dtype(tmp_path):
+    base = _target_twin(tmp_path / "t")
+    config = json.loads((base / "config.json").read_text())
+    # MiMo-V2-Flash's fields: the SWA attention's heads and head sizes, the dense MLP's width
+    config.update({"swa_num_attention_heads": 2, "swa_num_key_value_heads": 1, "swa_head_dim": 4,
+                   "swa_v_head_dim": 6, "intermediate_size": 12})
+    (base / "config.json").write_text(json.dumps(config))
+    rules = drafts.rules()
+    draft, layout = rules.drafts["MiMoV2MTPModel"], rules.layouts["mimo-v2-mtp"]
+    assert draft.layers == 1  # vLLM 0.32.0 builds the first MiMo-V2 MTP layer only
+    out = drafts.draft_tensors(base, draft, layout)
+    p = "model.mtp.layers.0."
+    assert set(out) == {p + n for n in (*layout.decoder.tensors, "enorm.weight", "hnorm.weight", "eh_proj.weight",
+                                        "final_layernorm.weight")}
+    assert not any(n.startswith("model.layers.") or "experts" in n or "post_attention" in n for n in out)
+    assert out[p + "self_attn.q_proj.weight"].shape == (8, 8) and out[p + "self_attn.k_proj.weight"].shape == (4, 8)
+    assert out[p + "self_attn.v_proj.weight"].shape == (6, 8) and out[p + "self_attn.o_proj.weight"].shape == (8, 12)
+    assert out[p + "self_attn.attention_sink_bias"].shape == (2,) and out[p + "mlp.down_proj.weight"].shape == (8, 12)
+    assert {t.dtype for t in out.values()} == {torch.bfloat16}  # the twin's dtype
+    with pytest.raises(ValueError, match="not both"):
+        drafts.Decoder.model_validate({"prefix": "x.", "like": "first", "tensors": {"a.weight": ["hidden_size"]}})
+    with pytest.raises(ValueError, match="not both"):
+        drafts.Decoder.model_validate({"prefix": "x.", "parts": {"a.": "b."}, "tensors": {"a.weight": ["hidden_size"]}})
+
+
 @pytest.fixture()
 def draft_twin(tmp_path, monkeypatch):
     base = _target_twin(tmp_path / "base")
