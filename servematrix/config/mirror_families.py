@@ -38,7 +38,8 @@ class Scheme(_Strict):
 
 class MirrorFamilies(_Strict):
     layer_containers: list[str]
-    fields: dict[str, list[str] | dict[str, list[str]]]
+    # a tie's divisor may be a number (fields.ties: Mamba-2's intermediate_size = hidden_size x expand / 1)
+    fields: dict[str, list[str] | dict[str, list[str | int]]]
     targets: dict[str, int]
     tp_roles: dict[str, list[str]]
     schemes: dict[str, Scheme]

@@ -181,12 +181,14 @@ def _ties(cfg: dict, tps: list[int], dims: _Dims) -> list[str]:
     from the twin's values of those fields where the result is a whole count every TP divides."""
     notes = []
     for key, (a, b, c, *when) in (rules()["fields"].get("ties") or {}).items():
-        twin = {f: dims.changed.get(f, (cfg.get(f), cfg.get(f)))[1] for f in (key, a, b, c)}
-        if not all(isinstance(twin[f], int) and twin[f] > 0 for f in (a, b, c)) or not isinstance(cfg.get(key), int):
+        # c may be a number (Mamba-2's intermediate_size = hidden_size x expand / 1)
+        src = {f: f if isinstance(f, int) else cfg.get(f) for f in (key, a, b, c)}
+        twin = {f: f if isinstance(f, int) else dims.changed.get(f, (src[f], src[f]))[1] for f in (key, a, b, c)}
+        if not all(isinstance(twin[f], int) and twin[f] > 0 for f in (a, b, c)) or not isinstance(src[key], int):
             continue
         # a tie marked `source` binds only where the source's own values keep it: a family may state
         # the product elsewhere (Falcon-H1's mamba_d_ssm), and then its count is free of the width
-        if "source" in when and cfg[a] * cfg[b] != cfg[key] * cfg[c]:
+        if "source" in when and src[a] * src[b] != src[key] * src[c]:
             continue
         value, rest = divmod(twin[a] * twin[b], twin[c])
         if rest == 0 and value and all(value % tp == 0 for tp in tps):

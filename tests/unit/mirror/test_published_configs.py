@@ -126,3 +126,16 @@ def test_falcons_mlp_width_follows_the_hidden_size_as_vllm_builds_it():
     plan = _plan("falcon")
     assert plan.ok and "ffn_hidden_size" not in plan.spec.config
     assert plan.spec.config["hidden_size"] == 128 and plan.spec.config["num_kv_heads"] == 2
+
+
+def test_mamba2s_ssm_width_stays_hidden_size_times_expand_as_its_published_config_states_it():
+    # Mamba-Codestral-7B states intermediate_size 8192 = hidden_size 4096 x expand 2; vLLM's mamba2.py builds
+    # the mixer from intermediate_size, transformers' class writes the tensors from hidden_size x expand, so a
+    # width shrunk on its own (64 against 256) had vLLM load a slice of every mixer tensor and pass
+    config = corpus.published("mamba2").config()
+    assert config["intermediate_size"] == config["hidden_size"] * config["expand"]
+    plan = _plan("mamba2")
+    twin = plan.spec.config
+    expand = twin.get("expand", config["expand"])  # left to the class where it equals its default (2, as published)
+    assert plan.ok and twin["intermediate_size"] == twin["hidden_size"] * expand == 256
+    assert twin["num_heads"] * twin["head_dim"] == twin["intermediate_size"]
