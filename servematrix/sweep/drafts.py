@@ -37,7 +37,7 @@ from servematrix.config import packaged
 from servematrix.config.fields import Regex, shape_templates
 from servematrix.mirror.source import INDEX_FILE, ORIGIN_FILE
 from servematrix.paths import data_file
-from servematrix.sweep import digests
+from servematrix.sweep import digests, filled
 
 FILE = data_file("sweep-drafts.yaml")  # package data, so a wheel install carries it
 
@@ -165,10 +165,6 @@ class DraftRules(_Strict):
     drafts: dict[str, Draft]
     not_described: list[NotDescribed]
     fused: list[str] = Field(default_factory=list)  # substrings of vLLM's stacked/fused draft parameter names
-    # checkpoint tensors vLLM stacks into one parameter, in its order along the first dimension (q, k, v into
-    # qkv_proj; gate, up into gate_up_proj): name parts, the first naming the group. At TP=1 the stacked
-    # parameter is the group's tensors concatenated, so it is compared with that
-    stacked: list[list[str]] = Field(default_factory=list)
 
     @field_validator("drafts")
     @classmethod
@@ -503,7 +499,7 @@ def draft_loaded(twin: Path, check_dir: Path) -> list[DraftTensor]:
     values (vLLM may hold it in the model's dtype: compared in each of digests.DTYPES), the parameter of
     the same name first, else any (vLLM renames the decoder layer's tensors into `mtp_block.` and
     fuses some: a fused or TP-split tensor matches none, so callers compare the whole-tensor ones,
-    at TP=1). A tensor vLLM stacks with others (data `stacked`: q, k, v into qkv_proj) is loaded
+    at TP=1). A tensor vLLM stacks with others (sweep-filled.yaml `stacked`: q, k, v into qkv_proj) is loaded
     where a parameter holds its group concatenated."""
     import torch
     from safetensors import safe_open
@@ -527,7 +523,7 @@ def draft_loaded(twin: Path, check_dir: Path) -> list[DraftTensor]:
             out.append(DraftTensor(name=name, param=hit, loaded=hit is not None, instead=instead))
         names = set(f.keys())
         stacked = {}
-        for group in rules().stacked:
+        for group in filled.rules().stacked:  # one stacking rule for the drafts and every other cell
             for name in names:
                 if group[0] not in name:
                     continue

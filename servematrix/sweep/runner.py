@@ -274,7 +274,7 @@ def _cell(cell: cellmod.Cell, opts: SweepOptions, python: str, twin_cache: dict,
     if out.failure is None and update["incomplete"] is None:
         unfilled = _unfilled(cell, opts, twin)
         head = _head_note(cell, opts, twin, unfilled)
-        if unfilled:  # a composite's parameter never filled is no pass: vLLM's own check exempts every unquantized linear
+        if unfilled:  # a parameter never filled is no pass: vLLM's own check exempts every unquantized linear
             update["failure"] = Failure.of(
                 "check", f"servematrix: vLLM built and never filled from the checkpoint: {', '.join(unfilled)}"[:500])
         elif cell.arch.wrapper:  # the wrapper itself, or the cell checked another class
@@ -327,13 +327,22 @@ def _composite(twin: twins.Twin) -> bool:
 
 
 def _unfilled(cell: cellmod.Cell, opts: SweepOptions, twin: twins.Twin) -> list[str]:
-    """A composite's parameters vLLM built and never filled from the twin (sweep/multimodal.py's
-    unread_params), at TP=1 where every parameter is whole; [] for any other cell."""
-    if not _composite(twin) or cell.tp > 1:
+    """The parameters vLLM built and never filled from the twin, at TP=1 where every parameter is
+    whole: a composite's by sweep/multimodal.py's unread_params, any other unquantized cell's by
+    sweep/filled.py (stacks and vLLM's transforms known); [] at TP > 1 and for quantized twins, whose
+    weights vLLM repacks after loading."""
+    if cell.tp > 1 or twin.path is None:
         return []
-    from servematrix.sweep import multimodal
+    check_dir = opts.out / cell.id / "loadcheck"
+    if _composite(twin):
+        from servematrix.sweep import multimodal
 
-    return multimodal.unread_params(Path(twin.path), opts.out / cell.id / "loadcheck")
+        return multimodal.unread_params(Path(twin.path), check_dir)
+    if cell.quant != "none":
+        return []
+    from servematrix.sweep import filled
+
+    return filled.unfilled(cell.arch.key, Path(twin.path), check_dir)
 
 
 def _head_note(cell: cellmod.Cell, opts: SweepOptions, twin: twins.Twin, unfilled: list[str]) -> str | None:

@@ -16,6 +16,7 @@ from servematrix.config.mirror_families import MirrorFamilies
 from servematrix.config.releases import ReleasesFile
 from servematrix.errors import ConfigError
 from servematrix.sweep.drafts import DraftRules
+from servematrix.sweep.filled import FilledRules
 from servematrix.sweep.multimodal import MultimodalRules
 from servematrix.sweep.rules import SweepRules
 from servematrix.sweep.wrappers import WrapperRules
@@ -30,6 +31,7 @@ MODELS = {
     "vllm-releases.yaml": ReleasesFile,
     "sweep-quants.yaml": SweepRules,
     "sweep-drafts.yaml": DraftRules,
+    "sweep-filled.yaml": FilledRules,
     "sweep-multimodal.yaml": MultimodalRules,
     "sweep-wrappers.yaml": WrapperRules,
 }

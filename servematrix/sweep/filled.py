@@ -1,0 +1,115 @@
+"""Which of vLLM's parameters the twin filled: at TP=1 every parameter is whole, so after a passing
+load check each must hold, bit for bit, a tensor of the twin (in a dtype vLLM may keep it in), a stack
+vLLM builds from several (q/k/v, gate/up, every expert's), or the result of a transform vLLM applies
+by design. A parameter that holds none was built and never filled from the checkpoint, which vLLM's
+own check lets pass for every unquantized linear, or filled with a slice of a tensor whose shape the
+loader never compared (docs/sweep-triage.md, "Passing cells whose load was hollow").
+
+The rules are data (servematrix/data/sweep-filled.yaml): the stacks, the experts' layout and each
+transform with where vLLM does it. The load check's digests are the same ones PP parity compares
+(serve/loadcheck_worker._digest via sweep/digests)."""
+
+from __future__ import annotations
+
+import functools
+import re
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from servematrix.config import packaged
+from servematrix.config.fields import Regex
+from servematrix.paths import data_file
+from servematrix.sweep import digests
+
+FILE = data_file("sweep-filled.yaml")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Experts(_Strict):
+    pattern: Regex  # groups base (the layer's experts), index, part
+    first: list[list[str]]  # the projections stacked into w13, in order (one list per spelling)
+    second: list[str]  # the projection stacked into w2 (one per spelling)
+    fused: Regex  # a layer's experts in one [experts, in, out] tensor, which vLLM holds as [experts, out, in]
+
+
+class Transform(_Strict):
+    pattern: Regex  # over vLLM's parameter name
+    families: list[str] = Field(default_factory=list)  # cell keys (model_types, class names); none: every family
+    why: str
+
+
+class FilledRules(_Strict):
+    stacked: list[list[str]]
+    experts: Experts
+    transforms: list[Transform]
+
+
+def rules() -> FilledRules:
+    return packaged.load(FILE, FilledRules)
+
+
+@functools.lru_cache(maxsize=8)
+def held(twin: str) -> frozenset[str]:
+    """Every digest a parameter filled from the twin at `twin` may have: each tensor's, each stack's
+    (rules `stacked`, and the experts' w13/w2). Cached per twin: a sweep checks several cells of one."""
+    import torch
+    from safetensors import safe_open
+
+    r = rules()
+    tensors = {}
+    for path in sorted(Path(twin).glob("*.safetensors")):
+        with safe_open(str(path), "pt") as f:
+            tensors.update({n: f.get_tensor(n) for n in f.keys()})
+    out = {d for t in tensors.values() for d in digests.of(t)}
+    for group in r.stacked:
+        for name in tensors:
+            members = [name.replace(group[0], part) for part in group] if group[0] in name else []
+            if members and all(m in tensors for m in members) and _stackable([tensors[m] for m in members]):
+                out.update(digests.of(torch.cat([tensors[m] for m in members])))
+    out.update(_expert_stacks(tensors, r.experts))
+    return frozenset(out)
+
+
+def _stackable(parts) -> bool:
+    return len({tuple(p.shape[1:]) for p in parts}) == 1 and len({p.dtype for p in parts}) == 1
+
+
+def _expert_stacks(tensors: dict, rule: Experts) -> set[str]:
+    """The digests of every MoE layer's w13 (each expert's first projections concatenated, stacked over
+    the experts) and w2 (the second projection, stacked), and of fused experts as vLLM holds them."""
+    import torch
+
+    pattern, layers = re.compile(rule.pattern), {}
+    for name, t in tensors.items():
+        m = pattern.match(name)
+        if m:
+            layers.setdefault(m["base"], {}).setdefault(int(m["index"]), {})[m["part"]] = t
+    out: set[str] = set()
+    fused = re.compile(rule.fused)
+    for name, t in tensors.items():
+        if fused.search(name) and t.dim() == 3:
+            out.update(digests.of(t.transpose(1, 2).contiguous()))
+    for experts in layers.values():
+        per = [experts[i] for i in sorted(experts)]
+        for first in rule.first:
+            if all(all(p in e for p in first) for e in per):
+                w13 = [torch.cat([e[p] for p in first]) for e in per]
+                if _stackable(w13):
+                    out.update(digests.of(torch.stack(w13)))
+        for second in rule.second:
+            if all(second in e for e in per) and _stackable([e[second] for e in per]):
+                out.update(digests.of(torch.stack([e[second] for e in per])))
+    return out
+
+
+def unfilled(key: str, twin: Path, check_dir: Path) -> list[str]:
+    """The parameters the load check recorded (every rank's) that hold no tensor, stack or
+    transform of the twin; `key` is the cell's family (model_type or class name) for its transforms."""
+    transforms = [re.compile(t.pattern) for t in rules().transforms if not t.families or key in t.families]
+    have = held(str(twin))
+    return sorted(n for n, d in digests.recorded(check_dir).items()
+                  if d not in have and not any(p.search(n) for p in transforms))
