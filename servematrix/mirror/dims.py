@@ -223,7 +223,8 @@ def _gqa_heads(cfg: dict, tps: list[int], units: dict[str, int], dims: _Dims, kv
     _, heads = field_value(cfg, "heads")
     _, hidden = field_value(cfg, "hidden")
     src_kv = field_value(cfg, "kv_heads")[1] or heads
-    derived = not cfg.get("head_dim")  # the family computes it as hidden_size / num_attention_heads
+    # the family computes it as hidden_size / num_attention_heads (or vLLM does, whatever the class states)
+    derived = not cfg.get("head_dim") or cfg.get("model_type") in (rules()["fields"].get("derived_head_dim") or [])
     hd_src = cfg.get("head_dim") or hidden // heads
     # vLLM's CPU attention takes head sizes in steps of 32 (and 80/96/112): a multiple of 32
     hd = hd_src if hd_src < t["min_head_dim"] else min(hd_src, t["head_dim"]) // 32 * 32

@@ -139,3 +139,15 @@ def test_mamba2s_ssm_width_stays_hidden_size_times_expand_as_its_published_confi
     expand = twin.get("expand", config["expand"])  # left to the class where it equals its default (2, as published)
     assert plan.ok and twin["intermediate_size"] == twin["hidden_size"] * expand == 256
     assert twin["num_heads"] * twin["head_dim"] == twin["intermediate_size"]
+
+
+@pytest.mark.parametrize("tps", [[1], [1, 2]])
+def test_nomic_berts_twin_keeps_hidden_size_heads_times_head_dim_as_vllm_derives_its_head_size(tps):
+    # vLLM's bert_with_rope.py derives the head size as hidden_size // heads (and asserts it); transformers 5.19's
+    # NomicBertConfig states a head_dim the published config does not. Planned for TP=1 alone the twin had 1 head,
+    # hidden 128 and head_dim 64: vLLM built a Wqkv for 128-wide heads and refused the twin's 192 rows
+    entry = corpus.published("nomic_bert")
+    layout = config_layout(entry.config(), f"config:{entry.hub}", drop=("quantization_config",))
+    plan = mirror.plan_twin(layout, 2, tps)
+    c = plan.spec.config
+    assert plan.ok and c["n_embd"] == c["hidden_size"] == c["n_head"] * c["head_dim"]
