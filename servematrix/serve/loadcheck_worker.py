@@ -206,7 +206,7 @@ def _draft(config, args: argparse.Namespace, result: dict) -> None:
     """The draft beside the target, where and as the model runner loads it: on the last PP rank
     only (vLLM puts the whole draft there), through the spec-decode proposer's `_get_model`
     steps. Into `result`: the draft architecture vLLM resolved, its class, parameter count and
-    (loaded) digests."""
+    (loaded) digests of its parameters and of its persistent buffers."""
     from vllm.config import set_current_vllm_config
     from vllm.distributed import get_pp_group
 
@@ -222,6 +222,11 @@ def _draft(config, args: argparse.Namespace, result: dict) -> None:
     result.update(draft_model=type(draft).__name__, draft_parameters=len(params))
     if not args.loadcheck_construct_only:
         result["draft_digests"] = {n: _digest(p) for n, p in params.items()}
+        # persistent buffers are checkpoint state too (Gemma 4's assistant loads masked_embedding.token_ordering,
+        # an int64 buffer, from its file): kept apart, so only the loaded count reads them
+        result["draft_buffers"] = {f"{m}.{b}" if m else b: _digest(t) for m, mod in draft.named_modules()
+                                   for b, t in mod._buffers.items()
+                                   if t is not None and b not in mod._non_persistent_buffers_set}
 
 
 def _workspace(torch) -> None:

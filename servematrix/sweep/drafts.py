@@ -41,11 +41,16 @@ from servematrix.sweep import digests, filled
 
 FILE = data_file("sweep-drafts.yaml")  # package data, so a wheel install carries it
 
-# a shape entry: an int, a target config field, or a product of ints and fields (K*field,
-# num_attention_heads*head_dim), optionally divided by an int (vocab_size/4)
-_FACTOR = r"(?:[1-9]\d*|[a-z_][a-z0-9_]*)"
-_DIM = re.compile(rf"^(?P<product>{_FACTOR}(?:\*{_FACTOR})*)(?:/(?P<div>[1-9]\d*))?$")
-Shapes = shape_templates(_DIM, "a target config field, a product of fields and ints, or that over an int")
+# a shape entry: an int, a target config field, a product of ints and fields (K*field,
+# num_attention_heads*head_dim) or a sum of such products (MLA's kv_a_proj_with_mqa is
+# kv_lora_rank+qk_rope_head_dim rows), optionally divided by an int (vocab_size/4). A field may be a dotted path
+# into a nested config (text_config.hidden_size: Gemma 4's assistant draft keeps its decoder's numbers in a
+# gemma4_text sub-config, a speculators-format EAGLE-3 draft in transformer_layer_config)
+_FIELD = r"[a-z_][a-z0-9_]*(?:\.[a-z_][a-z0-9_]*)*"
+_FACTOR = rf"(?:[1-9]\d*|{_FIELD})"
+_TERM = rf"{_FACTOR}(?:\*{_FACTOR})*"
+_DIM = re.compile(rf"^(?P<sum>{_TERM}(?:\+{_TERM})*)(?:/(?P<div>[1-9]\d*))?$")
+Shapes = shape_templates(_DIM, "a target config field, a sum of products of fields and ints, or that over an int")
 
 # the draft's tensors are written to this file of the twin, beside the target's
 DRAFT_FILE = "draft.safetensors"
@@ -216,35 +221,61 @@ def shape(dims: list[int | str], config: dict) -> tuple[int, ...]:
 
 
 def _number(template: str, config: dict) -> int:
-    """An integer expression (_DIM) in `config`'s numbers: a product of ints and fields, over an int."""
+    """An integer expression (_DIM) in `config`'s numbers: a sum of products of ints and fields, over an int."""
     m = _DIM.match(template.replace(" ", ""))
     if not m:
         raise ValueError(f"{template!r} is no target config field or integer expression")
-    out = 1
-    for factor in m["product"].split("*"):
-        value = int(factor) if factor.isdigit() else config.get(factor)
-        if not isinstance(value, int) or isinstance(value, bool):
-            raise ValueError(f"the target's config has no integer {factor!r}")
-        out *= value
+    out = 0
+    for term in m["sum"].split("+"):
+        product = 1
+        for factor in term.split("*"):
+            value = int(factor) if factor.isdigit() else _field(config, factor)
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise ValueError(f"the target's config has no integer {factor!r}")
+            product *= value
+        out += product
     div = int(m["div"] or 1)
     if out % div:
         raise ValueError(f"{template} is {out}/{div}: not whole")
     return out // div
 
 
+_MISSING = object()
+
+
+def _field(config: dict, path: str, missing=None):
+    """A config field by its dotted path (text_config.hidden_size: the sub-config's), else `missing`."""
+    value = config
+    for part in path.split("."):
+        value = value.get(part, _MISSING) if isinstance(value, dict) else _MISSING
+        if value is _MISSING:
+            return missing
+    return value
+
+
 def draft_config(layout: Layout, target_config: dict, published: dict | None = None) -> dict:
     """A checkpoint-of-its-own draft's config.json: the published fields (the layout's, then the
     draft's own `published` ones over them), then the ones that take the target twin's numbers (a
-    bare field: its value as is, of any type; else an integer)."""
-    out = {**layout.config, **(published or {})}
+    bare field: its value as is, of any type; else an integer). A draft field may be a dotted path:
+    the field of a nested config (a sub-config the published fields hold)."""
+    import copy
+
+    out = copy.deepcopy({**layout.config, **(published or {})})  # nested configs are written into: not the data's
     for field, template in layout.from_target.items():
         name = template.replace(" ", "")
-        if re.fullmatch(r"[a-z_][a-z0-9_]*", name):
-            if name not in target_config:
+        if re.fullmatch(_FIELD, name):
+            value = _field(target_config, name, _MISSING)
+            if value is _MISSING:
                 raise ValueError(f"the target's config has no {name!r} for the draft's {field}")
-            out[field] = target_config[name]
         else:
-            out[field] = _number(name, target_config)
+            value = _number(name, target_config)
+        *parents, leaf = field.split(".")
+        into = out
+        for part in parents:
+            into = into.setdefault(part, {})
+            if not isinstance(into, dict):
+                raise ValueError(f"the draft's {field}: {part} is no nested config")
+        into[leaf] = value
     return out
 
 
@@ -504,7 +535,8 @@ def draft_loaded(twin: Path, check_dir: Path) -> list[DraftTensor]:
     import torch
     from safetensors import safe_open
 
-    held = digests.recorded(check_dir, "draft_digests")
+    # a persistent buffer the checkpoint fills counts as holding its tensor (Gemma 4's token_ordering)
+    held = {**digests.recorded(check_dir, "draft_buffers"), **digests.recorded(check_dir, "draft_digests")}
     by_digest = {d: n for n, d in held.items()}
     target: dict[str, list[str]] | None = None
     out = []

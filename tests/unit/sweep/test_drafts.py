@@ -44,7 +44,7 @@ def test_a_described_draft_is_forgeable_keyed_by_its_name_and_tagged_draft_with_
     assert cell.id == "DeepSeekMTPModel/tp2-none" and {"draft", "deepseek_v3", "speculative"} <= set(cell.tags)
 
 
-@pytest.mark.parametrize("arch, words", [("EagleMistralForCausalLM", "EAGLE draft"), ("Eagle3Qwen3ForCausalLM", "EAGLE draft"),
+@pytest.mark.parametrize("arch, words", [("EagleMistralForCausalLM", "EAGLE draft"), ("PeagleQwen3ForCausalLM", "EAGLE draft"),
                                          ("Eagle3MiniMaxM2ForCausalLM", "EAGLE draft"),
                                          ("DFlashDraftModel", "DFlash/DSpark"), ("MedusaModel", "Medusa"),
                                          ("Step3p5MTP", "not described in data/sweep-drafts.yaml")])
@@ -270,6 +270,22 @@ def test_the_draft_counts_as_loaded_only_where_its_parameters_hold_the_twin_s_dr
     assert not any(t.loaded for t in drafts.draft_loaded(path, check))
 
 
+def test_a_persistent_buffer_holding_a_draft_tensor_counts_as_loaded_but_never_as_an_unread_parameter(draft_twin, tmp_path):
+    # Gemma 4's assistant loads masked_embedding.token_ordering into a buffer, not a parameter
+    from safetensors import safe_open
+
+    twin, _ = draft_twin
+    path = Path(twin.path)
+    with safe_open(str(path / drafts.DRAFT_FILE), "pt") as f:
+        held = {n: _digest(f.get_tensor(n)) for n in f.keys()}
+    eh = "model.layers.2.eh_proj.weight"
+    check = tmp_path / "check"
+    _rank(check, draft_model="DeepSeekMTP", draft_architecture="DeepSeekMTPModel", draft_parameters=8,
+          draft_digests={n: d for n, d in held.items() if n != eh}, draft_buffers={eh: held[eh], "x.cache": "other"})
+    assert {t.name: t for t in drafts.draft_loaded(path, check)}[eh].loaded
+    assert "x.cache" not in drafts.unread_params(path, check)
+
+
 def test_a_draft_vllm_resolved_as_another_architecture_says_so(draft_twin, tmp_path):
     twin, _ = draft_twin
     check = tmp_path / "c"
@@ -445,3 +461,106 @@ def test_the_eagle1_draft_holds_its_own_embedding_and_one_layer_without_input_no
     assert out["layers.0.self_attn.q_proj.weight"].shape == (16, 8)
     assert not any("input_layernorm" in n or "lm_head" in n or n == "fc.bias" for n in out)
     assert drafts.rules().drafts["EagleLlamaForCausalLM"].method == "eagle"
+
+
+def _gemma4_text_target() -> dict:
+    # the sweep's gemma4_text twin's numbers (transformers' defaults, shrunk): hidden 128, 4 heads of 64, 2 KV heads
+    return {"model_type": "gemma4_text", "hidden_size": 128, "num_attention_heads": 4, "num_key_value_heads": 2,
+            "head_dim": 64, "vocab_size": 512, "sliding_window": 512, "max_position_embeddings": 131072,
+            "rms_norm_eps": 1e-06, "per_layer_config": {"1": {"head_dim": 128}}}
+
+
+def test_a_draft_field_and_a_shape_may_name_a_nested_config_s_field_by_its_dotted_path():
+    layout = drafts.Layout.model_validate({
+        "description": "x", "checkpoint": "own",
+        "config": {"architectures": ["A"], "text_config": {"model_type": "t", "layers": 2}},
+        "from_target": {"width": "hidden_size", "text_config.hidden_size": "hidden_size/2",
+                        "text_config.rope.theta": "rope.theta"},
+        "tensors": {"proj.weight": ["text_config.hidden_size", "2*width"]}})
+    config = drafts.draft_config(layout, {"hidden_size": 8, "rope": {"theta": 10.0}})
+    assert config["text_config"] == {"model_type": "t", "layers": 2, "hidden_size": 4, "rope": {"theta": 10.0}}
+    assert layout.config["text_config"] == {"model_type": "t", "layers": 2}  # the data's own dict is not written into
+    assert drafts.own_tensors(layout, config, torch.float32)["proj.weight"].shape == (4, 16)
+    with pytest.raises(ValueError, match="no 'rope.phase'"):
+        drafts.draft_config(layout.model_copy(update={"from_target": {"x.y": "rope.phase"}}), {"rope": {}})
+    with pytest.raises(ValueError, match="no integer 'text_config.nope'"):
+        drafts.shape(["text_config.nope"], config)
+
+
+def test_gemma4_s_assistant_is_a_checkpoint_of_its_own_in_the_published_names_at_the_target_twin_s_numbers():
+    d = drafts.rules().drafts["Gemma4MTPModel"]
+    layout = drafts.layout_of("Gemma4MTPModel")
+    assert (d.target, d.method, layout.checkpoint) == ("gemma4_text", "mtp", "own")
+    config = drafts.draft_config(layout, _gemma4_text_target())
+    # the published architectures and model_type: vLLM's hf_config_override turns gemma4_assistant into Gemma4MTPModel
+    assert config["architectures"] == ["Gemma4AssistantForCausalLM"] and config["model_type"] == "gemma4_assistant"
+    text = config["text_config"]
+    assert config["backbone_hidden_size"] == 128 and text["vocab_size"] == 512 and text["hidden_size"] == 64
+    # its layers read the target's KV cache: the target's head sizes (the full layer's as per_layer_config gives it)
+    assert (text["head_dim"], text["global_head_dim"], text["num_key_value_heads"]) == (64, 128, 2)
+    assert text["num_kv_shared_layers"] == text["num_hidden_layers"] == 4  # transformers' validate_architecture
+    assert config["centroid_intermediate_top_k"] <= config["num_centroids"] and 512 % config["num_centroids"] == 0
+    out = drafts.own_tensors(layout, config, torch.float32)
+    assert len(out) == 50 and set(out) == set(layout.tensors)  # the published E2B assistant's 50 tensors
+    assert out["pre_projection.weight"].shape == (64, 256) and out["post_projection.weight"].shape == (128, 64)
+    assert out["model.layers.0.self_attn.q_proj.weight"].shape == (128, 64)  # 2 heads of the sliding 64
+    assert out["model.layers.3.self_attn.q_proj.weight"].shape == (256, 64)  # 2 heads of the full 128
+    assert not any("k_proj" in n or "v_proj" in n for n in out)  # KV-shared: Q-only attention
+    assert out["masked_embedding.token_ordering"].dtype == torch.int64 and out["pre_projection.weight"].dtype == torch.bfloat16
+
+
+def test_a_speculators_format_draft_nests_the_target_s_numbers_in_its_layer_config():
+    # a qwen3 target whose head size is not hidden/heads, as the sweep's qwen3 twin's
+    target = {"model_type": "qwen3", "hidden_size": 8, "intermediate_size": 16, "num_attention_heads": 2,
+              "num_key_value_heads": 1, "head_dim": 8, "vocab_size": 32, "rms_norm_eps": 1e-6,
+              "max_position_embeddings": 64}
+    layout = drafts.layout_of("Eagle3Qwen3ForCausalLM")
+    config = drafts.draft_config(layout, target)
+    # no model_type at the top (vLLM reads it as a speculators config); the layer's sizes nested, as speculators
+    # writes them; the draft vocabulary at the top
+    assert "model_type" not in config and config["speculators_model_type"] == "eagle3" and "hidden_size" not in config
+    layer = config["transformer_layer_config"]
+    assert layer["model_type"] == "qwen3" and layer["num_hidden_layers"] == 1
+    assert (layer["hidden_size"], layer["head_dim"], layer["vocab_size"], config["draft_vocab_size"]) == (8, 8, 32, 8)
+    out = drafts.own_tensors(layout, config, torch.bfloat16)
+    assert set(out) == set(layout.tensors)
+    assert out["layers.0.self_attn.q_proj.weight"].shape == (16, 16)  # heads*head_dim x [embedding; hidden]
+    assert out["layers.0.self_attn.k_norm.weight"].shape == (8,) and out["fc.weight"].shape == (8, 24)
+    assert out["lm_head.weight"].shape == (8, 8) and out["d2t"].shape == (8,) and out["t2d"].shape == (32,)
+
+
+def test_a_shape_may_sum_products_of_fields_as_mla_s_joint_projections_do():
+    config = {"kv_lora_rank": 512, "qk_rope_head_dim": 64, "num_attention_heads": 2, "qk_nope_head_dim": 128,
+              "v_head_dim": 128, "vocab_size": 512}
+    assert drafts.shape(["kv_lora_rank+qk_rope_head_dim"], config) == (576,)
+    assert drafts.shape(["num_attention_heads*qk_nope_head_dim + num_attention_heads*v_head_dim"], config) == (512,)
+    assert drafts.shape(["vocab_size+qk_rope_head_dim/8"], config) == (72,)  # the division is the whole sum's
+    with pytest.raises(ValueError, match="no integer 'q_lora_rank'"):
+        drafts.shape(["q_lora_rank+qk_rope_head_dim"], config)
+    with pytest.raises(ValueError):
+        drafts.Layout(description="x", checkpoint="own", config={"architectures": ["A"]}, tensors={"w": ["a+"]})
+
+
+def test_the_eagle3_mla_draft_is_checked_under_its_published_name_and_its_v3_alias_says_why_not():
+    a = registry.classify("Eagle3DeepseekV2ForCausalLM", "speculative")
+    assert a.forgeable and a.draft and a.model_type == "deepseek_v3"
+    alias = registry.classify("Eagle3DeepseekV3ForCausalLM", "speculative")
+    assert not alias.forgeable and "alias of Eagle3DeepseekV2ForCausalLM" in alias.reason and "\n" not in alias.reason
+    eagle1 = registry.classify("EagleDeepSeekMTPModel", "speculative")
+    assert not eagle1.forgeable and "known by name only" in eagle1.reason and "\n" not in eagle1.reason
+    layout = drafts.layout_of("Eagle3DeepseekV2ForCausalLM")
+    target = {"hidden_size": 16, "intermediate_size": 24, "num_attention_heads": 2, "num_key_value_heads": 2,
+              "q_lora_rank": 8, "kv_lora_rank": 12, "qk_nope_head_dim": 6, "qk_rope_head_dim": 4, "v_head_dim": 5,
+              "vocab_size": 32, "rms_norm_eps": 1e-6, "max_position_embeddings": 64, "bos_token_id": 0,
+              "eos_token_id": 1, "rope_parameters": {"rope_type": "yarn", "factor": 4.0, "rope_theta": 10000}}
+    config = drafts.draft_config(layout, target)
+    assert config["architectures"] == ["Eagle3DeepseekV2ForCausalLM"] and config["model_type"] == "kimi_k2"
+    assert config["draft_vocab_size"] == config["vocab_size"] == 32 and config["rope_parameters"]["rope_type"] == "yarn"
+    out = drafts.own_tensors(layout, config, torch.bfloat16)
+    assert set(out) == set(layout.tensors) and not {"d2t", "t2d"} & set(out)  # full vocabulary: no maps
+    assert out["midlayer.self_attn.q_a_proj.weight"].shape == (8, 32)  # q_lora_rank x [embedding; hidden]
+    assert out["midlayer.self_attn.kv_a_proj_with_mqa.weight"].shape == (16, 32)  # kv_lora_rank + rope
+    assert out["midlayer.self_attn.q_b_proj.weight"].shape == (20, 8)  # heads x (nope + rope)
+    assert out["midlayer.self_attn.kv_b_proj.weight"].shape == (22, 12)  # heads x (nope + v)
+    assert out["midlayer.self_attn.o_proj.weight"].shape == (16, 10)
+    assert out["fc.weight"].shape == (16, 48) and out["lm_head.weight"].shape == (32, 16)
