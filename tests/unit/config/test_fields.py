@@ -26,11 +26,13 @@ def test_a_bad_dimension_or_an_empty_shape_is_refused_naming_the_tensor_and_what
 
 
 def test_the_composite_and_the_draft_data_each_hold_their_own_template_form():
-    # a composite's dimension names its config key (text_config.hidden_size), a draft's the target's field
+    # a composite's dimension names its config key (text_config.hidden_size); a draft's a config field, bare or a
+    # dotted path into a nested config (Gemma 4's assistant: text_config.hidden_size), in sums of products
     assert composite.Shapes is not drafts.Shapes
     ok = {"multi_modal_projector.linear_1.weight": ["text_config.hidden_size", "vision_config.hidden_size"]}
     assert TypeAdapter(composite.Shapes).validate_python(ok) == ok
-    with pytest.raises(ValidationError, match=r"linear_1.weight: each dimension is an int or a target config field"):
-        TypeAdapter(drafts.Shapes).validate_python(ok)
+    assert TypeAdapter(drafts.Shapes).validate_python({**ok, "w": ["hidden_size", "kv_lora_rank+qk_rope_head_dim"]})
+    with pytest.raises(ValidationError, match=r"w: each dimension is an int or a target config field"):
+        TypeAdapter(drafts.Shapes).validate_python({"w": ["hidden_size-1"]})
     with pytest.raises(ValidationError, match=r"<config key>\.<field> \(K\* allowed\), not \['hidden_size'\]"):
         TypeAdapter(composite.Shapes).validate_python({"w": ["hidden_size"]})
