@@ -46,12 +46,27 @@ def test_a_described_draft_is_forgeable_keyed_by_its_name_and_tagged_draft_with_
 
 @pytest.mark.parametrize("arch, words", [("EagleMistralForCausalLM", "EAGLE draft"), ("PeagleQwen3ForCausalLM", "EAGLE draft"),
                                          ("Eagle3MiniMaxM2ForCausalLM", "EAGLE draft"),
-                                         ("DFlashDraftModel", "DFlash/DSpark"), ("MedusaModel", "Medusa"),
+                                         ("DFlash2DraftModel", "DFlash/DSpark"), ("MedusaModel", "Medusa"),
                                          ("Step3p5MTP", "not described in data/sweep-drafts.yaml")])
 def test_a_draft_the_data_does_not_describe_is_not_checkable_with_its_kind_s_reason(arch, words):
     a = registry.classify(arch, "speculative")
     assert not a.forgeable and not a.draft and a.key == arch
     assert a.reason.startswith("speculative-decoding draft: ") and words in a.reason and "\n" not in a.reason
+
+
+def test_dflash_draft_is_described_as_a_checkpoint_of_its_own_beside_the_qwen3_twin():
+    a = registry.classify("DFlashDraftModel", "speculative")
+    assert a.forgeable and a.draft and a.model_type == "qwen3" and a.key == "DFlashDraftModel"
+    d = drafts.rules().drafts["DFlashDraftModel"]
+    layout = drafts.rules().layouts[d.layout]
+    assert d.method == "dflash" and layout.checkpoint == "own"
+    # vLLM's EAGLEConfig keeps a DFlash-prefixed name for method dflash: the published name reaches the registry's
+    assert layout.config["architectures"] == ["DFlashDraftModel"]
+    # the drafter borrows the target's embedding and head: the published file has neither
+    assert not {"embed_tokens.weight", "lm_head.weight"} & set(layout.tensors)
+    # fc reads one hidden state per target layer the config names
+    n = len(layout.config["dflash_config"]["target_layer_ids"])
+    assert layout.tensors["fc.weight"] == ["hidden_size", f"{n}*hidden_size"]
 
 
 def test_draft_cells_do_not_take_their_target_s_model_type_and_ids_stay_unique_across_the_registry():
