@@ -532,7 +532,6 @@ def draft_loaded(twin: Path, check_dir: Path) -> list[DraftTensor]:
     fuses some: a fused or TP-split tensor matches none, so callers compare the whole-tensor ones,
     at TP=1). A tensor vLLM stacks with others (sweep-filled.yaml `stacked`: q, k, v into qkv_proj) is loaded
     where a parameter holds its group concatenated."""
-    import torch
     from safetensors import safe_open
 
     # a persistent buffer the checkpoint fills counts as holding its tensor (Gemma 4's token_ordering)
@@ -542,28 +541,21 @@ def draft_loaded(twin: Path, check_dir: Path) -> list[DraftTensor]:
     out = []
     source = draft_file(twin)
     with safe_open(str(source), "pt") as f:
-        for name in f.keys():
-            t = f.get_tensor(name)
-            if not digests.distinctive(t):
-                continue  # one value repeated: any parameter of its shape would match
-            want = digests.of(t)
-            hit = name if held.get(name) in want else next((by_digest[w] for w in want if w in by_digest), None)
-            instead = None
-            if hit is None and name in held:
-                target = target if target is not None else _file_digests(twin, skip=source)
-                instead = next((n for n, ds in target.items() if held[name] in ds), None)
-            out.append(DraftTensor(name=name, param=hit, loaded=hit is not None, instead=instead))
-        names = set(f.keys())
-        stacked = {}
-        for group in filled.rules().stacked:  # one stacking rule for the drafts and every other cell
-            for name in names:
-                if group[0] not in name:
-                    continue
-                members = [name.replace(group[0], part) for part in group]
-                if all(m in names for m in members):
-                    whole = torch.cat([f.get_tensor(m) for m in members])
-                    hit = next((by_digest[w] for w in digests.of(whole) if w in by_digest), None)
-                    stacked.update({m: hit for m in members if hit is not None})
+        tensors = {n: f.get_tensor(n) for n in f.keys()}
+    for name, t in tensors.items():
+        if not digests.distinctive(t):
+            continue  # one value repeated: any parameter of its shape would match
+        want = digests.of(t)
+        hit = name if held.get(name) in want else next((by_digest[w] for w in want if w in by_digest), None)
+        instead = None
+        if hit is None and name in held:
+            target = target if target is not None else _file_digests(twin, skip=source)
+            instead = next((n for n, ds in target.items() if held[name] in ds), None)
+        out.append(DraftTensor(name=name, param=hit, loaded=hit is not None, instead=instead))
+    stacked = {}
+    for members, whole in filled.stacks(tensors):  # one stacking rule for the drafts and every other cell
+        hit = next((by_digest[w] for w in digests.of(whole) if w in by_digest), None)
+        stacked.update({m: hit for m in members if hit is not None})
     # a tensor vLLM holds stacked with its group: loaded where the stacked parameter is the group's bytes
     return [t.model_copy(update={"param": stacked[t.name], "loaded": True}) if not t.loaded and t.name in stacked
             else t for t in out]

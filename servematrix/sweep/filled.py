@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import re
+from collections.abc import Iterator
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -56,7 +57,6 @@ def rules() -> FilledRules:
 def held(twin: str) -> frozenset[str]:
     """Every digest a parameter filled from the twin at `twin` may have: each tensor's, each stack's
     (rules `stacked`, and the experts' w13/w2). Cached per twin: a sweep checks several cells of one."""
-    import torch
     from safetensors import safe_open
 
     r = rules()
@@ -65,13 +65,25 @@ def held(twin: str) -> frozenset[str]:
         with safe_open(str(path), "pt") as f:
             tensors.update({n: f.get_tensor(n) for n in f.keys()})
     out = {d for t in tensors.values() for d in digests.of(t)}
-    for group in r.stacked:
-        for name in tensors:
-            members = [name.replace(group[0], part) for part in group] if group[0] in name else []
-            if members and all(m in tensors for m in members) and _stackable([tensors[m] for m in members]):
-                out.update(digests.of(torch.cat([tensors[m] for m in members])))
+    for _, whole in stacks(tensors):
+        out.update(digests.of(whole))
     out.update(_expert_stacks(tensors, r.experts))
     return frozenset(out)
+
+
+def stacks(tensors: dict) -> Iterator[tuple[list[str], object]]:
+    """Each group of `tensors` (name -> tensor) that vLLM stacks into one parameter (rules `stacked`),
+    as (its members' names, the members concatenated in vLLM's order); groups whose members cannot be
+    concatenated (other trailing shapes or dtypes) are none."""
+    import torch
+
+    for group in rules().stacked:
+        for name in tensors:
+            if group[0] not in name:
+                continue
+            members = [name.replace(group[0], part) for part in group]
+            if all(m in tensors for m in members) and _stackable([tensors[m] for m in members]):
+                yield members, torch.cat([tensors[m] for m in members])
 
 
 def _stackable(parts) -> bool:
