@@ -48,6 +48,11 @@ _PROBLEM = re.compile(r"(?:^|\) )(?:\x1b\[[0-9;]*m)*(?:WARNING|ERROR|CRITICAL) \
                       r"|Traceback \(most recent call last\)")
 _HTTP = re.compile(r'"(?:GET|POST|PUT|PATCH|DELETE|HEAD|OPTIONS) \S+ HTTP/[\d.]+" (\d{3})')
 _SHUTDOWN = re.compile(r"\[shutdown\]|^INFO:\s+Shutting down")
+# the level of a line vLLM's logger wrote: its formatter (logging_utils/formatter.py NewLineFormatter)
+# repeats the header on every line of a record, the traceback of `logger.warning(..., exc_info=e)`
+# included, so an exception line carries the level of the record that printed it
+_LEVEL = re.compile(r"(?:^|\) )(DEBUG|INFO|WARNING|ERROR|CRITICAL) \d\d-\d\d \d\d:\d\d:\d\d \[")
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
 _OOM = re.compile(r"OutOfMemoryError|out of memory|Cannot allocate memory|MemoryError", re.I)
 _PORT = re.compile(r"Address already in use|\[Errno 98\]")
 
@@ -59,7 +64,13 @@ def strip_prefix(line: str) -> str:
 def exception_lines(log: str) -> list[str]:
     """Exception lines (`Name: message`) in order; an AssertionError gets the `assert` source line
     that Python prints above it, since the bare name says nothing."""
-    out: list[str] = []
+    return [line for line, _ in _exceptions(log)]
+
+
+def _exceptions(log: str) -> list[tuple[str, bool]]:
+    """Each exception line with whether it was handled: logged by vLLM below ERROR (a traceback
+    that `logger.warning(..., exc_info=e)` prints while vLLM carries on with a default)."""
+    out: list[tuple[str, bool]] = []
     previous = ""
     for raw in log.splitlines():
         line = strip_prefix(raw)
@@ -67,17 +78,21 @@ def exception_lines(log: str) -> list[str]:
         if m:
             if m.group("name").endswith("AssertionError") and not m.group("msg") and previous.startswith("assert"):
                 line = f"AssertionError: {previous}"
-            out.append(line)
+            level = _LEVEL.search(_ANSI.sub("", raw))
+            out.append((line, bool(level) and level.group(1) in ("DEBUG", "INFO", "WARNING")))
         if line and not set(line) <= set("^~ "):  # skip the caret line under the source
             previous = line
     return out
 
 
 def root_exception(log: str) -> str | None:
-    lines = exception_lines(log)
-    real = [ln for ln in lines if not any(w in ln for w in _WRAPPERS)]
-    chosen = (real or lines)
-    return chosen[0][:400] if chosen else None
+    """The exception that ended the process: the first one raised, before vLLM's wrappers of it
+    and before exceptions it logged as warnings and got past (those explain nothing that
+    failed; one logged first would name the wrong cause)."""
+    found = _exceptions(log)
+    real = [(ln, handled) for ln, handled in found if not any(w in ln for w in _WRAPPERS)]
+    ranked = [ln for ln, handled in real if not handled] or [ln for ln, _ in real] or [ln for ln, _ in found]
+    return ranked[0][:400] if ranked else None
 
 
 def logged_at(line: str) -> str | None:

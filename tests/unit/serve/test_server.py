@@ -33,13 +33,14 @@ def test_a_server_that_dies_is_a_load_failure_within_a_second_not_at_the_timeout
 
 
 def test_a_hung_server_times_out_and_its_process_group_is_killed(tmp_path):
-    code = "import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(300)']); time.sleep(300)"
+    sleeper = _sleeper(tmp_path)
+    code = f"import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', {sleeper!r}]); time.sleep(300)"
     server = LocalServer(spec(tmp_path, code, timeout=2))
     with pytest.raises(ServerFailed) as info:
         server.__enter__()
     assert info.value.failure.kind == "timeout" and info.value.failure.infra
     assert not psutil.pid_exists(server.pid) or psutil.Process(server.pid).status() == psutil.STATUS_ZOMBIE
-    assert not [p for p in psutil.process_iter(["cmdline"]) if "time.sleep(300)" in " ".join(p.info["cmdline"] or [])]
+    assert not _running(sleeper)
 
 
 def test_a_busy_port_is_refused_before_spawning(tmp_path):
@@ -159,8 +160,9 @@ def test_what_the_server_prints_reaches_its_log_redacted_and_whole_before_the_ve
 
 
 def test_a_grandchild_holding_the_log_pipe_delays_neither_the_verdict_nor_teardown(tmp_path):
+    sleeper = _sleeper(tmp_path)
     code = ("import subprocess, sys\n"
-            "subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(300)'])\n"
+            f"subprocess.Popen([sys.executable, '-c', {sleeper!r}])\n"
             "print('RuntimeError: died, child left', flush=True); sys.exit(1)")
     t0 = time.monotonic()
     with pytest.raises(ServerFailed) as info:
@@ -168,4 +170,14 @@ def test_a_grandchild_holding_the_log_pipe_delays_neither_the_verdict_nor_teardo
             pass
     assert info.value.failure.signature == "RuntimeError: died, child left"
     assert info.value.recorded["load"].seconds < 3 and time.monotonic() - t0 < 5
-    assert not [p for p in psutil.process_iter(["cmdline"]) if "time.sleep(300)" in " ".join(p.info["cmdline"] or [])]
+    assert not _running(sleeper)
+
+
+def _sleeper(tmp_path) -> str:
+    """A grandchild's code, named after the test's own directory: other tests' sleepers, running in the
+    other pytest-xdist worker at the same time, are not this test's leftovers."""
+    return f"import time; time.sleep(300)  # {tmp_path}"
+
+
+def _running(code: str) -> list:
+    return [p for p in psutil.process_iter(["cmdline"]) if code in " ".join(p.info["cmdline"] or [])]
