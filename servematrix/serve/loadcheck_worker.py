@@ -170,7 +170,7 @@ def _rank(rank: int, args: argparse.Namespace, server_argv: list[str], port: int
         if not args.loadcheck_construct_only:  # unloaded parameters hold whatever memory held
             result["digests"] = {n: _digest(p) for n, p in params.items()}
         if args.loadcheck_draft:
-            _draft(config, args, result)
+            _draft(config, args, result, model)
         result["ok"] = True  # only once everything the check reports is in: never ok beside an error
     except BaseException as exc:  # noqa: BLE001 - reported, then the rank exits non-zero
         traceback.print_exc()
@@ -202,11 +202,12 @@ def _wait_for_peers(out: str, world: int, timeout: float = 300.0) -> None:
         time.sleep(0.05)
 
 
-def _draft(config, args: argparse.Namespace, result: dict) -> None:
+def _draft(config, args: argparse.Namespace, result: dict, target) -> None:
     """The draft beside the target, where and as the model runner loads it: on the last PP rank
     only (vLLM puts the whole draft there), through the spec-decode proposer's `_get_model`
-    steps. Into `result`: the draft architecture vLLM resolved, its class, parameter count and
-    (loaded) digests of its parameters and of its persistent buffers."""
+    steps, then its sharing of the target's embedding and head (`_share`). Into `result`: the draft
+    architecture vLLM resolved, its class, parameter count, the digests of its parameters and
+    persistent buffers as its loader left them, and of the parameters the sharing then replaced."""
     from vllm.config import set_current_vllm_config
     from vllm.distributed import get_pp_group
 
@@ -221,12 +222,63 @@ def _draft(config, args: argparse.Namespace, result: dict) -> None:
     params = dict(draft.named_parameters())
     result.update(draft_model=type(draft).__name__, draft_parameters=len(params))
     if not args.loadcheck_construct_only:
-        result["draft_digests"] = {n: _digest(p) for n, p in params.items()}
+        result["draft_digests"] = {n: _digest(p) for n, p in params.items()}  # as its loader left them
         # persistent buffers are checkpoint state too (Gemma 4's assistant loads masked_embedding.token_ordering,
         # an int64 buffer, from its file): kept apart, so only the loaded count reads them
         result["draft_buffers"] = {f"{m}.{b}" if m else b: _digest(t) for m, mod in draft.named_modules()
                                    for b, t in mod._buffers.items()
                                    if t is not None and b not in mod._non_persistent_buffers_set}
+        # then as the server runs it: the parameters the proposer replaced by the target's, and what they hold
+        shared = _share(config, draft, target)
+        after = dict(draft.named_parameters())
+        result["draft_shared"] = None if shared is None else {n: _digest(after[n]) for n in shared if n in after}
+
+
+def _share(config, draft, target) -> list[str] | None:
+    """What the proposer's load_model does after loading the draft: replace the draft's embedding
+    and LM head by the target's where vLLM decides to (an EAGLE draft whose checkpoint has none of
+    its own, every MTP draft; the embedding at PP=1 only), through the proposer class's own
+    `_maybe_share_embeddings` and `_maybe_share_lm_head`. A draft parameter that is never filled from
+    its checkpoint but replaced this way is what every server runs; one left unfilled is not. The
+    proposer class is picked as vLLM's model runner picks it (v1/worker/gpu_model_runner.py, which
+    the CPU runner inherits); the names of the draft's parameters the sharing replaced are returned,
+    None where this release's proposer has no such methods (older ones share inline in load_model)."""
+    import types
+
+    from vllm.model_executor.models.interfaces import supports_multimodal
+
+    spec = config.speculative_config
+    proposer = _proposer_class(spec)
+    if proposer is None or not all(hasattr(proposer, m) for m in ("_maybe_share_embeddings", "_maybe_share_lm_head")):
+        return None
+    before = {n: id(p) for n, p in draft.named_parameters()}
+    shim = types.SimpleNamespace(model=draft, vllm_config=config,
+                                 use_local_argmax_reduction=getattr(spec, "use_local_argmax_reduction", False))
+    language = target.get_language_model() if supports_multimodal(target) else target
+    proposer._maybe_share_embeddings(shim, language)
+    proposer._maybe_share_lm_head(shim, language)
+    after = {n: id(p) for n, p in draft.named_parameters()}
+    return sorted(n for n in before if after.get(n) != before[n])
+
+
+def _proposer_class(spec):
+    """The spec-decode proposer class vLLM's model runner builds for `spec`, in the runner's order
+    (None: a method with no draft model, or a release without these classes)."""
+    import importlib
+
+    picks = (("uses_draft_model", "draft_model", "DraftModelProposer"),
+             ("use_gemma4_mtp", "gemma4", "Gemma4Proposer"),
+             ("use_step3p5_mtp", "step3p5", "Step3p5MTPProposer"),
+             ("use_dflash", "dflash", "DFlashProposer"),
+             ("use_eagle", "eagle", "EagleProposer"))
+    for predicate, module, name in picks:
+        test = getattr(spec, predicate, None)
+        if test is not None and test():
+            try:
+                return getattr(importlib.import_module(f"vllm.v1.spec_decode.{module}"), name)
+            except (ImportError, AttributeError):
+                return None
+    return None
 
 
 def _workspace(torch) -> None:
@@ -272,9 +324,9 @@ def _load_draft(config, load_weights: bool = True):
     `_get_model`: the engine config with the speculative config's own attention backend, the
     draft's model config that SpeculativeConfig derived from the target's (an MTP draft: the
     target's checkpoint and config, its architecture rewritten to the draft's), the draft's load
-    config, the `eagle_head` model tag), built and loaded by `_load`'s two steps. Sharing the
-    target's embedding and head afterwards (the proposer's load_model) copies no checkpoint tensor
-    and is not done. A config without a speculative config is this check's misuse: it says so."""
+    config, the `eagle_head` model tag), built and loaded by `_load`'s two steps (`_share` then
+    does what the proposer's load_model does next). A config without a speculative config is this
+    check's misuse: it says so."""
     from dataclasses import replace
 
     spec = config.speculative_config

@@ -169,7 +169,6 @@ class DraftRules(_Strict):
     layouts: dict[str, Layout]
     drafts: dict[str, Draft]
     not_described: list[NotDescribed]
-    fused: list[str] = Field(default_factory=list)  # substrings of vLLM's stacked/fused draft parameter names
 
     @field_validator("drafts")
     @classmethod
@@ -561,6 +560,13 @@ def draft_loaded(twin: Path, check_dir: Path) -> list[DraftTensor]:
             else t for t in out]
 
 
+def shared_known(check_dir: Path) -> bool:
+    """Whether the rank that built the draft did the proposer's sharing (a release whose proposer
+    shares inline in load_model records `draft_shared: null`)."""
+    built = [r for r in digests.ranks(check_dir) if r.get("draft_digests") is not None]
+    return bool(built) and all(isinstance(r.get("draft_shared"), dict) for r in built)
+
+
 def layout_of(key: str) -> Layout:
     r = rules()
     return r.layouts[r.drafts[key].layout]
@@ -587,19 +593,26 @@ def note(key: str, twin: Path, check_dir: Path, tp: int) -> str:
     missing = [t.name + (f" (holds the target's {t.instead})" if t.instead else "") for t in checked if not t.loaded]
     # a tensor vLLM's loader skips by design: said so, or named as loaded after all (the data is then wrong)
     passed = [f"{t.name} ({'LOADED after all' if t.loaded else skipped[t.name]})" for t in found if t.name in skipped]
-    unread = unread_params(twin, check_dir)
+    unread = unread_params(key, twin, check_dir)
+    judged = "" if shared_known(check_dir) else ("; draft parameters not judged: this vLLM's proposer shares the "
+                                                 "target's embedding/head inline, which the load check does not do")
     return (f"{words}; its own tensors: {len(checked) - len(missing)} of {len(checked)} loaded bit for bit"
             + (f", not: {', '.join(missing)}" if missing else "")
             + (f"; skipped by vLLM's loader by design: {', '.join(passed)}" if passed else "")
             + f"; {sum(t.loaded for t in found)} of the twin's {len(found)} draft tensors found in its parameters"
-            + (f"; draft parameters holding no tensor of the twin: {', '.join(unread)}" if unread else ""))
+            + (f"; draft parameters holding no tensor of the twin: {', '.join(unread)}" if unread else "") + judged)
 
 
-def unread_params(twin: Path, check_dir: Path) -> list[str]:
-    """The draft's parameters (outside vLLM's fused ones, data `fused`) whose values are no tensor of
-    the twin in any of digests.DTYPES: vLLM built them but did not fill them from the checkpoint (at TP=1,
-    where every such parameter is whole)."""
-    fused = rules().fused
-    in_twin = {d for ds in _file_digests(twin).values() for d in ds}
-    return sorted(n for n, d in digests.recorded(check_dir, "draft_digests").items()
-                  if d not in in_twin and not any(f in n for f in fused))
+def unread_params(key: str, twin: Path, check_dir: Path) -> list[str]:
+    """The draft's parameters that hold no tensor, stack or vLLM transform of the twin (its draft
+    directory included) after the proposer's sharing (the load check's `draft_shared`): vLLM built
+    them and did not fill them (at TP=1, where every such parameter is whole), as filled.unfilled
+    decides it for a target's parameters. [] where the load check could not do the sharing
+    (`shared_known`): what the server would hold is then not known, so nothing is judged."""
+    from servematrix.sweep import filled
+
+    if not shared_known(check_dir):
+        return []
+    own = draft_file(twin).parent
+    return filled.unfilled([key, rules().drafts[key].target], twin, check_dir, ("draft_digests", "draft_shared"),
+                           also=(own,) if own != Path(twin) else ())

@@ -47,6 +47,7 @@ class FilledRules(_Strict):
     stacked: list[list[str]]
     experts: Experts
     transforms: list[Transform]
+    unused: list[Transform] = Field(default_factory=list)  # built and never filled by design
 
 
 def rules() -> FilledRules:
@@ -118,10 +119,15 @@ def _expert_stacks(tensors: dict, rule: Experts) -> set[str]:
     return out
 
 
-def unfilled(key: str, twin: Path, check_dir: Path) -> list[str]:
-    """The parameters the load check recorded (every rank's) that hold no tensor, stack or
-    transform of the twin; `key` is the cell's family (model_type or class name) for its transforms."""
-    transforms = [re.compile(t.pattern) for t in rules().transforms if not t.families or key in t.families]
-    have = held(str(twin))
-    return sorted(n for n, d in digests.recorded(check_dir).items()
-                  if d not in have and not any(p.search(n) for p in transforms))
+def unfilled(keys: list[str], twin: Path, check_dir: Path, fields: tuple[str, ...] = ("digests",),
+             also: tuple[Path, ...] = ()) -> list[str]:
+    """The parameters the load check recorded (every rank's `fields`, a later one's digest of a name
+    replacing an earlier's: the model's, or the draft's as loaded and then as shared) that
+    hold no tensor, stack or transform of the twin (and of the checkpoint directories `also`, a draft's
+    own), and that vLLM does not leave unread by design (rules `unused`); `keys` are the cell's families (model_type or class name, a draft's target) for its transforms."""
+    r = rules()
+    transforms = [re.compile(t.pattern) for t in (*r.transforms, *r.unused)
+                  if not t.families or any(k in t.families for k in keys)]
+    have = held(str(twin)).union(*(held(str(a)) for a in also))
+    recorded = {n: d for field in fields for n, d in digests.recorded(check_dir, field).items()}
+    return sorted(n for n, d in recorded.items() if d not in have and not any(p.search(n) for p in transforms))

@@ -329,7 +329,8 @@ def _composite(twin: twins.Twin) -> bool:
 def _unfilled(cell: cellmod.Cell, opts: SweepOptions, twin: twins.Twin) -> list[str]:
     """The parameters vLLM built and never filled from the twin, at TP=1 where every parameter is
     whole: a composite's by sweep/multimodal.py's unread_params, any other unquantized cell's by
-    sweep/filled.py (stacks and vLLM's transforms known); [] at TP > 1 and for quantized twins, whose
+    sweep/filled.py (stacks and vLLM's transforms known), a draft cell's target's and draft's
+    (sweep/drafts.py unread_params); [] at TP > 1 and for quantized twins, whose
     weights vLLM repacks after loading."""
     if cell.tp > 1 or twin.path is None:
         return []
@@ -342,7 +343,13 @@ def _unfilled(cell: cellmod.Cell, opts: SweepOptions, twin: twins.Twin) -> list[
         return []
     from servematrix.sweep import filled
 
-    return filled.unfilled(cell.arch.key, Path(twin.path), check_dir)
+    if twin.draft is not None:  # the target's parameters and, as vLLM's proposer leaves them, the draft's
+        from servematrix.sweep import drafts
+
+        target = drafts.rules().drafts[cell.arch.key].target
+        return (filled.unfilled([cell.arch.key, target], Path(twin.path), check_dir)
+                + [f"draft {n}" for n in drafts.unread_params(cell.arch.key, Path(twin.path), check_dir)])
+    return filled.unfilled([cell.arch.key], Path(twin.path), check_dir)
 
 
 def _head_note(cell: cellmod.Cell, opts: SweepOptions, twin: twins.Twin, unfilled: list[str]) -> str | None:

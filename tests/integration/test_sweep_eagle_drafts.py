@@ -42,9 +42,16 @@ def test_the_eagle_cells_pass_at_tp1_with_every_own_tensor_held_bit_for_bit(eagl
     assert "skipped by vLLM's loader by design: t2d" in by_id[f"{EAGLE3}/tp1-none"]["note"]
 
 
-def test_under_pp_eagle3_passes_and_eagle1_fails_on_vllm_s_per_rank_layer_names(eagles):
-    _, _, by_id = eagles
-    assert by_id[f"{EAGLE3}/pp2-none"]["verdict"] == "pass"
+def test_under_pp_eagle3_runs_on_an_embedding_never_filled_and_eagle1_fails_on_vllm_s_per_rank_layer_names(eagles):
+    _, out, by_id = eagles
+    # an EAGLE-3 draft has no embed_tokens of its own: at PP=1 the proposer shares the target's (recorded),
+    # at PP=2 (draft on the last rank, the target's embedding on the first) vLLM's V1 proposer shares
+    # nothing and its loader maps embed_tokens away, so the draft's embedding stays as built
+    (tp1,) = [json.loads(p.read_text()) for p in (out / f"{EAGLE3}/tp1-none" / "loadcheck").glob("rank*.json")]
+    assert list(tp1["draft_shared"]) == ["model.embed_tokens.weight"]
+    unfilled = by_id[f"{EAGLE3}/pp2-none"]
+    assert unfilled["verdict"] == "fail" and unfilled["failure"]["signature"] == (
+        "servematrix: vLLM built and never filled from the checkpoint: draft model.embed_tokens.weight"), unfilled
     failed = by_id[f"{EAGLE1}/pp2-none"]
     assert failed["verdict"] == "fail" and "Duplicate layer name" in failed["failure"]["signature"], failed
 
@@ -72,4 +79,4 @@ def test_a_draft_file_missing_a_tensor_loads_in_vllm_and_the_note_names_the_unre
         loadcheck.run(spec, loadcheck.Check(attention={}, out=tmp_path / "check", draft=True))
     except StageFailed as exc:  # vLLM refusing the incomplete draft would also be a caught failure
         pytest.fail(f"vLLM 0.32.0 refused a draft without fc.weight ({exc.failure.signature}): update this test")
-    assert "model.fc.weight" in drafts.unread_params(twin, tmp_path / "check")
+    assert "model.fc.weight" in drafts.unread_params(EAGLE3, twin, tmp_path / "check")

@@ -298,7 +298,7 @@ def test_a_persistent_buffer_holding_a_draft_tensor_counts_as_loaded_but_never_a
     _rank(check, draft_model="DeepSeekMTP", draft_architecture="DeepSeekMTPModel", draft_parameters=8,
           draft_digests={n: d for n, d in held.items() if n != eh}, draft_buffers={eh: held[eh], "x.cache": "other"})
     assert {t.name: t for t in drafts.draft_loaded(path, check)}[eh].loaded
-    assert "x.cache" not in drafts.unread_params(path, check)
+    assert "x.cache" not in drafts.unread_params("DeepSeekMTPModel", path, check)
 
 
 def test_a_draft_vllm_resolved_as_another_architecture_says_so(draft_twin, tmp_path):
@@ -310,22 +310,34 @@ def test_a_draft_vllm_resolved_as_another_architecture_says_so(draft_twin, tmp_p
     assert drafts.note("DeepSeekMTPModel", Path(twin.path), check, tp=1) == "draft: no rank recorded a draft model"
 
 
-def test_a_draft_parameter_holding_no_tensor_of_the_twin_is_named_unless_vllm_fuses_it(draft_twin, tmp_path):
+def test_a_draft_parameter_holding_no_tensor_of_the_twin_is_named_and_one_holding_a_target_tensor_is_not(
+        draft_twin, tmp_path):
     from safetensors import safe_open
 
     twin, _ = draft_twin
     path = Path(twin.path)
     with safe_open(str(path / drafts.DRAFT_FILE), "pt") as f:
         eh = _digest(f.get_tensor("model.layers.2.eh_proj.weight"))
+    with safe_open(str(path / "model.safetensors"), "pt") as f:
+        head = _digest(f.get_tensor("lm_head.weight"))
     check = tmp_path / "u"
     # final_layernorm built but never read (vLLM's HYV3MTP.load_weights returns no names, so the loader's
-    # strict check does not run); w13_weight stacks experts: no whole tensor of the twin, and not named
-    _rank(check, draft_model="X", draft_architecture="DeepSeekMTPModel", draft_parameters=3,
+    # strict check does not run); the shared head holds the target's lm_head (the proposer's sharing);
+    # an expert stack that is no stack of the twin's experts was not filled from it either
+    _rank(check, draft_model="X", draft_architecture="DeepSeekMTPModel", draft_parameters=4,
           draft_digests={"model.layers.2.eh_proj.weight": eh, "model.layers.2.final_layernorm.weight": "torch.float32:[8]:1",
-                         "model.layers.2.mtp_block.mlp.experts.w13_weight": "torch.bfloat16:[1,8,8]:2"})
-    assert drafts.unread_params(path, check) == ["model.layers.2.final_layernorm.weight"]
+                         "model.layers.2.shared_head.head.weight": head,
+                         "model.layers.2.mtp_block.mlp.experts.w13_weight": "torch.bfloat16:[1,8,8]:2"},
+          draft_shared={})
+    assert drafts.unread_params("DeepSeekMTPModel", path, check) == [
+        "model.layers.2.final_layernorm.weight", "model.layers.2.mtp_block.mlp.experts.w13_weight"]
     assert "holding no tensor of the twin: model.layers.2.final_layernorm.weight" in drafts.note(
         "DeepSeekMTPModel", path, check, tp=1)
+    # the proposer's sharing replaces a parameter: what it holds then is what counts
+    _rank(check, draft_model="X", draft_architecture="DeepSeekMTPModel", draft_parameters=2,
+          draft_digests={"model.layers.2.eh_proj.weight": eh, "model.embed_tokens.weight": "torch.bfloat16:[16,8]:0"},
+          draft_shared={"model.embed_tokens.weight": head})
+    assert drafts.unread_params("DeepSeekMTPModel", path, check) == []
 
 
 # --- drafts with a checkpoint of their own (EAGLE) ---
@@ -450,7 +462,7 @@ def test_an_eagle_draft_s_tensors_count_as_loaded_in_the_model_s_dtype_and_its_s
              "model.embed_tokens.weight": "torch.bfloat16:[32,8]:1"}
     check = tmp_path / "check"
     _rank(check, draft_model="Eagle3LlamaForCausalLM", draft_architecture="LlamaForCausalLMEagle3",
-          draft_parameters=len(held), draft_digests=held)
+          draft_parameters=len(held), draft_digests=held, draft_shared={})
     by_name = {t.name: t for t in drafts.draft_loaded(path, check)}
     assert by_name["d2t"].loaded and by_name["d2t"].param == "draft_id_to_target_id"
     assert by_name["fc.weight"].loaded and not by_name["t2d"].loaded
@@ -462,6 +474,12 @@ def test_an_eagle_draft_s_tensors_count_as_loaded_in_the_model_s_dtype_and_its_s
             "midlayer.mlp.gate_proj.weight, midlayer.mlp.up_proj.weight;") in note
     assert "skipped by vLLM's loader by design: t2d (vLLM 0.32.0's" in note
     assert "draft parameters holding no tensor of the twin: model.embed_tokens.weight" in note
+    # a release whose proposer shares inline (the load check recorded no sharing): not judged, and said so
+    _rank(check, draft_model="Eagle3LlamaForCausalLM", draft_architecture="LlamaForCausalLMEagle3",
+          draft_parameters=len(held), draft_digests=held, draft_shared=None)
+    assert drafts.unread_params("LlamaForCausalLMEagle3", path, check) == []
+    assert "draft parameters not judged: this vLLM's proposer shares" in drafts.note(
+        "LlamaForCausalLMEagle3", path, check, tp=1)
 
 
 def test_the_eagle1_draft_holds_its_own_embedding_and_one_layer_without_input_norm_and_no_head(tmp_path):

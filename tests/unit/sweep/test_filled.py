@@ -54,14 +54,14 @@ def test_stacks_vllm_builds_from_the_twin_count_as_filled_and_other_bytes_do_not
         "model.layers.0.mixer.in_proj.weight": tensors["model.layers.0.mixer.in_proj.weight"].float(),
         "model.norm.weight": torch.randn(16).bfloat16(),  # built, never filled
     }
-    assert filled.unfilled("llama", twin, _check(tmp_path / "check", params)) == ["model.norm.weight"]
+    assert filled.unfilled(["llama"], twin, _check(tmp_path / "check", params)) == ["model.norm.weight"]
 
 
 def test_a_slice_of_a_twin_tensor_is_not_filled(tmp_path, tensors):
     # mamba2 before its fix: vLLM built a narrower mixer and its loader narrowed the twin's tensor to it
     twin = _twin(tmp_path / "twin", tensors)
     params = {"model.layers.0.mixer.in_proj.weight": tensors["model.layers.0.mixer.in_proj.weight"][:9]}
-    assert filled.unfilled("mamba2", twin, _check(tmp_path / "check", params)) == ["model.layers.0.mixer.in_proj.weight"]
+    assert filled.unfilled(["mamba2"], twin, _check(tmp_path / "check", params)) == ["model.layers.0.mixer.in_proj.weight"]
 
 
 def test_a_transform_vllm_applies_by_design_is_known_only_for_its_families(tmp_path, tensors):
@@ -69,13 +69,22 @@ def test_a_transform_vllm_applies_by_design_is_known_only_for_its_families(tmp_p
     a_param = -torch.exp(tensors["model.layers.0.mixer.A_log"].float())  # mamba_mixer2's A, every family
     conv = torch.randn(16, 16).bfloat16()  # GPT-2's Conv1D, transposed on load: gpt2's cells only
     check = _check(tmp_path / "check", {"model.layers.0.mixer.A": a_param, "transformer.h.0.attn.c_attn.weight": conv})
-    assert filled.unfilled("gpt2", twin, check) == []
-    assert filled.unfilled("llama", twin, check) == ["transformer.h.0.attn.c_attn.weight"]
+    assert filled.unfilled(["gpt2"], twin, check) == []
+    assert filled.unfilled(["llama"], twin, check) == ["transformer.h.0.attn.c_attn.weight"]
 
 
-def test_every_transform_says_where_vllm_does_it():
-    for t in filled.rules().transforms:
+def test_every_transform_and_every_unused_parameter_says_where_vllm_does_it():
+    r = filled.rules()
+    for t in (*r.transforms, *r.unused):
         assert ".py" in t.why, t.pattern
+
+
+def test_a_parameter_vllm_leaves_unread_by_design_is_not_unfilled_in_its_family_only(tmp_path):
+    # vLLM's DFlash drafter builds mask_embedding as zeros and reads it only from a mask_embedding.pt override
+    twin = _twin(tmp_path / "twin", {"model.norm.weight": torch.randn(8)})
+    check = _check(tmp_path / "check", {"model.mask_embedding": torch.zeros(8)})
+    assert filled.unfilled(["DFlashDraftModel", "qwen3"], twin, check) == []
+    assert filled.unfilled(["qwen3"], twin, check) == ["model.mask_embedding"]
 
 
 def test_fused_experts_count_as_filled_where_vllm_holds_each_expert_transposed(tmp_path):
@@ -88,4 +97,4 @@ def test_fused_experts_count_as_filled_where_vllm_holds_each_expert_transposed(t
     check = _check(tmp_path / "check", {"model.layers.0.mlp.experts.routed_experts.w13_weight": gate_up.transpose(1, 2),
                                         "model.layers.0.mlp.experts.routed_experts.w2_weight": down.transpose(1, 2),
                                         "model.layers.0.mlp.experts.routed_experts.w13_bias": torch.randn(2, 8)})
-    assert filled.unfilled("gpt_oss", twin, check) == ["model.layers.0.mlp.experts.routed_experts.w13_bias"]
+    assert filled.unfilled(["gpt_oss"], twin, check) == ["model.layers.0.mlp.experts.routed_experts.w13_bias"]
