@@ -336,7 +336,7 @@ def _block(target: Path, decoder: Decoder, config: dict) -> dict:
     """The draft's decoder block, leaf name -> (shape, dtype): its own `tensors` in the twin's dtype,
     or the target twin's layer `like` (its `parts` only, renamed, where the decoder names them)."""
     if decoder.tensors is not None:
-        dtype = _float_dtype(target)
+        dtype = float_dtype(target)
         return {leaf: (shape(dims, config), dtype) for leaf, dims in decoder.tensors.items()}
     from safetensors import safe_open
 
@@ -436,7 +436,6 @@ def _write(base: Path, target: Path, draft: Draft, layout: Layout) -> None:
     config's draft layer count, then the index, renamed into place whole."""
     import tempfile
 
-    from safetensors import safe_open
     from safetensors.torch import save_file
 
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -453,11 +452,7 @@ def _write(base: Path, target: Path, draft: Draft, layout: Layout) -> None:
             config = json.loads((tmp / "config.json").read_text())
             config[draft.layers_field] = draft.layers
             (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-        weight_map = {}
-        for path in sorted(tmp.glob("*.safetensors")):
-            with safe_open(path, "pt") as f:
-                weight_map.update({n: path.name for n in f.keys()})
-        (tmp / INDEX).write_text(json.dumps({"metadata": {}, "weight_map": weight_map}, indent=2) + "\n")
+        write_index(tmp)
         if target.exists():
             shutil.rmtree(target)
         tmp.rename(target)
@@ -466,19 +461,30 @@ def _write(base: Path, target: Path, draft: Draft, layout: Layout) -> None:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
+def write_index(directory: Path) -> None:
+    """The index naming every tensor's file of a twin directory (written last: one that exists is complete)."""
+    from safetensors import safe_open
+
+    weight_map = {}
+    for path in sorted(directory.glob("*.safetensors")):
+        with safe_open(str(path), "pt") as f:
+            weight_map.update({n: path.name for n in f.keys()})
+    (directory / INDEX).write_text(json.dumps({"metadata": {}, "weight_map": weight_map}, indent=2) + "\n")
+
+
 def _write_own(base: Path, into: Path, layout: Layout, draft: Draft) -> None:
     """A checkpoint-of-its-own draft's directory: its config.json (published fields, the target
     twin's numbers) and its tensors in OWN_FILE."""
     from safetensors.torch import save_file
 
     config = draft_config(layout, json.loads((base / "config.json").read_text()), draft.config)
-    tensors = own_tensors(layout, config, _float_dtype(base))
+    tensors = own_tensors(layout, config, float_dtype(base))
     into.mkdir()
     (into / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     save_file({n: t.contiguous() for n, t in tensors.items()}, str(into / OWN_FILE), metadata={"format": "pt"})
 
 
-def _float_dtype(base: Path):
+def float_dtype(base: Path):
     """The target twin's float dtype (its first floating tensor's)."""
     from safetensors import safe_open
 

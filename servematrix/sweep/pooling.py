@@ -57,14 +57,19 @@ def is_pooling(kind: str) -> bool:
 
 def match(arch: str) -> tuple[str | None, str | None]:
     """(model_type, None) where this transformers has the class `arch` and forges it for that
-    model_type, else (model_type or None, the one-line reason it is not checkable here)."""
+    model_type, or data/sweep-heads.yaml describes it as its family's base model and a head (its
+    base's model_type), else (model_type or None, the one-line reason it is not checkable here)."""
     import transformers
 
     from servematrix.sweep.registry import transformers_classes
 
+    from servematrix.sweep import heads
+
     by_class, _causal, configs, version = transformers_classes()
     types = [t for t in by_class.get(arch, []) if t in configs]
     cls = getattr(transformers, arch, None) if types else None
+    if cls is None and heads.describes(arch):  # a family's base model and a head the data describes
+        return heads.rules().heads[arch].base, None
     if cls is None:
         return None, f"transformers {version} has no class {arch} (remote code only, or a name only vLLM uses)"
     own = getattr(getattr(cls, "config_class", None), "model_type", None)
@@ -131,9 +136,11 @@ def head_tensors(twin: Path) -> dict[str, tuple[tuple[str, ...], bool]]:
 
     from servematrix.sweep import digests
 
+    from servematrix.sweep import heads
+
     config = json.loads((twin / "config.json").read_text())
-    cls = getattr(transformers, (config.get("architectures") or [""])[0], None)
-    prefix = getattr(cls, "base_model_prefix", "") or ""
+    arch = (config.get("architectures") or [""])[0]
+    prefix = heads.prefix(arch) or getattr(getattr(transformers, arch, None), "base_model_prefix", "") or ""
     names: dict[str, Path] = {}
     for path in sorted(twin.glob("*.safetensors")):
         with safe_open(path, "pt") as f:

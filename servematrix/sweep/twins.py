@@ -52,8 +52,10 @@ def build(key: str, directory: Path, max_pp: int, tps: list[int], align: dict[st
     from servematrix import mirror
     from servematrix.mirror.cli import scenario_dict
 
-    from servematrix.sweep import corpus, drafts, multimodal, pooling, wrappers
+    from servematrix.sweep import corpus, drafts, heads, multimodal, pooling, wrappers
 
+    if heads.describes(key):  # its family's twin with the head added (data/sweep-heads.yaml)
+        return heads.build(key, directory, max_pp, tps, align)
     if wrappers.is_wrapper(key):  # an architecture's twin that uses it, with --model-impl transformers
         return wrappers.build(key, directory, max_pp, tps, align)
     if drafts.is_draft(key):  # its target's twin with the draft layers added

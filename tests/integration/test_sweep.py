@@ -1,8 +1,9 @@
 """`servematrix sweep` on real vLLM (the CPU build): a handful of architectures from the release's
 own registry, mirrored from transformers' defaults, load-checked at TP=1 and PP=2 through the
 persistent worker (vLLM's Transformers-backend wrapper among them, through llama's twin); a multimodal and a remote-code-only architecture recorded as not checkable with
-their reasons; two pooling cells at TP=1 (BertModel, GPT2ForSequenceClassification) build vLLM's pooling models
-and load the classifier's head bit for bit; PP=2's ranks together load exactly TP=1's parameters; the same cells in a process
+their reasons; three pooling cells at TP=1 (BertModel, GPT2ForSequenceClassification, and Qwen2ForRewardModel, which
+transformers has no class for) build vLLM's pooling models and load the heads bit for bit, and a reward twin less a
+head tensor loads in vLLM and is named unfilled; PP=2's ranks together load exactly TP=1's parameters; the same cells in a process
 of their own (--isolated) load the same parameters; `gate` judges the run; a quantized cell (the
 DSA indexer's FP8 wk at PP=2) loads on this release, and where cpu-0.20.2 is already built (the
 seed-bug test builds it; this file never does) shows #42944's KeyError there and the regression
@@ -21,8 +22,10 @@ pytestmark = pytest.mark.integration
 # Qwen2-VL: a multimodal architecture data/sweep-multimodal.yaml does not describe yet (llava it does)
 # TransformersForCausalLM: vLLM's Transformers-backend wrapper, checked through llama's twin (sweep/wrappers.py)
 ARCHS = "llama/*,qwen3_moe/*,deepseek_v3/*,TransformersForCausalLM/*,Qwen2VLForConditionalGeneration/*,InternLM2ForCausalLM/*"
-# pooling cells (sweep/pooling.py), at TP=1 only: a BERT embedding model and a decoder's sequence classifier
-POOLING = {"BertModel/tp1-none": "BertEmbeddingModel", "GPT2ForSequenceClassification/tp1-none": "GPT2ForSequenceClassification"}
+# pooling cells (sweep/pooling.py), at TP=1 only: a BERT embedding model, a decoder's sequence classifier and a
+# reward model transformers has no class for (qwen2's twin with Qwen2.5-Math-RM's score head: sweep/heads.py)
+POOLING = {"BertModel/tp1-none": "BertEmbeddingModel", "GPT2ForSequenceClassification/tp1-none": "GPT2ForSequenceClassification",
+           "Qwen2ForRewardModel/tp1-none": "Qwen2ForRewardModel"}
 
 
 def records(out):
@@ -77,6 +80,37 @@ def test_pooling_cells_build_vllm_s_pooling_model_and_load_the_twin_s_head(sweep
     heads = pooling.head_loaded(twin, out / f"{arch}/tp1-none" / "loadcheck")
     assert "head: 1 of 1 tensors loaded bit for bit" in by_id[f"{arch}/tp1-none"]["note"]  # the record says so too
     assert [h.name for h in heads] == ["score.weight"] and all(h.loaded for h in heads), heads
+    # the reward model's score MLP (score.2.bias, one value, matches any parameter of its shape: not counted)
+    assert "head: 3 of 3 tensors loaded bit for bit" in by_id["Qwen2ForRewardModel/tp1-none"]["note"]
+
+
+def test_a_reward_twin_without_a_head_tensor_loads_in_vllm_and_the_parameter_is_unfilled(sweep, tmp_path):
+    """vLLM 0.32.0's own "not initialized from checkpoint" check exempts every unquantized linear: the
+    reward twin less score.0.weight loads, and sweep/filled.py names the parameter vLLM never filled."""
+    import shlex
+    import shutil
+    import sys
+    from pathlib import Path
+
+    from safetensors.torch import load_file, save_file
+
+    from servematrix.serve import loadcheck
+    from servematrix.serve.server import LaunchSpec
+    from servematrix.sweep import drafts, filled, heads
+
+    _, _, by_id, _ = sweep
+    argv = shlex.split(by_id["Qwen2ForRewardModel/tp1-none"]["server_command"])
+    twin, bare = Path(argv[argv.index("--model") + 1]), tmp_path / "twin"
+    shutil.copytree(twin, bare)
+    tensors = load_file(str(bare / heads.HEAD_FILE))
+    del tensors["score.0.weight"]
+    save_file(tensors, str(bare / heads.HEAD_FILE), metadata={"format": "pt"})
+    drafts.write_index(bare)
+    argv = [str(bare) if a == str(twin) else a for a in argv[argv.index("--model"):]]
+    spec = LaunchSpec(argv=[sys.executable, "-m", loadcheck.SERVER_MODULE, *argv],
+                      env={"VLLM_CPU_KVCACHE_SPACE": "1"}, port=0, log_path=tmp_path / "check.log", startup_timeout=150)
+    loadcheck.run(spec, loadcheck.Check(attention={}, out=tmp_path / "check"))
+    assert filled.unfilled(["Qwen2ForRewardModel"], bare, tmp_path / "check") == ["score.0.weight"]
 
 
 def test_pp2_ranks_load_exactly_the_tp1_parameters(sweep):

@@ -17,6 +17,7 @@ from servematrix.config.releases import ReleasesFile
 from servematrix.errors import ConfigError
 from servematrix.sweep.drafts import DraftRules
 from servematrix.sweep.filled import FilledRules
+from servematrix.sweep.heads import HeadRules
 from servematrix.sweep.multimodal import MultimodalRules
 from servematrix.sweep.rules import SweepRules
 from servematrix.sweep.wrappers import WrapperRules
@@ -32,6 +33,7 @@ MODELS = {
     "sweep-quants.yaml": SweepRules,
     "sweep-drafts.yaml": DraftRules,
     "sweep-filled.yaml": FilledRules,
+    "sweep-heads.yaml": HeadRules,
     "sweep-multimodal.yaml": MultimodalRules,
     "sweep-wrappers.yaml": WrapperRules,
 }

@@ -40,7 +40,7 @@ def test_a_pooling_class_transformers_has_is_forgeable_as_its_configuration_clas
     assert a.key == arch  # its own name, not the model_type its generative sibling's cells use
 
 
-@pytest.mark.parametrize("arch", ["Qwen2ForRewardModel", "InternLM2ForRewardModel", "GteNewModel",
+@pytest.mark.parametrize("arch", ["InternLM2ForRewardModel", "GteNewModel",
                                   "BgeM3EmbeddingModel", "HF_ColBERT", "LlamaBidirectionalModel"])
 def test_a_pooling_class_transformers_lacks_is_not_checkable_and_says_so_in_one_line(arch):
     a = registry.classify(arch, REGISTERED[arch]["kind"])

@@ -1,0 +1,128 @@
+"""Pooling architectures transformers has no class for, whose published checkpoint is a family's base
+model with a head of its own (Qwen2.5-Math-RM's `score` MLP over Qwen2): a sweep cell keyed by the
+architecture's name, as every pooling cell, its twin the family's twin (sweep/twins.py, the one its
+generative cells load) with the tensors such a checkpoint does not hold dropped (`lm_head.`), the
+head's tensors added under the published names, shaped from the twin's own config fields, and
+`architectures` set to the class. What each head holds, and where its names were read, is data
+(servematrix/data/sweep-heads.yaml); this module only writes it.
+
+vLLM builds the class from the family's config (model_type qwen2: no remote code) and loads the
+head through its own loader; the runner's "every parameter filled" rule then holds the head to the
+twin's bytes as it holds every other parameter (sweep/filled.py), and pooling.head_loaded names it.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from servematrix.config import packaged
+from servematrix.paths import data_file
+from servematrix.sweep import drafts
+
+FILE = data_file("sweep-heads.yaml")
+HEAD_FILE = "head.safetensors"  # the head's tensors, beside the base twin's files
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Head(_Strict):
+    base: str  # the family's model_type: its twin is the base model
+    prefix: str  # the base model's tensors' first name part in the published checkpoint (`model`)
+    drop: list[str] = Field(default_factory=list)  # name prefixes of the base twin's tensors the checkpoint lacks
+    tensors: drafts.Shapes  # name -> shape (ints and the twin's config fields, as drafts' shapes)
+    names_from: str  # where the published names and shapes were read
+
+
+class HeadRules(_Strict):
+    heads: dict[str, Head]
+
+
+def rules() -> HeadRules:
+    return packaged.load(FILE, HeadRules)
+
+
+def describes(arch: str) -> bool:
+    return arch in rules().heads
+
+
+def prefix(arch: str) -> str | None:
+    """The base model's name prefix of a headed twin's class (None: not one of these)."""
+    head = rules().heads.get(arch)
+    return head.prefix if head else None
+
+
+def build(key: str, directory: Path, max_pp: int, tps: list[int], align: dict[str, int] | None = None):
+    """The architecture `key`'s twin: its family's twin copied without the `drop`ped tensors, with
+    the head (HEAD_FILE) and the index naming every tensor's file, `architectures` set; or the
+    reason there is none."""
+    import hashlib
+
+    from servematrix.paths import code_digest
+    from servematrix.sweep import pooling, twins
+
+    head = rules().heads[key]
+    base = twins.build(head.base, directory, max_pp, tps, align=align)
+    origin = f"{key}: its family {head.base}'s twin with the head vLLM loads (names from {head.names_from})"
+    if not base.ok:
+        return base.model_copy(update={"architecture": key, "origin": f"{origin}; base: {base.origin}",
+                                       "reason": f"its base {head.base} has no twin: {base.reason}"})
+    h = hashlib.sha256(Path(base.path).name.encode())
+    h.update(key.encode() + head.model_dump_json().encode())
+    h.update(code_digest(("sweep/heads.py",), ()).encode())
+    target = directory / f"{key}-{h.hexdigest()[:12]}"
+    try:
+        if not (target / drafts.INDEX).is_file():  # the index is written last: one that exists is complete
+            _write(Path(base.path), target, key, head)
+        elif (target / drafts.ORIGIN).is_file():  # reused: the test cache prunes twins by this file's age
+            (target / drafts.ORIGIN).touch()
+    except (ValueError, OSError, RuntimeError) as exc:
+        return base.model_copy(update={"architecture": key, "path": None, "origin": f"{origin}; base: {base.origin}",
+                                       "reason": f"head: {type(exc).__name__}: {' '.join(str(exc).split())[:300]}"})
+    return base.model_copy(update={
+        "architecture": key, "path": str(target), "spec": None, "shapes": {},
+        "server_args": [*base.server_args, *pooling.SERVER_ARGS], "origin": f"{origin}; base: {base.origin}"})
+
+
+def _write(base: Path, target: Path, key: str, head: Head) -> None:
+    """The base twin's files copied into a fresh directory less the dropped tensors, the head's
+    tensors beside them (random, in the twin's float dtype), `architectures` set, then the index;
+    renamed into place whole."""
+    import tempfile
+
+    import torch
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    try:
+        for f in base.iterdir():
+            if not f.is_file() or f.name == drafts.INDEX:
+                continue
+            if f.suffix != ".safetensors":
+                shutil.copy(f, tmp / f.name)  # not copy2: the copy's age is its own (the cache prunes by it)
+                continue
+            with safe_open(str(f), "pt") as src:
+                kept = {n: src.get_tensor(n) for n in src.keys() if not n.startswith(tuple(head.drop))}
+            save_file(kept, str(tmp / f.name), metadata={"format": "pt"})
+        config = json.loads((tmp / "config.json").read_text())
+        g = torch.Generator().manual_seed(0)
+        dtype = drafts.float_dtype(base)
+        tensors = {n: (torch.randn(drafts.shape(dims, config), generator=g) * 0.02).to(dtype)
+                   for n, dims in head.tensors.items()}
+        save_file(tensors, str(tmp / HEAD_FILE), metadata={"format": "pt"})
+        config["architectures"] = [key]
+        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        drafts.write_index(tmp)
+        if target.exists():
+            shutil.rmtree(target)
+        tmp.rename(target)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
