@@ -32,9 +32,11 @@ class _Strict(BaseModel):
 
 
 class Head(_Strict):
-    base: str  # the family's model_type: its twin is the base model
-    prefix: str  # the base model's tensors' first name part in the published checkpoint (`model`)
+    base: str  # the base model's cell key: a model_type (its causal-LM twin) or a pooling class (BertModel)
+    prefix: str  # the base model's tensors' first name part in the published checkpoint (`model`, `bert`)
     drop: list[str] = Field(default_factory=list)  # name prefixes of the base twin's tensors the checkpoint lacks
+    # put before every kept base tensor's name: a base model saved alone (BertModel) under the wrapper's attribute
+    add_prefix: str = ""
     tensors: drafts.Shapes  # name -> shape (ints and the twin's config fields, as drafts' shapes)
     names_from: str  # where the published names and shapes were read
 
@@ -51,6 +53,14 @@ def describes(arch: str) -> bool:
     return arch in rules().heads
 
 
+def model_type(arch: str) -> str | None:
+    """The model_type of a headed architecture: its base's (a pooling class's own model_type)."""
+    from servematrix.sweep import pooling
+
+    base = rules().heads[arch].base
+    return base if base[:1].islower() else pooling.model_type_of(base)  # model_types are lower case
+
+
 def prefix(arch: str) -> str | None:
     """The base model's name prefix of a headed twin's class (None: not one of these)."""
     head = rules().heads.get(arch)
@@ -58,7 +68,8 @@ def prefix(arch: str) -> str | None:
 
 
 def build(key: str, directory: Path, max_pp: int, tps: list[int], align: dict[str, int] | None = None):
-    """The architecture `key`'s twin: its family's twin copied without the `drop`ped tensors, with
+    """The architecture `key`'s twin: its base's twin copied without the `drop`ped tensors (the
+    others under `add_prefix`), with
     the head (HEAD_FILE) and the index naming every tensor's file, `architectures` set; or the
     reason there is none."""
     import hashlib
@@ -68,7 +79,7 @@ def build(key: str, directory: Path, max_pp: int, tps: list[int], align: dict[st
 
     head = rules().heads[key]
     base = twins.build(head.base, directory, max_pp, tps, align=align)
-    origin = f"{key}: its family {head.base}'s twin with the head vLLM loads (names from {head.names_from})"
+    origin = f"{key}: its base {head.base}'s twin with the head vLLM loads (names from {head.names_from})"
     if not base.ok:
         return base.model_copy(update={"architecture": key, "origin": f"{origin}; base: {base.origin}",
                                        "reason": f"its base {head.base} has no twin: {base.reason}"})
@@ -86,7 +97,8 @@ def build(key: str, directory: Path, max_pp: int, tps: list[int], align: dict[st
                                        "reason": f"head: {type(exc).__name__}: {' '.join(str(exc).split())[:300]}"})
     return base.model_copy(update={
         "architecture": key, "path": str(target), "spec": None, "shapes": {},
-        "server_args": [*base.server_args, *pooling.SERVER_ARGS], "origin": f"{origin}; base: {base.origin}"})
+        "server_args": [*base.server_args, *([] if base.architecture else pooling.SERVER_ARGS)],  # a pooling base has them
+        "origin": f"{origin}; base: {base.origin}"})
 
 
 def _write(base: Path, target: Path, key: str, head: Head) -> None:
@@ -109,7 +121,7 @@ def _write(base: Path, target: Path, key: str, head: Head) -> None:
                 shutil.copy(f, tmp / f.name)  # not copy2: the copy's age is its own (the cache prunes by it)
                 continue
             with safe_open(str(f), "pt") as src:
-                kept = {n: src.get_tensor(n) for n in src.keys() if not n.startswith(tuple(head.drop))}
+                kept = {head.add_prefix + n: src.get_tensor(n) for n in src.keys() if not n.startswith(tuple(head.drop))}
             save_file(kept, str(tmp / f.name), metadata={"format": "pt"})
         config = json.loads((tmp / "config.json").read_text())
         g = torch.Generator().manual_seed(0)

@@ -69,7 +69,7 @@ def match(arch: str) -> tuple[str | None, str | None]:
     types = [t for t in by_class.get(arch, []) if t in configs]
     cls = getattr(transformers, arch, None) if types else None
     if cls is None and heads.describes(arch):  # a family's base model and a head the data describes
-        return heads.rules().heads[arch].base, None
+        return heads.model_type(arch), None
     if cls is None:
         return None, f"transformers {version} has no class {arch} (remote code only, or a name only vLLM uses)"
     own = getattr(getattr(cls, "config_class", None), "model_type", None)

@@ -22,10 +22,11 @@ pytestmark = pytest.mark.integration
 # Qwen2-VL: a multimodal architecture data/sweep-multimodal.yaml does not describe yet (llava it does)
 # TransformersForCausalLM: vLLM's Transformers-backend wrapper, checked through llama's twin (sweep/wrappers.py)
 ARCHS = "llama/*,qwen3_moe/*,deepseek_v3/*,TransformersForCausalLM/*,Qwen2VLForConditionalGeneration/*,InternLM2ForCausalLM/*"
-# pooling cells (sweep/pooling.py), at TP=1 only: a BERT embedding model, a decoder's sequence classifier and a
-# reward model transformers has no class for (qwen2's twin with Qwen2.5-Math-RM's score head: sweep/heads.py)
+# pooling cells (sweep/pooling.py), at TP=1 only: a BERT embedding model, a decoder's sequence classifier, and two
+# models transformers has no class for (sweep/heads.py): a reward model (qwen2's twin with Qwen2.5-Math-RM's score
+# head) and ColBERT (BertModel's twin under bert. with its linear projection)
 POOLING = {"BertModel/tp1-none": "BertEmbeddingModel", "GPT2ForSequenceClassification/tp1-none": "GPT2ForSequenceClassification",
-           "Qwen2ForRewardModel/tp1-none": "Qwen2ForRewardModel"}
+           "Qwen2ForRewardModel/tp1-none": "Qwen2ForRewardModel", "HF_ColBERT/tp1-none": "ColBERTModel"}
 
 
 def records(out):
@@ -82,6 +83,7 @@ def test_pooling_cells_build_vllm_s_pooling_model_and_load_the_twin_s_head(sweep
     assert [h.name for h in heads] == ["score.weight"] and all(h.loaded for h in heads), heads
     # the reward model's score MLP (score.2.bias, one value, matches any parameter of its shape: not counted)
     assert "head: 3 of 3 tensors loaded bit for bit" in by_id["Qwen2ForRewardModel/tp1-none"]["note"]
+    assert "head: 1 of 1 tensors loaded bit for bit" in by_id["HF_ColBERT/tp1-none"]["note"]  # its projector
 
 
 def test_a_reward_twin_without_a_head_tensor_loads_in_vllm_and_the_parameter_is_unfilled(sweep, tmp_path):

@@ -41,6 +41,7 @@ def reward_twin(tmp_path, monkeypatch):
 def test_a_described_head_makes_the_architecture_forgeable_as_its_base_s_model_type():
     assert pooling.match("Qwen2ForRewardModel") == ("qwen2", None)
     assert pooling.match("Qwen2ForProcessRewardModel") == ("qwen2", None)
+    assert pooling.match("HF_ColBERT") == ("bert", None)  # its base is a pooling class: that class's model_type
     model_type, why = pooling.match("InternLM2ForRewardModel")  # no class, no head described: not checkable
     assert model_type is None and "has no class InternLM2ForRewardModel" in why
 
@@ -76,3 +77,19 @@ def test_a_base_without_a_twin_gives_its_reason(tmp_path, monkeypatch):
 def test_every_head_says_where_its_names_were_read():
     for arch, head in heads.rules().heads.items():
         assert head.names_from and head.tensors and head.prefix, arch
+
+
+def test_a_base_saved_alone_goes_under_the_wrapper_s_attribute(tmp_path, monkeypatch):
+    # ColBERT's checkpoint holds BertModel under `bert.` and its projection `linear` beside it
+    base = tmp_path / "bert"
+    base.mkdir()
+    save_file({"embeddings.word_embeddings.weight": torch.randn(16, 8), "pooler.dense.weight": torch.randn(8, 8)},
+              str(base / "model.safetensors"))
+    (base / "config.json").write_text(json.dumps({"model_type": "bert", "architectures": ["BertModel"], "hidden_size": 8}))
+    monkeypatch.setattr(twins, "build", lambda key, *a, **k: twins.Twin(
+        model_type="bert", architecture=key, path=str(base), server_args=pooling.SERVER_ARGS, origin="x"))
+    twin = heads.build("HF_ColBERT", tmp_path / "twins", 1, [1, 2])
+    index = json.loads((Path(twin.path) / drafts.INDEX).read_text())["weight_map"]
+    assert set(index) == {"bert.embeddings.word_embeddings.weight", "bert.pooler.dense.weight", "linear.weight"}
+    assert twin.server_args == pooling.SERVER_ARGS  # its base's, not twice
+    assert set(pooling.head_tensors(Path(twin.path))) == {"linear.weight"}
