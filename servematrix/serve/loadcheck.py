@@ -39,6 +39,9 @@ class Check(BaseModel):
     # then build and load the speculative draft the command line's --speculative-config names, as the
     # spec-decode proposer does (rank<N>.json: draft_model, draft_parameters, draft_digests)
     draft: bool = False
+    # model_types read as a plain PretrainedConfig (neither transformers nor vLLM has a class): a
+    # native twin's (sweep/native.py)
+    config_types: list[str] = Field(default_factory=list)
 
 
 def command(spec: LaunchSpec, check: Check) -> list[str]:
@@ -54,6 +57,7 @@ def command(spec: LaunchSpec, check: Check) -> list[str]:
         flags.append("--loadcheck-record-misses")
     if check.draft:
         flags.append("--loadcheck-draft")
+    flags += [f"--loadcheck-config-type={t}" for t in check.config_types]
     # -P: the worker's folder (servematrix/) must not shadow stdlib modules (secrets, ...)
     return [argv[0], "-P", str(WORKER), f"--loadcheck-out={check.out}", *flags, *argv[i + 1:]]
 

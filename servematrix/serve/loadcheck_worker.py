@@ -42,7 +42,40 @@ def _args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
                    help="list every config attribute the model asked for and the config lacked")
     p.add_argument("--loadcheck-draft", action="store_true",
                    help="then build and load the speculative draft the command line's --speculative-config names")
+    p.add_argument("--loadcheck-config-type", action="append", default=[],
+                   help="a model_type neither transformers nor vLLM has a configuration class for: read its "
+                        "config.json as a plain PretrainedConfig (every field an attribute, nothing derived)")
     return p.parse_known_args(argv)
+
+
+def register_config_types(types: list[str]) -> list[str]:
+    """A plain configuration class for each model_type that neither transformers nor vLLM's own
+    config registry knows (a family published with remote code only): its config.json's fields
+    become attributes as they are, nothing derived, no remote code run. The model file reads them;
+    what it asks for and the json lacks is recorded by --loadcheck-record-misses like any other
+    miss. A type may carry the remote class's attribute aliases (its `attribute_map`, the one thing
+    a plain class cannot know): `exaone:num_hidden_layers=num_layers`. Returns the types registered
+    (one transformers or vLLM already knows is left to its own class)."""
+    if not types:
+        return []
+    from transformers import AutoConfig, PretrainedConfig
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    try:
+        from vllm.transformers_utils.config import _CONFIG_REGISTRY as vllm_configs
+    except ImportError:
+        vllm_configs = {}
+    done = []
+    for spec in types:
+        model_type, _, alias_text = spec.partition(":")
+        if model_type in CONFIG_MAPPING or model_type in vllm_configs:
+            continue
+        aliases = dict(a.split("=", 1) for a in alias_text.split(",") if "=" in a)
+        name = "".join(part.capitalize() for part in model_type.replace("-", "_").split("_")) + "PlainConfig"
+        AutoConfig.register(model_type, type(name, (PretrainedConfig,), {"model_type": model_type,
+                                                                        "attribute_map": aliases}))
+        done.append(spec)
+    return done
 
 
 def _record_misses(model_config) -> list[str]:
@@ -150,6 +183,9 @@ def _rank(rank: int, args: argparse.Namespace, server_argv: list[str], port: int
     try:
         load_general_plugins()  # what every vLLM worker does first: the fix modules apply here
         _pick_backends(args.loadcheck_mla_backend, args.loadcheck_sparse_backend)
+        plain = register_config_types(args.loadcheck_config_type)
+        if plain:
+            result["plain_config_types"] = plain
         config = _engine_args(server_argv).create_engine_config()
         if args.loadcheck_record_misses:
             cls = type(config.model_config.hf_config)  # vLLM's own config class, or transformers'

@@ -84,7 +84,7 @@ def cells(archs: list[Arch], lays: list[Layout], qs: list[str], releases: list[s
     for rel in releases:
         for a in archs:
             tags = [a.kind, a.arch] + ([a.model_type] if a.model_type else []) + (["pooling"] if a.pooling else []) + \
-                   (["draft"] if a.draft else []) + \
+                   (["draft"] if a.draft else []) + (["native"] if a.native else []) + \
                    (["forgeable"] if a.forgeable else ["not-checkable"])
             out += [Cell(arch=a, layout=lay, quant=q, release=rel, tags=tags) for q in qs for lay in lays]
     return out

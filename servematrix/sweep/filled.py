@@ -68,6 +68,7 @@ def held(twin: str) -> frozenset[str]:
     out = {d for t in tensors.values() for d in digests.of(t)}
     for _, whole in stacks(tensors):
         out.update(digests.of(whole))
+    out.update(_native_stacks(Path(twin), tensors))
     out.update(_expert_stacks(tensors, r.experts))
     return frozenset(out)
 
@@ -85,6 +86,21 @@ def stacks(tensors: dict) -> Iterator[tuple[list[str], object]]:
             members = [name.replace(group[0], part) for part in group]
             if all(m in tensors for m in members) and _stackable([tensors[m] for m in members]):
                 yield members, torch.cat([tensors[m] for m in members])
+
+
+def _native_stacks(twin: Path, tensors: dict) -> set[str]:
+    """A native twin's own stacks (sweep/native.py: derived from vLLM's class when it was built,
+    e.g. EXAONE's c_fc_0 and c_fc_1 into gate_up_proj), which no family-wide rule above names."""
+    import torch
+
+    from servematrix.sweep.native import recorded_stacks
+
+    out: set[str] = set()
+    for members in recorded_stacks(twin):
+        parts = [tensors.get(m) for m in members]
+        if all(p is not None for p in parts) and _stackable(parts):
+            out.update(digests.of(torch.cat(parts)))
+    return out
 
 
 def _stackable(parts) -> bool:

@@ -23,7 +23,7 @@ from functools import lru_cache
 from pydantic import BaseModel
 
 from servematrix.errors import StateError
-from servematrix.sweep import drafts, multimodal, pooling, wrappers
+from servematrix.sweep import drafts, multimodal, native, pooling, wrappers
 
 # Run in the release's interpreter: stdlib and vLLM only; one JSON line on stdout.
 PROBE = r"""
@@ -86,13 +86,18 @@ class Arch(BaseModel):
         return self.kind == "transformers-backend" and self.forgeable
 
     @property
+    def native(self) -> bool:
+        """An architecture transformers has no class for, checked from vLLM's own class (sweep/native.py)."""
+        return self.kind in GENERATIVE and self.forgeable and native.is_native(self.arch)
+
+    @property
     def key(self) -> str:
         """The cell ids' first part: the model_type of a forgeable generative architecture, else
         its name (model_types are lower snake case, class names CamelCase: the two never collide).
         A pooling architecture shares its model_type with the family's generative one (Qwen2Model,
         Qwen2ForCausalLM: qwen2), so its cells and its twin go by its own name; so do a draft's
         (DeepSeekMTPModel: its target's model_type is deepseek_v3)."""
-        own = not (self.pooling or self.draft or self.wrapper)
+        own = not (self.pooling or self.draft or self.wrapper or self.native)
         return self.model_type if self.forgeable and self.model_type and own else self.arch
 
 
@@ -183,6 +188,9 @@ def classify(arch: str, kind: str) -> Arch:
     by_class, causal, configs, version = transformers_classes()
     types = [t for t in by_class.get(arch, []) if t in configs]
     if not types:
+        model_type, _ = native.match(arch)
+        if model_type is not None:  # data/sweep-native.yaml: a twin from vLLM's own class (sweep/native.py)
+            return Arch(arch=arch, kind=kind, model_type=model_type, forgeable=True)
         return Arch(arch=arch, kind=kind, reason=f"transformers {version} has no class {arch} (remote code only, "
                                                  "or a name only vLLM uses)")
     exact = [t for t in types if causal.get(t) == arch]

@@ -459,7 +459,7 @@ def _load_check(cell: cellmod.Cell, opts: SweepOptions, python: str, twin: twins
     cpu = device("cpu")
     attention = cpu.attention()
     check = loadcheck.Check(attention=attention, out=cell_dir / "loadcheck", record_misses=True,
-                            draft=twin.draft is not None)
+                            draft=twin.draft is not None, config_types=twin.config_types)
     world_env = {**cpu.env, **spec.env}
     # a Ray world names the node it ran on (run/ray_worlds.py); a local one runs here
     parts.node = getattr(worlds, "node", None) or parts.node

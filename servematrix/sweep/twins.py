@@ -38,6 +38,8 @@ class Twin(BaseModel):
     shapes: dict[str, tuple[int, ...]] = {}  # what that spec forged: tensor name -> shape
     origin: str = ""  # what the twin was built from: a published config (with its source) or transformers' defaults
     draft: str | None = None  # a speculative draft's twin (sweep/drafts.py): its --speculative-config method
+    # model_types the load check reads as a plain PretrainedConfig (a native twin's: sweep/native.py)
+    config_types: list[str] = []
 
     @property
     def ok(self) -> bool:
@@ -52,10 +54,12 @@ def build(key: str, directory: Path, max_pp: int, tps: list[int], align: dict[st
     from servematrix import mirror
     from servematrix.mirror.cli import scenario_dict
 
-    from servematrix.sweep import corpus, drafts, heads, multimodal, pooling, wrappers
+    from servematrix.sweep import corpus, drafts, heads, multimodal, native, pooling, wrappers
 
     if heads.describes(key):  # its family's twin with the head added (data/sweep-heads.yaml)
         return heads.build(key, directory, max_pp, tps, align)
+    if native.is_native(key):  # no transformers class: vLLM's own class gives the layout (data/sweep-native.yaml)
+        return native.build(key, directory, max_pp, tps, align)
     if wrappers.is_wrapper(key):  # an architecture's twin that uses it, with --model-impl transformers
         return wrappers.build(key, directory, max_pp, tps, align)
     if drafts.is_draft(key):  # its target's twin with the draft layers added

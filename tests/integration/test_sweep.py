@@ -21,7 +21,10 @@ from .conftest import servematrix
 pytestmark = pytest.mark.integration
 # Qwen2-VL: a multimodal architecture data/sweep-multimodal.yaml does not describe yet (llava it does)
 # TransformersForCausalLM: vLLM's Transformers-backend wrapper, checked through llama's twin (sweep/wrappers.py)
-ARCHS = "llama/*,qwen3_moe/*,deepseek_v3/*,TransformersForCausalLM/*,Qwen2VLForConditionalGeneration/*,InternLM2ForCausalLM/*"
+# InternLM2ForCausalLM: no transformers class, a native twin from vLLM's own class (sweep/native.py);
+# TeleFLMForCausalLM: no transformers class and none described, not checkable
+ARCHS = ("llama/*,qwen3_moe/*,deepseek_v3/*,TransformersForCausalLM/*,Qwen2VLForConditionalGeneration/*,"
+         "InternLM2ForCausalLM/*,TeleFLMForCausalLM/*")
 # pooling cells (sweep/pooling.py), at TP=1 only: a BERT embedding model, a decoder's sequence classifier, and two
 # models transformers has no class for (sweep/heads.py): a reward model (qwen2's twin with Qwen2.5-Math-RM's score
 # head) and ColBERT (BertModel's twin under bert. with its linear projection)
@@ -46,8 +49,8 @@ def sweep(tmp_path_factory, shared_cache):
 def test_the_sweep_checks_each_forgeable_cell_and_says_why_the_others_are_not(sweep):
     proc, out, by_id, seconds = sweep
     assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
-    checked = {f"{m}/{lay}-none" for m in ("llama", "qwen3_moe", "deepseek_v3", "TransformersForCausalLM")
-               for lay in ("tp1", "pp2")}
+    checked = {f"{m}/{lay}-none" for m in ("llama", "qwen3_moe", "deepseek_v3", "TransformersForCausalLM",
+                                           "InternLM2ForCausalLM") for lay in ("tp1", "pp2")}
     assert {i for i, r in by_id.items() if r["verdict"] == "pass"} == checked | set(POOLING)
     for i in checked:
         ranks = by_id[i]["load_check"]["ranks"]
@@ -56,7 +59,7 @@ def test_the_sweep_checks_each_forgeable_cell_and_says_why_the_others_are_not(sw
     assert {r["model"] for r in wrapper["load_check"]["ranks"]} == {"TransformersForCausalLM"}
     assert "Transformers backend: vLLM built TransformersForCausalLM" in wrapper["note"]
     assert "multimodal" in by_id["Qwen2VLForConditionalGeneration/tp1-none"]["note"]
-    assert "has no class InternLM2ForCausalLM" in by_id["InternLM2ForCausalLM/pp2-none"]["note"]
+    assert "has no class TeleFLMForCausalLM" in by_id["TeleFLMForCausalLM/pp2-none"]["note"]
     md = (out / "load-success.md").read_text()
     # each checked cell's mark carries its note's number ([n]: what its twin was built from)
     assert "## Coverage" in md and re.search(r"\| llama \| ✓ ᴸ( \[\d+\])? \| ✓ ᴸ( \[\d+\])? \|", md), md
@@ -115,9 +118,39 @@ def test_a_reward_twin_without_a_head_tensor_loads_in_vllm_and_the_parameter_is_
     assert filled.unfilled(["Qwen2ForRewardModel"], bare, tmp_path / "check") == ["score.0.weight"]
 
 
+def test_a_native_twin_holds_the_names_vllms_own_class_loads_and_every_parameter_is_filled(sweep):
+    """InternLM2 (remote code only): vLLM's class on the meta device gives the fused wqkv, the w1/w3 pair its
+    mapper stacks and the untied `output` head; its model_type is read as a plain config, so the cell is
+    load-checked, not served; passing at tp1 means every parameter held a tensor or stack of the twin."""
+    import shlex
+    from pathlib import Path
+
+    from safetensors import safe_open
+
+    from servematrix.sweep import native
+
+    _, _, by_id, _ = sweep
+    record = by_id["InternLM2ForCausalLM/tp1-none"]
+    assert record["verdict"] == "pass" and "native twin from the published config" in record["note"]
+    assert {r["model"] for r in record["load_check"]["ranks"]} == {"InternLM2ForCausalLM"}
+    argv = shlex.split(record["server_command"])
+    twin = Path(argv[argv.index("--model") + 1])
+    config = json.loads((twin / "config.json").read_text())
+    heads, kv, hidden = config["num_attention_heads"], config["num_key_value_heads"], config["hidden_size"]
+    with safe_open(str(twin / "model.safetensors"), "pt") as f:
+        names = set(f.keys())
+        # q, k and v heads fused, as InternLM2's checkpoints hold them
+        assert f.get_slice("model.layers.0.attention.wqkv.weight").get_shape() == [
+            (heads + 2 * kv) * hidden // heads, hidden]
+    assert {"model.tok_embeddings.weight", "model.layers.0.attention.wqkv.weight", "model.layers.0.feed_forward.w1.weight",
+            "model.layers.0.feed_forward.w3.weight", "model.layers.1.feed_forward.w2.weight", "output.weight"} <= names
+    assert ["model.layers.0.feed_forward.w1.weight", "model.layers.0.feed_forward.w3.weight"] in \
+        native.recorded_stacks(twin)
+
+
 def test_pp2_ranks_load_exactly_the_tp1_parameters(sweep):
     _, _, by_id, _ = sweep
-    for model in ("llama", "qwen3_moe", "deepseek_v3"):
+    for model in ("llama", "qwen3_moe", "deepseek_v3", "InternLM2ForCausalLM"):
         tp1, pp2 = by_id[f"{model}/tp1-none"]["load_check"], by_id[f"{model}/pp2-none"]["load_check"]
         assert tp1["digests"] and pp2["digests"] == tp1["digests"], model
 

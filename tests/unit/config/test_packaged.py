@@ -19,6 +19,7 @@ from servematrix.sweep.drafts import DraftRules
 from servematrix.sweep.filled import FilledRules
 from servematrix.sweep.heads import HeadRules
 from servematrix.sweep.multimodal import MultimodalRules
+from servematrix.sweep.native import NativeRules
 from servematrix.sweep.rules import SweepRules
 from servematrix.sweep.wrappers import WrapperRules
 from servematrix.paths import data_file
@@ -35,6 +36,7 @@ MODELS = {
     "sweep-filled.yaml": FilledRules,
     "sweep-heads.yaml": HeadRules,
     "sweep-multimodal.yaml": MultimodalRules,
+    "sweep-native.yaml": NativeRules,
     "sweep-wrappers.yaml": WrapperRules,
 }
 

@@ -1,0 +1,351 @@
+"""Native twins: architectures vLLM registers that transformers has no class for (remote code only,
+or a name only vLLM uses), checked from a published config and the tensor layout vLLM's own model
+class expects (data/sweep-native.yaml lists them, each config with where it was read).
+
+The mirror cannot forge these: its forge writes a checkpoint through transformers' class for the
+model_type (mirror/plan.py _resolve_class: "has no transformers class here: the forge cannot write
+its tensors"). A native twin is built without one:
+
+1. the family's config (published fields, verbatim) is shrunk under the invariants every sweep twin
+   keeps (layers >= the largest PP; heads, KV heads and experts split by every TP): the fields the
+   mirror's role table (mirror-families.yaml `fields`) names, plus the family's own `twin` values
+   from the data for fields no role covers (per-layer lists);
+2. vLLM's class for the architecture is built from that config on the meta device, in the
+   release's interpreter (serve/native_probe.py), and its parameters are turned back into
+   checkpoint names and shapes by inverting the class's own loading rules (hf_to_vllm_mapper,
+   packed_modules_mapping, each experts layer's get_expert_mapping);
+3. those tensors are written with random bf16 values beside the forge's tokenizer.
+
+A model_type neither transformers nor vLLM has a configuration class for is read by the load check
+as a plain PretrainedConfig (loadcheck_worker --loadcheck-config-type): the json's fields as
+attributes, nothing derived; what the model reads and the json lacks is in the load check's
+recorded misses, as for every twin.
+
+What this proves, and what not: the names come from vLLM's own class, so a native twin checks that
+vLLM builds and loads (every layout, every parameter filled at TP=1) a checkpoint shaped as vLLM
+expects it; it cannot catch vLLM expecting a name the real checkpoints do not carry. Where a
+published weight map is in the data (`weight_map_names`), the twin's names are compared with it
+(`compare`)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from servematrix.config import packaged
+from servematrix.paths import data_file
+
+FILE = data_file("sweep-native.yaml")
+PROBE = Path(__file__).resolve().parent.parent / "serve" / "native_probe.py"
+PROBE_TIMEOUT = 600.0
+MARK = "NATIVE_LAYOUT "
+DONE_FILE = "native.json"  # written last: a twin directory holding it is complete
+STACKS = "stacks"  # in DONE_FILE: the checkpoint tensors vLLM stacks into one parameter (sweep/filled.py reads it)
+
+# the twin's sizes (each a whole multiple of what every TP in the sweep splits)
+HEAD_DIM = 16
+FFN = 128
+MOE_FFN = 64
+EXPERTS_PER_TP = 2
+TOP_K = 2
+
+# spellings of the vocabulary size (ChatGLM's padded_vocab_size is the one its class reads)
+VOCAB_KEYS = ("vocab_size", "padded_vocab_size")
+
+# config fields a twin never carries from the published config
+DROPPED = ("auto_map", "quantization_config", "_name_or_path", "transformers_version", "_commit_hash")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class NativeFamily(_Strict):
+    arch: str  # the architecture vLLM registers (its cells' key)
+    model_type: str
+    origin: Literal["published", "vllm-config-defaults", "transformers-config-defaults"]
+    hub: str | None = None  # the Hugging Face repo that publishes the config
+    found: str  # where the config's values were read (index id, vLLM or transformers source file)
+    complete: bool  # False: a subset of the published fields, verbatim
+    note: str | None = None
+    config: dict[str, Any]  # the published fields, verbatim (JSON spellings)
+    twin: dict[str, Any] = Field(default_factory=dict)  # the twin's values for fields no role covers
+    # the remote configuration class's attribute_map (attribute -> config.json field): the one thing a
+    # plain PretrainedConfig cannot know; with where it was read
+    aliases: dict[str, str] = Field(default_factory=dict)
+    aliases_found: str | None = None
+    # a derived name -> the published spelling, where vLLM accepts both and the derivation cannot tell which
+    # the checkpoints carry (a mapper rule that drops a submodule); each with its reason in the data
+    renames: dict[str, str] = Field(default_factory=dict)
+    weight_map_names: list[str] = Field(default_factory=list)  # published names of layer 0 and the rest, if known
+    weight_map_found: str | None = None
+    # why the derivation cannot give this family's checkpoint names (its cells are "not checkable here" with it)
+    unsupported: str | None = None
+
+
+class NativeRules(_Strict):
+    families: list[NativeFamily]
+
+
+def rules() -> NativeRules:
+    return packaged.load(FILE, NativeRules)
+
+
+def family(arch: str) -> NativeFamily | None:
+    return next((f for f in rules().families if f.arch == arch), None)
+
+
+def is_native(key: str) -> bool:
+    return family(key) is not None
+
+
+def match(arch: str) -> tuple[str | None, str | None]:
+    """(model_type, None) for an architecture the data describes, else (None, why not)."""
+    fam = family(arch)
+    if fam is None:
+        return None, None
+    return fam.model_type, None
+
+
+def label(fam: NativeFamily) -> str:
+    what = {"published": f"the published config {fam.hub} ({'complete' if fam.complete else 'partial copy'})",
+            "vllm-config-defaults": "vLLM's own configuration class defaults",
+            "transformers-config-defaults": "transformers' configuration class defaults"}[fam.origin]
+    return f"native twin from {what}, read at {fam.found}; tensor names from vLLM's {fam.arch} on the meta device"
+
+
+# ---- the twin's config ----
+
+def _roles() -> dict[str, list[str]]:
+    from servematrix.mirror.layout import rules as mirror_rules
+
+    fields = mirror_rules()["fields"]
+    return {k: v for k, v in fields.items() if isinstance(v, list) and all(isinstance(x, str) for x in v)}
+
+
+def source_config(fam: NativeFamily) -> dict[str, Any]:
+    """The family's config: the data's fields, over transformers' class defaults for an origin of
+    `transformers-config-defaults` (a class transformers has under another name than vLLM's)."""
+    if fam.origin != "transformers-config-defaults":
+        return dict(fam.config)
+    from transformers import AutoConfig
+
+    defaults = AutoConfig.for_model(fam.model_type).to_dict()
+    return {**{k: v for k, v in defaults.items() if k not in ("architectures", "id2label", "label2id")},
+            **fam.config}
+
+
+def twin_config(fam: NativeFamily, max_pp: int, tps: list[int], vocab: int | None = None,
+                special: dict[str, int] | None = None) -> dict[str, Any]:
+    """The family's config shrunk: every role field it carries set to the twin's size, then the
+    family's own `twin` values (data), then the forge-owned fields (vocabulary, special tokens)."""
+    roles = _roles()
+    cfg = {k: v for k, v in source_config(fam).items() if k not in DROPPED}
+    tp = max(tps)
+    heads = 2 * tp
+    published_heads = next((cfg[k] for k in roles["heads"] if isinstance(cfg.get(k), int)), None)
+    published_kv = next((cfg[k] for k in roles["kv_heads"] if isinstance(cfg.get(k), int)), None)
+    grouped = published_kv is not None and published_heads is not None and published_kv < published_heads
+    kv = tp if grouped else heads
+    experts = EXPERTS_PER_TP * tp
+
+    def put(role: str, value: Any, only_int: bool = True) -> None:
+        for key in roles.get(role, []):
+            if key in cfg and (not only_int or isinstance(cfg[key], int)) and not isinstance(cfg[key], bool):
+                cfg[key] = value
+
+    put("layers", max(2, max_pp))
+    put("hidden", heads * HEAD_DIM)
+    put("heads", heads)
+    put("kv_heads", kv)
+    put("head_dim", HEAD_DIM)
+    for key in roles.get("ffn", []):
+        if isinstance(cfg.get(key), int):
+            cfg[key] = FFN if key == "intermediate_size" else MOE_FFN
+    put("experts", experts)
+    for key in roles.get("top_k", []):
+        if isinstance(cfg.get(key), int):
+            cfg[key] = min(cfg[key], TOP_K)
+    put("n_group", 1)
+    put("topk_group", 1)
+    for key in roles.get("shared_experts", []) + roles.get("first_dense", []):
+        if isinstance(cfg.get(key), int):
+            cfg[key] = min(cfg[key], 1)
+    cfg.update(fam.twin)
+    cfg["architectures"] = [fam.arch]
+    cfg["model_type"] = fam.model_type
+    cfg["torch_dtype"] = "bfloat16"
+    if vocab is not None:  # the forge's tokenizer's (forge-owned, as in every twin), in each spelling carried
+        for key in VOCAB_KEYS:
+            if key in cfg or key == "vocab_size":
+                cfg[key] = vocab
+    cfg.update(special or {})
+    return cfg
+
+
+# ---- the layout vLLM expects ----
+
+def layout(config_dir: Path, python: str, config_types: list[str], env: dict[str, str] | None = None) -> dict:
+    """serve/native_probe.py's answer for the config in `config_dir`: {tensors, unmapped, class,
+    config_class} or {error}."""
+    argv = [python, "-P", str(PROBE), str(config_dir), "--dtype", "bfloat16",
+            *[f"--config-type={t}" for t in config_types]]
+    try:
+        out = subprocess.run(argv, capture_output=True, text=True, timeout=PROBE_TIMEOUT,
+                             env={**os.environ, **(env or {})})
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return {"error": f"native probe: {type(exc).__name__}: {exc}"}
+    for line in out.stdout.splitlines():
+        if line.startswith(MARK):
+            return json.loads(line[len(MARK):])
+    tail = " ".join((out.stderr or out.stdout).strip().splitlines()[-1:])
+    return {"error": f"native probe exited {out.returncode} without an answer: {tail[:300]}"}
+
+
+def needs_plain_config(model_type: str) -> bool:
+    """Neither transformers nor (by its own data) vLLM has a configuration class for it: the
+    probe and the load check read it as a plain PretrainedConfig (the worker skips a type vLLM has)."""
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    return model_type not in CONFIG_MAPPING
+
+
+def compare(fam: NativeFamily, names: list[str]) -> list[str]:
+    """Published names (layer 0 and the rest, data `weight_map_names`) the twin lacks, and the
+    twin's names of the same layers the published map lacks."""
+    if not fam.weight_map_names:
+        return []
+    import re
+
+    def kept(n: str) -> bool:
+        m = re.search(r"\.layers\.(\d+)\.", n) or re.search(r"\.h\.(\d+)\.", n)
+        return m is None or m.group(1) == "0"
+
+    ours = {n for n in names if kept(n)}
+    theirs = set(fam.weight_map_names)
+    return [f"published, not in the twin: {n}" for n in sorted(theirs - ours)] + \
+           [f"in the twin, not published: {n}" for n in sorted(ours - theirs)]
+
+
+# ---- the twin ----
+
+def build(key: str, directory: Path, max_pp: int, tps: list[int], align: dict[str, int] | None = None,
+          python: str | None = None):
+    """The native twin of architecture `key` in `directory` (content-addressed: reused when complete),
+    or the reason there is none."""
+    from servematrix.sweep.twins import Twin
+
+    fam = family(key)
+    if fam is None:
+        return Twin(model_type=key, architecture=key, origin="no twin", reason=f"no native family {key}")
+    origin = label(fam)
+    if fam.unsupported:
+        return Twin(model_type=fam.model_type, architecture=key, origin=origin,
+                    reason=f"native twin: {fam.unsupported}")
+    if align:
+        return Twin(model_type=fam.model_type, architecture=key, origin=origin,
+                    reason="a native twin is not widened for quantized layouts yet")
+    try:
+        return _build(fam, directory, max_pp, tps, python, origin)
+    except Exception as exc:  # noqa: BLE001 - a family that cannot be built costs its cells, not the sweep
+        text = " ".join(str(exc).split())[:400]
+        return Twin(model_type=fam.model_type, architecture=key, origin=origin,
+                    reason=f"native twin: {type(exc).__name__}: {text}")
+
+
+def _build(fam: NativeFamily, directory: Path, max_pp: int, tps: list[int], python: str | None, origin: str):
+    import shutil
+    import tempfile
+
+    from servematrix.checkpoint.forge import _pin_tokenizer_class, _train_tokenizer
+    from servematrix.config.forge_spec import TokenizerSpec
+    from servematrix.serve import envs
+    from servematrix.sweep.twins import Twin
+
+    python = python or envs.python(envs.CURRENT)
+    aliases = ",".join(f"{k}={v}" for k, v in sorted(fam.aliases.items()))
+    plain = [f"{fam.model_type}:{aliases}" if aliases else fam.model_type] if needs_plain_config(fam.model_type) else []
+    tokenizer = _train_tokenizer(TokenizerSpec())
+    special = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
+               "pad_token_id": tokenizer.pad_token_id}
+    config = twin_config(fam, max_pp, tps, len(tokenizer), special)
+    h = hashlib.sha256(json.dumps([config, fam.model_dump(mode="json")], sort_keys=True).encode())
+    for part in (Path(__file__), PROBE, PROBE.with_name("loadcheck_worker.py")):
+        h.update(part.read_bytes())
+    target = directory / f"{fam.arch}-{h.hexdigest()[:12]}"
+    done = target / DONE_FILE
+    server_args = ["--enforce-eager", "--max-model-len", "128", "--max-num-seqs", "8", "--dtype", "bfloat16"]
+    if not done.is_file():
+        directory.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{fam.arch}-", dir=directory))
+        try:
+            (staging / "config.json").write_text(json.dumps(config, indent=2))
+            found = layout(staging, python, plain, envs.launch_env(envs.CURRENT))
+            if "error" in found:
+                return Twin(model_type=fam.model_type, architecture=fam.arch, origin=origin,
+                            reason=f"vLLM's {fam.arch} on the meta device: {found['error'][:400]}")
+            if found.get("unmapped"):
+                first = next(iter(found["unmapped"].items()))
+                return Twin(model_type=fam.model_type, architecture=fam.arch, origin=origin,
+                            reason=f"no checkpoint name for {len(found['unmapped'])} of vLLM's parameters, "
+                                   f"e.g. {first[0]}: {first[1]}")
+            found["tensors"] = {fam.renames.get(n, n): shape for n, shape in found["tensors"].items()}
+            found["stacks"] = [[fam.renames.get(n, n) for n in group] for group in found.get("stacks") or []]
+            _write_tensors(staging, found["tensors"], fam.arch)
+            tokenizer.save_pretrained(staging)
+            _pin_tokenizer_class(staging)
+            diff = compare(fam, list(found["tensors"]))
+            (staging / DONE_FILE).write_text(json.dumps({
+                "family": fam.model_dump(mode="json"), "class": found.get("class"),
+                "config_class": found.get("config_class"), "plain_config_types": found.get("plain_config_types", plain),
+                "tensors": found["tensors"], STACKS: found.get("stacks") or [],
+                "weight_map_differences": diff}, indent=1))
+            if target.exists():
+                shutil.rmtree(target)
+            staging.rename(target)
+        finally:
+            if staging.exists():
+                shutil.rmtree(staging, ignore_errors=True)
+    else:
+        done.touch()
+    record = json.loads(done.read_text())
+    notes = [origin]
+    if record.get("weight_map_differences"):
+        notes.append(f"differs from the published weight map: {'; '.join(record['weight_map_differences'][:4])}")
+    elif fam.weight_map_names:
+        notes.append(f"layer-0 names match the published weight map ({fam.weight_map_found})")
+    plain_types = record.get("plain_config_types") or []
+    # a server reads config.json through AutoConfig, which knows no class for these without remote code: the
+    # load check registers a plain one in its ranks, a server process does not (yet)
+    load_only = (f"the server has no configuration class for model_type {fam.model_type} without remote code "
+                 "(only the load check reads it as a plain PretrainedConfig)") if plain_types else None
+    return Twin(model_type=fam.model_type, architecture=fam.arch, path=str(target), server_args=server_args,
+                load_only=load_only, origin="; ".join(notes), config_types=plain_types,
+                shapes={n: tuple(s) for n, s in record["tensors"].items()})
+
+
+def _write_tensors(directory: Path, tensors: dict[str, list[int]], arch: str) -> None:
+    """Random bf16 values (seeded by the architecture: the same twin has the same bytes)."""
+    import torch
+    from safetensors.torch import save_file
+
+    gen = torch.Generator().manual_seed(int(hashlib.sha256(arch.encode()).hexdigest()[:8], 16))
+    out = {}
+    for name in sorted(tensors):
+        shape = tensors[name]
+        out[name] = (torch.randn(*shape, generator=gen) * 0.02).to(torch.bfloat16).contiguous()
+    save_file(out, str(directory / "model.safetensors"), metadata={"format": "pt"})
+
+
+def recorded_stacks(twin: Path) -> list[list[str]]:
+    """The stacks a native twin's probe derived from vLLM's class (empty for any other twin)."""
+    try:
+        return json.loads((Path(twin) / DONE_FILE).read_text()).get(STACKS) or []
+    except (OSError, ValueError):
+        return []

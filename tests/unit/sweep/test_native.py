@@ -1,0 +1,126 @@
+"""Native twins (sweep/native.py, data/sweep-native.yaml): architectures transformers has no class
+for, checked from a config of the family and the layout vLLM's own class expects. The data's configs
+are shrunk under the sweep's invariants; the registry sweeps them under their own name; the load
+check reads an unknown model_type as a plain PretrainedConfig with the remote class's aliases."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+
+from servematrix.serve import loadcheck
+from servematrix.sweep import native, registry
+from servematrix.sweep.cells import cells, layouts
+
+FAMILIES = [f.arch for f in native.rules().families]
+
+
+def test_every_family_names_where_its_config_was_read():
+    for fam in native.rules().families:
+        assert fam.found and fam.config.get("model_type", fam.model_type) == fam.model_type, fam.arch
+        assert fam.config.get("architectures") == [fam.arch], fam.arch
+        if fam.origin == "published":
+            assert fam.hub, fam.arch
+        if fam.aliases:
+            assert fam.aliases_found, fam.arch
+
+
+@pytest.mark.parametrize("arch", FAMILIES)
+def test_the_twin_config_splits_under_every_layout(arch):
+    """Layers >= the largest PP; heads, KV heads and experts whole per rank at TP 1 and 2."""
+    fam = native.family(arch)
+    cfg = native.twin_config(fam, 2, [1, 2], 1024)
+    roles = native._roles()
+
+    def value(role):
+        return next((cfg[k] for k in roles[role] if isinstance(cfg.get(k), int)), None)
+
+    assert value("layers") >= 2
+    heads, kv, experts = value("heads"), value("kv_heads"), value("experts")
+    assert heads % 2 == 0
+    kv = kv or cfg.get("multi_query_group_num") or heads
+    assert kv % 2 == 0 or 2 % kv == 0
+    if experts is not None:
+        assert experts % 2 == 0
+    assert cfg["architectures"] == [arch] and cfg["torch_dtype"] == "bfloat16"
+    assert cfg["vocab_size"] == 1024
+    assert not set(cfg) & set(native.DROPPED)
+
+
+def test_the_published_values_that_are_no_size_are_kept_verbatim():
+    cfg = native.twin_config(native.family("InternLM2ForCausalLM"), 2, [1, 2], 1024)
+    assert cfg["rope_scaling"] == {"factor": 2.0, "type": "dynamic"} and cfg["rope_theta"] == 1000000
+    assert cfg["bias"] is False and cfg["rms_norm_eps"] == 1e-05
+    # grouped-query attention stays grouped: the published 32 heads share 8 KV heads
+    assert cfg["num_attention_heads"] == 4 and cfg["num_key_value_heads"] == 2
+    exaone = native.twin_config(native.family("ExaoneForCausalLM"), 2, [1, 2], 1024)
+    assert exaone["num_layers"] == 2 and "num_hidden_layers" not in exaone  # the published spelling only
+    assert exaone["activation_function"] == "silu" and exaone["rope_theta"] == 500000.0
+
+
+def test_chatglm_carries_the_vocabulary_in_the_spelling_its_class_reads():
+    cfg = native.twin_config(native.family("ChatGLMModel"), 2, [1, 2], 1024)
+    assert cfg["padded_vocab_size"] == 1024 == cfg["vocab_size"]
+    assert cfg["num_layers"] == 2 and cfg["multi_query_group_num"] == 2 and cfg["kv_channels"] == 16
+
+
+def test_transformers_defaults_fill_a_family_known_under_another_class_name():
+    cfg = native.twin_config(native.family("PhiMoEForCausalLM"), 2, [1, 2], 1024)
+    assert cfg["architectures"] == ["PhiMoEForCausalLM"] and cfg["model_type"] == "phimoe"
+    assert cfg["num_local_experts"] == 4 and cfg["num_experts_per_tok"] == 2
+
+
+def test_the_registry_sweeps_a_native_family_under_its_own_name():
+    arch = registry.classify("InternLM2ForCausalLM", "text")
+    assert arch.forgeable and arch.native and arch.model_type == "internlm2"
+    assert arch.key == "InternLM2ForCausalLM"
+    ids = [c.id for c in cells([arch], layouts("tp1,tp2"), ["none"], ["0.32.0"])]
+    assert "InternLM2ForCausalLM/tp1-none" in ids[0]
+    assert "native" in cells([arch], layouts("tp1"), ["none"], ["0.32.0"])[0].tags
+    other = registry.classify("TeleFLMForCausalLM", "text")
+    assert not other.forgeable and "has no class" in other.reason
+
+
+def test_the_load_check_is_told_which_model_types_to_read_plainly(tmp_path):
+    from servematrix.serve.server import LaunchSpec
+
+    spec = LaunchSpec(argv=[sys.executable, "-m", loadcheck.SERVER_MODULE, "--model", "x"], env={}, port=0,
+                      log_path=tmp_path / "log", startup_timeout=1)
+    check = loadcheck.Check(out=tmp_path, config_types=["exaone:num_hidden_layers=num_layers"])
+    assert "--loadcheck-config-type=exaone:num_hidden_layers=num_layers" in loadcheck.command(spec, check)
+
+
+def test_a_plain_config_reads_every_json_field_and_the_remote_class_aliases(tmp_path):
+    """The worker's registration, in this process: transformers' AutoConfig reads the json with
+    nothing derived, and the alias answers under the name vLLM's model reads."""
+    import importlib.util
+
+    from transformers import AutoConfig
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    worker = importlib.util.spec_from_file_location("worker_under_test", loadcheck.WORKER)
+    module = importlib.util.module_from_spec(worker)
+    worker.loader.exec_module(module)
+    model_type = "servematrix_native_test"
+    try:
+        assert module.register_config_types([f"{model_type}:num_hidden_layers=num_layers"])
+        (tmp_path / "config.json").write_text(json.dumps({"model_type": model_type, "num_layers": 3,
+                                                          "activation_function": "silu"}))
+        cfg = AutoConfig.from_pretrained(tmp_path)
+        assert cfg.num_hidden_layers == 3 and cfg.activation_function == "silu"
+        assert not hasattr(cfg, "hidden_act")  # nothing derived: a miss stays a miss
+        assert module.register_config_types(["llama"]) == []  # a class transformers has is left to it
+    finally:
+        CONFIG_MAPPING._extra_content.pop(model_type, None)
+
+
+def test_a_published_weight_map_is_compared_by_its_first_layer(monkeypatch):
+    fam = native.family("ExaoneForCausalLM").model_copy(update={"weight_map_names": [
+        "transformer.wte.weight", "transformer.h.0.ln_1.weight"]})
+    assert native.compare(fam, ["transformer.wte.weight", "transformer.h.0.ln_1.weight",
+                                "transformer.h.1.ln_1.weight"]) == []
+    assert native.compare(fam, ["transformer.wte.weight"]) == [
+        "published, not in the twin: transformer.h.0.ln_1.weight"]
+
