@@ -416,10 +416,7 @@ def build(key: str, directory: Path, max_pp: int, tps: list[int], align: dict[st
     h.update(code_digest(("sweep/drafts.py",), ()).encode())
     target = directory / f"{key}-{h.hexdigest()[:12]}"
     try:
-        if not (target / INDEX).is_file():  # the index is written last: one that exists is complete
-            _write(Path(base.path), target, draft, layout)
-        elif (target / ORIGIN).is_file():  # reused: the test cache prunes twins by this file's age
-            (target / ORIGIN).touch()
+        built(target, lambda tmp: _write(Path(base.path), tmp, draft, layout))
     except (ValueError, OSError, RuntimeError) as exc:
         return base.model_copy(update={"architecture": key, "path": None, "origin": f"{origin}; target: {base.origin}",
                                        "reason": f"draft layers: {type(exc).__name__}: {' '.join(str(exc).split())[:300]}"})
@@ -431,45 +428,55 @@ def build(key: str, directory: Path, max_pp: int, tps: list[int], align: dict[st
         "origin": f"{origin}; target: {base.origin}"})
 
 
-def _write(base: Path, target: Path, draft: Draft, layout: Layout) -> None:
-    """The target twin's files copied into a fresh directory, the draft tensors beside them, the
-    config's draft layer count, then the index, renamed into place whole."""
-    import tempfile
-
+def _write(base: Path, into: Path, draft: Draft, layout: Layout) -> None:
+    """The target twin's files copied into `into`, the draft tensors beside them and the config's
+    draft layer count, or the draft's own directory (DRAFT_DIR)."""
     from safetensors.torch import save_file
 
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
-    try:
-        for f in base.iterdir():
-            if f.is_file() and f.name != INDEX:
-                shutil.copy(f, tmp / f.name)  # not copy2: the copy's age is its own (the cache prunes by it)
-        if layout.checkpoint == "own":  # the draft's own directory; the target's files as they are
-            _write_own(base, tmp / DRAFT_DIR, layout, draft)
-        else:
-            tensors = draft_tensors(base, draft, layout)
-            save_file({n: t.contiguous() for n, t in tensors.items()}, str(tmp / DRAFT_FILE), metadata={"format": "pt"})
-            config = json.loads((tmp / "config.json").read_text())
-            config[draft.layers_field] = draft.layers
-            (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-        write_index(tmp)
-        if target.exists():
-            shutil.rmtree(target)
-        tmp.rename(target)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+    copy_files(base, into)
+    if layout.checkpoint == "own":  # the draft's own directory; the target's files as they are
+        _write_own(base, into / DRAFT_DIR, layout, draft)
+    else:
+        tensors = draft_tensors(base, draft, layout)
+        save_file({n: t.contiguous() for n, t in tensors.items()}, str(into / DRAFT_FILE), metadata={"format": "pt"})
+        config = json.loads((into / "config.json").read_text())
+        config[draft.layers_field] = draft.layers
+        (into / "config.json").write_text(json.dumps(config, indent=2) + "\n")
 
 
-def write_index(directory: Path) -> None:
-    """The index naming every tensor's file of a twin directory (written last: one that exists is complete)."""
+def copy_files(base: Path, into: Path) -> None:
+    """A twin's files (not its index, which `built` writes last) copied into `into`; not copy2: the
+    copy's age is its own (the test cache prunes twins by it)."""
+    for f in base.iterdir():
+        if f.is_file() and f.name != INDEX:
+            shutil.copy(f, into / f.name)
+
+
+def built(target: Path, fill) -> Path:
+    """A twin directory made from another twin's files (a draft's; a head's, sweep/heads.py):
+    `fill(tmp)` writes them, then the index naming every tensor's file is the marker by which
+    paths.build_cached publishes the directory, once and whole. One that exists is reused as it is
+    (its origin file touched: the test cache prunes twins by that file's age)."""
+    from servematrix.paths import build_cached
+
+    def build(tmp: Path) -> dict:
+        fill(tmp)
+        return index(tmp)
+
+    if (target / INDEX).is_file() and (target / ORIGIN).is_file():
+        (target / ORIGIN).touch()
+    return build_cached(target, INDEX, build)
+
+
+def index(directory: Path) -> dict:
+    """The safetensors index of a twin directory: every tensor's file."""
     from safetensors import safe_open
 
     weight_map = {}
     for path in sorted(directory.glob("*.safetensors")):
         with safe_open(str(path), "pt") as f:
             weight_map.update({n: path.name for n in f.keys()})
-    (directory / INDEX).write_text(json.dumps({"metadata": {}, "weight_map": weight_map}, indent=2) + "\n")
+    return {"metadata": {}, "weight_map": weight_map}
 
 
 def _write_own(base: Path, into: Path, layout: Layout, draft: Draft) -> None:

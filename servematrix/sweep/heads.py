@@ -14,7 +14,6 @@ twin's bytes as it holds every other parameter (sweep/filled.py), and pooling.he
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -88,10 +87,7 @@ def build(key: str, directory: Path, max_pp: int, tps: list[int], align: dict[st
     h.update(code_digest(("sweep/heads.py",), ()).encode())
     target = directory / f"{key}-{h.hexdigest()[:12]}"
     try:
-        if not (target / drafts.INDEX).is_file():  # the index is written last: one that exists is complete
-            _write(Path(base.path), target, key, head)
-        elif (target / drafts.ORIGIN).is_file():  # reused: the test cache prunes twins by this file's age
-            (target / drafts.ORIGIN).touch()
+        drafts.built(target, lambda tmp: _write(Path(base.path), tmp, key, head))
     except (ValueError, OSError, RuntimeError) as exc:
         return base.model_copy(update={"architecture": key, "path": None, "origin": f"{origin}; base: {base.origin}",
                                        "reason": f"head: {type(exc).__name__}: {' '.join(str(exc).split())[:300]}"})
@@ -101,40 +97,24 @@ def build(key: str, directory: Path, max_pp: int, tps: list[int], align: dict[st
         "origin": f"{origin}; base: {base.origin}"})
 
 
-def _write(base: Path, target: Path, key: str, head: Head) -> None:
-    """The base twin's files copied into a fresh directory less the dropped tensors, the head's
-    tensors beside them (random, in the twin's float dtype), `architectures` set, then the index;
-    renamed into place whole."""
-    import tempfile
-
+def _write(base: Path, into: Path, key: str, head: Head) -> None:
+    """The base twin's files copied into `into` less the dropped tensors (the others under
+    `add_prefix`), the head's tensors beside them (random, in the twin's float dtype) and
+    `architectures` set."""
     import torch
     from safetensors import safe_open
     from safetensors.torch import save_file
 
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
-    try:
-        for f in base.iterdir():
-            if not f.is_file() or f.name == drafts.INDEX:
-                continue
-            if f.suffix != ".safetensors":
-                shutil.copy(f, tmp / f.name)  # not copy2: the copy's age is its own (the cache prunes by it)
-                continue
-            with safe_open(str(f), "pt") as src:
-                kept = {head.add_prefix + n: src.get_tensor(n) for n in src.keys() if not n.startswith(tuple(head.drop))}
-            save_file(kept, str(tmp / f.name), metadata={"format": "pt"})
-        config = json.loads((tmp / "config.json").read_text())
-        g = torch.Generator().manual_seed(0)
-        dtype = drafts.float_dtype(base)
-        tensors = {n: (torch.randn(drafts.shape(dims, config), generator=g) * 0.02).to(dtype)
-                   for n, dims in head.tensors.items()}
-        save_file(tensors, str(tmp / HEAD_FILE), metadata={"format": "pt"})
-        config["architectures"] = [key]
-        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-        drafts.write_index(tmp)
-        if target.exists():
-            shutil.rmtree(target)
-        tmp.rename(target)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+    drafts.copy_files(base, into)
+    for f in base.glob("*.safetensors"):  # each copy rewritten from its original
+        with safe_open(str(f), "pt") as src:
+            kept = {head.add_prefix + n: src.get_tensor(n) for n in src.keys() if not n.startswith(tuple(head.drop))}
+        save_file(kept, str(into / f.name), metadata={"format": "pt"})
+    config = json.loads((into / "config.json").read_text())
+    g = torch.Generator().manual_seed(0)
+    dtype = drafts.float_dtype(base)
+    tensors = {n: (torch.randn(drafts.shape(dims, config), generator=g) * 0.02).to(dtype)
+               for n, dims in head.tensors.items()}
+    save_file(tensors, str(into / HEAD_FILE), metadata={"format": "pt"})
+    config["architectures"] = [key]
+    (into / "config.json").write_text(json.dumps(config, indent=2) + "\n")

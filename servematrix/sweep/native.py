@@ -259,12 +259,16 @@ def build(key: str, directory: Path, max_pp: int, tps: list[int], align: dict[st
                     reason=f"native twin: {type(exc).__name__}: {text}")
 
 
-def _build(fam: NativeFamily, directory: Path, max_pp: int, tps: list[int], python: str | None, origin: str):
-    import shutil
-    import tempfile
+class _NoLayout(Exception):
+    """vLLM's class gave no checkpoint layout for the twin's config (the reason its cells are not checkable)."""
 
+
+def _build(fam: NativeFamily, directory: Path, max_pp: int, tps: list[int], python: str | None, origin: str):
+    # the forge's own tokenizer, as every forged twin carries it (its helpers are private to forge.py, whose
+    # bytes key the forge cache: not moved here)
     from servematrix.checkpoint.forge import _pin_tokenizer_class, _train_tokenizer
     from servematrix.config.forge_spec import TokenizerSpec
+    from servematrix.paths import build_cached
     from servematrix.serve import envs
     from servematrix.sweep.twins import Twin
 
@@ -281,39 +285,31 @@ def _build(fam: NativeFamily, directory: Path, max_pp: int, tps: list[int], pyth
     target = directory / f"{fam.arch}-{h.hexdigest()[:12]}"
     done = target / DONE_FILE
     server_args = ["--enforce-eager", "--max-model-len", "128", "--max-num-seqs", "8", "--dtype", "bfloat16"]
-    if not done.is_file():
-        directory.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{fam.arch}-", dir=directory))
-        try:
-            (staging / "config.json").write_text(json.dumps(config, indent=2))
-            found = layout(staging, python, plain, envs.launch_env(envs.CURRENT))
-            if "error" in found:
-                return Twin(model_type=fam.model_type, architecture=fam.arch, origin=origin,
-                            reason=f"vLLM's {fam.arch} on the meta device: {found['error'][:400]}")
-            if found.get("unmapped"):
-                first = next(iter(found["unmapped"].items()))
-                return Twin(model_type=fam.model_type, architecture=fam.arch, origin=origin,
-                            reason=f"no checkpoint name for {len(found['unmapped'])} of vLLM's parameters, "
-                                   f"e.g. {first[0]}: {first[1]}")
-            found["tensors"] = {fam.renames.get(n, n): shape for n, shape in found["tensors"].items()}
-            found["stacks"] = [[fam.renames.get(n, n) for n in group] for group in found.get("stacks") or []]
-            _write_tensors(staging, found["tensors"], fam.arch)
-            tokenizer.save_pretrained(staging)
-            _pin_tokenizer_class(staging)
-            diff = compare(fam, list(found["tensors"]))
-            (staging / DONE_FILE).write_text(json.dumps({
-                "family": fam.model_dump(mode="json"), "class": found.get("class"),
+
+    def build(tmp: Path) -> dict:  # the marker's content: what the probe found
+        (tmp / "config.json").write_text(json.dumps(config, indent=2))
+        found = layout(tmp, python, plain, envs.launch_env(envs.CURRENT))
+        if "error" in found:
+            raise _NoLayout(f"vLLM's {fam.arch} on the meta device: {found['error'][:400]}")
+        if found.get("unmapped"):
+            first = next(iter(found["unmapped"].items()))
+            raise _NoLayout(f"no checkpoint name for {len(found['unmapped'])} of vLLM's parameters, "
+                            f"e.g. {first[0]}: {first[1]}")
+        tensors = {fam.renames.get(n, n): shape for n, shape in found["tensors"].items()}
+        _write_tensors(tmp, tensors, fam.arch)
+        tokenizer.save_pretrained(tmp)
+        _pin_tokenizer_class(tmp)
+        return {"family": fam.model_dump(mode="json"), "class": found.get("class"),
                 "config_class": found.get("config_class"), "plain_config_types": found.get("plain_config_types", plain),
-                "tensors": found["tensors"], STACKS: found.get("stacks") or [],
-                "weight_map_differences": diff}, indent=1))
-            if target.exists():
-                shutil.rmtree(target)
-            staging.rename(target)
-        finally:
-            if staging.exists():
-                shutil.rmtree(staging, ignore_errors=True)
-    else:
-        done.touch()
+                "tensors": tensors, STACKS: [[fam.renames.get(n, n) for n in g] for g in found.get("stacks") or []],
+                "weight_map_differences": compare(fam, list(tensors))}
+
+    if done.is_file():
+        done.touch()  # reused: the test cache prunes twins by their age
+    try:
+        build_cached(target, DONE_FILE, build)
+    except _NoLayout as exc:
+        return Twin(model_type=fam.model_type, architecture=fam.arch, origin=origin, reason=str(exc))
     record = json.loads(done.read_text())
     notes = [origin]
     if record.get("weight_map_differences"):

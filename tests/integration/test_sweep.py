@@ -110,7 +110,7 @@ def test_a_reward_twin_without_a_head_tensor_loads_in_vllm_and_the_parameter_is_
     tensors = load_file(str(bare / heads.HEAD_FILE))
     del tensors["score.0.weight"]
     save_file(tensors, str(bare / heads.HEAD_FILE), metadata={"format": "pt"})
-    drafts.write_index(bare)
+    (bare / drafts.INDEX).write_text(json.dumps(drafts.index(bare)))
     argv = [str(bare) if a == str(twin) else a for a in argv[argv.index("--model"):]]
     spec = LaunchSpec(argv=[sys.executable, "-m", loadcheck.SERVER_MODULE, *argv],
                       env={"VLLM_CPU_KVCACHE_SPACE": "1"}, port=0, log_path=tmp_path / "check.log", startup_timeout=150)
