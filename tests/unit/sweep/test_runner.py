@@ -389,3 +389,15 @@ def test_the_sweeps_lines_print_a_signature_escaped_masked_and_bounded(tmp_path,
     (line,) = [x for x in log.getvalue().splitlines() if x.startswith("[1/")]
     assert "\x1b" not in line and "\\x1b" in line and "\\n" in line and "FAKE" in line
     assert "hf_sweep_secret_value" not in log.getvalue() and len(line) < 400
+
+
+def test_a_native_cell_of_another_release_is_not_checkable_rather_than_judged_on_the_current_release_s_names(
+        tmp_path, doubles):
+    from servematrix.sweep import registry
+
+    arch = registry.classify("InternLM2ForCausalLM", "text")
+    assert arch.native
+    (cell,) = cells.cells([arch], cells.layouts("tp1"), ["none"], ["cpu-0.20.2"])
+    out = runner._cell(cell, options(tmp_path), "python", {}, None, {"vllm": "0.20.2", "torch": "2.9"})
+    assert out.skipped == ("not checkable here: a native twin's layout is derived from the current release's "
+                           "vLLM class only") and doubles == []
