@@ -138,9 +138,10 @@ def _expert_stacks(tensors: dict, rule: Experts) -> set[str]:
 def unfilled(keys: list[str], twin: Path, check_dir: Path, fields: tuple[str, ...] = ("digests",),
              also: tuple[Path, ...] = ()) -> list[str]:
     """The parameters the load check recorded (every rank's `fields`, a later one's digest of a name
-    replacing an earlier's: the model's, or the draft's as loaded and then as shared) that
-    hold no tensor, stack or transform of the twin (and of the checkpoint directories `also`, a draft's
-    own), and that vLLM does not leave unread by design (rules `unused`); `keys` are the cell's families (model_type or class name, a draft's target) for its transforms."""
+    replacing an earlier's: the model's, or the draft's as loaded and then as shared) that hold no
+    tensor, stack or transform of the twin (and of the checkpoint directories `also`, a draft's
+    own), and that vLLM does not leave unread by design (rules `unused`); `keys` are the cell's
+    families (model_type or class name, a draft's target) for its transforms."""
     r = rules()
     transforms = [re.compile(t.pattern) for t in (*r.transforms, *r.unused)
                   if not t.families or any(k in t.families for k in keys)]
