@@ -105,14 +105,6 @@ def is_native(key: str) -> bool:
     return family(key) is not None
 
 
-def match(arch: str) -> tuple[str | None, str | None]:
-    """(model_type, None) for an architecture the data describes, else (None, why not)."""
-    fam = family(arch)
-    if fam is None:
-        return None, None
-    return fam.model_type, None
-
-
 def label(fam: NativeFamily) -> str:
     what = {"published": f"the published config {fam.hub} ({'complete' if fam.complete else 'partial copy'})",
             "vllm-config-defaults": "vLLM's own configuration class defaults",
@@ -235,10 +227,10 @@ def compare(fam: NativeFamily, names: list[str]) -> list[str]:
 
 # ---- the twin ----
 
-def build(key: str, directory: Path, max_pp: int, tps: list[int], align: dict[str, int] | None = None,
-          python: str | None = None):
+def build(key: str, directory: Path, max_pp: int, tps: list[int], align: dict[str, int] | None = None):
     """The native twin of architecture `key` in `directory` (content-addressed: reused when complete),
-    or the reason there is none."""
+    or the reason there is none; its layout is the current release's class's (the runner checks its
+    cells on that release only)."""
     from servematrix.sweep.twins import Twin
 
     fam = family(key)
@@ -252,7 +244,7 @@ def build(key: str, directory: Path, max_pp: int, tps: list[int], align: dict[st
         return Twin(model_type=fam.model_type, architecture=key, origin=origin,
                     reason="a native twin is not widened for quantized layouts yet")
     try:
-        return _build(fam, directory, max_pp, tps, python, origin)
+        return _build(fam, directory, max_pp, tps, origin)
     except Exception as exc:  # noqa: BLE001 - a family that cannot be built costs its cells, not the sweep
         text = " ".join(str(exc).split())[:400]
         return Twin(model_type=fam.model_type, architecture=key, origin=origin,
@@ -263,7 +255,7 @@ class _NoLayout(Exception):
     """vLLM's class gave no checkpoint layout for the twin's config (the reason its cells are not checkable)."""
 
 
-def _build(fam: NativeFamily, directory: Path, max_pp: int, tps: list[int], python: str | None, origin: str):
+def _build(fam: NativeFamily, directory: Path, max_pp: int, tps: list[int], origin: str):
     # the forge's own tokenizer, as every forged twin carries it (its helpers are private to forge.py, whose
     # bytes key the forge cache: not moved here)
     from servematrix.checkpoint.forge import _pin_tokenizer_class, _train_tokenizer
@@ -272,7 +264,7 @@ def _build(fam: NativeFamily, directory: Path, max_pp: int, tps: list[int], pyth
     from servematrix.serve import envs
     from servematrix.sweep.twins import Twin
 
-    python = python or envs.python(envs.CURRENT)
+    python = envs.python(envs.CURRENT)
     aliases = ",".join(f"{k}={v}" for k, v in sorted(fam.aliases.items()))
     plain = [f"{fam.model_type}:{aliases}" if aliases else fam.model_type] if needs_plain_config(fam.model_type) else []
     tokenizer = _train_tokenizer(TokenizerSpec())

