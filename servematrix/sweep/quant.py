@@ -151,6 +151,8 @@ def quantized(model_type: str, spec: dict[str, Any], shapes: dict[str, tuple[int
     rule = rules()[quant]
     config = spec.get("config") or {}
     family = rule.families.get(model_type)
+    if family is not None and not family.checkable:
+        return QuantSpec(reason=f"{quant}: {family.why}")
     if family is not None:
         update: dict[str, Any] = {"fp8_blocks": family.fp8_blocks}
         note = family.why

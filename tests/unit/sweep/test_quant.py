@@ -117,6 +117,30 @@ def test_vllms_cpu_refusal_of_a_layout_is_data_per_quant():
     assert not quant.refused_on_cpu("none", refusal)
 
 
+def test_no_cpu_4bit_kernel_for_a_linear_or_an_awq_moe_is_a_cpu_refusal_and_an_old_gpus_capability_is_not():
+    # the signatures of falcon_h1 / granitemoehybrid awq (a Mamba-2 in_proj, 6680 rows, not a multiple of
+    # 32: CPUWNA16LinearKernel.can_implement) and granitemoe tp2-awq (moe_wna16.py MoeWNA16Config.__init__)
+    linear = "ValueError: Failed to find a kernel that can implement the WNA16 linear layer. Reasons:"
+    assert quant.refused_on_cpu("awq", linear) and quant.refused_on_cpu("gptq", linear)
+    said = ("ValueError: The quantization method moe_wna16 + awq is not supported for the current GPU. "
+            "Minimum capability: 75. Current capability: {}.")
+    assert quant.refused_on_cpu("awq", said.format(-1))
+    assert not quant.refused_on_cpu("awq", said.format(70))  # a real GPU too old: a failure, not this build's
+    assert not quant.refused_on_cpu("fp8-block", linear)
+
+
+def test_a_family_with_no_checkable_layout_is_a_reason_not_a_spec(monkeypatch):
+    from servematrix.sweep.rules import Family
+
+    rule = quant.rules()["fp8-block"]
+    families = {**rule.families, "llama": Family(checkable=False, why="no published layout to stand for")}
+    monkeypatch.setitem(quant.rules(), "fp8-block", rule.model_copy(update={"families": families}))
+    q = quant.quantized("llama", SPEC, SHAPES, "fp8-block", [1])
+    assert q.spec is None and q.reason == "fp8-block: no published layout to stand for" and not q.narrow
+    assert quant.quantized("gemma3n_text", SPEC, SHAPES, "fp8-kv", [1]).reason.startswith(
+        "fp8-kv: vLLM builds Gemma 3n's altup projections in FP8")  # the data's own entry
+
+
 # Names from the published layouts: Mixtral-8x7B's experts and router, DeepSeek-V3's MLA projections
 # and router. AutoAWQ (awq/models/mixtral.py, deepseek_v3.py) and AutoGPTQ (modeling/mixtral.py)
 # quantize each expert's w1/w3/w2 and kv_a_proj_with_mqa beside q_a_proj, as DeepSeek-V3's FP8
