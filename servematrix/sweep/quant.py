@@ -38,7 +38,8 @@ def names() -> tuple[str, ...]:
 def _shards(name: str, shape: tuple[int, ...], tp: int,
             config: dict[str, Any] | None = None) -> list[list[tuple[int, int]]]:
     """The ways a rank at `tp` may hold the linear, each as the [n, k] pieces it loads, by the linear's
-    TP role (mirror-families.yaml's tp_roles): column-parallel splits outputs, row-parallel inputs; KV
+    TP role (mirror-families.yaml's tp_roles): column-parallel splits outputs, row-parallel inputs, a linear
+    the table does not name may be either or neither (every piece must fit); KV
     projections split or replicate by the twin's KV heads as the mirror plans them (mirror/dims.py
     kv_class, vLLM's QKVParallelLinear), with the KV heads unknown either is accepted; a fused q/k/v
     projection is its q, k and v sections per rank (mirror/dims.py qkv_sections), each loaded as its own
@@ -62,7 +63,13 @@ def _shards(name: str, shape: tuple[int, ...], tp: int,
             how = kv_class(kv_heads, tp)
             return [[(n // tp, k)]] if how == "split" and n % tp == 0 else [[(n, k)]] if how == "replicated" else []
         return [[(n // tp, k)], [(n, k)]] if n % tp == 0 else [[(n, k)]]
-    return [[(n, k)]]
+    if tp == 1:
+        return [[(n, k)]]
+    # a linear the role table does not name (OPT's out_proj and fc1/fc2, a Mamba in_proj): vLLM may split
+    # its outputs, its inputs or neither, so every piece it could hold must be whole blocks (measured before:
+    # OPT's and StarCoder2's 128-wide row-parallel projections planned as whole, 64 inputs a rank at TP=2
+    # against the CPU kernel's K block of 128, "Weight input_size_per_partition = 64 is not divisible")
+    return [[(n, k)] + ([(n // tp, k)] if n % tp == 0 else []) + ([(n, k // tp)] if k % tp == 0 else [])]
 
 
 def _fits(name: str, shape: tuple[int, ...], bn: int, bk: int, tps: list[int],

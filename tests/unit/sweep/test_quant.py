@@ -117,6 +117,16 @@ def test_vllms_cpu_refusal_of_a_layout_is_data_per_quant():
     assert not quant.refused_on_cpu("none", refusal)
 
 
+def test_a_linear_the_role_table_does_not_name_must_fit_every_way_vllm_may_split_it():
+    # OPT's out_proj / fc2 are row-parallel in vLLM but not in mirror-families.yaml's tp_roles: planned as
+    # whole, a 128-wide one took K blocks of 128 that its 64 inputs a rank at TP=2 could not hold
+    for name in ("model.decoder.layers.0.self_attn.out_proj.weight", "model.decoder.layers.0.fc2.weight"):
+        assert quant._fits(name, (128, 128), 64, 128, [1])
+        assert not quant._fits(name, (128, 128), 64, 128, [2])  # 64 inputs a rank if vLLM splits them
+        assert quant._fits(name, (128, 256), 64, 128, [2])  # whole, outputs split, inputs split: all fit
+    assert quant._fits("model.layers.0.self_attn.o_proj.weight", (64, 256), 64, 128, [2])  # named: row only
+
+
 def test_no_cpu_4bit_kernel_for_a_linear_or_an_awq_moe_is_a_cpu_refusal_and_an_old_gpus_capability_is_not():
     # the signatures of falcon_h1 / granitemoehybrid awq (a Mamba-2 in_proj, 6680 rows, not a multiple of
     # 32: CPUWNA16LinearKernel.can_implement) and granitemoe tp2-awq (moe_wna16.py MoeWNA16Config.__init__)
