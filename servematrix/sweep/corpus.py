@@ -91,8 +91,6 @@ def checkpoint_names(model_type: str, directory: Path) -> list[str]:
     checkpoint's names where the family's `checkpoint_names` rules (mirror-families.yaml) say
     transformers saves them otherwise; the note saying so (none where no rule applies). The shapes
     stay the class's: only the names differ between the class's save and the real checkpoint."""
-    import re
-
     from safetensors.torch import load_file, save_file
 
     from servematrix.mirror.layout import rules
@@ -109,12 +107,10 @@ def checkpoint_names(model_type: str, directory: Path) -> list[str]:
         tensors = load_file(path)
         out = {}
         for name, tensor in tensors.items():
-            if _dropped(name, drops, twin_config):
+            if _dropped(_as_weight(name)[0], drops, twin_config):
                 dropped += 1
                 continue
-            new = name
-            for rule in renames:
-                new = re.sub(rule["pattern"], rule["name"], new)
+            new = _renamed(name, renames)
             changed += new != name
             out[new] = tensor
         added += _every_layer(out, leaves)
@@ -123,7 +119,7 @@ def checkpoint_names(model_type: str, directory: Path) -> list[str]:
     if index.is_file():
         data = json.loads(index.read_text())
         data["weight_map"] = {_renamed(n, renames): f for n, f in data.get("weight_map", {}).items()
-                              if not _dropped(n, drops, twin_config)}
+                              if not _dropped(_as_weight(n)[0], drops, twin_config)}
         index.write_text(json.dumps(data, indent=2))
     notes = [f"{changed} tensors renamed to the released checkpoint's names (mirror-families.yaml "
              "checkpoint_names: transformers renames them on load and cannot restore them on save)"] if changed else []
@@ -171,11 +167,31 @@ def _every_layer(tensors: dict, leaves: list[str]) -> list[str]:
 
 
 def _renamed(name: str, renames: list[dict]) -> str:
+    """`name` under the rename rules; a quantized leaf (`_as_weight`) is renamed as its linear's
+    `weight` is, and keeps its own leaf."""
     import re
 
+    base, leaf = _as_weight(name)
     for rule in renames:
-        name = re.sub(rule["pattern"], rule["name"], name)
-    return name
+        base = re.sub(rule["pattern"], rule["name"], base)
+    if leaf is None:
+        return base
+    return f"{base.removesuffix('.weight')}.{leaf}" if base.endswith(".weight") else name
+
+
+# the tensors a quantized twin's linear holds in place of its `weight` (sweep/quant.py's layouts: GPTQ/AWQ
+# qweight, qzeros, scales, g_idx; FP8 weight_scale_inv, weight_scale, input_scale); the weight itself stays
+# `weight` under FP8
+_QUANT_LEAVES = ("qweight", "qzeros", "scales", "g_idx", "weight_scale_inv", "weight_scale", "input_scale")
+
+
+def _as_weight(name: str) -> tuple[str, str | None]:
+    """A quantized twin's tensor named as the float twin's (its linear's `weight`) and its own leaf, so the
+    checkpoint_names rules, written against the float class's save, take the quantized twin's tensors too
+    (LongCat-Flash: the zero experts' `gate_proj.weight_scale_inv` go with their `gate_proj.weight`);
+    (name, None) for any other tensor."""
+    stem, _, leaf = name.rpartition(".")
+    return (f"{stem}.weight", leaf) if stem and leaf in _QUANT_LEAVES else (name, None)
 
 
 def unmirrorable(model_type: str) -> str | None:

@@ -194,10 +194,40 @@ def quantize(base: Twin, quant: str, tps: list[int], wide=None) -> Twin:
     except (ValueError, KeyError, RuntimeError, UserError) as exc:
         return Twin(model_type=base.model_type, architecture=base.architecture, quant=quant, origin=base.origin,
                     reason=f"forge ({quant}): {type(exc).__name__}: {_line(exc)}")
+    path = _released_tensors(base.model_type, Path(path), Path(base.path).parent)
     return Twin(model_type=base.model_type, architecture=base.architecture, quant=quant, path=str(path), note=q.note,
                 load_only=base.load_only,
                 origin=base.origin,
                 server_args=_dtype(base.server_args, "bfloat16" if q.spec["dtype"] == "float32" else q.spec["dtype"]))
+
+
+def _released_tensors(model_type: str, forged: Path, directory: Path) -> Path:
+    """The quantized twin `forged` (the forge's output: transformers' class's tensor names) with the
+    tensor rewrite its float twin got in `_released_spelling` (sweep/corpus.py checkpoint_names: the
+    released checkpoint's names, tensors the class writes and the release does not hold left out),
+    as a copy in `directory` named by the forged directory and the rewrite's code and rules; `forged`
+    itself where the family has no such rule. Without it a quantized twin held what no released
+    checkpoint holds (LongCat-Flash: its 256 identity zero experts' gate/up projections, which
+    vLLM's longcat_flash.py has no parameter for: KeyError 'layers.0.mlp.experts.10.gate_proj.weight',
+    while the float twin, rewritten, loads). The config rewrite (checkpoint_config) is not applied:
+    it needs the source layout, which a quantized twin's spec does not carry."""
+    import hashlib
+    import shutil
+
+    from servematrix.mirror.layout import rules
+    from servematrix.paths import build_cached, code_digest
+    from servematrix.sweep import corpus
+
+    if not ((rules().get("checkpoint_names") or {}).get(model_type) or (rules().get("every_layer") or {}).get(model_type)):
+        return forged
+    h = hashlib.sha256(forged.name.encode())
+    h.update(code_digest(("sweep/corpus.py", "data/mirror-families.yaml"), ()).encode())
+
+    def rewrite(tmp: Path) -> list[str]:
+        shutil.copytree(forged, tmp, dirs_exist_ok=True)
+        return corpus.checkpoint_names(model_type, tmp)
+
+    return build_cached(directory / f"{forged.name}-released-{h.hexdigest()[:12]}", REWRITES_FILE, rewrite)
 
 
 def _dtype(args: list[str], dtype: str) -> list[str]:
