@@ -148,3 +148,29 @@ def unfilled(keys: list[str], twin: Path, check_dir: Path, fields: tuple[str, ..
     have = held(str(twin)).union(*(held(str(a)) for a in also))
     recorded = {n: d for field in fields for n, d in digests.recorded(check_dir, field).items()}
     return sorted(n for n, d in recorded.items() if d not in have and not any(p.search(n) for p in transforms))
+
+
+# vLLM pre-fills an FP8 scale parameter with float32's smallest value (quantization/utils/fp8_utils.py
+# FP8_SCALE_SENTINEL: shards combine by max, so an unloaded one never wins); real scales are positive
+SCALE_LEAVES = ("weight_scale_inv", "weight_scale", "input_scale")
+
+
+def unloaded_scales(check_dir: Path) -> list[str]:
+    """The FP8 scales vLLM built and no checkpoint tensor reached, at any layout: each rank's recorded
+    parameter holding nothing but vLLM's sentinel. A linear vLLM builds in FP8 while the checkpoint
+    holds it in float loads by a cast into the FP8 weight with no error, and this scale is the trace it
+    leaves (measured 2026-12-07: Gemma 3n's altup projections, Qwen3-Next's in_proj_ba)."""
+    import json
+
+    import torch
+
+    from servematrix.serve.loadcheck_worker import _digest
+
+    out = set()
+    for name, digest in digests.recorded(check_dir).items():
+        dtype, shape, _ = digest.split(":")
+        if name.rsplit(".", 1)[-1] in SCALE_LEAVES and dtype == "torch.float32" and \
+                digest == _digest(torch.full(json.loads(shape), torch.finfo(torch.float32).min)):
+            out.add(name)
+    return sorted(out)
+

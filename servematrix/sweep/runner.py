@@ -396,6 +396,13 @@ def _twin_incomplete(cell: cellmod.Cell, opts: SweepOptions, twin: twins.Twin, f
         twin_config = {}
     lacks = incomplete.missing(cell.arch.model_type, twin_config, incomplete.rank_misses(check_dir), failure,
                                incomplete.rank_errors(check_dir), incomplete.config_class(check_dir))
+    if cell.quant != "none" and failure is None:
+        from servematrix.sweep import filled
+
+        if scales := filled.unloaded_scales(check_dir):  # a float weight cast into an FP8 layer: no pass
+            lacks.append(f"vLLM built in FP8 what the twin holds in float, and its scales were never loaded "
+                         f"({', '.join(scales[:4])}{' …' if len(scales) > 4 else ''}): a real FP8 checkpoint quantizes "
+                         "such a linear or names it as not converted")
     return "; ".join(lacks) if lacks else None
 
 

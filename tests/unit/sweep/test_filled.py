@@ -98,3 +98,14 @@ def test_fused_experts_count_as_filled_where_vllm_holds_each_expert_transposed(t
                                         "model.layers.0.mlp.experts.routed_experts.w2_weight": down.transpose(1, 2),
                                         "model.layers.0.mlp.experts.routed_experts.w13_bias": torch.randn(2, 8)})
     assert filled.unfilled(["gpt_oss"], twin, check) == ["model.layers.0.mlp.experts.routed_experts.w13_bias"]
+
+
+def test_an_fp8_scale_still_holding_vllms_sentinel_after_loading_was_never_loaded(tmp_path):
+    # vLLM pre-fills FP8 scales with float32's min (fp8_utils.FP8_SCALE_SENTINEL); a loaded one is positive
+    sentinel = torch.full((2, 1), torch.finfo(torch.float32).min)
+    digests = {"model.layers.0.mlp.fc2.weight_scale_inv": _digest(sentinel),
+               "model.layers.0.mlp.fc1.weight_scale_inv": _digest(torch.tensor([[0.5], [0.25]])),
+               "model.layers.0.mlp.fc2.bias": _digest(sentinel)}  # not a scale: whatever it holds
+    for rank, names in enumerate((list(digests)[:2], list(digests)[2:])):  # over every rank
+        (tmp_path / f"rank{rank}.json").write_text(json.dumps({"digests": {n: digests[n] for n in names}}))
+    assert filled.unloaded_scales(tmp_path) == ["model.layers.0.mlp.fc2.weight_scale_inv"]
