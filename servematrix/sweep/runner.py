@@ -400,9 +400,9 @@ def _twin_incomplete(cell: cellmod.Cell, opts: SweepOptions, twin: twins.Twin, f
         from servematrix.sweep import filled
 
         if scales := filled.unloaded_scales(check_dir):  # a float weight cast into an FP8 layer: no pass
-            lacks.append(f"vLLM built in FP8 what the twin holds in float, and its scales were never loaded "
-                         f"({', '.join(scales[:4])}{' …' if len(scales) > 4 else ''}): a real FP8 checkpoint quantizes "
-                         "such a linear or names it as not converted")
+            lacks.append(f"FP8 scales for linears vLLM built in FP8 and the twin holds in float, never loaded "
+                         f"({', '.join(scales[:4])}{' …' if len(scales) > 4 else ''}): a published checkpoint of the layout "
+                         "would say whether it quantizes them or names them as not converted")
     return "; ".join(lacks) if lacks else None
 
 
