@@ -13,8 +13,9 @@ from safetensors import safe_open
 from servematrix.sweep import twins
 
 
-def test_longcat_flash_twin_holds_weights_for_its_routed_experts_only(tmp_path):
-    twin = twins.build("longcat_flash", tmp_path, 2, [1, 2])
+def _experts(twin) -> tuple[dict, list[str]]:
+    """The twin's config and tensor names, after asserting it holds tensors for its routed experts only:
+    none for the zero experts the router also scores."""
     assert twin.ok, twin.reason
     config = json.loads((Path(twin.path) / "config.json").read_text())
     names = []
@@ -22,8 +23,13 @@ def test_longcat_flash_twin_holds_weights_for_its_routed_experts_only(tmp_path):
         with safe_open(str(shard), "pt") as f:
             names += list(f.keys())
     experts = {int(m.group(1)) for n in names if (m := re.search(r"\.mlp\.experts\.(\d+)\.", n))}
-    # gate/up/down for each routed expert, none for the zero experts the router also scores
     assert experts == set(range(config["n_routed_experts"])) and config["zero_expert_num"] > 0
+    return config, names
+
+
+def test_longcat_flash_twin_holds_weights_for_its_routed_experts_only(tmp_path):
+    twin = twins.build("longcat_flash", tmp_path, 2, [1, 2])
+    config, names = _experts(twin)  # gate/up/down for each routed expert
     for leaf in ("gate_proj", "up_proj", "down_proj"):
         assert sum(1 for n in names if "layers.0.mlp.experts." in n and n.endswith(f".{leaf}.weight")) \
             == config["n_routed_experts"]
@@ -36,14 +42,7 @@ def test_longcat_flash_quantized_twin_holds_its_routed_experts_only(tmp_path):
     base = twins.build("longcat_flash", tmp_path, 1, [1])
     twin = twins.quantize(base, "fp8-block", [1],
                           lambda units: twins.build("longcat_flash", tmp_path, 1, [1], align=units))
-    assert twin.ok, twin.reason
-    config = json.loads((Path(twin.path) / "config.json").read_text())
-    names = []
-    for shard in Path(twin.path).glob("*.safetensors"):
-        with safe_open(str(shard), "pt") as f:
-            names += list(f.keys())
-    experts = {int(m.group(1)) for n in names if (m := re.search(r"\.mlp\.experts\.(\d+)\.", n))}
-    assert experts == set(range(config["n_routed_experts"])) and config["zero_expert_num"] > 0
+    _, names = _experts(twin)
     assert any(n.endswith(".gate_proj.weight_scale_inv") for n in names)
     assert json.loads((Path(twin.path) / twins.REWRITES_FILE).read_text())
 
