@@ -173,4 +173,3 @@ def unloaded_scales(check_dir: Path) -> list[str]:
                 digest == _digest(torch.full(json.loads(shape), torch.finfo(torch.float32).min)):
             out.add(name)
     return sorted(out)
-
