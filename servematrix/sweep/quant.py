@@ -64,7 +64,8 @@ def _shards(name: str, shape: tuple[int, ...], tp: int,
             how = kv_class(kv_heads, tp)
             return [[(n // tp, k)]] if how == "split" and n % tp == 0 else [[(n, k)]] if how == "replicated" else []
         return [[(n // tp, k)], [(n, k)]] if n % tp == 0 else [[(n, k)]]
-    if tp == 1 or prefix.rsplit(".", 1)[-1] in mirror_rules()["tp_roles"].get("replicated", []):
+    roles = mirror_rules()["tp_roles"]
+    if tp == 1 or prefix.rsplit(".", 1)[-1] in [*roles.get("replicated", []), *roles.get("unplanned", [])]:
         return [[(n, k)]]
     # a linear the role table does not name (OPT's out_proj and fc1/fc2, a Mamba in_proj): vLLM may split
     # its outputs, its inputs or neither, so every piece it could hold must be whole blocks (measured before:

@@ -126,6 +126,8 @@ def test_a_linear_the_role_table_does_not_name_must_fit_every_way_vllm_may_split
         assert quant._fits(name, (128, 256), 64, 128, [2])  # whole, outputs split, inputs split: all fit
     assert quant._fits("model.layers.0.self_attn.o_proj.weight", (64, 256), 64, 128, [2])  # named: row only
     assert quant._fits("model.layers.0.self_attn.q_a_proj.weight", (128, 128), 128, 128, [2])  # replicated
+    # Mamba-2's in_proj, cut by its config's sections: planned whole (Falcon-H1-7B's 6680 rows, 3340 a rank)
+    assert quant._fits("model.layers.0.mamba.in_proj.weight", (6680, 128), 8, 128, [2])
 
 
 def test_no_cpu_4bit_kernel_for_a_linear_or_an_awq_moe_is_a_cpu_refusal_and_an_old_gpus_capability_is_not():
