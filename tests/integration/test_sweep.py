@@ -7,7 +7,8 @@ head tensor loads in vLLM and is named unfilled; PP=2's ranks together load exac
 of their own (--isolated) load the same parameters; `gate` judges the run; a quantized cell (the
 DSA indexer's FP8 wk at PP=2) loads on this release, and where cpu-0.20.2 is already built (the
 seed-bug test builds it; this file never does) shows #42944's KeyError there and the regression
-list names the cell. (Its speed is benchmarks/sweep.py's to measure, not an assertion here: on a
+list names the cell; an FP8 layer vLLM built where the twin holds float (Qwen3-MoE's router) leaves its scale at
+vLLM's sentinel and the cell twin-incomplete, not a pass. (Its speed is benchmarks/sweep.py's to measure, not an assertion here: on a
 busy host a timed assertion fails for reasons that are not the sweep's.)"""
 
 import json
@@ -197,3 +198,23 @@ def test_across_releases_the_regression_list_names_the_dsa_cell(tmp_path, shared
     assert "wk_weights_proj.weight" in old["failure"]["signature"] and new["verdict"] == "pass"
     (pair,) = json.loads((out / "regressions.json").read_text())
     assert pair["newly_passing"] == [f"glm_moe_dsa/pp2-fp8-block: fail → pass (was {old['failure']['signature']})"]
+
+
+def test_an_fp8_scale_vllm_built_and_no_tensor_reached_is_no_pass(tmp_path, shared_cache):
+    """vLLM 0.32 builds Qwen3-MoE's router (GateLinear) with the quantization config, so beside an FP8 config
+    that names no ignored layer it is an FP8 layer; the twin keeps the router in float, as routers are, and
+    vLLM casts that weight in without an error. Its scale keeps vLLM's FP8_SCALE_SENTINEL: the cell is
+    twin-incomplete, not a pass, while llama's twin, every linear quantized, passes with every scale loaded."""
+    from servematrix.sweep import digests, filled
+
+    out = tmp_path / "s"
+    proc = servematrix("sweep", "--layouts", "tp1", "--quant", "fp8-block", "-k", "qwen3_moe/*,llama/*", "--out",
+                       str(out), "--timeout", "150", timeout=600, env={"SERVEMATRIX_CACHE": shared_cache})
+    by_id = records(out)
+    moe, llama = by_id["qwen3_moe/tp1-fp8-block"], by_id["llama/tp1-fp8-block"]
+    assert moe["verdict"] == "twin-incomplete", proc.stdout + proc.stderr[-3000:]
+    assert "model.layers.0.mlp.gate.weight_scale_inv" in moe["note"] and moe["load_check"]["ok"]
+    unloaded = filled.unloaded_scales(out / moe["id"] / "loadcheck")
+    assert unloaded and all(n.endswith(".mlp.gate.weight_scale_inv") for n in unloaded)
+    assert llama["verdict"] == "pass" and not filled.unloaded_scales(out / llama["id"] / "loadcheck")
+    assert any(n.endswith(".weight_scale_inv") for n in digests.recorded(out / llama["id"] / "loadcheck"))
