@@ -12,9 +12,13 @@ from servematrix.mirror.schemes import evaluate
 
 
 def tp_role(prefix: str) -> str:
+    """The linear's role under TP by its last name (mirror-families.yaml tp_roles): column, kv, row,
+    replicated, unplanned, or "unknown" for a name the table does not give (the mirror splits neither dim
+    of one that is not column, kv or row)."""
     last = prefix.rsplit(".", 1)[-1]
     roles = rules()["tp_roles"]
-    return next((r for r in ("column", "kv", "row") if last in roles[r]), "replicated")
+    return next((r for r in ("column", "kv", "row", "replicated", "unplanned") if last in roles.get(r, [])),
+                "unknown")
 
 
 def _is_ffn(prefix: str) -> bool:

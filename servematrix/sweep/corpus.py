@@ -93,12 +93,9 @@ def checkpoint_names(model_type: str, directory: Path) -> list[str]:
     stay the class's: only the names differ between the class's save and the real checkpoint."""
     from safetensors.torch import load_file, save_file
 
-    from servematrix.mirror.layout import rules
-
-    rules_ = (rules().get("checkpoint_names") or {}).get(model_type) or []
+    rules_, leaves = _tensor_rules(model_type)
     renames = [r for r in rules_ if "name" in r]
     drops = [r for r in rules_ if "drop_from" in r]
-    leaves = (rules().get("every_layer") or {}).get(model_type) or []
     if not rules_ and not leaves:
         return []
     twin_config = json.loads((Path(directory) / "config.json").read_text()) if drops else {}
@@ -164,6 +161,19 @@ def _every_layer(tensors: dict, leaves: list[str]) -> list[str]:
             tensors[name] = torch.ones_like(like)
             added.append(name)
     return added
+
+
+def _tensor_rules(model_type: str) -> tuple[list[dict], list[str]]:
+    """The family's `checkpoint_names` rules and `every_layer` leaves (mirror-families.yaml)."""
+    from servematrix.mirror.layout import rules
+
+    return ((rules().get("checkpoint_names") or {}).get(model_type) or [],
+            (rules().get("every_layer") or {}).get(model_type) or [])
+
+
+def rewrites_tensors(model_type: str) -> bool:
+    """Whether checkpoint_names changes anything for the family's twins."""
+    return any(_tensor_rules(model_type))
 
 
 def _renamed(name: str, renames: list[dict]) -> str:

@@ -46,7 +46,6 @@ def _shards(name: str, shape: tuple[int, ...], tp: int,
     projection, so each must hold whole blocks (measured: phi3's 96-row k/v sections at TP=2 in 128-row
     blocks, `start (8) + length (2) exceeds dimension size (9)` in load_qkv_weight)."""
     from servematrix.mirror.dims import is_qkv, kv_class, qkv_sections, tp_role
-    from servematrix.mirror.layout import rules as mirror_rules
 
     n, k = shape
     kv_heads = _kv_heads(config)
@@ -64,8 +63,7 @@ def _shards(name: str, shape: tuple[int, ...], tp: int,
             how = kv_class(kv_heads, tp)
             return [[(n // tp, k)]] if how == "split" and n % tp == 0 else [[(n, k)]] if how == "replicated" else []
         return [[(n // tp, k)], [(n, k)]] if n % tp == 0 else [[(n, k)]]
-    roles = mirror_rules()["tp_roles"]
-    if tp == 1 or prefix.rsplit(".", 1)[-1] in [*roles.get("replicated", []), *roles.get("unplanned", [])]:
+    if tp == 1 or role in ("replicated", "unplanned"):
         return [[(n, k)]]
     # a linear the role table does not name (OPT's out_proj and fc1/fc2, a Mamba in_proj): vLLM may split
     # its outputs, its inputs or neither, so every piece it could hold must be whole blocks (measured before:

@@ -214,11 +214,10 @@ def _released_tensors(model_type: str, forged: Path, directory: Path) -> Path:
     import hashlib
     import shutil
 
-    from servematrix.mirror.layout import rules
     from servematrix.paths import build_cached, code_digest
     from servematrix.sweep import corpus
 
-    if not ((rules().get("checkpoint_names") or {}).get(model_type) or (rules().get("every_layer") or {}).get(model_type)):
+    if not corpus.rewrites_tensors(model_type):
         return forged
     h = hashlib.sha256(forged.name.encode())
     h.update(code_digest(("sweep/corpus.py", "data/mirror-families.yaml"), ()).encode())
