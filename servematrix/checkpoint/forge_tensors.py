@@ -104,10 +104,20 @@ def quantize_weights(out: Path, spec: ForgeSpec) -> None:
         if i not in hit:
             raise ValueError(f"quantize[{i}] ({q.method}): no weight matches {q.tensors} (ignore {q.ignore})")
     for kv in (q for q in spec.quantize if isinstance(q, KvCacheScales)):
+        # the modules holding a tensor, at any depth (a scale may sit on k_proj or on self_attn itself)
+        held = {".".join(p[:i]) for path in files for p in (n.split(".") for n in load_file(path)) for i in range(1, len(p))}
         tensors = load_file(files[0])
+        written = 0
         for layer in range(_layers(out)):
             for template in (kv.k_scale, kv.v_scale):
-                tensors[template.replace("{layer}", str(layer))] = torch.tensor(kv.value, dtype=torch.float32)
+                name = template.replace("{layer}", str(layer))
+                # a layer without the projection (a hybrid's linear-attention or Mamba layer) has no KV cache:
+                # real checkpoints carry the scales on their attention layers only
+                if name.rsplit(".", 1)[0] in held:
+                    tensors[name] = torch.tensor(kv.value, dtype=torch.float32)
+                    written += 1
+        if not written:
+            raise ValueError(f"kv_cache_scales: no layer holds {kv.k_scale.rsplit('.', 1)[0]} to carry the scales")
         save_tensors(out, files[0], tensors)
 
 

@@ -13,6 +13,7 @@ import ast
 import fnmatch
 import re
 from functools import lru_cache
+from collections.abc import Iterable
 from typing import Annotated, Any, ClassVar, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -23,6 +24,14 @@ from servematrix.config import mirror_families, packaged
 Glob = Annotated[OneLine, Field(min_length=1, max_length=256)]
 FloatDtype = Literal["float32", "bfloat16", "float16"]
 _CODE = {"float32": "F32", "bfloat16": "BF16", "float16": "F16"}
+
+
+_GLOB = re.compile(r"[*?\[]")
+
+
+def _natural(name: str) -> list:
+    """model.layers.2 before model.layers.10."""
+    return [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", name)]
 
 
 class NotWhole(ValueError):
@@ -114,7 +123,25 @@ class _Method(BaseModel):
         module = name[: -len(".weight")]
         return not any(fnmatch.fnmatchcase(module, g) or fnmatch.fnmatchcase(module, g + ".*") for g in self.ignore)
 
-    def config(self) -> dict[str, Any]:
+    # whether vLLM matches this method's list of unquantized modules by name (Fp8Config exactly, AWQ's
+    # is_layer_skipped_awq by substring), not as a pattern: a glob of `ignore` is then written as the
+    # modules of the checkpoint it names, one entry each, as published configs list them (Qwen3-FP8's
+    # `modules_to_not_convert`: "model.layers.0.mlp.gate", ... per layer). GPTQ's `dynamic` takes
+    # regular expressions and ModelOpt's `ignore` wildcards: theirs stay patterns
+    by_name: ClassVar[bool] = False
+
+    def listed(self, names: Iterable[str] = ()) -> list[str]:
+        """`ignore` as this method's config lists it: a glob, where the method matches by name, as
+        every tensor name or parent module of `names` (the checkpoint's tensors) it matches; a plain
+        name as written; all in natural order (layer by layer), as Qwen's FP8 configs list them."""
+        if not self.by_name:
+            return list(self.ignore)
+        modules = {".".join(parts[:i]) for parts in (n.split(".") for n in names) for i in range(1, len(parts) + 1)}
+        out = {m for g in self.ignore for m in ((x for x in modules if fnmatch.fnmatchcase(x, g)) if _GLOB.search(g) else [g])}
+        return sorted(out, key=_natural)
+
+    def config(self, ignored: list[str]) -> dict[str, Any]:
+        """The quantization_config, `ignored` the modules it names as not converted (`listed`)."""
         raise NotImplementedError
 
 
@@ -124,6 +151,7 @@ class Fp8Block(_Method):
 
     scheme: ClassVar[str] = "fp8_block"
     quant_method: ClassVar[str] = "fp8"
+    by_name: ClassVar[bool] = True
     unit_field: ClassVar[str] = "block"
     method: Literal["fp8-block"]
     block: list[Annotated[int, Field(strict=True, ge=1, le=4096)]] = Field(
@@ -132,9 +160,9 @@ class Fp8Block(_Method):
     def params(self) -> dict[str, int]:
         return {"block_n": self.block[0], "block_k": self.block[1]}
 
-    def config(self) -> dict[str, Any]:
+    def config(self, ignored: list[str]) -> dict[str, Any]:
         return {"quant_method": "fp8", "activation_scheme": "dynamic", "fmt": "e4m3", "weight_block_size": self.block,
-                **({"ignored_layers": self.ignore} if self.ignore else {})}
+                **({"ignored_layers": ignored} if ignored else {})}
 
 
 class Fp8Tensor(_Method):
@@ -143,6 +171,7 @@ class Fp8Tensor(_Method):
 
     scheme: ClassVar[str] = "fp8_tensor"
     quant_method: ClassVar[str] = "fp8"
+    by_name: ClassVar[bool] = True
     method: Literal["fp8-tensor"]
     input_scale: float | None = Field(0.05, gt=0, le=1e6, allow_inf_nan=False)  # None: dynamic activations
     scalars: Literal["0-d", "1-element"] = "0-d"  # the scales' shape: [] or [1]
@@ -153,9 +182,9 @@ class Fp8Tensor(_Method):
     def scalar_shape(self) -> tuple[int, ...]:
         return () if self.scalars == "0-d" else (1,)
 
-    def config(self) -> dict[str, Any]:
+    def config(self, ignored: list[str]) -> dict[str, Any]:
         return {"quant_method": "fp8", "activation_scheme": "static" if self.input_scale is not None else "dynamic",
-                **({"ignored_layers": self.ignore} if self.ignore else {})}
+                **({"ignored_layers": ignored} if ignored else {})}
 
 
 class Awq(_Method):
@@ -164,6 +193,7 @@ class Awq(_Method):
 
     scheme: ClassVar[str] = "awq"
     quant_method: ClassVar[str] = "awq"
+    by_name: ClassVar[bool] = True
     unit_field: ClassVar[str] = "group_size"
     method: Literal["awq"]
     bits: Literal[4] = 4
@@ -173,9 +203,9 @@ class Awq(_Method):
     def params(self) -> dict[str, int]:
         return {"group": self.group_size, "pack": 32 // self.bits}
 
-    def config(self) -> dict[str, Any]:
+    def config(self, ignored: list[str]) -> dict[str, Any]:
         return {"quant_method": "awq", "bits": self.bits, "group_size": self.group_size, "version": "gemm",
-                "zero_point": True, "modules_to_not_convert": self.ignore or None}
+                "zero_point": True, "modules_to_not_convert": ignored or None}
 
 
 class Gptq(_Method):
@@ -198,9 +228,9 @@ class Gptq(_Method):
     def optional(self) -> set[str]:
         return {"g_idx"} if self.g_idx else set()
 
-    def config(self) -> dict[str, Any]:
+    def config(self, ignored: list[str]) -> dict[str, Any]:
         # GPTQ has no list of unquantized modules: vLLM skips a module matching a `-:` regex of `dynamic`
-        dynamic = {"-:" + re.escape(g).replace(r"\*", ".*"): {} for g in self.ignore}
+        dynamic = {"-:" + re.escape(g).replace(r"\*", ".*"): {} for g in ignored}
         return {"quant_method": "gptq", "bits": self.bits, "group_size": self.group_size, "desc_act": False,
                 "sym": True, "lm_head": False, "checkpoint_format": "gptq", **({"dynamic": dynamic} if dynamic else {})}
 
@@ -223,10 +253,10 @@ class Nvfp4(_Method):
     def optional(self) -> set[str]:
         return {"input_scale"} if self.input_scale is not None else set()
 
-    def config(self) -> dict[str, Any]:
+    def config(self, ignored: list[str]) -> dict[str, Any]:
         # config.json's form (modelopt.py reads `ignore` there; `exclude_modules` only in hf_quant_config.json)
         return {"quant_method": "modelopt", "quant_algo": "NVFP4", "group_size": self.group_size,
-                "ignore": self.ignore, "producer": {"name": "modelopt"}}
+                "ignore": ignored, "producer": {"name": "modelopt"}}
 
 
 class KvCacheScales(BaseModel):
@@ -257,11 +287,12 @@ def loads_kv_scales(method: str | None) -> bool:
     return method is None or {tag(c): c for c in BY_SCHEME.values()}[method].quant_method in _KV_CONFIG
 
 
-def quantization_config(quantize: list) -> dict[str, Any] | None:
+def quantization_config(quantize: list, names: Iterable[str] = ()) -> dict[str, Any] | None:
+    """The checkpoint's quantization_config; `names` its tensors (what an `ignore` glob is listed as)."""
     weights = [q for q in quantize if not isinstance(q, KvCacheScales)]
     if not weights:
         return None
-    config = weights[0].config()
+    config = weights[0].config(weights[0].listed(names))
     if any(isinstance(q, KvCacheScales) for q in quantize):
         config.update(_KV_CONFIG[weights[0].quant_method])
     return config

@@ -173,3 +173,26 @@ def unloaded_scales(check_dir: Path) -> list[str]:
                 digest == _digest(torch.full(json.loads(shape), torch.finfo(torch.float32).min)):
             out.add(name)
     return sorted(out)
+
+
+# vLLM creates an attention layer's KV-cache scales holding -1.0 (quantization/kv_cache.py
+# KVCacheScaleParameter) and, after loading, reads a negative one as "the checkpoint has none" and
+# uses 1.0 (BaseKVCacheMethod.process_weights_after_loading): a scale the checkpoint carries and
+# load_weights drops leaves no error, only an FP8 KV cache served unscaled
+KV_SCALE_LEAVES = ("k_scale", "v_scale")
+
+
+def unloaded_kv_scales(check_dir: Path) -> list[str]:
+    """The KV-cache scales vLLM built that still hold its -1.0 after loading, on any rank: for a
+    checkpoint that carries them for every attention layer, the ones load_weights dropped."""
+    import torch
+
+    from servematrix.serve.loadcheck_worker import _digest
+
+    out = set()
+    for name, digest in digests.recorded(check_dir).items():
+        dtype, shape, _ = digest.split(":")
+        if name.rsplit(".", 1)[-1] in KV_SCALE_LEAVES and shape == "[]" and dtype.startswith("torch.") and \
+                digest == _digest(torch.tensor(-1.0, dtype=getattr(torch, dtype.removeprefix("torch.")))):
+            out.add(name)
+    return sorted(out)

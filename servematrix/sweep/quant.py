@@ -9,6 +9,7 @@ here", never dropped.
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from pydantic import BaseModel, ValidationError
@@ -147,8 +148,6 @@ def widen_units(quant: str, shapes: dict[str, tuple[int, ...]]) -> tuple[dict[st
 
 def refused_on_cpu(quant: str, signature: str) -> bool:
     """Whether `signature` is vLLM's CPU build refusing this quantization (data: `cpu_refuses`)."""
-    import re
-
     return quant in rules() and any(re.search(p, signature) for p in rules()[quant].cpu_refuses)
 
 
@@ -160,7 +159,9 @@ def quantized(model_type: str, spec: dict[str, Any], shapes: dict[str, tuple[int
     family = rule.families.get(model_type)
     if family is not None and not family.checkable:
         return QuantSpec(reason=f"{quant}: {family.why}")
-    if family is not None:
+    if family is not None and family.ignore:  # the family's published list of modules not converted
+        rule = rule.model_copy(update={"quantize": {**rule.quantize, "ignore": family.ignore}})
+    if family is not None and family.fp8_blocks:
         update: dict[str, Any] = {"fp8_blocks": family.fp8_blocks}
         note = family.why
     elif rule.groups:
@@ -180,14 +181,17 @@ def quantized(model_type: str, spec: dict[str, Any], shapes: dict[str, tuple[int
                                     f"{quant}: the twin has no linear matching {probe.tensors}", narrow=bool(bad))
         entries: list[dict[str, Any]] = [{**rule.quantize, "block": [block, rule.block_k]}]
         note = f"{quant}: every decoder linear FP8 e4m3 in {block}x{rule.block_k} blocks"
-        if rule.kv_scales:
-            k0 = rule.kv_scales["k_scale"].format(layer=0).removesuffix(".k_scale") + ".weight"
-            if k0 not in shapes:
-                return QuantSpec(reason=f"{quant}: the twin has no {k0} (no separate k_proj to hold the KV-cache "
-                                        "scales' name)")
+        if rule.kv_scales:  # on the layers with a k_proj (a hybrid's attention layers), as the forge writes them
+            k_module = rule.kv_scales["k_scale"].removesuffix(".k_scale")
+            held = re.compile(re.escape(k_module).replace(re.escape("{layer}"), r"\d+") + r"\.weight")
+            if not any(held.fullmatch(n) for n in shapes):
+                return QuantSpec(reason=f"{quant}: the twin has no {k_module.format(layer='N')}.weight (no separate "
+                                        "k_proj to hold the KV-cache scales' name)")
             entries.append({"method": "kv_cache_scales", **rule.kv_scales})
             note += ", k_scale / v_scale per layer"
         update = {"quantize": entries}
+    if family is not None and family.ignore and not family.fp8_blocks:
+        note += f"; {family.why}"
     if dtype := rule.dtype_for.get(model_type, rule.dtype):
         update["dtype"] = dtype
     try:

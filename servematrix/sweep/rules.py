@@ -25,10 +25,14 @@ class _Strict(BaseModel):
 
 class Family(_Strict):
     """A model_type whose twin this quantization lays out otherwise: `fp8_blocks` (the forge's own
-    option) as the family's real checkpoints carry them, or, `checkable: false`, no layout at all: its
-    cells are "not checkable here" with `why`, never a verdict a real checkpoint would not get."""
+    option) as the family's real checkpoints carry them; `ignore`, modules its published checkpoints
+    keep unquantized and name as not converted (globs over module names, the forge's `ignore`: each
+    written into the config as the twin's modules it matches, as those configs list them per layer);
+    or, `checkable: false`, no layout at all: its cells are "not checkable here" with `why`, never a
+    verdict a real checkpoint would not get."""
 
     fp8_blocks: list[dict[str, Any]] = Field(default_factory=list)
+    ignore: list[str] = Field(default_factory=list)
     checkable: bool = True
     why: str
 

@@ -34,8 +34,7 @@ from servematrix.run import rundir
 from servematrix.run.lifecycle import RunLifecycle
 from servematrix.run.pipeline import Parts, interrupted, load_check_phase, now_iso, with_retries
 from servematrix.sweep import cells as cellmod
-from servematrix.sweep import pooling, registry, serve, twins, wrappers
-from servematrix.sweep.quant import refused_on_cpu
+from servematrix.sweep import filled, pooling, quant, registry, serve, twins, wrappers
 from servematrix.sweep.report import Coverage, write_reports
 
 SERVER_MODULE = "vllm.entrypoints.openai.api_server"
@@ -323,7 +322,7 @@ def _not_checkable(cell: cellmod.Cell, failure: Failure | None) -> str | None:
         return declared
     if failure is not None and serve.gpu_only(failure):  # data/sweep-quants.yaml `gpu_only`
         return f"not checkable here: needs a library this CPU install lacks ({failure.signature[:200]})"
-    if failure is not None and cell.quant != "none" and refused_on_cpu(cell.quant, failure.signature):
+    if failure is not None and cell.quant != "none" and quant.refused_on_cpu(cell.quant, failure.signature):
         return (f"not checkable here: the CPU build has no kernel for this twin's {cell.quant} layout "
                 f"({failure.signature[:200]}; the reasons are in its server.log)")
     return None
@@ -338,18 +337,21 @@ def _unfilled(cell: cellmod.Cell, opts: SweepOptions, twin: twins.Twin) -> list[
     whole: a composite's by sweep/multimodal.py's unread_params, any other unquantized cell's by
     sweep/filled.py (stacks and vLLM's transforms known), a draft cell's target's and draft's
     (sweep/drafts.py unread_params); [] at TP > 1 and for quantized twins, whose
-    weights vLLM repacks after loading."""
-    if cell.tp > 1 or twin.path is None:
+    weights vLLM repacks after loading, but for the KV-cache scales a twin writes on every attention
+    layer (fp8-kv), whose loss no error reports, at every TP."""
+    if twin.path is None:
         return []
     check_dir = opts.out / cell.id / "loadcheck"
+    if cell.quant != "none" and quant.rules()[cell.quant].kv_scales:  # at any TP: each rank's scales are whole
+        return [f"KV-cache scale {n}" for n in filled.unloaded_kv_scales(check_dir)]
+    if cell.tp > 1:
+        return []
     if _composite(twin):
         from servematrix.sweep import multimodal
 
         return multimodal.unread_params(Path(twin.path), check_dir)
     if cell.quant != "none":
         return []
-    from servematrix.sweep import filled
-
     if twin.draft is not None:  # the target's parameters and, as vLLM's proposer leaves them, the draft's
         from servematrix.sweep import drafts
 
@@ -397,8 +399,6 @@ def _twin_incomplete(cell: cellmod.Cell, opts: SweepOptions, twin: twins.Twin, f
     lacks = incomplete.missing(cell.arch.model_type, twin_config, incomplete.rank_misses(check_dir), failure,
                                incomplete.rank_errors(check_dir), incomplete.config_class(check_dir))
     if cell.quant != "none" and failure is None:
-        from servematrix.sweep import filled
-
         if scales := filled.unloaded_scales(check_dir):  # a float weight cast into an FP8 layer: no pass
             lacks.append(f"FP8 scales for linears vLLM built in FP8 and the twin holds in float, never loaded "
                          f"({', '.join(scales[:4])}{' …' if len(scales) > 4 else ''}): a published checkpoint of the layout "

@@ -7,13 +7,14 @@ head tensor loads in vLLM and is named unfilled; PP=2's ranks together load exac
 of their own (--isolated) load the same parameters; `gate` judges the run; a quantized cell (the
 DSA indexer's FP8 wk at PP=2) loads on this release, and where cpu-0.20.2 is already built (the
 seed-bug test builds it; this file never does) shows #42944's KeyError there and the regression
-list names the cell; an FP8 layer vLLM built where the twin holds float (Qwen3-MoE's router) leaves its scale at
-vLLM's sentinel and the cell twin-incomplete, not a pass. (Its speed is benchmarks/sweep.py's to measure, not an assertion here: on a
+list names the cell; FP8 cells pass only with every scale loaded (an FP8 layer vLLM built where the twin holds
+float leaves its scale at vLLM's sentinel and the cell twin-incomplete; a KV-cache scale vLLM cannot load fails). (Its speed is benchmarks/sweep.py's to measure, not an assertion here: on a
 busy host a timed assertion fails for reasons that are not the sweep's.)"""
 
 import json
 import re
 import time
+from pathlib import Path
 
 import pytest
 
@@ -200,21 +201,42 @@ def test_across_releases_the_regression_list_names_the_dsa_cell(tmp_path, shared
     assert pair["newly_passing"] == [f"glm_moe_dsa/pp2-fp8-block: fail → pass (was {old['failure']['signature']})"]
 
 
-def test_an_fp8_scale_vllm_built_and_no_tensor_reached_is_no_pass(tmp_path, shared_cache):
-    """vLLM 0.32 builds Qwen3-MoE's router (GateLinear) with the quantization config, so beside an FP8 config
-    that names no ignored layer it is an FP8 layer; the twin keeps the router in float, as routers are, and
-    vLLM casts that weight in without an error. Its scale keeps vLLM's FP8_SCALE_SENTINEL: the cell is
-    twin-incomplete, not a pass, while llama's twin, every linear quantized, passes with every scale loaded."""
+def test_fp8_cells_pass_only_with_every_scale_loaded_and_a_dropped_kv_scale_is_vllms(tmp_path, shared_cache):
+    """Three FP8 rules on real vLLM 0.32. Qwen3-MoE's router, which vLLM builds with the quantization
+    config (GateLinear), loads unquantized and bit for bit because the twin's config names it per layer as
+    not converted, as Qwen3-30B-A3B-Thinking-2507-FP8's does: a pass. LFM2-MoE's router, named nowhere
+    (no published FP8 LFM2-MoE config was found), becomes an FP8 layer into which vLLM casts the float
+    weight with no error; its scale keeps vLLM's FP8_SCALE_SENTINEL: twin-incomplete, not a pass. And
+    LFM2-MoE's attention, built without the quantization config (lfm2_moe.py), has no KV-cache scales to
+    load the twin's k_scale into: a failure, vLLM's, while llama's twin loads its scales (not vLLM's -1.0)."""
+    import torch
+    from safetensors import safe_open
+
     from servematrix.sweep import digests, filled
 
     out = tmp_path / "s"
-    proc = servematrix("sweep", "--layouts", "tp1", "--quant", "fp8-block", "-k", "qwen3_moe/*,llama/*", "--out",
-                       str(out), "--timeout", "150", timeout=600, env={"SERVEMATRIX_CACHE": shared_cache})
+    proc = servematrix("sweep", "--layouts", "tp1", "--quant", "fp8-block,fp8-kv", "-k", "qwen3_moe/*,lfm2_moe/*,llama/*",
+                       "--out", str(out), "--timeout", "150", timeout=600, env={"SERVEMATRIX_CACHE": shared_cache})
     by_id = records(out)
-    moe, llama = by_id["qwen3_moe/tp1-fp8-block"], by_id["llama/tp1-fp8-block"]
-    assert moe["verdict"] == "twin-incomplete", proc.stdout + proc.stderr[-3000:]
-    assert "model.layers.0.mlp.gate.weight_scale_inv" in moe["note"] and moe["load_check"]["ok"]
-    unloaded = filled.unloaded_scales(out / moe["id"] / "loadcheck")
-    assert unloaded and all(n.endswith(".mlp.gate.weight_scale_inv") for n in unloaded)
-    assert llama["verdict"] == "pass" and not filled.unloaded_scales(out / llama["id"] / "loadcheck")
-    assert any(n.endswith(".weight_scale_inv") for n in digests.recorded(out / llama["id"] / "loadcheck"))
+    moe, lfm, llama = by_id["qwen3_moe/tp1-fp8-block"], by_id["lfm2_moe/tp1-fp8-block"], by_id["llama/tp1-fp8-kv"]
+    assert moe["verdict"] == "pass" and by_id["qwen3_moe/tp1-fp8-kv"]["verdict"] == "pass", proc.stderr[-3000:]
+    twin = re.search(r"--model (\S+)", (out / moe["id"] / "server.log").read_text()).group(1)
+    config = json.loads((Path(twin) / "config.json").read_text())["quantization_config"]
+    assert "model.layers.0.mlp.gate" in config["ignored_layers"]
+    (path,) = [p for p in Path(twin).glob("*.safetensors") if "model.layers.0.mlp.gate.weight" in safe_open(p, "pt").keys()]
+    with safe_open(path, "pt") as f:
+        router = f.get_tensor("model.layers.0.mlp.gate.weight")
+    loaded = digests.recorded(out / moe["id"] / "loadcheck")
+    assert router.dtype != torch.float8_e4m3fn and loaded["model.layers.0.mlp.gate.weight"] in digests.of(router)
+    assert not filled.unloaded_scales(out / moe["id"] / "loadcheck")
+
+    assert lfm["verdict"] == "twin-incomplete" and lfm["load_check"]["ok"], lfm
+    unloaded = filled.unloaded_scales(out / lfm["id"] / "loadcheck")
+    assert unloaded and all(n.endswith(".feed_forward.gate.weight_scale_inv") for n in unloaded)
+    assert any(n in lfm["note"] for n in unloaded)
+
+    kv = by_id["lfm2_moe/tp1-fp8-kv"]
+    assert kv["verdict"] == "fail" and re.search(r"no module or parameter named '\S+\.self_attn\.attn\.k_scale'",
+                                                 kv["failure"]["signature"]), kv
+    assert llama["verdict"] == "pass" and not filled.unloaded_kv_scales(out / llama["id"] / "loadcheck")
+    assert any(n.endswith("attn.k_scale") for n in digests.recorded(out / llama["id"] / "loadcheck"))

@@ -213,3 +213,31 @@ def test_a_glob_that_selects_nothing_or_a_layout_the_weight_cannot_hold_is_refus
 
 def test_the_cache_tells_a_quantized_spec_from_its_plain_one():
     assert _spec("awq").model_copy(update={"quantize": []}).key() != _spec("awq").key() != _spec("gptq").key()
+
+
+def test_an_fp8_ignore_glob_is_written_as_the_modules_it_names_which_stay_float():
+    # vLLM's Fp8Config matches its ignored layers by exact name: a glob there would skip nothing
+    base = _spec("fp8-block").model_dump()
+    spec = ForgeSpec(**{**base, "quantize": [{"method": "fp8-block", "block": [64, 64],
+                                              "ignore": ["model.layers.*.mlp.down_proj", "lm_head"]}]})
+    out = forge("unit-q-ignore", spec)
+    config = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert config["ignored_layers"] == ["lm_head", "model.layers.0.mlp.down_proj", "model.layers.1.mlp.down_proj"]
+    tensors = load_file(out / "model.safetensors")
+    assert tensors["model.layers.1.mlp.down_proj.weight"].dtype == torch.bfloat16
+    assert "model.layers.1.mlp.down_proj.weight_scale_inv" not in tensors
+    assert tensors["model.layers.1.mlp.up_proj.weight"].dtype == torch.float8_e4m3fn
+
+
+def test_kv_cache_scales_go_on_the_layers_holding_their_module_and_a_module_none_holds_is_refused():
+    base = _spec("fp8-block").model_dump()
+    attn = [{"method": "fp8-block", "block": [64, 64]},
+            {"method": "kv_cache_scales", "k_scale": "model.layers.{layer}.self_attn.k_scale",
+             "v_scale": "model.layers.{layer}.self_attn.v_scale"}]
+    tensors = load_file(forge("unit-q-kv-attn", ForgeSpec(**{**base, "quantize": attn})) / "model.safetensors")
+    assert {n for n in tensors if n.endswith("_scale") and ".self_attn." in n and "proj" not in n} == {
+        f"model.layers.{i}.self_attn.{s}" for i in range(2) for s in ("k_scale", "v_scale")}
+    nowhere = [attn[0], {"method": "kv_cache_scales", "k_scale": "model.layers.{layer}.mixer.k_proj.k_scale",
+                         "v_scale": "model.layers.{layer}.mixer.v_proj.v_scale"}]
+    with pytest.raises(ValueError, match=r"kv_cache_scales: no layer holds model.layers.\{layer\}.mixer.k_proj"):
+        forge("unit-q-kv-nowhere", ForgeSpec(**{**base, "quantize": nowhere}))

@@ -109,3 +109,14 @@ def test_an_fp8_scale_still_holding_vllms_sentinel_after_loading_was_never_loade
     for rank, names in enumerate((list(digests)[:2], list(digests)[2:])):  # over every rank
         (tmp_path / f"rank{rank}.json").write_text(json.dumps({"digests": {n: digests[n] for n in names}}))
     assert filled.unloaded_scales(tmp_path) == ["model.layers.0.mlp.fc2.weight_scale_inv"]
+
+
+def test_a_kv_cache_scale_still_holding_vllms_minus_one_after_loading_was_never_loaded(tmp_path):
+    # vLLM creates k_scale / v_scale holding -1.0 (kv_cache.py KVCacheScaleParameter), in the model's dtype
+    digests = {"model.layers.1.self_attn.attn.k_scale": _digest(torch.tensor(-1.0, dtype=torch.bfloat16)),
+               "model.layers.1.self_attn.attn.v_scale": _digest(torch.tensor(1.0, dtype=torch.bfloat16)),
+               "model.layers.1.self_attn.attn.q_scale": _digest(torch.tensor(-1.0, dtype=torch.bfloat16)),
+               "model.layers.1.self_attn.o_proj.weight_scale": _digest(torch.tensor(-1.0))}
+    (tmp_path / "rank0.json").write_text(json.dumps({"digests": digests}))
+    # q_scale: no checkpoint carries it (nor does the twin); a weight scale is the other rule's
+    assert filled.unloaded_kv_scales(tmp_path) == ["model.layers.1.self_attn.attn.k_scale"]

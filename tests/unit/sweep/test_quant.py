@@ -28,7 +28,7 @@ def test_block_n_is_the_first_that_divides_every_output_shard_and_block_k_is_the
     assert q.reason is None and f"{block_n}x128 blocks" in q.note
     (entry,) = q.spec["quantize"]
     assert entry["method"] == "fp8-block" and entry["block"] == [block_n, 128]
-    assert ForgeSpec.model_validate(q.spec).quantize[0].config()["weight_block_size"] == [block_n, 128]
+    assert ForgeSpec.model_validate(q.spec).quantize[0].config([])["weight_block_size"] == [block_n, 128]
 
 
 def test_a_row_parallel_shard_narrower_than_a_k_block_is_a_reason_naming_the_linears():
@@ -50,7 +50,36 @@ def test_fp8_kv_adds_kv_cache_scales_where_attention_has_a_k_proj_and_says_why_n
     assert [e["method"] for e in q.spec["quantize"]] == ["fp8-block", "kv_cache_scales"]
     fused = {k.replace("k_proj", "qkv_proj"): v for k, v in SHAPES.items() if "v_proj" not in k}
     q = quant.quantized("llama", SPEC, fused, "fp8-kv", [1])
-    assert q.spec is None and "no model.layers.0.self_attn.k_proj.weight" in q.reason
+    assert q.spec is None and "no model.layers.N.self_attn.k_proj.weight" in q.reason
+
+
+def test_a_hybrid_whose_first_layer_has_no_attention_still_takes_kv_cache_scales():
+    # Qwen3-Next / LFM2: linear-attention or convolution layers first, a k_proj only on the attention layers
+    hybrid = {k: v for k, v in SHAPES.items() if not k.startswith("model.layers.0.self_attn.")}
+    q = quant.quantized("llama", SPEC, hybrid, "fp8-kv", [1])
+    assert q.reason is None and q.spec["quantize"][-1]["method"] == "kv_cache_scales"
+
+
+# Qwen/Qwen3-30B-A3B-Thinking-2507-FP8's config.json, `quantization_config.modules_to_not_convert`, read in a
+# dump of it (public code index id 62570066099): lm_head, then per layer these three, layers 0-47
+PUBLISHED_NOT_CONVERTED = ["lm_head"] + [f"model.layers.{i}.{m}" for i in range(48)
+                                         for m in ("input_layernorm", "mlp.gate", "post_attention_layernorm")]
+
+
+def test_qwen3_moes_fp8_twin_names_its_routers_not_converted_per_layer_as_the_published_config_does():
+    layers = 3
+    moe = {f"model.layers.{i}.{m}.weight": s for i in range(layers) for m, s in [
+        ("self_attn.q_proj", (256, 256)), ("self_attn.k_proj", (128, 256)), ("self_attn.v_proj", (128, 256)),
+        ("self_attn.o_proj", (256, 256)), ("mlp.gate", (8, 256)), ("input_layernorm", (256,)),
+        ("post_attention_layernorm", (256,))]} | {"model.embed_tokens.weight": (512, 256), "lm_head.weight": (512, 256)}
+    spec = {**WIDE_SPEC, "model_type": "qwen3_moe", "architecture": "Qwen3MoeForCausalLM"}
+    q = quant.quantized("qwen3_moe", spec, moe, "fp8-block", [1])
+    assert q.reason is None and "Qwen3-30B-A3B-Thinking-2507-FP8" in q.note
+    (method,) = ForgeSpec.model_validate(q.spec).quantize
+    listed = method.listed(moe)
+    assert listed == [n for n in PUBLISHED_NOT_CONVERTED if n == "lm_head" or int(n.split(".")[2]) < layers]
+    assert not method.selects("model.layers.2.mlp.gate.weight") and method.selects("model.layers.2.self_attn.q_proj.weight")
+    assert method.config(listed)["ignored_layers"] == listed  # vLLM's Fp8Config matches these names exactly
 
 
 def test_every_quant_name_is_a_rule_and_none_comes_first():
@@ -92,7 +121,7 @@ def test_awq_and_gptq_take_the_first_group_that_every_tp_shard_holds_whole_in_fl
     (entry,) = q.spec["quantize"]
     assert entry["method"] == method and entry["group_size"] == group and q.spec["dtype"] == "float16"
     assert f"4-bit, group {group}" in q.note
-    config = ForgeSpec.model_validate(q.spec).quantize[0].config()
+    config = ForgeSpec.model_validate(q.spec).quantize[0].config([])
     assert config["quant_method"] == method and config["group_size"] == group
 
 
