@@ -9,6 +9,7 @@ tensor files; how each layout packs values is quant_pack.py.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 from servematrix.config.forge_spec import ForgeSpec, Mutation
@@ -108,14 +109,13 @@ def quantize_weights(out: Path, spec: ForgeSpec) -> None:
         held = {".".join(p[:i]) for path in files for p in (n.split(".") for n in load_file(path)) for i in range(1, len(p))}
         tensors = load_file(files[0])
         written = 0
-        for layer in range(_layers(out)):
-            for template in (kv.k_scale, kv.v_scale):
-                name = template.replace("{layer}", str(layer))
-                # a layer without the projection (a hybrid's linear-attention or Mamba layer) has no KV cache:
-                # real checkpoints carry the scales on their attention layers only
-                if name.rsplit(".", 1)[0] in held:
-                    tensors[name] = torch.tensor(kv.value, dtype=torch.float32)
-                    written += 1
+        for template in (kv.k_scale, kv.v_scale):
+            # the layers that hold the scale's module: a hybrid's linear-attention or Mamba layers have no KV
+            # cache, and real checkpoints carry the scales on their attention layers only
+            module = re.compile(re.escape(template.rsplit(".", 1)[0]).replace(re.escape("{layer}"), r"(\d+)"))
+            for layer in sorted({int(m.group(1)) for h in held if (m := module.fullmatch(h))}):
+                tensors[template.replace("{layer}", str(layer))] = torch.tensor(kv.value, dtype=torch.float32)
+                written += 1
         if not written:
             raise ValueError(f"kv_cache_scales: no layer holds {kv.k_scale.rsplit('.', 1)[0]} to carry the scales")
         save_tensors(out, files[0], tensors)

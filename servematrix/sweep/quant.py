@@ -182,12 +182,11 @@ def quantized(model_type: str, spec: dict[str, Any], shapes: dict[str, tuple[int
         entries: list[dict[str, Any]] = [{**rule.quantize, "block": [block, rule.block_k]}]
         note = f"{quant}: every decoder linear FP8 e4m3 in {block}x{rule.block_k} blocks"
         if rule.kv_scales:  # on the layers with a k_proj (a hybrid's attention layers), as the forge writes them
-            k_module = rule.kv_scales["k_scale"].removesuffix(".k_scale")
-            held = re.compile(re.escape(k_module).replace(re.escape("{layer}"), r"\d+") + r"\.weight")
-            if not any(held.fullmatch(n) for n in shapes):
-                return QuantSpec(reason=f"{quant}: the twin has no {k_module.format(layer='N')}.weight (no separate "
-                                        "k_proj to hold the KV-cache scales' name)")
-            entries.append({"method": "kv_cache_scales", **rule.kv_scales})
+            templates = rule.kv_scales.templates(shapes)
+            if templates is None:
+                return QuantSpec(reason=f"{quant}: the twin has no layers.N.{{{'|'.join(rule.kv_scales.attention)}}}"
+                                        ".k_proj.weight (no separate k_proj to hold the KV-cache scales' name)")
+            entries.append({"method": "kv_cache_scales", **templates})
             note += ", k_scale / v_scale per layer"
         update = {"quantize": entries}
     if family is not None and family.ignore and not family.fp8_blocks:

@@ -59,6 +59,29 @@ class Widen(_Strict):
         return {"all": both, "ffn": both, "kv_out": self.n, "attn_out": self.n, "attn_in": self.k}
 
 
+class KvScales(_Strict):
+    """Where a twin's KV-cache scales go: on each attention layer's k_proj / v_proj (ModelOpt's format,
+    the first of vLLM's weight_utils.maybe_remap_kv_scale_name patterns), under whatever prefix the
+    twin's layers have (`model.`, `model.decoder.`, none for a bare encoder), in the first `attention`
+    module name that holds a k_proj."""
+
+    attention: list[str] = Field(min_length=1)
+    k_scale: str = Field(pattern=r"\{layer\}.*\{attention\}")
+    v_scale: str = Field(pattern=r"\{layer\}.*\{attention\}")
+
+    def templates(self, names) -> dict[str, str] | None:
+        """{k_scale, v_scale} for a twin whose tensors are `names`: the forge's kv_cache_scales
+        templates (`{layer}` left to the forge), or None where no layer holds a k_proj."""
+        for attention in self.attention:
+            k_module = self.k_scale.format(layer="{layer}", attention=attention).rsplit(".", 1)[0]
+            held = re.compile(r"(.*?)" + re.escape(k_module).replace(re.escape("{layer}"), r"\d+") + r"\.weight")
+            prefix = next((m.group(1) for n in names if (m := held.fullmatch(n))), None)
+            if prefix is not None and (not prefix or prefix.endswith(".")):
+                return {k: prefix + t.format(layer="{layer}", attention=attention)
+                        for k, t in (("k_scale", self.k_scale), ("v_scale", self.v_scale))}
+        return None
+
+
 class QuantRule(_Strict):
     description: str
     quantize: dict[str, Any]
@@ -68,7 +91,7 @@ class QuantRule(_Strict):
     dtype: Literal["float32", "bfloat16", "float16"] | None = None  # forged and served in (None: the twin's)
     # model_type -> the dtype it takes instead (one vLLM refuses `dtype` for)
     dtype_for: dict[str, Literal["float32", "bfloat16", "float16"]] = Field(default_factory=dict)
-    kv_scales: dict[str, str] | None = None
+    kv_scales: KvScales | None = None
     widen: Widen | None = None  # a twin too narrow for every block/group: re-planned this wide
     families: dict[str, Family] = Field(default_factory=dict)
     # vLLM's own refusal of this layout on the CPU build (no kernel): such a cell is "not checkable here"

@@ -50,7 +50,18 @@ def test_fp8_kv_adds_kv_cache_scales_where_attention_has_a_k_proj_and_says_why_n
     assert [e["method"] for e in q.spec["quantize"]] == ["fp8-block", "kv_cache_scales"]
     fused = {k.replace("k_proj", "qkv_proj"): v for k, v in SHAPES.items() if "v_proj" not in k}
     q = quant.quantized("llama", SPEC, fused, "fp8-kv", [1])
-    assert q.spec is None and "no model.layers.N.self_attn.k_proj.weight" in q.reason
+    assert q.spec is None and "no layers.N.{self_attn|mixer}.k_proj.weight" in q.reason
+
+
+@pytest.mark.parametrize("prefix, attention", [("model.", "self_attn"), ("", "self_attn"), ("model.decoder.", "self_attn"),
+                                               ("backbone.", "mixer")])
+def test_kv_cache_scales_take_the_twins_own_prefix_and_attention_module(prefix, attention):
+    # a bare encoder's layers (LlamaModel's twin: `layers.0...`), OPT's `model.decoder.`, Nemotron-H's `mixer`
+    named = {prefix + k.removeprefix("model.").replace("self_attn", attention): v for k, v in SHAPES.items()}
+    q = quant.quantized("llama", SPEC, named, "fp8-kv", [1])
+    kv = q.spec["quantize"][-1]
+    assert kv == {"method": "kv_cache_scales", "k_scale": f"{prefix}layers.{{layer}}.{attention}.k_proj.k_scale",
+                  "v_scale": f"{prefix}layers.{{layer}}.{attention}.v_proj.v_scale", "value": 1.0}
 
 
 def test_a_hybrid_whose_first_layer_has_no_attention_still_takes_kv_cache_scales():
