@@ -184,8 +184,8 @@ def quantized(model_type: str, spec: dict[str, Any], shapes: dict[str, tuple[int
         if rule.kv_scales:  # on the layers with a k_proj (a hybrid's attention layers), as the forge writes them
             templates = rule.kv_scales.templates(shapes)
             if templates is None:
-                return QuantSpec(reason=f"{quant}: the twin has no layers.N.{{{'|'.join(rule.kv_scales.attention)}}}"
-                                        ".k_proj.weight (no separate k_proj to hold the KV-cache scales' name)")
+                return QuantSpec(reason=f"{quant}: the twin has no {rule.kv_scales.modules()} to hold the KV-cache "
+                                        "scales (the names vLLM maps them from)")
             entries.append({"method": "kv_cache_scales", **templates})
             note += ", k_scale / v_scale per layer"
         update = {"quantize": entries}

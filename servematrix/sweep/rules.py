@@ -59,27 +59,34 @@ class Widen(_Strict):
         return {"all": both, "ffn": both, "kv_out": self.n, "attn_out": self.n, "attn_in": self.k}
 
 
-class KvScales(_Strict):
-    """Where a twin's KV-cache scales go: on each attention layer's k_proj / v_proj (ModelOpt's format,
-    the first of vLLM's weight_utils.maybe_remap_kv_scale_name patterns), under whatever prefix the
-    twin's layers have (`model.`, `model.decoder.`, none for a bare encoder), in the first `attention`
-    module name that holds a k_proj."""
+class KvScale(_Strict):
+    """One place a checkpoint's KV-cache scales may be: templates under the twin's layers (`{layer}`)."""
 
-    attention: list[str] = Field(min_length=1)
-    k_scale: str = Field(pattern=r"\{layer\}.*\{attention\}")
-    v_scale: str = Field(pattern=r"\{layer\}.*\{attention\}")
+    k_scale: str = Field(pattern=r"^layers\.\{layer\}\.")
+    v_scale: str = Field(pattern=r"^layers\.\{layer\}\.")
+
+
+class KvScales(_Strict):
+    """Where a twin's KV-cache scales go: the first of `formats` whose k_scale module a layer of the twin
+    holds, under whatever prefix the twin's layers have (`model.`, `model.decoder.`, none for a bare
+    encoder). The formats are those vLLM's weight_utils.maybe_remap_kv_scale_name maps."""
+
+    formats: list[KvScale] = Field(min_length=1)
 
     def templates(self, names) -> dict[str, str] | None:
         """{k_scale, v_scale} for a twin whose tensors are `names`: the forge's kv_cache_scales
-        templates (`{layer}` left to the forge), or None where no layer holds a k_proj."""
-        for attention in self.attention:
-            k_module = self.k_scale.format(layer="{layer}", attention=attention).rsplit(".", 1)[0]
+        templates (`{layer}` left to the forge), or None where no layer holds a format's module."""
+        for f in self.formats:
+            k_module = f.k_scale.rsplit(".", 1)[0]
             held = re.compile(r"(.*?)" + re.escape(k_module).replace(re.escape("{layer}"), r"\d+") + r"\.weight")
             prefix = next((m.group(1) for n in names if (m := held.fullmatch(n))), None)
             if prefix is not None and (not prefix or prefix.endswith(".")):
-                return {k: prefix + t.format(layer="{layer}", attention=attention)
-                        for k, t in (("k_scale", self.k_scale), ("v_scale", self.v_scale))}
+                return {"k_scale": prefix + f.k_scale, "v_scale": prefix + f.v_scale}
         return None
+
+    def modules(self) -> str:
+        """The modules a format needs, in words."""
+        return " or ".join(f.k_scale.rsplit(".", 1)[0].replace("{layer}", "N") for f in self.formats)
 
 
 class QuantRule(_Strict):

@@ -48,9 +48,9 @@ def test_the_dsa_families_take_the_indexer_wk_layout_and_no_quantization_config(
 def test_fp8_kv_adds_kv_cache_scales_where_attention_has_a_k_proj_and_says_why_not_otherwise():
     q = quant.quantized("llama", SPEC, SHAPES, "fp8-kv", [1])
     assert [e["method"] for e in q.spec["quantize"]] == ["fp8-block", "kv_cache_scales"]
-    fused = {k.replace("k_proj", "qkv_proj"): v for k, v in SHAPES.items() if "v_proj" not in k}
+    fused = {k.replace("k_proj", "c_attn"): v for k, v in SHAPES.items() if "v_proj" not in k}
     q = quant.quantized("llama", SPEC, fused, "fp8-kv", [1])
-    assert q.spec is None and "no layers.N.{self_attn|mixer}.k_proj.weight" in q.reason
+    assert q.spec is None and "no layers.N.self_attn.k_proj or layers.N.mixer.k_proj" in q.reason
 
 
 @pytest.mark.parametrize("prefix, attention", [("model.", "self_attn"), ("", "self_attn"), ("model.decoder.", "self_attn"),
@@ -62,6 +62,15 @@ def test_kv_cache_scales_take_the_twins_own_prefix_and_attention_module(prefix, 
     kv = q.spec["quantize"][-1]
     assert kv == {"method": "kv_cache_scales", "k_scale": f"{prefix}layers.{{layer}}.{attention}.k_proj.k_scale",
                   "v_scale": f"{prefix}layers.{{layer}}.{attention}.v_proj.v_scale", "value": 1.0}
+
+
+def test_a_fused_qkv_projection_carries_both_kv_cache_scales():
+    # Phi-3's qkv_proj: vLLM maps `.self_attn.qkv_proj.k_scale` / `.v_scale` to the attention's
+    fused = {k.replace("q_proj", "qkv_proj"): (512, 256) if "q_proj" in k else v for k, v in WIDE.items()
+             if "k_proj" not in k and "v_proj" not in k}
+    kv = quant.quantized("llama", WIDE_SPEC, fused, "fp8-kv", [1]).spec["quantize"][-1]
+    assert (kv["k_scale"], kv["v_scale"]) == ("model.layers.{layer}.self_attn.qkv_proj.k_scale",
+                                              "model.layers.{layer}.self_attn.qkv_proj.v_scale")
 
 
 def test_a_hybrid_whose_first_layer_has_no_attention_still_takes_kv_cache_scales():
