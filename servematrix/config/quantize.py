@@ -12,8 +12,8 @@ from __future__ import annotations
 import ast
 import fnmatch
 import re
-from functools import lru_cache
 from collections.abc import Iterable
+from functools import lru_cache
 from typing import Annotated, Any, ClassVar, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -137,7 +137,9 @@ class _Method(BaseModel):
         if not self.by_name:
             return list(self.ignore)
         modules = {".".join(parts[:i]) for parts in (n.split(".") for n in names) for i in range(1, len(parts) + 1)}
-        out = {m for g in self.ignore for m in ((x for x in modules if fnmatch.fnmatchcase(x, g)) if _GLOB.search(g) else [g])}
+        out: set[str] = set()
+        for g in self.ignore:
+            out |= {m for m in modules if fnmatch.fnmatchcase(m, g)} if _GLOB.search(g) else {g}
         return sorted(out, key=_natural)
 
     def config(self, ignored: list[str]) -> dict[str, Any]:
