@@ -86,6 +86,27 @@ PUBLISHED_NOT_CONVERTED = ["lm_head"] + [f"model.layers.{i}.{m}" for i in range(
                                          for m in ("input_layernorm", "mlp.gate", "post_attention_layernorm")]
 
 
+# Qwen/Qwen3-Next-80B-A3B-Instruct-FP8's `modules_to_not_convert`, layers 0-3 (three linear-attention layers, then a
+# full-attention one), read in a dump of its config (public code index id 63048263430)
+_LINEAR = ["input_layernorm", "linear_attn.A_log", "linear_attn.conv1d", "linear_attn.dt_bias", "linear_attn.in_proj_ba",
+           "linear_attn.norm", "mlp.gate", "mlp.shared_expert_gate", "post_attention_layernorm"]
+_FULL = ["input_layernorm", "mlp.gate", "mlp.shared_expert_gate", "post_attention_layernorm", "self_attn.k_norm",
+         "self_attn.q_norm"]
+QWEN3_NEXT_NOT_CONVERTED = ["lm_head"] + [f"model.layers.{i}.{m}" for i in range(4) for m in (_FULL if i == 3 else _LINEAR)]
+
+
+def test_qwen3_nexts_fp8_list_is_the_published_one_for_the_twins_layers():
+    leaves = {"linear_attn.A_log": "", "linear_attn.dt_bias": ""}  # parameters of their own, not modules' weights
+    linear = [*_LINEAR, "linear_attn.in_proj_qkvz", "linear_attn.out_proj", "mlp.experts.gate_up_proj"]
+    full = [*_FULL, "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj"]
+    names = [f"model.layers.{i}.{m}" + leaves.get(m, ".weight") for i in range(4) for m in (full if i == 3 else linear)]
+    rule = quant.rules()["fp8-block"]
+    method = quant._method(rule, ignore=rule.families["qwen3_next"].ignore)
+    assert method.listed(names + ["model.embed_tokens.weight", "lm_head.weight"]) == QWEN3_NEXT_NOT_CONVERTED
+    assert method.selects("model.layers.0.linear_attn.in_proj_qkvz.weight")
+    assert not method.selects("model.layers.0.linear_attn.in_proj_ba.weight")
+
+
 def test_qwen3_moes_fp8_twin_names_its_routers_not_converted_per_layer_as_the_published_config_does():
     layers = 3
     moe = {f"model.layers.{i}.{m}.weight": s for i in range(layers) for m, s in [
