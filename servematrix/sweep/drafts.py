@@ -421,11 +421,55 @@ def build(key: str, directory: Path, max_pp: int, tps: list[int], align: dict[st
         return base.model_copy(update={"architecture": key, "path": None, "origin": f"{origin}; target: {base.origin}",
                                        "reason": f"draft layers: {type(exc).__name__}: {' '.join(str(exc).split())[:300]}"})
     return base.model_copy(update={
-        "architecture": key, "path": str(target), "draft": draft.method, "spec": None, "shapes": {},
+        "architecture": key, "path": str(target), "draft": draft.method, "spec": None, "shapes": {}, "target": base,
         "server_args": [*base.server_args,
                         *speculative_args(draft, target / DRAFT_DIR if layout.checkpoint == "own" else None)],
         "load_only": base.load_only or NOT_SERVED,
         "origin": f"{origin}; target: {base.origin}"})
+
+
+def own_checkpoint(key: str) -> bool:
+    """Whether the draft `key` is a checkpoint of its own (EAGLE, EAGLE-3, DFlash, Gemma 4's assistant)."""
+    r = rules()
+    return r.layouts[r.drafts[key].layout].checkpoint == "own"
+
+
+def beside(twin, target):
+    """A checkpoint-of-its-own draft's cell under a quantized target (sweep/twins.py quantize: `target`,
+    its target twin quantized): the draft's directory, unquantized, beside that target's files, as
+    such drafts are published and deployed (an EAGLE-3 speculator in BF16 for an FP8 target); or the
+    reason the target has no such twin."""
+    import hashlib
+
+    from servematrix.paths import code_digest
+
+    r = rules()
+    key = twin.architecture
+    draft = r.drafts[key]
+    layout = r.layouts[draft.layout]
+    if not target.ok:
+        return twin.model_copy(update={"quant": target.quant, "path": None, "note": "", "target": None,
+                                       "reason": f"its target {draft.target}: {target.reason}"})
+    h = hashlib.sha256(Path(target.path).name.encode())
+    h.update(draft.model_dump_json().encode() + layout.model_dump_json().encode())
+    h.update(code_digest(("sweep/drafts.py",), ()).encode())
+    into = Path(twin.path).parent / f"{key}-{target.quant}-{h.hexdigest()[:12]}"
+
+    def fill(tmp: Path) -> None:
+        copy_files(Path(target.path), tmp)
+        _write_own(Path(target.path), tmp / DRAFT_DIR, layout, draft)
+
+    try:
+        built(into, fill)
+    except (ValueError, OSError, RuntimeError) as exc:
+        return twin.model_copy(update={"quant": target.quant, "path": None, "target": None,
+                                       "reason": f"draft beside its {target.quant} target: {type(exc).__name__}: "
+                                                 f"{' '.join(str(exc).split())[:300]}"})
+    return target.model_copy(update={
+        "architecture": key, "path": str(into), "draft": draft.method, "origin": twin.origin,
+        "note": f"{target.note}; the draft unquantized beside it, as published drafts for quantized targets are",
+        "server_args": [*target.server_args, *speculative_args(draft, into / DRAFT_DIR)],
+        "load_only": target.load_only or NOT_SERVED})
 
 
 def _write(base: Path, into: Path, draft: Draft, layout: Layout) -> None:

@@ -40,10 +40,14 @@ class Twin(BaseModel):
     draft: str | None = None  # a speculative draft's twin (sweep/drafts.py): its --speculative-config method
     # model_types the load check reads as a plain PretrainedConfig (a native twin's: sweep/native.py)
     config_types: list[str] = []
+    target: Twin | None = None  # a draft's: the target twin it was built beside (its quantized cells quantize that)
 
     @property
     def ok(self) -> bool:
         return self.path is not None
+
+
+Twin.model_rebuild()  # `target` is a Twin
 
 
 def build(key: str, directory: Path, max_pp: int, tps: list[int], align: dict[str, int] | None = None) -> Twin:
@@ -165,9 +169,16 @@ def quantize(base: Twin, quant: str, tps: list[int], wide=None) -> Twin:
     from servematrix.sweep.quant import quantized, widen_units
 
     name = f"sweep-{(base.architecture or base.model_type).replace('_', '-').lower()}-{quant}"
+    if base.ok and base.draft and base.target is not None:  # its target quantized, the draft beside it (drafts.py)
+        from servematrix.sweep import drafts
+
+        if drafts.own_checkpoint(base.architecture):
+            target = quantize(base.target, quant, tps, (lambda units: wide(units).target) if wide else None)
+            return drafts.beside(base, target)
     if not base.ok or base.spec is None:
         return base.model_copy(update={"quant": quant, "path": None, "reason": base.reason or (
-            "a draft's cells are unquantized only (its target's quantized layouts are the target's cells)"
+            "a draft held in its target's checkpoint is unquantized only here (real quantized checkpoints quantize "
+            "its layers with the target's, e.g. DeepSeek-V3's FP8 MTP layer; that layout is not forged yet)"
             if base.draft else "no forge spec recorded for the twin")})
     if base.spec.get("components"):  # a composite (sweep/multimodal.py): its towers have no quantized layout here
         return base.model_copy(update={"quant": quant, "path": None, "reason": "a multimodal composite's cells are "

@@ -208,14 +208,16 @@ def test_fp8_cells_pass_only_with_every_scale_loaded_and_a_dropped_kv_scale_is_v
     (no published FP8 LFM2-MoE config was found), becomes an FP8 layer into which vLLM casts the float
     weight with no error; its scale keeps vLLM's FP8_SCALE_SENTINEL: twin-incomplete, not a pass. And
     LFM2-MoE's attention, built without the quantization config (lfm2_moe.py), has no KV-cache scales to
-    load the twin's k_scale into: a failure, vLLM's, while llama's twin loads its scales (not vLLM's -1.0)."""
+    load the twin's k_scale into: a failure, vLLM's, while llama's twin loads its scales (not vLLM's -1.0). An
+    EAGLE-3 draft in float beside llama's FP8 twin loads unquantized, its tensors bit for bit."""
     import torch
     from safetensors import safe_open
 
     from servematrix.sweep import digests, filled
 
     out = tmp_path / "s"
-    proc = servematrix("sweep", "--layouts", "tp1", "--quant", "fp8-block,fp8-kv", "-k", "qwen3_moe/*,lfm2_moe/*,llama/*",
+    proc = servematrix("sweep", "--layouts", "tp1", "--quant", "fp8-block,fp8-kv", "-k",
+                       "qwen3_moe/*,lfm2_moe/*,llama/*,LlamaForCausalLMEagle3/*",
                        "--out", str(out), "--timeout", "150", timeout=600, env={"SERVEMATRIX_CACHE": shared_cache})
     by_id = records(out)
     moe, lfm, llama = by_id["qwen3_moe/tp1-fp8-block"], by_id["lfm2_moe/tp1-fp8-block"], by_id["llama/tp1-fp8-kv"]
@@ -240,3 +242,10 @@ def test_fp8_cells_pass_only_with_every_scale_loaded_and_a_dropped_kv_scale_is_v
                                                  kv["failure"]["signature"]), kv
     assert llama["verdict"] == "pass" and not filled.unloaded_kv_scales(out / llama["id"] / "loadcheck")
     assert any(n.endswith("attn.k_scale") for n in digests.recorded(out / llama["id"] / "loadcheck"))
+
+    # an EAGLE-3 speculator in float beside the FP8 target, as deployed: vLLM builds the draft unquantized and
+    # loads its own tensors bit for bit, and the target's every FP8 scale
+    eagle = by_id["LlamaForCausalLMEagle3/tp1-fp8-block"]
+    assert eagle["verdict"] == "pass" and re.search(r"its own tensors: (\d+) of \1 loaded bit for bit", eagle["note"]), eagle
+    draft = digests.recorded(out / eagle["id"] / "loadcheck", "draft_digests")
+    assert draft and not any("scale" in n for n in draft) and not filled.unloaded_scales(out / eagle["id"] / "loadcheck")

@@ -234,11 +234,11 @@ def test_a_draft_twin_is_its_target_s_twin_with_the_draft_layers_indexed_and_cou
     assert twin.load_only and twin.spec is None
 
 
-def test_a_draft_twin_is_reused_and_never_quantized(draft_twin, tmp_path):
+def test_a_draft_twin_is_reused_and_an_mtp_draft_is_never_quantized(draft_twin, tmp_path):
     twin, _ = draft_twin
     again = drafts.build("DeepSeekMTPModel", tmp_path / "twins", 2, [1, 2])
     assert again.path == twin.path
-    q = twins.quantize(twin, "fp8-block", [1])
+    q = twins.quantize(twin, "fp8-block", [1])  # an MTP draft lives in its target's checkpoint
     assert not q.ok and "unquantized only" in q.reason
 
 
@@ -435,6 +435,28 @@ def test_an_eagle_draft_twin_is_the_target_twin_with_the_draft_directory_the_spe
     assert set(index) == {"model.embed_tokens.weight", "model.layers.0.self_attn.q_proj.weight", "lm_head.weight"}
     assert drafts.draft_file(path) == path / drafts.DRAFT_DIR / drafts.OWN_FILE
     assert "SpecForge" in twin.origin and "target: twin from X" in twin.origin
+
+
+def test_an_eagle_draft_under_a_quantized_target_is_its_unquantized_draft_beside_the_target_s_quantized_twin(
+        eagle_twin, tmp_path):
+    # as deployed: an FP8 target and its BF16 EAGLE-3 speculator (the draft's config names no quantization)
+    twin, base = eagle_twin
+    assert drafts.own_checkpoint("LlamaForCausalLMEagle3") and not drafts.own_checkpoint("DeepSeekMTPModel")
+    assert twin.target is not None and twin.target.path == str(base)  # what twins.quantize quantizes
+    fp8 = _llama_twin(tmp_path / "fp8")  # stands for the target's quantized twin: its own files and config
+    config = {**json.loads((fp8 / "config.json").read_text()), "quantization_config": {"quant_method": "fp8"}}
+    (fp8 / "config.json").write_text(json.dumps(config))
+    target = twin.target.model_copy(update={"path": str(fp8), "quant": "fp8-block", "note": "fp8-block: every linear"})
+    q = drafts.beside(twin, target)
+    path = Path(q.path)
+    assert q.ok and q.quant == "fp8-block" and q.draft == "eagle3" and q.architecture == "LlamaForCausalLMEagle3"
+    assert json.loads((path / "config.json").read_text())["quantization_config"] == {"quant_method": "fp8"}
+    assert "quantization_config" not in json.loads((path / drafts.DRAFT_DIR / "config.json").read_text())
+    i = q.server_args.index("--speculative-config")
+    assert json.loads(q.server_args[i + 1])["model"] == str(path / drafts.DRAFT_DIR) and path != Path(twin.path)
+    assert q.note.startswith("fp8-block: every linear; the draft unquantized") and q.origin == twin.origin
+    gone = drafts.beside(twin, target.model_copy(update={"path": None, "reason": "fp8-block: too narrow"}))
+    assert not gone.ok and gone.reason == "its target llama: fp8-block: too narrow"
 
 
 def test_an_eagle_draft_s_tensors_count_as_loaded_in_the_model_s_dtype_and_its_skipped_map_is_said(eagle_twin, tmp_path):
