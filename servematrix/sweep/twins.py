@@ -40,7 +40,8 @@ class Twin(BaseModel):
     draft: str | None = None  # a speculative draft's twin (sweep/drafts.py): its --speculative-config method
     # model_types the load check reads as a plain PretrainedConfig (a native twin's: sweep/native.py)
     config_types: list[str] = []
-    target: Twin | None = None  # a draft's: the target twin it was built beside (its quantized cells quantize that)
+    # the twin this one was built beside (a draft's target, a headed twin's base): its quantized cells quantize that
+    target: Twin | None = None
 
     @property
     def ok(self) -> bool:
@@ -169,12 +170,16 @@ def quantize(base: Twin, quant: str, tps: list[int], wide=None) -> Twin:
     from servematrix.sweep.quant import quantized, widen_units
 
     name = f"sweep-{(base.architecture or base.model_type).replace('_', '-').lower()}-{quant}"
-    if base.ok and base.draft and base.target is not None:  # its target quantized, the draft beside it (drafts.py)
-        from servematrix.sweep import drafts
+    if base.ok and base.target is not None:  # built beside another twin: that one quantized, then the same again
+        from servematrix.sweep import drafts, heads
 
-        if drafts.own_checkpoint(base.architecture):
-            target = quantize(base.target, quant, tps, (lambda units: wide(units).target) if wide else None)
-            return drafts.beside(base, target)
+        def quantized_target() -> Twin:
+            return quantize(base.target, quant, tps, (lambda units: wide(units).target) if wide else None)
+
+        if base.draft and drafts.own_checkpoint(base.architecture):  # a draft unquantized, as deployed
+            return drafts.beside(base, quantized_target())
+        if heads.describes(base.architecture or ""):  # a pooling head in float
+            return heads.beside(base, quantized_target())
     if not base.ok or base.spec is None:
         return base.model_copy(update={"quant": quant, "path": None, "reason": base.reason or (
             "a draft held in its target's checkpoint is unquantized only here (real quantized checkpoints quantize "

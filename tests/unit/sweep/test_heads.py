@@ -63,6 +63,25 @@ def test_the_head_is_what_lies_outside_the_base_model_s_prefix(reward_twin):
                                                           "score.2.bias"}
 
 
+def test_under_a_quantization_the_head_goes_in_float_beside_its_base_s_quantized_twin(reward_twin, tmp_path):
+    twin, _ = reward_twin
+    assert twin.target is not None and twin.target.model_type == "qwen2"  # what twins.quantize quantizes
+    fp8 = _base_twin(tmp_path / "fp8")  # stands for the base's quantized twin
+    config = {**json.loads((fp8 / "config.json").read_text()), "quantization_config": {"quant_method": "fp8"}}
+    (fp8 / "config.json").write_text(json.dumps(config))
+    base = twin.target.model_copy(update={"path": str(fp8), "quant": "fp8-block", "note": "fp8-block: every linear"})
+    q = heads.beside(twin, base)
+    path = Path(q.path)
+    assert q.ok and q.quant == "fp8-block" and q.architecture == "Qwen2ForRewardModel" and path != Path(twin.path)
+    written = json.loads((path / "config.json").read_text())
+    assert written["architectures"] == ["Qwen2ForRewardModel"] and written["quantization_config"]["quant_method"] == "fp8"
+    with safe_open(str(path / heads.HEAD_FILE), "pt") as f:
+        assert f.get_tensor("score.0.weight").dtype == torch.bfloat16
+    assert q.server_args == ["--dtype", "bfloat16", *pooling.SERVER_ARGS] and q.note == "fp8-block: every linear; the head in float"
+    gone = heads.beside(twin, base.model_copy(update={"path": None, "reason": "fp8-block: too narrow"}))
+    assert not gone.ok and gone.reason == "its base qwen2: fp8-block: too narrow"
+
+
 def test_a_base_without_a_twin_gives_its_reason(tmp_path, monkeypatch):
     monkeypatch.setattr(twins, "build", lambda key, *a, **k: twins.Twin(model_type=key, reason="mirror: no", origin="x"))
     twin = heads.build("Qwen2ForRewardModel", tmp_path, 2, [1])
