@@ -173,8 +173,12 @@ def quantize(base: Twin, quant: str, tps: list[int], wide=None) -> Twin:
     if base.ok and base.target is not None:  # built beside another twin: that one quantized, then the same again
         from servematrix.sweep import drafts, heads
 
+        def wide_target(units: dict[str, int]) -> Twin:  # the widened twin's own target (or why there is none)
+            wider = wide(units)
+            return wider.target if wider.target is not None else wider
+
         def quantized_target() -> Twin:
-            return quantize(base.target, quant, tps, (lambda units: wide(units).target) if wide else None)
+            return quantize(base.target, quant, tps, wide_target if wide else None)
 
         if base.draft and drafts.own_checkpoint(base.architecture):  # a draft unquantized, as deployed
             return drafts.beside(base, quantized_target())
