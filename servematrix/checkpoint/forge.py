@@ -27,7 +27,7 @@ from typing import Any
 
 from servematrix.config.forge_spec import ForgeSpec, TokenizerSpec
 from servematrix.checkpoint.forge_tensors import (add_tensors, mutate, quantize_fp8_blocks, quantize_weights,
-                                                  rename_tensors, save_tensors)
+                                                  rename_tensors, save_tensors, tensor_names)
 from servematrix.config.quantize import quantization_config
 from servematrix.paths import build_cached, cache_dir, code_digest, gsm8k_test_jsonl
 
@@ -243,7 +243,7 @@ class {cls}(PretrainedConfig):
 def _patch_config(out: Path, spec: ForgeSpec) -> None:
     path = out / "config.json"
     config = json.loads(path.read_text())
-    implied = quantization_config(spec.quantize, _tensor_names(out) if spec.quantize else ())
+    implied = quantization_config(spec.quantize, tensor_names(out) if spec.quantize else ())
     if implied is not None:
         config["quantization_config"] = implied
     config.update(spec.config_json)
@@ -253,17 +253,6 @@ def _patch_config(out: Path, spec: ForgeSpec) -> None:
         (out / f"{module}.py").write_text(CONFIG_MODULE.format(model_type=spec.model_type, cls=cls))
         config["auto_map"] = {"AutoConfig": f"{module}.{cls}"}
     path.write_text(json.dumps(config, indent=2))
-
-
-def _tensor_names(out: Path) -> list[str]:
-    """The names of the forged checkpoint's tensors (headers only)."""
-    from safetensors import safe_open
-
-    names: list[str] = []
-    for path in sorted(out.glob("*.safetensors")):
-        with safe_open(path, "pt") as f:
-            names += f.keys()
-    return names
 
 
 HETEROGENEOUS = "per_layer_config"  # transformers' per-layer overrides of a heterogeneous config

@@ -24,6 +24,17 @@ def rename_tensors(out: Path, rename) -> None:
         save_tensors(out, path, tensors)
 
 
+def tensor_names(out: Path) -> list[str]:
+    """The names of the checkpoint's tensors in `out` (headers only)."""
+    from safetensors import safe_open
+
+    names: list[str] = []
+    for path in sorted(out.glob("*.safetensors")):
+        with safe_open(path, "pt") as f:
+            names += f.keys()
+    return names
+
+
 def _layers(out: Path) -> int:
     return int(json.loads((out / "config.json").read_text())["num_hidden_layers"])
 
@@ -81,7 +92,7 @@ def quantize_weights(out: Path, spec: ForgeSpec) -> None:
     import torch
     from safetensors.torch import load_file
 
-    from servematrix.config.quantize import KvCacheScales
+    from servematrix.config.quantize import KvCacheScales, layer_pattern, modules
 
     methods = [(i, q) for i, q in enumerate(spec.quantize) if not isinstance(q, KvCacheScales)]
     hit: set[int] = set()
@@ -105,14 +116,13 @@ def quantize_weights(out: Path, spec: ForgeSpec) -> None:
         if i not in hit:
             raise ValueError(f"quantize[{i}] ({q.method}): no weight matches {q.tensors} (ignore {q.ignore})")
     for kv in (q for q in spec.quantize if isinstance(q, KvCacheScales)):
-        # the modules holding a tensor, at any depth (a scale may sit on k_proj or on self_attn itself)
-        held = {".".join(p[:i]) for path in files for p in (n.split(".") for n in load_file(path)) for i in range(1, len(p))}
+        held = modules(tensor_names(out))  # at any depth: a scale may sit on k_proj or on self_attn itself
         tensors = load_file(files[0])
         written = 0
         for template in (kv.k_scale, kv.v_scale):
             # the layers that hold the scale's module: a hybrid's linear-attention or Mamba layers have no KV
             # cache, and real checkpoints carry the scales on their attention layers only
-            module = re.compile(re.escape(template.rsplit(".", 1)[0]).replace(re.escape("{layer}"), r"(\d+)"))
+            module = re.compile(layer_pattern(template.rsplit(".", 1)[0]))
             for layer in sorted({int(m.group(1)) for h in held if (m := module.fullmatch(h))}):
                 tensors[template.replace("{layer}", str(layer))] = torch.tensor(kv.value, dtype=torch.float32)
                 written += 1

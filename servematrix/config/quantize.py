@@ -29,6 +29,17 @@ _CODE = {"float32": "F32", "bfloat16": "BF16", "float16": "F16"}
 _GLOB = re.compile(r"[*?\[]")
 
 
+def modules(names: Iterable[str]) -> set[str]:
+    """Every tensor name of `names` and every module above it (model.layers.0.mlp.gate.weight gives
+    model, model.layers, ..., model.layers.0.mlp.gate and the name itself)."""
+    return {".".join(parts[:i]) for parts in (n.split(".") for n in names) for i in range(1, len(parts) + 1)}
+
+
+def layer_pattern(template: str) -> str:
+    """A name template with `{layer}` as a regular expression, the layer's index its group."""
+    return re.escape(template).replace(re.escape("{layer}"), r"(\d+)")
+
+
 def _natural(name: str) -> list:
     """model.layers.2 before model.layers.10."""
     return [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", name)]
@@ -136,10 +147,10 @@ class _Method(BaseModel):
         name as written; all in natural order (layer by layer), as Qwen's FP8 configs list them."""
         if not self.by_name:
             return list(self.ignore)
-        modules = {".".join(parts[:i]) for parts in (n.split(".") for n in names) for i in range(1, len(parts) + 1)}
+        held = modules(names)
         out: set[str] = set()
         for g in self.ignore:
-            out |= {m for m in modules if fnmatch.fnmatchcase(m, g)} if _GLOB.search(g) else {g}
+            out |= {m for m in held if fnmatch.fnmatchcase(m, g)} if _GLOB.search(g) else {g}
         return sorted(out, key=_natural)
 
     def config(self, ignored: list[str]) -> dict[str, Any]:

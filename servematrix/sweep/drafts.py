@@ -397,9 +397,6 @@ def build(key: str, directory: Path, max_pp: int, tps: list[int], align: dict[st
     load) copied with the draft layers added (DRAFT_FILE, the index naming every tensor's file) and
     the layer count set in its config, or, for a checkpoint of its own, with the draft's directory
     (DRAFT_DIR: config.json and OWN_FILE) inside it; or the reason there is none."""
-    import hashlib
-
-    from servematrix.paths import code_digest
     from servematrix.sweep import twins
 
     r = rules()
@@ -411,21 +408,11 @@ def build(key: str, directory: Path, max_pp: int, tps: list[int], align: dict[st
     if not base.ok:
         return base.model_copy(update={"architecture": key, "origin": f"{origin}; target: {base.origin}",
                                        "reason": f"its target {draft.target} has no twin: {base.reason}"})
-    h = hashlib.sha256(Path(base.path).name.encode())
-    h.update(draft.model_dump_json().encode() + layout.model_dump_json().encode())
-    h.update(code_digest(("sweep/drafts.py",), ()).encode())
-    target = directory / f"{key}-{h.hexdigest()[:12]}"
-    try:
-        built(target, lambda tmp: _write(Path(base.path), tmp, draft, layout))
-    except (ValueError, OSError, RuntimeError) as exc:
+    made = with_draft(key, base, directory)
+    if isinstance(made, str):
         return base.model_copy(update={"architecture": key, "path": None, "origin": f"{origin}; target: {base.origin}",
-                                       "reason": f"draft layers: {type(exc).__name__}: {' '.join(str(exc).split())[:300]}"})
-    return base.model_copy(update={
-        "architecture": key, "path": str(target), "draft": draft.method, "spec": None, "shapes": {}, "target": base,
-        "server_args": [*base.server_args,
-                        *speculative_args(draft, target / DRAFT_DIR if layout.checkpoint == "own" else None)],
-        "load_only": base.load_only or NOT_SERVED,
-        "origin": f"{origin}; target: {base.origin}"})
+                                       "reason": f"draft layers: {made}"})
+    return made.model_copy(update={"spec": None, "shapes": {}, "target": base, "origin": f"{origin}; target: {base.origin}"})
 
 
 def own_checkpoint(key: str) -> bool:
@@ -434,42 +421,42 @@ def own_checkpoint(key: str) -> bool:
     return r.layouts[r.drafts[key].layout].checkpoint == "own"
 
 
-def beside(twin, target):
-    """A checkpoint-of-its-own draft's cell under a quantized target (sweep/twins.py quantize: `target`,
-    its target twin quantized): the draft's directory, unquantized, beside that target's files, as
-    such drafts are published and deployed (an EAGLE-3 speculator in BF16 for an FP8 target); or the
-    reason the target has no such twin."""
+def with_draft(key: str, base, directory: Path, suffix: str = ""):
+    """`base` (the target's twin, float or quantized) with the draft `key` written in or beside it
+    (`_write`), as a twin; or why it could not be made."""
+    r = rules()
+    draft = r.drafts[key]
+    layout = r.layouts[draft.layout]
+    made = derived(directory, key + suffix, Path(base.path), draft.model_dump_json().encode()
+                   + layout.model_dump_json().encode(), "sweep/drafts.py",
+                   lambda tmp: _write(Path(base.path), tmp, draft, layout))
+    if isinstance(made, str):
+        return made
+    return base.model_copy(update={
+        "architecture": key, "path": str(made), "draft": draft.method,
+        "server_args": [*base.server_args,
+                        *speculative_args(draft, made / DRAFT_DIR if layout.checkpoint == "own" else None)],
+        "load_only": base.load_only or NOT_SERVED})
+
+
+def derived(directory: Path, name: str, source: Path, described: bytes, code: str, fill) -> Path | str:
+    """A twin directory made from the twin at `source` (a draft's, sweep/heads.py a head's): under
+    `directory`, named `name` and a digest of what decides its bytes (the source twin's directory name,
+    `described`, the code file `code` that writes it), `fill(tmp)` writing it (`built`); or why it could
+    not be made, in one line."""
     import hashlib
 
     from servematrix.paths import code_digest
 
-    r = rules()
-    key = twin.architecture
-    draft = r.drafts[key]
-    layout = r.layouts[draft.layout]
-    if not target.ok:
-        return twin.model_copy(update={"quant": target.quant, "path": None, "note": "", "target": None,
-                                       "reason": f"its target {draft.target}: {target.reason}"})
-    h = hashlib.sha256(Path(target.path).name.encode())
-    h.update(draft.model_dump_json().encode() + layout.model_dump_json().encode())
-    h.update(code_digest(("sweep/drafts.py",), ()).encode())
-    into = Path(twin.path).parent / f"{key}-{target.quant}-{h.hexdigest()[:12]}"
-
-    def fill(tmp: Path) -> None:
-        copy_files(Path(target.path), tmp)
-        _write_own(Path(target.path), tmp / DRAFT_DIR, layout, draft)
-
+    h = hashlib.sha256(source.name.encode())
+    h.update(described)
+    h.update(code_digest((code,), ()).encode())
+    into = directory / f"{name}-{h.hexdigest()[:12]}"
     try:
         built(into, fill)
     except (ValueError, OSError, RuntimeError) as exc:
-        return twin.model_copy(update={"quant": target.quant, "path": None, "target": None,
-                                       "reason": f"draft beside its {target.quant} target: {type(exc).__name__}: "
-                                                 f"{' '.join(str(exc).split())[:300]}"})
-    return target.model_copy(update={
-        "architecture": key, "path": str(into), "draft": draft.method, "origin": twin.origin,
-        "note": f"{target.note}; the draft unquantized beside it, as published drafts for quantized targets are",
-        "server_args": [*target.server_args, *speculative_args(draft, into / DRAFT_DIR)],
-        "load_only": target.load_only or NOT_SERVED})
+        return f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}"
+    return into
 
 
 def _write(base: Path, into: Path, draft: Draft, layout: Layout) -> None:

@@ -70,10 +70,7 @@ def build(key: str, directory: Path, max_pp: int, tps: list[int], align: dict[st
     """The architecture `key`'s twin: its base's twin copied without the `drop`ped tensors (the
     others under `add_prefix`), with the head (HEAD_FILE) and the index naming every tensor's file,
     `architectures` set; or the reason there is none."""
-    import hashlib
-
-    from servematrix.paths import code_digest
-    from servematrix.sweep import pooling, twins
+    from servematrix.sweep import twins
 
     head = rules().heads[key]
     base = twins.build(head.base, directory, max_pp, tps, align=align)
@@ -81,48 +78,26 @@ def build(key: str, directory: Path, max_pp: int, tps: list[int], align: dict[st
     if not base.ok:
         return base.model_copy(update={"architecture": key, "origin": f"{origin}; base: {base.origin}",
                                        "reason": f"its base {head.base} has no twin: {base.reason}"})
-    h = hashlib.sha256(Path(base.path).name.encode())
-    h.update(key.encode() + head.model_dump_json().encode())
-    h.update(code_digest(("sweep/heads.py",), ()).encode())
-    target = directory / f"{key}-{h.hexdigest()[:12]}"
-    try:
-        drafts.built(target, lambda tmp: _write(Path(base.path), tmp, key, head))
-    except (ValueError, OSError, RuntimeError) as exc:
+    made = with_head(key, base, directory)
+    if isinstance(made, str):
         return base.model_copy(update={"architecture": key, "path": None, "origin": f"{origin}; base: {base.origin}",
-                                       "reason": f"head: {type(exc).__name__}: {' '.join(str(exc).split())[:300]}"})
-    return base.model_copy(update={
-        "architecture": key, "path": str(target), "spec": None, "shapes": {}, "target": base,
-        "server_args": [*base.server_args, *([] if base.architecture else pooling.SERVER_ARGS)],  # a pooling base has them
-        "origin": f"{origin}; base: {base.origin}"})
+                                       "reason": f"head: {made}"})
+    return made.model_copy(update={"spec": None, "shapes": {}, "target": base, "origin": f"{origin}; base: {base.origin}"})
 
 
-def beside(twin, base):
-    """The headed twin `twin`'s cell under a quantization: `base`, its base twin quantized
-    (sweep/twins.py quantize), with the head added in float as to the float base; or the reason the
-    base has no such twin."""
-    import hashlib
-
-    from servematrix.paths import code_digest
+def with_head(key: str, base, directory: Path, suffix: str = ""):
+    """`base` (the base model's twin, float or quantized) with the head of `key` added (`_write`), as a
+    twin; or why it could not be made."""
     from servematrix.sweep import pooling
 
-    key = twin.architecture
     head = rules().heads[key]
-    if not base.ok:
-        return twin.model_copy(update={"quant": base.quant, "path": None, "note": "", "target": None,
-                                       "reason": f"its base {head.base}: {base.reason}"})
-    h = hashlib.sha256(Path(base.path).name.encode())
-    h.update(key.encode() + head.model_dump_json().encode())
-    h.update(code_digest(("sweep/heads.py",), ()).encode())
-    into = Path(twin.path).parent / f"{key}-{base.quant}-{h.hexdigest()[:12]}"
-    try:
-        drafts.built(into, lambda tmp: _write(Path(base.path), tmp, key, head))
-    except (ValueError, OSError, RuntimeError) as exc:
-        return twin.model_copy(update={"quant": base.quant, "path": None, "target": None,
-                                       "reason": f"head beside its {base.quant} base: {type(exc).__name__}: "
-                                                 f"{' '.join(str(exc).split())[:300]}"})
+    made = drafts.derived(directory, key + suffix, Path(base.path), key.encode() + head.model_dump_json().encode(),
+                          "sweep/heads.py", lambda tmp: _write(Path(base.path), tmp, key, head))
+    if isinstance(made, str):
+        return made
     return base.model_copy(update={
-        "architecture": key, "path": str(into), "origin": twin.origin, "note": f"{base.note}; the head in float",
-        "server_args": [*base.server_args, *([] if base.architecture else pooling.SERVER_ARGS)]})
+        "architecture": key, "path": str(made),
+        "server_args": [*base.server_args, *([] if base.architecture else pooling.SERVER_ARGS)]})  # a pooling base has them
 
 
 def _write(base: Path, into: Path, key: str, head: Head) -> None:

@@ -11,6 +11,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from servematrix.config import packaged
+from servematrix.config.quantize import layer_pattern
 from servematrix.config.fields import Regex
 from servematrix.config.embedding_spec import EmbeddingSmoke
 from servematrix.config.scenario import SmokePrompt
@@ -78,7 +79,7 @@ class KvScales(_Strict):
         templates (`{layer}` left to the forge), or None where no layer holds a format's module."""
         for f in self.formats:
             k_module = f.k_scale.rsplit(".", 1)[0]
-            held = re.compile(r"(.*?)" + re.escape(k_module).replace(re.escape("{layer}"), r"\d+") + r"\.weight")
+            held = re.compile(r"(.*?)" + layer_pattern(k_module) + r"\.weight")
             prefix = next((m.group(1) for n in names if (m := held.fullmatch(n))), None)
             if prefix is not None and (not prefix or prefix.endswith(".")):
                 return {"k_scale": prefix + f.k_scale, "v_scale": prefix + f.v_scale}

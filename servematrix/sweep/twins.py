@@ -48,9 +48,6 @@ class Twin(BaseModel):
         return self.path is not None
 
 
-Twin.model_rebuild()  # `target` is a Twin
-
-
 def build(key: str, directory: Path, max_pp: int, tps: list[int], align: dict[str, int] | None = None) -> Twin:
     """The twin of a cell key in `directory`, or the reason there is none: a model_type's (its
     causal-LM class), or a pooling architecture's (key: the class's name, never a model_type).
@@ -170,20 +167,12 @@ def quantize(base: Twin, quant: str, tps: list[int], wide=None) -> Twin:
     from servematrix.sweep.quant import quantized, widen_units
 
     name = f"sweep-{(base.architecture or base.model_type).replace('_', '-').lower()}-{quant}"
-    if base.ok and base.target is not None:  # built beside another twin: that one quantized, then the same again
-        from servematrix.sweep import drafts, heads
-
+    if base.ok and base.target is not None and _made_again(base):  # built beside another twin: that one quantized
         def wide_target(units: dict[str, int]) -> Twin:  # the widened twin's own target (or why there is none)
             wider = wide(units)
             return wider.target if wider.target is not None else wider
 
-        def quantized_target() -> Twin:
-            return quantize(base.target, quant, tps, wide_target if wide else None)
-
-        if base.draft and drafts.own_checkpoint(base.architecture):  # a draft unquantized, as deployed
-            return drafts.beside(base, quantized_target())
-        if heads.describes(base.architecture or ""):  # a pooling head in float
-            return heads.beside(base, quantized_target())
+        return beside(base, quantize(base.target, quant, tps, wide_target if wide else None))
     if not base.ok or base.spec is None:
         return base.model_copy(update={"quant": quant, "path": None, "reason": base.reason or (
             "a draft held in its target's checkpoint is unquantized only here (real quantized checkpoints quantize "
@@ -219,6 +208,36 @@ def quantize(base: Twin, quant: str, tps: list[int], wide=None) -> Twin:
                 load_only=base.load_only,
                 origin=base.origin,
                 server_args=_dtype(base.server_args, "bfloat16" if q.spec["dtype"] == "float32" else q.spec["dtype"]))
+
+
+def _made_again(twin: Twin) -> bool:
+    """Whether `twin`'s quantized cells are it made again beside its target quantized: a draft of its own
+    checkpoint (unquantized, as deployed), a headed pooling twin (the head in float)."""
+    from servematrix.sweep import drafts, heads
+
+    return bool(twin.draft and drafts.own_checkpoint(twin.architecture)) or heads.describes(twin.architecture or "")
+
+
+def beside(twin: Twin, target: Twin) -> Twin:
+    """`twin` made again beside `target`, the twin it was built beside quantized (sweep/drafts.py
+    with_draft: the draft unquantized, as such drafts are published and deployed, an EAGLE-3 speculator
+    in BF16 for an FP8 target; sweep/heads.py with_head: the head in float); or the reason there is none."""
+    from servematrix.sweep import drafts, heads
+
+    key = twin.architecture
+    if twin.draft:
+        role, name, what, make = "target", drafts.rules().drafts[key].target, "draft", drafts.with_draft
+        note = "the draft unquantized beside it, as published drafts for quantized targets are"
+    else:
+        role, name, what, make, note = "base", heads.rules().heads[key].base, "head", heads.with_head, "the head in float"
+    if not target.ok:
+        return twin.model_copy(update={"quant": target.quant, "path": None, "note": "", "target": None,
+                                       "reason": f"its {role} {name}: {target.reason}"})
+    made = make(key, target, Path(twin.path).parent, f"-{target.quant}")
+    if isinstance(made, str):
+        return twin.model_copy(update={"quant": target.quant, "path": None, "target": None,
+                                       "reason": f"{what} beside its {target.quant} {role}: {made}"})
+    return made.model_copy(update={"origin": twin.origin, "note": f"{target.note}; {note}"})
 
 
 def _released_tensors(model_type: str, forged: Path, directory: Path) -> Path:

@@ -447,7 +447,7 @@ def test_an_eagle_draft_under_a_quantized_target_is_its_unquantized_draft_beside
     config = {**json.loads((fp8 / "config.json").read_text()), "quantization_config": {"quant_method": "fp8"}}
     (fp8 / "config.json").write_text(json.dumps(config))
     target = twin.target.model_copy(update={"path": str(fp8), "quant": "fp8-block", "note": "fp8-block: every linear"})
-    q = drafts.beside(twin, target)
+    q = twins.beside(twin, target)
     path = Path(q.path)
     assert q.ok and q.quant == "fp8-block" and q.draft == "eagle3" and q.architecture == "LlamaForCausalLMEagle3"
     assert json.loads((path / "config.json").read_text())["quantization_config"] == {"quant_method": "fp8"}
@@ -455,7 +455,7 @@ def test_an_eagle_draft_under_a_quantized_target_is_its_unquantized_draft_beside
     i = q.server_args.index("--speculative-config")
     assert json.loads(q.server_args[i + 1])["model"] == str(path / drafts.DRAFT_DIR) and path != Path(twin.path)
     assert q.note.startswith("fp8-block: every linear; the draft unquantized") and q.origin == twin.origin
-    gone = drafts.beside(twin, target.model_copy(update={"path": None, "reason": "fp8-block: too narrow"}))
+    gone = twins.beside(twin, target.model_copy(update={"path": None, "reason": "fp8-block: too narrow"}))
     assert not gone.ok and gone.reason == "its target llama: fp8-block: too narrow"
 
 

@@ -70,7 +70,7 @@ def test_under_a_quantization_the_head_goes_in_float_beside_its_base_s_quantized
     config = {**json.loads((fp8 / "config.json").read_text()), "quantization_config": {"quant_method": "fp8"}}
     (fp8 / "config.json").write_text(json.dumps(config))
     base = twin.target.model_copy(update={"path": str(fp8), "quant": "fp8-block", "note": "fp8-block: every linear"})
-    q = heads.beside(twin, base)
+    q = twins.beside(twin, base)
     path = Path(q.path)
     assert q.ok and q.quant == "fp8-block" and q.architecture == "Qwen2ForRewardModel" and path != Path(twin.path)
     written = json.loads((path / "config.json").read_text())
@@ -78,7 +78,7 @@ def test_under_a_quantization_the_head_goes_in_float_beside_its_base_s_quantized
     with safe_open(str(path / heads.HEAD_FILE), "pt") as f:
         assert f.get_tensor("score.0.weight").dtype == torch.bfloat16
     assert q.server_args == ["--dtype", "bfloat16", *pooling.SERVER_ARGS] and q.note == "fp8-block: every linear; the head in float"
-    gone = heads.beside(twin, base.model_copy(update={"path": None, "reason": "fp8-block: too narrow"}))
+    gone = twins.beside(twin, base.model_copy(update={"path": None, "reason": "fp8-block: too narrow"}))
     assert not gone.ok and gone.reason == "its base qwen2: fp8-block: too narrow"
 
 
