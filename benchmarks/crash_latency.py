@@ -50,15 +50,15 @@ class TimedServer(LocalServer):
 class TimedSession(Session):
     recorded_at: float | None = None
 
-    def _publish(self, summary, rec) -> None:
-        super()._publish(summary, rec)  # writes summary.json
+    def _publish(self, rec, final: bool = True) -> None:
+        super()._publish(rec, final)  # writes summary.json
         TimedSession.recorded_at = time.monotonic()
 
 
 def once(out: Path) -> float:
     matrix = load_matrix(REPO / "matrix" / "broken.yaml")
-    r = TimedSession(matrix, matrix.entries, RunOptions.of(out, retries=0))
-    r.pipeline.make_server = TimedServer
+    r = TimedSession.of(matrix, matrix.entries, RunOptions.of(out, retries=0))
+    r.work.pipeline.make_server = TimedServer
     TimedServer.exit_at = TimedSession.recorded_at = None
     summary = r.run()
     rec = json.loads((out / "summary.json").read_text())["scenarios"][0]

@@ -153,7 +153,7 @@ def cmd_run(args) -> int:
                          gpus=args.gpus, ray_address=args.ray_address, overwrite=args.overwrite, python=args.python,
                          gsm8k_limit=args.limit, gsm8k=not args.no_gsm8k, startup_timeout=args.startup_timeout,
                          retries=args.retries, inject=tuple(args.inject or ()))
-    summary = Session(matrix, entries, opts).run()
+    summary = Session.of(matrix, entries, opts).run()
     print(f"\n{summary.status}: " + ", ".join(f"{k} {v}" for k, v in summary.counts.items()))
     print(f"reports: {terminal(out, None)}/summary.json, load-success.md, accuracy.md, junit.xml")
     return summary.exit_code if summary.exit_code is not None else 2
@@ -183,7 +183,7 @@ def cmd_repro(args) -> int:
 
         out = Path(args.out) if args.out else _default_out()
         opts = RunOptions.of(out.resolve(), python=args.python, gsm8k_limit=args.limit)
-        return Session(matrix, [entry], opts).run().exit_code or 0
+        return Session.of(matrix, [entry], opts).run().exit_code or 0
     scenario = matrix.scenario(entry.scenario)
     model_path = resolve(scenario, matrix.store.directory, build=False)  # prints only: nothing forged
     if args.compose:

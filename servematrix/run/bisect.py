@@ -166,7 +166,7 @@ def bisect(matrix: Matrix, entry, low: str, high: str, out: Path, signature: str
     def run_one(release: str, run_dir: Path) -> ScenarioRecord:
         e = retarget(entry, release)
         opts = RunOptions.of(run_dir, python=python, gsm8k=False, retries=0, overwrite=overwrite)
-        (rec,) = Session(matrix, [e], opts).run().scenarios
+        (rec,) = Session.of(matrix, [e], opts).run().scenarios
         return rec
 
     return run_bisect(entry.id if entry is not None else "", low, high, out, signature, run_one, python, overwrite)

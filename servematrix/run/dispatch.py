@@ -130,6 +130,17 @@ Execute = Callable[[Job, list[int]], Any]  # (job, GPU ids) -> result
 Done = Callable[[Job, Any], bool]  # -> False to stop starting new jobs (interrupted)
 
 
+class Bound:
+    """A pool with what runs each job bound to it: what run/session.py hands a work's jobs to
+    (`run(jobs, done)`), with the slots it has (`capacity`) to tell the jobs it could never run."""
+
+    def __init__(self, capacity: Capacity, run: Callable[[list[Job], Done], None]):
+        self.capacity, self._run = capacity, run
+
+    def run(self, jobs: list[Job], done: Done) -> None:
+        self._run(jobs, done)
+
+
 class LocalPool:
     """Jobs on this host. With one slot (a CPU host, or one GPU) they run one after another in the
     calling thread, so Ctrl-C lands where the server is torn down; with more GPUs each job runs on

@@ -2,14 +2,16 @@
 a load check of a mirrored twin (vLLM's own model construction and load_weights under the layout),
 recorded as pass, fail with its signature, or not checkable here with the reason.
 
-The sweep owns no run of its own: run/lifecycle.py (the lifecycle `servematrix run` has) claims
-the directory, points `latest`, turns Ctrl-C / SIGTERM into "interrupted", writes each cell's
-record.json the moment it ends, counts the verdicts, appends the history row and writes the
-reports; each cell goes through the pipeline's phases (run/pipeline.py: typed Parts, the retry
-rule, the load-check phase in the persistent world of the pool serve/world.py keeps, the serve
-phase at `--depth serve`). The run directory is `run`'s: summary.json of ScenarioRecords (scenario
-= the architecture's key, tp/pp/quant/vllm the cell's axes, so the reports' grid is the heatmap,
-and `gate`, `history` and `diff` read it); the coverage counts head load-success.md (sweep/report.py).
+The sweep owns no run of its own: its cells are the work (SweepWork) of the run engine `servematrix
+run` has (run/session.py over run/lifecycle.py), which claims the directory, points `latest`, plans
+the jobs, hands them to the pool (dispatch.LocalPool here; with `--backend ray` the fleet of
+persistent worlds), turns Ctrl-C / SIGTERM into "interrupted", writes each cell's record.json the
+moment it ends, counts the verdicts, appends the history row and writes the reports; each cell goes
+through the pipeline's phases (run/pipeline.py: typed Parts, the retry rule, the load-check phase in
+the persistent world of the pool serve/world.py keeps, the serve phase at `--depth serve`). The run
+directory is `run`'s: summary.json of ScenarioRecords (scenario = the architecture's key,
+tp/pp/quant/vllm the cell's axes, so the reports' grid is the heatmap, and `gate`, `history` and
+`diff` read it); the coverage counts head load-success.md (sweep/report.py).
 What stays here: which cells there are (registry, cells, twins) and what a cell's result means
 (not checkable here, twin-incomplete, the depth reached).
 """
@@ -29,9 +31,8 @@ from servematrix.config.devices import device
 from servematrix.errors import ArgumentError
 from servematrix.paths import cache_dir
 from servematrix.redact import terminal
-from servematrix.record import EntryOutcome, Expected, Failure, RunSummary, StageFailed
-from servematrix.run import rundir
-from servematrix.run.lifecycle import RunLifecycle
+from servematrix.record import EntryOutcome, Expected, Failure, RunSummary, ScenarioRecord, StageFailed
+from servematrix.run import dispatch, rundir
 from servematrix.run.pipeline import Parts, interrupted, load_check_phase, now_iso, with_retries
 from servematrix.sweep import cells as cellmod
 from servematrix.sweep import filled, pooling, quant, registry, serve, twins, wrappers
@@ -66,18 +67,18 @@ REWRITE_SHARE = 0.2
 
 
 def run(opts: SweepOptions, log=sys.stderr) -> RunSummary:
-    """The sweep as one run of run/lifecycle.py (the lifecycle `servematrix run` has): the
+    """The sweep as one run of the run engine (run/session.py, the one `servematrix run` has): the
     directory claimed, `latest`, interrupts, each cell's record published as it ends, the history
     row and the reports (with the sweep's coverage) at the end."""
+    from servematrix.run.session import Session
     from servematrix.serve import envs
 
     for rel in opts.releases:
         if rel != envs.CURRENT:
             envs.declared(rel, "--vllm")
-    rundir.check(opts.out, opts.overwrite)  # refused before a registry is asked (and claimed below)
+    rundir.check(opts.out, opts.overwrite)  # refused before a registry is asked (and claimed by the run)
     started = now_iso()
     pythons = {rel: _python(rel) for rel in opts.releases}
-    versions = envs.versions(opts.releases[0], pythons[opts.releases[0]])
     coverage: dict[str, Coverage] = {}
     selected: list[cellmod.Cell] = []
     # each release lists its registry in its own interpreter (a subprocess importing vLLM) while this
@@ -99,86 +100,129 @@ def run(opts: SweepOptions, log=sys.stderr) -> RunSummary:
     def write(summary: RunSummary, trend: dict | None, pages_of) -> None:
         write_reports(summary, coverage.values(), trend, pages_of)
 
-    lifecycle = RunLifecycle(opts.out, opts.overwrite, write=write, throttle=REWRITE_SHARE)
-    lifecycle.claim()
-    summary = lifecycle.start("sweep", versions, [c.id for c in selected], started_at=started)
+    work = SweepWork(opts, selected, pythons, coverage, started, log)
     print(f"sweep: {len(selected)} cells ({sum(c.arch.forgeable for c in selected)} forgeable) in "
           f"{len(opts.releases)} release(s)", file=log, flush=True)
-    twin_cache: dict[str, twins.Twin] = {}
-    pool = _worlds(opts)
-    with lifecycle.running(cleanup=pool.close):  # SIGTERM too ends it "interrupted"; no worker outlives it
-        _cells(selected, opts, pythons, versions, lifecycle, coverage, twin_cache, pool, log)
-    return summary
+    return Session(work, opts.out, opts.overwrite, write=write, throttle=REWRITE_SHARE).run()
 
 
-def _cells(selected, opts, pythons, versions, lifecycle, coverage, twin_cache, worlds, log) -> None:
-    if opts.backend == "ray":  # several worlds at once (sweep/spread.py); the local order stays as it is
-        return _spread_cells(selected, opts, pythons, versions, lifecycle, coverage, twin_cache, worlds, log)
-    for i, cell in enumerate(selected, 1):
-        worlds.close_others(cell.release)  # releases run one after another: a finished one's world goes
-        outcome = _cell(cell, opts, pythons[cell.release], twin_cache, worlds, versions, log)
-        if not _publish(cell, outcome, f"{i}/{len(selected)}", lifecycle, coverage, twin_cache, log):
+class SweepWork:
+    """The sweep's cells as the work of a run (run/session.py): each cell a job needing the host's
+    CPU-server slot, in the sweep's order (release by release: a finished release's world goes);
+    a cell that can never be checked here is recorded before anything runs; the pool is this host's
+    (dispatch.LocalPool, the cells one after another through their worlds) or, with `--backend ray`,
+    the fleet of persistent worlds (sweep/spread.py). A cell's outcome is judged as a matrix entry's
+    (no baseline: a layout's parity is not the sweep's question) and counted in the coverage."""
+
+    name = "sweep"
+    quiet_skips = True  # thousands of not-checkable cells: each on disk at once, the pages rewritten in batches
+
+    def __init__(self, opts: SweepOptions, cells: list[cellmod.Cell], pythons: dict[str, str],
+                 coverage: dict[str, Coverage], started_at: str, log=sys.stderr):
+        self.opts, self.cells, self.pythons, self.coverage, self.log = opts, cells, pythons, coverage, log
+        self.started_at, self.ids = started_at, [c.id for c in cells]
+        self.cancelled = threading.Event()
+        self._by_id = {c.id: c for c in cells}
+        from servematrix.serve import envs
+
+        self._versions = envs.versions(opts.releases[0], pythons[opts.releases[0]])
+        self.twins: dict = {}  # built once per model_type (and per quantization and TP) for the whole sweep
+        self.worlds = None  # the pool's persistent worlds (_worlds), started with the run
+
+    def versions(self) -> dict:
+        return self._versions
+
+    def jobs(self) -> list[dispatch.Job]:
+        # one estimate for all: the pool keeps the sweep's order (release by release)
+        return [dispatch.Job(k=k, id=c.id, host=1) for k, c in enumerate(self.cells, 1)]
+
+    def cell(self, cell: cellmod.Cell, worlds) -> EntryOutcome:
+        return _cell(cell, self.opts, self.pythons[cell.release], self.twins, worlds, self._versions, self.log)
+
+    def unrunnable(self, job: dispatch.Job, capacity: dispatch.Capacity) -> EntryOutcome | None:
+        """A cell not checkable here whatever runs it (no twin can be forged for its architecture, a
+        native twin of another release): recorded before any cell runs."""
+        from servematrix.serve.envs import CURRENT
+
+        cell = self._by_id[job.id]
+        if not cell.arch.forgeable or (cell.arch.native and cell.release != CURRENT):
+            return self.cell(cell, None)
+        return None
+
+    def pool(self) -> dispatch.Bound:
+        self.worlds = _worlds(self.opts)
+        if self.opts.backend == "ray":
+            return dispatch.Bound(dispatch.Capacity(host=1), self._spread)
+
+        def execute(job: dispatch.Job, ids: list[int]) -> EntryOutcome:
+            cell = self._by_id[job.id]
+            self.worlds.close_others(cell.release)  # releases run one after another: a finished one's world goes
+            return self.cell(cell, self.worlds)
+
+        local = dispatch.LocalPool([])
+        return dispatch.Bound(dispatch.Capacity(host=1), lambda jobs, done: local.run(jobs, execute, done))
+
+    def records(self, outcome: EntryOutcome) -> list[tuple[ScenarioRecord, bool]]:
+        record = judge(outcome)
+        cell = self._by_id[outcome.id]
+        self.coverage[cell.release].count(record, self.twins.get(cell.arch.key))
+        return [(record, True)]
+
+    def published(self, rec: ScenarioRecord, n: int) -> None:
+        if rec.verdict == "skipped":  # not checkable: in the record and the coverage, not worth a line
             return
+        where = f" on {rec.node}" if self.opts.backend == "ray" else ""
+        print(f"[{n}/{len(self.cells)}] {terminal(rec.id)}: {rec.verdict} ({rec.seconds:.1f} s){where}"
+              + (f" {terminal(rec.failure.signature, 160)}" if rec.failure else ""), file=self.log, flush=True)
 
+    def cancel(self) -> None:
+        self.cancelled.set()
 
-def _publish(cell: cellmod.Cell, outcome: EntryOutcome, progress: str, lifecycle, coverage, twin_cache, log,
-             where: str = "") -> bool:
-    """A finished cell judged (check.verdict.judge, as a matrix entry), counted, its record published
-    and its line printed; False where it was interrupted (as a matrix run: the cell is recorded,
-    nothing more starts)."""
-    record = judge(outcome)
-    coverage[cell.release].count(record, twin_cache.get(cell.arch.key))
-    lifecycle.publish(record, rewrite=record.verdict != "skipped")  # a not-checkable cell costs no rewrite
-    if record.verdict != "skipped":
-        print(f"[{progress}] {terminal(cell.id)}: {record.verdict} ({record.seconds:.1f} s){where}"
-              + (f" {terminal(record.failure.signature, 160)}" if record.failure else ""), file=log, flush=True)
-    if record.failure is not None and record.failure.kind == "interrupted":
-        lifecycle.summary.status = "interrupted"
-        return False
-    return True
+    def close(self) -> list[ScenarioRecord]:
+        if self.worlds is not None:
+            self.worlds.close()  # no worker outlives the run
+        return []
 
+    def _spread(self, jobs: list[dispatch.Job], done) -> None:
+        """`--backend ray`: the twins built here first (once each; run/ray_worlds.py ships them to
+        the nodes), a cell whose twin cannot be built recorded at once, the rest spread over the
+        fleet's worlds (sweep/spread.py), each record published the moment its cell ends."""
+        from servematrix.sweep import spread
 
-def _spread_cells(selected, opts, pythons, versions, lifecycle, coverage, twin_cache, fleet, log) -> None:
-    """`--backend ray`: the twins built here first (once each; run/ray_worlds.py ships them to the
-    nodes), the cells that need no world recorded at once, the rest spread over the fleet's worlds
-    (sweep/spread.py), each record published the moment its cell ends."""
-    from servematrix.sweep import spread
+        why_retried: dict[str, str] = {}
+        job_of = {j.id: j for j in jobs}
 
-    ended = 0
-    why_retried: dict[str, str] = {}
+        def publish(cell: cellmod.Cell, outcome: EntryOutcome) -> bool:
+            return done(job_of[cell.id], outcome)
 
-    def publish(cell: cellmod.Cell, outcome: EntryOutcome) -> bool:
-        nonlocal ended
-        ended += 1
-        return _publish(cell, outcome, f"{ended}/{len(selected)}", lifecycle, coverage, twin_cache, log,
-                        where=f" on {outcome.node}")
+        def run_cell(cell: cellmod.Cell, world, attempt: int) -> EntryOutcome:
+            outcome = self.cell(cell, world)
+            if attempt == 1:
+                return outcome
+            return outcome.model_copy(update={"attempts": outcome.attempts + 1, "remarks": [
+                *outcome.remarks, f"retried on another world: {why_retried.get(cell.id, 'its first world was lost')}"]})
 
-    def run_cell(cell: cellmod.Cell, world, attempt: int) -> EntryOutcome:
-        outcome = _cell(cell, opts, pythons[cell.release], twin_cache, world, versions, log)
-        if attempt == 1:
-            return outcome
-        return outcome.model_copy(update={"attempts": outcome.attempts + 1, "remarks": [
-            *outcome.remarks, f"retried on another world: {why_retried.get(cell.id, 'its first world was lost')}"]})
+        def retried(cell: cellmod.Cell, why: str) -> None:
+            why_retried[cell.id] = why
+            print(f"{terminal(cell.id)}: {terminal(why, 300)}; retrying on another world", file=self.log, flush=True)
 
-    def retried(cell: cellmod.Cell, why: str) -> None:
-        why_retried[cell.id] = why
-        print(f"{terminal(cell.id)}: {terminal(why, 300)}; retrying on another world", file=log, flush=True)
-
-    remote = []
-    for cell in selected:
-        if cell.arch.forgeable and _twin(cell, opts, twin_cache).ok:
-            remote.append(cell)
-        elif not publish(cell, _cell(cell, opts, pythons[cell.release], twin_cache, None, versions, log)):
+        remote = []
+        for job in jobs:
+            cell = self._by_id[job.id]
+            if _twin(cell, self.opts, self.twins).ok:
+                remote.append(cell)
+            elif not publish(cell, self.cell(cell, None)):
+                return
+        if not remote:
             return
-    if not remote:
-        return
-    worlds = fleet.start()
-    print(f"sweep: {len(worlds)} world(s) on {len({w.node for w in worlds})} Ray node(s)", file=log, flush=True)
-    spread.spread(spread.by_cost(remote, opts.releases), worlds, run_cell, publish,
-                  lost=lambda cell, world, why: _unrun(cell, versions, world.node if world else "none", Failure(
-                      kind="signal", signature=f"servematrix: {why}", infra=True, phase="load"), attempts=2),
-                  interrupted=lambda cell, world: _unrun(cell, versions, world.node, interrupted()),
-                  replace=fleet.replace, retried=retried)
+        fleet, versions = self.worlds, self._versions
+        worlds = fleet.start()
+        print(f"sweep: {len(worlds)} world(s) on {len({w.node for w in worlds})} Ray node(s)", file=self.log, flush=True)
+        spread.spread(spread.by_cost(remote, self.opts.releases), worlds, run_cell, publish,
+                      lost=lambda cell, world, why: _unrun(cell, versions, world.node if world else "none", Failure(
+                          kind="signal", signature=f"servematrix: {why}", infra=True, phase="load"), attempts=2),
+                      interrupted=lambda cell, world: _unrun(cell, versions, world.node, interrupted()),
+                      replace=fleet.replace, retried=retried)
 
 
 def _unrun(cell: cellmod.Cell, versions: dict, node: str, failure: Failure, attempts: int = 1) -> EntryOutcome:

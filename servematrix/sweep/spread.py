@@ -5,7 +5,8 @@ as an infrastructure failure if its second world is lost too.
 
 The scheduling is here, apart from Ray: a world is anything `run(cell, world)` can use, and a
 lost one is `ActorLost` raised out of `run`, so the unit tests drive it with a scripted double.
-The local backend never comes here: one world per release, cells in order (runner._cells).
+The local backend never comes here: one world per release, cells in order (runner.SweepWork's
+local pool, dispatch.LocalPool).
 """
 
 from __future__ import annotations

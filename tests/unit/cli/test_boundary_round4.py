@@ -77,8 +77,12 @@ def test_the_run_prints_its_reports_path_escaped(work, capsys, monkeypatch):
     work.file("matrix/m.yaml", "name: m\nscenarios: [a]\n")
 
     class ScriptedSession:  # the run itself is session.py's; here only the CLI's last lines
-        def __init__(self, matrix, entries, opts):
+        def __init__(self, entries):
             self.entries = entries
+
+        @classmethod
+        def of(cls, matrix, entries, opts):
+            return cls(entries)
 
         def run(self):
             return SimpleNamespace(status="complete", counts={"pass": len(self.entries)}, exit_code=0)

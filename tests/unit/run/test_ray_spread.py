@@ -156,7 +156,10 @@ class Fleet:
     """The runner's view of run/ray_worlds.py's RayFleet: worlds that lose the cells named."""
 
     def __init__(self, *worlds):
-        self.worlds, self.started = list(worlds), False
+        self.worlds, self.started, self.closed = list(worlds), False, False
+
+    def close(self):
+        self.closed = True
 
     def start(self):
         self.started = True
@@ -166,10 +169,12 @@ class Fleet:
         return None
 
 
-def test_the_ray_sweep_records_cells_needing_no_world_first_and_a_retried_cell_says_so(monkeypatch, tmp_path):
+def test_the_ray_sweep_runs_in_the_run_engine_records_cells_needing_no_world_first_and_a_retried_cell_says_so(monkeypatch, tmp_path):
     import io
     from types import SimpleNamespace
 
+    from servematrix.run.session import Session
+    from servematrix.serve import envs
     from servematrix.sweep import cells, registry, report, runner, twins
 
     def arch(name, mt, forgeable=True):
@@ -181,7 +186,6 @@ def test_the_ray_sweep_records_cells_needing_no_world_first_and_a_retried_cell_s
               cells.Cell(arch=arch("OPTForCausalLM", "opt"), layout=tp1, quant="none")]
     versions = {"vllm": "0.32.0", "torch": "2.9"}
     fleet = Fleet(SimpleNamespace(node="host/aaa", lose={"llama/tp1-none"}), SimpleNamespace(node="host/bbb", lose=set()))
-    published = []
 
     def cell_run(cell, opts, python, twin_cache, world, versions, log):
         if world is None:  # not forgeable: recorded without a world, before any world starts
@@ -193,10 +197,14 @@ def test_the_ray_sweep_records_cells_needing_no_world_first_and_a_retried_cell_s
 
     monkeypatch.setattr(runner, "_cell", cell_run)
     monkeypatch.setattr(runner, "_twin", lambda cell, opts, cache: twins.Twin(model_type=cell.arch.model_type, path="/t"))
-    lifecycle = SimpleNamespace(publish=lambda rec, rewrite: published.append(rec), summary=SimpleNamespace(status="running"))
+    monkeypatch.setattr(runner, "_worlds", lambda opts: fleet)
+    monkeypatch.setattr(envs, "versions", lambda release, python: versions)
     coverage = {"current": report.Coverage(release="current", registered=3, forgeable=2)}
-    opts = runner.SweepOptions(releases=["current"], layouts=[tp1], quants=["none"], out=tmp_path, backend="ray")
-    runner._spread_cells(chosen, opts, {"current": "/py"}, versions, lifecycle, coverage, {}, fleet, io.StringIO())
+    opts = runner.SweepOptions(releases=["current"], layouts=[tp1], quants=["none"], out=tmp_path / "run", backend="ray")
+    work = runner.SweepWork(opts, chosen, {"current": "/py"}, coverage, "2026-12-07T00:00:00+00:00", io.StringIO())
+    summary = Session(work, opts.out).run()  # the run engine `servematrix run` has, with the sweep's work
+    published = summary.scenarios
+    assert summary.status == "complete" and fleet.closed
     by_id = {r.id: r for r in published}
     assert published[0].id == "Remote/tp1-none" and published[0].verdict == "skipped"
     llama = by_id["llama/tp1-none"]

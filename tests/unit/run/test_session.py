@@ -17,7 +17,7 @@ from servematrix.config.matrix import load_matrix
 from servematrix.errors import StateError
 from servematrix.record import Failure, RunSummary
 from servematrix.run import pipeline as pipeline_mod
-from servematrix.run import session as session_mod
+from servematrix.run import matrix_work as session_mod
 from servematrix.run.options import RunOptions
 from servematrix.run.pipeline import interrupted
 from servematrix.run.session import Session
@@ -61,7 +61,7 @@ def matrix(tmp_path):
 
 def session(matrix, ids, out, pipeline, **options) -> Session:
     entries = [by_id(matrix)[i] for i in ids]
-    return Session(matrix, entries, RunOptions.of(out, **options), pipeline=pipeline)
+    return Session.of(matrix, entries, RunOptions.of(out, **options), pipeline=pipeline)
 
 
 def published(summary: RunSummary) -> list[str]:
@@ -232,9 +232,9 @@ def test_sigterm_during_a_real_pipelines_smoke_stops_its_server_and_starts_nothi
         return completion_body(body.get("model"), [5, 6, 7])
 
     entries = [by_id(matrix)[i] for i in (BASE, KV_TP1)]
-    run = Session(matrix, entries, RunOptions.of(tmp_path / "run", gsm8k=False))
+    run = Session.of(matrix, entries, RunOptions.of(tmp_path / "run", gsm8k=False))
     servers = []
-    run.pipeline.make_server = lambda spec: servers.append(ScriptedServer(spec, reply=terminate_then_answer)) \
+    run.work.pipeline.make_server = lambda spec: servers.append(ScriptedServer(spec, reply=terminate_then_answer)) \
         or servers[-1]
     previous = signal.signal(signal.SIGTERM, lambda *a: None)
     try:
@@ -243,7 +243,7 @@ def test_sigterm_during_a_real_pipelines_smoke_stops_its_server_and_starts_nothi
         signal.signal(signal.SIGTERM, previous)
 
     assert len(servers) == 1 and servers[0].stopped  # torn down; the second entry never started one
-    assert run.pipeline.live == set()
+    assert run.work.pipeline.live == set()
     assert published(summary) == [BASE]
     rec = record(summary, BASE)
     assert rec.failure.kind == "interrupted" and rec.verdict == "error" and rec.attempts == 1
@@ -318,7 +318,7 @@ def test_an_exception_escaping_one_parallel_entry_still_stops_the_other_live_ser
 def test_gpu_entries_on_a_host_without_gpus_are_skipped_with_their_reason_and_the_run_exits_2(tmp_path):
     matrix = load_matrix(REPO / "matrix/gpu-smoke.yaml")
     pipeline = ScriptedPipeline(matrix)
-    summary = Session(matrix, matrix.entries, RunOptions.of(tmp_path / "run"), pipeline=pipeline).run()
+    summary = Session.of(matrix, matrix.entries, RunOptions.of(tmp_path / "run"), pipeline=pipeline).run()
 
     assert pipeline.calls == []  # nothing was handed to the pipeline
     assert summary.status == "complete"
@@ -338,7 +338,7 @@ def test_on_a_one_gpu_host_only_the_wider_layouts_are_skipped_and_held_for_their
     monkeypatch.setattr(hardware, "host_gpus", lambda ids: one)
     matrix = load_matrix(REPO / "matrix/gpu-smoke.yaml")
     pipeline = ScriptedPipeline(matrix)
-    summary = Session(matrix, matrix.entries, RunOptions.of(tmp_path / "run"), pipeline=pipeline).run()
+    summary = Session.of(matrix, matrix.entries, RunOptions.of(tmp_path / "run"), pipeline=pipeline).run()
 
     assert pipeline.calls == [(1, "tiny-llama/tp1-pp1-fp32-gpu", [3]), (3, "tiny-llama-2kv/tp1-pp1-fp32-gpu", [3])]
     assert published(summary) == ["tiny-llama/tp1-pp1-fp32-gpu", "tiny-llama/tp2-pp1-fp32-gpu",
@@ -355,7 +355,7 @@ def test_a_gpu_entry_whose_requirements_no_gpu_of_the_host_meets_is_skipped_nami
     monkeypatch.setattr(hardware, "host_gpus", lambda ids: hopper)
     matrix = matrix_file(tmp_path, "include:\n  - {scenario: minimax-m2.5-nvfp4, tp: 2, device: gpu}\n")
     pipeline = ScriptedPipeline(matrix)
-    summary = Session(matrix, matrix.entries, RunOptions.of(tmp_path / "run"), pipeline=pipeline).run()
+    summary = Session.of(matrix, matrix.entries, RunOptions.of(tmp_path / "run"), pipeline=pipeline).run()
 
     assert pipeline.calls == []
     (rec,) = summary.scenarios
@@ -377,9 +377,9 @@ def test_on_a_mixed_host_an_entry_runs_on_the_gpu_that_meets_its_requirements_in
     model.mkdir()
     monkeypatch.setattr(pipeline_mod, "resolve", lambda scenario, base_dir=None, build=True: str(model))
     matrix = matrix_file(tmp_path, "include:\n  - {scenario: qwen3-0.6b, tp: 1, quant: fp8, device: gpu}\n")
-    run = Session(matrix, matrix.entries, RunOptions.of(tmp_path / "run", gsm8k=False))
+    run = Session.of(matrix, matrix.entries, RunOptions.of(tmp_path / "run", gsm8k=False))
     servers = []
-    run.pipeline.make_server = lambda spec: servers.append(ScriptedServer(spec)) or servers[-1]
+    run.work.pipeline.make_server = lambda spec: servers.append(ScriptedServer(spec)) or servers[-1]
     summary = run.run()
 
     (rec,) = summary.scenarios

@@ -65,7 +65,7 @@ def test_many_skipped_entries_write_the_reports_a_constant_number_of_times(tmp_p
 
     monkeypatch.setattr(lifecycle_mod, "write_all", counted)  # the run lifecycle writes the reports
     t0 = time.monotonic()
-    summary = Session(matrix, matrix.entries, RunOptions.of(tmp_path / "run"), pipeline=ScriptedPipeline(matrix)).run()
+    summary = Session.of(matrix, matrix.entries, RunOptions.of(tmp_path / "run"), pipeline=ScriptedPipeline(matrix)).run()
     took = time.monotonic() - t0
 
     assert summary.counts == {"skipped": N} and summary.exit_code == 2
@@ -83,7 +83,7 @@ def test_a_scenario_credential_written_again_in_a_waiver_is_stored_nowhere(tmp_p
                "    bug: 'https://alice:pw0rdSecret@github.com/x/y/issues/1'\n"
                "    signature: 'hf_SuperSecret1234|sk-flagsecret99'\n")
     matrix = gpu_matrix(tmp_path, 1, include)
-    Session(matrix, matrix.entries, RunOptions.of(tmp_path / "run"), pipeline=ScriptedPipeline(matrix)).run()
+    Session.of(matrix, matrix.entries, RunOptions.of(tmp_path / "run"), pipeline=ScriptedPipeline(matrix)).run()
 
     written = {p: p.read_text() for p in (tmp_path / "run").rglob("*") if p.is_file()}
     assert any(p.name == "record.json" for p in written) and any(p.name == "outcome.json" for p in written)
