@@ -119,12 +119,12 @@ class SweepWork:
 
     def __init__(self, opts: SweepOptions, cells: list[cellmod.Cell], pythons: dict[str, str],
                  coverage: dict[str, Coverage], started_at: str, log=sys.stderr):
+        from servematrix.serve import envs
+
         self.opts, self.cells, self.pythons, self.coverage, self.log = opts, cells, pythons, coverage, log
         self.started_at, self.ids = started_at, [c.id for c in cells]
         self.cancelled = threading.Event()
         self._by_id = {c.id: c for c in cells}
-        from servematrix.serve import envs
-
         self._versions = envs.versions(opts.releases[0], pythons[opts.releases[0]])
         self.twins: dict = {}  # built once per model_type (and per quantization and TP) for the whole sweep
         self.worlds = None  # the pool's persistent worlds (_worlds), started with the run
