@@ -32,6 +32,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import subprocess
 from pathlib import Path
 from typing import Any, Literal
@@ -39,6 +40,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from servematrix.config import packaged
+from servematrix.config.quantize import layer_pattern
 from servematrix.paths import data_file
 
 FILE = data_file("sweep-native.yaml")
@@ -81,12 +83,17 @@ class NativeFamily(_Strict):
     aliases: dict[str, str] = Field(default_factory=dict)
     aliases_found: str | None = None
     # a derived name -> the published spelling, where vLLM accepts both and the derivation cannot tell which
-    # the checkpoints carry (a mapper rule that drops a submodule); each with its reason in the data
+    # the checkpoints carry (a mapper rule that drops a submodule); each with its reason in the data. `{layer}`
+    # in a name stands for any layer's index (the same in both names), so a rule holds at every twin depth
     renames: dict[str, str] = Field(default_factory=dict)
     weight_map_names: list[str] = Field(default_factory=list)  # published names of layer 0 and the rest, if known
     weight_map_found: str | None = None
     # why the derivation cannot give this family's checkpoint names (its cells are "not checkable here" with it)
     unsupported: str | None = None
+    # the architectures entry as the published config spells it, where that is not the name vLLM registers (the
+    # twin states the registered one: its cells check vLLM's class; the note says a checkpoint so spelled
+    # names an architecture vLLM's registry does not list)
+    published_as: str | None = None
 
 
 class NativeRules(_Strict):
@@ -101,6 +108,16 @@ def family(arch: str) -> NativeFamily | None:
     return next((f for f in rules().families if f.arch == arch), None)
 
 
+def renamed(fam: NativeFamily, name: str) -> str:
+    """`name` as the family's `renames` spell it (an exact rule first, then a `{layer}` template)."""
+    if name in fam.renames:
+        return fam.renames[name]
+    for derived, published in fam.renames.items():
+        if "{layer}" in derived and (m := re.fullmatch(layer_pattern(derived), name)):
+            return published.replace("{layer}", m.group(1))
+    return name
+
+
 def is_native(key: str) -> bool:
     return family(key) is not None
 
@@ -109,7 +126,11 @@ def label(fam: NativeFamily) -> str:
     what = {"published": f"the published config {fam.hub} ({'complete' if fam.complete else 'partial copy'})",
             "vllm-config-defaults": "vLLM's own configuration class defaults",
             "transformers-config-defaults": "transformers' configuration class defaults"}[fam.origin]
-    return f"native twin from {what}, read at {fam.found}; tensor names from vLLM's {fam.arch} on the meta device"
+    spelled = (f"; the published config names the architecture {fam.published_as}, a name vLLM's registry does not "
+               f"list (it lists {fam.arch}, the class checked here), so vLLM does not resolve such a checkpoint to it"
+               if fam.published_as else "")
+    return (f"native twin from {what}, read at {fam.found}; tensor names from vLLM's {fam.arch} on the meta device"
+            + spelled)
 
 
 # ---- the twin's config ----
@@ -287,13 +308,13 @@ def _build(fam: NativeFamily, directory: Path, max_pp: int, tps: list[int], orig
             first = next(iter(found["unmapped"].items()))
             raise _NoLayout(f"no checkpoint name for {len(found['unmapped'])} of vLLM's parameters, "
                             f"e.g. {first[0]}: {first[1]}")
-        tensors = {fam.renames.get(n, n): shape for n, shape in found["tensors"].items()}
+        tensors = {renamed(fam, n): shape for n, shape in found["tensors"].items()}
         _write_tensors(tmp, tensors, fam.arch)
         tokenizer.save_pretrained(tmp)
         _pin_tokenizer_class(tmp)
         return {"family": fam.model_dump(mode="json"), "class": found.get("class"),
                 "config_class": found.get("config_class"), "plain_config_types": found.get("plain_config_types", plain),
-                "tensors": tensors, STACKS: [[fam.renames.get(n, n) for n in g] for g in found.get("stacks") or []],
+                "tensors": tensors, STACKS: [[renamed(fam, n) for n in g] for g in found.get("stacks") or []],
                 "weight_map_differences": compare(fam, list(tensors))}
 
     if done.is_file():

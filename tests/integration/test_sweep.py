@@ -24,9 +24,9 @@ pytestmark = pytest.mark.integration
 # Qwen2-VL: a multimodal architecture data/sweep-multimodal.yaml does not describe yet (llava it does)
 # TransformersForCausalLM: vLLM's Transformers-backend wrapper, checked through llama's twin (sweep/wrappers.py)
 # InternLM2ForCausalLM: no transformers class, a native twin from vLLM's own class (sweep/native.py);
-# TeleFLMForCausalLM: no transformers class and none described, not checkable
+# Param2MoEForCausalLM: no transformers class and none described, not checkable
 ARCHS = ("llama/*,qwen3_moe/*,deepseek_v3/*,TransformersForCausalLM/*,Qwen2VLForConditionalGeneration/*,"
-         "InternLM2ForCausalLM/*,TeleFLMForCausalLM/*")
+         "InternLM2ForCausalLM/*,Param2MoEForCausalLM/*")
 # pooling cells (sweep/pooling.py), at TP=1 only: a BERT embedding model, a decoder's sequence classifier, and two
 # models transformers has no class for (sweep/heads.py): a reward model (qwen2's twin with Qwen2.5-Math-RM's score
 # head) and ColBERT (BertModel's twin under bert. with its linear projection)
@@ -61,7 +61,7 @@ def test_the_sweep_checks_each_forgeable_cell_and_says_why_the_others_are_not(sw
     assert {r["model"] for r in wrapper["load_check"]["ranks"]} == {"TransformersForCausalLM"}
     assert "Transformers backend: vLLM built TransformersForCausalLM" in wrapper["note"]
     assert "multimodal" in by_id["Qwen2VLForConditionalGeneration/tp1-none"]["note"]
-    assert "has no class TeleFLMForCausalLM" in by_id["TeleFLMForCausalLM/pp2-none"]["note"]
+    assert "has no class Param2MoEForCausalLM" in by_id["Param2MoEForCausalLM/pp2-none"]["note"]
     md = (out / "load-success.md").read_text()
     # each checked cell's mark carries its note's number ([n]: what its twin was built from)
     assert "## Coverage" in md and re.search(r"\| llama \| ✓ ᴸ( \[\d+\])? \| ✓ ᴸ( \[\d+\])? \|", md), md

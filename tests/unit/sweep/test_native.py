@@ -20,11 +20,27 @@ FAMILIES = [f.arch for f in native.rules().families]
 def test_every_family_names_where_its_config_was_read():
     for fam in native.rules().families:
         assert fam.found and fam.config.get("model_type", fam.model_type) == fam.model_type, fam.arch
-        assert fam.config.get("architectures") == [fam.arch], fam.arch
+        assert fam.config.get("architectures") == [fam.published_as or fam.arch], fam.arch
         if fam.origin == "published":
             assert fam.hub, fam.arch
         if fam.aliases:
             assert fam.aliases_found, fam.arch
+
+
+def test_a_layer_template_renames_every_layer_and_an_exact_rule_comes_first():
+    """TeleChat2's published spelling (transformer.h.N.*, its published weight map) for every layer the
+    twin has, whatever its depth; names no rule covers stay as derived."""
+    fam = native.family("TeleChat2ForCausalLM")
+    assert native.renamed(fam, "model.layers.7.self_attn.k_proj.weight") == "transformer.h.7.self_attention.key.weight"
+    assert native.renamed(fam, "model.h.12.mlp.down_proj.bias") == "transformer.h.12.mlp.down_proj.bias"
+    assert native.renamed(fam, "model.word_embeddings.weight") == "transformer.word_embeddings.weight"
+    assert native.renamed(fam, "lm_head.weight") == "lm_head.weight"
+
+
+def test_a_published_spelling_vllm_does_not_register_is_said_in_every_cells_note():
+    fam = native.family("TeleChat3ForCausalLM")
+    assert fam.config["architectures"] == ["Telechat3ForCausalLM"] and fam.published_as == "Telechat3ForCausalLM"
+    assert "names the architecture Telechat3ForCausalLM, a name vLLM's registry does not list" in native.label(fam)
 
 
 @pytest.mark.parametrize("arch", FAMILIES)
@@ -79,7 +95,7 @@ def test_the_registry_sweeps_a_native_family_under_its_own_name():
     ids = [c.id for c in cells([arch], layouts("tp1,tp2"), ["none"], ["0.32.0"])]
     assert "InternLM2ForCausalLM/tp1-none" in ids[0]
     assert "native" in cells([arch], layouts("tp1"), ["none"], ["0.32.0"])[0].tags
-    other = registry.classify("TeleFLMForCausalLM", "text")
+    other = registry.classify("Param2MoEForCausalLM", "text")
     assert not other.forgeable and "has no class" in other.reason
 
 

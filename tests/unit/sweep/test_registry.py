@@ -53,8 +53,8 @@ def test_pooling_architectures_of_one_model_type_are_each_their_own_cells_not_al
 
 
 def test_a_class_transformers_lacks_is_not_checkable_and_says_why():
-    a = registry.classify("TeleFLMForCausalLM", "text")
-    assert not a.forgeable and a.model_type is None and "has no class TeleFLMForCausalLM" in a.reason
+    a = registry.classify("Param2MoEForCausalLM", "text")
+    assert not a.forgeable and a.model_type is None and "has no class Param2MoEForCausalLM" in a.reason
 
 
 def test_a_class_of_a_model_type_that_is_not_its_causal_lm_class_names_the_one_that_is():

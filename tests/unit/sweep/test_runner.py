@@ -17,7 +17,7 @@ REPO = Path(__file__).resolve().parents[3]
 
 REGISTRY = {"LlamaForCausalLM": {"kind": "text"}, "Qwen3MoeForCausalLM": {"kind": "text"},
             "MambaForCausalLM": {"kind": "text"}, "Qwen2VLForConditionalGeneration": {"kind": "multimodal"},
-            "TeleFLMForCausalLM": {"kind": "text"}}
+            "Param2MoEForCausalLM": {"kind": "text"}}
 
 
 @pytest.fixture
@@ -67,7 +67,7 @@ def test_every_cell_is_pass_fail_or_not_checkable_with_its_reason(tmp_path, doub
     assert by_id["llama/tp1-none"].verdict == "pass" and by_id["llama/tp1-none"].scenario == "llama"
     fail = by_id["qwen3_moe/pp2-none"]
     assert fail.verdict == "fail" and fail.failure.signature.startswith("KeyError") and (fail.tp, fail.pp) == (1, 2)
-    for rid in ("mamba/tp1-none", "Qwen2VLForConditionalGeneration/pp2-none", "TeleFLMForCausalLM/tp1-none"):
+    for rid in ("mamba/tp1-none", "Qwen2VLForConditionalGeneration/pp2-none", "Param2MoEForCausalLM/tp1-none"):
         assert by_id[rid].verdict == "skipped" and by_id[rid].note.startswith("not checkable here: ")
     assert "no attention heads" in by_id["mamba/pp2-none"].note
     assert doubles == ["llama/tp1-none", "llama/pp2-none", "qwen3_moe/tp1-none", "qwen3_moe/pp2-none"]
