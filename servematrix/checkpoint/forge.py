@@ -61,7 +61,7 @@ def forge(name: str, spec: ForgeSpec) -> Path:
         _write_components(spec, out)
         add_tensors(out, spec)
         quantize_fp8_blocks(out, spec)
-        quantize_weights(out, spec)
+        quantize_weights(out, spec.quantize, spec.dtype)
         _patch_config(out, spec)
         unknown = check_config(out, spec)
         for mutation in spec.mutations:

@@ -85,16 +85,17 @@ def quantize_fp8_blocks(out: Path, spec: ForgeSpec) -> None:
             raise ValueError(f"fp8_blocks: no tensor matches {q.tensors!r}")
 
 
-def quantize_weights(out: Path, spec: ForgeSpec) -> None:
-    """`quantize:`: every weight a method selects rewritten in its layout (quant_pack.py), then the
-    KV-cache scales added for every layer; a glob that selects nothing, or a weight its layout cannot
-    hold, is refused naming the spec entry."""
+def quantize_weights(out: Path, quantize: list, dtype: str) -> None:
+    """A spec's `quantize:` entries on the checkpoint in `out` (a model of `dtype`; a forged one, or a
+    sweep's native twin: sweep/native.py): every weight a method selects rewritten in its layout
+    (quant_pack.py), then the KV-cache scales added for every layer; a glob that selects nothing, or a
+    weight its layout cannot hold, is refused naming the spec entry."""
     import torch
     from safetensors.torch import load_file
 
     from servematrix.config.quantize import KvCacheScales, layer_pattern, modules
 
-    methods = [(i, q) for i, q in enumerate(spec.quantize) if not isinstance(q, KvCacheScales)]
+    methods = [(i, q) for i, q in enumerate(quantize) if not isinstance(q, KvCacheScales)]
     hit: set[int] = set()
     files = sorted(out.glob("*.safetensors"))
     for path in files:
@@ -107,7 +108,7 @@ def quantize_weights(out: Path, spec: ForgeSpec) -> None:
             if bad:
                 raise ValueError(f"quantize[{i}] ({q.method}): {name} {list(weight.shape)}: {bad}")
             prefix = name[: -len(".weight")]
-            leaves = quantize_linear(q, tensors.pop(name), spec.dtype)
+            leaves = quantize_linear(q, tensors.pop(name), dtype)
             tensors.update({f"{prefix}.{leaf}": t for leaf, t in leaves.items()})
             hit.add(i)
         if chosen:
@@ -115,7 +116,7 @@ def quantize_weights(out: Path, spec: ForgeSpec) -> None:
     for i, q in methods:
         if i not in hit:
             raise ValueError(f"quantize[{i}] ({q.method}): no weight matches {q.tensors} (ignore {q.ignore})")
-    for kv in (q for q in spec.quantize if isinstance(q, KvCacheScales)):
+    for kv in (q for q in quantize if isinstance(q, KvCacheScales)):
         held = modules(tensor_names(out))  # at any depth: a scale may sit on k_proj or on self_attn itself
         tensors = load_file(files[0])
         written = 0

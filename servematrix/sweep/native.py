@@ -35,7 +35,7 @@ import os
 import re
 import subprocess
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -154,9 +154,48 @@ def source_config(fam: NativeFamily) -> dict[str, Any]:
             **fam.config}
 
 
+class Widths(NamedTuple):
+    """The twin's widths: a head's, the dense and the experts' feed-forward. A family's `twin` values
+    may name them (`"{head_dim}"`, `"{ffn}"`, `"{moe_ffn}"`: a field no role covers that is one of them)."""
+
+    head_dim: int = HEAD_DIM
+    ffn: int = FFN
+    moe_ffn: int = MOE_FFN
+
+
+def widths(tps: list[int], align: dict[str, int] | None = None) -> Widths:
+    """The twin's widths; with `align` (sweep/rules.py Widen.units: a quantized layout's block or group,
+    outputs and inputs, per TP rank) the smallest multiples of the defaults whose every TP shard holds
+    whole units, as real checkpoints' do: a rank's query heads (2 a rank at the largest TP, as
+    twin_config plans them) in the attention's outputs and the output projection's inputs, one KV head a
+    rank, the hidden size (every linear's input or output), each feed-forward width's shard."""
+    if not align:
+        return Widths()
+    top = max(tps)
+
+    def whole(width: int, unit: str) -> bool:
+        return width % align.get(unit, 1) == 0
+
+    def head_fits(hd: int) -> bool:
+        return all(whole(2 * top // tp * hd, "attn_out") and whole(2 * top // tp * hd, "attn_in") for tp in tps) \
+            and whole(hd, "kv_out") and whole(2 * top * hd, "all")
+
+    def ffn(base: int) -> int:
+        return next(w for w in range(base, 64 * base + 1, base)
+                    if all(w % tp == 0 and whole(w // tp, "ffn") and whole(w, "all") for tp in tps))
+
+    head_dim = next(hd for hd in range(HEAD_DIM, 64 * HEAD_DIM + 1, HEAD_DIM) if head_fits(hd))
+    return Widths(head_dim, ffn(FFN), ffn(MOE_FFN))
+
+
+def _twin_values(fam: NativeFamily, w: Widths) -> dict[str, Any]:
+    named = {f"{{{k}}}": v for k, v in w._asdict().items()}
+    return {k: named.get(v, v) if isinstance(v, str) else v for k, v in fam.twin.items()}
+
+
 def twin_config(fam: NativeFamily, max_pp: int, tps: list[int], vocab: int | None = None,
-                special: dict[str, int] | None = None) -> dict[str, Any]:
-    """The family's config shrunk: every role field it carries set to the twin's size, then the
+                special: dict[str, int] | None = None, w: Widths = Widths()) -> dict[str, Any]:
+    """The family's config shrunk: every role field it carries set to the twin's size (`w`), then the
     family's own `twin` values (data), then the forge-owned fields (vocabulary, special tokens)."""
     roles = _roles()
     cfg = {k: v for k, v in source_config(fam).items() if k not in DROPPED}
@@ -174,13 +213,13 @@ def twin_config(fam: NativeFamily, max_pp: int, tps: list[int], vocab: int | Non
                 cfg[key] = value
 
     put("layers", max(2, max_pp))
-    put("hidden", heads * HEAD_DIM)
+    put("hidden", heads * w.head_dim)
     put("heads", heads)
     put("kv_heads", kv)
-    put("head_dim", HEAD_DIM)
+    put("head_dim", w.head_dim)
     for key in roles.get("ffn", []):
         if isinstance(cfg.get(key), int):
-            cfg[key] = FFN if key == "intermediate_size" else MOE_FFN
+            cfg[key] = w.ffn if key == "intermediate_size" else w.moe_ffn
     put("experts", experts)
     for key in roles.get("top_k", []):
         if isinstance(cfg.get(key), int):
@@ -190,7 +229,7 @@ def twin_config(fam: NativeFamily, max_pp: int, tps: list[int], vocab: int | Non
     for key in roles.get("shared_experts", []) + roles.get("first_dense", []):
         if isinstance(cfg.get(key), int):
             cfg[key] = min(cfg[key], 1)
-    cfg.update(fam.twin)
+    cfg.update(_twin_values(fam, w))
     cfg["architectures"] = [fam.arch]
     cfg["model_type"] = fam.model_type
     cfg["torch_dtype"] = "bfloat16"
@@ -251,7 +290,7 @@ def compare(fam: NativeFamily, names: list[str]) -> list[str]:
 def build(key: str, directory: Path, max_pp: int, tps: list[int], align: dict[str, int] | None = None):
     """The native twin of architecture `key` in `directory` (content-addressed: reused when complete),
     or the reason there is none; its layout is the current release's class's (the runner checks its
-    cells on that release only)."""
+    cells on that release only). `align`: widened for a quantized layout (widths)."""
     from servematrix.sweep.twins import Twin
 
     fam = family(key)
@@ -261,11 +300,8 @@ def build(key: str, directory: Path, max_pp: int, tps: list[int], align: dict[st
     if fam.unsupported:
         return Twin(model_type=fam.model_type, architecture=key, origin=origin,
                     reason=f"native twin: {fam.unsupported}")
-    if align:
-        return Twin(model_type=fam.model_type, architecture=key, origin=origin,
-                    reason="a native twin is not widened for quantized layouts yet")
     try:
-        return _build(fam, directory, max_pp, tps, origin)
+        return _build(fam, directory, max_pp, tps, origin, widths(tps, align))
     except Exception as exc:  # noqa: BLE001 - a family that cannot be built costs its cells, not the sweep
         text = " ".join(str(exc).split())[:400]
         return Twin(model_type=fam.model_type, architecture=key, origin=origin,
@@ -276,7 +312,7 @@ class _NoLayout(Exception):
     """vLLM's class gave no checkpoint layout for the twin's config (the reason its cells are not checkable)."""
 
 
-def _build(fam: NativeFamily, directory: Path, max_pp: int, tps: list[int], origin: str):
+def _build(fam: NativeFamily, directory: Path, max_pp: int, tps: list[int], origin: str, w: Widths):
     # the forge's own tokenizer, as every forged twin carries it (its helpers are private to forge.py, whose
     # bytes key the forge cache: not moved here)
     from servematrix.checkpoint.forge import _pin_tokenizer_class, _train_tokenizer
@@ -291,7 +327,7 @@ def _build(fam: NativeFamily, directory: Path, max_pp: int, tps: list[int], orig
     tokenizer = _train_tokenizer(TokenizerSpec())
     special = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
                "pad_token_id": tokenizer.pad_token_id}
-    config = twin_config(fam, max_pp, tps, len(tokenizer), special)
+    config = twin_config(fam, max_pp, tps, len(tokenizer), special, w)
     h = hashlib.sha256(json.dumps([config, fam.model_dump(mode="json")], sort_keys=True).encode())
     for part in (Path(__file__), PROBE, PROBE.with_name("loadcheck_worker.py")):
         h.update(part.read_bytes())
@@ -358,3 +394,55 @@ def recorded_stacks(twin: Path) -> list[list[str]]:
         return json.loads((Path(twin) / DONE_FILE).read_text()).get(STACKS) or []
     except (OSError, ValueError):
         return []
+
+
+# ---- its quantized variants ----
+
+QUANT_DONE_FILE = "native-quantized.json"
+
+
+def quantized(base, fields: dict[str, Any], quant: str) -> Path | str:
+    """`base` (a native twin) in `quant`'s layout: sweep/quant.py layout()'s `fields` (the ForgeSpec
+    fields it sets) applied to a copy of its tensors by the forge's own writer (forge_tensors.py
+    quantize_weights: real FP8 values and scales, AWQ/GPTQ packs, KV-cache scales, from the twin's
+    weights), the quantization_config they imply in its config.json; the path, or why there is none."""
+    import shutil
+
+    from pydantic import TypeAdapter
+
+    from servematrix.checkpoint.forge_tensors import quantize_weights, tensor_names
+    from servematrix.config.quantize import QuantizeSpec, quantization_config
+    from servematrix.paths import build_cached, code_digest
+
+    if "quantize" not in fields or set(fields) - {"quantize", "dtype"}:
+        return f"{quant}: a native twin takes a `quantize:` layout only, not {sorted(set(fields) - {'dtype'})}"
+    entries = TypeAdapter(list[QuantizeSpec]).validate_python(fields["quantize"])
+    dtype = fields.get("dtype") or "bfloat16"  # a native twin is written in bf16 (_write_tensors)
+    source = Path(base.path)
+    h = hashlib.sha256(json.dumps([source.name, fields], sort_keys=True).encode())
+    h.update(code_digest(("sweep/native.py", "checkpoint/forge_tensors.py", "checkpoint/quant_pack.py",
+                          "config/quantize.py"), ("torch", "safetensors")).encode())
+
+    def build(tmp: Path) -> dict:
+        import torch
+        from safetensors.torch import load_file, save_file
+
+        for item in source.iterdir():
+            if item.is_file() and item.name != "model.safetensors":
+                shutil.copy2(item, tmp / item.name)
+        want = getattr(torch, dtype)
+        tensors = {k: v.to(want) if v.is_floating_point() else v for k, v in load_file(source / "model.safetensors").items()}
+        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        quantize_weights(tmp, entries, dtype)
+        config = json.loads((tmp / "config.json").read_text())
+        config["quantization_config"] = quantization_config(entries, tensor_names(tmp))
+        config["torch_dtype"] = dtype
+        (tmp / "config.json").write_text(json.dumps(config, indent=2))
+        return {"base": source.name, "quant": quant, "fields": fields}
+
+    target = source.parent / f"{source.name}-{quant}-{h.hexdigest()[:12]}"
+    try:
+        build_cached(target, QUANT_DONE_FILE, build)
+    except ValueError as exc:  # the writer's refusal (a weight its layout cannot hold): the reason
+        return f"{quant}: the forge's writer refuses the native twin: {' '.join(str(exc).split())[:300]}"
+    return target

@@ -22,7 +22,7 @@ from servematrix.sweep.rules import QuantRule, load
 class QuantSpec(BaseModel):
     """What a quantized twin is forged from, or why there is none."""
 
-    spec: dict[str, Any] | None = None  # the ForgeSpec, dumped
+    spec: dict[str, Any] | None = None  # the ForgeSpec, dumped (layout(): only the fields the layout sets)
     note: str = ""  # the layout in words (block size, family rule), recorded on the cell
     reason: str | None = None
     narrow: bool = False  # no spec because the twin's linears are narrower than every block/group
@@ -88,6 +88,18 @@ def _block(method: Fp8Block, shapes: dict[str, tuple[int, ...]], rule: QuantRule
                  if all(_fits(n, s, b, rule.block_k, tps, config) for n, s in selected.items())), None)
 
 
+def _left_float(entries: list[dict[str, Any]], shapes: dict[str, tuple[int, ...]]) -> list[str]:
+    """The decoder layers' 2-D weights (a layer index in the name) the weight method of `entries` leaves
+    in float, as module names below the layer (`attention.wo`, a router's `mlp.gate`), so a note never
+    says "every decoder linear" of a twin whose names the globs miss."""
+    weights = [e for e in entries if e.get("method") != "kv_cache_scales"]
+    if not weights:
+        return []
+    method = _method_of(weights[0])
+    return sorted({re.sub(r"^.*?\.\d+\.", "", n).removesuffix(".weight") for n, s in shapes.items()
+                   if len(s) == 2 and n.endswith(".weight") and re.search(r"\.\d+\.", n) and not method.selects(n)})
+
+
 def _kv_heads(config: dict[str, Any] | None) -> int | None:
     """The twin's KV heads (its config's GQA field, else its attention heads), None if it has neither."""
     from servematrix.mirror.layout import field_value
@@ -98,7 +110,11 @@ def _kv_heads(config: dict[str, Any] | None) -> int | None:
 
 
 def _method(rule: QuantRule, **fields):
-    return {tag(c): c for c in BY_SCHEME.values()}[rule.quantize["method"]].model_validate({**rule.quantize, **fields})
+    return _method_of({**rule.quantize, **fields})
+
+
+def _method_of(entry: dict[str, Any]):
+    return {tag(c): c for c in BY_SCHEME.values()}[entry["method"]].model_validate(entry)
 
 
 def _misfit(method, name: str, shape: tuple[int, ...], tp: int, config: dict[str, Any] | None = None) -> str | None:
@@ -154,13 +170,29 @@ def refused_on_cpu(quant: str, signature: str) -> bool:
 def quantized(model_type: str, spec: dict[str, Any], shapes: dict[str, tuple[int, ...]], quant: str,
               tps: list[int]) -> QuantSpec:
     """The ForgeSpec of `model_type`'s twin (`spec`, whose forged tensors are `shapes`) under `quant`."""
+    q = layout(model_type, spec.get("config") or {}, shapes, quant, tps)
+    if q.spec is None:
+        return q
+    try:
+        forged = ForgeSpec.model_validate({**spec, **q.spec})
+    except ValidationError as exc:  # the forge's own check of the layout: its first message is the reason
+        return QuantSpec(reason=f"{quant}: the forge refuses the layout: {exc.errors()[0]['msg'][:300]}")
+    return QuantSpec(spec=forged.model_dump(mode="json"), note=q.note)
+
+
+def layout(model_type: str, config: dict[str, Any], shapes: dict[str, tuple[int, ...]], quant: str,
+           tps: list[int]) -> QuantSpec:
+    """`quant`'s layout for a twin of `model_type` (its config, its tensors' `shapes`) at `tps`: the
+    ForgeSpec fields it sets (`quantize` or `fp8_blocks`, `dtype`) as `spec`, or the reason there is none."""
     rule = rules()[quant]
-    config = spec.get("config") or {}
     family = rule.families.get(model_type)
     if family is not None and not family.checkable:
         return QuantSpec(reason=f"{quant}: {family.why}")
     if family is not None and family.ignore:  # the family's published list of modules not converted
         rule = rule.model_copy(update={"quantize": {**rule.quantize, "ignore": family.ignore}})
+    if family is not None and family.tensors:  # the family's own linears, which no shared glob names
+        rule = rule.model_copy(update={"quantize": {**rule.quantize,
+                                                    "tensors": [*rule.quantize["tensors"], *family.tensors]}})
     if family is not None and family.fp8_blocks:
         update: dict[str, Any] = {"fp8_blocks": family.fp8_blocks}
         note = family.why
@@ -189,12 +221,10 @@ def quantized(model_type: str, spec: dict[str, Any], shapes: dict[str, tuple[int
             entries.append({"method": "kv_cache_scales", **templates})
             note += ", k_scale / v_scale per layer"
         update = {"quantize": entries}
-    if family is not None and family.ignore and not family.fp8_blocks:
+    if family is not None and (family.ignore or family.tensors) and not family.fp8_blocks:
         note += f"; {family.why}"
+    if left := _left_float(update.get("quantize", []), shapes):
+        note += f"; not quantized (no glob of sweep-quants.yaml selects them): {', '.join(left)}"
     if dtype := rule.dtype_for.get(model_type, rule.dtype):
         update["dtype"] = dtype
-    try:
-        forged = ForgeSpec.model_validate({**spec, **update})
-    except ValidationError as exc:  # the forge's own check of the layout: its first message is the reason
-        return QuantSpec(reason=f"{quant}: the forge refuses the layout: {exc.errors()[0]['msg'][:300]}")
-    return QuantSpec(spec=forged.model_dump(mode="json"), note=note)
+    return QuantSpec(spec=update, note=note)

@@ -29,11 +29,14 @@ class Family(_Strict):
     option) as the family's real checkpoints carry them; `ignore`, modules its published checkpoints
     keep unquantized and name as not converted (globs over module names, the forge's `ignore`: each
     written into the config as the twin's modules it matches, as those configs list them per layer);
-    or, `checkable: false`, no layout at all: its cells are "not checkable here" with `why`, never a
+    `tensors`, its own linears no shared glob names; or, `checkable: false`, no layout at all: its cells are "not checkable here" with `why`, never a
     verdict a real checkpoint would not get."""
 
     fp8_blocks: list[dict[str, Any]] = Field(default_factory=list)
     ignore: list[str] = Field(default_factory=list)
+    # globs of the family's own decoder linears, quantized beside the shared list's (a native twin's names,
+    # from vLLM's class, that no shared glob matches), as the family's published quantized checkpoints hold them
+    tensors: list[str] = Field(default_factory=list)
     checkable: bool = True
     why: str
 

@@ -164,24 +164,34 @@ def quantize(base: Twin, quant: str, tps: list[int], wide=None) -> Twin:
     every block or group of `quant`, `wide(units)` gives the same twin re-planned that wide (as real
     checkpoints are), and that one is quantized instead."""
     from servematrix.checkpoint.forge import forge
-    from servematrix.sweep.quant import quantized, widen_units
+    from servematrix.sweep import native
+    from servematrix.sweep.quant import layout, quantized, widen_units
 
     name = f"sweep-{(base.architecture or base.model_type).replace('_', '-').lower()}-{quant}"
+    # a native twin (sweep/native.py) has no ForgeSpec: the layout is applied to its own tensors
+    own = base.ok and base.spec is None and native.is_native(base.architecture or "")
+
+    def plan(twin: Twin):
+        if own:
+            config = json.loads((Path(twin.path) / "config.json").read_text())
+            return layout(twin.model_type, config, twin.shapes, quant, tps)
+        return quantized(twin.model_type, twin.spec, twin.shapes, quant, tps)
+
     if base.ok and base.target is not None and _made_again(base):  # built beside another twin: that one quantized
         def wide_target(units: dict[str, int]) -> Twin:  # the widened twin's own target (or why there is none)
             wider = wide(units)
             return wider.target if wider.target is not None else wider
 
         return beside(base, quantize(base.target, quant, tps, wide_target if wide else None))
-    if not base.ok or base.spec is None:
+    if not base.ok or (base.spec is None and not own):
         return base.model_copy(update={"quant": quant, "path": None, "reason": base.reason or (
             "a draft held in its target's checkpoint is unquantized only here (real quantized checkpoints quantize "
             "its layers with the target's, e.g. DeepSeek-V3's FP8 MTP layer; that layout is not forged yet)"
             if base.draft else "no forge spec recorded for the twin")})
-    if base.spec.get("components"):  # a composite (sweep/multimodal.py): its towers have no quantized layout here
+    if base.spec and base.spec.get("components"):  # a composite (sweep/multimodal.py): its towers have no quantized layout here
         return base.model_copy(update={"quant": quant, "path": None, "reason": "a multimodal composite's cells are "
                                        "unquantized only (no quantized layout of its towers and connector is forged yet)"})
-    q = quantized(base.model_type, base.spec, base.shapes, quant, tps)
+    q = plan(base)
     widen = widen_units(quant, base.shapes) if q.narrow and wide is not None else None
     if isinstance(widen, str):
         return Twin(model_type=base.model_type, architecture=base.architecture, quant=quant, origin=base.origin,
@@ -191,11 +201,18 @@ def quantize(base: Twin, quant: str, tps: list[int], wide=None) -> Twin:
         if not wider.ok:
             return Twin(model_type=base.model_type, architecture=base.architecture, quant=quant, origin=base.origin,
                         reason=f"{q.reason}; {widen[1]}: {wider.reason}")
-        base, q = wider, quantized(wider.model_type, wider.spec, wider.shapes, quant, tps)
+        base, q = wider, plan(wider)
         q = q.model_copy(update={"note": f"{q.note} ({widen[1]})"}) if q.spec is not None else q
     if q.spec is None:
         return Twin(model_type=base.model_type, architecture=base.architecture, quant=quant, reason=q.reason,
                     origin=base.origin)
+    if own:
+        made = native.quantized(base, q.spec, quant)
+        if isinstance(made, str):
+            return Twin(model_type=base.model_type, architecture=base.architecture, quant=quant, reason=made,
+                        origin=base.origin)
+        return base.model_copy(update={"quant": quant, "path": str(made), "note": q.note, "shapes": {},
+                                       "server_args": _dtype(base.server_args, q.spec.get("dtype") or "bfloat16")})
     from servematrix.config.forge_spec import ForgeSpec
 
     try:

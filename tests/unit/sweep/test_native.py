@@ -140,3 +140,101 @@ def test_a_published_weight_map_is_compared_by_its_first_layer(monkeypatch):
     assert native.compare(fam, ["transformer.wte.weight"]) == [
         "published, not in the twin: transformer.h.0.ln_1.weight"]
 
+
+
+FP8_UNITS = {"all": 128, "ffn": 128, "kv_out": 128, "attn_out": 128, "attn_in": 128}  # sweep-quants.yaml fp8 widen
+
+
+def test_a_widened_twin_holds_whole_units_in_every_tp_shard():
+    """FP8's 128x128 blocks at TP 1 and 2: a rank's one KV head, its two query heads in the attention's
+    outputs and the output projection's inputs, the hidden size and each feed-forward shard, whole."""
+    w = native.widths([1, 2], FP8_UNITS)
+    assert w == native.Widths(head_dim=128, ffn=256, moe_ffn=256)
+    assert native.widths([1, 2]) == native.Widths(16, 128, 64)  # unquantized: the defaults
+    cfg = native.twin_config(native.family("InternLM3ForCausalLM"), 2, [1, 2], 1024, w=w)
+    assert cfg["hidden_size"] == 512 and cfg["intermediate_size"] == 256 and cfg["head_dim"] == 128
+    for tp in (1, 2):
+        assert cfg["num_key_value_heads"] // tp * cfg["head_dim"] % 128 == 0
+        assert cfg["num_attention_heads"] // tp * cfg["head_dim"] % 128 == 0 and cfg["intermediate_size"] // tp % 128 == 0
+
+
+def test_a_family_s_own_width_fields_follow_the_twin_s_widths():
+    """ChatGLM's ffn_hidden_size and kv_channels, which no role covers, are named in the data as the twin's
+    widths, so the widened twin widens them too."""
+    fam = native.family("ChatGLMModel")
+    assert fam.twin["ffn_hidden_size"] == "{ffn}" and fam.twin["kv_channels"] == "{head_dim}"
+    wide = native.twin_config(fam, 2, [1, 2], 1024, w=native.widths([1, 2], FP8_UNITS))
+    assert wide["ffn_hidden_size"] == 256 and wide["kv_channels"] == 128 and wide["hidden_size"] == 512
+    assert native.twin_config(fam, 2, [1, 2], 1024)["ffn_hidden_size"] == 128
+
+
+def _native_like(directory, tensors):
+    import torch
+    from safetensors.torch import save_file
+
+    from servematrix.sweep.twins import Twin
+
+    directory.mkdir()
+    (directory / "config.json").write_text(json.dumps({"model_type": "internlm3", "torch_dtype": "bfloat16"}))
+    (directory / "tokenizer.json").write_text("{}")
+    gen = torch.Generator().manual_seed(0)
+    save_file({n: (torch.randn(*s, generator=gen) * 0.02).to(torch.bfloat16) for n, s in tensors.items()},
+              str(directory / "model.safetensors"))
+    return Twin(model_type="internlm3", architecture="InternLM3ForCausalLM", path=str(directory),
+                shapes={n: tuple(s) for n, s in tensors.items()}, config_types=["internlm3"])
+
+
+def test_a_native_twin_is_quantized_from_its_own_weights_by_the_forge_s_writer(tmp_path):
+    """FP8 blocks with their scales and the KV-cache scales, as quant.layout() plans them for the twin's
+    shapes; the quantization_config they imply; what no method selects stays as it was."""
+    import torch
+    from safetensors.torch import load_file
+
+    from servematrix.checkpoint.quant_pack import dequantize
+    from servematrix.config.quantize import Fp8Block
+    from servematrix.sweep import quant
+
+    shapes = {"model.layers.0.self_attn.q_proj.weight": [256, 256], "model.layers.0.self_attn.k_proj.weight": [128, 256],
+              "model.layers.0.self_attn.v_proj.weight": [128, 256], "model.layers.0.mlp.down_proj.weight": [256, 256],
+              "model.layers.0.input_layernorm.weight": [256], "model.embed_tokens.weight": [64, 256]}
+    base = _native_like(tmp_path / "twin", shapes)
+    plan = quant.layout("internlm3", {}, base.shapes, "fp8-kv", [1])
+    assert plan.spec is not None and "k_scale / v_scale" in plan.note
+    path = native.quantized(base, plan.spec, "fp8-kv")
+    out = load_file(path / "model.safetensors")
+    before = load_file(tmp_path / "twin" / "model.safetensors")
+    q = out["model.layers.0.self_attn.q_proj.weight"]
+    assert q.dtype == torch.float8_e4m3fn and out["model.layers.0.self_attn.q_proj.weight_scale_inv"].shape == (2, 2)
+    method = Fp8Block.model_validate(plan.spec["quantize"][0])
+    back = dequantize(method, {"weight": q, "weight_scale_inv": out["model.layers.0.self_attn.q_proj.weight_scale_inv"]})
+    w = before["model.layers.0.self_attn.q_proj.weight"].float()
+    assert (back - w).abs().max() <= w.abs().max() / 8  # e4m3's 3 mantissa bits: the twin's values, not new ones
+    assert out["model.layers.0.self_attn.k_proj.k_scale"].item() == 1.0 and "model.layers.0.self_attn.v_proj.v_scale" in out
+    assert torch.equal(out["model.embed_tokens.weight"], before["model.embed_tokens.weight"])
+    config = json.loads((path / "config.json").read_text())
+    assert config["quantization_config"]["quant_method"] == "fp8" and config["quantization_config"]["weight_block_size"]
+    assert (path / "tokenizer.json").is_file() and native.quantized(base, plan.spec, "fp8-kv") == path  # reused
+
+
+def test_a_native_twin_in_awq_is_written_in_float16_throughout(tmp_path):
+    import torch
+    from safetensors.torch import load_file
+
+    from servematrix.sweep import quant
+
+    shapes = {"model.layers.0.mlp.up_proj.weight": [128, 128], "model.layers.0.input_layernorm.weight": [128]}
+    base = _native_like(tmp_path / "twin", shapes)
+    plan = quant.layout("internlm3", {}, base.shapes, "awq", [1])
+    path = native.quantized(base, plan.spec, "awq")
+    out = load_file(path / "model.safetensors")
+    assert out["model.layers.0.mlp.up_proj.qweight"].dtype == torch.int32
+    assert out["model.layers.0.mlp.up_proj.scales"].dtype == torch.float16
+    assert out["model.layers.0.input_layernorm.weight"].dtype == torch.float16
+    config = json.loads((path / "config.json").read_text())
+    assert config["torch_dtype"] == "float16" and config["quantization_config"]["quant_method"] == "awq"
+
+
+def test_a_layout_other_than_quantize_entries_is_refused_with_its_reason(tmp_path):
+    base = _native_like(tmp_path / "twin", {"model.layers.0.mlp.up_proj.weight": [128, 128]})
+    why = native.quantized(base, {"fp8_blocks": [{"tensors": "*", "block": [128, 128]}]}, "fp8-block")
+    assert isinstance(why, str) and "takes a `quantize:` layout only" in why
