@@ -330,3 +330,19 @@ def test_phi3s_published_config_widened_for_fp8_blocks_takes_128x128_blocks_at_t
     for tp in (1, 2):
         q = quant.quantized("phi3", wide.spec.model_dump(mode="json"), wide_shapes, "fp8-block", [tp])
         assert q.spec["quantize"][0]["block"] == [128, 128], (tp, q.reason)
+
+
+def test_a_note_names_the_decoder_weights_no_glob_selects_and_a_family_may_name_its_own():
+    """InternLM2's attention (wqkv, wo: names no shared glob holds) is named per family in sweep-quants.yaml,
+    so its layout quantizes it; without that rule the note would say it stays float, never "every decoder
+    linear" alone. A router, which no glob selects, is named in the note."""
+    shapes = {f"model.layers.0.{m}.weight": s for m, s in [
+        ("attention.wqkv", (256, 128)), ("attention.wo", (128, 128)), ("feed_forward.w1", (256, 128)),
+        ("feed_forward.w3", (256, 128)), ("feed_forward.w2", (128, 256)), ("attention_norm", (128,))]}
+    q = quant.layout("internlm2", {}, shapes, "awq", [1])
+    assert "not quantized" not in q.note and "InternLM2's attention" in q.note
+    assert "*layers.*.attention.wqkv.weight" in q.spec["quantize"][0]["tensors"]
+    other = quant.layout("some_family", {}, shapes, "awq", [1])
+    assert other.note.endswith("not quantized (no glob of sweep-quants.yaml selects them): attention.wo, attention.wqkv")
+    routed = quant.layout("some_family", {}, {**shapes, "model.layers.0.mlp.gate.weight": (8, 128)}, "gptq", [1])
+    assert "attention.wqkv, mlp.gate" in routed.note
