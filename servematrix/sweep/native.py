@@ -406,13 +406,12 @@ def quantized(base, fields: dict[str, Any], quant: str) -> Path | str:
     fields it sets) applied to a copy of its tensors by the forge's own writer (forge_tensors.py
     quantize_weights: real FP8 values and scales, AWQ/GPTQ packs, KV-cache scales, from the twin's
     weights), the quantization_config they imply in its config.json; the path, or why there is none."""
-    import shutil
-
     from pydantic import TypeAdapter
 
     from servematrix.checkpoint.forge_tensors import quantize_weights, tensor_names
     from servematrix.config.quantize import QuantizeSpec, quantization_config
     from servematrix.paths import build_cached, code_digest
+    from servematrix.sweep.drafts import copy_files
 
     if "quantize" not in fields or set(fields) - {"quantize", "dtype"}:
         return f"{quant}: a native twin takes a `quantize:` layout only, not {sorted(set(fields) - {'dtype'})}"
@@ -427,9 +426,7 @@ def quantized(base, fields: dict[str, Any], quant: str) -> Path | str:
         import torch
         from safetensors.torch import load_file, save_file
 
-        for item in source.iterdir():
-            if item.is_file() and item.name != "model.safetensors":
-                shutil.copy2(item, tmp / item.name)
+        copy_files(source, tmp)  # the twin's files; its tensors are written again below
         want = getattr(torch, dtype)
         tensors = {k: v.to(want) if v.is_floating_point() else v for k, v in load_file(source / "model.safetensors").items()}
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
@@ -441,6 +438,8 @@ def quantized(base, fields: dict[str, Any], quant: str) -> Path | str:
         return {"base": source.name, "quant": quant, "fields": fields}
 
     target = source.parent / f"{source.name}-{quant}-{h.hexdigest()[:12]}"
+    if (target / QUANT_DONE_FILE).is_file():
+        (target / QUANT_DONE_FILE).touch()  # reused: the test cache prunes twins by their marker's age
     try:
         build_cached(target, QUANT_DONE_FILE, build)
     except ValueError as exc:  # the writer's refusal (a weight its layout cannot hold): the reason

@@ -111,7 +111,9 @@ def _prune(cache: Path) -> None:
     horizon = time.time() - STALE_DAYS * 86400
     for kind in ("forged", "converted", "sweep-twins"):
         for entry in (cache / kind).glob("*") if (cache / kind).is_dir() else ():
-            marker = next((m for m in (entry / "forge.json", entry / "convert.json", entry / "mirror.json")
+            marker = next((m for m in (entry / "forge.json", entry / "convert.json", entry / "mirror.json",
+                                       # a quantized native twin holds its base's native.json too: its own marker first
+                                       entry / "native-quantized.json", entry / "native.json")
                            if m.exists()), None)
             if marker is not None and marker.stat().st_mtime < horizon:
                 shutil.rmtree(entry, ignore_errors=True)
