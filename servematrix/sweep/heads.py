@@ -31,7 +31,9 @@ class _Strict(BaseModel):
 
 
 class Head(_Strict):
-    base: str  # the base model's cell key: a model_type (its causal-LM twin) or a pooling class (BertModel)
+    # the base model's cell key: a model_type (its causal-LM twin), a pooling class (BertModel) or a native
+    # twin's architecture (data/sweep-native.yaml: InternLM2ForCausalLM)
+    base: str
     prefix: str  # the base model's tensors' first name part in the published checkpoint (`model`, `bert`)
     drop: list[str] = Field(default_factory=list)  # name prefixes of the base twin's tensors the checkpoint lacks
     # put before every kept base tensor's name: a base model saved alone (BertModel) under the wrapper's attribute
@@ -54,9 +56,11 @@ def describes(arch: str) -> bool:
 
 def model_type(arch: str) -> str | None:
     """The model_type of a headed architecture: its base's (a pooling class's own model_type)."""
-    from servematrix.sweep import pooling
+    from servematrix.sweep import native, pooling
 
     base = rules().heads[arch].base
+    if native.is_native(base):  # a native twin's architecture (data/sweep-native.yaml): its family's model_type
+        return native.family(base).model_type
     return base if base[:1].islower() else pooling.model_type_of(base)  # model_types are lower case
 
 
@@ -97,7 +101,8 @@ def with_head(key: str, base, directory: Path, suffix: str = ""):
         return made
     return base.model_copy(update={
         "architecture": key, "path": str(made),
-        "server_args": [*base.server_args, *([] if base.architecture else pooling.SERVER_ARGS)]})  # a pooling base has them
+        # a pooling base has them; a model_type's twin or a native (causal-LM) twin does not
+        "server_args": [*base.server_args, *([] if "--runner" in base.server_args else pooling.SERVER_ARGS)]})
 
 
 def _write(base: Path, into: Path, key: str, head: Head) -> None:

@@ -37,8 +37,10 @@ def test_a_described_head_makes_the_architecture_forgeable_as_its_base_s_model_t
     assert pooling.match("Qwen2ForRewardModel") == ("qwen2", None)
     assert pooling.match("Qwen2ForProcessRewardModel") == ("qwen2", None)
     assert pooling.match("HF_ColBERT") == ("bert", None)  # its base is a pooling class: that class's model_type
-    model_type, why = pooling.match("InternLM2ForRewardModel")  # no class, no head described: not checkable
-    assert model_type is None and "has no class InternLM2ForRewardModel" in why
+    # its base is a native twin (data/sweep-native.yaml: internlm2 has no transformers class): that family's model_type
+    assert pooling.match("InternLM2ForRewardModel") == ("internlm2", None)
+    model_type, why = pooling.match("LlamaBidirectionalModel")  # no class, no head described: not checkable
+    assert model_type is None and "has no class LlamaBidirectionalModel" in why
 
 
 def test_the_twin_is_the_base_less_its_lm_head_with_the_published_head_shaped_from_the_config(reward_twin):
@@ -107,3 +109,13 @@ def test_a_base_saved_alone_goes_under_the_wrapper_s_attribute(tmp_path, monkeyp
     assert set(index) == {"bert.embeddings.word_embeddings.weight", "bert.pooler.dense.weight", "linear.weight"}
     assert twin.server_args == pooling.SERVER_ARGS  # its base's, not twice
     assert set(pooling.head_tensors(Path(twin.path))) == {"linear.weight"}
+
+
+def test_a_native_base_s_twin_gets_the_pooling_runner(tmp_path, monkeypatch):
+    # a native twin names its (causal-LM) architecture but carries no --runner: the head adds vLLM's pooling runner
+    base = _base_twin(tmp_path / "internlm2")
+    monkeypatch.setattr(twins, "build", lambda key, *a, **k: twins.Twin(
+        model_type="internlm2", architecture=key, path=str(base), server_args=["--dtype", "bfloat16"], origin="x"))
+    twin = heads.build("InternLM2ForRewardModel", tmp_path / "twins", 2, [1, 2])
+    assert twin.ok and twin.server_args == ["--dtype", "bfloat16", *pooling.SERVER_ARGS]
+    assert json.loads((Path(twin.path) / "config.json").read_text())["architectures"] == ["InternLM2ForRewardModel"]

@@ -39,8 +39,8 @@ def test_every_non_generative_table_has_its_reason(kind, words):
 def test_a_pooling_table_s_architecture_is_classified_by_its_own_class_not_its_table():
     # pooling kinds are sweep/pooling.py's (tests/unit/sweep/test_pooling.py): the class decides
     assert registry.classify("BertForSequenceClassification", "classification").forgeable
-    a = registry.classify("InternLM2ForRewardModel", "reward")
-    assert not a.forgeable and "has no class InternLM2ForRewardModel" in a.reason and a.key == "InternLM2ForRewardModel"
+    a = registry.classify("LlamaBidirectionalModel", "embedding")
+    assert not a.forgeable and "has no class LlamaBidirectionalModel" in a.reason and a.key == "LlamaBidirectionalModel"
     # no transformers class either, but its family's base model and head are described (data/sweep-heads.yaml)
     a = registry.classify("Qwen2ForRewardModel", "reward")
     assert a.forgeable and a.model_type == "qwen2" and a.key == "Qwen2ForRewardModel"
