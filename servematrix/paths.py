@@ -71,11 +71,14 @@ def code_digest(modules: tuple[str, ...], packages: tuple[str, ...]) -> str:
     return h.hexdigest()[:12]
 
 
-def build_cached(target: Path, marker: str, build: Callable[[Path], dict]) -> Path:
+def build_cached(target: Path, marker: str, build: Callable[[Path], dict], touch: bool = False) -> Path:
     """Return `target` if its `marker` file exists, else build it atomically: `build(tmp)` fills a
     temporary sibling directory and returns the marker's content, then one rename publishes it.
-    Lock-free: a concurrent builder loses the rename race and its copy is discarded."""
+    Lock-free: a concurrent builder loses the rename race and its copy is discarded. `touch`: a
+    reused target's marker is touched (caches that prune by the marker's age keep what is in use)."""
     if (target / marker).is_file():
+        if touch:
+            (target / marker).touch()
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))

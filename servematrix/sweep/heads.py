@@ -59,8 +59,9 @@ def model_type(arch: str) -> str | None:
     from servematrix.sweep import native, pooling
 
     base = rules().heads[arch].base
-    if native.is_native(base):  # a native twin's architecture (data/sweep-native.yaml): its family's model_type
-        return native.family(base).model_type
+    fam = native.family(base)
+    if fam:  # a native twin's architecture (data/sweep-native.yaml): its family's model_type
+        return fam.model_type
     return base if base[:1].islower() else pooling.model_type_of(base)  # model_types are lower case
 
 

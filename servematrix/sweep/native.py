@@ -353,10 +353,8 @@ def _build(fam: NativeFamily, directory: Path, max_pp: int, tps: list[int], orig
                 "tensors": tensors, STACKS: [[renamed(fam, n) for n in g] for g in found.get("stacks") or []],
                 "weight_map_differences": compare(fam, list(tensors))}
 
-    if done.is_file():
-        done.touch()  # reused: the test cache prunes twins by their age
     try:
-        build_cached(target, DONE_FILE, build)
+        build_cached(target, DONE_FILE, build, touch=True)  # the test cache prunes twins by their marker's age
     except _NoLayout as exc:
         return Twin(model_type=fam.model_type, architecture=fam.arch, origin=origin, reason=str(exc))
     record = json.loads(done.read_text())
@@ -438,10 +436,8 @@ def quantized(base, fields: dict[str, Any], quant: str) -> Path | str:
         return {"base": source.name, "quant": quant, "fields": fields}
 
     target = source.parent / f"{source.name}-{quant}-{h.hexdigest()[:12]}"
-    if (target / QUANT_DONE_FILE).is_file():
-        (target / QUANT_DONE_FILE).touch()  # reused: the test cache prunes twins by their marker's age
     try:
-        build_cached(target, QUANT_DONE_FILE, build)
+        build_cached(target, QUANT_DONE_FILE, build, touch=True)  # the test cache prunes twins by their marker's age
     except ValueError as exc:  # the writer's refusal (a weight its layout cannot hold): the reason
         return f"{quant}: the forge's writer refuses the native twin: {' '.join(str(exc).split())[:300]}"
     return target
