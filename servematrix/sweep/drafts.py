@@ -146,7 +146,7 @@ class Layout(_Strict):
 
 
 class Draft(_Strict):
-    target: str  # the target's model_type
+    target: str  # the target's model_type, or a native target's architecture (data/sweep-native.yaml)
     method: str  # --speculative-config method
     layers_field: str | None = None  # the target config field that counts the draft layers (checkpoint target)
     layout: str
@@ -199,9 +199,18 @@ def match(arch: str) -> tuple[str | None, str | None]:
     checkable here: the first `not_described` pattern that matches)."""
     r = rules()
     if arch in r.drafts:
-        return r.drafts[arch].target, None
+        return target_model_type(r.drafts[arch].target), None
     why = next((n.reason for n in r.not_described if re.search(n.pattern, arch)), None)
     return None, f"speculative-decoding draft: {why or 'not described in data/sweep-drafts.yaml'}"
+
+
+def target_model_type(target: str) -> str:
+    """A draft's `target` as a model_type: a native target (data/sweep-native.yaml, an architecture transformers
+    has no class for, keyed by its name: MiMoForCausalLM) is its family's model_type (mimo); else `target` is one."""
+    from servematrix.sweep import native
+
+    fam = native.family(target)
+    return fam.model_type if fam is not None else target
 
 
 def speculative_args(draft: Draft, model: Path | None = None) -> list[str]:

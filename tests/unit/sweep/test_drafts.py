@@ -34,8 +34,10 @@ def test_every_described_draft_is_a_speculative_architecture_of_the_recorded_reg
 def test_every_described_draft_s_target_is_a_model_type_the_sweep_twins():
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
 
+    from servematrix.sweep import native
+
     for arch, d in drafts.rules().drafts.items():
-        assert d.target in CONFIG_MAPPING_NAMES, arch
+        assert d.target in CONFIG_MAPPING_NAMES or native.is_native(d.target), arch
         assert d.names_from.strip(), arch  # every family says where its names were read
 
 
@@ -46,10 +48,26 @@ def test_a_described_draft_is_forgeable_keyed_by_its_name_and_tagged_draft_with_
     assert cell.id == "DeepSeekMTPModel/tp2-none" and {"draft", "deepseek_v3", "speculative"} <= set(cell.tags)
 
 
+@pytest.mark.parametrize("arch, target, model_type", [("MiMoMTPModel", "MiMoForCausalLM", "mimo"),
+                                                        ("Step3p5MTP", "Step3p5ForCausalLM", "step3p5")])
+def test_a_draft_beside_a_native_target_is_keyed_by_the_target_s_architecture_and_tagged_with_its_model_type(
+        arch, target, model_type):
+    from servematrix.sweep import native
+
+    assert drafts.rules().drafts[arch].target == target and native.is_native(target)
+    assert drafts.target_model_type(target) == model_type and drafts.target_model_type("deepseek_v3") == "deepseek_v3"
+    a = registry.classify(arch, "speculative")
+    assert a.forgeable and a.draft and a.model_type == model_type and a.key == arch
+    (cell,) = cells.cells([a], cells.layouts("tp1"), ["none"], ["current"])
+    assert cell.id == f"{arch}/tp1-none" and {"draft", model_type, "speculative"} <= set(cell.tags)
+
+
 @pytest.mark.parametrize("arch, words", [("EagleMistralForCausalLM", "EAGLE draft"), ("PeagleQwen3ForCausalLM", "EAGLE draft"),
                                          ("Eagle3MiniMaxM2ForCausalLM", "EAGLE draft"),
                                          ("DFlash2DraftModel", "DFlash/DSpark"), ("MedusaModel", "Medusa"),
-                                         ("Step3p5MTP", "not described in data/sweep-drafts.yaml")])
+                                         ("Qwen4ExpMTP", "not described in data/sweep-drafts.yaml"),
+                                         ("OpenPanguMTPModel", "PanguUltraMoEForCausalLM"),
+                                         ("Exaone4_5_MTP", "vision-language composite")])
 def test_a_draft_the_data_does_not_describe_is_not_checkable_with_its_kind_s_reason(arch, words):
     a = registry.classify(arch, "speculative")
     assert not a.forgeable and not a.draft and a.key == arch
@@ -133,6 +151,25 @@ def test_the_draft_layer_is_the_target_s_last_layer_plus_the_layout_s_tensors_at
     with safe_open(str(base / "model.safetensors"), "pt") as f:
         assert torch.equal(out["model.layers.2.embed_tokens.weight"], f.get_tensor("model.embed_tokens.weight"))
         assert not torch.equal(out["model.layers.2.shared_head.head.weight"], f.get_tensor("lm_head.weight"))
+
+
+def test_mimo_s_draft_layers_count_from_0_under_mtp_layers_and_step_3_5_s_follow_the_target_s_layers(tmp_path):
+    base = _target_twin(tmp_path / "t")
+    rules = drafts.rules()
+    # MiMo: vLLM's hf_config_override sets the draft's num_hidden_layers to 0, so its layers are model.mtp_layers.{i}
+    out = drafts.draft_tensors(base, rules.drafts["MiMoMTPModel"], rules.layouts["mimo-mtp-layers"])
+    assert {f"model.mtp_layers.{i}.{n}" for i in (0, 1) for n in ("token_layernorm.weight", "hidden_layernorm.weight",
+                                                                 "input_proj.weight", "final_layernorm.weight",
+                                                                 "self_attn.q_proj.weight")} <= set(out)
+    assert out["model.mtp_layers.1.input_proj.weight"].shape == (8, 16) and not any(n.startswith("model.layers.")
+                                                                                     for n in out)
+    # Step-3.5-Flash: decoder layers num_hidden_layers + i, the head under transformer.shared_head (published spelling)
+    # shaped as the target's layer 2 (the twin's dense sliding-attention layer), not its last (MoE) one
+    base = _target_twin(tmp_path / "t4", layers=4)
+    out = drafts.draft_tensors(base, rules.drafts["Step3p5MTP"], rules.layouts["step3p5-mtp"])
+    assert {f"model.layers.{n}.transformer.shared_head.output.weight" for n in (4, 5, 6)} <= set(out)
+    assert out["model.layers.6.transformer.shared_head.output.weight"].shape == (16, 8)
+    assert "model.layers.4.self_attn.q_proj.weight" in out and "model.layers.4.mlp.experts.0.up_proj.weight" not in out
 
 
 def test_a_layout_without_a_layer_in_its_names_writes_one_tensor_and_a_decoder_like_first_is_layer_0(tmp_path):
