@@ -158,6 +158,18 @@ class Draft(_Strict):
     # official trainer names its draft `LlamaForCausalLM`, which vLLM's EAGLEConfig turns into
     # Eagle3LlamaForCausalLM; SpecForge names it `LlamaForCausalLMEagle3`, kept as it is)
     config: dict[str, Any] = Field(default_factory=dict)
+    # further --speculative-config fields a published draft is served with (P-EAGLE's model cards:
+    # `"parallel_drafting": true`); method, model and num_speculative_tokens are the fields above
+    speculative: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("speculative")
+    @classmethod
+    def _speculative_extra(cls, fields: dict[str, Any]) -> dict[str, Any]:
+        clash = sorted(set(fields) & {"method", "model", "num_speculative_tokens"})
+        if clash:
+            raise ValueError(f"`speculative` repeats {', '.join(clash)}: `method`/`tokens` say them, and the "
+                             "model is the draft's own directory")
+        return fields
 
 
 class NotDescribed(_Strict):
@@ -220,6 +232,7 @@ def speculative_args(draft: Draft, model: Path | None = None) -> list[str]:
     if model is not None:
         spec["model"] = str(model)
     spec["num_speculative_tokens"] = draft.tokens or draft.layers
+    spec.update(draft.speculative)
     return ["--speculative-config", json.dumps(spec)]
 
 

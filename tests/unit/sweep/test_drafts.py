@@ -62,9 +62,15 @@ def test_a_draft_beside_a_native_target_is_keyed_by_the_target_s_architecture_an
     assert cell.id == f"{arch}/tp1-none" and {"draft", model_type, "speculative"} <= set(cell.tags)
 
 
-@pytest.mark.parametrize("arch, words", [("EagleMistralForCausalLM", "EAGLE draft"), ("PeagleQwen3ForCausalLM", "EAGLE draft"),
-                                         ("Eagle3MiniMaxM2ForCausalLM", "EAGLE draft"),
-                                         ("DFlash2DraftModel", "DFlash/DSpark"), ("MedusaModel", "Medusa"),
+@pytest.mark.parametrize("arch, words", [("EagleMistralForCausalLM", "Mistral's own checkpoint format"),
+                                         ("PeagleQwen3ForCausalLM", "no published checkpoint was found"),
+                                         ("Eagle3MiniMaxM2ForCausalLM", "name LlamaForCausalLMEagle3"),
+                                         ("PEagleDraftModel", "Eagle3PEagleDraftModel"),
+                                         ("EagleMiniCPMForCausalLM", "known by name only"),
+                                         ("EagleCohereForCausalLM", "EAGLE draft for Cohere"),
+                                         ("DFlashLagunaForCausalLM", "DFlash/DSpark"),
+                                         ("DFlash2DraftModel", "DFlash candidate-head drafts"),
+                                         ("Qwen3DSparkModel", "V2 GPU model runner"), ("MedusaModel", "Medusa"),
                                          ("Qwen4ExpMTP", "not described in data/sweep-drafts.yaml"),
                                          ("OpenPanguMTPModel", "PanguUltraMoEForCausalLM"),
                                          ("Exaone4_5_MTP", "vision-language composite")])
@@ -650,3 +656,24 @@ def test_the_eagle3_mla_draft_is_checked_under_its_published_name_and_its_v3_ali
     assert out["midlayer.self_attn.kv_b_proj.weight"].shape == (22, 12)  # heads x (nope + v)
     assert out["midlayer.self_attn.o_proj.weight"].shape == (16, 10)
     assert out["fc.weight"].shape == (16, 48) and out["lm_head.weight"].shape == (32, 16)
+
+
+def test_a_draft_s_further_speculative_config_fields_are_passed_after_its_method_model_and_tokens(tmp_path):
+    d = drafts.Draft(target="qwen3", method="eagle3", layout="x", names_from="y", tokens=3,
+                     speculative={"parallel_drafting": True})
+    (flag, spec) = drafts.speculative_args(d, tmp_path / "draft")
+    assert flag == "--speculative-config" and json.loads(spec) == {
+        "method": "eagle3", "model": str(tmp_path / "draft"), "num_speculative_tokens": 3, "parallel_drafting": True}
+    plain = drafts.Draft(target="qwen3", method="eagle3", layout="x", names_from="y", tokens=3)
+    assert "parallel_drafting" not in json.loads(drafts.speculative_args(plain, tmp_path)[1])
+    with pytest.raises(ValueError, match="repeats method, num_speculative_tokens"):
+        drafts.Draft(target="qwen3", method="eagle3", layout="x", names_from="y",
+                     speculative={"num_speculative_tokens": 2, "method": "mtp"})
+
+
+def test_a_p_eagle_draft_is_served_with_parallel_drafting_and_carries_its_mask_hidden():
+    d = drafts.rules().drafts["PeagleLlamaForCausalLM"]
+    layout = drafts.rules().layouts[d.layout]
+    assert d.method == "eagle3" and d.speculative == {"parallel_drafting": True}
+    assert layout.config["speculators_model_type"] == "peagle" and "mask_token_id" in layout.from_target
+    assert layout.tensors["mask_hidden"] == [1, 1, "3*transformer_layer_config.hidden_size"]
