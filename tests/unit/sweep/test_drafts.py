@@ -162,7 +162,7 @@ def test_the_draft_layer_is_the_target_s_last_layer_plus_the_layout_s_tensors_at
 def test_mimo_s_draft_layers_count_from_0_under_mtp_layers_and_step_3_5_s_follow_the_target_s_layers(tmp_path):
     base = _target_twin(tmp_path / "t")
     rules = drafts.rules()
-    # MiMo: vLLM's hf_config_override sets the draft's num_hidden_layers to 0, so its layers are model.mtp_layers.{i}
+    # MiMo: the checkpoint numbers its draft layers from 0 under model.mtp_layers (vLLM's mapper moves them onto its own)
     out = drafts.draft_tensors(base, rules.drafts["MiMoMTPModel"], rules.layouts["mimo-mtp-layers"])
     assert {f"model.mtp_layers.{i}.{n}" for i in (0, 1) for n in ("token_layernorm.weight", "hidden_layernorm.weight",
                                                                  "input_proj.weight", "final_layernorm.weight",
