@@ -209,20 +209,14 @@ def is_draft(key: str) -> bool:
 def match(arch: str) -> tuple[str | None, str | None]:
     """(target model_type, None) for a draft the data describes, else (None, why it is not
     checkable here: the first `not_described` pattern that matches)."""
-    r = rules()
-    if arch in r.drafts:
-        return target_model_type(r.drafts[arch].target), None
-    why = next((n.reason for n in r.not_described if re.search(n.pattern, arch)), None)
-    return None, f"speculative-decoding draft: {why or 'not described in data/sweep-drafts.yaml'}"
-
-
-def target_model_type(target: str) -> str:
-    """A draft's `target` as a model_type: a native target (data/sweep-native.yaml, an architecture transformers
-    has no class for, keyed by its name: MiMoForCausalLM) is its family's model_type (mimo); else `target` is one."""
     from servematrix.sweep import native
 
-    fam = native.family(target)
-    return fam.model_type if fam is not None else target
+    r = rules()
+    if arch in r.drafts:
+        target = r.drafts[arch].target  # a model_type, or a native target's architecture: its family's model_type
+        return native.model_type(target) or target, None
+    why = next((n.reason for n in r.not_described if re.search(n.pattern, arch)), None)
+    return None, f"speculative-decoding draft: {why or 'not described in data/sweep-drafts.yaml'}"
 
 
 def speculative_args(draft: Draft, model: Path | None = None) -> list[str]:

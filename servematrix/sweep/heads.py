@@ -59,10 +59,8 @@ def model_type(arch: str) -> str | None:
     from servematrix.sweep import native, pooling
 
     base = rules().heads[arch].base
-    fam = native.family(base)
-    if fam:  # a native twin's architecture (data/sweep-native.yaml): its family's model_type
-        return fam.model_type
-    return base if base[:1].islower() else pooling.model_type_of(base)  # model_types are lower case
+    # a native twin's architecture (data/sweep-native.yaml): its family's model_type; model_types are lower case
+    return native.model_type(base) or (base if base[:1].islower() else pooling.model_type_of(base))
 
 
 def prefix(arch: str) -> str | None:

@@ -122,6 +122,13 @@ def is_native(key: str) -> bool:
     return family(key) is not None
 
 
+def model_type(key: str) -> str | None:
+    """The model_type of the native family keyed `key` (None: no family of that name). Data that names a
+    target or base by its architecture (a draft's target, a head's base) resolves through it."""
+    fam = family(key)
+    return fam.model_type if fam is not None else None
+
+
 def label(fam: NativeFamily) -> str:
     what = {"published": f"the published config {fam.hub} ({'complete' if fam.complete else 'partial copy'})",
             "vllm-config-defaults": "vLLM's own configuration class defaults",

@@ -55,7 +55,8 @@ def test_a_draft_beside_a_native_target_is_keyed_by_the_target_s_architecture_an
     from servematrix.sweep import native
 
     assert drafts.rules().drafts[arch].target == target and native.is_native(target)
-    assert drafts.target_model_type(target) == model_type and drafts.target_model_type("deepseek_v3") == "deepseek_v3"
+    assert native.model_type(target) == model_type and native.model_type("deepseek_v3") is None
+    assert drafts.match(arch) == (model_type, None) and drafts.match("DeepSeekMTPModel") == ("deepseek_v3", None)
     a = registry.classify(arch, "speculative")
     assert a.forgeable and a.draft and a.model_type == model_type and a.key == arch
     (cell,) = cells.cells([a], cells.layouts("tp1"), ["none"], ["current"])
